@@ -1,0 +1,282 @@
+//! Test support shared by the end-to-end tests: starts the real `orgpulse-server` binary on an
+//! ephemeral port with a fresh SQLite file and HS256 secret, mints tokens, and opens gRPC clients.
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use orgpulse::proto::{
+    event_service_client::EventServiceClient, job_service_client::JobServiceClient,
+    notification_service_client::NotificationServiceClient,
+};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+use tonic::{
+    metadata::MetadataValue,
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
+
+pub const SECRET: &str = "e2e-test-secret-0123456789abcdef";
+
+/// Path of a binary built by this workspace (`cargo test --workspace` builds every bin first).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let var = format!("ORGPULSE_{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Ok(p) = std::env::var(&var) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} not built at {}; run the tests with `cargo test --workspace` or set {var}",
+        name,
+        bin.display()
+    );
+    bin
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let n: u64 = rand::random();
+        let p = std::env::temp_dir().join(format!("orgpulse-{tag}-{}-{n:x}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `orgpulse-server` child process.
+pub struct TestServer {
+    pub child: Child,
+    /// `127.0.0.1:PORT`
+    pub addr: String,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    pub dir: PathBuf,
+    pub args: Vec<String>,
+    /// Server stderr lines (logs) are forwarded to the test's stderr.
+    _keep: Option<TempDir>,
+}
+
+pub struct ServerOpts {
+    pub extra_args: Vec<String>,
+    /// Data directory to reuse (for restarts); a fresh one when None.
+    pub dir: Option<PathBuf>,
+    /// Address to listen on; `127.0.0.1:0` when None.
+    pub listen: Option<String>,
+}
+
+impl Default for ServerOpts {
+    fn default() -> Self {
+        ServerOpts { extra_args: vec![], dir: None, listen: None }
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(ServerOpts::default()).await
+    }
+
+    pub async fn start_args(extra: &[&str]) -> Self {
+        Self::start_with(ServerOpts {
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn start_with(opts: ServerOpts) -> Self {
+        let (dir, keep) = match opts.dir {
+            Some(d) => (d, None),
+            None => {
+                let t = TempDir::new("server");
+                (t.0.clone(), Some(t))
+            }
+        };
+        let secret = dir.join("jwt-secret");
+        if !secret.exists() {
+            std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+        }
+        let mut args = vec![
+            "--listen".to_string(),
+            opts.listen.unwrap_or_else(|| "127.0.0.1:0".into()),
+            "--database".into(),
+            format!("sqlite://{}", dir.join("orgpulse.db").display()),
+            "--jwt-secret-file".into(),
+            secret.display().to_string(),
+        ];
+        args.extend(opts.extra_args);
+        let mut s = Self::spawn(args, dir).await;
+        s._keep = keep;
+        s
+    }
+
+    async fn spawn(args: Vec<String>, dir: PathBuf) -> Self {
+        let mut child = Command::new(workspace_bin("orgpulse-server"))
+            .args(&args)
+            .env("RUST_LOG", std::env::var("ORGPULSE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn orgpulse-server");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(rest) = line.strip_prefix("listening on http://") {
+                    return rest.trim().to_string();
+                }
+            }
+            panic!("orgpulse-server exited before listening");
+        })
+        .await
+        .expect("server did not report its address within 30 s");
+        // keep draining stdout so the server never blocks on a full pipe
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        TestServer {
+            child,
+            url: format!("http://{addr}"),
+            addr,
+            dir,
+            args,
+            _keep: None,
+        }
+    }
+
+    /// Restart on the same address and data directory (after `kill` or `terminate`).
+    pub async fn restart(&mut self) {
+        let _ = self.child.wait().await;
+        let mut args = self.args.clone();
+        let i = args.iter().position(|a| a == "--listen").unwrap();
+        args[i + 1] = self.addr.clone();
+        let keep = self._keep.take();
+        let mut fresh = Self::spawn(args, self.dir.clone()).await;
+        fresh._keep = keep;
+        *self = fresh;
+    }
+
+    /// SIGKILL.
+    pub async fn kill(&mut self) {
+        self.child.start_kill().unwrap();
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM, then wait for exit; returns how long the exit took.
+    pub async fn terminate(&mut self) -> Duration {
+        let pid = self.child.id().expect("running") as i32;
+        let t0 = std::time::Instant::now();
+        unsafe_kill(pid, 15);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        t0.elapsed()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.url.clone()).unwrap().connect().await.expect("connect")
+    }
+
+    pub async fn jobs(&self, token: &str) -> JobServiceClient<InterceptedService<Channel, Auth>> {
+        JobServiceClient::with_interceptor(self.channel().await, Auth::new(token))
+    }
+
+    pub async fn notifications(
+        &self,
+        token: &str,
+    ) -> NotificationServiceClient<InterceptedService<Channel, Auth>> {
+        NotificationServiceClient::with_interceptor(self.channel().await, Auth::new(token))
+    }
+
+    pub async fn events(&self, token: &str) -> EventServiceClient<InterceptedService<Channel, Auth>> {
+        EventServiceClient::with_interceptor(self.channel().await, Auth::new(token))
+    }
+}
+
+fn unsafe_kill(pid: i32, sig: i32) {
+    // `kill` from coreutils keeps the tests free of libc bindings.
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Auth {
+    pub fn new(token: &str) -> Self {
+        if token.is_empty() {
+            return Auth(None);
+        }
+        Auth(Some(format!("Bearer {token}").parse().expect("ascii token")))
+    }
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// Claims for `mint`; `exp` is absolute seconds since the epoch.
+#[derive(serde::Serialize, Clone)]
+pub struct Claims {
+    pub sub: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+    pub roles: Vec<String>,
+    pub exp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+}
+
+pub fn mint_claims(c: &Claims) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        c,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// An HS256 token for `user` in `org` with `role`, valid for an hour.
+pub fn token(org: &str, user: &str, role: &str) -> String {
+    token_ttl(org, user, role, 3600)
+}
+
+pub fn token_ttl(org: &str, user: &str, role: &str, ttl_secs: u64) -> String {
+    mint_claims(&Claims {
+        sub: user.into(),
+        org: if role == "service" { None } else { Some(org.into()) },
+        roles: vec![role.into()],
+        exp: now_secs() + ttl_secs,
+        nbf: None,
+    })
+}
