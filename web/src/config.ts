@@ -1,0 +1,28 @@
+// Page settings read from the query string, so tests and operators can tune timing without a
+// rebuild: ?heartbeat=SECONDS (the server's heartbeat interval, default 15), ?transport=poll (never
+// stream), ?streamRetry=SECONDS (how often polling tries streaming again, default 60), ?org=ID
+// (the org to watch; needed for service tokens, which carry none).
+
+export interface Config {
+  /** The server's heartbeat interval; a stream silent for twice this long is considered stuck. */
+  heartbeatMs: number;
+  forcePoll: boolean;
+  streamRetryMs: number;
+  /** Org to name in requests; "" = the token's org. */
+  org: string;
+}
+
+function seconds(params: URLSearchParams, name: string, fallback: number): number {
+  const v = Number.parseFloat(params.get(name) ?? "");
+  return (Number.isFinite(v) && v > 0 ? v : fallback) * 1000;
+}
+
+export function readConfig(search = location.search): Config {
+  const p = new URLSearchParams(search);
+  return {
+    heartbeatMs: seconds(p, "heartbeat", 15),
+    forcePoll: p.get("transport") === "poll",
+    streamRetryMs: seconds(p, "streamRetry", 60),
+    org: p.get("org") ?? "",
+  };
+}

@@ -1,0 +1,181 @@
+// Entry point of the dashboard: picks up the token, wires the forms, and runs one Sync per
+// identity, re-rendering after each batch of changes.
+
+import { Code, ConnectError, createApi } from "./api";
+import { readConfig } from "./config";
+import type { Event } from "./gen/orgpulse/v1/event_pb";
+import { State } from "./state";
+import { Sync } from "./sync";
+import { canCreate, canMarkRead, decode, forget, initialToken, isExpired, save, type Identity } from "./token";
+import * as view from "./view";
+
+const config = readConfig();
+let identity: Identity | null = null;
+let state = new State();
+let sync: Sync | null = null;
+const api = createApi(() => identity?.token ?? "");
+
+const createForm = view.$<HTMLFormElement>("create-job");
+const createFormHome = createForm.parentElement as HTMLElement;
+const createFormNext = createForm.nextElementSibling;
+
+// Changes are rendered once per task, so a burst of events costs one render.
+let renderQueued = false;
+let renderHighlight = false;
+let newNotifications: string[] = [];
+function scheduleRender(highlight: boolean): void {
+  renderHighlight ||= highlight;
+  if (renderQueued) return;
+  renderQueued = true;
+  setTimeout(() => {
+    renderQueued = false;
+    render(renderHighlight);
+    renderHighlight = false;
+  });
+}
+
+function render(highlight: boolean): void {
+  const me = identity;
+  if (!me) return;
+  view.renderJobs(state, highlight);
+  view.renderNotifications(state, canMarkRead(me), (id) => void markRead([id]));
+  view.renderOnline(state, me.user);
+  view.renderTicker(state);
+  for (const id of newNotifications) view.highlightNotification(id);
+  newNotifications = [];
+}
+
+function askForToken(reason?: string): void {
+  view.$("token-reason").textContent =
+    reason ?? "Paste an orgpulse access token (a JWT). orgpulse-server --dev prints one.";
+  view.$("token-panel").hidden = false;
+  view.$<HTMLTextAreaElement>("token-input").focus();
+}
+
+/** The message telling the user what went wrong with a call; asks for a new token when it was the token. */
+function explain(err: unknown, what: string): string {
+  const e = ConnectError.from(err);
+  switch (e.code) {
+    case Code.Unauthenticated:
+      askForToken(`The server no longer accepts this token (${e.rawMessage}). Paste a new one to continue where you left off.`);
+      return `Signed out: ${e.rawMessage}.`;
+    case Code.PermissionDenied:
+      return `No permission to ${what}: ${e.rawMessage}.`;
+    default:
+      return `Could not ${what}: ${e.rawMessage || Code[e.code]}.`;
+  }
+}
+
+function open(token: string): void {
+  let id: Identity;
+  try {
+    id = decode(token);
+  } catch (e) {
+    askForToken(`That token cannot be used: ${(e as Error).message}.`);
+    return;
+  }
+  if (isExpired(id)) {
+    askForToken("That token has expired. Paste a new one.");
+    return;
+  }
+  if (!id.org && !config.org) {
+    askForToken("This token names no org (a service token): add ?org=ORG_ID to the address.");
+    return;
+  }
+  const resume = sync && identity && identity.user === id.user && identity.org === id.org;
+  identity = id;
+  save(id.token);
+  view.showError(null);
+  view.$("token-panel").hidden = true;
+  view.$("who").hidden = false;
+  view.$("change-token").hidden = false;
+  view.$("dashboard").hidden = false;
+  view.$("who-org").textContent = config.org || id.org;
+  view.$("who-user").textContent = id.user;
+  view.$("who-role").textContent = id.roles.join(", ");
+  if (canCreate(id)) createFormHome.insertBefore(createForm, createFormNext);
+  else createForm.remove();
+
+  if (!resume) {
+    sync?.stop();
+    state = new State();
+    sync = new Sync(api, config, state, {
+      status: view.renderBadge,
+      changed: scheduleRender,
+      event: (ev: Event) => {
+        if (ev.payload.case === "notificationNew") newNotifications.push(ev.payload.value.id);
+        scheduleRender(true);
+      },
+      fatal: (e) => view.showError(explain(e, `watch org ${config.org || id.org}`)),
+    });
+  }
+  void sync?.start();
+}
+
+async function markRead(ids: string[]): Promise<void> {
+  try {
+    const res = await api.notifications.markRead({ orgId: config.org, notificationIds: ids });
+    state.markRead(ids, res.unreadCount);
+    scheduleRender(false);
+  } catch (err) {
+    view.showError(explain(err, "mark notifications read"));
+  }
+}
+
+/** "team=web, env=prod" -> {team: "web", env: "prod"} */
+function parseLabels(text: string): Record<string, string> {
+  const labels: Record<string, string> = {};
+  for (const part of text.split(",")) {
+    const [k, ...v] = part.split("=");
+    if (k.trim()) labels[k.trim()] = v.join("=").trim();
+  }
+  return labels;
+}
+
+/** An idempotency key; crypto.randomUUID needs a secure context, getRandomValues does not. */
+const requestId = (): string =>
+  Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+
+createForm.addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const data = new FormData(createForm);
+  const button = createForm.querySelector("button") as HTMLButtonElement;
+  const error = view.$("create-job-error");
+  error.textContent = "";
+  button.disabled = true;
+  try {
+    const job = await api.jobs.createJob({
+      orgId: config.org,
+      title: String(data.get("title") ?? "").trim(),
+      labels: parseLabels(String(data.get("labels") ?? "")),
+      requestId: requestId(),
+    });
+    if (state.upsertJob(job)) scheduleRender(true);
+    createForm.reset();
+  } catch (err) {
+    error.textContent = explain(err, "create the job");
+  } finally {
+    button.disabled = false;
+  }
+});
+
+view.$("mark-all-read").addEventListener("click", () => {
+  const ids = state.notifications.filter((n) => !n.read).map((n) => n.id);
+  if (ids.length) void markRead(ids);
+});
+
+view.$("token-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  open(view.$<HTMLTextAreaElement>("token-input").value);
+});
+
+view.$("change-token").addEventListener("click", () => {
+  forget();
+  askForToken();
+});
+
+setInterval(view.refreshTimes, 5000);
+
+const token = initialToken();
+if (token) open(token);
+else askForToken();
