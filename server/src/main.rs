@@ -1,1 +1,86 @@
-fn main() {}
+//! The `orgpulse-server` binary: parses the configuration, sets up logging and keys, binds the
+//! port and runs the server until SIGINT or SIGTERM.
+use std::process::ExitCode;
+
+use clap::Parser;
+use orgpulse_server::{
+    auth::{Authenticator, KeyConfig},
+    config::{Config, LogFormat},
+    dev, server,
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cfg = Config::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(serve(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("orgpulse-server: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+const NO_KEY: &str = "no JWT key configured. Pass one of
+  --jwt-secret-file FILE   HS256 shared secret (the file's bytes, whitespace trimmed)
+  --jwt-public-key PEM     RS256, ES256 or EdDSA public key
+  --jwks-file FILE         JWKS, keys selected by kid
+or run `orgpulse-server --dev` to create a development secret and print ready-to-use tokens.";
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let mut secret = match &cfg.jwt_secret_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("reading --jwt-secret-file {}: {e}", path.display()))?
+                .trim_ascii()
+                .to_vec(),
+        ),
+        None => None,
+    };
+    let has_key = secret.is_some() || cfg.jwt_public_key.is_some() || cfg.jwks_file.is_some();
+    let data_dir = cfg.sqlite_path().map_err(anyhow::Error::msg)?;
+    let data_dir = data_dir
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    if !has_key {
+        anyhow::ensure!(cfg.dev, NO_KEY);
+        secret = Some(dev::dev_secret(&data_dir)?);
+    }
+    let auth = Authenticator::new(KeyConfig {
+        secret: secret.as_deref(),
+        public_key_pem: cfg.jwt_public_key.as_deref(),
+        jwks_file: cfg.jwks_file.as_deref(),
+        issuer: cfg.jwt_issuer.clone(),
+        audience: cfg.jwt_audience.clone(),
+        leeway: cfg.jwt_leeway,
+    })?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    if cfg.dev {
+        if let Some(s) = &secret {
+            dev::print_dev_tokens(s, addr)?;
+        }
+    }
+    server::run(cfg, auth, listener, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,120 @@
+//! Server configuration: command-line flags, each with an `ORGPULSE_*` environment equivalent.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+/// orgpulse-server: a real-time event server. Jobs and notifications of organizations, streamed to
+/// every subscriber of the org the moment they commit, over gRPC and grpc-web on one port.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "orgpulse-server", version, after_help = EXAMPLES)]
+pub struct Config {
+    /// Address to serve gRPC, grpc-web, the dashboard, /healthz and /metrics on (port 0 = any free port).
+    #[arg(long, env = "ORGPULSE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Database URL: `sqlite://PATH` (created when missing).
+    #[arg(
+        long,
+        env = "ORGPULSE_DATABASE",
+        default_value = "sqlite://./orgpulse-data/orgpulse.db"
+    )]
+    pub database: String,
+
+    /// HS256: file whose bytes, surrounding whitespace trimmed, are the shared secret.
+    #[arg(long, env = "ORGPULSE_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// PEM public key file; RS256, ES256 or EdDSA chosen by the key type.
+    #[arg(long, env = "ORGPULSE_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// JWKS file (JSON); the key is selected by the token's `kid`.
+    #[arg(long, env = "ORGPULSE_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "ORGPULSE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "ORGPULSE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock leeway for `exp` and `nbf` checks.
+    #[arg(long, env = "ORGPULSE_JWT_LEEWAY", default_value = "0s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+
+    /// Browser origin allowed to call grpc-web (repeatable, or comma-separated in the env var).
+    #[arg(
+        long = "cors-origin",
+        env = "ORGPULSE_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
+
+    /// Send a heartbeat on a stream idle for this long.
+    #[arg(long, env = "ORGPULSE_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// How long a user stays online after their last stream closed.
+    #[arg(long, env = "ORGPULSE_PRESENCE_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub presence_grace: Duration,
+
+    /// Keep events in the log this long; older cursors get `resync`.
+    #[arg(long, env = "ORGPULSE_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// Events a subscriber may have queued before it is cut off as too slow.
+    #[arg(long, env = "ORGPULSE_SUBSCRIBER_QUEUE", default_value_t = 4096)]
+    pub subscriber_queue: usize,
+
+    /// Development mode: create and keep an HS256 secret in the data directory and print tokens.
+    #[arg(long, env = "ORGPULSE_DEV")]
+    pub dev: bool,
+
+    /// Run a background workload in org `demo` (jobs progressing, notifications).
+    #[arg(long, env = "ORGPULSE_DEMO")]
+    pub demo: bool,
+
+    /// Log format.
+    #[arg(long, env = "ORGPULSE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  orgpulse-server --dev --demo
+  orgpulse-server --database sqlite:///var/lib/orgpulse/orgpulse.db --jwt-secret-file /etc/orgpulse/secret
+  orgpulse-server --jwt-public-key /etc/orgpulse/jwt.pem --jwt-issuer https://auth.example.com
+
+Logs go to stderr; filter them with RUST_LOG (e.g. RUST_LOG=orgpulse_server=debug).";
+
+fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+impl Config {
+    /// The SQLite file named by `--database`.
+    pub fn sqlite_path(&self) -> Result<PathBuf, String> {
+        let path = self
+            .database
+            .strip_prefix("sqlite://")
+            .or_else(|| self.database.strip_prefix("sqlite:"))
+            .ok_or_else(|| {
+                format!(
+                    "unsupported --database {:?}: expected sqlite://PATH",
+                    self.database
+                )
+            })?;
+        if path.is_empty() {
+            return Err("--database sqlite:// needs a file path".into());
+        }
+        Ok(PathBuf::from(path))
+    }
+}

@@ -1,0 +1,182 @@
+//! First-run helpers: `--dev` (a development HS256 secret kept in the data directory, and
+//! ready-to-paste tokens) and `--demo` (a background workload in org `demo`, so a newcomer sees a
+//! live system at once).
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use orgpulse::proto::{JobStatus, Severity};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{JobPatch, NewJob, NewNotification, Store};
+
+pub const DEMO_ORG: &str = "demo";
+
+/// The development secret in `dir`, created (random, owner-only) when missing.
+pub fn dev_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let path = dir.join("dev-jwt-secret");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        return Ok(s.trim().as_bytes().to_vec());
+    }
+    std::fs::create_dir_all(dir)?;
+    let secret: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    std::fs::write(&path, &secret)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(secret.into_bytes())
+}
+
+/// Prints 24 h tokens for org `demo` (admin, member, viewer) and the dashboard URL.
+pub fn print_dev_tokens(secret: &[u8], addr: SocketAddr) -> anyhow::Result<()> {
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 24 * 3600;
+    let key = jsonwebtoken::EncodingKey::from_secret(secret);
+    let mut tokens = Vec::new();
+    for (user, role) in [("alice", "admin"), ("bob", "member"), ("carol", "viewer")] {
+        let claims = serde_json::json!({"sub": user, "org": DEMO_ORG, "roles": [role], "exp": exp});
+        let t = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)?;
+        tokens.push((user, role, t));
+    }
+    println!("\ndevelopment mode: tokens for org {DEMO_ORG:?}, valid 24 h");
+    for (user, role, t) in &tokens {
+        println!("  {role:<7} ({user}): {t}");
+    }
+    println!("\ndashboard: http://{addr}/#token={}", tokens[0].2);
+    println!(
+        "grpcurl:   grpcurl -plaintext -H 'authorization: Bearer {}' {addr} orgpulse.v1.JobService/ListJobs\n",
+        tokens[0].2
+    );
+    Ok(())
+}
+
+/// Jobs created, progressing and finishing, and now and then a notification, in org `demo`.
+pub async fn demo_workload(store: Arc<dyn Store>, stop: CancellationToken) {
+    const BOT: &str = "demo-bot";
+    const TITLES: &[&str] = &[
+        "Build release artifacts",
+        "Nightly database backup",
+        "Resize product images",
+        "Send weekly digest",
+        "Re-index search",
+        "Import customer CSV",
+    ];
+    let mut tick: u64 = 0;
+    let mut tick_timer = tokio::time::interval(Duration::from_millis(1500));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick_timer.tick() => {}
+        }
+        tick += 1;
+        let step = async {
+            let page = store.list_jobs(DEMO_ORG, vec![], 50, None).await?;
+            let active = page
+                .jobs
+                .iter()
+                .filter(|j| j.status() == JobStatus::Queued || j.status() == JobStatus::Running)
+                .count();
+            if active < 4 {
+                let title = TITLES[(tick as usize) % TITLES.len()].to_string();
+                let labels = [(
+                    "team".to_string(),
+                    ["web", "data", "ops"][(tick % 3) as usize].to_string(),
+                )]
+                .into();
+                store
+                    .create_job(
+                        DEMO_ORG,
+                        BOT,
+                        NewJob {
+                            title,
+                            labels,
+                            request_id: String::new(),
+                        },
+                    )
+                    .await?;
+            }
+            for job in &page.jobs {
+                let (status, progress, message) = match job.status() {
+                    JobStatus::Queued => (
+                        Some(JobStatus::Running),
+                        Some(0),
+                        Some("started".to_string()),
+                    ),
+                    JobStatus::Running if job.progress >= 100 => {
+                        let failed = tick % 7 == 0;
+                        let end = if failed {
+                            JobStatus::Failed
+                        } else {
+                            JobStatus::Succeeded
+                        };
+                        (
+                            Some(end),
+                            None,
+                            Some(if failed { "exit code 1" } else { "done" }.to_string()),
+                        )
+                    }
+                    JobStatus::Running => (
+                        None,
+                        Some((job.progress + 7 + (tick % 13) as u32).min(100)),
+                        None,
+                    ),
+                    _ => continue,
+                };
+                let patch = JobPatch {
+                    job_id: job.id.clone(),
+                    status,
+                    progress,
+                    title: None,
+                    message,
+                    expected_version: job.version,
+                };
+                if let Some(s) =
+                    status.filter(|s| matches!(s, JobStatus::Succeeded | JobStatus::Failed))
+                {
+                    let n = NewNotification {
+                        user_id: String::new(),
+                        title: format!(
+                            "{} {}",
+                            job.title,
+                            if s == JobStatus::Failed {
+                                "failed"
+                            } else {
+                                "finished"
+                            }
+                        ),
+                        body: String::new(),
+                        severity: if s == JobStatus::Failed {
+                            Severity::Error
+                        } else {
+                            Severity::Success
+                        } as i32,
+                        request_id: String::new(),
+                    };
+                    store.update_job(DEMO_ORG, BOT, patch).await?;
+                    store.send_notification(DEMO_ORG, BOT, n).await?;
+                } else {
+                    store.update_job(DEMO_ORG, BOT, patch).await?;
+                }
+            }
+            // Keep the table short: forget the oldest finished jobs.
+            for job in page
+                .jobs
+                .iter()
+                .skip(12)
+                .filter(|j| j.status() != JobStatus::Queued && j.status() != JobStatus::Running)
+            {
+                store.delete_job(DEMO_ORG, BOT, &job.id).await?;
+            }
+            Ok::<_, crate::store::StoreError>(())
+        };
+        if let Err(e) = step.await {
+            tracing::debug!(error = %e, "demo step skipped");
+        }
+    }
+}

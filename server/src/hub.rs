@@ -1,0 +1,336 @@
+//! The Hub: per-org rooms of this node's subscribers, fed by the Bus.
+//!
+//! Each room has one task that delivers the org's committed events in seq order: `seq == last+1`
+//! is fanned out, `seq <= last` is a duplicate and dropped, `seq > last+1` means the bus lost
+//! something and the missing range is read from the Store first. A periodic tail check of the org's
+//! log closes the "last publish lost" hole. Fan-out shares the event's encoded bytes; per subscriber
+//! it is a filter check and a push onto that subscriber's bounded queue. A full queue never waits:
+//! the subscriber is cut off (its stream ends with a resumable error) and everyone else goes on.
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use orgpulse::proto::EventKind;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    metrics::METRICS,
+    store::{CommittedEvent, Store},
+};
+
+/// How often a room compares its last delivered seq with the org's log head.
+const TAIL_CHECK: Duration = Duration::from_secs(2);
+/// Events read from the Store per page when repairing a gap.
+const REPAIR_PAGE: usize = 1000;
+
+/// One message on a subscriber's queue: an encoded `Event` and its seq (0 for ephemeral events).
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub seq: u64,
+    pub bytes: Bytes,
+}
+
+/// A set of event kinds (empty request = all kinds).
+#[derive(Debug, Clone, Copy)]
+pub struct Kinds(u8);
+
+impl Kinds {
+    pub fn from_request(kinds: &[i32]) -> Result<Kinds, tonic::Status> {
+        if kinds.is_empty() {
+            return Ok(Kinds(0b1110));
+        }
+        let mut bits = 0;
+        for k in kinds {
+            match EventKind::try_from(*k) {
+                Ok(EventKind::Unspecified) | Err(_) => {
+                    return Err(tonic::Status::invalid_argument(format!(
+                        "unknown event kind {k}"
+                    )));
+                }
+                Ok(kind) => bits |= 1 << kind as u8,
+            }
+        }
+        Ok(Kinds(bits))
+    }
+
+    pub fn has(self, kind: EventKind) -> bool {
+        self.0 & (1 << kind as u8) != 0
+    }
+}
+
+/// Who a subscription is for: what it may see.
+#[derive(Debug, Clone)]
+pub struct Audience {
+    pub user: Arc<str>,
+    pub kinds: Kinds,
+}
+
+impl Audience {
+    /// Whether a durable event goes to this subscriber.
+    pub fn sees(&self, ev: &CommittedEvent) -> bool {
+        self.kinds.has(ev.kind) && ev.audience.as_ref().is_none_or(|u| *u == self.user)
+    }
+}
+
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
+    store: Arc<dyn Store>,
+    queue: usize,
+}
+
+struct Room {
+    org: Arc<str>,
+    tx: mpsc::UnboundedSender<RoomMsg>,
+    subs: Mutex<Subs>,
+    closed: CancellationToken,
+}
+
+#[derive(Default)]
+struct Subs {
+    next_id: u64,
+    list: Vec<Sub>,
+}
+
+struct Sub {
+    id: u64,
+    audience: Audience,
+    tx: mpsc::Sender<Item>,
+    cut: Arc<AtomicBool>,
+}
+
+enum RoomMsg {
+    Durable(CommittedEvent),
+    Ephemeral(Bytes),
+}
+
+/// A subscriber's place in a room. Dropping it leaves the room.
+pub struct Registration {
+    pub rx: mpsc::Receiver<Item>,
+    cut: Arc<AtomicBool>,
+    id: u64,
+    room: Arc<Room>,
+    hub: Hub,
+}
+
+impl Registration {
+    /// True once the hub cut this subscriber off because its queue was full.
+    pub fn was_cut(&self) -> bool {
+        self.cut.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut rooms = self.hub.inner.rooms.lock();
+        let mut subs = self.room.subs.lock();
+        subs.list.retain(|s| s.id != self.id);
+        if subs.list.is_empty()
+            && rooms
+                .get(&self.room.org)
+                .is_some_and(|r| Arc::ptr_eq(r, &self.room))
+        {
+            rooms.remove(&self.room.org);
+            self.room.closed.cancel();
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(store: Arc<dyn Store>, queue: usize) -> Hub {
+        Hub {
+            inner: Arc::new(Inner {
+                rooms: Mutex::default(),
+                store,
+                queue: queue.max(1),
+            }),
+        }
+    }
+
+    /// Joins `org`'s room. Every durable event committed after this returns and visible to
+    /// `audience` will be queued, in seq order.
+    pub async fn register(
+        &self,
+        org: &str,
+        audience: Audience,
+    ) -> Result<Registration, crate::store::StoreError> {
+        let existing = self.inner.rooms.lock().get(org).cloned();
+        let room = match existing {
+            Some(room) => room,
+            None => {
+                // The head is read before the room exists, so every event after it reaches the
+                // room either by the bus or by the room's gap repair.
+                let head = self.inner.store.bounds(org).await?.head;
+                let mut rooms = self.inner.rooms.lock();
+                rooms
+                    .entry(org.into())
+                    .or_insert_with(|| self.start_room(org, head))
+                    .clone()
+            }
+        };
+        let joined = {
+            let rooms = self.inner.rooms.lock();
+            // The room may have closed while we read the head; then start over with a fresh one.
+            rooms
+                .get(org)
+                .is_some_and(|r| Arc::ptr_eq(r, &room))
+                .then(|| {
+                    let (tx, rx) = mpsc::channel(self.inner.queue);
+                    let cut = Arc::new(AtomicBool::new(false));
+                    let mut subs = room.subs.lock();
+                    let id = subs.next_id;
+                    subs.next_id += 1;
+                    subs.list.push(Sub {
+                        id,
+                        audience: audience.clone(),
+                        tx,
+                        cut: cut.clone(),
+                    });
+                    (rx, cut, id)
+                })
+        };
+        let Some((rx, cut, id)) = joined else {
+            return Box::pin(self.register(org, audience)).await;
+        };
+        Ok(Registration {
+            rx,
+            cut,
+            id,
+            room,
+            hub: self.clone(),
+        })
+    }
+
+    fn start_room(&self, org: &str, head: u64) -> Arc<Room> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let room = Arc::new(Room {
+            org: org.into(),
+            tx,
+            subs: Mutex::default(),
+            closed: CancellationToken::new(),
+        });
+        tokio::spawn(run_room(room.clone(), rx, head, self.inner.store.clone()));
+        room
+    }
+
+    /// A committed event from the bus.
+    pub fn deliver(&self, ev: CommittedEvent) {
+        let room = self.inner.rooms.lock().get(&ev.org).cloned();
+        if let Some(room) = room {
+            let _ = room.tx.send(RoomMsg::Durable(ev));
+        }
+    }
+
+    /// An ephemeral event (presence) for every subscriber of `org` that asked for presence.
+    pub fn deliver_ephemeral(&self, org: &str, bytes: Bytes) {
+        let room = self.inner.rooms.lock().get(org).cloned();
+        if let Some(room) = room {
+            let _ = room.tx.send(RoomMsg::Ephemeral(bytes));
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+}
+
+async fn run_room(
+    room: Arc<Room>,
+    mut rx: mpsc::UnboundedReceiver<RoomMsg>,
+    mut last: u64,
+    store: Arc<dyn Store>,
+) {
+    let mut tail = tokio::time::interval(TAIL_CHECK);
+    tail.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = room.closed.cancelled() => break,
+            msg = rx.recv() => match msg {
+                None => break,
+                Some(RoomMsg::Durable(ev)) => {
+                    if ev.seq <= last {
+                        continue;
+                    }
+                    if ev.seq > last + 1 {
+                        // Lost on the bus: repair from the Store, which holds `ev` too. On
+                        // failure nothing is delivered past the gap; the tail check retries.
+                        last = repair(&room, &*store, last, ev.seq).await;
+                        continue;
+                    }
+                    last = ev.seq;
+                    room.fan_out_durable(&ev);
+                }
+                Some(RoomMsg::Ephemeral(bytes)) => room.fan_out(Item { seq: 0, bytes }, |a| a.kinds.has(EventKind::Presence)),
+            },
+            _ = tail.tick() => {
+                if let Ok(b) = store.bounds(&room.org).await
+                    && b.head > last
+                {
+                    last = repair(&room, &*store, last, b.head).await;
+                }
+            }
+        }
+    }
+}
+
+/// Delivers the org's events `last+1 ..= upto` from the Store; returns the new last delivered seq.
+async fn repair(room: &Room, store: &dyn Store, mut last: u64, upto: u64) -> u64 {
+    while last < upto {
+        match store.read_events(&room.org, last, REPAIR_PAGE).await {
+            Ok(page) if !page.is_empty() => {
+                for ev in page {
+                    if ev.seq == last + 1 {
+                        last = ev.seq;
+                        room.fan_out_durable(&ev);
+                    }
+                }
+            }
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(org = %room.org, error = %e, "gap repair failed; retrying on the next tail check");
+                break;
+            }
+        }
+    }
+    last
+}
+
+impl Room {
+    fn fan_out_durable(&self, ev: &CommittedEvent) {
+        let item = Item {
+            seq: ev.seq,
+            bytes: ev.bytes.clone(),
+        };
+        self.fan_out(item, |a| a.sees(ev));
+    }
+
+    fn fan_out(&self, item: Item, wants: impl Fn(&Audience) -> bool) {
+        let mut subs = self.subs.lock();
+        subs.list.retain(|s| {
+            if !wants(&s.audience) {
+                return true;
+            }
+            match s.tx.try_send(item.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    s.cut.store(true, Ordering::Relaxed);
+                    METRICS.slow_disconnects.inc();
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+    }
+}

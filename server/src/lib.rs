@@ -1,0 +1,16 @@
+//! orgpulse-server: a real-time event server. Writes go through the Store (entity change and event
+//! in one transaction), committed events travel on the Bus to each node's Hub, and the Hub fans them
+//! out to subscribers in seq order. See DESIGN.md for the data flow.
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod cursor;
+pub mod dev;
+pub mod hub;
+pub mod metrics;
+pub mod presence;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod validate;
+pub mod web;

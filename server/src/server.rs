@@ -1,0 +1,124 @@
+//! Wires the engines together and serves the one port until shutdown.
+//!
+//! `run(config, listener, shutdown)`: opens the Store, starts the Hub, Bus and Presence, serves
+//! HTTP/1.1 and HTTP/2 (h2c) connections, trims the log on a timer, and on shutdown ends every open
+//! stream at once with UNAVAILABLE, lets in-flight calls finish, and returns within 2 s.
+use std::{future::Future, sync::Arc, time::Duration};
+
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::{conn::auto, graceful::GracefulShutdown},
+    service::TowerToHyperService,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    auth::Authenticator,
+    bus::{Bus, MemoryBus},
+    config::Config,
+    hub::Hub,
+    presence::MemoryPresence,
+    service::Ctx,
+    store::{Store, sqlite::SqliteStore},
+};
+
+/// How long in-flight calls get to finish after the shutdown signal.
+const DRAIN: Duration = Duration::from_millis(1500);
+
+pub async fn run(
+    cfg: Config,
+    auth: Authenticator,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::default());
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
+        &cfg.sqlite_path().map_err(anyhow::Error::msg)?,
+        bus.clone(),
+    )?);
+    let hub = Hub::new(store.clone(), cfg.subscriber_queue);
+    bus.attach(hub.clone());
+    let presence = MemoryPresence::new(hub.clone(), cfg.presence_grace);
+    let stop = CancellationToken::new();
+    let ctx = Arc::new(Ctx {
+        auth,
+        store: store.clone(),
+        hub,
+        presence,
+        heartbeat: cfg.heartbeat_interval,
+        shutdown: stop.clone(),
+    });
+    let app = crate::web::router(ctx.clone(), &cfg.cors_origins).await?;
+    tokio::spawn(trim_log(store.clone(), cfg.retention, stop.clone()));
+    if cfg.demo {
+        tokio::spawn(crate::dev::demo_workload(store.clone(), stop.clone()));
+    }
+
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http2()
+        .initial_stream_window_size(256 * 1024)
+        .initial_connection_window_size(1024 * 1024)
+        .max_concurrent_streams(1000)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    // Tests and scripts wait for this exact line.
+    println!("listening on http://{}", listener.local_addr()?);
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let conn = http
+            .serve_connection_with_upgrades(
+                TokioIo::new(tcp),
+                TowerToHyperService::new(app.clone()),
+            )
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    tracing::info!("shutting down: ending streams, finishing in-flight calls");
+    stop.cancel();
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not close within {DRAIN:?}");
+    }
+    Ok(())
+}
+
+/// Drops events older than `retention`, on a timer proportional to it.
+async fn trim_log(store: Arc<dyn Store>, retention: Duration, stop: CancellationToken) {
+    let every = (retention / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    loop {
+        if let Some(before) = std::time::SystemTime::now().checked_sub(retention) {
+            match store.trim(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(events = n, "trimmed events past retention"),
+                Err(e) => tracing::warn!(error = %e, "trimming the log failed"),
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

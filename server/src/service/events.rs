@@ -1,0 +1,372 @@
+//! EventService: `Subscribe` (replay after a cursor, `caught_up`, then live, each durable event
+//! exactly once and in seq order), `Poll` (the long-poll fallback) and `ListOnline`.
+//!
+//! The service is written out by hand rather than generated so that `Subscribe` can send the
+//! Hub's pre-encoded event bytes as they are: an event is encoded once, not once per subscriber.
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    task::{Context, Poll as TaskPoll},
+    time::Duration,
+};
+
+use bytes::{BufMut, Bytes};
+use futures::{Stream, future::BoxFuture, stream::BoxStream};
+use orgpulse::proto::{
+    CaughtUp, Event, Heartbeat, ListOnlineRequest, ListOnlineResponse, OrgFilter, PollRequest,
+    PollResponse, Resync, event::Payload,
+};
+use prost::Message;
+use tokio::time::Instant;
+use tonic::{
+    Request, Response, Status,
+    codec::{Codec, EncodeBuf, Encoder},
+    server::{Grpc, NamedService},
+};
+use tonic_prost::{ProstCodec, ProstDecoder};
+
+use super::Ctx;
+use crate::{
+    auth::Need,
+    cursor::Cursor,
+    hub::{Audience, Kinds},
+    metrics::{METRICS, StreamGauge},
+    store::timestamp,
+};
+
+/// Largest request message accepted (API.md: larger is RESOURCE_EXHAUSTED).
+pub const MAX_REQUEST: usize = 1024 * 1024;
+/// Events read from the Store per page while replaying.
+const REPLAY_PAGE: usize = 1000;
+const MAX_POLL_EVENTS: u32 = 1000;
+const DEFAULT_POLL_EVENTS: u32 = 100;
+const MAX_POLL_WAIT_MS: u32 = 30_000;
+
+/// The tower service for `orgpulse.v1.EventService`.
+#[derive(Clone)]
+pub struct EventServer(pub Arc<Ctx>);
+
+impl NamedService for EventServer {
+    const NAME: &'static str = "orgpulse.v1.EventService";
+}
+
+type EventStream = BoxStream<'static, Result<Bytes, Status>>;
+
+impl<B> tower::Service<http::Request<B>> for EventServer
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> TaskPoll<Result<(), Infallible>> {
+        TaskPoll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let ctx = self.0.clone();
+        match req.uri().path() {
+            "/orgpulse.v1.EventService/Subscribe" => Box::pin(async move {
+                let svc = tower::service_fn(move |r| subscribe(ctx.clone(), r));
+                Ok(limits(Grpc::new(PreEncoded))
+                    .server_streaming(svc, req)
+                    .await)
+            }),
+            "/orgpulse.v1.EventService/Poll" => Box::pin(async move {
+                let svc = tower::service_fn(move |r| poll(ctx.clone(), r));
+                Ok(limits(Grpc::new(ProstCodec::default()))
+                    .unary(svc, req)
+                    .await)
+            }),
+            "/orgpulse.v1.EventService/ListOnline" => Box::pin(async move {
+                let svc = tower::service_fn(move |r| list_online(ctx.clone(), r));
+                Ok(limits(Grpc::new(ProstCodec::default()))
+                    .unary(svc, req)
+                    .await)
+            }),
+            _ => Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) }),
+        }
+    }
+}
+
+fn limits<C: Codec>(g: Grpc<C>) -> Grpc<C> {
+    g.apply_max_message_size_config(Some(MAX_REQUEST), None)
+}
+
+/// Decodes `OrgFilter`; encodes already-encoded `Event` bytes by copying them.
+#[derive(Default)]
+struct PreEncoded;
+
+struct BytesEncoder;
+
+impl Encoder for BytesEncoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Codec for PreEncoded {
+    type Encode = Bytes;
+    type Decode = OrgFilter;
+    type Encoder = BytesEncoder;
+    type Decoder = ProstDecoder<OrgFilter>;
+
+    fn encoder(&mut self) -> BytesEncoder {
+        BytesEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstCodec::<OrgFilter, OrgFilter>::default().decoder()
+    }
+}
+
+fn parse_cursor(s: &str) -> Result<Option<Cursor>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    Cursor::decode(s).map(Some).ok_or_else(|| {
+        Status::invalid_argument("after_cursor is malformed (not a cursor this server issued)")
+    })
+}
+
+/// An ephemeral control event (heartbeat, caught_up, resync) carrying the position to resume from.
+fn control(org: &str, epoch: u64, pos: u64, payload: Payload) -> Bytes {
+    Event {
+        cursor: Cursor { epoch, seq: pos }.encode(),
+        seq: 0,
+        org_id: org.to_string(),
+        time: Some(timestamp(std::time::SystemTime::now())),
+        actor: String::new(),
+        payload: Some(payload),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+async fn subscribe(
+    ctx: Arc<Ctx>,
+    req: Request<OrgFilter>,
+) -> Result<Response<EventStream>, Status> {
+    let (claims, org) = ctx.authorize(&req, &req.get_ref().org_id, Need::Read)?;
+    let filter = req.into_inner();
+    let kinds = Kinds::from_request(&filter.kinds)?;
+    let from = parse_cursor(&filter.after_cursor)?;
+    let audience = Audience {
+        user: claims.user.as_str().into(),
+        kinds,
+    };
+    let reg = ctx.hub.register(&org, audience.clone()).await?;
+    let presence = ctx.presence.clone().connect(&org, &claims.user);
+    let expires = Instant::now() + claims.time_left();
+    tracing::info!(org, user = claims.user, "stream opened");
+    let stream = subscription(ctx, org, audience, from, reg, expires, presence);
+    Ok(Response::new(Box::pin(stream)))
+}
+
+/// What woke a live stream.
+enum Wake {
+    Item(Option<crate::hub::Item>),
+    Heartbeat,
+    Expired,
+    Shutdown,
+}
+
+fn subscription(
+    ctx: Arc<Ctx>,
+    org: String,
+    audience: Audience,
+    from: Option<Cursor>,
+    mut reg: crate::hub::Registration,
+    expires: Instant,
+    presence: crate::presence::PresenceGuard,
+) -> impl Stream<Item = Result<Bytes, Status>> + Send + 'static {
+    async_stream::try_stream! {
+        let _gauge = StreamGauge::open();
+        let _presence = presence;
+        let log = StreamLog { org: org.clone(), user: audience.user.clone(), sent: 0, end: "client went away" };
+        let mut log = log;
+        let store = ctx.store.clone();
+        let epoch = store.org_epoch(&org);
+        let bounds = store.bounds(&org).await?;
+        // Position: the last seq this subscriber has seen or skipped.
+        let mut pos = bounds.head;
+        match from {
+            Some(c) if bounds.serves(epoch, &c) => {
+                pos = c.seq;
+                loop {
+                    loop {
+                        let page = store.read_events(&org, pos, REPLAY_PAGE).await?;
+                        let full = page.len() == REPLAY_PAGE;
+                        for ev in page {
+                            pos = ev.seq;
+                            if audience.sees(&ev) {
+                                METRICS.events_delivered.inc();
+                                log.sent += 1;
+                                yield ev.bytes;
+                            }
+                        }
+                        if !full {
+                            break;
+                        }
+                    }
+                    // Cut off while replaying (live events piled up): join again, replay the rest.
+                    if !reg.was_cut() {
+                        break;
+                    }
+                    reg = ctx.hub.register(&org, audience.clone()).await?;
+                }
+            }
+            Some(_) => {
+                let reason = "cursor is older than the retained log or from another log; reload and continue from this cursor";
+                yield control(&org, epoch, pos, Payload::Resync(Resync { reason: reason.into() }));
+            }
+            None => {}
+        }
+        yield control(&org, epoch, pos, Payload::CaughtUp(CaughtUp {}));
+        let mut idle_until = Instant::now() + ctx.heartbeat;
+        loop {
+            let wake = tokio::select! {
+                biased;
+                _ = ctx.shutdown.cancelled() => Wake::Shutdown,
+                _ = tokio::time::sleep_until(expires) => Wake::Expired,
+                item = reg.rx.recv() => Wake::Item(item),
+                _ = tokio::time::sleep_until(idle_until) => Wake::Heartbeat,
+            };
+            match wake {
+                Wake::Item(Some(item)) if item.seq == 0 => yield item.bytes,
+                Wake::Item(Some(item)) => {
+                    if item.seq <= pos {
+                        continue;
+                    }
+                    pos = item.seq;
+                    METRICS.events_delivered.inc();
+                    log.sent += 1;
+                    yield item.bytes;
+                }
+                Wake::Item(None) => {
+                    log.end = "too slow";
+                    Err(Status::unavailable("subscriber too slow; resume from your cursor"))?;
+                }
+                Wake::Heartbeat => yield control(&org, epoch, pos, Payload::Heartbeat(Heartbeat {})),
+                Wake::Expired => {
+                    log.end = "token expired";
+                    Err(Status::unauthenticated("token expired"))?;
+                }
+                Wake::Shutdown => {
+                    log.end = "server shutting down";
+                    Err(Status::unavailable("server shutting down; reconnect with your cursor"))?;
+                }
+            }
+            idle_until = Instant::now() + ctx.heartbeat;
+        }
+    }
+}
+
+/// Logs a stream's close with its reason and the events it sent.
+struct StreamLog {
+    org: String,
+    user: Arc<str>,
+    sent: u64,
+    end: &'static str,
+}
+
+impl Drop for StreamLog {
+    fn drop(&mut self) {
+        tracing::info!(org = self.org, user = %self.user, events_sent = self.sent, reason = self.end, "stream closed");
+    }
+}
+
+async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollResponse>, Status> {
+    let (claims, org) = ctx.authorize(&req, &req.get_ref().org_id, Need::Read)?;
+    let r = req.into_inner();
+    let kinds = Kinds::from_request(&r.kinds)?;
+    let from = parse_cursor(&r.after_cursor)?;
+    let max = match r.max_events {
+        0 => DEFAULT_POLL_EVENTS,
+        n => n.min(MAX_POLL_EVENTS),
+    } as usize;
+    let deadline = Instant::now() + Duration::from_millis(r.wait_ms.min(MAX_POLL_WAIT_MS).into());
+    METRICS.polls.inc();
+    ctx.presence.clone().polled(&org, &claims.user);
+    let audience = Audience {
+        user: claims.user.as_str().into(),
+        kinds,
+    };
+    // Join the room before reading, so an event committed after the read wakes us.
+    let mut reg = ctx.hub.register(&org, audience.clone()).await?;
+    let store = &ctx.store;
+    let epoch = store.org_epoch(&org);
+    let bounds = store.bounds(&org).await?;
+    let mut pos = match from {
+        None => bounds.head,
+        Some(c) if bounds.serves(epoch, &c) => c.seq,
+        Some(_) => {
+            let cursor = Cursor {
+                epoch,
+                seq: bounds.head,
+            }
+            .encode();
+            return Ok(Response::new(PollResponse {
+                events: vec![],
+                cursor,
+                resync: true,
+            }));
+        }
+    };
+    let mut events = Vec::new();
+    loop {
+        loop {
+            let page = store.read_events(&org, pos, REPLAY_PAGE).await?;
+            let full = page.len() == REPLAY_PAGE;
+            for ev in page {
+                if events.len() == max {
+                    break;
+                }
+                pos = ev.seq;
+                if audience.sees(&ev) {
+                    events.push(
+                        Event::decode(ev.bytes).map_err(|e| Status::internal(e.to_string()))?,
+                    );
+                }
+            }
+            if !full || events.len() == max {
+                break;
+            }
+        }
+        if !events.is_empty() {
+            break;
+        }
+        let woke = tokio::select! {
+            _ = ctx.shutdown.cancelled() => false,
+            _ = tokio::time::sleep_until(deadline) => false,
+            item = reg.rx.recv() => item.is_some(),
+        };
+        if !woke {
+            break;
+        }
+        // Drain what queued up; the Store read above picks the events up in order.
+        while reg.rx.try_recv().is_ok() {}
+    }
+    let cursor = Cursor { epoch, seq: pos }.encode();
+    Ok(Response::new(PollResponse {
+        events,
+        cursor,
+        resync: false,
+    }))
+}
+
+async fn list_online(
+    ctx: Arc<Ctx>,
+    req: Request<ListOnlineRequest>,
+) -> Result<Response<ListOnlineResponse>, Status> {
+    let (_, org) = ctx.authorize(&req, &req.get_ref().org_id, Need::Read)?;
+    Ok(Response::new(ListOnlineResponse {
+        members: ctx.presence.members(&org),
+    }))
+}

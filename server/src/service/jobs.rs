@@ -1,0 +1,130 @@
+//! JobService: create, read, list, update and delete an org's jobs.
+use std::sync::Arc;
+
+use orgpulse::proto::{
+    CreateJobRequest, DeleteJobRequest, DeleteJobResponse, GetJobRequest, Job, JobStatus,
+    ListJobsRequest, ListJobsResponse, UpdateJobRequest, job_service_server::JobService,
+};
+use tonic::{Request, Response, Status};
+
+use super::{Ctx, page_token};
+use crate::{
+    auth::Need,
+    cursor::Cursor,
+    store::{JobPatch, NewJob},
+    validate,
+};
+
+pub struct Jobs(pub Arc<Ctx>);
+
+fn status(field: &str, v: i32) -> Result<JobStatus, Status> {
+    match JobStatus::try_from(v) {
+        Ok(JobStatus::Unspecified) | Err(_) => Err(Status::invalid_argument(format!(
+            "{field} {v} is not a job status"
+        ))),
+        Ok(s) => Ok(s),
+    }
+}
+
+#[tonic::async_trait]
+impl JobService for Jobs {
+    async fn create_job(&self, req: Request<CreateJobRequest>) -> Result<Response<Job>, Status> {
+        let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Write)?;
+        let r = req.into_inner();
+        validate::text("title", &r.title, 1, 200)?;
+        if r.labels.len() > 32 {
+            return Err(Status::invalid_argument("at most 32 labels are allowed"));
+        }
+        for (k, v) in &r.labels {
+            validate::text("label key", k, 1, 64)?;
+            validate::text("label value", v, 0, 256)?;
+        }
+        validate::request_id(&r.request_id)?;
+        let new = NewJob {
+            title: r.title,
+            labels: r.labels,
+            request_id: r.request_id,
+        };
+        Ok(Response::new(
+            self.0.store.create_job(&org, &claims.user, new).await?,
+        ))
+    }
+
+    async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let (_, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Read)?;
+        validate::object_id("job_id", &req.get_ref().job_id)?;
+        Ok(Response::new(
+            self.0.store.get_job(&org, &req.get_ref().job_id).await?,
+        ))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let (_, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Read)?;
+        let r = req.into_inner();
+        for s in &r.statuses {
+            status("statuses:", *s)?;
+        }
+        let limit = validate::page_size(r.page_size)?;
+        let after = page_token(&r.page_token)?;
+        let page = self
+            .0
+            .store
+            .list_jobs(&org, r.statuses, limit, after)
+            .await?;
+        let cursor = Cursor {
+            epoch: self.0.store.org_epoch(&org),
+            seq: page.head,
+        }
+        .encode();
+        Ok(Response::new(ListJobsResponse {
+            jobs: page.jobs,
+            next_page_token: page.next.unwrap_or_default(),
+            cursor,
+        }))
+    }
+
+    async fn update_job(&self, req: Request<UpdateJobRequest>) -> Result<Response<Job>, Status> {
+        let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Write)?;
+        let r = req.into_inner();
+        validate::object_id("job_id", &r.job_id)?;
+        let new_status = r.status.map(|s| status("status", s)).transpose()?;
+        if r.progress.is_some_and(|p| p > 100) {
+            return Err(Status::invalid_argument(
+                "progress must be between 0 and 100",
+            ));
+        }
+        if let Some(t) = &r.title {
+            validate::text("title", t, 1, 200)?;
+        }
+        if let Some(m) = &r.message {
+            validate::text("message", m, 0, 1000)?;
+        }
+        let patch = JobPatch {
+            job_id: r.job_id,
+            status: new_status,
+            progress: r.progress,
+            title: r.title,
+            message: r.message,
+            expected_version: r.expected_version,
+        };
+        Ok(Response::new(
+            self.0.store.update_job(&org, &claims.user, patch).await?,
+        ))
+    }
+
+    async fn delete_job(
+        &self,
+        req: Request<DeleteJobRequest>,
+    ) -> Result<Response<DeleteJobResponse>, Status> {
+        let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Admin)?;
+        validate::object_id("job_id", &req.get_ref().job_id)?;
+        self.0
+            .store
+            .delete_job(&org, &claims.user, &req.get_ref().job_id)
+            .await?;
+        Ok(Response::new(DeleteJobResponse {}))
+    }
+}

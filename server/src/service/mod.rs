@@ -1,0 +1,57 @@
+//! The gRPC service implementations. They are thin: validate -> authorize -> Store (which commits
+//! and publishes) -> answer. Delivery lives in the Hub and in `events`.
+pub mod events;
+pub mod jobs;
+pub mod notifications;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Status};
+
+use crate::{
+    auth::{Authenticator, Claims, Need},
+    hub::Hub,
+    presence::Presence,
+    store::Store,
+};
+
+/// What every service needs.
+pub struct Ctx {
+    pub auth: Authenticator,
+    pub store: Arc<dyn Store>,
+    pub hub: Hub,
+    pub presence: Arc<dyn Presence>,
+    pub heartbeat: Duration,
+    /// Cancelled when the server shuts down: every open stream ends at once.
+    pub shutdown: CancellationToken,
+}
+
+impl Ctx {
+    /// Authenticates the call, resolves the org it acts in and checks the role; records both in
+    /// the RPC's log span.
+    pub fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        org_id: &str,
+        need: Need,
+    ) -> Result<(Claims, String), Status> {
+        let claims = self.auth.authenticate(req.metadata())?;
+        let span = tracing::Span::current();
+        span.record("user", claims.user.as_str());
+        let org = claims.org_for(org_id)?;
+        span.record("org", org.as_str());
+        claims.require(need)?;
+        Ok((claims, org))
+    }
+}
+
+/// A page token (the id to continue after), validated.
+pub fn page_token(token: &str) -> Result<Option<String>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    crate::validate::object_id("page_token", token)
+        .map_err(|_| Status::invalid_argument("page_token is not one this server returned"))?;
+    Ok(Some(token.to_string()))
+}

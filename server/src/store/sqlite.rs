@@ -1,0 +1,660 @@
+//! The embedded engine: one SQLite file in WAL mode.
+//!
+//! All writes go through one writer thread that group-commits: it takes every write waiting in its
+//! queue, runs each inside its own SAVEPOINT of one transaction (a failing write rolls back alone),
+//! commits once, then publishes the committed events on the Bus in seq order and answers the
+//! callers. Reads run on a small pool of read connections (WAL readers never block the writer).
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use orgpulse::proto::{EventKind, Job, JobStatus, Notification, event::Payload};
+use parking_lot::Mutex;
+use prost::Message;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    CommittedEvent, IDEMPOTENCY_WINDOW, JobPage, JobPatch, LogBounds, NewJob, NewNotification,
+    NotificationPage, Result, Store, StoreError, apply_patch, encode_event, job_deleted, millis,
+    payload_kind, timestamp,
+};
+use crate::{bus::Bus, cursor::org_epoch};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS org_log (
+  org_id TEXT PRIMARY KEY,
+  last_seq INTEGER NOT NULL,
+  floor_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS events (
+  org_id TEXT NOT NULL,
+  seq INTEGER NOT NULL,
+  kind INTEGER NOT NULL,
+  audience TEXT,
+  created_ms INTEGER NOT NULL,
+  data BLOB NOT NULL,
+  PRIMARY KEY (org_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_by_time ON events (created_ms);
+CREATE TABLE IF NOT EXISTS jobs (
+  org_id TEXT NOT NULL,
+  id TEXT NOT NULL,
+  status INTEGER NOT NULL,
+  data BLOB NOT NULL,
+  PRIMARY KEY (org_id, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS notifications (
+  org_id TEXT NOT NULL,
+  id TEXT NOT NULL,
+  user_id TEXT NOT NULL,
+  data BLOB NOT NULL,
+  PRIMARY KEY (org_id, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS notification_reads (
+  org_id TEXT NOT NULL,
+  user_id TEXT NOT NULL,
+  notification_id TEXT NOT NULL,
+  PRIMARY KEY (org_id, user_id, notification_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS requests (
+  org_id TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  request_id TEXT NOT NULL,
+  created_ms INTEGER NOT NULL,
+  data BLOB NOT NULL,
+  PRIMARY KEY (org_id, kind, request_id)
+) WITHOUT ROWID;
+";
+
+/// Called once the batch a write was part of has committed (or failed to).
+type Finish = Box<dyn FnOnce(Result<()>) + Send>;
+/// A write: runs inside its own savepoint; `true` when it succeeded and should be kept.
+type WriteOp = Box<dyn FnOnce(&Connection, &mut Appender) -> (bool, Finish) + Send>;
+
+/// Most writes one transaction takes.
+const MAX_BATCH: usize = 512;
+/// Read connections kept open.
+const READERS: usize = 4;
+
+pub struct SqliteStore {
+    writer: mpsc::UnboundedSender<WriteOp>,
+    readers: Arc<Readers>,
+    db_epoch: u64,
+}
+
+struct Readers {
+    path: std::path::PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+/// Appends events to org logs inside the current write, collecting them for publication.
+pub struct Appender {
+    db_epoch: u64,
+    now: SystemTime,
+    events: Vec<CommittedEvent>,
+}
+
+impl Appender {
+    fn append(
+        &mut self,
+        conn: &Connection,
+        org: &str,
+        actor: &str,
+        audience: Option<&str>,
+        payload: Payload,
+    ) -> Result<u64> {
+        let seq: u64 = conn
+            .query_row(
+                "INSERT INTO org_log (org_id, last_seq) VALUES (?1, 1)
+                 ON CONFLICT (org_id) DO UPDATE SET last_seq = last_seq + 1
+                 RETURNING last_seq",
+                [org],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        let kind = payload_kind(&payload);
+        let bytes = encode_event(
+            org_epoch(self.db_epoch, org),
+            org,
+            seq,
+            actor,
+            self.now,
+            payload,
+        );
+        conn.prepare_cached(
+            "INSERT INTO events (org_id, seq, kind, audience, created_ms, data)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                org,
+                seq,
+                kind as i32,
+                audience,
+                millis(self.now),
+                &bytes[..]
+            ])
+        })
+        .map_err(db)?;
+        self.events.push(CommittedEvent {
+            org: org.into(),
+            seq,
+            kind,
+            audience: audience.map(Into::into),
+            bytes,
+        });
+        Ok(seq)
+    }
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Internal(e.to_string())
+}
+
+fn decode<M: Message + Default>(data: &[u8]) -> Result<M> {
+    M::decode(data).map_err(|e| StoreError::Internal(format!("corrupt row: {e}")))
+}
+
+fn open(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF;",
+    )?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database at `path` and starts its writer thread.
+    pub fn open(path: &Path, bus: Arc<dyn Bus>) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+        }
+        let conn = open(path).map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+        conn.execute_batch(SCHEMA)?;
+        let fresh: u64 = rand::random::<u64>() >> 1;
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)",
+            [fresh.to_string()],
+        )?;
+        let db_epoch: u64 = conn
+            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+                r.get::<_, String>(0)
+            })?
+            .parse()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || write_loop(conn, rx, bus, db_epoch))?;
+        Ok(SqliteStore {
+            writer: tx,
+            readers: Arc::new(Readers {
+                path: path.to_path_buf(),
+                idle: Mutex::new(Vec::new()),
+            }),
+            db_epoch,
+        })
+    }
+
+    /// Runs `f` as one write of the next group commit.
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, &mut Appender) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let (tx, rx) = oneshot::channel();
+        let op: WriteOp = Box::new(move |conn, app| {
+            let r = f(conn, app);
+            let ok = r.is_ok();
+            let finish: Finish = Box::new(move |commit| {
+                let _ = tx.send(commit.and(r));
+            });
+            (ok, finish)
+        });
+        let stopped = || StoreError::Internal("store writer stopped".into());
+        self.writer.send(op).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Runs `f` on a read connection, off the async threads.
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match readers.idle.lock().pop() {
+                Some(c) => c,
+                None => open(&readers.path).map_err(db)?,
+            };
+            let r = f(&conn);
+            let mut idle = readers.idle.lock();
+            if idle.len() < READERS {
+                idle.push(conn);
+            }
+            r
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("read task: {e}")))?
+    }
+}
+
+fn write_loop(
+    conn: Connection,
+    mut rx: mpsc::UnboundedReceiver<WriteOp>,
+    bus: Arc<dyn Bus>,
+    db_epoch: u64,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut app = Appender {
+            db_epoch,
+            now: SystemTime::now(),
+            events: Vec::new(),
+        };
+        let mut finishes = Vec::with_capacity(batch.len());
+        let mut result = conn.execute_batch("BEGIN IMMEDIATE").map_err(db);
+        for op in batch {
+            if result.is_err() {
+                let (_, finish) = op(&conn, &mut app);
+                finishes.push(finish);
+                continue;
+            }
+            let kept = app.events.len();
+            result = conn.execute_batch("SAVEPOINT w").map_err(db);
+            let (ok, finish) = op(&conn, &mut app);
+            finishes.push(finish);
+            if ok {
+                result = result.and(conn.execute_batch("RELEASE w").map_err(db));
+            } else {
+                app.events.truncate(kept);
+                result = result.and(conn.execute_batch("ROLLBACK TO w; RELEASE w").map_err(db));
+            }
+        }
+        if result.is_ok() {
+            result = conn.execute_batch("COMMIT").map_err(db);
+        }
+        if result.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+            app.events.clear();
+        }
+        for ev in app.events {
+            bus.publish(ev);
+        }
+        for finish in finishes {
+            finish(result.clone());
+        }
+    }
+}
+
+/// Returns the object stored for `request_id`, when it was used within the idempotency window.
+fn remembered(
+    conn: &Connection,
+    org: &str,
+    kind: &str,
+    request_id: &str,
+) -> Result<Option<Vec<u8>>> {
+    if request_id.is_empty() {
+        return Ok(None);
+    }
+    let since = millis(SystemTime::now() - IDEMPOTENCY_WINDOW);
+    conn.query_row(
+        "SELECT data FROM requests WHERE org_id = ?1 AND kind = ?2 AND request_id = ?3 AND created_ms >= ?4",
+        params![org, kind, request_id, since],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(db)
+}
+
+fn remember(conn: &Connection, org: &str, kind: &str, request_id: &str, data: &[u8]) -> Result<()> {
+    if request_id.is_empty() {
+        return Ok(());
+    }
+    conn.execute(
+        "INSERT OR REPLACE INTO requests (org_id, kind, request_id, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![org, kind, request_id, millis(SystemTime::now()), data],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+fn load_job(conn: &Connection, org: &str, id: &str) -> Result<Job> {
+    let data: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT data FROM jobs WHERE org_id = ?1 AND id = ?2")
+        .and_then(|mut st| st.query_row([org, id], |r| r.get(0)).optional())
+        .map_err(db)?;
+    match data {
+        Some(d) => decode(&d),
+        None => Err(StoreError::NotFound(format!("job {id} not found"))),
+    }
+}
+
+fn save_job(conn: &Connection, job: &Job) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO jobs (org_id, id, status, data) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .and_then(|mut st| st.execute(params![job.org_id, job.id, job.status, job.encode_to_vec()]))
+    .map_err(db)?;
+    Ok(())
+}
+
+fn unread_count(conn: &Connection, org: &str, user: &str) -> Result<u32> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM notifications n WHERE n.org_id = ?1 AND n.user_id IN ('', ?2)
+         AND NOT EXISTS (SELECT 1 FROM notification_reads r
+                         WHERE r.org_id = ?1 AND r.user_id = ?2 AND r.notification_id = n.id)",
+        [org, user],
+        |r| r.get(0),
+    )
+    .map_err(db)
+}
+
+fn bounds(conn: &Connection, org: &str) -> Result<LogBounds> {
+    conn.prepare_cached("SELECT floor_seq, last_seq FROM org_log WHERE org_id = ?1")
+        .and_then(|mut st| {
+            st.query_row([org], |r| {
+                Ok(LogBounds {
+                    floor: r.get(0)?,
+                    head: r.get(1)?,
+                })
+            })
+            .optional()
+        })
+        .map(Option::unwrap_or_default)
+        .map_err(db)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn org_epoch(&self, org: &str) -> u64 {
+        org_epoch(self.db_epoch, org)
+    }
+
+    async fn create_job(&self, org: &str, actor: &str, new: NewJob) -> Result<Job> {
+        let (org, actor) = (org.to_string(), actor.to_string());
+        self.write(move |conn, app| {
+            if let Some(d) = remembered(conn, &org, "job", &new.request_id)? {
+                return decode(&d);
+            }
+            let now = app.now;
+            let mut job = Job {
+                id: ulid::Ulid::new().to_string(),
+                org_id: org.clone(),
+                title: new.title,
+                progress: 0,
+                labels: new.labels,
+                created_by: actor.clone(),
+                updated_by: actor.clone(),
+                created_at: Some(timestamp(now)),
+                updated_at: Some(timestamp(now)),
+                version: 1,
+                ..Default::default()
+            };
+            job.set_status(JobStatus::Queued);
+            save_job(conn, &job)?;
+            remember(conn, &org, "job", &new.request_id, &job.encode_to_vec())?;
+            app.append(conn, &org, &actor, None, Payload::JobCreated(job.clone()))?;
+            Ok(job)
+        })
+        .await
+    }
+
+    async fn get_job(&self, org: &str, job_id: &str) -> Result<Job> {
+        let (org, id) = (org.to_string(), job_id.to_string());
+        self.read(move |conn| load_job(conn, &org, &id)).await
+    }
+
+    async fn list_jobs(
+        &self,
+        org: &str,
+        statuses: Vec<i32>,
+        limit: usize,
+        after: Option<String>,
+    ) -> Result<JobPage> {
+        let org = org.to_string();
+        self.read(move |conn| {
+            let tx = conn.unchecked_transaction().map_err(db)?;
+            let head = bounds(&tx, &org)?.head;
+            let filter = if statuses.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> = statuses.iter().map(|s| s.to_string()).collect();
+                format!("AND status IN ({})", list.join(","))
+            };
+            let sql = format!(
+                "SELECT data FROM jobs WHERE org_id = ?1 AND id < ?2 {filter} ORDER BY id DESC LIMIT ?3"
+            );
+            let mut st = tx.prepare_cached(&sql).map_err(db)?;
+            let after = after.unwrap_or_else(|| "~".into());
+            let rows = st
+                .query_map(params![org, after, limit as i64 + 1], |r| r.get::<_, Vec<u8>>(0))
+                .map_err(db)?;
+            let mut jobs = Vec::with_capacity(limit);
+            for row in rows {
+                jobs.push(decode::<Job>(&row.map_err(db)?)?);
+            }
+            let next = if jobs.len() > limit {
+                jobs.truncate(limit);
+                jobs.last().map(|j| j.id.clone())
+            } else {
+                None
+            };
+            Ok(JobPage { jobs, next, head })
+        })
+        .await
+    }
+
+    async fn update_job(&self, org: &str, actor: &str, patch: JobPatch) -> Result<Job> {
+        let (org, actor) = (org.to_string(), actor.to_string());
+        self.write(move |conn, app| {
+            let mut job = load_job(conn, &org, &patch.job_id)?;
+            apply_patch(&mut job, &patch, &actor, app.now)?;
+            save_job(conn, &job)?;
+            app.append(conn, &org, &actor, None, Payload::JobUpdated(job.clone()))?;
+            Ok(job)
+        })
+        .await
+    }
+
+    async fn delete_job(&self, org: &str, actor: &str, job_id: &str) -> Result<()> {
+        let (org, actor, id) = (org.to_string(), actor.to_string(), job_id.to_string());
+        self.write(move |conn, app| {
+            let n = conn
+                .execute(
+                    "DELETE FROM jobs WHERE org_id = ?1 AND id = ?2",
+                    [&org, &id],
+                )
+                .map_err(db)?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("job {id} not found")));
+            }
+            app.append(conn, &org, &actor, None, job_deleted(&id))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn send_notification(
+        &self,
+        org: &str,
+        actor: &str,
+        new: NewNotification,
+    ) -> Result<Notification> {
+        let (org, actor) = (org.to_string(), actor.to_string());
+        self.write(move |conn, app| {
+            if let Some(d) = remembered(conn, &org, "notification", &new.request_id)? {
+                return decode(&d);
+            }
+            let n = Notification {
+                id: ulid::Ulid::new().to_string(),
+                org_id: org.clone(),
+                user_id: new.user_id,
+                title: new.title,
+                body: new.body,
+                severity: new.severity,
+                created_by: actor.clone(),
+                created_at: Some(timestamp(app.now)),
+                read: false,
+            };
+            let data = n.encode_to_vec();
+            conn.execute(
+                "INSERT INTO notifications (org_id, id, user_id, data) VALUES (?1, ?2, ?3, ?4)",
+                params![org, n.id, n.user_id, data],
+            )
+            .map_err(db)?;
+            remember(conn, &org, "notification", &new.request_id, &data)?;
+            let audience = (!n.user_id.is_empty()).then_some(n.user_id.as_str());
+            app.append(
+                conn,
+                &org,
+                &actor,
+                audience,
+                Payload::NotificationNew(n.clone()),
+            )?;
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn list_notifications(
+        &self,
+        org: &str,
+        user: &str,
+        unread_only: bool,
+        limit: usize,
+        after: Option<String>,
+    ) -> Result<NotificationPage> {
+        let (org, user) = (org.to_string(), user.to_string());
+        self.read(move |conn| {
+            let tx = conn.unchecked_transaction().map_err(db)?;
+            let unread = unread_count(&tx, &org, &user)?;
+            let mut st = tx
+                .prepare_cached(
+                    "SELECT data, is_read FROM (
+                       SELECT n.id, n.data, EXISTS (SELECT 1 FROM notification_reads r
+                         WHERE r.org_id = n.org_id AND r.user_id = ?2 AND r.notification_id = n.id) AS is_read
+                       FROM notifications n
+                       WHERE n.org_id = ?1 AND n.user_id IN ('', ?2) AND n.id < ?3)
+                     WHERE NOT (?4 AND is_read)
+                     ORDER BY id DESC LIMIT ?5",
+                )
+                .map_err(db)?;
+            let after = after.unwrap_or_else(|| "~".into());
+            let rows = st
+                .query_map(params![org, user, after, unread_only, limit as i64 + 1], |r| {
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, bool>(1)?))
+                })
+                .map_err(db)?;
+            let mut notifications = Vec::with_capacity(limit);
+            for row in rows {
+                let (data, read) = row.map_err(db)?;
+                let mut n: Notification = decode(&data)?;
+                n.read = read;
+                notifications.push(n);
+            }
+            let next = if notifications.len() > limit {
+                notifications.truncate(limit);
+                notifications.last().map(|n| n.id.clone())
+            } else {
+                None
+            };
+            Ok(NotificationPage { notifications, next, unread })
+        })
+        .await
+    }
+
+    async fn mark_read(&self, org: &str, user: &str, ids: Vec<String>) -> Result<u32> {
+        let (org, user) = (org.to_string(), user.to_string());
+        self.write(move |conn, _| {
+            for id in &ids {
+                let visible: bool = conn
+                    .query_row(
+                        "SELECT EXISTS (SELECT 1 FROM notifications
+                         WHERE org_id = ?1 AND id = ?2 AND user_id IN ('', ?3))",
+                        [&org, id, &user],
+                        |r| r.get(0),
+                    )
+                    .map_err(db)?;
+                if !visible {
+                    return Err(StoreError::NotFound(format!("notification {id} not found")));
+                }
+                conn.execute(
+                    "INSERT OR IGNORE INTO notification_reads (org_id, user_id, notification_id)
+                     VALUES (?1, ?2, ?3)",
+                    [&org, &user, id],
+                )
+                .map_err(db)?;
+            }
+            unread_count(conn, &org, &user)
+        })
+        .await
+    }
+
+    async fn bounds(&self, org: &str) -> Result<LogBounds> {
+        let org = org.to_string();
+        self.read(move |conn| bounds(conn, &org)).await
+    }
+
+    async fn read_events(
+        &self,
+        org: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<CommittedEvent>> {
+        let org: Arc<str> = org.into();
+        self.read(move |conn| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT seq, kind, audience, data FROM events
+                     WHERE org_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(params![&*org, after, limit as i64], |r| {
+                    Ok(CommittedEvent {
+                        org: org.clone(),
+                        seq: r.get(0)?,
+                        kind: EventKind::try_from(r.get::<_, i32>(1)?)
+                            .unwrap_or(EventKind::Unspecified),
+                        audience: r.get::<_, Option<String>>(2)?.map(Into::into),
+                        bytes: Bytes::from(r.get::<_, Vec<u8>>(3)?),
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn trim(&self, before: SystemTime) -> Result<u64> {
+        let cutoff = millis(before);
+        let requests_cutoff = millis(SystemTime::now() - IDEMPOTENCY_WINDOW);
+        self.write(move |conn, _| {
+            conn.execute(
+                "UPDATE org_log SET floor_seq = MAX(floor_seq, (SELECT MAX(seq) FROM events e
+                   WHERE e.org_id = org_log.org_id AND e.created_ms < ?1))
+                 WHERE EXISTS (SELECT 1 FROM events e WHERE e.org_id = org_log.org_id AND e.created_ms < ?1)",
+                [cutoff],
+            )
+            .map_err(db)?;
+            let n = conn.execute("DELETE FROM events WHERE created_ms < ?1", [cutoff]).map_err(db)?;
+            conn.execute("DELETE FROM requests WHERE created_ms < ?1", [requests_cutoff])
+                .map_err(db)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+}

@@ -1,0 +1,182 @@
+//! The HTTP face of the one port: gRPC services (native and grpc-web, binary and -text) with the
+//! per-RPC log span, the dashboard at `/`, `GET /healthz`, `GET /metrics`, gRPC health and server
+//! reflection, and CORS for the configured browser origins (outermost, so preflights are answered
+//! before anything else).
+use std::{sync::Arc, time::Instant};
+
+use axum::{
+    Router,
+    extract::Request,
+    http::{HeaderValue, Method, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use orgpulse::proto::{
+    job_service_server::JobServiceServer, notification_service_server::NotificationServiceServer,
+};
+use tonic::service::Routes;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tracing::Instrument;
+
+use crate::service::{
+    Ctx,
+    events::{EventServer, MAX_REQUEST},
+    jobs::Jobs,
+    notifications::Notifications,
+};
+
+const INDEX_HTML: &[u8] = include_bytes!("../../web/dist/index.html");
+const APP_JS: &[u8] = include_bytes!("../../web/dist/app.js");
+const APP_CSS: &[u8] = include_bytes!("../../web/dist/app.css");
+
+/// The whole HTTP service of the server.
+pub async fn router(ctx: Arc<Ctx>, cors_origins: &[String]) -> anyhow::Result<Router> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<JobServiceServer<Jobs>>().await;
+    health
+        .set_serving::<NotificationServiceServer<Notifications>>()
+        .await;
+    health
+        .set_service_status(
+            "orgpulse.v1.EventService",
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(orgpulse::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let grpc = Routes::builder()
+        .add_service(
+            JobServiceServer::new(Jobs(ctx.clone())).max_decoding_message_size(MAX_REQUEST),
+        )
+        .add_service(
+            NotificationServiceServer::new(Notifications(ctx.clone()))
+                .max_decoding_message_size(MAX_REQUEST),
+        )
+        .add_service(EventServer(ctx.clone()))
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .clone()
+        .routes()
+        .into_axum_router()
+        .layer(middleware::from_fn(rpc_log))
+        .layer(tonic_web::GrpcWebLayer::new());
+    let app = grpc
+        .route("/", get(|| asset("text/html; charset=utf-8", INDEX_HTML)))
+        .route(
+            "/index.html",
+            get(|| asset("text/html; charset=utf-8", INDEX_HTML)),
+        )
+        .route(
+            "/app.js",
+            get(|| asset("text/javascript; charset=utf-8", APP_JS)),
+        )
+        .route(
+            "/app.css",
+            get(|| asset("text/css; charset=utf-8", APP_CSS)),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") });
+    Ok(match cors(cors_origins)? {
+        Some(layer) => app.layer(layer),
+        None => app,
+    })
+}
+
+async fn asset(content_type: &'static str, body: &'static [u8]) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(),
+    )
+}
+
+fn cors(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let list = origins
+        .iter()
+        .map(|o| HeaderValue::from_str(o.trim_end_matches('/')))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--cors-origin: {e}"))?;
+    let h = |names: &[&'static str]| {
+        names
+            .iter()
+            .map(|n| header::HeaderName::from_static(n))
+            .collect::<Vec<_>>()
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(list))
+            .allow_methods([Method::POST, Method::GET, Method::OPTIONS])
+            .allow_headers(h(&[
+                "authorization",
+                "content-type",
+                "x-grpc-web",
+                "x-user-agent",
+                "grpc-timeout",
+            ]))
+            .expose_headers(h(&[
+                "grpc-status",
+                "grpc-message",
+                "grpc-status-details-bin",
+            ]))
+            .max_age(std::time::Duration::from_secs(600)),
+    ))
+}
+
+/// One log span per RPC (method, org, user, status, duration). Also maps tonic's OUT_OF_RANGE for
+/// an over-limit request message to RESOURCE_EXHAUSTED, as API.md specifies.
+async fn rpc_log(req: Request, next: Next) -> Response {
+    let method = req.uri().path().to_string();
+    let span = tracing::info_span!(
+        "rpc",
+        method,
+        org = tracing::field::Empty,
+        user = tracing::field::Empty
+    );
+    let started = Instant::now();
+    let mut res = next.run(req).instrument(span.clone()).await;
+    let headers = res.headers_mut();
+    let mut code = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .unwrap_or(0);
+    if code == tonic::Code::OutOfRange as i32 {
+        code = tonic::Code::ResourceExhausted as i32;
+        headers.insert("grpc-status", HeaderValue::from(code));
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static("request%20larger%20than%201%20MiB"),
+        );
+    }
+    let status = tonic::Code::from_i32(code);
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.in_scope(|| {
+        if matches!(status, tonic::Code::Internal | tonic::Code::Unknown) {
+            tracing::warn!(status = ?status, duration_ms = ms, "rpc failed");
+        } else {
+            tracing::info!(status = ?status, duration_ms = ms, "rpc");
+        }
+    });
+    res
+}
