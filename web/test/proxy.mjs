@@ -1,0 +1,50 @@
+// A test proxy for the dashboard's fallback paths, in front of orgpulse-server:
+//   mode "buffer": holds every response until it has ended, then sends it whole (like a proxy that
+//     buffers): unary calls still work, a stream delivers nothing.
+//   mode "refuse-streams": answers every Subscribe with HTTP 503 itself; everything else passes.
+import http from "node:http";
+
+/** Starts the proxy on 127.0.0.1 (ephemeral port); resolves to its base URL and a close(). */
+export function startProxy(target, mode) {
+  const upstream = new URL(target);
+  const server = http.createServer((req, res) => {
+    if (mode === "refuse-streams" && req.url.endsWith("/Subscribe")) {
+      req.resume();
+      res.writeHead(503, { "content-type": "text/plain" }).end("streams refused by test proxy");
+      return;
+    }
+    const up = http.request(
+      { host: upstream.hostname, port: upstream.port, path: req.url, method: req.method, headers: req.headers },
+      (upRes) => {
+        if (mode !== "buffer") {
+          res.writeHead(upRes.statusCode, upRes.headers);
+          upRes.pipe(res);
+          return;
+        }
+        const chunks = [];
+        upRes.on("data", (c) => chunks.push(c));
+        upRes.on("end", () => {
+          const body = Buffer.concat(chunks);
+          const headers = { ...upRes.headers, "content-length": String(body.length) };
+          delete headers["transfer-encoding"];
+          res.writeHead(upRes.statusCode, headers).end(body);
+        });
+      },
+    );
+    up.on("error", () => res.destroy());
+    res.on("close", () => up.destroy());
+    req.pipe(up);
+  });
+  return new Promise((resolve) => {
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      resolve({
+        url: `http://127.0.0.1:${port}`,
+        close: () => {
+          server.closeAllConnections();
+          server.close();
+        },
+      });
+    });
+  });
+}
