@@ -1,6 +1,8 @@
 //! orgpulse: the API generated from `proto/orgpulse/v1` and the client library shared by the
 //! `orgpulse` CLI and the end-to-end tests.
 
+pub mod client;
+
 /// Generated protobuf messages, gRPC clients and servers of package `orgpulse.v1`.
 pub mod proto {
     #![allow(clippy::all, missing_docs)]

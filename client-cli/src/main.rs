@@ -1,1 +1,93 @@
-fn main() {}
+//! `orgpulse`: the command-line client. Parses the command line, builds a resilient
+//! [`orgpulse::client::Client`], runs the command and turns failures into one stderr line and an
+//! exit code per error class.
+mod cli;
+mod cursor;
+mod error;
+mod events;
+mod jobs;
+mod mint;
+mod notify;
+mod output;
+
+use std::time::Duration;
+
+use clap::Parser;
+use orgpulse::client::{BackoffConfig, Client, ClientConfig, TokenSource};
+
+use cli::{Cli, Command, Global, TokenCommand};
+use error::CliError;
+use output::Printer;
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("orgpulse: error: {e}");
+        std::process::exit(e.exit_code());
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let out = Printer::new(cli.global.json);
+    match cli.command {
+        Command::Token(TokenCommand::Mint {
+            secret_file,
+            org,
+            user,
+            roles,
+            ttl,
+        }) => out.line(&mint::mint(
+            &secret_file,
+            org.as_deref(),
+            &user,
+            roles,
+            ttl,
+        )?),
+        Command::Watch(args) => {
+            let client = client(&cli.global, Some(args.idle_timeout), false)?;
+            events::watch(&client, args, &out).await
+        }
+        Command::Poll(args) => {
+            let client = client(&cli.global, None, args.follow)?;
+            events::poll(&client, args, &out).await
+        }
+        Command::Online(org) => events::online(&client(&cli.global, None, false)?, org, &out).await,
+        Command::Jobs(cmd) => jobs::run(&client(&cli.global, None, false)?, cmd, &out).await,
+        Command::Notify(cmd) => notify::run(&client(&cli.global, None, false)?, cmd, &out).await,
+    }
+}
+
+/// The client for the global options; `forever` retries unreachable servers without limit.
+fn client(g: &Global, idle: Option<Duration>, forever: bool) -> Result<Client, CliError> {
+    let token = if let Some(cmd) = &g.token_command {
+        TokenSource::Command(cmd.clone())
+    } else if let Some(file) = &g.token_file {
+        TokenSource::File(file.clone())
+    } else if let Some(t) = &g.token {
+        TokenSource::Static(t.clone())
+    } else {
+        TokenSource::None
+    };
+    let defaults = ClientConfig::default();
+    Ok(Client::new(ClientConfig {
+        endpoints: g
+            .servers
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        token,
+        backoff: BackoffConfig {
+            initial: g.backoff_initial,
+            max: g.backoff_max,
+        },
+        call_attempts: if forever { u32::MAX } else { g.attempts.max(1) },
+        call_timeout: g.timeout,
+        idle_timeout: idle.unwrap_or(defaults.idle_timeout),
+        ..defaults
+    })?)
+}

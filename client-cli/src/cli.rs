@@ -1,0 +1,401 @@
+//! The command line: global options, every subcommand and its flags, and the help texts.
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use orgpulse::proto::{EventKind, JobStatus, Severity};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  other error (server error, I/O)
+  2  usage: bad flags or arguments, or the server rejected the request as invalid
+  3  auth: missing, invalid or expired token, or not allowed
+  4  not found
+  5  conflict: version mismatch or illegal status transition
+  6  unavailable: no server reachable";
+
+const MAIN_EXAMPLES: &str = "\
+Examples:
+  export ORGPULSE_SERVER=http://127.0.0.1:8080
+  export ORGPULSE_TOKEN=$(orgpulse token mint --secret-file ./jwt-secret --org acme --user alice --role admin)
+  orgpulse watch
+  orgpulse jobs create --title 'nightly build' --label team=ci
+  orgpulse jobs update 01JD9X... --status running --progress 40
+  orgpulse notify send --title 'deploy done' --severity success
+  orgpulse watch --json --cursor-file ~/.orgpulse-cursor | jq -c .";
+
+/// The orgpulse command-line client: watch an org's events live, manage jobs and notifications.
+///
+/// The token comes from the first of --token-command, --token-file and --token that is given
+/// (or ORGPULSE_TOKEN_FILE / ORGPULSE_TOKEN). A token file or command is read again whenever the
+/// token expires, so a long-running `watch` survives token rotation.
+#[derive(Parser, Debug)]
+#[command(name = "orgpulse", version, after_help = format!("{MAIN_EXAMPLES}\n\n{EXIT_CODES}"))]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Args, Debug)]
+pub struct Global {
+    /// Server URL; repeat (or comma-separate) to fail over to the next one when one is down.
+    #[arg(
+        long = "server",
+        env = "ORGPULSE_SERVER",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub servers: Vec<String>,
+    /// Bearer token (JWT).
+    #[arg(long, env = "ORGPULSE_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// File holding the token; re-read whenever the token expires.
+    #[arg(long, env = "ORGPULSE_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+    /// Shell command printing the token on stdout; re-run whenever the token expires.
+    #[arg(long, global = true)]
+    pub token_command: Option<String>,
+    /// Machine-readable output: one JSON object per line (protobuf's canonical JSON mapping).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// First reconnect/retry delay bound (exponential backoff with full jitter).
+    #[arg(long, default_value = "100ms", value_parser = duration, global = true)]
+    pub backoff_initial: Duration,
+    /// Largest reconnect/retry delay.
+    #[arg(long, default_value = "10s", value_parser = duration, global = true)]
+    pub backoff_max: Duration,
+    /// Attempts of a read or idempotent write before giving up on an unreachable server.
+    #[arg(long, default_value_t = 4, global = true)]
+    pub attempts: u32,
+    /// Deadline of one call.
+    #[arg(long, default_value = "30s", value_parser = duration, global = true)]
+    pub timeout: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Stream the org's events, reconnecting by itself, never losing or repeating one.
+    #[command(after_help = format!("\
+Examples:
+  orgpulse watch                                  # live from now, human-readable
+  orgpulse watch --kinds job --json               # NDJSON, jobs only
+  orgpulse watch --json --cursor-file ./cursor    # resume exactly where the last run stopped
+
+Connection states (connected, reconnecting in N ms, resynced) go to stderr, events to stdout.
+With --cursor-file the position is saved after each event; a missing file means live from now.
+
+{EXIT_CODES}"))]
+    Watch(WatchArgs),
+    /// Fetch events with the Poll RPC (for networks where streaming fails).
+    #[command(after_help = format!("\
+Examples:
+  orgpulse poll --cursor-file ./cursor            # events since the saved cursor, then exit
+  orgpulse poll --follow --json --wait 25s        # long-poll forever
+
+The next cursor is printed on stderr (and saved with --cursor-file).
+
+{EXIT_CODES}"))]
+    Poll(PollArgs),
+    /// Create, read, update and delete jobs.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// Send, list and mark notifications read.
+    #[command(subcommand)]
+    Notify(NotifyCommand),
+    /// List the org's online members.
+    #[command(after_help = format!("Examples:\n  orgpulse online\n  orgpulse online --org acme --json\n\n{EXIT_CODES}"))]
+    Online(OrgArg),
+    /// Development helpers for tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `--org`.
+#[derive(Args, Debug)]
+pub struct OrgArg {
+    /// Organization id (default: the token's org).
+    #[arg(long, default_value = "")]
+    pub org: String,
+}
+
+/// Where an event stream starts.
+#[derive(Args, Debug)]
+pub struct From {
+    /// Start after this cursor (default: live from now).
+    #[arg(long, conflicts_with = "cursor_file")]
+    pub cursor: Option<String>,
+    /// Start after the cursor saved in this file and save the cursor after each event.
+    #[arg(long)]
+    pub cursor_file: Option<PathBuf>,
+}
+
+/// `watch` flags.
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub org: OrgArg,
+    /// Event kinds to watch (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub kinds: Vec<Kind>,
+    #[command(flatten)]
+    pub from: From,
+    /// Reconnect when nothing (not even a heartbeat) arrived for this long.
+    #[arg(long, default_value = "45s", value_parser = duration)]
+    pub idle_timeout: Duration,
+}
+
+/// `poll` flags.
+#[derive(Args, Debug)]
+pub struct PollArgs {
+    #[command(flatten)]
+    pub org: OrgArg,
+    /// Event kinds (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub kinds: Vec<Kind>,
+    #[command(flatten)]
+    pub from: From,
+    /// Most events per answer (server default 100, max 1000).
+    #[arg(long, default_value_t = 0)]
+    pub max: u32,
+    /// How long the server may wait for a first event (max 30s; default 0 one-shot, 25s with
+    /// --follow).
+    #[arg(long, value_parser = duration)]
+    pub wait: Option<Duration>,
+    /// Keep polling forever, retrying when the server is unreachable.
+    #[arg(long)]
+    pub follow: bool,
+}
+
+/// An event kind on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum Kind {
+    Job,
+    Notification,
+    Presence,
+}
+
+impl Kind {
+    pub fn proto(self) -> EventKind {
+        match self {
+            Kind::Job => EventKind::Job,
+            Kind::Notification => EventKind::Notification,
+            Kind::Presence => EventKind::Presence,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobsCommand {
+    /// Create a job (QUEUED, progress 0); prints it.
+    #[command(after_help = format!("Example:\n  orgpulse jobs create --title 'nightly build' --label team=ci --label env=prod\n\n{EXIT_CODES}"))]
+    Create {
+        #[command(flatten)]
+        org: OrgArg,
+        /// Title (1-200 characters).
+        #[arg(long)]
+        title: String,
+        /// A label KEY=VALUE; repeatable.
+        #[arg(long = "label", value_parser = label)]
+        labels: Vec<(String, String)>,
+        /// Idempotency key (default: a random one, reused by the automatic retries).
+        #[arg(long)]
+        request_id: Option<String>,
+    },
+    /// Show one job.
+    #[command(after_help = format!("Example:\n  orgpulse jobs get 01JD9X4Q2V7K3M8N5P6R0S1T2U\n\n{EXIT_CODES}"))]
+    Get {
+        #[command(flatten)]
+        org: OrgArg,
+        /// Job id.
+        id: String,
+    },
+    /// List jobs, newest pages followed to the end.
+    #[command(after_help = format!("\
+Examples:
+  orgpulse jobs list --status queued,running
+  orgpulse jobs list --json --cursor-file ./cursor && orgpulse watch --json --cursor-file ./cursor
+
+{EXIT_CODES}"))]
+    List {
+        #[command(flatten)]
+        org: OrgArg,
+        /// Only these statuses (default: all).
+        #[arg(long, value_delimiter = ',')]
+        status: Vec<Status>,
+        /// Jobs per request (max 500).
+        #[arg(long, default_value_t = 0)]
+        page_size: i32,
+        /// Save the snapshot's cursor here, so `watch --cursor-file` continues right after it.
+        #[arg(long)]
+        cursor_file: Option<PathBuf>,
+    },
+    /// Change a job's status, progress, title or message; prints the new version.
+    #[command(after_help = format!("\
+Examples:
+  orgpulse jobs update 01JD9X... --status running --progress 10
+  orgpulse jobs update 01JD9X... --progress 80 --message 'linking' --expected-version 3
+
+{EXIT_CODES}"))]
+    Update {
+        #[command(flatten)]
+        org: OrgArg,
+        /// Job id.
+        id: String,
+        /// New status (queued→running|cancelled, running→succeeded|failed|cancelled).
+        #[arg(long)]
+        status: Option<Status>,
+        /// New progress, 0-100.
+        #[arg(long)]
+        progress: Option<u32>,
+        /// New title.
+        #[arg(long)]
+        title: Option<String>,
+        /// New message.
+        #[arg(long)]
+        message: Option<String>,
+        /// Fail with exit code 5 unless the job is at this version.
+        #[arg(long, default_value_t = 0)]
+        expected_version: u64,
+    },
+    /// Delete a job (admin).
+    #[command(after_help = format!("Example:\n  orgpulse jobs delete 01JD9X4Q2V7K3M8N5P6R0S1T2U\n\n{EXIT_CODES}"))]
+    Delete {
+        #[command(flatten)]
+        org: OrgArg,
+        /// Job id.
+        id: String,
+    },
+}
+
+/// A job status on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum Status {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn proto(self) -> JobStatus {
+        match self {
+            Status::Queued => JobStatus::Queued,
+            Status::Running => JobStatus::Running,
+            Status::Succeeded => JobStatus::Succeeded,
+            Status::Failed => JobStatus::Failed,
+            Status::Cancelled => JobStatus::Cancelled,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NotifyCommand {
+    /// Send a notification to one member or to the whole org (admin).
+    #[command(after_help = format!("\
+Examples:
+  orgpulse notify send --title 'deploy done' --severity success
+  orgpulse notify send --user bob --title 'review please' --body 'PR 42'
+
+{EXIT_CODES}"))]
+    Send {
+        #[command(flatten)]
+        org: OrgArg,
+        /// Recipient user id (default: every member of the org).
+        #[arg(long, default_value = "")]
+        user: String,
+        /// Title.
+        #[arg(long)]
+        title: String,
+        /// Body text.
+        #[arg(long, default_value = "")]
+        body: String,
+        /// Severity.
+        #[arg(long, default_value = "info")]
+        severity: Level,
+        /// Idempotency key (default: a random one, reused by the automatic retries).
+        #[arg(long)]
+        request_id: Option<String>,
+    },
+    /// List your notifications; the unread count goes to stderr.
+    #[command(after_help = format!("Examples:\n  orgpulse notify list\n  orgpulse notify list --unread --json\n\n{EXIT_CODES}"))]
+    List {
+        #[command(flatten)]
+        org: OrgArg,
+        /// Only unread ones.
+        #[arg(long)]
+        unread: bool,
+    },
+    /// Mark notifications read; prints the remaining unread count.
+    #[command(after_help = format!("Example:\n  orgpulse notify read 01JD9Y... 01JD9Z...\n\n{EXIT_CODES}"))]
+    Read {
+        #[command(flatten)]
+        org: OrgArg,
+        /// Notification ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+/// A severity on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum Level {
+    Info,
+    Success,
+    Warning,
+    Error,
+}
+
+impl Level {
+    pub fn proto(self) -> Severity {
+        match self {
+            Level::Info => Severity::Info,
+            Level::Success => Severity::Success,
+            Level::Warning => Severity::Warning,
+            Level::Error => Severity::Error,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Mint an HS256 token (development and tests); prints it on stdout.
+    #[command(after_help = format!("\
+Examples:
+  orgpulse token mint --secret-file ./jwt-secret --org acme --user alice
+  orgpulse token mint --secret-file ./jwt-secret --org acme --user ci --role member --role admin --ttl 15m
+  orgpulse token mint --secret-file ./jwt-secret --user backend --role service --ttl 24h
+
+{EXIT_CODES}"))]
+    Mint {
+        /// File holding the HS256 secret (surrounding whitespace ignored).
+        #[arg(long)]
+        secret_file: PathBuf,
+        /// Org id (`org` claim); not needed for the service role.
+        #[arg(long)]
+        org: Option<String>,
+        /// User id (`sub` claim).
+        #[arg(long)]
+        user: String,
+        /// Role; repeatable (viewer, member, admin, service). Default: member.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// Lifetime.
+        #[arg(long, default_value = "1h", value_parser = duration)]
+        ttl: Duration,
+    },
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}

@@ -1,0 +1,87 @@
+//! The EventService commands: `watch` (the reconnecting stream), `poll` and `online`.
+use std::time::Duration;
+
+use futures::StreamExt;
+use orgpulse::{
+    client::{Client, WatchFilter, WatchItem},
+    proto::{ListOnlineRequest, PollRequest},
+};
+
+use crate::{
+    cli::{Kind, OrgArg, PollArgs, WatchArgs},
+    cursor::Position,
+    error::CliError,
+    output::{Printer, note},
+};
+
+fn kinds(kinds: &[Kind]) -> Vec<i32> {
+    kinds.iter().map(|k| k.proto() as i32).collect()
+}
+
+/// Prints every event until an unrecoverable error (the watch itself never gives up otherwise).
+pub async fn watch(client: &Client, args: WatchArgs, out: &Printer) -> Result<(), CliError> {
+    let pos = Position::load(&args.from)?;
+    let filter = WatchFilter {
+        org_id: args.org.org,
+        kinds: args.kinds.iter().map(|k| k.proto()).collect(),
+    };
+    let mut events = client.watch(filter, pos.start.clone());
+    while let Some(item) = events.next().await {
+        match item? {
+            WatchItem::State(state) => note(&state.to_string()),
+            WatchItem::Event(ev) => {
+                // Printed before the cursor is saved: a crash in between repeats one event on
+                // the next run rather than losing it.
+                out.event(&ev)?;
+                pos.save(&ev.cursor)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One `Poll`, or endless long-polling with `--follow`.
+pub async fn poll(client: &Client, args: PollArgs, out: &Printer) -> Result<(), CliError> {
+    let pos = Position::load(&args.from)?;
+    let mut cursor = pos.start.clone().unwrap_or_default();
+    let default_wait = if args.follow {
+        Duration::from_secs(25)
+    } else {
+        Duration::ZERO
+    };
+    let wait_ms = args.wait.unwrap_or(default_wait).as_millis().min(30_000) as u32;
+    loop {
+        let resp = client
+            .poll(PollRequest {
+                org_id: args.org.org.clone(),
+                kinds: kinds(&args.kinds),
+                after_cursor: cursor.clone(),
+                max_events: args.max,
+                wait_ms,
+            })
+            .await?;
+        if resp.resync {
+            note("resync: the cursor could not be served; continuing from the current position");
+        }
+        for ev in &resp.events {
+            out.event(ev)?;
+        }
+        cursor = resp.cursor;
+        pos.save(&cursor)?;
+        if !args.follow {
+            note(&format!("cursor {cursor}"));
+            return Ok(());
+        }
+    }
+}
+
+/// Lists the online members.
+pub async fn online(client: &Client, org: OrgArg, out: &Printer) -> Result<(), CliError> {
+    let resp = client
+        .list_online(ListOnlineRequest { org_id: org.org })
+        .await?;
+    for m in &resp.members {
+        out.member(m)?;
+    }
+    Ok(())
+}

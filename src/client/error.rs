@@ -1,0 +1,132 @@
+//! The client library's error type and its classification into the classes a caller (and the
+//! CLI's exit codes) care about: usage, auth, not found, conflict, unavailable, other.
+use std::fmt;
+
+use tonic::{Code, Status};
+
+/// What kind of failure an [`Error`] is, independent of how it was reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The request itself is wrong (INVALID_ARGUMENT, OUT_OF_RANGE, bad configuration).
+    Usage,
+    /// Missing, invalid or expired credentials, or not allowed (UNAUTHENTICATED, PERMISSION_DENIED).
+    Auth,
+    /// The object does not exist (NOT_FOUND).
+    NotFound,
+    /// The object's state forbids it (ABORTED, FAILED_PRECONDITION, ALREADY_EXISTS).
+    Conflict,
+    /// No server could be reached or it gave up (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED).
+    Unavailable,
+    /// Anything else (INTERNAL, UNKNOWN, ...).
+    Other,
+}
+
+/// A failed call or watch.
+#[derive(Debug)]
+pub enum Error {
+    /// The server (or the transport) answered with a gRPC status.
+    Status(Status),
+    /// The token source could not produce a token.
+    Token(String),
+    /// The client was configured wrongly (no endpoint, a malformed URL, ...).
+    Config(String),
+}
+
+impl Error {
+    /// The class of this error.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::Token(_) => ErrorClass::Auth,
+            Error::Config(_) => ErrorClass::Usage,
+            Error::Status(s) => match s.code() {
+                Code::InvalidArgument | Code::OutOfRange => ErrorClass::Usage,
+                Code::Unauthenticated | Code::PermissionDenied => ErrorClass::Auth,
+                Code::NotFound => ErrorClass::NotFound,
+                Code::Aborted | Code::FailedPrecondition | Code::AlreadyExists => {
+                    ErrorClass::Conflict
+                }
+                Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => {
+                    ErrorClass::Unavailable
+                }
+                _ => ErrorClass::Other,
+            },
+        }
+    }
+
+    /// The gRPC status, when the error came from a call.
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            Error::Status(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// True when the server refused the token only because its `exp` passed: a fresh token fixes it.
+pub fn is_token_expired(status: &Status) -> bool {
+    status.code() == Code::Unauthenticated && status.message().to_lowercase().contains("expired")
+}
+
+/// True when an idempotent call may succeed by sending it again (possibly to another endpoint):
+/// the server could not be reached or the connection broke before the reply.
+pub(crate) fn is_retryable_call(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+    )
+}
+
+/// True when an ended `Subscribe` stream should be resumed from its cursor. Only errors that
+/// another attempt cannot fix end a watch: an invalid token, a forbidden org, a bad request.
+pub(crate) fn is_resumable_stream(status: &Status) -> bool {
+    match status.code() {
+        Code::Unauthenticated => is_token_expired(status),
+        Code::PermissionDenied
+        | Code::InvalidArgument
+        | Code::NotFound
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::Unimplemented => false,
+        _ => true,
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Status(s) => {
+                let what = match s.code() {
+                    Code::Unauthenticated => "unauthenticated",
+                    Code::PermissionDenied => "permission denied",
+                    Code::NotFound => "not found",
+                    Code::InvalidArgument => "invalid argument",
+                    Code::FailedPrecondition => "failed precondition",
+                    Code::Aborted => "conflict",
+                    Code::AlreadyExists => "already exists",
+                    Code::Unavailable => "server unavailable",
+                    Code::DeadlineExceeded => "deadline exceeded",
+                    Code::ResourceExhausted => "resource exhausted",
+                    Code::OutOfRange => "out of range",
+                    Code::Unimplemented => "unimplemented",
+                    _ => "server error",
+                };
+                let msg = s.message().trim();
+                if msg.is_empty() {
+                    f.write_str(what)
+                } else {
+                    write!(f, "{what}: {msg}")
+                }
+            }
+            Error::Token(m) => write!(f, "token: {m}"),
+            Error::Config(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<Status> for Error {
+    fn from(s: Status) -> Self {
+        Error::Status(s)
+    }
+}
