@@ -110,12 +110,19 @@ impl fmt::Display for Error {
                     Code::Unimplemented => "unimplemented",
                     _ => "server error",
                 };
-                let msg = s.message().trim();
-                if msg.is_empty() {
-                    f.write_str(what)
-                } else {
-                    write!(f, "{what}: {msg}")
+                // Transport failures keep their cause (e.g. "connection refused") in the source
+                // chain, whose layers often repeat each other: print each text once.
+                let mut parts = vec![what.to_string()];
+                let mut next = Some(s.message().trim().to_string());
+                let mut source = std::error::Error::source(s);
+                while let Some(text) = next {
+                    if !text.is_empty() && !parts.contains(&text) {
+                        parts.push(text);
+                    }
+                    next = source.map(|c| c.to_string());
+                    source = source.and_then(|c| c.source());
                 }
+                f.write_str(&parts.join(": "))
             }
             Error::Token(m) => write!(f, "token: {m}"),
             Error::Config(m) => f.write_str(m),
