@@ -12,7 +12,7 @@ mod output;
 
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, error::ErrorKind};
 use orgpulse::client::{BackoffConfig, Client, ClientConfig, TokenSource};
 
 use cli::{Cli, Command, Global, TokenCommand};
@@ -20,7 +20,14 @@ use error::CliError;
 use output::Printer;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        // --help, --version, and the full help when no command was given
+        if !e.use_stderr() || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            e.exit();
+        }
+        eprintln!("orgpulse: error: {}", one_line(&e.to_string()));
+        std::process::exit(CliError::usage("").exit_code());
+    });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -29,6 +36,22 @@ fn main() {
         eprintln!("orgpulse: error: {e}");
         std::process::exit(e.exit_code());
     }
+}
+
+/// clap's multi-line usage error as one line: the message and its details, without the usage
+/// block (`--help` has that).
+fn one_line(clap_error: &str) -> String {
+    let mut lines = clap_error.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut msg = lines
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_string();
+    for detail in lines.take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more")) {
+        msg += if msg.ends_with(':') { " " } else { "; " };
+        msg += detail;
+    }
+    msg + " (see --help)"
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {

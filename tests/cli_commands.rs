@@ -1,0 +1,415 @@
+//! End-to-end: every `orgpulse` command other than `watch` against a live server, with the exit
+//! code of each error class (usage 2, auth 3, not found 4, conflict 5, unavailable 6).
+mod cli_support;
+mod support;
+
+use std::time::Duration;
+
+use cli_support::*;
+use serde_json::Value;
+use support::{SECRET, TempDir, TestServer, token};
+
+const ORG: &str = "cmds";
+
+fn json_lines(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+fn one(stdout: &str) -> Value {
+    let mut lines = json_lines(stdout);
+    assert_eq!(lines.len(), 1, "one JSON line expected: {stdout}");
+    lines.remove(0)
+}
+
+/// Runs and returns (exit code, stderr).
+async fn fails(servers: &[&str], token: &str, args: &[&str]) -> (i32, String) {
+    let out = run(servers, token, args).await;
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "orgpulse {args:?} should fail");
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "one readable line: {stderr}"
+    );
+    (out.status.code().unwrap(), stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_mint_makes_tokens_the_server_accepts() {
+    let server = TestServer::start().await;
+    let dir = TempDir::new("mint");
+    let secret = dir.0.join("secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let secret = secret.to_str().unwrap();
+    let s = [server.url.as_str()];
+    let mint = |args: &[&str]| {
+        let mut all = vec!["token", "mint", "--secret-file", secret];
+        all.extend_from_slice(args);
+        all.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let args = mint(&[
+        "--org", ORG, "--user", "carol", "--role", "admin", "--ttl", "10m",
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let admin = ok(&s, "", &args).await.trim().to_string();
+    let job = one(&ok(
+        &s,
+        &admin,
+        &["jobs", "create", "--title", "minted", "--json"],
+    )
+    .await);
+    assert_eq!(job["createdBy"], "carol");
+
+    // The default role is member: it may not send notifications.
+    let args = mint(&["--org", ORG, "--user", "dave"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let member = ok(&s, "", &args).await.trim().to_string();
+    let (code, _) = fails(&s, &member, &["notify", "send", "--title", "x"]).await;
+    assert_eq!(code, 3);
+
+    // A service token names no org, so every call must.
+    let args = mint(&["--user", "backend", "--role", "service"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let service = ok(&s, "", &args).await.trim().to_string();
+    let listed = ok(&s, &service, &["jobs", "list", "--org", ORG, "--json"]).await;
+    assert_eq!(json_lines(&listed).len(), 1);
+
+    let (code, err) = fails(
+        &s,
+        "",
+        &["token", "mint", "--secret-file", secret, "--user", "x"],
+    )
+    .await;
+    assert_eq!(code, 2, "--org is required for non-service roles: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_commands_and_their_error_codes() {
+    let server = TestServer::start().await;
+    let s = [server.url.as_str()];
+    let admin = token(ORG, "alice", "admin");
+    let member = token(ORG, "bob", "member");
+
+    let created = one(&ok(
+        &s,
+        &member,
+        &[
+            "jobs", "create", "--title", "build", "--label", "team=ci", "--json",
+        ],
+    )
+    .await);
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["status"], "JOB_STATUS_QUEUED");
+    assert_eq!(created["labels"]["team"], "ci");
+    assert_eq!(created["version"], "1");
+
+    // Same request id twice: one job.
+    let again = [
+        "jobs",
+        "create",
+        "--title",
+        "once",
+        "--request-id",
+        "req-1",
+        "--json",
+    ];
+    let a = one(&ok(&s, &member, &again).await);
+    let b = one(&ok(&s, &member, &again).await);
+    assert_eq!(a["id"], b["id"]);
+
+    let got = one(&ok(&s, &member, &["jobs", "get", &id, "--json"]).await);
+    assert_eq!(got["title"], "build");
+    let human = ok(&s, &member, &["jobs", "get", &id]).await;
+    assert!(human.contains(&id) && human.contains("QUEUED"), "{human}");
+
+    let dir = TempDir::new("list");
+    let cursor_file = dir.0.join("cursor");
+    let listed = ok(
+        &s,
+        &member,
+        &[
+            "jobs",
+            "list",
+            "--json",
+            "--cursor-file",
+            cursor_file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(json_lines(&listed).len(), 2);
+    assert!(
+        !std::fs::read_to_string(&cursor_file)
+            .unwrap()
+            .trim()
+            .is_empty()
+    );
+    let running = one(&ok(
+        &s,
+        &member,
+        &[
+            "jobs",
+            "update",
+            &id,
+            "--status",
+            "running",
+            "--progress",
+            "40",
+            "--json",
+        ],
+    )
+    .await);
+    assert_eq!(running["status"], "JOB_STATUS_RUNNING");
+    assert_eq!(running["progress"], 40);
+    assert_eq!(running["version"], "2");
+    let queued_only = ok(
+        &s,
+        &member,
+        &["jobs", "list", "--status", "queued", "--json"],
+    )
+    .await;
+    assert_eq!(json_lines(&queued_only).len(), 1);
+    // The snapshot cursor saved by `jobs list` resumes right after the snapshot.
+    let mut w = Watcher::spawn(
+        orgpulse(&s, &member),
+        &["watch", "--cursor-file", cursor_file.to_str().unwrap()],
+    );
+    let next = w.until(|v| seq_of(v) > 0).await;
+    assert_eq!(next["jobUpdated"]["version"], "2");
+    w.kill().await;
+
+    // conflict (5): illegal transition, version mismatch
+    let (code, err) = fails(&s, &member, &["jobs", "update", &id, "--status", "queued"]).await;
+    assert_eq!(code, 5, "{err}");
+    let (code, err) = fails(
+        &s,
+        &member,
+        &[
+            "jobs",
+            "update",
+            &id,
+            "--progress",
+            "50",
+            "--expected-version",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(code, 5, "{err}");
+    // usage (2): bad flag value, nothing to change, invalid argument from the server
+    let (code, _) = fails(
+        &s,
+        &member,
+        &["jobs", "update", &id, "--status", "sideways"],
+    )
+    .await;
+    assert_eq!(code, 2);
+    let (code, _) = fails(&s, &member, &["jobs", "update", &id]).await;
+    assert_eq!(code, 2);
+    let (code, err) = fails(&s, &member, &["jobs", "create", "--title", ""]).await;
+    assert_eq!(code, 2, "{err}");
+    // not found (4)
+    let (code, err) = fails(&s, &member, &["jobs", "get", "01JD0000000000000000000000"]).await;
+    assert_eq!(code, 4, "{err}");
+    // auth (3): members may not delete; no token; another org
+    let (code, err) = fails(&s, &member, &["jobs", "delete", &id]).await;
+    assert_eq!(code, 3, "{err}");
+    let (code, err) = fails(&s, "", &["jobs", "list"]).await;
+    assert_eq!(code, 3, "{err}");
+    let (code, err) = fails(&s, &member, &["jobs", "list", "--org", "elsewhere"]).await;
+    assert_eq!(code, 3, "{err}");
+
+    ok(&s, &admin, &["jobs", "delete", &id]).await;
+    let (code, _) = fails(&s, &member, &["jobs", "get", &id]).await;
+    assert_eq!(code, 4);
+
+    // unavailable (6)
+    let dead = dead_endpoint();
+    let (code, err) = fails(&[&dead], &member, &["jobs", "list", "--attempts", "2"]).await;
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("unavailable"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_commands() {
+    let server = TestServer::start().await;
+    let s = [server.url.as_str()];
+    let admin = token(ORG, "alice", "admin");
+    let bob = token(ORG, "bob", "member");
+
+    let all = one(&ok(
+        &s,
+        &admin,
+        &[
+            "notify",
+            "send",
+            "--title",
+            "deploy",
+            "--severity",
+            "success",
+            "--json",
+        ],
+    )
+    .await);
+    assert_eq!(all["severity"], "SEVERITY_SUCCESS");
+    let direct = one(&ok(
+        &s,
+        &admin,
+        &[
+            "notify", "send", "--user", "bob", "--title", "review", "--body", "PR 42", "--json",
+        ],
+    )
+    .await);
+    ok(
+        &s,
+        &admin,
+        &[
+            "notify",
+            "send",
+            "--user",
+            "carol",
+            "--title",
+            "not for bob",
+        ],
+    )
+    .await;
+
+    let out = run(&s, &bob, &["notify", "list", "--unread", "--json"]).await;
+    assert!(out.status.success());
+    let listed = json_lines(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(listed.len(), 2, "bob sees the org-wide one and his own");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 unread"));
+
+    let read = one(&ok(
+        &s,
+        &bob,
+        &["notify", "read", direct["id"].as_str().unwrap(), "--json"],
+    )
+    .await);
+    assert_eq!(read["unreadCount"], 1);
+    let human = ok(&s, &bob, &["notify", "read", all["id"].as_str().unwrap()]).await;
+    assert_eq!(human.trim(), "0 unread");
+    let unread = ok(&s, &bob, &["notify", "list", "--unread", "--json"]).await;
+    assert!(unread.trim().is_empty());
+
+    let (code, _) = fails(&s, &bob, &["notify", "send", "--title", "x"]).await;
+    assert_eq!(code, 3, "members may not send");
+    let (code, _) = fails(&s, &bob, &["notify", "read"]).await;
+    assert_eq!(code, 2, "ids are required");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_and_poll() {
+    let server = TestServer::start().await;
+    let s = [server.url.as_str()];
+    let admin = token(ORG, "alice", "admin");
+    let dir = TempDir::new("poll");
+    let cursor_file = dir.0.join("cursor");
+    let cf = cursor_file.to_str().unwrap();
+
+    // One-shot poll without a cursor: nothing yet, but a cursor to continue from.
+    let first = run(&s, &admin, &["poll", "--json", "--cursor-file", cf]).await;
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(first.stdout.is_empty());
+    assert!(cursor_file.exists());
+
+    for i in 0..3 {
+        ok(&s, &admin, &["jobs", "create", "--title", &format!("p{i}")]).await;
+    }
+    let polled = json_lines(&ok(&s, &admin, &["poll", "--json", "--cursor-file", cf]).await);
+    let seqs: Vec<u64> = polled.iter().map(seq_of).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    let empty = ok(&s, &admin, &["poll", "--json", "--cursor-file", cf]).await;
+    assert!(
+        empty.is_empty(),
+        "the cursor file moved past the 3 events: {empty}"
+    );
+
+    // --follow long-polls: each new event arrives without restarting it.
+    let mut follow = Watcher::spawn(
+        orgpulse(&s, &admin),
+        &["poll", "--follow", "--wait", "5s", "--cursor-file", cf],
+    );
+    ok(&s, &admin, &["jobs", "create", "--title", "followed"]).await;
+    let ev = follow.next().await;
+    assert_eq!(seq_of(&ev), 4);
+    assert_eq!(ev["jobCreated"]["title"], "followed");
+
+    // A user with an open watch is online.
+    let mut w = Watcher::spawn(orgpulse(&s, &token(ORG, "watcher", "viewer")), &["watch"]);
+    w.until(|v| kind_of(v) == "caughtUp").await;
+    let members = json_lines(&ok(&s, &admin, &["online", "--json"]).await);
+    let watcher = members
+        .iter()
+        .find(|m| m["userId"] == "watcher")
+        .expect("watcher online");
+    assert_eq!(watcher["connections"], 1);
+    let human = ok(&s, &admin, &["online"]).await;
+    assert!(human.contains("watcher"), "{human}");
+    w.kill().await;
+    follow.kill().await;
+
+    // poll --follow rides out a server restart
+    let mut server = server;
+    let mut follow = Watcher::spawn(
+        orgpulse(&[&server.url], &admin),
+        &["poll", "--follow", "--wait", "2s", "--cursor-file", cf],
+    );
+    server.kill().await;
+    server.restart().await;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let admin_client = patient_client(&[&server.url], &admin);
+        admin_client
+            .create_job(orgpulse::proto::CreateJobRequest {
+                title: "after restart".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let ev = follow.next().await;
+    assert_eq!(ev["jobCreated"]["title"], "after restart");
+    follow.kill().await;
+}
+
+#[tokio::test]
+async fn every_command_has_help_with_examples() {
+    let commands: &[&[&str]] = &[
+        &[],
+        &["watch"],
+        &["poll"],
+        &["online"],
+        &["jobs", "create"],
+        &["jobs", "get"],
+        &["jobs", "list"],
+        &["jobs", "update"],
+        &["jobs", "delete"],
+        &["notify", "send"],
+        &["notify", "list"],
+        &["notify", "read"],
+        &["token", "mint"],
+    ];
+    for cmd in commands {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let help = ok(&[], "", &args).await;
+        assert!(
+            help.contains("Example"),
+            "orgpulse {cmd:?} --help has examples"
+        );
+        assert!(
+            help.contains("Exit codes"),
+            "orgpulse {cmd:?} --help lists exit codes"
+        );
+    }
+    let out = run(&[], "", &["watch", "--cursor", "a", "--cursor-file", "b"]).await;
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+}
