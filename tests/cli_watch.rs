@@ -34,7 +34,7 @@ enum Outage {
 /// applied twice is still a committed event, which the log check accounts for).
 async fn write(client: &Client, i: u64, job: &mut String) {
     for _ in 0..200 {
-        let result = if i % 3 == 0 {
+        let result = if i.is_multiple_of(3) {
             client
                 .create_job(CreateJobRequest {
                     title: format!("job {i}"),

@@ -1,0 +1,244 @@
+//! End-to-end tests of the client library itself (`orgpulse::client`) against the real server:
+//! resync when the server's log is recreated, backoff growth and reset, token sources, and the
+//! errors that must end a watch instead of looping.
+mod cli_support;
+mod support;
+
+use std::time::Duration;
+
+use cli_support::{PATIENCE, patient_client};
+use futures::StreamExt;
+use orgpulse::{
+    client::{
+        BackoffConfig, Client, ClientConfig, ConnState, ErrorClass, TokenSource, Watch,
+        WatchFilter, WatchItem,
+    },
+    proto::{CreateJobRequest, Event, ListJobsRequest, event::Payload},
+};
+use support::{Claims, ServerOpts, TempDir, TestServer, mint_claims, now_secs, token};
+
+const ORG: &str = "lib";
+
+fn client(url: &str, token: TokenSource, backoff: BackoffConfig) -> Client {
+    Client::new(ClientConfig {
+        endpoints: vec![url.into()],
+        token,
+        backoff,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+async fn next(w: &mut Watch) -> WatchItem {
+    tokio::time::timeout(PATIENCE, w.next())
+        .await
+        .expect("an item in time")
+        .expect("the watch goes on")
+        .expect("no error")
+}
+
+/// Reads until an event matches `done`.
+async fn event_until(w: &mut Watch, done: impl Fn(&Event) -> bool) -> Event {
+    loop {
+        if let WatchItem::Event(ev) = next(w).await
+            && done(&ev)
+        {
+            return *ev;
+        }
+    }
+}
+
+/// Reads until a state matches `done`.
+async fn state_until(w: &mut Watch, done: impl Fn(&ConnState) -> bool) -> ConnState {
+    loop {
+        if let WatchItem::State(s) = next(w).await
+            && done(&s)
+        {
+            return s;
+        }
+    }
+}
+
+fn is_caught_up(ev: &Event) -> bool {
+    matches!(ev.payload, Some(Payload::CaughtUp(_)))
+}
+
+async fn create(c: &Client, title: &str) {
+    c.create_job(CreateJobRequest {
+        title: title.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// A new server with a new database behind the same address: the old cursor belongs to another
+/// log, so the watch reports `resynced`, yields the `resync` event, and then accepts the new
+/// log's seqs although they restart at 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resyncs_when_the_log_is_recreated() {
+    let mut first = TestServer::start().await;
+    let admin = token(ORG, "alice", "admin");
+    let mut w = client(
+        &first.url,
+        TokenSource::Static(admin.clone()),
+        BackoffConfig::default(),
+    )
+    .watch(WatchFilter::default(), None);
+    assert!(matches!(
+        next(&mut w).await,
+        WatchItem::State(ConnState::Connected { .. })
+    ));
+    event_until(&mut w, is_caught_up).await;
+    let writer = patient_client(&[&first.url], &admin);
+    for i in 0..3 {
+        create(&writer, &format!("old {i}")).await;
+    }
+    let third = event_until(&mut w, |e| e.seq >= 3).await;
+    assert_eq!(third.seq, 3);
+
+    first.kill().await;
+    let second = TestServer::start_with(ServerOpts {
+        listen: Some(first.addr.clone()),
+        ..Default::default()
+    })
+    .await;
+    let resynced = state_until(&mut w, |s| matches!(s, ConnState::Resynced { .. })).await;
+    eprintln!("{resynced}");
+    let resync = event_until(&mut w, |_| true).await;
+    assert!(
+        matches!(resync.payload, Some(Payload::Resync(_))),
+        "{resync:?}"
+    );
+    let writer = patient_client(&[&second.url], &admin);
+    create(&writer, "new").await;
+    let fresh = event_until(&mut w, |e| e.seq > 0).await;
+    assert_eq!(
+        fresh.seq, 1,
+        "the new log's first event is not dropped as a duplicate"
+    );
+}
+
+/// While the server is down the delays grow (full jitter under a doubling bound, capped); the
+/// first failure after a healthy connection starts again at attempt 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backoff_grows_while_down_and_resets_after_a_healthy_connection() {
+    let mut server = TestServer::start().await;
+    let cfg = BackoffConfig {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(160),
+    };
+    let mut w = client(
+        &server.url,
+        TokenSource::Static(token(ORG, "bob", "viewer")),
+        cfg,
+    )
+    .watch(WatchFilter::default(), None);
+    event_until(&mut w, is_caught_up).await;
+    server.kill().await;
+    for expected in 1..=6u32 {
+        let ConnState::Reconnecting { delay, attempt, .. } =
+            state_until(&mut w, |s| matches!(s, ConnState::Reconnecting { .. })).await
+        else {
+            unreachable!()
+        };
+        assert_eq!(attempt, expected);
+        let bound = (cfg.initial * 2u32.pow(expected - 1)).min(cfg.max);
+        assert!(delay <= bound, "attempt {attempt}: {delay:?} > {bound:?}");
+    }
+    server.restart().await;
+    event_until(&mut w, is_caught_up).await;
+    server.kill().await;
+    let again = state_until(&mut w, |s| matches!(s, ConnState::Reconnecting { .. })).await;
+    assert!(
+        matches!(again, ConnState::Reconnecting { attempt: 1, .. }),
+        "{again:?}"
+    );
+}
+
+/// A token command is run again when the token it gave has expired; a failing command is an
+/// auth error.
+#[tokio::test]
+async fn token_command_is_rerun_when_the_token_expired() {
+    let server = TestServer::start().await;
+    let dir = TempDir::new("tokcmd");
+    let expired = mint_claims(&Claims {
+        sub: "carol".into(),
+        org: Some(ORG.into()),
+        roles: vec!["member".into()],
+        exp: now_secs() - 5,
+        nbf: None,
+    });
+    std::fs::write(dir.0.join("next"), &expired).unwrap();
+    std::fs::write(dir.0.join("fresh"), token(ORG, "carol", "member")).unwrap();
+    // First run prints the expired token and puts the fresh one in its place.
+    let cmd = format!("cd {} && cat next && cp fresh next", dir.0.display());
+    let c = client(
+        &server.url,
+        TokenSource::Command(cmd),
+        BackoffConfig::default(),
+    );
+    let listed = c
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .expect("refreshed once");
+    assert!(!listed.cursor.is_empty());
+
+    let failing = client(
+        &server.url,
+        TokenSource::Command("exit 3".into()),
+        BackoffConfig::default(),
+    );
+    let err = failing
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Auth, "{err}");
+}
+
+/// Errors another attempt cannot fix end the watch: a badly signed token, an expired token that
+/// cannot be replaced, an org the token may not see.
+#[tokio::test]
+async fn unfixable_errors_end_the_watch() {
+    let server = TestServer::start().await;
+    let expired = mint_claims(&Claims {
+        sub: "dave".into(),
+        org: Some(ORG.into()),
+        roles: vec!["viewer".into()],
+        exp: now_secs() - 5,
+        nbf: None,
+    });
+    let forged = format!("{}x", token(ORG, "dave", "viewer"));
+    let cases = [
+        (TokenSource::Static(forged), String::new()),
+        (TokenSource::Static(expired), String::new()),
+        (
+            TokenSource::Static(token(ORG, "dave", "viewer")),
+            "other-org".to_string(),
+        ),
+        (TokenSource::None, String::new()),
+    ];
+    for (source, org_id) in cases {
+        let c = client(&server.url, source.clone(), BackoffConfig::default());
+        let mut w = c.watch(
+            WatchFilter {
+                org_id,
+                kinds: vec![],
+            },
+            None,
+        );
+        let err = loop {
+            match tokio::time::timeout(Duration::from_secs(5), w.next()).await {
+                Ok(Some(Err(e))) => break e,
+                Ok(Some(Ok(WatchItem::State(ConnState::Reconnecting { .. })))) => {
+                    panic!("{source:?}: retried instead of stopping")
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(None) => panic!("{source:?}: ended without an error"),
+                Err(_) => panic!("{source:?}: no error within 5 s"),
+            }
+        };
+        assert_eq!(err.class(), ErrorClass::Auth, "{source:?}: {err}");
+        assert!(w.next().await.is_none(), "the watch ends after its error");
+    }
+}
