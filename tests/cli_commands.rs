@@ -221,12 +221,22 @@ async fn jobs_commands_and_their_error_codes() {
     let (code, err) = fails(&s, &member, &["jobs", "list", "--org", "elsewhere"]).await;
     assert_eq!(code, 3, "{err}");
 
-    ok(&s, &admin, &["jobs", "delete", &id]).await;
+    // A dead first endpoint: even the writes that are never blindly retried fail over to the
+    // second, since the first never got them.
+    let dead = dead_endpoint();
+    let both = [dead.as_str(), server.url.as_str()];
+    let moved = one(&ok(
+        &both,
+        &member,
+        &["jobs", "update", &id, "--progress", "41", "--json"],
+    )
+    .await);
+    assert_eq!(moved["progress"], 41);
+    ok(&both, &admin, &["jobs", "delete", &id]).await;
     let (code, _) = fails(&s, &member, &["jobs", "get", &id]).await;
     assert_eq!(code, 4);
 
     // unavailable (6)
-    let dead = dead_endpoint();
     let (code, err) = fails(&[&dead], &member, &["jobs", "list", "--attempts", "2"]).await;
     assert_eq!(code, 6, "{err}");
     assert!(err.contains("unavailable"), "{err}");

@@ -76,6 +76,23 @@ pub(crate) fn is_retryable_call(status: &Status) -> bool {
     )
 }
 
+/// True when the call failed before it reached a server (the connection was refused or could not
+/// be routed), so even a non-idempotent call can safely go to the next endpoint.
+pub(crate) fn never_sent(status: &Status) -> bool {
+    use std::io::ErrorKind::*;
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ConnectionRefused | HostUnreachable | NetworkUnreachable | AddrNotAvailable
+            );
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// True when an ended `Subscribe` stream should be resumed from its cursor. Only errors that
 /// another attempt cannot fix end a watch: an invalid token, a forbidden org, a bad request.
 pub(crate) fn is_resumable_stream(status: &Status) -> bool {

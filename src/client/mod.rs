@@ -55,7 +55,7 @@ use crate::proto::{
     notification_service_client::NotificationServiceClient,
 };
 use backoff::Backoff;
-use error::is_retryable_call;
+use error::{is_retryable_call, never_sent};
 use token::Tokens;
 
 /// How a [`Client`] connects, authenticates and retries.
@@ -69,7 +69,8 @@ pub struct ClientConfig {
     /// Delays between reconnects of a watch and between retries of a call.
     pub backoff: BackoffConfig,
     /// Attempts of an idempotent call (reads, creates with a `request_id`, marking read) before
-    /// its transient failure is returned; `UpdateJob` and `DeleteJob` are sent once.
+    /// its transient failure is returned. `UpdateJob` and `DeleteJob` are only retried when the
+    /// previous attempt never reached a server (connection refused).
     pub call_attempts: u32,
     /// Deadline of one unary call (a `Poll` gets its `wait_ms` on top).
     pub call_timeout: Duration,
@@ -182,8 +183,8 @@ impl Client {
         Ok(req)
     }
 
-    /// Sends a unary call, refreshing an expired token once and, when `idempotent`, retrying
-    /// transient failures with backoff on the next endpoint.
+    /// Sends a unary call, refreshing an expired token once and retrying with backoff on the next
+    /// endpoint when no server got it or, for an `idempotent` call, on any transient failure.
     async fn call<Req, Resp, F, Fut>(
         &self,
         idempotent: bool,
@@ -210,8 +211,7 @@ impl Client {
                     token = self.inner.tokens.refresh(&token).await?;
                 }
                 Err(s)
-                    if idempotent
-                        && is_retryable_call(&s)
+                    if (never_sent(&s) || idempotent && is_retryable_call(&s))
                         && backoff.attempts() + 1 < cfg.call_attempts =>
                 {
                     self.rotate(idx);
@@ -253,7 +253,7 @@ impl Client {
         .await
     }
 
-    /// `UpdateJob`, sent once (a blind retry could apply a change twice).
+    /// `UpdateJob`; retried only when no server got it (a blind retry could apply it twice).
     pub async fn update_job(&self, req: UpdateJobRequest) -> Result<Job, Error> {
         self.call(false, self.timeout(), req, |ch, r| async move {
             JobServiceClient::new(ch).update_job(r).await
@@ -261,7 +261,7 @@ impl Client {
         .await
     }
 
-    /// `DeleteJob`, sent once.
+    /// `DeleteJob`; retried only when no server got it.
     pub async fn delete_job(&self, req: DeleteJobRequest) -> Result<DeleteJobResponse, Error> {
         self.call(false, self.timeout(), req, |ch, r| async move {
             JobServiceClient::new(ch).delete_job(r).await
