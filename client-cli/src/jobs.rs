@@ -52,14 +52,11 @@ pub async fn run(client: &Client, cmd: JobsCommand, out: &Printer) -> Result<(),
             let mut first = true;
             loop {
                 let page = client.list_jobs(req.clone()).await?;
-                if first {
-                    // The first page's position: events after it cover every later change.
-                    if let Some(f) = &cursor_file {
-                        cursor::save(f, &page.cursor)?;
-                    }
-                    note(&format!("cursor {}", page.cursor));
-                    first = false;
+                // The first page's position: events after it cover every later change.
+                if let Some(f) = cursor_file.as_deref().filter(|_| first) {
+                    cursor::save(f, &page.cursor)?;
                 }
+                first = false;
                 for job in &page.jobs {
                     out.job(job)?;
                 }

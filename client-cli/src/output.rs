@@ -87,13 +87,14 @@ impl Printer {
             return self.line(&json(ev));
         }
         let Some(p) = &ev.payload else { return Ok(()) };
-        let time = ev.time.map(|t| t.to_string()).unwrap_or_default();
+        let time = ev.time.map(clock).unwrap_or_default();
         let seq = if ev.seq > 0 {
             format!("#{}", ev.seq)
         } else {
             String::new()
         };
-        let by = if ev.actor.is_empty() {
+        let presence = matches!(p, Payload::UserOnline(_) | Payload::UserOffline(_));
+        let by = if ev.actor.is_empty() || presence {
             String::new()
         } else {
             format!(" by {}", ev.actor)
@@ -176,11 +177,16 @@ impl Printer {
             return self.line(&json(m));
         }
         let since = m.online_since.map(|t| t.to_string()).unwrap_or_default();
-        self.line(&format!(
-            "{} online since {since} ({} streams)",
-            m.user_id, m.connections
-        ))
+        let streams = if m.connections == 1 { "stream" } else { "streams" };
+        self.line(&format!("{} online since {since} ({} {streams})", m.user_id, m.connections))
     }
+}
+
+/// The time of day (UTC) with milliseconds: `14:03:09.564Z`.
+fn clock(t: prost_types::Timestamp) -> String {
+    let secs = t.seconds.rem_euclid(86_400);
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    format!("{h:02}:{m:02}:{s:02}.{:03}Z", t.nanos / 1_000_000)
 }
 
 /// A status line on stderr (connection states, cursors, counts): never mixed into stdout.
@@ -221,5 +227,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(json(&caught_up), r#"{"caughtUp":{}}"#);
+        let t = prost_types::Timestamp { seconds: 1_700_000_000, nanos: 564_000_000 };
+        assert_eq!(clock(t), "22:13:20.564Z");
     }
 }
