@@ -305,7 +305,7 @@ impl Writer {
         let req = SendNotificationRequest {
             user_id: user.into(),
             title: title.into(),
-            body: format!("for {user}"),
+            body: "Sent through native gRPC by the test.".into(),
             severity: Severity::Warning as i32,
             ..Default::default()
         };

@@ -9,6 +9,12 @@ import type { Notification } from "./gen/orgpulse/v1/notification_pb";
 
 const TICKER_LENGTH = 25;
 
+/** A ticker line: the event, and for a deletion the title the job had. */
+export interface TickerItem {
+  ev: Event;
+  deletedTitle?: string;
+}
+
 export interface Snapshot {
   jobs: Job[];
   notifications: Notification[];
@@ -24,7 +30,7 @@ export class State {
   /** user id -> online since */
   online = new Map<string, Timestamp | undefined>();
   /** Newest first; durable and presence events only. */
-  ticker: Event[] = [];
+  ticker: TickerItem[] = [];
   /** Highest durable seq applied since the last snapshot. */
   private lastSeq = 0n;
 
@@ -44,6 +50,7 @@ export class State {
       this.lastSeq = ev.seq;
     }
     const p = ev.payload;
+    let deletedTitle: string | undefined;
     switch (p.case) {
       case "jobCreated":
       case "jobUpdated": {
@@ -51,6 +58,7 @@ export class State {
         break;
       }
       case "jobDeleted":
+        deletedTitle = this.jobs.get(p.value.jobId)?.title;
         this.jobs.delete(p.value.jobId);
         break;
       case "notificationNew":
@@ -67,7 +75,7 @@ export class State {
       default:
         return false; // heartbeat, caught_up, resync: connection matters, handled by Sync
     }
-    this.ticker.unshift(ev);
+    this.ticker.unshift({ ev, deletedTitle });
     this.ticker.length = Math.min(this.ticker.length, TICKER_LENGTH);
     return true;
   }

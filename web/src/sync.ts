@@ -210,7 +210,8 @@ export class Sync {
   }
 
   private async poll(connected: () => void): Promise<void> {
-    while (this.config.forcePoll || Date.now() < this.pollUntil) {
+    // the first Poll answers at once, so the badge says "polling" only once the server answered
+    for (let waitMs = 0; this.config.forcePoll || Date.now() < this.pollUntil; waitMs = POLL_WAIT_MS) {
       const ctl = new AbortController();
       const onStop = () => ctl.abort();
       this.abort.signal.addEventListener("abort", onStop);
@@ -218,8 +219,8 @@ export class Sync {
       try {
         const t0 = Date.now();
         const res = await this.api.events.poll(
-          { orgId: this.orgId, afterCursor: this.cursor, maxEvents: 500, waitMs: POLL_WAIT_MS },
-          { signal: ctl.signal, timeoutMs: POLL_WAIT_MS + RPC_TIMEOUT_MS },
+          { orgId: this.orgId, afterCursor: this.cursor, maxEvents: 500, waitMs },
+          { signal: ctl.signal, timeoutMs: waitMs + RPC_TIMEOUT_MS },
         );
         connected();
         this.hooks.status("polling");
@@ -231,7 +232,7 @@ export class Sync {
         if (res.cursor) this.cursor = res.cursor;
         if (Date.now() - this.onlineAt > ONLINE_REFRESH_MS) void this.refreshOnline();
         // a server answering empty at once must not turn this into a busy loop
-        if (res.events.length === 0 && Date.now() - t0 < 1000) await sleep(1000, ctl.signal);
+        if (waitMs && res.events.length === 0 && Date.now() - t0 < 1000) await sleep(1000, ctl.signal);
       } catch (err) {
         if (this.abort.signal.aborted || !isCanceled(err)) throw err;
         break; // time to try streaming again

@@ -2,11 +2,10 @@
 // so a live change touches one row and gets a brief highlight; user text only ever goes through
 // textContent.
 
-import type { Event } from "./gen/orgpulse/v1/event_pb";
 import type { Job } from "./gen/orgpulse/v1/job_pb";
 import type { Notification } from "./gen/orgpulse/v1/notification_pb";
 import { ago, clock, millis, severityName, statusName } from "./format";
-import type { State } from "./state";
+import type { State, TickerItem } from "./state";
 import type { ConnState } from "./sync";
 
 export const $ = <T extends HTMLElement = HTMLElement>(id: string): T => {
@@ -159,7 +158,7 @@ export function renderOnline(state: State, me: string): void {
   $("online-empty").hidden = users.length > 0;
 }
 
-function describe(ev: Event): string {
+function describe({ ev, deletedTitle }: TickerItem): string {
   const p = ev.payload;
   switch (p.case) {
     case "jobCreated":
@@ -167,7 +166,7 @@ function describe(ev: Event): string {
     case "jobUpdated":
       return `updated “${p.value.title}”: ${statusName(p.value.status)} ${p.value.progress}%`;
     case "jobDeleted":
-      return `deleted job ${p.value.jobId}`;
+      return deletedTitle ? `deleted “${deletedTitle}”` : `deleted job ${p.value.jobId}`;
     case "notificationNew":
       return `notified ${p.value.userId || "everyone"}: “${p.value.title}”`;
     case "userOnline":
@@ -180,15 +179,16 @@ function describe(ev: Event): string {
 }
 
 export function renderTicker(state: State): void {
-  const items = state.ticker.map((ev) =>
-    el(
+  const items = state.ticker.map((item) => {
+    const ev = item.ev;
+    return el(
       "li",
       { "data-testid": "ticker-item", "data-kind": ev.payload.case ?? "" },
       el("span", { class: "when" }, clock(millis(ev.time))),
       el("span", { class: "actor" }, ev.actor && !ev.payload.case?.startsWith("user") ? ev.actor : ""),
-      describe(ev),
-    ),
-  );
+      describe(item),
+    );
+  });
   $("ticker").replaceChildren(...items);
   $("ticker-empty").hidden = items.length > 0;
 }

@@ -69,7 +69,7 @@ const commands = {
     await page(name).page.click(selector, { timeout });
   },
   async screenshot({ page: name, path }) {
-    await page(name).page.screenshot({ path, fullPage: true });
+    await page(name).page.screenshot({ path, fullPage: true, animations: "disabled" });
   },
   async requests({ page: name }) {
     return page(name).requests;
