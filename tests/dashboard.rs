@@ -13,7 +13,7 @@ use std::{
 
 use orgpulse::proto::{
     CreateJobRequest, DeleteJobRequest, GetJobRequest, Job, JobStatus, ListJobsRequest,
-    SendNotificationRequest, Severity, UpdateJobRequest,
+    ListNotificationsRequest, SendNotificationRequest, Severity, UpdateJobRequest,
 };
 use serde_json::{Value, json};
 use support::{ServerOpts, TestServer, token};
@@ -348,7 +348,7 @@ async fn changes_show_up(
     s: &TestServer,
     w: &Writer,
     within: Duration,
-) {
+) -> String {
     let job = w.create(s, "resize images").await;
     b.wait_row(page, &job.id, within).await;
     w.update(s, &job.id, JobStatus::Running, 40).await;
@@ -368,6 +368,7 @@ async fn changes_show_up(
         !b.has(page, &sel).await,
         "a notification to another user appeared"
     );
+    mine
 }
 
 #[tokio::test]
@@ -380,18 +381,32 @@ async fn dashboard_streams_live_changes() {
     let w = Writer::admin("acme");
     let mut b = Browser::launch(&chromium).await;
 
-    b.open(
-        "alice",
-        &page_url(&s.url, "", &token("acme", "alice", "member")),
-    )
-    .await;
+    let alice = token("acme", "alice", "member");
+    b.open("alice", &page_url(&s.url, "", &alice)).await;
     b.wait_badge("alice", "live", SETTLE).await;
+    let empty = r#"[data-testid="jobs-empty"]:not([hidden])"#;
+    assert!(b.has("alice", empty).await, "empty state shown");
+    let mine = changes_show_up(&mut b, "alice", &s, &w, LIVE).await;
+
+    // mark-read: the page says so, and so does the server
+    let note = format!(r#"[data-notification-id="{mine}"]"#);
+    b.click("alice", &format!("{note} [data-testid=mark-read]"))
+        .await;
+    let read = format!(r#"{note}[data-read="true"]"#);
+    b.wait_for("alice", &read, "attached", LIVE).await;
+    let req = ListNotificationsRequest {
+        unread_only: true,
+        ..Default::default()
+    };
+    let unread = s.notifications(&alice).await.list_notifications(req).await;
+    let unread = unread
+        .expect("ListNotifications")
+        .into_inner()
+        .notifications;
     assert!(
-        b.has("alice", r#"[data-testid="jobs-empty"]:not([hidden])"#)
-            .await,
-        "empty state shown"
+        unread.iter().all(|n| n.id != mine),
+        "marked read, still unread"
     );
-    changes_show_up(&mut b, "alice", &s, &w, LIVE).await;
 
     // another org's job never shows: create it first, then one of ours, and wait for ours
     let foreign = Writer::admin("globex").create(&s, "not yours").await;
@@ -453,11 +468,8 @@ async fn dashboard_streams_live_changes() {
     .await;
 
     // naming an org the token does not belong to: the page says there is no permission
-    b.open(
-        "intruder",
-        &page_url(&s.url, "&org=globex", &token("acme", "alice", "member")),
-    )
-    .await;
+    b.open("intruder", &page_url(&s.url, "&org=globex", &alice))
+        .await;
     let js = r#"() => document.querySelector('[data-testid="error"]:not([hidden])')?.textContent"#;
     let error = b.wait_until("intruder", js, Value::Null, SETTLE).await;
     assert!(error.as_str().unwrap().contains("No permission"), "{error}");

@@ -60,6 +60,7 @@ export class Sync {
   /** Runs until stop() or a fatal error. Resuming after a fatal error keeps the cursor. */
   async start(): Promise<void> {
     const gen = ++this.generation;
+    this.abort.abort(); // a loop still running (a new token while connected) ends here
     this.abort = new AbortController();
     let attempt = 0;
     this.hooks.status(this.needSnapshot ? "connecting" : "reconnecting");
