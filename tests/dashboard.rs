@@ -13,7 +13,8 @@ use std::{
 
 use orgpulse::proto::{
     CreateJobRequest, DeleteJobRequest, GetJobRequest, Job, JobStatus, ListJobsRequest,
-    ListNotificationsRequest, SendNotificationRequest, Severity, UpdateJobRequest,
+    ListNotificationsRequest, ListOnlineRequest, SendNotificationRequest, Severity,
+    UpdateJobRequest,
 };
 use serde_json::{Value, json};
 use support::{ServerOpts, TestServer, token};
@@ -245,8 +246,22 @@ fn page_url(base: &str, query: &str, token: &str) -> String {
     format!("{base}/?heartbeat={HEARTBEAT_SECS}{query}#token={token}")
 }
 
+fn server_args() -> Vec<String> {
+    vec!["--heartbeat-interval".into(), format!("{HEARTBEAT_SECS}s")]
+}
+
+/// A server on `listen` (any free port when None) using the data in `dir` (fresh when None).
+async fn start_server_with(dir: Option<PathBuf>, listen: Option<String>) -> TestServer {
+    TestServer::start_with(ServerOpts {
+        extra_args: server_args(),
+        dir,
+        listen,
+    })
+    .await
+}
+
 async fn start_server() -> TestServer {
-    TestServer::start_args(&["--heartbeat-interval", &format!("{HEARTBEAT_SECS}s")]).await
+    start_server_with(None, None).await
 }
 
 /// Native-gRPC writes as an org admin.
@@ -466,6 +481,21 @@ async fn dashboard_streams_live_changes() {
         SETTLE,
     )
     .await;
+    // one stream per tab
+    let online = s
+        .events(&alice)
+        .await
+        .list_online(ListOnlineRequest::default())
+        .await;
+    let online = online.expect("ListOnline").into_inner().members;
+    let streams: Vec<_> = online
+        .iter()
+        .map(|m| (m.user_id.as_str(), m.connections))
+        .collect();
+    assert!(
+        streams.contains(&("alice", 1)) && streams.contains(&("victor", 1)),
+        "{streams:?}"
+    );
 
     // naming an org the token does not belong to: the page says there is no permission
     b.open("intruder", &page_url(&s.url, "&org=globex", &alice))
@@ -515,12 +545,7 @@ async fn dashboard_survives_server_restart_and_token_expiry() {
     s.kill().await;
     b.wait_badge("alice", "reconnecting", SETTLE).await;
     // changes made while the page's server is down, through a second server on the same data
-    let mut side = TestServer::start_with(ServerOpts {
-        extra_args: vec!["--heartbeat-interval".into(), format!("{HEARTBEAT_SECS}s")],
-        dir: Some(s.dir.clone()),
-        listen: None,
-    })
-    .await;
+    let mut side = start_server_with(Some(s.dir.clone()), None).await;
     let born = w.create(&side, "born while down").await;
     w.update(&side, &kept.id, JobStatus::Running, 50).await;
     w.delete(&side, &doomed.id).await;
@@ -560,6 +585,16 @@ async fn dashboard_survives_server_restart_and_token_expiry() {
     b.click("brief", "[data-testid=token-form] button").await;
     b.wait_badge("brief", "live", SETTLE).await;
     b.wait_row("brief", &missed.id, LIVE).await;
+
+    // a new database behind the same address: the old cursor gets resync, the page a new snapshot
+    s.kill().await;
+    let renewed = start_server_with(None, Some(s.addr.clone())).await;
+    w.create(&renewed, "in the new database").await;
+    let ids = w.job_ids(&renewed).await;
+    b.wait_badge("alice", "live", SETTLE).await;
+    let js = r#"(want) => JSON.stringify([...document.querySelectorAll('[data-testid="job-row"]')]
+        .map((r) => r.dataset.jobId).sort()) === JSON.stringify(want)"#;
+    b.wait_until("alice", js, json!(ids), SETTLE).await;
     b.quit().await;
 }
 
@@ -604,9 +639,15 @@ async fn dashboard_falls_back_to_polling() {
     let proxy = b
         .must(json!({"cmd": "proxy", "target": s.url, "mode": "refuse-streams"}))
         .await;
-    b.open("refused", &page_url(proxy.as_str().unwrap(), "", &alice))
+    let proxy = proxy.as_str().unwrap();
+    b.open("refused", &page_url(proxy, "&streamRetry=3", &alice))
         .await;
     b.wait_badge("refused", "polling", SETTLE).await;
     changes_show_up(&mut b, "refused", &s, &w, POLLED).await;
+    // streams get through again: the page goes back to streaming by itself
+    b.must(json!({"cmd": "proxyMode", "url": proxy, "mode": "pass"}))
+        .await;
+    b.wait_badge("refused", "live", SETTLE).await;
+    changes_show_up(&mut b, "refused", &s, &w, LIVE).await;
     b.quit().await;
 }

@@ -173,6 +173,7 @@ export class Sync {
             this.hooks.status("live");
             break;
           case "resync":
+            console.info(`orgpulse: resync (${ev.payload.value.reason}): reloading the snapshot`);
             this.needSnapshot = true;
             return;
           default:
@@ -226,6 +227,7 @@ export class Sync {
         connected();
         this.hooks.status("polling");
         if (res.resync) {
+          console.info("orgpulse: resync: reloading the snapshot");
           this.needSnapshot = true;
           return;
         }

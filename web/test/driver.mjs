@@ -30,7 +30,8 @@ const browser = await chromium.launch({
 });
 /** name -> { context, page, requests } */
 const pages = new Map();
-const proxies = [];
+/** url -> proxy */
+const proxies = new Map();
 
 function page(name) {
   const p = pages.get(name);
@@ -80,13 +81,16 @@ const commands = {
   },
   async proxy({ target, mode }) {
     const p = await startProxy(target, mode);
-    proxies.push(p);
+    proxies.set(p.url, p);
     return p.url;
+  },
+  async proxyMode({ url, mode }) {
+    proxies.get(url).setMode(mode);
   },
 };
 
 async function quit() {
-  for (const p of proxies) p.close();
+  for (const p of proxies.values()) p.close();
   await browser.close().catch(() => {});
   process.exit(0);
 }

@@ -2,10 +2,13 @@
 //   mode "buffer": holds every response until it has ended, then sends it whole (like a proxy that
 //     buffers): unary calls still work, a stream delivers nothing.
 //   mode "refuse-streams": answers every Subscribe with HTTP 503 itself; everything else passes.
+//   mode "pass": passes everything through as it comes.
+// The mode can be changed while the proxy runs (setMode).
 import http from "node:http";
 
-/** Starts the proxy on 127.0.0.1 (ephemeral port); resolves to its base URL and a close(). */
-export function startProxy(target, mode) {
+/** Starts the proxy on 127.0.0.1 (ephemeral port); resolves to {url, setMode, close}. */
+export function startProxy(target, initialMode) {
+  let mode = initialMode;
   const upstream = new URL(target);
   const server = http.createServer((req, res) => {
     if (mode === "refuse-streams" && req.url.endsWith("/Subscribe")) {
@@ -40,6 +43,7 @@ export function startProxy(target, mode) {
       const { port } = server.address();
       resolve({
         url: `http://127.0.0.1:${port}`,
+        setMode: (m) => (mode = m),
         close: () => {
           server.closeAllConnections();
           server.close();
