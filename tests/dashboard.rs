@@ -162,9 +162,13 @@ impl Browser {
             .await;
     }
 
+    /// Waits for the badge to be in `state`, saying so in its text too.
     async fn wait_badge(&mut self, page: &str, state: &str, within: Duration) {
-        let sel = format!(r#"[data-testid="connection-badge"][data-state="{state}"]"#);
-        self.wait_for(page, &sel, "attached", within).await;
+        let js = r#"(state) => {
+            const b = document.querySelector('[data-testid="connection-badge"]');
+            return b.dataset.state === state && b.textContent.startsWith(state);
+        }"#;
+        self.wait_until(page, js, json!(state), within).await;
     }
 
     /// Every state the badge has shown since the page was opened, in order.
@@ -247,7 +251,10 @@ fn page_url(base: &str, query: &str, token: &str) -> String {
 }
 
 fn server_args() -> Vec<String> {
-    vec!["--heartbeat-interval".into(), format!("{HEARTBEAT_SECS}s")]
+    let heartbeat = format!("{HEARTBEAT_SECS}s");
+    ["--heartbeat-interval", &heartbeat, "--presence-grace", "1s"]
+        .map(String::from)
+        .to_vec()
 }
 
 /// A server on `listen` (any free port when None) using the data in `dir` (fresh when None).
@@ -520,6 +527,11 @@ async fn dashboard_streams_live_changes() {
     b.must(json!({"cmd": "screenshot", "page": "alice", "path": shot}))
         .await;
     eprintln!("dashboard screenshot: {shot}");
+
+    // the viewer leaves: after the presence grace alice's page shows it
+    b.must(json!({"cmd": "close", "page": "victor"})).await;
+    let victor = r#"[data-testid="online-member"][data-user-id="victor"]"#;
+    b.wait_for("alice", victor, "detached", SETTLE).await;
     b.quit().await;
 }
 
