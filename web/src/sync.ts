@@ -72,7 +72,7 @@ export class Sync {
       } catch (err) {
         if (gen !== this.generation) return;
         const e = ConnectError.from(err);
-        if (e.code === Code.Unauthenticated || e.code === Code.PermissionDenied) {
+        if (isVerdict(e) && e.code !== Code.InvalidArgument) {
           this.generation++;
           this.hooks.status("stopped");
           this.hooks.fatal(e);
@@ -187,7 +187,7 @@ export class Sync {
       }
       throw new StreamEnded("the server ended the stream");
     } catch (err) {
-      if (this.abort.signal.aborted) throw err;
+      if (this.abort.signal.aborted || isVerdict(err)) throw err;
       if (silent && received === 0) {
         this.startPolling("the stream opened but delivered nothing");
         return;
@@ -197,7 +197,8 @@ export class Sync {
         this.startPolling(`streaming failed ${this.answeredFailures} times in a row`);
         return;
       }
-      throw err instanceof StreamEnded || silent ? new ConnectError("stream stalled", Code.Unavailable) : err;
+      if (silent) throw new ConnectError("the stream stalled", Code.Unavailable);
+      throw err instanceof StreamEnded ? new ConnectError(err.message, Code.Unavailable) : err;
     } finally {
       clearTimeout(watchdog);
       this.abort.signal.removeEventListener("abort", onStop);
@@ -257,6 +258,12 @@ export class Sync {
     }
     this.hooks.status("reconnecting");
   }
+}
+
+/** The server's answer about the request itself, not about the connection: never retried blindly. */
+function isVerdict(err: unknown): boolean {
+  const code = ConnectError.from(err).code;
+  return code === Code.Unauthenticated || code === Code.PermissionDenied || code === Code.InvalidArgument;
 }
 
 function sleep(ms: number, signal: AbortSignal): Promise<void> {
