@@ -626,6 +626,8 @@ async fn dashboard_falls_back_to_polling() {
         .await;
     b.wait_badge("forced", "polling", SETTLE).await;
     changes_show_up(&mut b, "forced", &s, &w, POLLED).await;
+    let me = r#"[data-testid="online-member"][data-user-id="alice"]"#;
+    b.wait_for("forced", me, "attached", SETTLE).await;
     let subscribe = "/orgpulse.v1.EventService/Subscribe".to_string();
     assert!(
         !b.requests("forced").await.contains(&subscribe),

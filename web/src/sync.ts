@@ -234,7 +234,8 @@ export class Sync {
         }
         this.applyAll(res.events);
         if (res.cursor) this.cursor = res.cursor;
-        if (Date.now() - this.onlineAt > ONLINE_REFRESH_MS) void this.refreshOnline();
+        // presence is not in the log: ask (our own poll just made us online, too)
+        if (!waitMs || Date.now() - this.onlineAt > ONLINE_REFRESH_MS) void this.refreshOnline();
         // a server answering empty at once must not turn this into a busy loop
         if (waitMs && res.events.length === 0 && Date.now() - t0 < 1000) await sleep(1000, ctl.signal);
       } catch (err) {
