@@ -57,7 +57,7 @@ function explain(err: unknown, what: string): string {
   const e = ConnectError.from(err);
   switch (e.code) {
     case Code.Unauthenticated:
-      askForToken(`The server no longer accepts this token (${e.rawMessage}). Paste a new one to continue where you left off.`);
+      askForToken(`The server does not accept this token (${e.rawMessage}). Paste a new one to continue where you left off.`);
       return `Signed out: ${e.rawMessage}.`;
     case Code.PermissionDenied:
       return `No permission to ${what}: ${e.rawMessage}.`;

@@ -1,33 +1,11 @@
 // Drives Debian's Chromium through playwright-core for tests/dashboard.rs: reads one JSON command
 // per line on stdin, answers one JSON line on stdout ({ok, value} or {ok: false, error}). Every
 // wait is bounded by its timeout. Logs (page console, errors) go to stderr.
-//
-// Environment: CHROMIUM (default /usr/bin/chromium).
 import { createInterface } from "node:readline";
-import { chromium } from "playwright-core";
+import { launchChromium, recordBadge } from "./browser.mjs";
 import { startProxy } from "./proxy.mjs";
 
-const ARGS = [
-  "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-];
-
-// Before any page script: remember every state the connection badge has shown.
-function recordBadge() {
-  window.__badgeStates = [];
-  new MutationObserver(() => {
-    const b = document.querySelector('[data-testid="connection-badge"]');
-    const s = b && b.dataset.state;
-    if (s && window.__badgeStates.at(-1) !== s) window.__badgeStates.push(s);
-  }).observe(document, { subtree: true, childList: true, attributes: true, attributeFilter: ["data-state"] });
-}
-
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: ARGS,
-  timeout: 30_000,
-});
+const browser = await launchChromium();
 /** name -> { context, page, requests } */
 const pages = new Map();
 /** url -> proxy */
