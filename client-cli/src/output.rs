@@ -68,9 +68,11 @@ impl Printer {
     /// One line on stdout, flushed (so a pipe sees each event at once).
     pub fn line(&self, s: &str) -> Result<(), CliError> {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{s}")
-            .and_then(|_| out.flush())
-            .map_err(CliError::io("stdout"))
+        match writeln!(out, "{s}").and_then(|_| out.flush()) {
+            // The reader is gone (`orgpulse watch | head`): nothing left to do.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+            result => result.map_err(CliError::io("stdout")),
+        }
     }
 
     fn paint(&self, code: &str, s: &str) -> String {
@@ -177,8 +179,15 @@ impl Printer {
             return self.line(&json(m));
         }
         let since = m.online_since.map(|t| t.to_string()).unwrap_or_default();
-        let streams = if m.connections == 1 { "stream" } else { "streams" };
-        self.line(&format!("{} online since {since} ({} {streams})", m.user_id, m.connections))
+        let streams = if m.connections == 1 {
+            "stream"
+        } else {
+            "streams"
+        };
+        self.line(&format!(
+            "{} online since {since} ({} {streams})",
+            m.user_id, m.connections
+        ))
     }
 }
 
@@ -227,7 +236,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(json(&caught_up), r#"{"caughtUp":{}}"#);
-        let t = prost_types::Timestamp { seconds: 1_700_000_000, nanos: 564_000_000 };
+        let t = prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 564_000_000,
+        };
         assert_eq!(clock(t), "22:13:20.564Z");
     }
 }

@@ -52,14 +52,6 @@ impl Error {
             },
         }
     }
-
-    /// The gRPC status, when the error came from a call.
-    pub fn status(&self) -> Option<&Status> {
-        match self {
-            Error::Status(s) => Some(s),
-            _ => None,
-        }
-    }
 }
 
 /// True when the server refused the token only because its `exp` passed: a fresh token fixes it.

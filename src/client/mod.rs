@@ -144,11 +144,6 @@ impl Client {
         })
     }
 
-    /// The configuration this client was built with.
-    pub fn config(&self) -> &ClientConfig {
-        &self.inner.config
-    }
-
     /// The endpoint in use: its index and channel.
     fn channel(&self) -> (usize, Channel) {
         let i = self.inner.current.load(Ordering::Relaxed) % self.inner.channels.len();
