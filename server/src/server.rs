@@ -56,10 +56,15 @@ pub async fn run(
     }
 
     let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1().timer(hyper_util::rt::TokioTimer::new());
     http.http2()
+        .timer(hyper_util::rt::TokioTimer::new())
         .initial_stream_window_size(256 * 1024)
         .initial_connection_window_size(1024 * 1024)
         .max_concurrent_streams(1000)
+        // What one stream may have buffered beyond the peer's window: a slow reader's queue then
+        // fills soon and it is cut off, instead of the server holding megabytes for it.
+        .max_send_buf_size(64 * 1024)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let graceful = GracefulShutdown::new();

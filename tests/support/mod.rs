@@ -74,18 +74,13 @@ pub struct TestServer {
     _keep: Option<TempDir>,
 }
 
+#[derive(Default)]
 pub struct ServerOpts {
     pub extra_args: Vec<String>,
     /// Data directory to reuse (for restarts); a fresh one when None.
     pub dir: Option<PathBuf>,
     /// Address to listen on; `127.0.0.1:0` when None.
     pub listen: Option<String>,
-}
-
-impl Default for ServerOpts {
-    fn default() -> Self {
-        ServerOpts { extra_args: vec![], dir: None, listen: None }
-    }
 }
 
 impl TestServer {
@@ -127,10 +122,14 @@ impl TestServer {
         s
     }
 
-    async fn spawn(args: Vec<String>, dir: PathBuf) -> Self {
+    /// Starts the server with exactly `args` (no default flags); `dir` is its data directory.
+    pub async fn spawn(args: Vec<String>, dir: PathBuf) -> Self {
         let mut child = Command::new(workspace_bin("orgpulse-server"))
             .args(&args)
-            .env("RUST_LOG", std::env::var("ORGPULSE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("ORGPULSE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -192,7 +191,11 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        Endpoint::from_shared(self.url.clone()).unwrap().connect().await.expect("connect")
+        Endpoint::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
     }
 
     pub async fn jobs(&self, token: &str) -> JobServiceClient<InterceptedService<Channel, Auth>> {
@@ -206,7 +209,10 @@ impl TestServer {
         NotificationServiceClient::with_interceptor(self.channel().await, Auth::new(token))
     }
 
-    pub async fn events(&self, token: &str) -> EventServiceClient<InterceptedService<Channel, Auth>> {
+    pub async fn events(
+        &self,
+        token: &str,
+    ) -> EventServiceClient<InterceptedService<Channel, Auth>> {
         EventServiceClient::with_interceptor(self.channel().await, Auth::new(token))
     }
 }
@@ -228,7 +234,9 @@ impl Auth {
         if token.is_empty() {
             return Auth(None);
         }
-        Auth(Some(format!("Bearer {token}").parse().expect("ascii token")))
+        Auth(Some(
+            format!("Bearer {token}").parse().expect("ascii token"),
+        ))
     }
 }
 
@@ -242,7 +250,10 @@ impl tonic::service::Interceptor for Auth {
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// Claims for `mint`; `exp` is absolute seconds since the epoch.
@@ -274,9 +285,207 @@ pub fn token(org: &str, user: &str, role: &str) -> String {
 pub fn token_ttl(org: &str, user: &str, role: &str, ttl_secs: u64) -> String {
     mint_claims(&Claims {
         sub: user.into(),
-        org: if role == "service" { None } else { Some(org.into()) },
+        org: if role == "service" {
+            None
+        } else {
+            Some(org.into())
+        },
         roles: vec![role.into()],
         exp: now_secs() + ttl_secs,
         nbf: None,
     })
+}
+
+/// Every durable event in `org`'s log, read straight from the server's SQLite file: (seq, kind,
+/// audience). Tests compare what subscribers received against this.
+pub fn log_of(dir: &Path, org: &str) -> Vec<(u64, i32, Option<String>)> {
+    let conn = rusqlite::Connection::open(dir.join("orgpulse.db")).expect("open db");
+    let mut st = conn
+        .prepare("SELECT seq, kind, audience FROM events WHERE org_id = ?1 ORDER BY seq")
+        .unwrap();
+    st.query_map([org], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Asserts the invariant: `received` holds every durable event of `log` with seq in `range` that
+/// `user` may see (with `kinds`, empty = all), each exactly once, in seq order, and nothing else.
+pub fn assert_exactly_once(
+    received: &[orgpulse::proto::Event],
+    log: &[(u64, i32, Option<String>)],
+    range: std::ops::RangeInclusive<u64>,
+    user: &str,
+    kinds: &[i32],
+) {
+    let got: Vec<u64> = received
+        .iter()
+        .filter(|e| e.seq > 0)
+        .map(|e| e.seq)
+        .collect();
+    let want: Vec<u64> = log
+        .iter()
+        .filter(|(seq, kind, aud)| {
+            range.contains(seq)
+                && (kinds.is_empty() || kinds.contains(kind))
+                && aud.as_deref().is_none_or(|a| a == user)
+        })
+        .map(|(seq, _, _)| *seq)
+        .collect();
+    assert_eq!(
+        got, want,
+        "received seqs (left) != the log's visible seqs (right)"
+    );
+}
+
+/// A Subscribe stream with helpers to await what the tests expect.
+pub struct Sub {
+    pub stream: tonic::Streaming<orgpulse::proto::Event>,
+    /// Everything received so far (durable and ephemeral).
+    pub seen: Vec<orgpulse::proto::Event>,
+}
+
+/// Generous bound for any single await in a test; never a synchronization sleep.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+impl Sub {
+    pub async fn open(
+        server: &TestServer,
+        token: &str,
+        org: &str,
+        after: &str,
+        kinds: &[i32],
+    ) -> Result<Sub, tonic::Status> {
+        Self::open_on(server.channel().await, token, org, after, kinds).await
+    }
+
+    /// Like `open`, on a channel the test configured.
+    pub async fn open_on(
+        channel: Channel,
+        token: &str,
+        org: &str,
+        after: &str,
+        kinds: &[i32],
+    ) -> Result<Sub, tonic::Status> {
+        let mut c = EventServiceClient::with_interceptor(channel, Auth::new(token));
+        let stream = c
+            .subscribe(orgpulse::proto::OrgFilter {
+                org_id: org.into(),
+                kinds: kinds.to_vec(),
+                after_cursor: after.into(),
+            })
+            .await?
+            .into_inner();
+        Ok(Sub {
+            stream,
+            seen: vec![],
+        })
+    }
+
+    /// The next message, or the stream's error; panics after WAIT or at a clean end.
+    pub async fn next(&mut self) -> Result<orgpulse::proto::Event, tonic::Status> {
+        match tokio::time::timeout(WAIT, self.stream.message()).await {
+            Err(_) => panic!(
+                "no message within {WAIT:?}; seen so far: {:?}",
+                self.kinds_seen()
+            ),
+            Ok(Ok(Some(ev))) => {
+                self.seen.push(ev.clone());
+                Ok(ev)
+            }
+            Ok(Ok(None)) => panic!("stream ended without a status"),
+            Ok(Err(status)) => Err(status),
+        }
+    }
+
+    /// Reads until a message matches `pred`; returns it.
+    pub async fn until(
+        &mut self,
+        pred: impl Fn(&orgpulse::proto::Event) -> bool,
+    ) -> orgpulse::proto::Event {
+        loop {
+            let ev = self.next().await.expect("stream failed");
+            if pred(&ev) {
+                return ev;
+            }
+        }
+    }
+
+    pub async fn caught_up(&mut self) -> orgpulse::proto::Event {
+        self.until(|e| matches!(e.payload, Some(Payload::CaughtUp(_))))
+            .await
+    }
+
+    /// Reads until `n` durable events arrived in total; returns them.
+    pub async fn durable(&mut self, n: usize) -> Vec<orgpulse::proto::Event> {
+        while self.durable_seen().len() < n {
+            self.next().await.expect("stream failed");
+        }
+        self.durable_seen()
+    }
+
+    pub fn durable_seen(&self) -> Vec<orgpulse::proto::Event> {
+        self.seen.iter().filter(|e| e.seq > 0).cloned().collect()
+    }
+
+    /// Reads until the stream ends with an error status; returns it.
+    pub async fn error(&mut self) -> tonic::Status {
+        loop {
+            if let Err(s) = self.next().await {
+                return s;
+            }
+        }
+    }
+
+    fn kinds_seen(&self) -> Vec<String> {
+        self.seen.iter().map(payload_name).collect()
+    }
+}
+
+use orgpulse::proto::event::Payload;
+
+/// A short name of an event's payload, for assertions and messages.
+pub fn payload_name(e: &orgpulse::proto::Event) -> String {
+    match &e.payload {
+        Some(Payload::JobCreated(_)) => "job_created",
+        Some(Payload::JobUpdated(_)) => "job_updated",
+        Some(Payload::JobDeleted(_)) => "job_deleted",
+        Some(Payload::NotificationNew(_)) => "notification_new",
+        Some(Payload::UserOnline(_)) => "user_online",
+        Some(Payload::UserOffline(_)) => "user_offline",
+        Some(Payload::Heartbeat(_)) => "heartbeat",
+        Some(Payload::CaughtUp(_)) => "caught_up",
+        Some(Payload::Resync(_)) => "resync",
+        None => "none",
+    }
+    .to_string()
+}
+
+/// Creates a job titled `title` in `org`; panics on failure.
+pub async fn create_job(
+    server: &TestServer,
+    token: &str,
+    org: &str,
+    title: &str,
+) -> orgpulse::proto::Job {
+    server
+        .jobs(token)
+        .await
+        .create_job(orgpulse::proto::CreateJobRequest {
+            org_id: org.into(),
+            title: title.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create_job")
+        .into_inner()
+}
+
+/// The cursor that points at `seq` in the same log as `cursor` (tests know the cursor layout:
+/// base64url of 8 bytes epoch + 8 bytes seq).
+pub fn cursor_at(cursor: &str, seq: u64) -> String {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    let mut b = URL_SAFE_NO_PAD.decode(cursor).expect("cursor");
+    b[8..].copy_from_slice(&seq.to_be_bytes());
+    URL_SAFE_NO_PAD.encode(b)
 }

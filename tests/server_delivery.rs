@@ -1,0 +1,461 @@
+//! Delivery end to end: every durable event exactly once and in seq order, checked against the
+//! log in the server's SQLite file, across live streaming, resume, restart, resync, snapshots,
+//! slow consumers and token expiry.
+mod support;
+
+use orgpulse::proto::{
+    DeleteJobRequest, JobStatus, ListJobsRequest, SendNotificationRequest, UpdateJobRequest,
+    event::Payload,
+};
+use support::*;
+use tonic::Code;
+
+const ORG: &str = "acme";
+
+#[tokio::test]
+async fn changes_reach_every_subscriber_in_order_and_notifications_only_their_user() {
+    let server = TestServer::start().await;
+    let admin = token(ORG, "alice", "admin");
+    let bob = token(ORG, "bob", "member");
+    let mut alice_sub = Sub::open(&server, &admin, "", "", &[]).await.unwrap();
+    let start = alice_sub.caught_up().await.cursor;
+    let mut bob_sub = Sub::open(&server, &bob, "", "", &[]).await.unwrap();
+    bob_sub.caught_up().await;
+    let mut jobs_only = Sub::open(&server, &bob, "", "", &[1]).await.unwrap();
+    jobs_only.caught_up().await;
+
+    let job = create_job(&server, &admin, "", "build").await;
+    let mut jobs = server.jobs(&admin).await;
+    let running = jobs
+        .update_job(UpdateJobRequest {
+            job_id: job.id.clone(),
+            status: Some(JobStatus::Running as i32),
+            progress: Some(40),
+            message: Some("compiling".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(running.version, 2);
+    let mut notes = server.notifications(&admin).await;
+    notes
+        .send_notification(SendNotificationRequest {
+            user_id: "bob".into(),
+            title: "for bob".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    notes
+        .send_notification(SendNotificationRequest {
+            user_id: "carol".into(),
+            title: "for carol".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    notes
+        .send_notification(SendNotificationRequest {
+            title: "for all".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    jobs.delete_job(DeleteJobRequest {
+        org_id: "".into(),
+        job_id: job.id.clone(),
+    })
+    .await
+    .unwrap();
+
+    let a = alice_sub.durable(4).await;
+    let names: Vec<String> = a.iter().map(payload_name).collect();
+    assert_eq!(
+        names,
+        [
+            "job_created",
+            "job_updated",
+            "notification_new",
+            "job_deleted"
+        ]
+    );
+    match &a[1].payload {
+        Some(Payload::JobUpdated(j)) => {
+            assert_eq!(
+                (j.status(), j.progress, j.message.as_str()),
+                (JobStatus::Running, 40, "compiling")
+            );
+            assert_eq!(a[1].actor, "alice");
+        }
+        p => panic!("{p:?}"),
+    }
+    let b = bob_sub.durable(5).await;
+    let names: Vec<String> = b.iter().map(payload_name).collect();
+    assert_eq!(
+        names,
+        [
+            "job_created",
+            "job_updated",
+            "notification_new",
+            "notification_new",
+            "job_deleted"
+        ]
+    );
+    let titles: Vec<&str> = b
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Some(Payload::NotificationNew(n)) => Some(n.title.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(titles, ["for bob", "for all"]);
+    let j = jobs_only.durable(3).await;
+    assert!(
+        j.iter()
+            .all(|e| !matches!(e.payload, Some(Payload::NotificationNew(_))))
+    );
+
+    let log = log_of(&server.dir, ORG);
+    assert_eq!(log.len(), 6);
+    assert_exactly_once(&a, &log, 1..=6, "alice", &[]);
+    assert_exactly_once(&b, &log, 1..=6, "bob", &[]);
+    assert_exactly_once(&j, &log, 1..=6, "bob", &[1]);
+    assert!(!start.is_empty());
+}
+
+/// Writes `n` job changes in ORG; returns nothing (the log is the record).
+async fn write_n(server: &TestServer, token: &str, n: usize) {
+    let mut jobs = server.jobs(token).await;
+    let job = create_job(server, token, "", "counter").await;
+    for i in 1..n {
+        jobs.update_job(UpdateJobRequest {
+            job_id: job.id.clone(),
+            progress: Some((i % 101) as u32),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn resume_after_disconnect_and_after_restart() {
+    let mut server = TestServer::start().await;
+    let t = token(ORG, "alice", "member");
+    let mut sub = Sub::open(&server, &t, "", "", &[]).await.unwrap();
+    sub.caught_up().await;
+    write_n(&server, &t, 5).await;
+    let first = sub.durable(5).await;
+    let cursor = first.last().unwrap().cursor.clone();
+    drop(sub);
+
+    write_n(&server, &t, 100).await;
+    let mut resumed = Sub::open(&server, &t, "", &cursor, &[]).await.unwrap();
+    let replay = resumed.durable(100).await;
+    let next = resumed.next().await.unwrap();
+    assert_eq!(
+        payload_name(&next),
+        "caught_up",
+        "caught_up right after the 100"
+    );
+    let log = log_of(&server.dir, ORG);
+    assert_exactly_once(&replay, &log, 6..=105, "alice", &[]);
+    // then live
+    create_job(&server, &t, "", "live").await;
+    let live = resumed.until(|e| e.seq > 0).await;
+    assert_eq!(live.seq, 106);
+    let resume_from = live.cursor.clone();
+    drop(resumed);
+
+    // The log is durable: restart and resume again.
+    server.terminate().await;
+    server.restart().await;
+    write_n(&server, &t, 20).await;
+    let mut after = Sub::open(&server, &t, "", &resume_from, &[]).await.unwrap();
+    let got = after.durable(20).await;
+    after.caught_up().await;
+    assert_exactly_once(&got, &log_of(&server.dir, ORG), 107..=126, "alice", &[]);
+}
+
+#[tokio::test]
+async fn stale_or_foreign_cursors_get_resync_and_malformed_is_invalid() {
+    let server = TestServer::start_args(&["--retention", "1s"]).await;
+    let t = token(ORG, "alice", "member");
+    write_n(&server, &t, 3).await;
+    let snapshot = server
+        .jobs(&t)
+        .await
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let old = cursor_at(&snapshot.cursor, 1);
+    // Wait until retention trimmed the log (the server trims on its own timer).
+    let deadline = std::time::Instant::now() + WAIT;
+    while !log_of(&server.dir, ORG).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention never trimmed the log"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut sub = Sub::open(&server, &t, "", &old, &[]).await.unwrap();
+    let first = sub.next().await.unwrap();
+    assert_eq!(payload_name(&first), "resync", "{first:?}");
+    assert_eq!(first.seq, 0);
+    let caught = sub.caught_up().await;
+    create_job(&server, &t, "", "after resync").await;
+    let live = sub.until(|e| e.seq > 0).await;
+    assert_eq!(live.seq, 4, "live from now, no partial replay");
+    assert_eq!(sub.durable_seen().len(), 1);
+    assert!(!caught.cursor.is_empty());
+
+    // A cursor of another database (another epoch).
+    let other = TestServer::start().await;
+    write_n(&other, &t, 2).await;
+    let foreign = other
+        .jobs(&t)
+        .await
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cursor;
+    let mut sub = Sub::open(&server, &t, "", &foreign, &[]).await.unwrap();
+    assert_eq!(payload_name(&sub.next().await.unwrap()), "resync");
+
+    let err = Sub::open(&server, &t, "", "garbage!", &[])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn snapshot_then_stream_loses_and_duplicates_nothing_under_concurrent_writes() {
+    let server = TestServer::start().await;
+    let t = token(ORG, "alice", "admin");
+    for i in 0..20 {
+        create_job(&server, &t, "", &format!("seed {i}")).await;
+    }
+    // Writers keep changing jobs while we take the snapshot and subscribe.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = vec![];
+    for w in 0..3 {
+        let (url_server, t, stop) = (server.url.clone(), t.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let ch = tonic::transport::Endpoint::from_shared(url_server)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut jobs = orgpulse::proto::job_service_client::JobServiceClient::with_interceptor(
+                ch,
+                Auth::new(&t),
+            );
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 400 {
+                let j = jobs
+                    .create_job(orgpulse::proto::CreateJobRequest {
+                        title: format!("w{w}-{n}"),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                jobs.update_job(UpdateJobRequest {
+                    job_id: j.id.clone(),
+                    progress: Some(50),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+                if n % 3 == 0 {
+                    jobs.delete_job(DeleteJobRequest {
+                        org_id: "".into(),
+                        job_id: j.id,
+                    })
+                    .await
+                    .unwrap();
+                }
+                n += 1;
+            }
+        }));
+    }
+    // Wait until the writers are demonstrably running (the log grows), then snapshot.
+    while log_of(&server.dir, ORG).len() < 60 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let snap = server
+        .jobs(&t)
+        .await
+        .list_jobs(ListJobsRequest {
+            page_size: 500,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(snap.next_page_token.is_empty(), "snapshot fits one page");
+    let mut state: std::collections::BTreeMap<String, orgpulse::proto::Job> =
+        snap.jobs.into_iter().map(|j| (j.id.clone(), j)).collect();
+    let mut sub = Sub::open(&server, &t, "", &snap.cursor, &[]).await.unwrap();
+    sub.caught_up().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let head = log_of(&server.dir, ORG).last().unwrap().0;
+    let marker = create_job(&server, &t, "", "marker").await;
+    sub.until(|e| matches!(&e.payload, Some(Payload::JobCreated(j)) if j.id == marker.id))
+        .await;
+    let got = sub.durable_seen();
+    let from = got.first().map(|e| e.seq).unwrap_or(head + 1);
+    assert_exactly_once(
+        &got,
+        &log_of(&server.dir, ORG),
+        from..=head + 1,
+        "alice",
+        &[],
+    );
+    // Nothing before the snapshot's position, nothing missing after it.
+    let snap_seq = from - 1;
+    assert_eq!(
+        cursor_at(&snap.cursor, snap_seq),
+        snap.cursor,
+        "stream starts right after the snapshot"
+    );
+    for e in &got {
+        match &e.payload {
+            Some(Payload::JobCreated(j)) | Some(Payload::JobUpdated(j)) => {
+                state.insert(j.id.clone(), j.clone());
+            }
+            Some(Payload::JobDeleted(d)) => {
+                state.remove(&d.job_id);
+            }
+            _ => {}
+        }
+    }
+    let now = server
+        .jobs(&t)
+        .await
+        .list_jobs(ListJobsRequest {
+            page_size: 500,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut final_state: Vec<_> = now.jobs;
+    final_state.sort_by(|a, b| a.id.cmp(&b.id));
+    let rebuilt: Vec<_> = state.into_values().collect();
+    assert_eq!(rebuilt, final_state, "snapshot + stream == current state");
+}
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_is_cut_off_and_others_keep_up() {
+    let server = TestServer::start_args(&["--subscriber-queue", "16"]).await;
+    let t = token(ORG, "alice", "member");
+    // The stalled client grants the server only the minimum HTTP/2 window.
+    let small = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut stalled = Sub::open_on(small, &t, "", "", &[]).await.unwrap();
+    stalled.caught_up().await;
+    let mut reader = Sub::open(&server, &t, "", "", &[]).await.unwrap();
+    reader.caught_up().await;
+    // ~10 KB events, enough to fill the stalled stream's HTTP/2 window, the server's send buffer
+    // and its queue many times over.
+    let n = 400;
+    let writer = {
+        let url = server.url.clone();
+        let t = t.clone();
+        tokio::spawn(async move {
+            let ch = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut jobs = orgpulse::proto::job_service_client::JobServiceClient::with_interceptor(
+                ch,
+                Auth::new(&t),
+            );
+            for i in 0..n {
+                let labels = (0..32)
+                    .map(|l| (format!("label-{l}"), "v".repeat(256)))
+                    .collect();
+                jobs.create_job(orgpulse::proto::CreateJobRequest {
+                    title: format!("padding {i}"),
+                    labels,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let got = reader.durable(n).await;
+    writer.await.unwrap();
+    assert_exactly_once(&got, &log_of(&server.dir, ORG), 1..=n as u64, "alice", &[]);
+    // The stalled one: whatever it had buffered, then UNAVAILABLE "too slow".
+    let err = stalled.error().await;
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("too slow"), "{err:?}");
+    let before_cut = stalled.durable_seen();
+    assert!(
+        before_cut.len() < n,
+        "the stalled subscriber was cut before the end"
+    );
+    assert_exactly_once(
+        &before_cut,
+        &log_of(&server.dir, ORG),
+        1..=before_cut.len() as u64,
+        "alice",
+        &[],
+    );
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("orgpulse_slow_subscriber_disconnects_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn token_expiry_ends_the_stream_and_a_fresh_token_resumes_losslessly() {
+    let server = TestServer::start().await;
+    let writer = token(ORG, "w", "member");
+    let short = token_ttl(ORG, "alice", "viewer", 2);
+    let mut sub = Sub::open(&server, &short, "", "", &[]).await.unwrap();
+    sub.caught_up().await;
+    write_n(&server, &writer, 3).await;
+    let err = sub.error().await;
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(err.message(), "token expired");
+    let got = sub.durable_seen();
+    assert_eq!(got.len(), 3);
+    write_n(&server, &writer, 10).await;
+    let mut again = Sub::open(
+        &server,
+        &token(ORG, "alice", "viewer"),
+        "",
+        &got[2].cursor,
+        &[],
+    )
+    .await
+    .unwrap();
+    let more = again.durable(10).await;
+    let mut all = got.clone();
+    all.extend(more);
+    assert_exactly_once(&all, &log_of(&server.dir, ORG), 1..=13, "alice", &[]);
+}
