@@ -137,6 +137,13 @@ async fn survive_outages(outage: Outage, first_down: bool) {
         "the log holds {} events for 300 writes",
         log.len()
     );
+    // Creates retried across the kills (a reply lost with the server) carry one request_id each:
+    // never a second job.
+    let creates = log
+        .iter()
+        .filter(|e| e.what.starts_with("jobCreated"))
+        .count();
+    assert_eq!(creates, 100, "100 creates, each committed exactly once");
     let head = log.last().unwrap().cursor.clone();
     w.until_seq(log.last().unwrap().seq).await;
     // The watch ends live at the head: a caught_up (or a heartbeat, sent only once caught up) at
