@@ -137,6 +137,7 @@ async fn survive_outages(outage: Outage, first_down: bool) {
         "the log holds {} events for 300 writes",
         log.len()
     );
+    assert_log_is_the_store(&server, ORG, &log);
     // Creates retried across the kills (a reply lost with the server) carry one request_id each:
     // never a second job.
     let creates = log
@@ -215,6 +216,7 @@ async fn watch_rotates_short_lived_tokens_from_a_file() {
         write(&writer, i, &mut job).await;
     }
     let log = log_after(&server, &admin, &begin).await;
+    assert_log_is_the_store(&server, ORG, &log);
     w.until_seq(log.last().unwrap().seq).await;
     rotating.abort();
     w.drain_states();

@@ -295,6 +295,20 @@ pub async fn log_after(server: &TestServer, token: &str, from: &str) -> Vec<Entr
     }
 }
 
+/// Asserts that `log` (a replay from the org's first position) is exactly the org's event log as
+/// stored in the server's database.
+pub fn assert_log_is_the_store(server: &TestServer, org: &str, log: &[Entry]) {
+    let stored: Vec<u64> = crate::support::log_of(&server.dir, org)
+        .iter()
+        .map(|e| e.0)
+        .collect();
+    let replayed: Vec<u64> = log.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        replayed, stored,
+        "a replay from the start (left) differs from the store (right)"
+    );
+}
+
 /// The same summary of a JSON event from `watch --json`.
 pub fn entry_of(v: &Value) -> Entry {
     let kind = kind_of(v);
