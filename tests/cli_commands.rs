@@ -3,7 +3,7 @@
 mod cli_support;
 mod support;
 
-use std::time::Duration;
+use std::{process::Stdio, time::Duration};
 
 use cli_support::*;
 use serde_json::Value;
@@ -422,4 +422,73 @@ async fn every_command_has_help_with_examples() {
     }
     let out = run(&[], "", &["watch", "--cursor", "a", "--cursor-file", "b"]).await;
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+}
+
+/// `ORGPULSE_SERVER` (comma-separated, with failover), `ORGPULSE_TOKEN`, `ORGPULSE_TOKEN_FILE` and
+/// `--token-command` reach the server.
+#[tokio::test]
+async fn environment_and_token_sources() {
+    let server = TestServer::start().await;
+    let dead = dead_endpoint();
+    let servers = format!("{dead},{}", server.url);
+    let dir = TempDir::new("env");
+    let file = dir.0.join("token");
+    write_token(&file, &token(ORG, "erin", "member"));
+    let with = |cmd: &mut tokio::process::Command| {
+        cmd.env("ORGPULSE_SERVER", &servers)
+            .args(["jobs", "list", "--json"])
+            .stderr(Stdio::piped());
+    };
+
+    let mut cmd = orgpulse(&[], "");
+    cmd.env("ORGPULSE_TOKEN", token(ORG, "erin", "member"));
+    with(&mut cmd);
+    assert!(
+        cmd.output().await.unwrap().status.success(),
+        "ORGPULSE_SERVER + ORGPULSE_TOKEN"
+    );
+
+    let mut cmd = orgpulse(&[], "");
+    cmd.env("ORGPULSE_TOKEN_FILE", &file);
+    with(&mut cmd);
+    assert!(
+        cmd.output().await.unwrap().status.success(),
+        "ORGPULSE_TOKEN_FILE"
+    );
+
+    let mut cmd = orgpulse(&[], "");
+    cmd.arg("--token-command")
+        .arg(format!("cat {}", file.display()));
+    with(&mut cmd);
+    assert!(
+        cmd.output().await.unwrap().status.success(),
+        "--token-command"
+    );
+
+    let mut cmd = orgpulse(&[], "");
+    cmd.arg("--token-file").arg(dir.0.join("missing"));
+    with(&mut cmd);
+    let out = cmd.output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `--kinds` narrows a watch: only notifications here, though a job changes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_kinds_filter() {
+    let server = TestServer::start().await;
+    let s = [server.url.as_str()];
+    let admin = token(ORG, "alice", "admin");
+    let mut w = Watcher::spawn(orgpulse(&s, &admin), &["watch", "--kinds", "notification"]);
+    w.until(|v| kind_of(v) == "caughtUp").await;
+    ok(&s, &admin, &["jobs", "create", "--title", "unseen"]).await;
+    ok(&s, &admin, &["notify", "send", "--title", "seen"]).await;
+    let first = w.until(|v| seq_of(v) > 0).await;
+    assert_eq!(kind_of(&first), "notificationNew");
+    assert_eq!(seq_of(&first), 2, "seq 1 (the job) was filtered out");
+    w.kill().await;
 }
