@@ -305,3 +305,45 @@ async fn watch_resumes_from_its_cursor_file() {
     assert_exactly_once(&w.seen, &second);
     w.kill().await;
 }
+
+/// A server that stops answering without closing its connections (SIGSTOP): the watch notices the
+/// missing heartbeats after `--idle-timeout`, reconnects once the server runs again, and still
+/// loses and repeats nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reconnects_when_the_server_hangs() {
+    let server = TestServer::start_args(&["--heartbeat-interval", "500ms"]).await;
+    let admin = token(ORG, "writer", "admin");
+    let writer = patient_client(&[&server.url], &admin);
+    let begin = head_cursor(&writer).await;
+    let mut w = Watcher::spawn(
+        orgpulse(&[&server.url], &token(ORG, "watcher", "viewer")),
+        &["watch", "--idle-timeout", "2s", "--timeout", "2s"],
+    );
+    w.until(|v| kind_of(v) == "caughtUp").await;
+    let mut job = String::new();
+    write(&writer, 0, &mut job).await;
+
+    let signal = |sig: &str| {
+        let pid = server.pid().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    let stuck = w.state("no event or heartbeat").await;
+    signal("-CONT");
+    w.state("connected to").await;
+    eprintln!(
+        "reconnected {:?} after the hang was detected",
+        stuck.at.elapsed()
+    );
+    write(&writer, 1, &mut job).await;
+    let log = log_after(&server, &admin, &begin).await;
+    w.until_seq(log.last().unwrap().seq).await;
+    assert_exactly_once(&w.seen, &log);
+    w.kill().await;
+}
