@@ -37,6 +37,13 @@ async fn fails(servers: &[&str], token: &str, args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap(), stderr)
 }
 
+/// `orgpulse token mint --secret-file SECRET ARGS`: the token it prints.
+async fn mint(secret: &str, args: &[&str]) -> String {
+    let mut all = vec!["token", "mint", "--secret-file", secret];
+    all.extend_from_slice(args);
+    ok(&[], "", &all).await.trim().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_mint_makes_tokens_the_server_accepts() {
     let server = TestServer::start().await;
@@ -45,16 +52,13 @@ async fn token_mint_makes_tokens_the_server_accepts() {
     std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
     let secret = secret.to_str().unwrap();
     let s = [server.url.as_str()];
-    let mint = |args: &[&str]| {
-        let mut all = vec!["token", "mint", "--secret-file", secret];
-        all.extend_from_slice(args);
-        all.iter().map(|a| a.to_string()).collect::<Vec<_>>()
-    };
-    let args = mint(&[
-        "--org", ORG, "--user", "carol", "--role", "admin", "--ttl", "10m",
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let admin = ok(&s, "", &args).await.trim().to_string();
+    let admin = mint(
+        secret,
+        &[
+            "--org", ORG, "--user", "carol", "--role", "admin", "--ttl", "10m",
+        ],
+    )
+    .await;
     let job = one(&ok(
         &s,
         &admin,
@@ -64,16 +68,12 @@ async fn token_mint_makes_tokens_the_server_accepts() {
     assert_eq!(job["createdBy"], "carol");
 
     // The default role is member: it may not send notifications.
-    let args = mint(&["--org", ORG, "--user", "dave"]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let member = ok(&s, "", &args).await.trim().to_string();
+    let member = mint(secret, &["--org", ORG, "--user", "dave"]).await;
     let (code, _) = fails(&s, &member, &["notify", "send", "--title", "x"]).await;
     assert_eq!(code, 3);
 
     // A service token names no org, so every call must.
-    let args = mint(&["--user", "backend", "--role", "service"]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let service = ok(&s, "", &args).await.trim().to_string();
+    let service = mint(secret, &["--user", "backend", "--role", "service"]).await;
     let listed = ok(&s, &service, &["jobs", "list", "--org", ORG, "--json"]).await;
     assert_eq!(json_lines(&listed).len(), 1);
 
