@@ -271,7 +271,7 @@ async fn snapshot_then_stream_loses_and_duplicates_nothing_under_concurrent_writ
                 })
                 .await
                 .unwrap();
-                if n % 3 == 0 {
+                if n.is_multiple_of(3) {
                     jobs.delete_job(DeleteJobRequest {
                         org_id: "".into(),
                         job_id: j.id,

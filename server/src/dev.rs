@@ -109,7 +109,7 @@ pub async fn demo_workload(store: Arc<dyn Store>, stop: CancellationToken) {
                         Some("started".to_string()),
                     ),
                     JobStatus::Running if job.progress >= 100 => {
-                        let failed = tick % 7 == 0;
+                        let failed = tick.is_multiple_of(7);
                         let end = if failed {
                             JobStatus::Failed
                         } else {

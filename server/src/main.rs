@@ -68,10 +68,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    if cfg.dev {
-        if let Some(s) = &secret {
-            dev::print_dev_tokens(s, addr)?;
-        }
+    if cfg.dev
+        && let Some(s) = &secret
+    {
+        dev::print_dev_tokens(s, addr)?;
     }
     server::run(cfg, auth, listener, shutdown_signal()).await
 }

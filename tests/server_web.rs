@@ -1,0 +1,372 @@
+//! The one port: grpc-web over HTTP/1.1 (binary and -text, streamed incrementally), CORS
+//! preflights, gRPC health, server reflection, /healthz and /metrics, and graceful shutdown.
+mod support;
+
+use std::time::Duration;
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use bytes::{Buf, BytesMut};
+use futures::StreamExt;
+use orgpulse::proto::{Event, ListJobsRequest, ListJobsResponse, OrgFilter, event::Payload};
+use prost::Message;
+use support::*;
+use tonic::Code;
+
+/// A grpc-web request body: one uncompressed data frame.
+fn frame(msg: &impl Message) -> Vec<u8> {
+    let body = msg.encode_to_vec();
+    let mut out = vec![0u8];
+    out.extend((body.len() as u32).to_be_bytes());
+    out.extend(body);
+    out
+}
+
+/// Splits complete grpc-web frames off `buf`: (is_trailer, payload).
+fn frames(buf: &mut BytesMut) -> Vec<(bool, Vec<u8>)> {
+    let mut out = vec![];
+    while buf.len() >= 5 {
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if buf.len() < 5 + len {
+            break;
+        }
+        let flag = buf[0];
+        buf.advance(5);
+        out.push((flag & 0x80 != 0, buf.split_to(len).to_vec()));
+    }
+    out
+}
+
+/// A grpc-web call over HTTP/1.1; `text` selects application/grpc-web-text.
+async fn grpc_web(
+    url: &str,
+    path: &str,
+    token: &str,
+    body: Vec<u8>,
+    text: bool,
+) -> reqwest::Response {
+    let (ct, body) = if text {
+        ("application/grpc-web-text", B64.encode(body).into_bytes())
+    } else {
+        ("application/grpc-web+proto", body)
+    };
+    let res = reqwest::Client::builder()
+        .http1_only()
+        .build()
+        .unwrap()
+        .post(format!("{url}{path}"))
+        .header("content-type", ct)
+        .header("accept", ct)
+        .header("x-grpc-web", "1")
+        .header("authorization", format!("Bearer {token}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.version(), reqwest::Version::HTTP_11);
+    assert!(res.status().is_success(), "{res:?}");
+    res
+}
+
+/// Decodes a response body chunk stream into frames, handling -text's base64 (which may be split
+/// across chunks at any point).
+struct FrameReader {
+    text: bool,
+    pending_text: Vec<u8>,
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    fn push(&mut self, chunk: &[u8]) -> Vec<(bool, Vec<u8>)> {
+        if self.text {
+            self.pending_text.extend_from_slice(chunk);
+            // decode whole base64 quanta; each server chunk is padded on its own
+            while let Some(end) = quantum_end(&self.pending_text) {
+                let q: Vec<u8> = self.pending_text.drain(..end).collect();
+                self.buf.extend(B64.decode(q).expect("base64"));
+            }
+        } else {
+            self.buf.extend_from_slice(chunk);
+        }
+        frames(&mut self.buf)
+    }
+}
+
+/// The length of the longest prefix made of complete base64 groups ending at a padded group or
+/// covering whole 4-char groups.
+fn quantum_end(s: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    let mut end = None;
+    while i + 4 <= s.len() {
+        i += 4;
+        end = Some(i);
+        if s[i - 1] == b'=' {
+            break;
+        }
+    }
+    end
+}
+
+async fn web_subscribe_is_incremental(text: bool) {
+    let server = TestServer::start().await;
+    let t = token("acme", "alice", "member");
+    // unary
+    let res = grpc_web(
+        &server.url,
+        "/orgpulse.v1.JobService/ListJobs",
+        &t,
+        frame(&ListJobsRequest::default()),
+        text,
+    )
+    .await;
+    let body = res.bytes().await.unwrap();
+    let mut r = FrameReader {
+        text,
+        pending_text: vec![],
+        buf: BytesMut::new(),
+    };
+    let got = r.push(&body);
+    let list = ListJobsResponse::decode(&got[0].1[..]).unwrap();
+    assert!(!list.cursor.is_empty());
+    assert!(got.last().unwrap().0, "trailer frame");
+    assert!(String::from_utf8_lossy(&got.last().unwrap().1).contains("grpc-status:0"));
+    // streaming: caught_up arrives before any write, then each write arrives while the response
+    // is still open.
+    let res = grpc_web(
+        &server.url,
+        "/orgpulse.v1.EventService/Subscribe",
+        &t,
+        frame(&OrgFilter {
+            kinds: vec![1],
+            ..Default::default()
+        }),
+        text,
+    )
+    .await;
+    let mut body = res.bytes_stream();
+    let mut r = FrameReader {
+        text,
+        pending_text: vec![],
+        buf: BytesMut::new(),
+    };
+    let mut next_event = async || -> Event {
+        loop {
+            let chunk = tokio::time::timeout(WAIT, body.next())
+                .await
+                .expect("chunk in time")
+                .expect("open")
+                .unwrap();
+            if let Some((trailer, data)) = r.push(&chunk).into_iter().next() {
+                assert!(
+                    !trailer,
+                    "stream ended early: {}",
+                    String::from_utf8_lossy(&data)
+                );
+                return Event::decode(&data[..]).unwrap();
+            }
+        }
+    };
+    assert!(matches!(
+        next_event().await.payload,
+        Some(Payload::CaughtUp(_))
+    ));
+    for i in 0..3 {
+        let job = create_job(&server, &t, "", &format!("web {i}")).await;
+        let ev = next_event().await;
+        assert!(
+            matches!(&ev.payload, Some(Payload::JobCreated(j)) if j.id == job.id),
+            "{ev:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn grpc_web_binary_unary_and_incremental_stream() {
+    web_subscribe_is_incremental(false).await;
+}
+
+#[tokio::test]
+async fn grpc_web_text_unary_and_incremental_stream() {
+    web_subscribe_is_incremental(true).await;
+}
+
+#[tokio::test]
+async fn cors_preflight_allows_configured_origin_only() {
+    let server = TestServer::start_args(&["--cors-origin", "http://app.example"]).await;
+    let client = reqwest::Client::new();
+    let preflight = |origin: &'static str| {
+        client
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("{}/orgpulse.v1.JobService/ListJobs", server.url),
+            )
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type,x-grpc-web,x-user-agent,grpc-timeout",
+            )
+            .send()
+    };
+    let ok = preflight("http://app.example").await.unwrap();
+    let h = ok.headers();
+    assert_eq!(
+        h.get("access-control-allow-origin").unwrap(),
+        "http://app.example"
+    );
+    let allowed = h
+        .get("access-control-allow-headers")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    for name in [
+        "authorization",
+        "content-type",
+        "x-grpc-web",
+        "x-user-agent",
+        "grpc-timeout",
+    ] {
+        assert!(allowed.contains(name), "{allowed}");
+    }
+    let bad = preflight("http://evil.example").await.unwrap();
+    assert!(
+        bad.headers().get("access-control-allow-origin").is_none(),
+        "{:?}",
+        bad.headers()
+    );
+    // A real call from the allowed origin exposes the grpc status headers.
+    let res = reqwest::Client::new()
+        .post(format!("{}/orgpulse.v1.JobService/ListJobs", server.url))
+        .header("origin", "http://app.example")
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(frame(&ListJobsRequest::default()))
+        .send()
+        .await
+        .unwrap();
+    let exposed = res
+        .headers()
+        .get("access-control-expose-headers")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        assert!(exposed.contains(name), "{exposed}");
+    }
+    // Plain HTTP still works next to grpc-web.
+    let health = reqwest::get(format!("{}/healthz", server.url))
+        .await
+        .unwrap();
+    assert_eq!(health.text().await.unwrap().trim(), "ok");
+    let page = reqwest::get(format!("{}/", server.url)).await.unwrap();
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for m in [
+        "orgpulse_open_streams",
+        "orgpulse_events_committed_total",
+        "orgpulse_events_delivered_total",
+        "orgpulse_slow_subscriber_disconnects_total",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(metrics.contains(m), "{m} missing from /metrics");
+    }
+}
+
+#[tokio::test]
+async fn reflection_and_health_work_without_proto_files() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let server = TestServer::start().await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let res = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = res.message_response else {
+        panic!("{res:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "orgpulse.v1.JobService",
+        "orgpulse.v1.NotificationService",
+        "orgpulse.v1.EventService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "orgpulse.v1.EventService".into(),
+        )),
+    };
+    let mut stream = client
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let res = stream.message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            res.message_response,
+            Some(MessageResponse::FileDescriptorResponse(_))
+        ),
+        "{res:?}"
+    );
+    // grpc.health.v1 over the raw path: a unary call with an empty request answers SERVING (1).
+    let res = reqwest::Client::new()
+        .post(format!("{}/grpc.health.v1.Health/Check", server.url))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(vec![0u8, 0, 0, 0, 0])
+        .send()
+        .await
+        .unwrap();
+    let body = res.bytes().await.unwrap();
+    let mut buf = BytesMut::from(&body[..]);
+    let f = frames(&mut buf);
+    assert_eq!(f[0].1, vec![8u8, 1], "status: SERVING");
+}
+
+#[tokio::test]
+async fn sigterm_ends_100_streams_with_unavailable_and_exits_fast() {
+    let mut server = TestServer::start().await;
+    let t = token("acme", "alice", "viewer");
+    let channel = server.channel().await;
+    let mut subs = vec![];
+    for _ in 0..100 {
+        let mut s = Sub::open_on(channel.clone(), &t, "", "", &[])
+            .await
+            .unwrap();
+        s.caught_up().await;
+        subs.push(s);
+    }
+    let took = server.terminate().await;
+    let status = server.child.try_wait().unwrap().expect("exited");
+    assert!(status.success(), "clean exit: {status:?}");
+    assert!(took < Duration::from_secs(2), "exit took {took:?}");
+    for s in &mut subs {
+        let err = s.error().await;
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    }
+}
