@@ -347,3 +347,40 @@ async fn watch_reconnects_when_the_server_hangs() {
     assert_exactly_once(&w.seen, &log);
     w.kill().await;
 }
+
+/// A watch whose stdout nobody reads for a while: the server cuts its stream off as too slow,
+/// and once the reader catches up the watch resumes from its cursor, losing and repeating nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_recovers_from_being_a_slow_consumer() {
+    let server = TestServer::start_args(&["--subscriber-queue", "8"]).await;
+    let admin = token(ORG, "writer", "admin");
+    let writer = patient_client(&[&server.url], &admin);
+    let begin = head_cursor(&writer).await;
+    let (mut w, open) = Watcher::spawn_paused(
+        orgpulse(&[&server.url], &token(ORG, "watcher", "viewer")),
+        &["watch"],
+    );
+    w.state("connected to").await;
+    // ~8 KB per event: 500 of them overflow the pipe, the HTTP/2 windows and the server's queue.
+    let labels: std::collections::HashMap<String, String> = (0..30)
+        .map(|k| (format!("label{k}"), "x".repeat(250)))
+        .collect();
+    for i in 0..500 {
+        let req = CreateJobRequest {
+            title: format!("big {i}"),
+            labels: labels.clone(),
+            ..Default::default()
+        };
+        writer.create_job(req).await.unwrap();
+    }
+    let _ = open.send(());
+    let log = log_after(&server, &admin, &begin).await;
+    w.until_seq(log.last().unwrap().seq).await;
+    assert_exactly_once(&w.seen, &log);
+    w.drain_states();
+    assert!(
+        w.stderr.iter().any(|l| l.text.contains("reconnecting")),
+        "the stream was cut off at least once"
+    );
+    w.kill().await;
+}

@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
 };
 
 use crate::support::{TestServer, workspace_bin};
@@ -83,7 +83,17 @@ pub struct Watcher {
 
 impl Watcher {
     /// Starts `orgpulse [global...] SUBCOMMAND --json ARGS`; `cmd` comes from [`orgpulse`].
-    pub fn spawn(mut cmd: Command, args: &[&str]) -> Self {
+    pub fn spawn(cmd: Command, args: &[&str]) -> Self {
+        Self::spawn_gated(cmd, args, None)
+    }
+
+    /// Like [`Watcher::spawn`], but its stdout is not read until `gate` fires: a slow consumer.
+    pub fn spawn_paused(cmd: Command, args: &[&str]) -> (Self, oneshot::Sender<()>) {
+        let (open, gate) = oneshot::channel();
+        (Self::spawn_gated(cmd, args, Some(gate)), open)
+    }
+
+    fn spawn_gated(mut cmd: Command, args: &[&str], gate: Option<oneshot::Receiver<()>>) -> Self {
         let mut child = cmd
             .args(args)
             .arg("--json")
@@ -94,6 +104,9 @@ impl Watcher {
         let (etx, events) = mpsc::unbounded_channel();
         let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
         tokio::spawn(async move {
+            if let Some(gate) = gate {
+                let _ = gate.await;
+            }
             while let Ok(Some(line)) = out.next_line().await {
                 let v: Value = serde_json::from_str(&line)
                     .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"));
