@@ -15,7 +15,8 @@ pub struct Claims {
     /// The token's org; `None` only for service tokens.
     pub org: Option<String>,
     pub role: Role,
-    /// `exp` as seconds since the Unix epoch.
+    /// When the token stops being accepted: `exp` plus the configured leeway, in seconds since the
+    /// Unix epoch. Streams end then.
     pub exp: u64,
 }
 
@@ -237,7 +238,9 @@ impl Authenticator {
                 _ => "malformed token".into(),
             })
         })?;
-        claims_from(data.claims)
+        let mut claims = claims_from(data.claims)?;
+        claims.exp += self.leeway;
+        Ok(claims)
     }
 }
 
