@@ -112,6 +112,15 @@ The next cursor is printed on stderr (and saved with --cursor-file).
     /// Development helpers for tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Measure fan-out: subscribers, deliveries/s, latency, server CPU and memory (one JSON line).
+    #[command(after_help = "\
+Examples:
+  orgpulse bench --scenario a                     # start a pinned server, 1,000 subs x 1,000 events
+  orgpulse bench --scenario e --server-cpus '' --client-cpus ''
+  orgpulse bench --scenario b --server http://127.0.0.1:8080 --secret-file ./jwt-secret
+
+Scenarios and the comparison with socket.io: BENCHMARKS.md. Exit code 1 on any loss.")]
+    Bench(crate::bench::BenchArgs),
 }
 
 /// `--org`.

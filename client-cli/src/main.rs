@@ -1,6 +1,7 @@
 //! `orgpulse`: the command-line client. Parses the command line, builds a resilient
 //! [`orgpulse::client::Client`], runs the command and turns failures into one stderr line and an
 //! exit code per error class.
+mod bench;
 mod cli;
 mod cursor;
 mod error;
@@ -81,6 +82,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Online(org) => events::online(&client(&cli.global, None, false)?, org, &out).await,
         Command::Jobs(cmd) => jobs::run(&client(&cli.global, None, false)?, cmd, &out).await,
         Command::Notify(cmd) => notify::run(&client(&cli.global, None, false)?, cmd, &out).await,
+        Command::Bench(args) => bench::run(args, &cli.global.servers[0]).await,
     }
 }
 

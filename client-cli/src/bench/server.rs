@@ -1,0 +1,251 @@
+//! The server under test: either started here (fresh data directory and HS256 secret, pinned
+//! with `taskset` like the socket.io peer, stopped at the end) or an already running one. Its CPU
+//! time and resident memory are read from its own `/metrics`, so both cases measure alike.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    process::{Child, Command},
+};
+
+use crate::error::CliError;
+
+/// A server the bench talks to.
+pub struct Target {
+    pub addr: SocketAddr,
+    pub secret_file: PathBuf,
+    child: Option<Child>,
+    data_dir: Option<PathBuf>,
+}
+
+/// Process-wide CPU seconds (user+system) and resident bytes of the server.
+#[derive(Clone, Copy, Debug)]
+pub struct Usage {
+    pub cpu_s: f64,
+    pub rss: u64,
+}
+
+pub fn fail(msg: impl Into<String>) -> CliError {
+    CliError {
+        class: orgpulse::client::ErrorClass::Other,
+        message: msg.into(),
+    }
+}
+
+impl Target {
+    /// An already running server at `url` (`http://127.0.0.1:PORT`) whose HS256 secret is in
+    /// `secret_file`.
+    pub fn attach(url: &str, secret_file: &Path) -> Result<Target, CliError> {
+        let hostport = url
+            .strip_prefix("http://")
+            .ok_or_else(|| CliError::usage(format!("--server {url:?}: expected http://IP:PORT")))?
+            .trim_end_matches('/');
+        let addr = hostport
+            .parse()
+            .map_err(|_| CliError::usage(format!("--server {url:?}: expected http://IP:PORT")))?;
+        Ok(Target {
+            addr,
+            secret_file: secret_file.to_path_buf(),
+            child: None,
+            data_dir: None,
+        })
+    }
+
+    /// Starts `bin` on 127.0.0.1 with a fresh data directory and secret, pinned to `cpus`
+    /// (empty: not pinned), and waits for its `listening on` line.
+    pub async fn start(bin: &Path, cpus: &str, extra: &[String]) -> Result<Target, CliError> {
+        let dir = std::env::temp_dir().join(format!(
+            "orgpulse-bench-{}-{:x}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).map_err(CliError::io(dir.display()))?;
+        let secret_file = dir.join("jwt-secret");
+        std::fs::write(&secret_file, format!("bench-{:032x}\n", rand_suffix()))
+            .map_err(CliError::io(secret_file.display()))?;
+        let mut cmd = if cpus.is_empty() {
+            Command::new(bin)
+        } else {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(bin);
+            c
+        };
+        cmd.arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--database")
+            .arg(format!("sqlite://{}", dir.join("orgpulse.db").display()))
+            .arg("--jwt-secret-file")
+            .arg(&secret_file)
+            .args(extra)
+            // Per-connection info logs would be the server's main output at 20k streams.
+            .env(
+                "RUST_LOG",
+                std::env::var("ORGPULSE_BENCH_SERVER_LOG").unwrap_or("warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| fail(format!("starting {}: {e}", bin.display())))?;
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(a) = line.strip_prefix("listening on http://") {
+                    return a.trim().parse().ok();
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            fail(format!(
+                "{} did not report listening within 30 s",
+                bin.display()
+            ))
+        })?;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Target {
+            addr,
+            secret_file,
+            child: Some(child),
+            data_dir: Some(dir),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The server's CPU seconds and RSS from `GET /metrics`.
+    pub async fn usage(&self) -> Result<Usage, CliError> {
+        let text = tokio::time::timeout(Duration::from_secs(10), http_get(self.addr, "/metrics"))
+            .await
+            .map_err(|_| fail("GET /metrics timed out"))?
+            .map_err(|e| fail(format!("GET /metrics: {e}")))?;
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(name)?
+                        .strip_prefix(' ')?
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+                .ok_or_else(|| fail(format!("/metrics has no {name}")))
+        };
+        Ok(Usage {
+            cpu_s: value("process_cpu_seconds_total")?,
+            rss: value("process_resident_memory_bytes")? as u64,
+        })
+    }
+
+    /// Stops a server started here (SIGTERM, then SIGKILL after 5 s) and removes its data.
+    pub async fn stop(mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                // SAFETY: signalling our own child process by its pid.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+        if let Some(dir) = self.data_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn rand_suffix() -> u128 {
+    rand::random()
+}
+
+/// A minimal HTTP/1.1 GET (the body of a `Connection: close` response).
+async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    Ok(buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+/// Pins this process (its current and future threads) to `cpus` (e.g. "1" or "1,3"); empty:
+/// no change.
+pub fn pin_self(cpus: &str) -> Result<(), CliError> {
+    if cpus.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity(0) affects only the calling thread,
+    // which is the only one at this point (threads created later inherit its mask).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for c in cpus.split(',') {
+            let c: usize = c.trim().parse().map_err(|_| {
+                CliError::usage(format!("--client-cpus {cpus:?}: expected N[,N...]"))
+            })?;
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(fail(format!(
+                "pinning to cpus {cpus}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Raises this process's open-file limit to at least `want` (the started server inherits it).
+pub fn raise_nofile(want: u64) -> Result<(), CliError> {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur >= want {
+            return Ok(());
+        }
+        let new = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max.max(want),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &new) != 0 {
+            return Err(fail(format!(
+                "ulimit -n {want} needed ({} allowed): {}",
+                lim.rlim_max,
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// CPU seconds (user+system) this process used so far.
+pub fn self_cpu_s() -> f64 {
+    // SAFETY: getrusage on a local struct.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}

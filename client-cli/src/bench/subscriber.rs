@@ -1,0 +1,252 @@
+//! A bench subscriber: one `Subscribe` stream on its own HTTP/2 connection, spoken directly over
+//! `h2` (a tonic channel per connection would cost the client more memory than the server), from
+//! a chosen 127.0.0.x source address. Every `job_updated` is counted, checked for seq order and
+//! its commit→receipt latency (`Event.time` vs. the wall clock of this host) recorded.
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use h2::RecvStream;
+use orgpulse::proto::{Event, EventKind, OrgFilter, event::Payload};
+use prost::Message;
+use tokio::net::TcpSocket;
+
+use super::histogram::Histogram;
+
+/// What all subscribers add up, shared by their tasks.
+pub struct Tally {
+    pub received: AtomicU64,
+    pub out_of_order: AtomicU64,
+    /// Streams that ended or failed after their `caught_up`.
+    pub broken: AtomicU64,
+    /// Wall clock (µs since the epoch) of the latest receipt.
+    pub last_us: AtomicU64,
+    pub latency: Mutex<Histogram>,
+    pub first_error: Mutex<Option<String>>,
+}
+
+impl Tally {
+    pub fn new() -> Arc<Tally> {
+        Arc::new(Tally {
+            received: AtomicU64::new(0),
+            out_of_order: AtomicU64::new(0),
+            broken: AtomicU64::new(0),
+            last_us: AtomicU64::new(0),
+            latency: Mutex::new(Histogram::new()),
+            first_error: Mutex::new(None),
+        })
+    }
+
+    fn error(&self, e: String) {
+        self.first_error.lock().unwrap().get_or_insert(e);
+    }
+}
+
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// An open stream past its `caught_up`.
+pub struct Subscriber {
+    body: RecvStream,
+    buf: BytesMut,
+    last_seq: u64,
+    /// `job_updated` events that arrived before `caught_up` (a replay).
+    pub replayed: u64,
+}
+
+/// Where and as whom to subscribe.
+pub struct Dial<'a> {
+    pub server: SocketAddr,
+    pub source: IpAddr,
+    pub token: &'a str,
+    pub org: &'a str,
+    pub after_cursor: String,
+}
+
+impl Subscriber {
+    /// Connects, subscribes to the org's job events and reads up to `caught_up`.
+    pub async fn open(d: Dial<'_>, tally: &Tally) -> Result<Subscriber, String> {
+        let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+        sock.bind(SocketAddr::new(d.source, 0))
+            .map_err(|e| format!("bind {}: {e}", d.source))?;
+        let tcp = sock
+            .connect(d.server)
+            .await
+            .map_err(|e| format!("connect from {}: {e}", d.source))?;
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(1 << 20)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut send = send.ready().await.map_err(|e| e.to_string())?;
+        let req = http::Request::post(format!(
+            "http://{}/orgpulse.v1.EventService/Subscribe",
+            d.server
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {}", d.token))
+        .body(())
+        .map_err(|e| e.to_string())?;
+        let (resp, mut out) = send
+            .send_request(req, false)
+            .map_err(|e| format!("Subscribe: {e}"))?;
+        let filter = OrgFilter {
+            org_id: d.org.to_string(),
+            kinds: vec![EventKind::Job as i32],
+            after_cursor: d.after_cursor,
+        };
+        let mut msg = BytesMut::with_capacity(5 + filter.encoded_len());
+        msg.put_u8(0);
+        msg.put_u32(filter.encoded_len() as u32);
+        filter.encode(&mut msg).expect("sized buffer");
+        out.send_data(msg.freeze(), true)
+            .map_err(|e| format!("Subscribe: {e}"))?;
+        let resp = resp.await.map_err(|e| format!("Subscribe: {e}"))?;
+        if let Some(status) = resp.headers().get("grpc-status") {
+            let m = resp.headers().get("grpc-message");
+            return Err(format!("Subscribe refused: grpc-status {status:?} {m:?}"));
+        }
+        let mut sub = Subscriber {
+            body: resp.into_body(),
+            buf: BytesMut::new(),
+            last_seq: 0,
+            replayed: 0,
+        };
+        loop {
+            match sub.next().await? {
+                Some(ev) => match ev.payload {
+                    Some(Payload::CaughtUp(_)) => return Ok(sub),
+                    Some(Payload::Resync(r)) => return Err(format!("resync: {}", r.reason)),
+                    _ => {
+                        if sub.count(&ev, tally) {
+                            sub.replayed += 1;
+                        }
+                    }
+                },
+                None => return Err("stream ended before caught_up".into()),
+            }
+        }
+    }
+
+    /// Reads the live stream until it ends, counting into `tally`.
+    pub async fn run(mut self, tally: Arc<Tally>) {
+        loop {
+            match self.next().await {
+                Ok(Some(ev)) => {
+                    self.count(&ev, &tally);
+                }
+                Ok(None) => {
+                    tally.broken.fetch_add(1, Relaxed);
+                    tally.error("a stream ended".into());
+                    return;
+                }
+                Err(e) => {
+                    tally.broken.fetch_add(1, Relaxed);
+                    tally.error(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Counts a `job_updated`: order, latency, totals. False for any other event.
+    fn count(&mut self, ev: &Event, tally: &Tally) -> bool {
+        if !matches!(ev.payload, Some(Payload::JobUpdated(_))) {
+            return false;
+        }
+        let now = now_us();
+        if ev.seq <= self.last_seq {
+            tally.out_of_order.fetch_add(1, Relaxed);
+        }
+        self.last_seq = ev.seq;
+        if let Some(t) = &ev.time {
+            let sent = t.seconds as u64 * 1_000_000 + t.nanos as u64 / 1000;
+            tally
+                .latency
+                .lock()
+                .unwrap()
+                .record(now.saturating_sub(sent));
+        }
+        tally.last_us.fetch_max(now, Relaxed);
+        tally.received.fetch_add(1, Relaxed);
+        true
+    }
+
+    /// The next gRPC message of the stream; None at its end (an error if with a non-OK status).
+    async fn next(&mut self) -> Result<Option<Event>, String> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes(self.buf[1..5].try_into().expect("4 bytes")) as usize;
+                if self.buf.len() >= 5 + len {
+                    self.buf.advance(5);
+                    let msg = self.buf.split_to(len);
+                    return Event::decode(msg)
+                        .map(Some)
+                        .map_err(|e| format!("bad Event: {e}"));
+                }
+            }
+            match self.body.data().await {
+                Some(Ok(chunk)) => {
+                    let _ = self.body.flow_control().release_capacity(chunk.len());
+                    self.buf.extend_from_slice(&chunk);
+                }
+                Some(Err(e)) => return Err(format!("stream: {e}")),
+                None => {
+                    let trailers = self.body.trailers().await.map_err(|e| e.to_string())?;
+                    let status = trailers
+                        .as_ref()
+                        .and_then(|t| t.get("grpc-status"))
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("?");
+                    if status == "0" {
+                        return Ok(None);
+                    }
+                    let m = trailers.as_ref().and_then(|t| t.get("grpc-message"));
+                    return Err(format!("stream ended: grpc-status {status} {m:?}"));
+                }
+            }
+        }
+    }
+}
+
+/// The `n`-th of `count` source addresses: 127.0.0.1, 127.0.0.2, ...
+pub fn source(n: usize, count: usize) -> IpAddr {
+    IpAddr::from([127, 0, 0, 1 + (n % count.max(1)) as u8])
+}
+
+/// Polls `tally` until `expected` deliveries arrived, nothing arrived for `stall`, or `timeout`;
+/// true when complete.
+pub async fn wait_for(tally: &Tally, expected: u64, stall: Duration, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = (0, tokio::time::Instant::now());
+    loop {
+        let got = tally.received.load(Relaxed);
+        if got >= expected {
+            return true;
+        }
+        let now = tokio::time::Instant::now();
+        if got != last.0 {
+            last = (got, now);
+        }
+        if now >= deadline || now - last.1 >= stall || tally.broken.load(Relaxed) > 0 {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

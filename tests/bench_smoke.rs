@@ -1,0 +1,97 @@
+//! Smoke run of `orgpulse bench` at tiny sizes, so the benchmark cannot rot: the real CLI starts
+//! the real server (and, in the second case, targets one started by the test harness) and must
+//! print one JSON line with every delivery accounted for. The full runs are in BENCHMARKS.md.
+mod support;
+
+use std::{process::Stdio, time::Duration};
+
+use serde_json::Value;
+use support::{SECRET, TestServer, workspace_bin};
+use tokio::process::Command;
+
+/// Runs `orgpulse bench ARGS` unpinned with short bounds; returns its one JSON line.
+async fn bench(args: &[&str]) -> Value {
+    let mut cmd = Command::new(workspace_bin("orgpulse"));
+    cmd.arg("bench")
+        .args(["--server-cpus", "", "--client-cpus", ""])
+        .args(["--settle", "0s", "--stall", "5s", "--phase-timeout", "30s"])
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("bench finished within 60 s")
+        .expect("bench ran");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "bench {args:?} failed: {}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON line expected: {stdout}");
+    serde_json::from_str(lines[0]).expect("valid JSON")
+}
+
+fn number(v: &Value, field: &str) -> f64 {
+    v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} is not a number in {v}"))
+}
+
+#[tokio::test]
+async fn fan_out_run_accounts_for_every_delivery() {
+    let server = workspace_bin("orgpulse-server");
+    let v = bench(&[
+        "--scenario",
+        "a",
+        "--subscribers",
+        "5",
+        "--events",
+        "20",
+        "--server-bin",
+        server.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["connected"], 5);
+    assert_eq!(v["deliveriesExpected"], 100);
+    assert_eq!(v["deliveriesReceived"], 100);
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["outOfOrder"], 0);
+    assert!(number(&v, "deliveriesPerSec") > 0.0);
+    assert!(number(&v, "serverCpuUsPerDelivery") >= 0.0);
+    assert!(number(&v, "rssPerConnKB").is_finite());
+    for q in ["p50", "p90", "p99", "max"] {
+        let ms = v["latencyMs"][q].as_f64().expect("latency quantile");
+        assert!((0.0..30_000.0).contains(&ms), "{q} = {ms} ms");
+    }
+    assert!(number(&v["serverRssMB"], "afterConnect") > 0.0);
+}
+
+#[tokio::test]
+async fn catchup_against_a_running_server() {
+    let server = TestServer::start().await;
+    let secret = server.dir.join("jwt-secret");
+    assert!(std::fs::read_to_string(&secret).unwrap().contains(SECRET));
+    let v = bench(&[
+        "--scenario",
+        "catchup",
+        "--events",
+        "300",
+        "--writers",
+        "3",
+        "--server",
+        &server.url,
+        "--secret-file",
+        secret.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["server"], server.url.as_str());
+    assert_eq!(v["deliveriesExpected"], 300);
+    assert_eq!(v["deliveriesReceived"], 300);
+    assert!(number(&v, "catchupEventsPerSec") > 0.0);
+    assert!(number(&v, "backlogWritesPerSec") > 0.0);
+}
