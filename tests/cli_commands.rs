@@ -492,3 +492,16 @@ async fn watch_kinds_filter() {
     assert_eq!(seq_of(&first), 2, "seq 1 (the job) was filtered out");
     w.kill().await;
 }
+
+/// A malformed cursor is the caller's mistake: exit 2 at once, for `watch` as for `poll`.
+#[tokio::test]
+async fn malformed_cursor_is_a_usage_error() {
+    let server = TestServer::start().await;
+    let s = [server.url.as_str()];
+    let viewer = token(ORG, "vic", "viewer");
+    for cmd in ["watch", "poll"] {
+        let (code, err) = fails(&s, &viewer, &[cmd, "--cursor", "not-a-cursor"]).await;
+        assert_eq!(code, 2, "{cmd}: {err}");
+        assert!(err.contains("invalid argument"), "{cmd}: {err}");
+    }
+}
