@@ -87,7 +87,17 @@ pub type Watch = BoxStream<'static, Result<WatchItem, Error>>;
 
 impl Client {
     /// Watches the org's events after `from` (a cursor), or live from now when `from` is `None`
-    /// or empty. See the module docs for the guarantees.
+    /// or empty.
+    ///
+    /// The stream never ends by itself on a broken connection, a restarting server or an expired
+    /// token: it reconnects with backoff (moving to the next endpoint when one cannot be reached),
+    /// re-fetches an expired token from a file or command source and resumes at once, always from
+    /// the cursor of the last event it yielded. Durable events come exactly once, in seq order
+    /// (any seq at or below the last one yielded is dropped); when the server cannot serve the
+    /// cursor it yields [`ConnState::Resynced`] and the `resync` event, and the caller should
+    /// reload its snapshot. It ends, after yielding the error, only on what retrying cannot fix:
+    /// an invalid token, a forbidden org, a malformed cursor. Streams silent for longer than
+    /// [`ClientConfig::idle_timeout`](super::ClientConfig::idle_timeout) are treated as broken.
     pub fn watch(&self, filter: WatchFilter, from: Option<String>) -> Watch {
         let watcher = Watcher {
             client: self.clone(),
