@@ -230,6 +230,13 @@ async fn watch_rotates_short_lived_tokens_from_a_file() {
         expiries >= 2,
         "expected the stream to end with 'token expired' repeatedly, saw {expiries}"
     );
+    let resumed: Vec<Duration> = w
+        .stderr
+        .windows(2)
+        .filter(|p| p[0].text.contains("expired") && p[1].text.contains("connected"))
+        .map(|p| p[1].at - p[0].at)
+        .collect();
+    eprintln!("{expiries} token expiries, resumed after {resumed:?}");
     assert!(
         w.child.try_wait().unwrap().is_none(),
         "the watch never exits"
