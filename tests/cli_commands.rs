@@ -465,6 +465,15 @@ async fn environment_and_token_sources() {
         "--token-command"
     );
 
+    // A flag beats the environment.
+    let mut cmd = orgpulse(&[], &token(ORG, "erin", "member"));
+    cmd.env("ORGPULSE_TOKEN_FILE", dir.0.join("missing"));
+    with(&mut cmd);
+    assert!(
+        cmd.output().await.unwrap().status.success(),
+        "--token over ORGPULSE_TOKEN_FILE"
+    );
+
     let mut cmd = orgpulse(&[], "");
     cmd.arg("--token-file").arg(dir.0.join("missing"));
     with(&mut cmd);
@@ -504,4 +513,11 @@ async fn malformed_cursor_is_a_usage_error() {
         assert_eq!(code, 2, "{cmd}: {err}");
         assert!(err.contains("invalid argument"), "{cmd}: {err}");
     }
+}
+
+/// Two token flags at once are a usage error.
+#[tokio::test]
+async fn token_flags_exclude_each_other() {
+    let out = run(&[], "abc", &["jobs", "list", "--token-file", "f"]).await;
+    assert_eq!(out.status.code(), Some(2));
 }

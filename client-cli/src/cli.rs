@@ -26,9 +26,9 @@ Examples:
 
 /// The orgpulse command-line client: watch an org's events live, manage jobs and notifications.
 ///
-/// The token comes from the first of --token-command, --token-file and --token that is given
-/// (or ORGPULSE_TOKEN_FILE / ORGPULSE_TOKEN). A token file or command is read again whenever the
-/// token expires, so a long-running `watch` survives token rotation.
+/// The token comes from one of --token, --token-file and --token-command; without any of them,
+/// from $ORGPULSE_TOKEN_FILE, else $ORGPULSE_TOKEN. A token file or command is read again
+/// whenever the token expires, so a long-running `watch` survives token rotation.
 #[derive(Parser, Debug)]
 #[command(name = "orgpulse", version, after_help = format!("{MAIN_EXAMPLES}\n\n{EXIT_CODES}"))]
 pub struct Cli {
@@ -50,11 +50,11 @@ pub struct Global {
         global = true
     )]
     pub servers: Vec<String>,
-    /// Bearer token (JWT).
-    #[arg(long, env = "ORGPULSE_TOKEN", hide_env_values = true, global = true)]
+    /// Bearer token (JWT) [env: ORGPULSE_TOKEN].
+    #[arg(long, global = true)]
     pub token: Option<String>,
-    /// File holding the token; re-read whenever the token expires.
-    #[arg(long, env = "ORGPULSE_TOKEN_FILE", global = true)]
+    /// File holding the token; re-read whenever the token expires [env: ORGPULSE_TOKEN_FILE].
+    #[arg(long, global = true)]
     pub token_file: Option<PathBuf>,
     /// Shell command printing the token on stdout; re-run whenever the token expires.
     #[arg(long, global = true)]

@@ -88,12 +88,32 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 
 /// The client for the global options; `forever` retries unreachable servers without limit.
 fn client(g: &Global, idle: Option<Duration>, forever: bool) -> Result<Client, CliError> {
+    let flags = [
+        g.token.is_some(),
+        g.token_file.is_some(),
+        g.token_command.is_some(),
+    ];
+    if flags.iter().filter(|given| **given).count() > 1 {
+        return Err(CliError::usage(
+            "give only one of --token, --token-file and --token-command",
+        ));
+    }
+    // A flag beats the environment; ORGPULSE_TOKEN_FILE beats ORGPULSE_TOKEN.
+    let env = |var| {
+        std::env::var(var)
+            .ok()
+            .filter(|v: &String| !v.trim().is_empty())
+    };
     let token = if let Some(cmd) = &g.token_command {
         TokenSource::Command(cmd.clone())
     } else if let Some(file) = &g.token_file {
         TokenSource::File(file.clone())
     } else if let Some(t) = &g.token {
         TokenSource::Static(t.clone())
+    } else if let Some(file) = env("ORGPULSE_TOKEN_FILE") {
+        TokenSource::File(file.into())
+    } else if let Some(t) = env("ORGPULSE_TOKEN") {
+        TokenSource::Static(t)
     } else {
         TokenSource::None
     };
