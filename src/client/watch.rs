@@ -99,19 +99,7 @@ impl Client {
     /// an invalid token, a forbidden org, a malformed cursor. Streams silent for longer than
     /// [`ClientConfig::idle_timeout`](super::ClientConfig::idle_timeout) are treated as broken.
     pub fn watch(&self, filter: WatchFilter, from: Option<String>) -> Watch {
-        let watcher = Watcher {
-            client: self.clone(),
-            backoff: Backoff::new(self.inner.config.backoff),
-            filter,
-            cursor: from.unwrap_or_default(),
-            last_seq: 0,
-            token: None,
-            stream: None,
-            delay: None,
-            expired_in_a_row: 0,
-            pending: VecDeque::new(),
-            done: false,
-        };
+        let watcher = Watcher::new(self.clone(), filter, from);
         Box::pin(stream::unfold(watcher, |mut w| async move {
             let item = w.next().await?;
             Some((item, w))
@@ -140,6 +128,22 @@ struct Watcher {
 }
 
 impl Watcher {
+    fn new(client: Client, filter: WatchFilter, from: Option<String>) -> Self {
+        Watcher {
+            backoff: Backoff::new(client.inner.config.backoff),
+            client,
+            filter,
+            cursor: from.unwrap_or_default(),
+            last_seq: 0,
+            token: None,
+            stream: None,
+            delay: None,
+            expired_in_a_row: 0,
+            pending: VecDeque::new(),
+            done: false,
+        }
+    }
+
     async fn next(&mut self) -> Option<Result<WatchItem, Error>> {
         loop {
             if let Some(item) = self.pending.pop_front() {
@@ -281,5 +285,56 @@ impl Watcher {
             }));
         self.delay = Some(delay);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        client::ClientConfig,
+        proto::{CaughtUp, Resync},
+    };
+
+    fn event(seq: u64, cursor: &str, payload: Option<Payload>) -> Event {
+        Event {
+            seq,
+            cursor: cursor.into(),
+            payload,
+            ..Default::default()
+        }
+    }
+
+    fn seqs(w: &mut Watcher) -> Vec<u64> {
+        w.pending
+            .drain(..)
+            .filter_map(|i| match i {
+                WatchItem::Event(e) => Some(e.seq),
+                WatchItem::State(_) => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn repeated_seqs_are_dropped_until_a_resync() {
+        let client = Client::new(ClientConfig::default()).unwrap();
+        let mut w = Watcher::new(client, WatchFilter::default(), None);
+        let job = || Some(Payload::JobDeleted(Default::default()));
+        for (seq, cursor) in [(1, "c1"), (2, "c2"), (2, "c2"), (1, "c1"), (3, "c3")] {
+            w.accept(event(seq, cursor, job()));
+        }
+        assert_eq!(seqs(&mut w), [1, 2, 3]);
+        assert_eq!(w.cursor, "c3");
+        w.accept(event(0, "c3", Some(Payload::CaughtUp(CaughtUp {}))));
+        w.accept(event(0, "e1", Some(Payload::Resync(Resync::default()))));
+        assert_eq!(w.cursor, "e1");
+        assert!(
+            w.pending
+                .iter()
+                .any(|i| matches!(i, WatchItem::State(ConnState::Resynced { .. })))
+        );
+        w.pending.clear();
+        w.accept(event(1, "e1-1", job()));
+        assert_eq!(seqs(&mut w), [1], "a new log starts again at 1");
     }
 }
