@@ -24,9 +24,11 @@ use tonic::{
 
 pub const SECRET: &str = "e2e-test-secret-0123456789abcdef";
 
-/// Path of a binary built by this workspace (`cargo test --workspace` builds every bin first).
+/// Path of a binary built by this workspace. `cargo test --workspace` builds them before any test
+/// runs because their packages have integration tests of their own (`server/tests`,
+/// `client-cli/tests`); `ORGPULSE_SERVER_BIN` / `ORGPULSE_BIN` override the path.
 pub fn workspace_bin(name: &str) -> PathBuf {
-    let var = format!("ORGPULSE_{}_BIN", name.to_uppercase().replace('-', "_"));
+    let var = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
     if let Ok(p) = std::env::var(&var) {
         return PathBuf::from(p);
     }
