@@ -40,6 +40,7 @@ pub struct Cli {
 
 /// Options every command takes.
 #[derive(Args, Debug)]
+#[command(next_help_heading = "Global options")]
 pub struct Global {
     /// Server URL; repeat (or comma-separate) to fail over to the next one when one is down.
     #[arg(
@@ -127,7 +128,7 @@ Scenarios and the comparison with socket.io: BENCHMARKS.md. Exit code 1 on any l
 #[derive(Args, Debug)]
 pub struct OrgArg {
     /// Organization id (default: the token's org).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub org: String,
 }
 
@@ -315,13 +316,13 @@ Examples:
         #[command(flatten)]
         org: OrgArg,
         /// Recipient user id (default: every member of the org).
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", hide_default_value = true)]
         user: String,
         /// Title.
         #[arg(long)]
         title: String,
         /// Body text.
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", hide_default_value = true)]
         body: String,
         /// Severity.
         #[arg(long, default_value = "info")]
