@@ -4,8 +4,7 @@
 mod support;
 
 use orgpulse::proto::{
-    DeleteJobRequest, JobStatus, ListJobsRequest, SendNotificationRequest, UpdateJobRequest,
-    event::Payload,
+    DeleteJobRequest, JobStatus, ListJobsRequest, UpdateJobRequest, event::Payload,
 };
 use support::*;
 use tonic::Code;
@@ -38,30 +37,9 @@ async fn changes_reach_every_subscriber_in_order_and_notifications_only_their_us
         .unwrap()
         .into_inner();
     assert_eq!(running.version, 2);
-    let mut notes = server.notifications(&admin).await;
-    notes
-        .send_notification(SendNotificationRequest {
-            user_id: "bob".into(),
-            title: "for bob".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    notes
-        .send_notification(SendNotificationRequest {
-            user_id: "carol".into(),
-            title: "for carol".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    notes
-        .send_notification(SendNotificationRequest {
-            title: "for all".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    notify(&server, &admin, "bob", "for bob").await;
+    notify(&server, &admin, "carol", "for carol").await;
+    notify(&server, &admin, "", "for all").await;
     jobs.delete_job(DeleteJobRequest {
         org_id: "".into(),
         job_id: job.id.clone(),
@@ -183,14 +161,7 @@ async fn stale_or_foreign_cursors_get_resync_and_malformed_is_invalid() {
     let server = TestServer::start_args(&["--retention", "1s"]).await;
     let t = token(ORG, "alice", "member");
     write_n(&server, &t, 3).await;
-    let snapshot = server
-        .jobs(&t)
-        .await
-        .list_jobs(ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let old = cursor_at(&snapshot.cursor, 1);
+    let old = cursor_at(&snapshot(&server, &t).await.cursor, 1);
     // Wait until retention trimmed the log (the server trims on its own timer).
     let deadline = std::time::Instant::now() + WAIT;
     while !log_of(&server.dir, ORG).is_empty() {
@@ -214,14 +185,7 @@ async fn stale_or_foreign_cursors_get_resync_and_malformed_is_invalid() {
     // A cursor of another database (another epoch).
     let other = TestServer::start().await;
     write_n(&other, &t, 2).await;
-    let foreign = other
-        .jobs(&t)
-        .await
-        .list_jobs(ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .cursor;
+    let foreign = snapshot(&other, &t).await.cursor;
     let mut sub = Sub::open(&server, &t, "", &foreign, &[]).await.unwrap();
     assert_eq!(payload_name(&sub.next().await.unwrap()), "resync");
 
@@ -419,12 +383,7 @@ async fn a_subscriber_that_stops_reading_is_cut_off_and_others_keep_up() {
         "alice",
         &[],
     );
-    let metrics = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&server, "/metrics").await;
     assert!(
         metrics.contains("orgpulse_slow_subscriber_disconnects_total 1"),
         "{metrics}"

@@ -4,7 +4,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use orgpulse::proto::{ListJobsRequest, ListOnlineRequest, PollRequest, event::Payload};
+use orgpulse::proto::{PollRequest, event::Payload};
 use support::*;
 
 const ORG: &str = "acme";
@@ -13,14 +13,7 @@ const ORG: &str = "acme";
 async fn poll_answers_at_once_waits_for_the_first_event_and_times_out_empty() {
     let server = TestServer::start().await;
     let t = token(ORG, "alice", "member");
-    let start = server
-        .jobs(&t)
-        .await
-        .list_jobs(ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .cursor;
+    let start = snapshot(&server, &t).await.cursor;
     for i in 0..3 {
         create_job(&server, &t, "", &format!("j{i}")).await;
     }
@@ -71,15 +64,7 @@ async fn poll_answers_at_once_waits_for_the_first_event_and_times_out_empty() {
         })
     };
     // The poll is parked once its caller shows as online (a Poll marks the user present).
-    let mut online = server.events(&t).await;
-    while online
-        .list_online(ListOnlineRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .members
-        .is_empty()
-    {
+    while online(&server, &t).await.is_empty() {
         tokio::task::yield_now().await;
     }
     let job = create_job(&server, &t, "", "wakes the poll").await;
@@ -142,14 +127,7 @@ async fn presence_online_offline_with_grace_and_list_online() {
     assert_eq!(presence(&ev), Some((true, "bob".into())));
     let mut bob2 = Sub::open(&server, &bob_t, "", "", &[1]).await.unwrap();
     bob2.caught_up().await;
-    let members = server
-        .events(&observer_t)
-        .await
-        .list_online(ListOnlineRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .members;
+    let members = online(&server, &observer_t).await;
     let bob = members
         .iter()
         .find(|m| m.user_id == "bob")
@@ -180,14 +158,7 @@ async fn presence_online_offline_with_grace_and_list_online() {
     drop(bob3);
     let ev = observer.until(|e| presence(e).is_some()).await;
     assert_eq!(presence(&ev), Some((false, "bob".into())));
-    let members = server
-        .events(&observer_t)
-        .await
-        .list_online(ListOnlineRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .members;
+    let members = online(&server, &observer_t).await;
     let names: Vec<&str> = members.iter().map(|m| m.user_id.as_str()).collect();
     assert_eq!(names, ["carol", "observer"]);
     // A user of another org never shows up.
@@ -195,13 +166,6 @@ async fn presence_online_offline_with_grace_and_list_online() {
         .await
         .unwrap();
     other.caught_up().await;
-    let members = server
-        .events(&observer_t)
-        .await
-        .list_online(ListOnlineRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .members;
+    let members = online(&server, &observer_t).await;
     assert!(members.iter().all(|m| m.user_id != "gina"));
 }

@@ -266,12 +266,7 @@ async fn cors_preflight_allows_configured_origin_only() {
             .unwrap()
             .starts_with("text/html")
     );
-    let metrics = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&server, "/metrics").await;
     for m in [
         "orgpulse_open_streams",
         "orgpulse_events_committed_total",

@@ -491,3 +491,56 @@ pub fn cursor_at(cursor: &str, seq: u64) -> String {
     b[8..].copy_from_slice(&seq.to_be_bytes());
     URL_SAFE_NO_PAD.encode(b)
 }
+
+/// `GET path` on the server's port, as text.
+pub async fn get_text(server: &TestServer, path: &str) -> String {
+    reqwest::get(format!("{}{path}", server.url))
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("body")
+}
+
+/// `ListJobs` of the token's org with default paging (its `cursor` is the snapshot position).
+pub async fn snapshot(server: &TestServer, token: &str) -> orgpulse::proto::ListJobsResponse {
+    server
+        .jobs(token)
+        .await
+        .list_jobs(orgpulse::proto::ListJobsRequest::default())
+        .await
+        .expect("list_jobs")
+        .into_inner()
+}
+
+/// `ListOnline` of the token's org.
+pub async fn online(server: &TestServer, token: &str) -> Vec<orgpulse::proto::Member> {
+    server
+        .events(token)
+        .await
+        .list_online(orgpulse::proto::ListOnlineRequest::default())
+        .await
+        .expect("list_online")
+        .into_inner()
+        .members
+}
+
+/// Sends a notification titled `title` to `user` ("" = everyone) in the token's org.
+pub async fn notify(
+    server: &TestServer,
+    token: &str,
+    user: &str,
+    title: &str,
+) -> orgpulse::proto::Notification {
+    server
+        .notifications(token)
+        .await
+        .send_notification(orgpulse::proto::SendNotificationRequest {
+            user_id: user.into(),
+            title: title.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("send_notification")
+        .into_inner()
+}
