@@ -103,7 +103,7 @@ mod tests {
         for v in 1..=1000 {
             h.record(v);
         }
-        assert_eq!(h.quantile(0.5), 500);
+        assert!(h.quantile(0.5).abs_diff(500) <= 8);
         assert!(h.quantile(0.99).abs_diff(990) <= 16);
         assert_eq!(h.quantile(1.0), 1000);
     }

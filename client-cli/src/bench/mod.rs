@@ -135,6 +135,7 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
     shape.writers = args.writers.unwrap_or(shape.writers).max(1);
     shape.settle = args.settle.unwrap_or(shape.settle);
     server::raise_nofile(2 * shape.subscribers as u64 + 1024)?;
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     server::pin_self(&args.client_cpus)?;
     let target = match &args.secret_file {
         Some(secret) => Target::attach(url, secret)?,
@@ -150,9 +151,7 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
     out["ok"] = ok.into();
     out["serverCpus"] = args.server_cpus.clone().into();
     out["clientCpus"] = args.client_cpus.clone().into();
-    out["nproc"] = std::thread::available_parallelism()
-        .map_or(0, |n| n.get())
-        .into();
+    out["nproc"] = nproc.into();
     println!("{out}");
     if ok {
         Ok(())
