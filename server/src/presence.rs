@@ -45,15 +45,30 @@ impl Drop for PresenceGuard {
 struct Entry {
     streams: u32,
     since: SystemTime,
+    /// When the last stream closed (while none is open).
+    closed_at: Option<Instant>,
     poll_until: Option<Instant>,
-    /// Bumped on every change, so a pending offline check that is stale does nothing.
-    generation: u64,
+    /// A task is waiting to take this user offline.
+    timer: bool,
 }
+
+impl Entry {
+    /// When the user goes offline if nothing changes; `None` while a stream is open.
+    fn offline_at(&self, grace: Duration) -> Option<Instant> {
+        if self.streams > 0 {
+            return None;
+        }
+        let closed = self.closed_at.map(|t| t + grace);
+        closed.max(self.poll_until)
+    }
+}
+
+type Key = (String, String);
 
 pub struct MemoryPresence {
     hub: Hub,
     grace: Duration,
-    users: Mutex<HashMap<(String, String), Entry>>,
+    users: Mutex<HashMap<Key, Entry>>,
 }
 
 impl MemoryPresence {
@@ -83,59 +98,63 @@ impl MemoryPresence {
         self.hub.deliver_ephemeral(org, ev.encode_to_vec().into());
     }
 
-    /// Marks `user` present (one more stream, or a poll); announces them when they were not.
-    fn touch(self: &Arc<Self>, org: &str, user: &str, stream: bool) {
-        let now = Instant::now();
-        let mut users = self.users.lock();
+    /// Applies `change` to `user`'s entry (created, and announced online, when new), then makes
+    /// sure one timer watches for them going offline.
+    fn update(self: &Arc<Self>, org: &str, user: &str, change: impl FnOnce(&mut Entry)) {
         let key = (org.to_string(), user.to_string());
+        let mut users = self.users.lock();
         let new = !users.contains_key(&key);
-        let e = users.entry(key).or_insert(Entry {
+        let e = users.entry(key.clone()).or_insert(Entry {
             streams: 0,
             since: SystemTime::now(),
+            closed_at: None,
             poll_until: None,
-            generation: 0,
+            timer: false,
         });
-        e.generation += 1;
-        if stream {
-            e.streams += 1;
-        } else {
-            e.poll_until = Some(now + POLL_ONLINE);
-        }
-        let check = (e.streams == 0).then_some((e.generation, now + POLL_ONLINE));
+        change(e);
+        let arm = !e.timer && e.offline_at(self.grace).is_some();
+        e.timer |= arm;
         drop(users);
         if new {
             self.announce(org, user, true);
         }
-        if let Some((generation, at)) = check {
-            self.expire_at(org, user, generation, at);
+        if arm {
+            tokio::spawn(self.clone().offline_timer(key));
         }
     }
 
-    /// At `at`, takes `user` offline unless anything changed since `generation`.
-    fn expire_at(self: &Arc<Self>, org: &str, user: &str, generation: u64, at: Instant) {
-        let me = self.clone();
-        let (org, user) = (org.to_string(), user.to_string());
-        tokio::spawn(async move {
+    /// Sleeps until the user's offline time (which may move while it sleeps), then takes them
+    /// offline; stops early when a stream opens.
+    async fn offline_timer(self: Arc<Self>, key: Key) {
+        loop {
+            let at = {
+                let mut users = self.users.lock();
+                let Some(e) = users.get_mut(&key) else { return };
+                match e.offline_at(self.grace) {
+                    None => {
+                        e.timer = false;
+                        return;
+                    }
+                    Some(at) if at <= Instant::now() => {
+                        users.remove(&key);
+                        drop(users);
+                        self.announce(&key.0, &key.1, false);
+                        return;
+                    }
+                    Some(at) => at,
+                }
+            };
             tokio::time::sleep_until(at).await;
-            let key = (org, user);
-            let mut users = me.users.lock();
-            let gone = users.get(&key).is_some_and(|e| {
-                e.generation == generation
-                    && e.streams == 0
-                    && e.poll_until.is_none_or(|t| t <= Instant::now())
-            });
-            if gone {
-                users.remove(&key);
-                drop(users);
-                me.announce(&key.0, &key.1, false);
-            }
-        });
+        }
     }
 }
 
 impl Presence for MemoryPresence {
     fn connect(self: Arc<Self>, org: &str, user: &str) -> PresenceGuard {
-        self.touch(org, user, true);
+        self.update(org, user, |e| {
+            e.streams += 1;
+            e.closed_at = None;
+        });
         PresenceGuard {
             presence: self,
             org: org.to_string(),
@@ -144,24 +163,18 @@ impl Presence for MemoryPresence {
     }
 
     fn polled(self: Arc<Self>, org: &str, user: &str) {
-        self.touch(org, user, false);
+        self.update(org, user, |e| {
+            e.poll_until = Some(Instant::now() + POLL_ONLINE)
+        });
     }
 
     fn disconnect(self: Arc<Self>, org: &str, user: &str) {
-        let now = Instant::now();
-        let mut users = self.users.lock();
-        let Some(e) = users.get_mut(&(org.to_string(), user.to_string())) else {
-            return;
-        };
-        e.streams = e.streams.saturating_sub(1);
-        e.generation += 1;
-        if e.streams > 0 {
-            return;
-        }
-        let at = (now + self.grace).max(e.poll_until.unwrap_or(now));
-        let generation = e.generation;
-        drop(users);
-        self.expire_at(org, user, generation, at);
+        self.update(org, user, |e| {
+            e.streams = e.streams.saturating_sub(1);
+            if e.streams == 0 {
+                e.closed_at = Some(Instant::now());
+            }
+        });
     }
 
     fn members(&self, org: &str) -> Vec<Member> {

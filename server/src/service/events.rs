@@ -195,8 +195,7 @@ fn subscription(
     async_stream::try_stream! {
         let _gauge = StreamGauge::open();
         let _presence = presence;
-        let log = StreamLog { org: org.clone(), user: audience.user.clone(), sent: 0, end: "client went away" };
-        let mut log = log;
+        let mut log = StreamLog { org: org.clone(), user: audience.user.clone(), sent: 0, end: "client went away" };
         let store = ctx.store.clone();
         let epoch = store.org_epoch(&org);
         let bounds = store.bounds(&org).await?;
