@@ -196,6 +196,22 @@ async fn stale_or_foreign_cursors_get_resync_and_malformed_is_invalid() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
+/// Every job of the org (the test keeps them under one 500-job page).
+async fn one_page(server: &TestServer, token: &str) -> orgpulse::proto::ListJobsResponse {
+    let page = server
+        .jobs(token)
+        .await
+        .list_jobs(ListJobsRequest {
+            page_size: 500,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(page.next_page_token.is_empty(), "all jobs fit one page");
+    page
+}
+
 #[tokio::test]
 async fn snapshot_then_stream_loses_and_duplicates_nothing_under_concurrent_writes() {
     let server = TestServer::start().await;
@@ -252,17 +268,7 @@ async fn snapshot_then_stream_loses_and_duplicates_nothing_under_concurrent_writ
         tokio::task::yield_now().await;
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    let snap = server
-        .jobs(&t)
-        .await
-        .list_jobs(ListJobsRequest {
-            page_size: 500,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(snap.next_page_token.is_empty(), "snapshot fits one page");
+    let snap = one_page(&server, &t).await;
     let mut state: std::collections::BTreeMap<String, orgpulse::proto::Job> =
         snap.jobs.into_iter().map(|j| (j.id.clone(), j)).collect();
     let mut sub = Sub::open(&server, &t, "", &snap.cursor, &[]).await.unwrap();
@@ -302,16 +308,7 @@ async fn snapshot_then_stream_loses_and_duplicates_nothing_under_concurrent_writ
             _ => {}
         }
     }
-    let now = server
-        .jobs(&t)
-        .await
-        .list_jobs(ListJobsRequest {
-            page_size: 500,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let now = one_page(&server, &t).await;
     let mut final_state: Vec<_> = now.jobs;
     final_state.sort_by(|a, b| a.id.cmp(&b.id));
     let rebuilt: Vec<_> = state.into_values().collect();
