@@ -439,3 +439,27 @@ async fn pagination_and_notification_read_state() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
 }
+
+/// A request body that is not the message it should be: INVALID_ARGUMENT, and the server goes on.
+#[tokio::test]
+async fn undecodable_requests_are_invalid_argument() {
+    let server = TestServer::start().await;
+    let t = token("acme", "alice", "admin");
+    let call = |body: Vec<u8>| {
+        reqwest::Client::new()
+            .post(format!("{}/orgpulse.v1.JobService/CreateJob", server.url))
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .header("authorization", format!("Bearer {t}"))
+            .body(body)
+            .send()
+    };
+    // a frame whose payload is not protobuf, and a body with no frame at all
+    let garbage = vec![0u8, 0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff];
+    for body in [garbage, vec![]] {
+        let res = call(body).await.unwrap();
+        assert_eq!(res.headers()["grpc-status"], "3", "{:?}", res.headers());
+    }
+    assert_eq!(get_text(&server, "/healthz").await.trim(), "ok");
+    create_job(&server, &t, "", "still serving").await;
+}

@@ -143,8 +143,10 @@ fn cors(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
     ))
 }
 
-/// One log span per RPC (method, org, user, status, duration). Also maps tonic's OUT_OF_RANGE for
-/// an over-limit request message to RESOURCE_EXHAUSTED, as API.md specifies.
+/// One log span per RPC (method, org, user, status, duration). It also gives bad input that tonic
+/// rejects before our handlers run the status API.md asks for: an over-limit request message
+/// (tonic: OUT_OF_RANGE) is RESOURCE_EXHAUSTED, an undecodable or missing one (tonic: INTERNAL)
+/// is INVALID_ARGUMENT.
 async fn rpc_log(req: Request, next: Next) -> Response {
     let method = req.uri().path().to_string();
     let span = tracing::info_span!(
@@ -161,13 +163,29 @@ async fn rpc_log(req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
         .unwrap_or(0);
-    if code == tonic::Code::OutOfRange as i32 {
-        code = tonic::Code::ResourceExhausted as i32;
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let remapped = if code == tonic::Code::OutOfRange as i32 {
+        Some((
+            tonic::Code::ResourceExhausted,
+            "request%20larger%20than%201%20MiB",
+        ))
+    } else if code == tonic::Code::Internal as i32
+        && (message.starts_with("failed%20to%20decode") || message.starts_with("Missing%20request"))
+    {
+        Some((
+            tonic::Code::InvalidArgument,
+            "request%20message%20is%20not%20valid%20protobuf",
+        ))
+    } else {
+        None
+    };
+    if let Some((new_code, new_message)) = remapped {
+        code = new_code as i32;
         headers.insert("grpc-status", HeaderValue::from(code));
-        headers.insert(
-            "grpc-message",
-            HeaderValue::from_static("request%20larger%20than%201%20MiB"),
-        );
+        headers.insert("grpc-message", HeaderValue::from_static(new_message));
     }
     let status = tonic::Code::from_i32(code);
     let ms = started.elapsed().as_secs_f64() * 1000.0;
