@@ -20,6 +20,15 @@ pub struct Config {
     )]
     pub database: String,
 
+    /// TLS certificate chain (PEM). With --tls-key, the port serves everything over TLS
+    /// (native gRPC over HTTP/2, grpc-web and the dashboard over HTTP/1.1 or HTTP/2).
+    #[arg(long, env = "ORGPULSE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, env = "ORGPULSE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// HS256: file whose bytes, surrounding whitespace trimmed, are the shared secret.
     #[arg(long, env = "ORGPULSE_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,

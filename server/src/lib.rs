@@ -12,5 +12,6 @@ pub mod presence;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod validate;
 pub mod web;

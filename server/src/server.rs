@@ -7,7 +7,10 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::{
+        conn::auto,
+        graceful::{GracefulShutdown, Watcher},
+    },
     service::TowerToHyperService,
 };
 use tokio::net::TcpListener;
@@ -25,6 +28,8 @@ use crate::{
 
 /// How long in-flight calls get to finish after the shutdown signal.
 const DRAIN: Duration = Duration::from_millis(1500);
+/// How long a client may take to complete the TLS handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 
 pub async fn run(
     cfg: Config,
@@ -67,10 +72,15 @@ pub async fn run(
         .max_send_buf_size(64 * 1024)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+        _ => None,
+    };
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     // Tests and scripts wait for this exact line.
-    println!("listening on http://{}", listener.local_addr()?);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("listening on {scheme}://{}", listener.local_addr()?);
     loop {
         let (tcp, _) = tokio::select! {
             _ = &mut shutdown => break,
@@ -85,15 +95,18 @@ pub async fn run(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let conn = http
-            .serve_connection_with_upgrades(
-                TokioIo::new(tcp),
-                TowerToHyperService::new(app.clone()),
-            )
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let (http, app, watcher, tls) =
+            (http.clone(), app.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let served = match tls {
+                None => serve_connection(&http, watcher, tcp, app).await,
+                Some(tls) => match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(tcp)).await {
+                    Ok(Ok(stream)) => serve_connection(&http, watcher, stream, app).await,
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(_) => Err("TLS handshake timed out".into()),
+                },
+            };
+            if let Err(e) = served {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
@@ -108,6 +121,21 @@ pub async fn run(
         tracing::warn!("some connections did not close within {DRAIN:?}");
     }
     Ok(())
+}
+
+/// Serves one connection (plain TCP or TLS) with HTTP/1.1 or HTTP/2, until it closes or the
+/// graceful shutdown ends it.
+async fn serve_connection<I>(
+    http: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    io: I,
+    app: axum::Router,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = http.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app));
+    watcher.watch(conn.into_owned()).await
 }
 
 /// Drops events older than `retention`, on a timer proportional to it.

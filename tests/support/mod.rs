@@ -68,7 +68,7 @@ pub struct TestServer {
     pub child: Child,
     /// `127.0.0.1:PORT`
     pub addr: String,
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` when the server was started with TLS)
     pub url: String,
     pub dir: PathBuf,
     pub args: Vec<String>,
@@ -139,10 +139,10 @@ impl TestServer {
             .expect("spawn orgpulse-server");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        let url = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(rest) = line.strip_prefix("listening on http://") {
-                    return rest.trim().to_string();
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    return url.trim().to_string();
                 }
             }
             panic!("orgpulse-server exited before listening");
@@ -151,9 +151,10 @@ impl TestServer {
         .expect("server did not report its address within 30 s");
         // keep draining stdout so the server never blocks on a full pipe
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let addr = url.split_once("://").expect("scheme").1.to_string();
         TestServer {
             child,
-            url: format!("http://{addr}"),
+            url,
             addr,
             dir,
             args,
