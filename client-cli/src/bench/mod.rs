@@ -134,7 +134,9 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
     shape.rate = args.rate.unwrap_or(shape.rate);
     shape.writers = args.writers.unwrap_or(shape.writers).max(1);
     shape.settle = args.settle.unwrap_or(shape.settle);
-    server::raise_nofile(2 * shape.subscribers as u64 + 1024)?;
+    // One socket per subscriber here and in a started server (which inherits the limit), plus
+    // a few dozen for writers, the database and stdio.
+    server::raise_nofile(shape.subscribers as u64 + 64)?;
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     server::pin_self(&args.client_cpus)?;
     let target = match &args.secret_file {

@@ -214,22 +214,24 @@ pub fn pin_self(cpus: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Raises this process's open-file limit to at least `want` (the started server inherits it).
+/// Raises this process's open-file limit to at least `want` (the started server inherits it):
+/// the soft limit up to the hard one, the hard one too when privileged.
 pub fn raise_nofile(want: u64) -> Result<(), CliError> {
-    // SAFETY: getrlimit/setrlimit on a local struct.
+    // SAFETY: getrlimit/setrlimit on local structs.
     unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
         if lim.rlim_cur >= want {
             return Ok(());
         }
-        let new = libc::rlimit {
+        let raised = libc::rlimit {
             rlim_cur: want,
             rlim_max: lim.rlim_max.max(want),
         };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &new) != 0 {
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
             return Err(fail(format!(
-                "ulimit -n {want} needed ({} allowed): {}",
+                "{want} open files needed, the hard limit is {} and cannot be raised here ({}); \
+                 use fewer --subscribers",
                 lim.rlim_max,
                 std::io::Error::last_os_error()
             )));
