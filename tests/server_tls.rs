@@ -100,6 +100,16 @@ async fn grpc_over_tls() {
         .unwrap()
         .unwrap();
     assert!(matches!(&ev.payload, Some(Payload::JobCreated(j)) if j.id == job.id));
+    // The CLI (the client library) talks https:// with --ca-cert.
+    let out = tokio::process::Command::new(workspace_bin("orgpulse"))
+        .args(["--server", &server.url, "--token", &t, "--ca-cert"])
+        .arg(&cert)
+        .args(["jobs", "get", &job.id])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("over tls"));
     // Plaintext HTTP/2 to the TLS port fails.
     let plain = Endpoint::from_shared(format!("http://{}", server.addr))
         .unwrap()

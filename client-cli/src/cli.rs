@@ -51,6 +51,9 @@ pub struct Global {
         global = true
     )]
     pub servers: Vec<String>,
+    /// PEM certificate to trust for https:// servers, besides the system's roots.
+    #[arg(long, env = "ORGPULSE_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
     /// Bearer token (JWT) [env: ORGPULSE_TOKEN].
     #[arg(long, global = true)]
     pub token: Option<String>,

@@ -133,6 +133,12 @@ fn client(g: &Global, idle: Option<Duration>, forever: bool) -> Result<Client, C
         call_attempts: if forever { u32::MAX } else { g.attempts.max(1) },
         call_timeout: g.timeout,
         idle_timeout: idle.unwrap_or(defaults.idle_timeout),
+        ca_certificate: match &g.ca_cert {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                orgpulse::client::Error::Config(format!("--ca-cert {}: {e}", path.display()))
+            })?),
+            None => None,
+        },
         ..defaults
     })?)
 }

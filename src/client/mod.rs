@@ -38,7 +38,7 @@ use std::{
 use tonic::{
     Request, Response, Status,
     metadata::MetadataValue,
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
 
 pub use backoff::BackoffConfig;
@@ -61,7 +61,7 @@ use token::Tokens;
 /// How a [`Client`] connects, authenticates and retries.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Server URLs (`http://host:port`), tried in order; the client moves to the next one when
+    /// Server URLs (`http://host:port`, or `https://` for a server with TLS), tried in order; the client moves to the next one when
     /// the current one fails.
     pub endpoints: Vec<String>,
     /// Where the bearer token comes from.
@@ -78,6 +78,8 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// A watch reconnects when its stream has been silent (not even a heartbeat) for this long.
     pub idle_timeout: Duration,
+    /// PEM certificate(s) trusted for `https://` endpoints, besides the system's roots.
+    pub ca_certificate: Option<Vec<u8>>,
 }
 
 impl Default for ClientConfig {
@@ -90,6 +92,7 @@ impl Default for ClientConfig {
             call_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(45),
+            ca_certificate: None,
         }
     }
 }
@@ -123,8 +126,17 @@ impl Client {
             .endpoints
             .iter()
             .map(|url| {
-                let ep = Endpoint::from_shared(url.clone())
+                let mut ep = Endpoint::from_shared(url.clone())
                     .map_err(|e| Error::Config(format!("bad server URL {url:?}: {e}")))?;
+                if url.starts_with("https://") {
+                    let mut tls = ClientTlsConfig::new().with_native_roots();
+                    if let Some(pem) = &config.ca_certificate {
+                        tls = tls.ca_certificate(Certificate::from_pem(pem));
+                    }
+                    ep = ep
+                        .tls_config(tls)
+                        .map_err(|e| Error::Config(format!("TLS for {url:?}: {e}")))?;
+                }
                 Ok(ep
                     .connect_timeout(config.connect_timeout)
                     .tcp_nodelay(true)
