@@ -243,19 +243,30 @@ fn subscription(
         tokio::pin!(shutdown, expiry, idle);
         let mut last_sent = Instant::now();
         loop {
-            let wake = tokio::select! {
-                biased;
-                _ = &mut shutdown => Wake::Shutdown,
-                _ = &mut expiry => Wake::Expired,
-                item = reg.rx.recv() => Wake::Item(item),
-                _ = &mut idle => {
-                    let due = last_sent + ctx.heartbeat;
-                    if Instant::now() < due {
-                        idle.as_mut().reset(due);
-                        continue;
+            // An event already queued is taken without a select over all four (polling the timers
+            // and the shutdown signal costs more than the delivery); shutdown and expiry still
+            // come first.
+            let queued = if ctx.shutdown.is_cancelled() || expiry.is_elapsed() {
+                None
+            } else {
+                reg.rx.try_recv().ok()
+            };
+            let wake = match queued {
+                Some(item) => Wake::Item(Some(item)),
+                None => tokio::select! {
+                    biased;
+                    _ = &mut shutdown => Wake::Shutdown,
+                    _ = &mut expiry => Wake::Expired,
+                    item = reg.rx.recv() => Wake::Item(item),
+                    _ = &mut idle => {
+                        let due = last_sent + ctx.heartbeat;
+                        if Instant::now() < due {
+                            idle.as_mut().reset(due);
+                            continue;
+                        }
+                        Wake::Heartbeat
                     }
-                    Wake::Heartbeat
-                }
+                },
             };
             match wake {
                 Wake::Item(Some(item)) if item.seq == 0 => yield item.bytes,
