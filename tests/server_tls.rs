@@ -108,7 +108,11 @@ async fn grpc_over_tls() {
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("over tls"));
     // Plaintext HTTP/2 to the TLS port fails.
     let plain = Endpoint::from_shared(format!("http://{}", server.addr))

@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS events (
   data BLOB NOT NULL,
   PRIMARY KEY (org_id, seq)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS events_by_time ON events (created_ms);
+DROP INDEX IF EXISTS events_by_time;
 CREATE TABLE IF NOT EXISTS jobs (
   org_id TEXT NOT NULL,
   id TEXT NOT NULL,
@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS requests (
   data BLOB NOT NULL,
   PRIMARY KEY (org_id, kind, request_id)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS requests_by_time ON requests (created_ms);
 ";
 
 /// Called once the batch a write was part of has committed (or failed to).
@@ -109,15 +110,15 @@ impl Appender {
         audience: Option<&str>,
         payload: Payload,
     ) -> Result<u64> {
-        let seq: u64 = conn
-            .query_row(
-                "INSERT INTO org_log (org_id, last_seq) VALUES (?1, 1)
-                 ON CONFLICT (org_id) DO UPDATE SET last_seq = last_seq + 1
-                 RETURNING last_seq",
-                [org],
-                |r| r.get(0),
-            )
-            .map_err(db)?;
+        let seq: u64 = first_row(
+            conn,
+            "INSERT INTO org_log (org_id, last_seq) VALUES (?1, 1)
+             ON CONFLICT (org_id) DO UPDATE SET last_seq = last_seq + 1
+             RETURNING last_seq",
+            [org],
+            |r| r.get(0),
+        )?
+        .ok_or_else(|| StoreError::Internal("org_log upsert returned no row".into()))?;
         let kind = payload_kind(&payload);
         let bytes = encode_event(
             org_epoch(self.db_epoch, org),
@@ -127,21 +128,19 @@ impl Appender {
             self.now,
             payload,
         );
-        conn.prepare_cached(
+        exec(
+            conn,
             "INSERT INTO events (org_id, seq, kind, audience, created_ms, data)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .and_then(|mut st| {
-            st.execute(params![
+            params![
                 org,
                 seq,
                 kind as i32,
                 audience,
                 millis(self.now),
                 &bytes[..]
-            ])
-        })
-        .map_err(db)?;
+            ],
+        )?;
         self.events.push(CommittedEvent {
             org: org.into(),
             seq,
@@ -151,6 +150,26 @@ impl Appender {
         });
         Ok(seq)
     }
+}
+
+/// Runs a statement through the connection's statement cache: parsed once per connection, not on
+/// every write.
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<usize> {
+    conn.prepare_cached(sql)
+        .and_then(|mut st| st.execute(params))
+        .map_err(db)
+}
+
+/// The first row of a cached query, `None` when there is none.
+fn first_row<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Option<T>> {
+    conn.prepare_cached(sql)
+        .and_then(|mut st| st.query_row(params, f).optional())
+        .map_err(db)
 }
 
 fn db(e: rusqlite::Error) -> StoreError {
@@ -167,6 +186,7 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF;",
     )?;
+    conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
 
@@ -265,7 +285,7 @@ fn write_loop(
             events: Vec::new(),
         };
         let mut finishes = Vec::with_capacity(batch.len());
-        let mut result = conn.execute_batch("BEGIN IMMEDIATE").map_err(db);
+        let mut result = exec(&conn, "BEGIN IMMEDIATE", []).map(drop);
         for op in batch {
             if result.is_err() {
                 let (_, finish) = op(&conn, &mut app);
@@ -273,18 +293,21 @@ fn write_loop(
                 continue;
             }
             let kept = app.events.len();
-            result = conn.execute_batch("SAVEPOINT w").map_err(db);
+            result = exec(&conn, "SAVEPOINT w", []).map(drop);
             let (ok, finish) = op(&conn, &mut app);
             finishes.push(finish);
             if ok {
-                result = result.and(conn.execute_batch("RELEASE w").map_err(db));
+                result = result.and(exec(&conn, "RELEASE w", []).map(drop));
             } else {
                 app.events.truncate(kept);
-                result = result.and(conn.execute_batch("ROLLBACK TO w; RELEASE w").map_err(db));
+                result = result
+                    .and(exec(&conn, "ROLLBACK TO w", []))
+                    .and(exec(&conn, "RELEASE w", []))
+                    .map(drop);
             }
         }
         if result.is_ok() {
-            result = conn.execute_batch("COMMIT").map_err(db);
+            result = exec(&conn, "COMMIT", []).map(drop);
         }
         if result.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
@@ -310,32 +333,33 @@ fn remembered(
         return Ok(None);
     }
     let since = millis(SystemTime::now() - IDEMPOTENCY_WINDOW);
-    conn.query_row(
+    first_row(
+        conn,
         "SELECT data FROM requests WHERE org_id = ?1 AND kind = ?2 AND request_id = ?3 AND created_ms >= ?4",
         params![org, kind, request_id, since],
         |r| r.get(0),
     )
-    .optional()
-    .map_err(db)
 }
 
 fn remember(conn: &Connection, org: &str, kind: &str, request_id: &str, data: &[u8]) -> Result<()> {
     if request_id.is_empty() {
         return Ok(());
     }
-    conn.execute(
+    exec(
+        conn,
         "INSERT OR REPLACE INTO requests (org_id, kind, request_id, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![org, kind, request_id, millis(SystemTime::now()), data],
-    )
-    .map_err(db)?;
+    )?;
     Ok(())
 }
 
 fn load_job(conn: &Connection, org: &str, id: &str) -> Result<Job> {
-    let data: Option<Vec<u8>> = conn
-        .prepare_cached("SELECT data FROM jobs WHERE org_id = ?1 AND id = ?2")
-        .and_then(|mut st| st.query_row([org, id], |r| r.get(0)).optional())
-        .map_err(db)?;
+    let data: Option<Vec<u8>> = first_row(
+        conn,
+        "SELECT data FROM jobs WHERE org_id = ?1 AND id = ?2",
+        [org, id],
+        |r| r.get(0),
+    )?;
     match data {
         Some(d) => decode(&d),
         None => Err(StoreError::NotFound(format!("job {id} not found"))),
@@ -343,11 +367,11 @@ fn load_job(conn: &Connection, org: &str, id: &str) -> Result<Job> {
 }
 
 fn save_job(conn: &Connection, job: &Job) -> Result<()> {
-    conn.prepare_cached(
+    exec(
+        conn,
         "INSERT OR REPLACE INTO jobs (org_id, id, status, data) VALUES (?1, ?2, ?3, ?4)",
-    )
-    .and_then(|mut st| st.execute(params![job.org_id, job.id, job.status, job.encode_to_vec()]))
-    .map_err(db)?;
+        params![job.org_id, job.id, job.status, job.encode_to_vec()],
+    )?;
     Ok(())
 }
 
@@ -643,18 +667,111 @@ impl Store for SqliteStore {
         let cutoff = millis(before);
         let requests_cutoff = millis(SystemTime::now() - IDEMPOTENCY_WINDOW);
         self.write(move |conn, _| {
-            conn.execute(
-                "UPDATE org_log SET floor_seq = MAX(floor_seq, (SELECT MAX(seq) FROM events e
-                   WHERE e.org_id = org_log.org_id AND e.created_ms < ?1))
-                 WHERE EXISTS (SELECT 1 FROM events e WHERE e.org_id = org_log.org_id AND e.created_ms < ?1)",
-                [cutoff],
-            )
-            .map_err(db)?;
-            let n = conn.execute("DELETE FROM events WHERE created_ms < ?1", [cutoff]).map_err(db)?;
-            conn.execute("DELETE FROM requests WHERE created_ms < ?1", [requests_cutoff])
+            let orgs: Vec<(String, LogBounds)> = conn
+                .prepare_cached("SELECT org_id, floor_seq, last_seq FROM org_log")
+                .and_then(|mut st| {
+                    st.query_map([], |r| {
+                        Ok((
+                            r.get(0)?,
+                            LogBounds {
+                                floor: r.get(1)?,
+                                head: r.get(2)?,
+                            },
+                        ))
+                    })?
+                    .collect()
+                })
                 .map_err(db)?;
+            let mut n = 0;
+            for (org, b) in orgs {
+                let upto = last_older_than(conn, &org, b, cutoff)?;
+                if upto > b.floor {
+                    n += exec(
+                        conn,
+                        "DELETE FROM events WHERE org_id = ?1 AND seq <= ?2",
+                        params![org, upto],
+                    )?;
+                    exec(
+                        conn,
+                        "UPDATE org_log SET floor_seq = ?2 WHERE org_id = ?1",
+                        params![org, upto],
+                    )?;
+                }
+            }
+            exec(
+                conn,
+                "DELETE FROM requests WHERE created_ms < ?1",
+                [requests_cutoff],
+            )?;
             Ok(n as u64)
         })
         .await
+    }
+}
+
+/// The last seq of `org`'s retained log (`b.floor+1 ..= b.head`) committed before `cutoff`, or
+/// `b.floor` when there is none: a binary search over seq, since commit time grows with seq.
+fn last_older_than(conn: &Connection, org: &str, b: LogBounds, cutoff: i64) -> Result<u64> {
+    let time_of = |seq: u64| {
+        first_row(
+            conn,
+            "SELECT created_ms FROM events WHERE org_id = ?1 AND seq = ?2",
+            params![org, seq],
+            |r| r.get::<_, i64>(0),
+        )
+    };
+    // Most orgs have nothing to trim: one lookup says so.
+    if b.head == b.floor || time_of(b.floor + 1)?.is_none_or(|t| t >= cutoff) {
+        return Ok(b.floor);
+    }
+    let (mut lo, mut hi) = (b.floor + 1, b.head);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        match time_of(mid)? {
+            Some(t) if t < cutoff => lo = mid,
+            _ => hi = mid - 1,
+        }
+    }
+    Ok(lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_boundary_is_found_by_seq() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        // seqs 4..=13 committed at t = 40, 50, ... 130 (seqs 1-3 already trimmed: floor 3)
+        for seq in 4..=13u64 {
+            exec(
+                &conn,
+                "INSERT INTO events (org_id, seq, kind, audience, created_ms, data) VALUES ('o', ?1, 1, NULL, ?2, x'')",
+                params![seq, seq as i64 * 10],
+            )
+            .unwrap();
+        }
+        let b = LogBounds { floor: 3, head: 13 };
+        for (cutoff, want) in [
+            (0, 3),
+            (40, 3),
+            (41, 4),
+            (85, 8),
+            (130, 12),
+            (131, 13),
+            (1000, 13),
+        ] {
+            assert_eq!(
+                last_older_than(&conn, "o", b, cutoff).unwrap(),
+                want,
+                "cutoff {cutoff}"
+            );
+        }
+        let empty = LogBounds {
+            floor: 13,
+            head: 13,
+        };
+        assert_eq!(last_older_than(&conn, "o", empty, 1000).unwrap(), 13);
     }
 }
