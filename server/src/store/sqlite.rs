@@ -272,6 +272,10 @@ fn write_loop(
     db_epoch: u64,
 ) {
     while let Some(first) = rx.blocking_recv() {
+        // Let the threads that are about to queue writes do so first (when nothing else is
+        // runnable this returns at once): on a busy core, waking for every single write would
+        // otherwise make each COMMIT carry just one.
+        std::thread::yield_now();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
