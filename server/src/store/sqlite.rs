@@ -271,11 +271,16 @@ fn write_loop(
     bus: Arc<dyn Bus>,
     db_epoch: u64,
 ) {
+    // Whether the last COMMIT carried more than one write: writers are concurrent.
+    let mut concurrent = false;
     while let Some(first) = rx.blocking_recv() {
         // Let the threads that are about to queue writes do so first (when nothing else is
         // runnable this returns at once): on a busy core, waking for every single write would
-        // otherwise make each COMMIT carry just one.
-        std::thread::yield_now();
+        // otherwise make each COMMIT carry just one. A lone sequential writer has nobody to wait
+        // for; yielding would only hand the core to the fan-out and delay its next write.
+        if concurrent {
+            std::thread::yield_now();
+        }
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -288,6 +293,7 @@ fn write_loop(
             now: SystemTime::now(),
             events: Vec::new(),
         };
+        concurrent = batch.len() > 1;
         let mut finishes = Vec::with_capacity(batch.len());
         let mut result = exec(&conn, "BEGIN IMMEDIATE", []).map(drop);
         for op in batch {
