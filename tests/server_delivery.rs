@@ -225,15 +225,7 @@ async fn snapshot_then_stream_loses_and_duplicates_nothing_under_concurrent_writ
     for w in 0..3 {
         let (url_server, t, stop) = (server.url.clone(), t.clone(), stop.clone());
         writers.push(tokio::spawn(async move {
-            let ch = tonic::transport::Endpoint::from_shared(url_server)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut jobs = orgpulse::proto::job_service_client::JobServiceClient::with_interceptor(
-                ch,
-                Auth::new(&t),
-            );
+            let mut jobs = jobs_at(url_server, &t).await;
             let mut n = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 400 {
                 let j = jobs
@@ -338,15 +330,7 @@ async fn a_subscriber_that_stops_reading_is_cut_off_and_others_keep_up() {
         let url = server.url.clone();
         let t = t.clone();
         tokio::spawn(async move {
-            let ch = tonic::transport::Endpoint::from_shared(url)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut jobs = orgpulse::proto::job_service_client::JobServiceClient::with_interceptor(
-                ch,
-                Auth::new(&t),
-            );
+            let mut jobs = jobs_at(url, &t).await;
             for i in 0..n {
                 let labels = (0..32)
                     .map(|l| (format!("label-{l}"), "v".repeat(256)))

@@ -279,24 +279,34 @@ async fn cors_preflight_allows_configured_origin_only() {
     }
 }
 
-#[tokio::test]
-async fn reflection_and_health_work_without_proto_files() {
-    use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let server = TestServer::start().await;
-    let mut client = ServerReflectionClient::new(server.channel().await);
-    let req = ServerReflectionRequest {
+/// One reflection request, its one answer.
+async fn ask(
+    client: &mut tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient<
+        tonic::transport::Channel,
+    >,
+    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> tonic_reflection::pb::v1::ServerReflectionResponse {
+    let req = tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+        message_request: Some(request),
     };
     let mut stream = client
         .server_reflection_info(futures::stream::iter([req]))
         .await
         .unwrap()
         .into_inner();
-    let res = stream.message().await.unwrap().unwrap();
+    stream.message().await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn reflection_and_health_work_without_proto_files() {
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let server = TestServer::start().await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let res = ask(&mut client, MessageRequest::ListServices(String::new())).await;
     let Some(MessageResponse::ListServicesResponse(list)) = res.message_response else {
         panic!("{res:?}")
     };
@@ -309,18 +319,11 @@ async fn reflection_and_health_work_without_proto_files() {
     ] {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
     }
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::FileContainingSymbol(
-            "orgpulse.v1.EventService".into(),
-        )),
-    };
-    let mut stream = client
-        .server_reflection_info(futures::stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let res = stream.message().await.unwrap().unwrap();
+    let res = ask(
+        &mut client,
+        MessageRequest::FileContainingSymbol("orgpulse.v1.EventService".into()),
+    )
+    .await;
     assert!(
         matches!(
             res.message_response,

@@ -202,7 +202,7 @@ impl TestServer {
     }
 
     pub async fn jobs(&self, token: &str) -> JobServiceClient<InterceptedService<Channel, Auth>> {
-        JobServiceClient::with_interceptor(self.channel().await, Auth::new(token))
+        jobs_at(self.url.clone(), token).await
     }
 
     pub async fn notifications(
@@ -218,6 +218,19 @@ impl TestServer {
     ) -> EventServiceClient<InterceptedService<Channel, Auth>> {
         EventServiceClient::with_interceptor(self.channel().await, Auth::new(token))
     }
+}
+
+/// A JobService client for the server at `url` (for tasks that outlive a borrow of the server).
+pub async fn jobs_at(
+    url: String,
+    token: &str,
+) -> JobServiceClient<InterceptedService<Channel, Auth>> {
+    let channel = Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    JobServiceClient::with_interceptor(channel, Auth::new(token))
 }
 
 fn unsafe_kill(pid: i32, sig: i32) {
