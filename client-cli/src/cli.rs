@@ -146,16 +146,23 @@ pub struct From {
     pub cursor_file: Option<PathBuf>,
 }
 
-/// `watch` flags.
+/// Which events `watch` and `poll` ask for, and from where.
 #[derive(Args, Debug)]
-pub struct WatchArgs {
+pub struct EventFilterArgs {
     #[command(flatten)]
     pub org: OrgArg,
-    /// Event kinds to watch (default: all).
+    /// Event kinds (default: all).
     #[arg(long, value_delimiter = ',')]
     pub kinds: Vec<Kind>,
     #[command(flatten)]
     pub from: From,
+}
+
+/// `watch` flags.
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub filter: EventFilterArgs,
     /// Reconnect when nothing (not even a heartbeat) arrived for this long.
     #[arg(long, default_value = "45s", value_parser = duration)]
     pub idle_timeout: Duration,
@@ -165,12 +172,7 @@ pub struct WatchArgs {
 #[derive(Args, Debug)]
 pub struct PollArgs {
     #[command(flatten)]
-    pub org: OrgArg,
-    /// Event kinds (default: all).
-    #[arg(long, value_delimiter = ',')]
-    pub kinds: Vec<Kind>,
-    #[command(flatten)]
-    pub from: From,
+    pub filter: EventFilterArgs,
     /// Most events per answer (server default 100, max 1000).
     #[arg(long, default_value_t = 0)]
     pub max: u32,

@@ -20,10 +20,10 @@ fn kinds(kinds: &[Kind]) -> Vec<i32> {
 
 /// Prints every event until an unrecoverable error (the watch itself never gives up otherwise).
 pub async fn watch(client: &Client, args: WatchArgs, out: &Printer) -> Result<(), CliError> {
-    let pos = Position::load(&args.from)?;
+    let pos = Position::load(&args.filter.from)?;
     let filter = WatchFilter {
-        org_id: args.org.org,
-        kinds: args.kinds.iter().map(|k| k.proto()).collect(),
+        org_id: args.filter.org.org,
+        kinds: args.filter.kinds.iter().map(|k| k.proto()).collect(),
     };
     let mut events = client.watch(filter, pos.start.clone());
     while let Some(item) = events.next().await {
@@ -42,7 +42,7 @@ pub async fn watch(client: &Client, args: WatchArgs, out: &Printer) -> Result<()
 
 /// One `Poll`, or endless long-polling with `--follow`.
 pub async fn poll(client: &Client, args: PollArgs, out: &Printer) -> Result<(), CliError> {
-    let pos = Position::load(&args.from)?;
+    let pos = Position::load(&args.filter.from)?;
     let mut cursor = pos.start.clone().unwrap_or_default();
     let default_wait = if args.follow {
         Duration::from_secs(25)
@@ -53,8 +53,8 @@ pub async fn poll(client: &Client, args: PollArgs, out: &Printer) -> Result<(), 
     loop {
         let resp = client
             .poll(PollRequest {
-                org_id: args.org.org.clone(),
-                kinds: kinds(&args.kinds),
+                org_id: args.filter.org.org.clone(),
+                kinds: kinds(&args.filter.kinds),
                 after_cursor: cursor.clone(),
                 max_events: args.max,
                 wait_ms,
