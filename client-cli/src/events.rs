@@ -58,6 +58,7 @@ pub async fn poll(client: &Client, args: PollArgs, out: &Printer) -> Result<(), 
                 after_cursor: cursor.clone(),
                 max_events: args.max,
                 wait_ms,
+                ..Default::default()
             })
             .await?;
         if resp.resync {

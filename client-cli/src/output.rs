@@ -111,6 +111,11 @@ impl Printer {
             Payload::Heartbeat(_) => return Ok(()),
             Payload::CaughtUp(_) => ("caught up", "2", String::new()),
             Payload::Resync(r) => ("resync", "33;1", r.reason.clone()),
+            Payload::EntityChanged(e) => (
+                "entity",
+                "34",
+                format!("{} {} {}", e.entity_type, e.entity_id, e.action),
+            ),
         };
         let line = format!(
             "{time} {seq:>6} {} {what}{by}",

@@ -195,6 +195,7 @@ impl Watcher {
             org_id: self.filter.org_id.clone(),
             kinds: self.filter.kinds.iter().map(|k| *k as i32).collect(),
             after_cursor: self.cursor.clone(),
+            ..Default::default()
         };
         let (idx, opened) = self.client.open_stream(filter, &token).await?;
         self.token = Some(token);

@@ -389,6 +389,7 @@ impl Sub {
                 org_id: org.into(),
                 kinds: kinds.to_vec(),
                 after_cursor: after.into(),
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -472,6 +473,7 @@ pub fn payload_name(e: &orgpulse::proto::Event) -> String {
         Some(Payload::Heartbeat(_)) => "heartbeat",
         Some(Payload::CaughtUp(_)) => "caught_up",
         Some(Payload::Resync(_)) => "resync",
+        Some(Payload::EntityChanged(_)) => "entity_changed",
         None => "none",
     }
     .to_string()

@@ -110,6 +110,7 @@ impl Subscriber {
             org_id: d.org.to_string(),
             kinds: vec![EventKind::Job as i32],
             after_cursor: d.after_cursor,
+            ..Default::default()
         };
         let mut msg = BytesMut::with_capacity(5 + filter.encoded_len());
         msg.put_u8(0);

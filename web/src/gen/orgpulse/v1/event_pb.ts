@@ -7,18 +7,18 @@
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Job } from "./job_pb";
 import { file_orgpulse_v1_job } from "./job_pb";
 import type { Notification } from "./notification_pb";
 import { file_orgpulse_v1_notification } from "./notification_pb";
-import type { Message } from "@bufbuild/protobuf";
+import type { JsonObject, Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file orgpulse/v1/event.proto.
  */
 export const file_orgpulse_v1_event: GenFile = /*@__PURE__*/
-  fileDesc("ChdvcmdwdWxzZS92MS9ldmVudC5wcm90bxILb3JncHVsc2UudjEiWAoJT3JnRmlsdGVyEg4KBm9yZ19pZBgBIAEoCRIlCgVraW5kcxgCIAMoDjIWLm9yZ3B1bHNlLnYxLkV2ZW50S2luZBIUCgxhZnRlcl9jdXJzb3IYAyABKAkimgQKBUV2ZW50Eg4KBmN1cnNvchgBIAEoCRILCgNzZXEYAiABKAQSDgoGb3JnX2lkGAMgASgJEigKBHRpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAUgASgJEicKC2pvYl9jcmVhdGVkGAogASgLMhAub3JncHVsc2UudjEuSm9iSAASJwoLam9iX3VwZGF0ZWQYCyABKAsyEC5vcmdwdWxzZS52MS5Kb2JIABIuCgtqb2JfZGVsZXRlZBgMIAEoCzIXLm9yZ3B1bHNlLnYxLkpvYkRlbGV0ZWRIABI1ChBub3RpZmljYXRpb25fbmV3GA0gASgLMhkub3JncHVsc2UudjEuTm90aWZpY2F0aW9uSAASMgoLdXNlcl9vbmxpbmUYDiABKAsyGy5vcmdwdWxzZS52MS5QcmVzZW5jZUNoYW5nZUgAEjMKDHVzZXJfb2ZmbGluZRgPIAEoCzIbLm9yZ3B1bHNlLnYxLlByZXNlbmNlQ2hhbmdlSAASKwoJaGVhcnRiZWF0GBAgASgLMhYub3JncHVsc2UudjEuSGVhcnRiZWF0SAASKgoJY2F1Z2h0X3VwGBEgASgLMhUub3JncHVsc2UudjEuQ2F1Z2h0VXBIABIlCgZyZXN5bmMYEiABKAsyEy5vcmdwdWxzZS52MS5SZXN5bmNIAEIJCgdwYXlsb2FkIhwKCkpvYkRlbGV0ZWQSDgoGam9iX2lkGAEgASgJIiEKDlByZXNlbmNlQ2hhbmdlEg8KB3VzZXJfaWQYASABKAkiCwoJSGVhcnRiZWF0IgoKCENhdWdodFVwIhgKBlJlc3luYxIOCgZyZWFzb24YASABKAkifwoLUG9sbFJlcXVlc3QSDgoGb3JnX2lkGAEgASgJEiUKBWtpbmRzGAIgAygOMhYub3JncHVsc2UudjEuRXZlbnRLaW5kEhQKDGFmdGVyX2N1cnNvchgDIAEoCRISCgptYXhfZXZlbnRzGAQgASgNEg8KB3dhaXRfbXMYBSABKA0iUgoMUG9sbFJlc3BvbnNlEiIKBmV2ZW50cxgBIAMoCzISLm9yZ3B1bHNlLnYxLkV2ZW50Eg4KBmN1cnNvchgCIAEoCRIOCgZyZXN5bmMYAyABKAgiIwoRTGlzdE9ubGluZVJlcXVlc3QSDgoGb3JnX2lkGAEgASgJIjoKEkxpc3RPbmxpbmVSZXNwb25zZRIkCgdtZW1iZXJzGAEgAygLMhMub3JncHVsc2UudjEuTWVtYmVyImAKBk1lbWJlchIPCgd1c2VyX2lkGAEgASgJEjAKDG9ubGluZV9zaW5jZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLY29ubmVjdGlvbnMYAyABKA0qcQoJRXZlbnRLaW5kEhoKFkVWRU5UX0tJTkRfVU5TUEVDSUZJRUQQABISCg5FVkVOVF9LSU5EX0pPQhABEhsKF0VWRU5UX0tJTkRfTk9USUZJQ0FUSU9OEAISFwoTRVZFTlRfS0lORF9QUkVTRU5DRRADMtUBCgxFdmVudFNlcnZpY2USOQoJU3Vic2NyaWJlEhYub3JncHVsc2UudjEuT3JnRmlsdGVyGhIub3JncHVsc2UudjEuRXZlbnQwARI7CgRQb2xsEhgub3JncHVsc2UudjEuUG9sbFJlcXVlc3QaGS5vcmdwdWxzZS52MS5Qb2xsUmVzcG9uc2USTQoKTGlzdE9ubGluZRIeLm9yZ3B1bHNlLnYxLkxpc3RPbmxpbmVSZXF1ZXN0Gh8ub3JncHVsc2UudjEuTGlzdE9ubGluZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_orgpulse_v1_job, file_orgpulse_v1_notification]);
+  fileDesc("ChdvcmdwdWxzZS92MS9ldmVudC5wcm90bxILb3JncHVsc2UudjEibgoJT3JnRmlsdGVyEg4KBm9yZ19pZBgBIAEoCRIlCgVraW5kcxgCIAMoDjIWLm9yZ3B1bHNlLnYxLkV2ZW50S2luZBIUCgxhZnRlcl9jdXJzb3IYAyABKAkSFAoMZW50aXR5X3R5cGVzGAQgAygJItAECgVFdmVudBIOCgZjdXJzb3IYASABKAkSCwoDc2VxGAIgASgEEg4KBm9yZ19pZBgDIAEoCRIoCgR0aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgFIAEoCRInCgtqb2JfY3JlYXRlZBgKIAEoCzIQLm9yZ3B1bHNlLnYxLkpvYkgAEicKC2pvYl91cGRhdGVkGAsgASgLMhAub3JncHVsc2UudjEuSm9iSAASLgoLam9iX2RlbGV0ZWQYDCABKAsyFy5vcmdwdWxzZS52MS5Kb2JEZWxldGVkSAASNQoQbm90aWZpY2F0aW9uX25ldxgNIAEoCzIZLm9yZ3B1bHNlLnYxLk5vdGlmaWNhdGlvbkgAEjIKC3VzZXJfb25saW5lGA4gASgLMhsub3JncHVsc2UudjEuUHJlc2VuY2VDaGFuZ2VIABIzCgx1c2VyX29mZmxpbmUYDyABKAsyGy5vcmdwdWxzZS52MS5QcmVzZW5jZUNoYW5nZUgAEisKCWhlYXJ0YmVhdBgQIAEoCzIWLm9yZ3B1bHNlLnYxLkhlYXJ0YmVhdEgAEioKCWNhdWdodF91cBgRIAEoCzIVLm9yZ3B1bHNlLnYxLkNhdWdodFVwSAASJQoGcmVzeW5jGBIgASgLMhMub3JncHVsc2UudjEuUmVzeW5jSAASNAoOZW50aXR5X2NoYW5nZWQYEyABKAsyGi5vcmdwdWxzZS52MS5FbnRpdHlDaGFuZ2VkSABCCQoHcGF5bG9hZCJ/Cg1FbnRpdHlDaGFuZ2VkEhMKC2VudGl0eV90eXBlGAEgASgJEhEKCWVudGl0eV9pZBgCIAEoCRIOCgZhY3Rpb24YAyABKAkSJQoEZGF0YRgEIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSDwoHdXNlcl9pZBgFIAEoCSKkAQoOUHVibGlzaFJlcXVlc3QSDgoGb3JnX2lkGAEgASgJEhMKC2VudGl0eV90eXBlGAIgASgJEhEKCWVudGl0eV9pZBgDIAEoCRIOCgZhY3Rpb24YBCABKAkSJQoEZGF0YRgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSDwoHdXNlcl9pZBgGIAEoCRISCgpyZXF1ZXN0X2lkGAcgASgJIi4KD1B1Ymxpc2hSZXNwb25zZRILCgNzZXEYASABKAQSDgoGY3Vyc29yGAIgASgJIhwKCkpvYkRlbGV0ZWQSDgoGam9iX2lkGAEgASgJIiEKDlByZXNlbmNlQ2hhbmdlEg8KB3VzZXJfaWQYASABKAkiCwoJSGVhcnRiZWF0IgoKCENhdWdodFVwIhgKBlJlc3luYxIOCgZyZWFzb24YASABKAkilQEKC1BvbGxSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRIlCgVraW5kcxgCIAMoDjIWLm9yZ3B1bHNlLnYxLkV2ZW50S2luZBIUCgxhZnRlcl9jdXJzb3IYAyABKAkSEgoKbWF4X2V2ZW50cxgEIAEoDRIPCgd3YWl0X21zGAUgASgNEhQKDGVudGl0eV90eXBlcxgGIAMoCSJSCgxQb2xsUmVzcG9uc2USIgoGZXZlbnRzGAEgAygLMhIub3JncHVsc2UudjEuRXZlbnQSDgoGY3Vyc29yGAIgASgJEg4KBnJlc3luYxgDIAEoCCIjChFMaXN0T25saW5lUmVxdWVzdBIOCgZvcmdfaWQYASABKAkiOgoSTGlzdE9ubGluZVJlc3BvbnNlEiQKB21lbWJlcnMYASADKAsyEy5vcmdwdWxzZS52MS5NZW1iZXIiYAoGTWVtYmVyEg8KB3VzZXJfaWQYASABKAkSMAoMb25saW5lX3NpbmNlGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtjb25uZWN0aW9ucxgDIAEoDSqIAQoJRXZlbnRLaW5kEhoKFkVWRU5UX0tJTkRfVU5TUEVDSUZJRUQQABISCg5FVkVOVF9LSU5EX0pPQhABEhsKF0VWRU5UX0tJTkRfTk9USUZJQ0FUSU9OEAISFwoTRVZFTlRfS0lORF9QUkVTRU5DRRADEhUKEUVWRU5UX0tJTkRfRU5USVRZEAQymwIKDEV2ZW50U2VydmljZRI5CglTdWJzY3JpYmUSFi5vcmdwdWxzZS52MS5PcmdGaWx0ZXIaEi5vcmdwdWxzZS52MS5FdmVudDABEjsKBFBvbGwSGC5vcmdwdWxzZS52MS5Qb2xsUmVxdWVzdBoZLm9yZ3B1bHNlLnYxLlBvbGxSZXNwb25zZRJNCgpMaXN0T25saW5lEh4ub3JncHVsc2UudjEuTGlzdE9ubGluZVJlcXVlc3QaHy5vcmdwdWxzZS52MS5MaXN0T25saW5lUmVzcG9uc2USRAoHUHVibGlzaBIbLm9yZ3B1bHNlLnYxLlB1Ymxpc2hSZXF1ZXN0Ghwub3JncHVsc2UudjEuUHVibGlzaFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp, file_orgpulse_v1_job, file_orgpulse_v1_notification]);
 
 /**
  * @generated from message orgpulse.v1.OrgFilter
@@ -42,6 +42,13 @@ export type OrgFilter = Message<"orgpulse.v1.OrgFilter"> & {
    * @generated from field: string after_cursor = 3;
    */
   afterCursor: string;
+
+  /**
+   * Narrows entity events to these entity types; empty = all types.
+   *
+   * @generated from field: repeated string entity_types = 4;
+   */
+  entityTypes: string[];
 };
 
 /**
@@ -143,6 +150,12 @@ export type Event = Message<"orgpulse.v1.Event"> & {
      */
     value: Resync;
     case: "resync";
+  } | {
+    /**
+     * @generated from field: orgpulse.v1.EntityChanged entity_changed = 19;
+     */
+    value: EntityChanged;
+    case: "entityChanged";
   } | { case: undefined; value?: undefined };
 };
 
@@ -152,6 +165,128 @@ export type Event = Message<"orgpulse.v1.Event"> & {
  */
 export const EventSchema: GenMessage<Event> = /*@__PURE__*/
   messageDesc(file_orgpulse_v1_event, 1);
+
+/**
+ * A change of one of the product's own entities (see PublishRequest).
+ *
+ * @generated from message orgpulse.v1.EntityChanged
+ */
+export type EntityChanged = Message<"orgpulse.v1.EntityChanged"> & {
+  /**
+   * @generated from field: string entity_type = 1;
+   */
+  entityType: string;
+
+  /**
+   * @generated from field: string entity_id = 2;
+   */
+  entityId: string;
+
+  /**
+   * @generated from field: string action = 3;
+   */
+  action: string;
+
+  /**
+   * @generated from field: google.protobuf.Struct data = 4;
+   */
+  data?: JsonObject | undefined;
+
+  /**
+   * Empty = the whole org may see it; else only this user.
+   *
+   * @generated from field: string user_id = 5;
+   */
+  userId: string;
+};
+
+/**
+ * Describes the message orgpulse.v1.EntityChanged.
+ * Use `create(EntityChangedSchema)` to create a new message.
+ */
+export const EntityChangedSchema: GenMessage<EntityChanged> = /*@__PURE__*/
+  messageDesc(file_orgpulse_v1_event, 2);
+
+/**
+ * @generated from message orgpulse.v1.PublishRequest
+ */
+export type PublishRequest = Message<"orgpulse.v1.PublishRequest"> & {
+  /**
+   * @generated from field: string org_id = 1;
+   */
+  orgId: string;
+
+  /**
+   * 1-64 chars of [a-z0-9_.-], e.g. "invoice".
+   *
+   * @generated from field: string entity_type = 2;
+   */
+  entityType: string;
+
+  /**
+   * 1-128 chars of [A-Za-z0-9._:@/-].
+   *
+   * @generated from field: string entity_id = 3;
+   */
+  entityId: string;
+
+  /**
+   * 1-64 chars of [a-z0-9_.-], e.g. "created", "paid".
+   *
+   * @generated from field: string action = 4;
+   */
+  action: string;
+
+  /**
+   * At most 64 KiB encoded.
+   *
+   * @generated from field: google.protobuf.Struct data = 5;
+   */
+  data?: JsonObject | undefined;
+
+  /**
+   * Empty = the whole org; else only that user's streams and polls see it.
+   *
+   * @generated from field: string user_id = 6;
+   */
+  userId: string;
+
+  /**
+   * Makes the publish idempotent (same org, within 24 h): a retry returns the original seq.
+   *
+   * @generated from field: string request_id = 7;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message orgpulse.v1.PublishRequest.
+ * Use `create(PublishRequestSchema)` to create a new message.
+ */
+export const PublishRequestSchema: GenMessage<PublishRequest> = /*@__PURE__*/
+  messageDesc(file_orgpulse_v1_event, 3);
+
+/**
+ * @generated from message orgpulse.v1.PublishResponse
+ */
+export type PublishResponse = Message<"orgpulse.v1.PublishResponse"> & {
+  /**
+   * @generated from field: uint64 seq = 1;
+   */
+  seq: bigint;
+
+  /**
+   * @generated from field: string cursor = 2;
+   */
+  cursor: string;
+};
+
+/**
+ * Describes the message orgpulse.v1.PublishResponse.
+ * Use `create(PublishResponseSchema)` to create a new message.
+ */
+export const PublishResponseSchema: GenMessage<PublishResponse> = /*@__PURE__*/
+  messageDesc(file_orgpulse_v1_event, 4);
 
 /**
  * @generated from message orgpulse.v1.JobDeleted
@@ -168,7 +303,7 @@ export type JobDeleted = Message<"orgpulse.v1.JobDeleted"> & {
  * Use `create(JobDeletedSchema)` to create a new message.
  */
 export const JobDeletedSchema: GenMessage<JobDeleted> = /*@__PURE__*/
-  messageDesc(file_orgpulse_v1_event, 2);
+  messageDesc(file_orgpulse_v1_event, 5);
 
 /**
  * @generated from message orgpulse.v1.PresenceChange
@@ -185,7 +320,7 @@ export type PresenceChange = Message<"orgpulse.v1.PresenceChange"> & {
  * Use `create(PresenceChangeSchema)` to create a new message.
  */
 export const PresenceChangeSchema: GenMessage<PresenceChange> = /*@__PURE__*/
-  messageDesc(file_orgpulse_v1_event, 3);
+  messageDesc(file_orgpulse_v1_event, 6);
 
 /**
  * @generated from message orgpulse.v1.Heartbeat
@@ -198,7 +333,7 @@ export type Heartbeat = Message<"orgpulse.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_orgpulse_v1_event, 4);
+  messageDesc(file_orgpulse_v1_event, 7);
 
 /**
  * @generated from message orgpulse.v1.CaughtUp
@@ -211,7 +346,7 @@ export type CaughtUp = Message<"orgpulse.v1.CaughtUp"> & {
  * Use `create(CaughtUpSchema)` to create a new message.
  */
 export const CaughtUpSchema: GenMessage<CaughtUp> = /*@__PURE__*/
-  messageDesc(file_orgpulse_v1_event, 5);
+  messageDesc(file_orgpulse_v1_event, 8);
 
 /**
  * @generated from message orgpulse.v1.Resync
@@ -228,7 +363,7 @@ export type Resync = Message<"orgpulse.v1.Resync"> & {
  * Use `create(ResyncSchema)` to create a new message.
  */
 export const ResyncSchema: GenMessage<Resync> = /*@__PURE__*/
-  messageDesc(file_orgpulse_v1_event, 6);
+  messageDesc(file_orgpulse_v1_event, 9);
 
 /**
  * @generated from message orgpulse.v1.PollRequest
@@ -262,6 +397,13 @@ export type PollRequest = Message<"orgpulse.v1.PollRequest"> & {
    * @generated from field: uint32 wait_ms = 5;
    */
   waitMs: number;
+
+  /**
+   * Narrows entity events to these entity types; empty = all types.
+   *
+   * @generated from field: repeated string entity_types = 6;
+   */
+  entityTypes: string[];
 };
 
 /**
@@ -269,7 +411,7 @@ export type PollRequest = Message<"orgpulse.v1.PollRequest"> & {
  * Use `create(PollRequestSchema)` to create a new message.
  */
 export const PollRequestSchema: GenMessage<PollRequest> = /*@__PURE__*/
-  messageDesc(file_orgpulse_v1_event, 7);
+  messageDesc(file_orgpulse_v1_event, 10);
 
 /**
  * @generated from message orgpulse.v1.PollResponse
@@ -301,7 +443,7 @@ export type PollResponse = Message<"orgpulse.v1.PollResponse"> & {
  * Use `create(PollResponseSchema)` to create a new message.
  */
 export const PollResponseSchema: GenMessage<PollResponse> = /*@__PURE__*/
-  messageDesc(file_orgpulse_v1_event, 8);
+  messageDesc(file_orgpulse_v1_event, 11);
 
 /**
  * @generated from message orgpulse.v1.ListOnlineRequest
@@ -318,7 +460,7 @@ export type ListOnlineRequest = Message<"orgpulse.v1.ListOnlineRequest"> & {
  * Use `create(ListOnlineRequestSchema)` to create a new message.
  */
 export const ListOnlineRequestSchema: GenMessage<ListOnlineRequest> = /*@__PURE__*/
-  messageDesc(file_orgpulse_v1_event, 9);
+  messageDesc(file_orgpulse_v1_event, 12);
 
 /**
  * @generated from message orgpulse.v1.ListOnlineResponse
@@ -335,7 +477,7 @@ export type ListOnlineResponse = Message<"orgpulse.v1.ListOnlineResponse"> & {
  * Use `create(ListOnlineResponseSchema)` to create a new message.
  */
 export const ListOnlineResponseSchema: GenMessage<ListOnlineResponse> = /*@__PURE__*/
-  messageDesc(file_orgpulse_v1_event, 10);
+  messageDesc(file_orgpulse_v1_event, 13);
 
 /**
  * @generated from message orgpulse.v1.Member
@@ -364,7 +506,7 @@ export type Member = Message<"orgpulse.v1.Member"> & {
  * Use `create(MemberSchema)` to create a new message.
  */
 export const MemberSchema: GenMessage<Member> = /*@__PURE__*/
-  messageDesc(file_orgpulse_v1_event, 11);
+  messageDesc(file_orgpulse_v1_event, 14);
 
 /**
  * @generated from enum orgpulse.v1.EventKind
@@ -389,6 +531,11 @@ export enum EventKind {
    * @generated from enum value: EVENT_KIND_PRESENCE = 3;
    */
   PRESENCE = 3,
+
+  /**
+   * @generated from enum value: EVENT_KIND_ENTITY = 4;
+   */
+  ENTITY = 4,
 }
 
 /**
@@ -431,6 +578,17 @@ export const EventService: GenService<{
     methodKind: "unary";
     input: typeof ListOnlineRequestSchema;
     output: typeof ListOnlineResponseSchema;
+  },
+  /**
+   * Broadcasts a change of one of the product's own entities: appended to the org's log as an
+   * `entity_changed` event, durable and delivered like job events. Roles admin and service.
+   *
+   * @generated from rpc orgpulse.v1.EventService.Publish
+   */
+  publish: {
+    methodKind: "unary";
+    input: typeof PublishRequestSchema;
+    output: typeof PublishResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_orgpulse_v1_event, 0);
