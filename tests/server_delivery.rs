@@ -382,6 +382,7 @@ async fn token_expiry_ends_the_stream_and_a_fresh_token_resumes_losslessly() {
     let err = sub.error().await;
     assert_eq!(err.code(), Code::Unauthenticated);
     assert_eq!(err.message(), "token expired");
+    assert_token_expired_marker(&err);
     let got = sub.durable_seen();
     assert_eq!(got.len(), 3);
     write_n(&server, &writer, 10).await;

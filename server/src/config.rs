@@ -77,6 +77,12 @@ pub struct Config {
     #[arg(long, env = "ORGPULSE_SUBSCRIBER_QUEUE", default_value_t = 4096)]
     pub subscriber_queue: usize,
 
+    /// Open Subscribe streams one user (same `sub` and org) may hold on this node; the next one
+    /// gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ORGPULSE_MAX_STREAMS_PER_USER", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_user: u32,
+
     /// Development mode: create and keep an HS256 secret in the data directory and print tokens.
     #[arg(long, env = "ORGPULSE_DEV")]
     pub dev: bool,

@@ -52,6 +52,7 @@ pub async fn run(
         hub,
         presence,
         heartbeat: cfg.heartbeat_interval,
+        streams: crate::stream_limit::StreamSlots::new(cfg.max_streams_per_user),
         shutdown: stop.clone(),
     });
     let app = crate::web::router(ctx.clone(), &cfg.cors_origins).await?;

@@ -27,14 +27,16 @@ use tonic_prost::{ProstCodec, ProstDecoder};
 
 use super::Ctx;
 use crate::{
-    auth::Need,
+    auth::{self, Need},
     cursor::Cursor,
     hub::{Audience, Kinds},
     metrics::{METRICS, StreamGauge},
+    presence::PresenceGuard,
     store::timestamp,
+    stream_limit::StreamSlot,
 };
 
-/// Largest request message accepted (API.md: larger is RESOURCE_EXHAUSTED).
+/// Largest request message accepted (docs/api.md: larger is RESOURCE_EXHAUSTED).
 pub const MAX_REQUEST: usize = 1024 * 1024;
 /// Events read from the Store per page while replaying.
 const REPLAY_PAGE: usize = 1000;
@@ -167,12 +169,24 @@ async fn subscribe(
         user: claims.user.as_str().into(),
         kinds,
     };
+    let slot = ctx.streams.acquire(&org, &claims.user)?;
     let reg = ctx.hub.register(&org, audience.clone()).await?;
     let presence = ctx.presence.clone().connect(&org, &claims.user);
     let expires = Instant::now() + claims.time_left();
     tracing::info!(org, user = claims.user, "stream opened");
-    let stream = subscription(ctx, org, audience, from, reg, expires, presence);
+    let held = Held {
+        _slot: slot,
+        _presence: presence,
+    };
+    let stream = subscription(ctx, org, audience, from, reg, expires, held);
     Ok(Response::new(Box::pin(stream)))
+}
+
+/// What an open stream holds until it ends, however it ends: its slot in the per-user stream
+/// limit and its user's presence.
+struct Held {
+    _slot: StreamSlot,
+    _presence: PresenceGuard,
 }
 
 /// What woke a live stream.
@@ -190,11 +204,11 @@ fn subscription(
     from: Option<Cursor>,
     mut reg: crate::hub::Registration,
     expires: Instant,
-    presence: crate::presence::PresenceGuard,
+    held: Held,
 ) -> impl Stream<Item = Result<Bytes, Status>> + Send + 'static {
     async_stream::try_stream! {
         let _gauge = StreamGauge::open();
-        let _presence = presence;
+        let _held = held;
         let mut log = StreamLog { org: org.clone(), user: audience.user.clone(), sent: 0, end: "client went away" };
         let store = ctx.store.clone();
         let epoch = store.org_epoch(&org);
@@ -286,7 +300,7 @@ fn subscription(
                 Wake::Heartbeat => yield control(&org, epoch, pos, Payload::Heartbeat(Heartbeat {})),
                 Wake::Expired => {
                     log.end = "token expired";
-                    Err(Status::unauthenticated("token expired"))?;
+                    Err(auth::token_expired())?;
                 }
                 Wake::Shutdown => {
                     log.end = "server shutting down";
