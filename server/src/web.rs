@@ -144,7 +144,7 @@ fn cors(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
 }
 
 /// One log span per RPC (method, org, user, status, duration). It also gives bad input that tonic
-/// rejects before our handlers run the status API.md asks for: an over-limit request message
+/// rejects before our handlers run the status docs/api.md asks for: an over-limit request message
 /// (tonic: OUT_OF_RANGE) is RESOURCE_EXHAUSTED, an undecodable or missing one (tonic: INTERNAL)
 /// is INVALID_ARGUMENT.
 async fn rpc_log(req: Request, next: Next) -> Response {

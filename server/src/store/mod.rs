@@ -165,7 +165,7 @@ pub fn millis(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// Applies an update to `job` following the status state machine of API.md.
+/// Applies an update to `job` following the status state machine of docs/api.md.
 pub fn apply_patch(job: &mut Job, patch: &JobPatch, actor: &str, now: SystemTime) -> Result<()> {
     if patch.expected_version != 0 && patch.expected_version != job.version {
         return Err(StoreError::Aborted(format!(
