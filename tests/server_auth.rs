@@ -33,7 +33,6 @@ async fn bad_tokens_are_unauthenticated() {
     let good =
         serde_json::json!({"sub": "u1", "org": "acme", "roles": ["member"], "exp": now + 600});
     refused(&server, "", "missing authorization").await;
-    refused(&server, "not-a-jwt", "malformed").await;
     refused(
         &server,
         &hs(good.clone(), b"some other secret"),
@@ -44,30 +43,16 @@ async fn bad_tokens_are_unauthenticated() {
         serde_json::json!({"sub": "u1", "org": "acme", "exp": now - 10}),
         SECRET.as_bytes(),
     );
-    refused(&server, &expired, "expired").await;
     // Only an expired token carries the marker that tells a client a fresh token fixes it.
-    let unary = server
-        .jobs(&expired)
-        .await
-        .list_jobs(ListJobsRequest::default())
-        .await
-        .unwrap_err();
-    assert_token_expired_marker(&unary);
-    let stream = Sub::open(&server, &expired, "", "", &[])
-        .await
-        .err()
-        .unwrap();
-    assert_token_expired_marker(&stream);
-    let bad = server
-        .jobs("not-a-jwt")
-        .await
-        .list_jobs(ListJobsRequest::default())
-        .await
-        .unwrap_err();
-    assert!(
-        bad.metadata().get(orgpulse::error_marker::KEY).is_none(),
-        "{bad:?}"
-    );
+    for status in refused(&server, &expired, "expired").await {
+        assert_token_expired_marker(&status);
+    }
+    for status in refused(&server, "not-a-jwt", "malformed").await {
+        assert!(
+            status.metadata().get(orgpulse::error_marker::KEY).is_none(),
+            "{status:?}"
+        );
+    }
     let early = serde_json::json!({"sub": "u1", "org": "acme", "exp": now + 600, "nbf": now + 300});
     refused(&server, &hs(early, SECRET.as_bytes()), "not yet valid").await;
     // alg none: header {"alg":"none"}, no signature

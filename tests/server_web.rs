@@ -189,6 +189,51 @@ async fn grpc_web_text_unary_and_incremental_stream() {
     web_subscribe_is_incremental(true).await;
 }
 
+/// The `orgpulse-error: token-expired` marker reaches grpc-web clients: in the headers of a call
+/// refused for an expired token, and in the trailer frame of a stream that ended at `exp`.
+#[tokio::test]
+async fn grpc_web_sees_the_token_expired_marker() {
+    let server = TestServer::start().await;
+    let expired = mint_claims(&Claims {
+        sub: "alice".into(),
+        org: Some("acme".into()),
+        roles: vec!["member".into()],
+        exp: now_secs() - 10,
+        nbf: None,
+    });
+    let list = frame(&ListJobsRequest::default());
+    let path = "/orgpulse.v1.JobService/ListJobs";
+    let res = grpc_web(&server.url, path, &expired, list, false).await;
+    assert_eq!(res.headers()["grpc-status"], "16", "{res:?}");
+    assert_eq!(res.headers()["orgpulse-error"], "token-expired", "{res:?}");
+    let short = token_ttl("acme", "alice", "member", 1);
+    let subscribe = frame(&OrgFilter::default());
+    let path = "/orgpulse.v1.EventService/Subscribe";
+    let mut body = grpc_web(&server.url, path, &short, subscribe, false)
+        .await
+        .bytes_stream();
+    let mut r = FrameReader {
+        text: false,
+        pending_text: vec![],
+        buf: BytesMut::new(),
+    };
+    let trailer = loop {
+        let chunk = tokio::time::timeout(WAIT, body.next())
+            .await
+            .expect("chunk in time")
+            .expect("the stream ends with a trailer frame")
+            .unwrap();
+        if let Some((_, data)) = r.push(&chunk).into_iter().find(|(trailer, _)| *trailer) {
+            break String::from_utf8_lossy(&data).to_lowercase();
+        }
+    };
+    assert!(trailer.contains("grpc-status:16"), "{trailer}");
+    assert!(
+        trailer.contains("orgpulse-error:token-expired"),
+        "{trailer}"
+    );
+}
+
 #[tokio::test]
 async fn cors_preflight_allows_configured_origin_only() {
     let server = TestServer::start_args(&["--cors-origin", "http://app.example"]).await;
@@ -251,7 +296,12 @@ async fn cors_preflight_allows_configured_origin_only() {
         .to_str()
         .unwrap()
         .to_lowercase();
-    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+    for name in [
+        "grpc-status",
+        "grpc-message",
+        "grpc-status-details-bin",
+        "orgpulse-error",
+    ] {
         assert!(exposed.contains(name), "{exposed}");
     }
     // Plain HTTP still works next to grpc-web.

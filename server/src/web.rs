@@ -138,6 +138,7 @@ fn cors(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
                 "grpc-status",
                 "grpc-message",
                 "grpc-status-details-bin",
+                orgpulse::error_marker::KEY,
             ]))
             .max_age(std::time::Duration::from_secs(600)),
     ))

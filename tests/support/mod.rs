@@ -591,9 +591,10 @@ pub async fn online(server: &TestServer, token: &str) -> Vec<orgpulse::proto::Me
         .members
 }
 
-/// Asserts UNAUTHENTICATED on a unary call and on Subscribe, with a message containing `says`.
-pub async fn refused(server: &TestServer, token: &str, says: &str) {
-    let err = server
+/// Asserts UNAUTHENTICATED on a unary call and on Subscribe, with a message containing `says`
+/// (and not echoing the token); returns both statuses.
+pub async fn refused(server: &TestServer, token: &str, says: &str) -> [tonic::Status; 2] {
+    let unary = server
         .jobs(token)
         .await
         .list_jobs(orgpulse::proto::ListJobsRequest {
@@ -602,26 +603,23 @@ pub async fn refused(server: &TestServer, token: &str, says: &str) {
         })
         .await
         .expect_err("unary call must be refused");
-    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
-    assert!(
-        err.message().contains(says),
-        "message {:?} should say {says:?}",
-        err.message()
-    );
-    assert!(
-        token.len() < 20 || !err.message().contains(token),
-        "token echoed"
-    );
-    let err = Sub::open(server, token, "acme", "", &[])
+    let subscribe = Sub::open(server, token, "acme", "", &[])
         .await
         .err()
         .expect("subscribe must be refused");
-    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
-    assert!(
-        err.message().contains(says),
-        "message {:?} should say {says:?}",
-        err.message()
-    );
+    for err in [&unary, &subscribe] {
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+        assert!(
+            err.message().contains(says),
+            "message {:?} should say {says:?}",
+            err.message()
+        );
+        assert!(
+            token.len() < 20 || !err.message().contains(token),
+            "token echoed"
+        );
+    }
+    [unary, subscribe]
 }
 
 /// Asserts `status` is UNAUTHENTICATED with the `orgpulse-error: token-expired` trailer.
