@@ -1,12 +1,16 @@
 //! Authentication and authorization: JWT verification (HS256 secret, RS256/ES256/EdDSA PEM key,
-//! or a JWKS file), the claims of a caller, and the role and org rules of docs/api.md.
-use std::{collections::HashSet, path::Path, time::Duration};
+//! a JWKS file, or a provider's JWKS URL), the claims of a caller (the org and roles claims at
+//! configurable paths), and the role and org rules of docs/api.md.
+use std::{collections::HashSet, path::Path, sync::Arc, time::Duration};
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind, jwk::JwkSet};
-use serde::Deserialize;
+use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation, errors::ErrorKind, jwk::JwkSet};
+use serde_json::{Map, Value};
 use tonic::{Status, metadata::MetadataMap};
 
-use crate::validate;
+use crate::{jwks::RemoteKeys, validate};
+
+/// The largest `--jwt-leeway` accepted: jsonwebtoken's time checks underflow on huge ones.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(24 * 3600);
 
 /// A verified caller.
 #[derive(Debug, Clone)]
@@ -117,33 +121,55 @@ impl Role {
     }
 }
 
-#[derive(Deserialize)]
-struct RawClaims {
-    sub: Option<String>,
-    org: Option<String>,
-    roles: Option<Vec<String>>,
-    exp: Option<u64>,
-}
-
 /// One key the server accepts, with the algorithm it is for.
-struct Key {
+pub struct Key {
     alg: Algorithm,
     kid: Option<String>,
     key: DecodingKey,
 }
 
+impl Key {
+    /// Whether this key verifies a token with `header`.
+    fn fits(&self, header: &Header) -> bool {
+        self.alg == header.alg
+            && (self.kid.is_none() || header.kid.is_none() || self.kid == header.kid)
+    }
+}
+
 /// Verifies bearer tokens against the configured keys.
 pub struct Authenticator {
     keys: Vec<Key>,
+    remote: Option<Arc<RemoteKeys>>,
+    claims: ClaimNames,
     issuer: Option<String>,
     audience: Option<String>,
     leeway: u64,
+}
+
+/// Where in a token the org and the roles are: a claim name, or a dotted path into nested
+/// objects (`app_metadata.org`) when no claim has that exact name.
+#[derive(Debug, Clone)]
+pub struct ClaimNames {
+    pub org: String,
+    pub roles: String,
+}
+
+impl Default for ClaimNames {
+    fn default() -> Self {
+        ClaimNames {
+            org: "org".into(),
+            roles: "roles".into(),
+        }
+    }
 }
 
 pub struct KeyConfig<'a> {
     pub secret: Option<&'a [u8]>,
     pub public_key_pem: Option<&'a Path>,
     pub jwks_file: Option<&'a Path>,
+    /// A provider's key set, fetched before the server starts.
+    pub jwks_url: Option<Arc<RemoteKeys>>,
+    pub claims: ClaimNames,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway: Duration,
@@ -151,6 +177,20 @@ pub struct KeyConfig<'a> {
 
 impl Authenticator {
     pub fn new(cfg: KeyConfig<'_>) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            cfg.leeway <= MAX_LEEWAY,
+            "--jwt-leeway {} is too large; at most 1 day",
+            humantime::format_duration(cfg.leeway)
+        );
+        for (flag, path) in [
+            ("--jwt-org-claim", &cfg.claims.org),
+            ("--jwt-roles-claim", &cfg.claims.roles),
+        ] {
+            anyhow::ensure!(
+                !path.is_empty() && path.split('.').all(|p| !p.is_empty()),
+                "{flag} {path:?}: expected a claim name or a dotted path like app_metadata.org"
+            );
+        }
         let mut keys = Vec::new();
         if let Some(secret) = cfg.secret {
             anyhow::ensure!(!secret.is_empty(), "the JWT secret is empty");
@@ -175,28 +215,32 @@ impl Authenticator {
                 .map_err(|e| anyhow::anyhow!("reading --jwks-file {}: {e}", path.display()))?;
             let set: JwkSet = serde_json::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("--jwks-file {}: {e}", path.display()))?;
-            for jwk in &set.keys {
-                let Some(alg) = jwk_alg(jwk) else { continue };
-                let key = DecodingKey::from_jwk(jwk)
-                    .map_err(|e| anyhow::anyhow!("--jwks-file {}: {e}", path.display()))?;
-                keys.push(Key {
-                    alg,
-                    kid: jwk.common.key_id.clone(),
-                    key,
-                });
-            }
+            keys.extend(
+                keys_from_jwks(&set)
+                    .map_err(|e| anyhow::anyhow!("--jwks-file {}: {e}", path.display()))?,
+            );
         }
-        anyhow::ensure!(!keys.is_empty(), "no JWT key configured");
+        anyhow::ensure!(
+            !keys.is_empty() || cfg.jwks_url.is_some(),
+            "no JWT key configured"
+        );
         Ok(Authenticator {
             keys,
+            remote: cfg.jwks_url,
+            claims: cfg.claims,
             issuer: cfg.issuer,
             audience: cfg.audience,
             leeway: cfg.leeway.as_secs(),
         })
     }
 
+    /// The provider key set behind `--jwks-url`, to refresh periodically.
+    pub fn remote_keys(&self) -> Option<&Arc<RemoteKeys>> {
+        self.remote.as_ref()
+    }
+
     /// Verifies the `authorization: Bearer <JWT>` of a call.
-    pub fn authenticate(&self, md: &MetadataMap) -> Result<Claims, Status> {
+    pub async fn authenticate(&self, md: &MetadataMap) -> Result<Claims, Status> {
         let header = md.get("authorization").ok_or_else(|| {
             Status::unauthenticated("missing authorization metadata (expected: Bearer <JWT>)")
         })?;
@@ -210,29 +254,49 @@ impl Authenticator {
                 Status::unauthenticated("authorization metadata must be 'Bearer <JWT>'")
             })?
             .trim();
-        self.verify(token)
+        self.verify(token).await
     }
 
-    pub fn verify(&self, token: &str) -> Result<Claims, Status> {
+    pub async fn verify(&self, token: &str) -> Result<Claims, Status> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             ErrorKind::Json(_) if alg_is_none(token) => {
                 Status::unauthenticated("unsigned tokens (alg none) are not accepted")
             }
             _ => Status::unauthenticated("malformed token"),
         })?;
-        let key = self
-            .keys
-            .iter()
-            .find(|k| {
-                k.alg == header.alg
-                    && (k.kid.is_none() || header.kid.is_none() || k.kid == header.kid)
-            })
-            .ok_or_else(|| {
-                Status::unauthenticated(format!(
-                    "token algorithm {:?} (or key id) is not accepted by this server",
-                    header.alg
-                ))
-            })?;
+        if let Some(verified) = self.verify_with_known_key(token, &header) {
+            return verified;
+        }
+        // A key id the provider's set does not hold (yet): the provider may have rotated keys.
+        if let Some(remote) = &self.remote
+            && header.kid.is_some()
+            && remote.refresh_for_unknown_kid().await
+            && let Some(verified) = self.verify_with_known_key(token, &header)
+        {
+            return verified;
+        }
+        Err(Status::unauthenticated(format!(
+            "token algorithm {:?} (or key id) is not accepted by this server",
+            header.alg
+        )))
+    }
+
+    /// The verdict of the first configured or fetched key that fits `header`; `None` when none
+    /// does.
+    fn verify_with_known_key(
+        &self,
+        token: &str,
+        header: &Header,
+    ) -> Option<Result<Claims, Status>> {
+        if let Some(key) = self.keys.iter().find(|k| k.fits(header)) {
+            return Some(self.verify_with(token, key));
+        }
+        let fetched = self.remote.as_ref()?.current();
+        let key = fetched.iter().find(|k| k.fits(header))?;
+        Some(self.verify_with(token, key))
+    }
+
+    fn verify_with(&self, token: &str, key: &Key) -> Result<Claims, Status> {
         let mut v = Validation::new(key.alg);
         v.leeway = self.leeway;
         v.validate_nbf = true;
@@ -250,9 +314,9 @@ impl Authenticator {
             v.set_issuer(&[iss]);
             v.required_spec_claims.insert("iss".into());
         }
-        let data = jsonwebtoken::decode::<RawClaims>(token, &key.key, &v)
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &v)
             .map_err(|e| refusal(e.kind()))?;
-        let mut claims = claims_from(data.claims)?;
+        let mut claims = claims_from(&data.claims, &self.claims)?;
         claims.exp = claims.exp.saturating_add(self.leeway);
         Ok(claims)
     }
@@ -273,15 +337,47 @@ fn refusal(kind: &ErrorKind) -> Status {
     Status::unauthenticated(why)
 }
 
-fn claims_from(raw: RawClaims) -> Result<Claims, Status> {
+/// The claim at `path`: the claim of exactly that name (`https://example.com/org` is one name),
+/// else the dotted path into nested objects (`app_metadata.org`).
+fn claim<'a>(raw: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    if let Some(v) = raw.get(path) {
+        return Some(v);
+    }
+    let mut parts = path.split('.');
+    let mut v = raw.get(parts.next()?)?;
+    for part in parts {
+        v = v.as_object()?.get(part)?;
+    }
+    Some(v)
+}
+
+fn claims_from(raw: &Map<String, Value>, names: &ClaimNames) -> Result<Claims, Status> {
     let bad = |m: &str| Status::unauthenticated(format!("invalid token claims: {m}"));
-    let user = raw.sub.ok_or_else(|| bad("sub is required"))?;
+    let user = raw
+        .get("sub")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("sub is required"))?
+        .to_string();
     validate::id("sub", &user).map_err(|_| bad("sub must be 1-64 of [A-Za-z0-9._:@-]"))?;
-    let exp = raw.exp.ok_or_else(|| bad("exp is required"))?;
-    let roles = raw.roles.unwrap_or_else(|| vec!["member".into()]);
+    let exp = raw
+        .get("exp")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad("exp is required"))?;
+    // An array of strings, or one space-separated string (OAuth `scope` style).
+    let roles: Vec<&str> = match claim(raw, &names.roles) {
+        None | Some(Value::Null) => vec!["member"],
+        Some(Value::String(s)) => s.split_ascii_whitespace().collect(),
+        Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),
+        Some(_) => {
+            return Err(bad(&format!(
+                "{} must be an array of strings or a space-separated string",
+                names.roles
+            )));
+        }
+    };
     let role = roles
         .iter()
-        .filter_map(|r| match r.as_str() {
+        .filter_map(|r| match *r {
             "viewer" => Some(Role::Viewer),
             "member" => Some(Role::Member),
             "admin" => Some(Role::Admin),
@@ -289,14 +385,26 @@ fn claims_from(raw: RawClaims) -> Result<Claims, Status> {
             _ => None,
         })
         .max()
-        .ok_or_else(|| bad("roles names none of viewer, member, admin, service"))?;
-    let org = match raw.org {
-        Some(o) => {
-            validate::id("org", &o).map_err(|_| bad("org must be 1-64 of [A-Za-z0-9._:@-]"))?;
-            Some(o)
+        .ok_or_else(|| {
+            bad(&format!(
+                "{} names none of viewer, member, admin, service",
+                names.roles
+            ))
+        })?;
+    let org = match claim(raw, &names.org) {
+        Some(Value::String(o)) => {
+            validate::id("org", o)
+                .map_err(|_| bad(&format!("{} must be 1-64 of [A-Za-z0-9._:@-]", names.org)))?;
+            Some(o.clone())
         }
-        None if role == Role::Service => None,
-        None => return Err(bad("org is required unless the role is service")),
+        None | Some(Value::Null) if role == Role::Service => None,
+        None | Some(Value::Null) => {
+            return Err(bad(&format!(
+                "{} is required unless the role is service",
+                names.org
+            )));
+        }
+        Some(_) => return Err(bad(&format!("{} must be a string", names.org))),
     };
     Ok(Claims {
         user,
@@ -321,6 +429,23 @@ fn pem_key(pem: &[u8]) -> Option<Key> {
         kid: None,
         key,
     })
+}
+
+/// The signing keys of a JWKS document; keys for algorithms this server does not verify are
+/// skipped.
+pub fn keys_from_jwks(set: &JwkSet) -> anyhow::Result<Vec<Key>> {
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let Some(alg) = jwk_alg(jwk) else { continue };
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|e| anyhow::anyhow!("key {:?}: {e}", jwk.common.key_id))?;
+        keys.push(Key {
+            alg,
+            kid: jwk.common.key_id.clone(),
+            key,
+        });
+    }
+    Ok(keys)
 }
 
 fn jwk_alg(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {

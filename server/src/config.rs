@@ -41,6 +41,31 @@ pub struct Config {
     #[arg(long, env = "ORGPULSE_JWKS_FILE")]
     pub jwks_file: Option<PathBuf>,
 
+    /// URL of the identity provider's JWKS (https://, or http:// for tests): fetched at start
+    /// (the server does not start without it), refreshed every --jwks-refresh and when a token
+    /// names an unknown `kid`; the last good key set is kept while the provider is unreachable.
+    #[arg(long, env = "ORGPULSE_JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// How often the --jwks-url key set is fetched again.
+    #[arg(long, env = "ORGPULSE_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    pub jwks_refresh: Duration,
+
+    /// Least time between two fetches of the --jwks-url key set caused by tokens with an
+    /// unknown `kid` (so a flood of such tokens cannot hammer the provider).
+    #[arg(long, env = "ORGPULSE_JWKS_COOLDOWN", default_value = "10s", value_parser = parse_duration)]
+    pub jwks_cooldown: Duration,
+
+    /// Claim holding the org id: a name, or a dotted path into nested objects
+    /// (`app_metadata.org`) used when no claim has that exact name.
+    #[arg(long, env = "ORGPULSE_JWT_ORG_CLAIM", default_value = "org")]
+    pub jwt_org_claim: String,
+
+    /// Claim holding the roles (an array of strings or one space-separated string); a name or a
+    /// dotted path like `realm_access.roles`.
+    #[arg(long, env = "ORGPULSE_JWT_ROLES_CLAIM", default_value = "roles")]
+    pub jwt_roles_claim: String,
+
     /// Required `iss` claim, when set.
     #[arg(long, env = "ORGPULSE_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -49,7 +74,7 @@ pub struct Config {
     #[arg(long, env = "ORGPULSE_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
 
-    /// Clock leeway for `exp` and `nbf` checks.
+    /// Clock leeway for `exp` and `nbf` checks (at most 1 day).
     #[arg(long, env = "ORGPULSE_JWT_LEEWAY", default_value = "0s", value_parser = parse_duration)]
     pub jwt_leeway: Duration,
 

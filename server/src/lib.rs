@@ -7,6 +7,7 @@ pub mod config;
 pub mod cursor;
 pub mod dev;
 pub mod hub;
+pub mod jwks;
 pub mod metrics;
 pub mod presence;
 pub mod server;

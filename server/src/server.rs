@@ -46,6 +46,9 @@ pub async fn run(
     bus.attach(hub.clone());
     let presence = MemoryPresence::new(hub.clone(), cfg.presence_grace);
     let stop = CancellationToken::new();
+    if let Some(keys) = auth.remote_keys() {
+        tokio::spawn(keys.clone().refresh_every(cfg.jwks_refresh, stop.clone()));
+    }
     let ctx = Arc::new(Ctx {
         auth,
         store: store.clone(),

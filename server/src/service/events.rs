@@ -161,7 +161,9 @@ async fn subscribe(
     ctx: Arc<Ctx>,
     req: Request<OrgFilter>,
 ) -> Result<Response<EventStream>, Status> {
-    let (claims, org) = ctx.authorize(&req, &req.get_ref().org_id, Need::Read)?;
+    let (claims, org) = ctx
+        .authorize(&req, &req.get_ref().org_id, Need::Read)
+        .await?;
     let filter = req.into_inner();
     let kinds = Kinds::from_request(&filter.kinds)?;
     let from = parse_cursor(&filter.after_cursor)?;
@@ -330,7 +332,9 @@ impl Drop for StreamLog {
 }
 
 async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollResponse>, Status> {
-    let (claims, org) = ctx.authorize(&req, &req.get_ref().org_id, Need::Read)?;
+    let (claims, org) = ctx
+        .authorize(&req, &req.get_ref().org_id, Need::Read)
+        .await?;
     let r = req.into_inner();
     let kinds = Kinds::from_request(&r.kinds)?;
     let from = parse_cursor(&r.after_cursor)?;
@@ -412,7 +416,9 @@ async fn list_online(
     ctx: Arc<Ctx>,
     req: Request<ListOnlineRequest>,
 ) -> Result<Response<ListOnlineResponse>, Status> {
-    let (_, org) = ctx.authorize(&req, &req.get_ref().org_id, Need::Read)?;
+    let (_, org) = ctx
+        .authorize(&req, &req.get_ref().org_id, Need::Read)
+        .await?;
     Ok(Response::new(ListOnlineResponse {
         members: ctx.presence.members(&org),
     }))
