@@ -57,6 +57,8 @@ pub enum Need {
     Write,
     /// delete jobs, send notifications
     Admin,
+    /// publish entity events
+    Publish,
 }
 
 impl Claims {
@@ -82,7 +84,7 @@ impl Claims {
         let ok = match need {
             Need::Read => true,
             Need::Write => self.role >= Role::Member,
-            Need::Admin => self.role >= Role::Admin,
+            Need::Admin | Need::Publish => self.role >= Role::Admin,
         };
         if ok {
             return Ok(());
@@ -91,6 +93,7 @@ impl Claims {
             Need::Read => "read",
             Need::Write => "create or update (needs role member, admin or service)",
             Need::Admin => "delete jobs or send notifications (needs role admin or service)",
+            Need::Publish => "publish entity events (needs role admin or service)",
         };
         Err(Status::permission_denied(format!(
             "role {} may not {what}",

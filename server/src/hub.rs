@@ -45,7 +45,7 @@ pub struct Kinds(u8);
 impl Kinds {
     pub fn from_request(kinds: &[i32]) -> Result<Kinds, tonic::Status> {
         if kinds.is_empty() {
-            return Ok(Kinds(0b1110));
+            return Ok(Kinds(0b11110));
         }
         let mut bits = 0;
         for k in kinds {
@@ -66,17 +66,60 @@ impl Kinds {
     }
 }
 
+/// The entity types a subscription asked for (empty request = all): sorted once when the
+/// subscription starts, so the check per event is a binary search without allocation.
+#[derive(Debug, Clone, Default)]
+pub struct EntityTypes(Option<Arc<[Box<str>]>>);
+
+/// Most entity types one subscription may name.
+pub const MAX_ENTITY_TYPES: usize = 100;
+
+impl EntityTypes {
+    pub fn from_request(types: &[String]) -> Result<EntityTypes, tonic::Status> {
+        if types.is_empty() {
+            return Ok(EntityTypes(None));
+        }
+        if types.len() > MAX_ENTITY_TYPES {
+            return Err(tonic::Status::invalid_argument(format!(
+                "entity_types names {} types; at most {MAX_ENTITY_TYPES} allowed",
+                types.len()
+            )));
+        }
+        let mut list = Vec::with_capacity(types.len());
+        for t in types {
+            crate::validate::entity_name("entity_types", t)?;
+            list.push(Box::from(t.as_str()));
+        }
+        list.sort_unstable();
+        list.dedup();
+        Ok(EntityTypes(Some(list.into())))
+    }
+
+    pub fn admits(&self, entity_type: &str) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|list| list.binary_search_by(|t| (**t).cmp(entity_type)).is_ok())
+    }
+}
+
 /// Who a subscription is for: what it may see.
 #[derive(Debug, Clone)]
 pub struct Audience {
     pub user: Arc<str>,
     pub kinds: Kinds,
+    /// Narrows entity events only.
+    pub entity_types: EntityTypes,
 }
 
 impl Audience {
     /// Whether a durable event goes to this subscriber.
     pub fn sees(&self, ev: &CommittedEvent) -> bool {
-        self.kinds.has(ev.kind) && ev.audience.as_ref().is_none_or(|u| *u == self.user)
+        self.kinds.has(ev.kind)
+            && ev.audience.as_ref().is_none_or(|u| *u == self.user)
+            && ev
+                .entity_type
+                .as_deref()
+                .is_none_or(|t| self.entity_types.admits(t))
     }
 }
 
@@ -332,5 +375,43 @@ impl Room {
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: EventKind, audience: Option<&str>, entity_type: Option<&str>) -> CommittedEvent {
+        CommittedEvent {
+            org: "acme".into(),
+            seq: 1,
+            kind,
+            audience: audience.map(Into::into),
+            entity_type: entity_type.map(Into::into),
+            bytes: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn entity_types_narrow_entity_events_only() {
+        let types = EntityTypes::from_request(&["project".into(), "invoice".into()]).unwrap();
+        let alice = Audience {
+            user: "alice".into(),
+            kinds: Kinds::from_request(&[]).unwrap(),
+            entity_types: types,
+        };
+        assert!(alice.sees(&event(EventKind::Entity, None, Some("invoice"))));
+        assert!(alice.sees(&event(EventKind::Entity, None, Some("project"))));
+        assert!(!alice.sees(&event(EventKind::Entity, None, Some("comment"))));
+        assert!(alice.sees(&event(EventKind::Job, None, None)));
+        assert!(alice.sees(&event(EventKind::Entity, Some("alice"), Some("invoice"))));
+        assert!(!alice.sees(&event(EventKind::Entity, Some("bob"), Some("invoice"))));
+        let jobs_only = Audience {
+            kinds: Kinds::from_request(&[EventKind::Job as i32]).unwrap(),
+            ..alice
+        };
+        assert!(!jobs_only.sees(&event(EventKind::Entity, None, Some("invoice"))));
+        assert!(EntityTypes::from_request(&["Invoice".into()]).is_err());
     }
 }

@@ -433,16 +433,23 @@ impl Sub {
         after: &str,
         kinds: &[i32],
     ) -> Result<Sub, tonic::Status> {
+        let filter = orgpulse::proto::OrgFilter {
+            org_id: org.into(),
+            kinds: kinds.to_vec(),
+            after_cursor: after.into(),
+            ..Default::default()
+        };
+        Self::open_filter(channel, token, filter).await
+    }
+
+    /// A stream for any `OrgFilter` (entity types included).
+    pub async fn open_filter(
+        channel: Channel,
+        token: &str,
+        filter: orgpulse::proto::OrgFilter,
+    ) -> Result<Sub, tonic::Status> {
         let mut c = EventServiceClient::with_interceptor(channel, Auth::new(token));
-        let stream = c
-            .subscribe(orgpulse::proto::OrgFilter {
-                org_id: org.into(),
-                kinds: kinds.to_vec(),
-                after_cursor: after.into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let stream = c.subscribe(filter).await?.into_inner();
         Ok(Sub {
             stream,
             seen: vec![],

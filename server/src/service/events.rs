@@ -1,5 +1,6 @@
 //! EventService: `Subscribe` (replay after a cursor, `caught_up`, then live, each durable event
-//! exactly once and in seq order), `Poll` (the long-poll fallback) and `ListOnline`.
+//! exactly once and in seq order), `Poll` (the long-poll fallback), `ListOnline`, and `Publish`
+//! (in `publish`).
 //!
 //! The service is written out by hand rather than generated so that `Subscribe` can send the
 //! Hub's pre-encoded event bytes as they are: an event is encoded once, not once per subscriber.
@@ -29,7 +30,7 @@ use super::Ctx;
 use crate::{
     auth::{self, Need},
     cursor::Cursor,
-    hub::{Audience, Kinds},
+    hub::{Audience, EntityTypes, Kinds},
     metrics::{METRICS, StreamGauge},
     presence::PresenceGuard,
     store::timestamp,
@@ -78,6 +79,12 @@ where
             }),
             "/orgpulse.v1.EventService/Poll" => Box::pin(async move {
                 let svc = tower::service_fn(move |r| poll(ctx.clone(), r));
+                Ok(limits(Grpc::new(ProstCodec::default()))
+                    .unary(svc, req)
+                    .await)
+            }),
+            "/orgpulse.v1.EventService/Publish" => Box::pin(async move {
+                let svc = tower::service_fn(move |r| super::publish::publish(ctx.clone(), r));
                 Ok(limits(Grpc::new(ProstCodec::default()))
                     .unary(svc, req)
                     .await)
@@ -166,10 +173,12 @@ async fn subscribe(
         .await?;
     let filter = req.into_inner();
     let kinds = Kinds::from_request(&filter.kinds)?;
+    let entity_types = EntityTypes::from_request(&filter.entity_types)?;
     let from = parse_cursor(&filter.after_cursor)?;
     let audience = Audience {
         user: claims.user.as_str().into(),
         kinds,
+        entity_types,
     };
     let slot = ctx.streams.acquire(&org, &claims.user)?;
     let reg = ctx.hub.register(&org, audience.clone()).await?;
@@ -337,6 +346,7 @@ async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollR
         .await?;
     let r = req.into_inner();
     let kinds = Kinds::from_request(&r.kinds)?;
+    let entity_types = EntityTypes::from_request(&r.entity_types)?;
     let from = parse_cursor(&r.after_cursor)?;
     let max = match r.max_events {
         0 => DEFAULT_POLL_EVENTS,
@@ -348,6 +358,7 @@ async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollR
     let audience = Audience {
         user: claims.user.as_str().into(),
         kinds,
+        entity_types,
     };
     // Join the room before reading, so an event committed after the read wakes us.
     let mut reg = ctx.hub.register(&org, audience.clone()).await?;

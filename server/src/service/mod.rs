@@ -3,6 +3,7 @@
 pub mod events;
 pub mod jobs;
 pub mod notifications;
+pub mod publish;
 
 use std::{sync::Arc, time::Duration};
 

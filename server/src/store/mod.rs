@@ -11,7 +11,9 @@ use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use orgpulse::proto::{Event, EventKind, Job, JobDeleted, JobStatus, Notification, event::Payload};
+use orgpulse::proto::{
+    EntityChanged, Event, EventKind, Job, JobDeleted, JobStatus, Notification, event::Payload,
+};
 use prost::Message;
 use tonic::Status;
 
@@ -23,10 +25,56 @@ pub struct CommittedEvent {
     pub org: Arc<str>,
     pub seq: u64,
     pub kind: EventKind,
-    /// The one user a notification is addressed to; `None` = everyone in the org may see it.
+    /// The one user a notification or entity event is addressed to; `None` = everyone in the org
+    /// may see it.
     pub audience: Option<Arc<str>>,
+    /// The entity type of an `entity_changed` event (for the subscribers' type filters).
+    pub entity_type: Option<Arc<str>>,
     /// The encoded `Event`, cursor included.
     pub bytes: Bytes,
+}
+
+impl CommittedEvent {
+    /// An event read back from the log.
+    pub fn from_log(
+        org: Arc<str>,
+        seq: u64,
+        kind: EventKind,
+        audience: Option<Arc<str>>,
+        bytes: Bytes,
+    ) -> CommittedEvent {
+        CommittedEvent {
+            entity_type: entity_type_of(kind, &bytes),
+            org,
+            seq,
+            kind,
+            audience,
+            bytes,
+        }
+    }
+}
+
+/// Just the entity type of an encoded `Event`: decoding into this skips every other field
+/// (the entity's data included) without parsing it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct EntityTypeOfEvent {
+    #[prost(message, optional, tag = "19")]
+    entity_changed: Option<EntityTypeOnly>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct EntityTypeOnly {
+    #[prost(string, tag = "1")]
+    entity_type: String,
+}
+
+/// The entity type of an encoded event of `kind`; `None` unless it is an entity event.
+fn entity_type_of(kind: EventKind, bytes: &[u8]) -> Option<Arc<str>> {
+    if kind != EventKind::Entity {
+        return None;
+    }
+    let ev = EntityTypeOfEvent::decode(bytes).ok()?;
+    Some(ev.entity_changed?.entity_type.into())
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -80,6 +128,17 @@ pub struct NewNotification {
     pub title: String,
     pub body: String,
     pub severity: i32,
+    pub request_id: String,
+}
+
+/// A change of one of the product's own entities, to append to `org`'s log as `entity_changed`.
+pub struct NewEntityChange {
+    pub org: String,
+    pub actor: String,
+    pub change: EntityChanged,
+    /// Namespace of `request_id`: `publish` (the RPC's request ids) or `outbox` (row keys).
+    pub request_kind: &'static str,
+    /// Idempotency key; empty = none.
     pub request_id: String,
 }
 
@@ -144,6 +203,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<NotificationPage>;
     /// Marks read for `user`; returns their unread count.
     async fn mark_read(&self, org: &str, user: &str, ids: Vec<String>) -> Result<u32>;
+    /// Appends one `entity_changed` event per change, in order, in one transaction (the event is
+    /// the record: there is no entity table). A change whose `request_id` was used within the
+    /// idempotency window adds nothing and yields the seq it got then. Returns each change's seq.
+    async fn append_entity_changes(&self, changes: Vec<NewEntityChange>) -> Result<Vec<u64>>;
     async fn bounds(&self, org: &str) -> Result<LogBounds>;
     /// Up to `limit` events with seq > `after`, in seq order.
     async fn read_events(&self, org: &str, after: u64, limit: usize)
@@ -233,6 +296,7 @@ pub fn payload_kind(p: &Payload) -> EventKind {
     match p {
         Payload::JobCreated(_) | Payload::JobUpdated(_) | Payload::JobDeleted(_) => EventKind::Job,
         Payload::NotificationNew(_) => EventKind::Notification,
+        Payload::EntityChanged(_) => EventKind::Entity,
         _ => EventKind::Presence,
     }
 }
@@ -246,6 +310,22 @@ pub fn job_deleted(job_id: &str) -> Payload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_entity_type_is_read_back_from_the_encoded_event() {
+        let payload = Payload::EntityChanged(EntityChanged {
+            entity_type: "invoice".into(),
+            entity_id: "inv_1".into(),
+            action: "paid".into(),
+            ..Default::default()
+        });
+        let bytes = encode_event(1, "acme", 7, "alice", SystemTime::now(), payload);
+        assert_eq!(
+            entity_type_of(EventKind::Entity, &bytes).as_deref(),
+            Some("invoice")
+        );
+        assert_eq!(entity_type_of(EventKind::Job, &bytes), None);
+    }
 
     fn job(status: JobStatus) -> Job {
         let mut j = Job {

@@ -19,9 +19,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    CommittedEvent, IDEMPOTENCY_WINDOW, JobPage, JobPatch, LogBounds, NewJob, NewNotification,
-    NotificationPage, Result, Store, StoreError, apply_patch, encode_event, job_deleted, millis,
-    payload_kind, timestamp,
+    CommittedEvent, IDEMPOTENCY_WINDOW, JobPage, JobPatch, LogBounds, NewEntityChange, NewJob,
+    NewNotification, NotificationPage, Result, Store, StoreError, apply_patch, encode_event,
+    job_deleted, millis, payload_kind, timestamp,
 };
 use crate::{bus::Bus, cursor::org_epoch};
 
@@ -120,6 +120,10 @@ impl Appender {
         )?
         .ok_or_else(|| StoreError::Internal("org_log upsert returned no row".into()))?;
         let kind = payload_kind(&payload);
+        let entity_type = match &payload {
+            Payload::EntityChanged(e) => Some(e.entity_type.as_str().into()),
+            _ => None,
+        };
         let bytes = encode_event(
             org_epoch(self.db_epoch, org),
             org,
@@ -146,6 +150,7 @@ impl Appender {
             seq,
             kind,
             audience: audience.map(Into::into),
+            entity_type,
             bytes,
         });
         Ok(seq)
@@ -637,6 +642,39 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn append_entity_changes(&self, changes: Vec<NewEntityChange>) -> Result<Vec<u64>> {
+        self.write(move |conn, app| {
+            let mut seqs = Vec::with_capacity(changes.len());
+            for c in changes {
+                if let Some(seq) = remembered(conn, &c.org, c.request_kind, &c.request_id)? {
+                    let seq: [u8; 8] = seq.try_into().map_err(|_| {
+                        StoreError::Internal("corrupt row: a remembered seq is not 8 bytes".into())
+                    })?;
+                    seqs.push(u64::from_be_bytes(seq));
+                    continue;
+                }
+                let audience = (!c.change.user_id.is_empty()).then(|| c.change.user_id.clone());
+                let seq = app.append(
+                    conn,
+                    &c.org,
+                    &c.actor,
+                    audience.as_deref(),
+                    Payload::EntityChanged(c.change),
+                )?;
+                remember(
+                    conn,
+                    &c.org,
+                    c.request_kind,
+                    &c.request_id,
+                    &seq.to_be_bytes(),
+                )?;
+                seqs.push(seq);
+            }
+            Ok(seqs)
+        })
+        .await
+    }
+
     async fn bounds(&self, org: &str) -> Result<LogBounds> {
         let org = org.to_string();
         self.read(move |conn| bounds(conn, &org)).await
@@ -658,14 +696,13 @@ impl Store for SqliteStore {
                 .map_err(db)?;
             let rows = st
                 .query_map(params![&*org, after, limit as i64], |r| {
-                    Ok(CommittedEvent {
-                        org: org.clone(),
-                        seq: r.get(0)?,
-                        kind: EventKind::try_from(r.get::<_, i32>(1)?)
-                            .unwrap_or(EventKind::Unspecified),
-                        audience: r.get::<_, Option<String>>(2)?.map(Into::into),
-                        bytes: Bytes::from(r.get::<_, Vec<u8>>(3)?),
-                    })
+                    Ok(CommittedEvent::from_log(
+                        org.clone(),
+                        r.get(0)?,
+                        EventKind::try_from(r.get::<_, i32>(1)?).unwrap_or(EventKind::Unspecified),
+                        r.get::<_, Option<String>>(2)?.map(Into::into),
+                        Bytes::from(r.get::<_, Vec<u8>>(3)?),
+                    ))
                 })
                 .map_err(db)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
