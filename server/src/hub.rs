@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::METRICS,
-    store::{CommittedEvent, Store},
+    store::{CommittedEvent, LogRead, Store},
 };
 
 /// How often a room compares its last delivered seq with the org's log head.
@@ -240,10 +240,6 @@ impl Hub {
             let _ = room.tx.send(RoomMsg::Ephemeral(bytes));
         }
     }
-
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
-    }
 }
 
 async fn run_room(
@@ -286,18 +282,25 @@ async fn run_room(
 }
 
 /// Delivers the org's events `last+1 ..= upto` from the Store; returns the new last delivered seq.
+/// Always terminates: when the log no longer reaches back to `last`, the events in between can
+/// never be delivered, so every subscriber is ended resumably (its client resumes with its cursor
+/// and Subscribe answers `resync`, the one path that explains a gap) and the room goes on from
+/// the log's head.
 async fn repair(room: &Room, store: &dyn Store, mut last: u64, upto: u64) -> u64 {
     while last < upto {
-        match store.read_events(&room.org, last, REPAIR_PAGE).await {
-            Ok(page) if !page.is_empty() => {
+        match store.read_after(&room.org, last, REPAIR_PAGE).await {
+            Ok(LogRead::Events(page)) if !page.is_empty() => {
                 for ev in page {
-                    if ev.seq == last + 1 {
-                        last = ev.seq;
-                        room.fan_out_durable(&ev);
-                    }
+                    last = ev.seq;
+                    room.fan_out_durable(&ev);
                 }
             }
-            Ok(_) => break,
+            Ok(LogRead::Events(_)) => break,
+            Ok(LogRead::Unreachable(bounds)) => {
+                tracing::warn!(org = %room.org, last, floor = bounds.floor, "the log no longer reaches this room's position; its streams must resync");
+                room.cut_all();
+                return last.max(bounds.head);
+            }
             Err(e) => {
                 tracing::warn!(org = %room.org, error = %e, "gap repair failed; retrying on the next tail check");
                 break;
@@ -308,6 +311,13 @@ async fn repair(room: &Room, store: &dyn Store, mut last: u64, upto: u64) -> u64
 }
 
 impl Room {
+    /// Ends every subscriber's stream resumably, as if its queue had filled.
+    fn cut_all(&self) {
+        for s in self.subs.lock().list.drain(..) {
+            s.cut.store(true, Ordering::Relaxed);
+        }
+    }
+
     fn fan_out_durable(&self, ev: &CommittedEvent) {
         let item = Item {
             seq: ev.seq,
@@ -332,5 +342,148 @@ impl Room {
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::{
+        bus::Bus,
+        store::{NewJob, sqlite::SqliteStore},
+    };
+
+    /// A bus that hands nothing on by itself: the test delivers what it recorded, in any order.
+    #[derive(Default)]
+    struct RecordingBus(Mutex<Vec<CommittedEvent>>);
+
+    impl Bus for RecordingBus {
+        fn publish(&self, ev: CommittedEvent) {
+            self.0.lock().push(ev);
+        }
+        fn attach(&self, _: Hub) {}
+    }
+
+    fn temp_db(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "orgpulse-hub-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        dir.join("db.sqlite")
+    }
+
+    async fn setup(tag: &str) -> (Arc<SqliteStore>, Arc<RecordingBus>, Hub) {
+        let bus = Arc::new(RecordingBus::default());
+        let store = Arc::new(
+            SqliteStore::open(&temp_db(tag), bus.clone(), Duration::from_secs(10)).unwrap(),
+        );
+        let hub = Hub::new(store.clone(), 10_000);
+        (store, bus, hub)
+    }
+
+    async fn commit_jobs(store: &SqliteStore, n: usize) {
+        for i in 0..n {
+            let new = NewJob {
+                title: format!("job {i}"),
+                labels: Default::default(),
+                request_id: String::new(),
+            };
+            store.create_job("o", "u", new).await.unwrap();
+        }
+    }
+
+    fn audience(user: &str) -> Audience {
+        Audience {
+            user: user.into(),
+            kinds: Kinds::from_request(&[]).unwrap(),
+        }
+    }
+
+    /// Takes queued items until seq `upto` arrived (or the room stalls for a second).
+    async fn seqs_until(reg: &mut Registration, upto: u64) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while seqs.last() != Some(&upto) {
+            let item = tokio::time::timeout(Duration::from_secs(1), reg.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("room stalled after {seqs:?}"));
+            seqs.push(item.expect("room cut the subscriber").seq);
+        }
+        seqs
+    }
+
+    #[tokio::test]
+    async fn lossy_bus_is_repaired_exactly_once_in_order() {
+        let (store, bus, hub) = setup("lossy").await;
+        let mut a = hub.register("o", audience("a")).await.unwrap();
+        let mut b = hub.register("o", audience("b")).await.unwrap();
+        commit_jobs(&store, 40).await;
+        let events = std::mem::take(&mut *bus.0.lock());
+        assert_eq!(events.len(), 40);
+        // Every 3rd lost, every 5th twice, neighbours swapped; the last one arrives.
+        let mut script: Vec<CommittedEvent> = Vec::new();
+        for pair in events.chunks(2) {
+            for ev in pair.iter().rev() {
+                if ev.seq % 3 == 0 && ev.seq != 40 {
+                    continue;
+                }
+                script.push(ev.clone());
+                if ev.seq % 5 == 0 {
+                    script.push(ev.clone());
+                }
+            }
+        }
+        for ev in script {
+            hub.deliver(ev);
+        }
+        let want: Vec<u64> = (1..=40).collect();
+        assert_eq!(seqs_until(&mut a, 40).await, want);
+        assert_eq!(seqs_until(&mut b, 40).await, want);
+        // Nothing more: the duplicates after 40 were dropped.
+        assert!(a.rx.try_recv().is_err() && b.rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn repair_of_a_gap_past_the_retained_log_terminates_and_cuts_the_room() {
+        let (store, bus, hub) = setup("trimmed").await;
+        commit_jobs(&store, 5).await;
+        // 1..=5 never reached the room and are trimmed away: it can never deliver them.
+        store
+            .trim(SystemTime::now() + Duration::from_secs(1))
+            .await
+            .unwrap();
+        commit_jobs(&store, 1).await;
+        drop(hub);
+        bus.0.lock().clear();
+        // A room by hand (no task of its own, so no tail check races the repair) that delivered
+        // nothing yet.
+        let (tx, _) = mpsc::unbounded_channel();
+        let room = Room {
+            org: "o".into(),
+            tx,
+            subs: Mutex::default(),
+            closed: CancellationToken::new(),
+        };
+        let (sub_tx, mut rx) = mpsc::channel(16);
+        let cut = Arc::new(AtomicBool::new(false));
+        room.subs.lock().list.push(Sub {
+            id: 0,
+            audience: audience("a"),
+            tx: sub_tx,
+            cut: cut.clone(),
+        });
+        let last = tokio::time::timeout(Duration::from_secs(2), repair(&room, &*store, 0, 6))
+            .await
+            .expect("repair spun on a gap the log no longer holds");
+        // The room jumped to the log's head; its subscriber was ended resumably (its client
+        // resumes with its cursor and Subscribe answers resync).
+        assert_eq!(last, 6);
+        assert!(cut.load(Ordering::Relaxed));
+        assert!(
+            rx.recv().await.is_none(),
+            "nothing of the gap was delivered"
+        );
     }
 }
