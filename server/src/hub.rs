@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU8, Ordering},
     },
     time::Duration,
 };
@@ -36,6 +36,34 @@ const REPAIR_PAGE: usize = 1000;
 pub struct Item {
     pub seq: u64,
     pub bytes: Bytes,
+}
+
+/// Why the hub ended a subscriber's queue: either way its stream ends resumably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Cut {
+    /// Its queue was full.
+    Slow = 1,
+    /// The room could not deliver events the log no longer holds; resuming answers `resync`.
+    Behind = 2,
+}
+
+/// A subscriber's cut flag: 0 while it is not cut, else a `Cut`.
+#[derive(Debug, Default)]
+struct CutFlag(AtomicU8);
+
+impl CutFlag {
+    fn set(&self, why: Cut) {
+        self.0.store(why as u8, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<Cut> {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Some(Cut::Slow),
+            2 => Some(Cut::Behind),
+            _ => None,
+        }
+    }
 }
 
 /// A set of event kinds (empty request = all kinds).
@@ -108,7 +136,7 @@ struct Sub {
     id: u64,
     audience: Audience,
     tx: mpsc::Sender<Item>,
-    cut: Arc<AtomicBool>,
+    cut: Arc<CutFlag>,
 }
 
 enum RoomMsg {
@@ -119,16 +147,21 @@ enum RoomMsg {
 /// A subscriber's place in a room. Dropping it leaves the room.
 pub struct Registration {
     pub rx: mpsc::Receiver<Item>,
-    cut: Arc<AtomicBool>,
+    cut: Arc<CutFlag>,
     id: u64,
     room: Arc<Room>,
     hub: Hub,
 }
 
 impl Registration {
-    /// True once the hub cut this subscriber off because its queue was full.
+    /// True once the hub cut this subscriber off.
     pub fn was_cut(&self) -> bool {
-        self.cut.load(Ordering::Relaxed)
+        self.cut().is_some()
+    }
+
+    /// Why the hub cut this subscriber off, once it did.
+    pub fn cut(&self) -> Option<Cut> {
+        self.cut.get()
     }
 }
 
@@ -188,7 +221,7 @@ impl Hub {
                 .is_some_and(|r| Arc::ptr_eq(r, &room))
                 .then(|| {
                     let (tx, rx) = mpsc::channel(self.inner.queue);
-                    let cut = Arc::new(AtomicBool::new(false));
+                    let cut = Arc::new(CutFlag::default());
                     let mut subs = room.subs.lock();
                     let id = subs.next_id;
                     subs.next_id += 1;
@@ -311,10 +344,10 @@ async fn repair(room: &Room, store: &dyn Store, mut last: u64, upto: u64) -> u64
 }
 
 impl Room {
-    /// Ends every subscriber's stream resumably, as if its queue had filled.
+    /// Ends every subscriber's stream resumably: the room fell behind the retained log.
     fn cut_all(&self) {
         for s in self.subs.lock().list.drain(..) {
-            s.cut.store(true, Ordering::Relaxed);
+            s.cut.set(Cut::Behind);
         }
     }
 
@@ -335,7 +368,7 @@ impl Room {
             match s.tx.try_send(item.clone()) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    s.cut.store(true, Ordering::Relaxed);
+                    s.cut.set(Cut::Slow);
                     METRICS.slow_disconnects.inc();
                     false
                 }
@@ -467,7 +500,7 @@ mod tests {
             closed: CancellationToken::new(),
         };
         let (sub_tx, mut rx) = mpsc::channel(16);
-        let cut = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(CutFlag::default());
         room.subs.lock().list.push(Sub {
             id: 0,
             audience: audience("a"),
@@ -480,7 +513,7 @@ mod tests {
         // The room jumped to the log's head; its subscriber was ended resumably (its client
         // resumes with its cursor and Subscribe answers resync).
         assert_eq!(last, 6);
-        assert!(cut.load(Ordering::Relaxed));
+        assert_eq!(cut.get(), Some(Cut::Behind));
         assert!(
             rx.recv().await.is_none(),
             "nothing of the gap was delivered"

@@ -29,7 +29,7 @@ use super::Ctx;
 use crate::{
     auth::Need,
     cursor::Cursor,
-    hub::{Audience, Kinds},
+    hub::{Audience, Cut, Kinds},
     metrics::{METRICS, StreamGauge},
     store::{LogRead, timestamp},
 };
@@ -287,8 +287,17 @@ fn subscription(
                     yield item.bytes;
                 }
                 Wake::Item(None) => {
-                    log.end = "too slow";
-                    Err(Status::unavailable("subscriber too slow; resume from your cursor"))?;
+                    let message = match reg.cut() {
+                        Some(Cut::Behind) => {
+                            log.end = "behind the retained log";
+                            "this stream fell behind the retained log; resume from your cursor"
+                        }
+                        _ => {
+                            log.end = "too slow";
+                            "subscriber too slow; resume from your cursor"
+                        }
+                    };
+                    Err(Status::unavailable(message))?;
                 }
                 Wake::Heartbeat => yield control(&org, epoch, pos, Payload::Heartbeat(Heartbeat {})),
                 Wake::Expired => {
