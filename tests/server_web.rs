@@ -381,7 +381,15 @@ async fn reflection_and_health_work_without_proto_files() {
         ),
         "{res:?}"
     );
-    // grpc.health.v1 over the raw path: a unary call with an empty request answers SERVING (1).
+    assert_eq!(grpc_health(&server).await, SERVING);
+}
+
+/// `grpc.health.v1.HealthCheckResponse.status` values.
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+/// grpc.health.v1 `Check` of the whole server over the raw path (empty request): its status.
+async fn grpc_health(server: &TestServer) -> i32 {
     let res = reqwest::Client::new()
         .post(format!("{}/grpc.health.v1.Health/Check", server.url))
         .header("content-type", "application/grpc-web+proto")
@@ -393,7 +401,80 @@ async fn reflection_and_health_work_without_proto_files() {
     let body = res.bytes().await.unwrap();
     let mut buf = BytesMut::from(&body[..]);
     let f = frames(&mut buf);
-    assert_eq!(f[0].1, vec![8u8, 1], "status: SERVING");
+    let status = &f[0].1;
+    assert_eq!(status.len(), 2, "one varint field: {status:?}");
+    status[1].into()
+}
+
+/// `/healthz` as (HTTP status, body).
+async fn healthz(server: &TestServer) -> (u16, String) {
+    let res = reqwest::get(format!("{}/healthz", server.url))
+        .await
+        .unwrap();
+    (res.status().as_u16(), res.text().await.unwrap())
+}
+
+/// Waits (up to 10 s) until both health answers are `want` (SERVING or NOT_SERVING); returns the
+/// `/healthz` body.
+async fn health_becomes(server: &TestServer, want: i32) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = healthz(server).await;
+        let grpc = grpc_health(server).await;
+        let http_ok = code == 200;
+        if http_ok == (want == SERVING) && grpc == want {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health stayed /healthz {code} {body:?}, grpc {grpc}; wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn health_reports_not_serving_while_the_store_cannot_write_and_recovers() {
+    let server = TestServer::start_args(&["--sqlite-busy-timeout", "100ms"]).await;
+    let admin = token("o1", "ada", "admin");
+    create_job(&server, &admin, "", "before").await;
+    assert_eq!(healthz(&server).await, (200, "ok\n".into()));
+    assert_eq!(grpc_health(&server).await, SERVING);
+    // Another process takes the database's write lock and keeps it.
+    let lock = rusqlite::Connection::open(server.dir.join("orgpulse.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let err = server
+        .jobs(&admin)
+        .await
+        .create_job(orgpulse::proto::CreateJobRequest {
+            title: "while locked".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let why = health_becomes(&server, NOT_SERVING).await;
+    assert!(why.contains("store cannot write"), "{why:?}");
+    // Released: both answers recover without a write of ours, and writes work again.
+    lock.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(health_becomes(&server, SERVING).await, "ok\n");
+    create_job(&server, &admin, "", "after").await;
+    let titles: Vec<String> = server
+        .jobs(&admin)
+        .await
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .into_iter()
+        .map(|j| j.title)
+        .collect();
+    assert_eq!(
+        titles,
+        ["after", "before"],
+        "the refused write left nothing"
+    );
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU8, Ordering},
     },
     time::Duration,
 };
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::METRICS,
-    store::{CommittedEvent, Store},
+    store::{CommittedEvent, LogRead, Store},
 };
 
 /// How often a room compares its last delivered seq with the org's log head.
@@ -38,6 +38,34 @@ pub struct Item {
     pub bytes: Bytes,
 }
 
+/// Why the hub ended a subscriber's queue: either way its stream ends resumably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Cut {
+    /// Its queue was full.
+    Slow = 1,
+    /// The room could not deliver events the log no longer holds; resuming answers `resync`.
+    Behind = 2,
+}
+
+/// A subscriber's cut flag: 0 while it is not cut, else a `Cut`.
+#[derive(Debug, Default)]
+struct CutFlag(AtomicU8);
+
+impl CutFlag {
+    fn set(&self, why: Cut) {
+        self.0.store(why as u8, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<Cut> {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Some(Cut::Slow),
+            2 => Some(Cut::Behind),
+            _ => None,
+        }
+    }
+}
+
 /// A set of event kinds (empty request = all kinds).
 #[derive(Debug, Clone, Copy)]
 pub struct Kinds(u8);
@@ -45,7 +73,7 @@ pub struct Kinds(u8);
 impl Kinds {
     pub fn from_request(kinds: &[i32]) -> Result<Kinds, tonic::Status> {
         if kinds.is_empty() {
-            return Ok(Kinds(0b11110));
+            return Ok(Kinds(u8::MAX));
         }
         let mut bits = 0;
         for k in kinds {
@@ -151,7 +179,7 @@ struct Sub {
     id: u64,
     audience: Audience,
     tx: mpsc::Sender<Item>,
-    cut: Arc<AtomicBool>,
+    cut: Arc<CutFlag>,
 }
 
 enum RoomMsg {
@@ -162,16 +190,21 @@ enum RoomMsg {
 /// A subscriber's place in a room. Dropping it leaves the room.
 pub struct Registration {
     pub rx: mpsc::Receiver<Item>,
-    cut: Arc<AtomicBool>,
+    cut: Arc<CutFlag>,
     id: u64,
     room: Arc<Room>,
     hub: Hub,
 }
 
 impl Registration {
-    /// True once the hub cut this subscriber off because its queue was full.
+    /// True once the hub cut this subscriber off.
     pub fn was_cut(&self) -> bool {
-        self.cut.load(Ordering::Relaxed)
+        self.cut().is_some()
+    }
+
+    /// Why the hub cut this subscriber off, once it did.
+    pub fn cut(&self) -> Option<Cut> {
+        self.cut.get()
     }
 }
 
@@ -231,7 +264,7 @@ impl Hub {
                 .is_some_and(|r| Arc::ptr_eq(r, &room))
                 .then(|| {
                     let (tx, rx) = mpsc::channel(self.inner.queue);
-                    let cut = Arc::new(AtomicBool::new(false));
+                    let cut = Arc::new(CutFlag::default());
                     let mut subs = room.subs.lock();
                     let id = subs.next_id;
                     subs.next_id += 1;
@@ -283,10 +316,6 @@ impl Hub {
             let _ = room.tx.send(RoomMsg::Ephemeral(bytes));
         }
     }
-
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
-    }
 }
 
 async fn run_room(
@@ -329,18 +358,25 @@ async fn run_room(
 }
 
 /// Delivers the org's events `last+1 ..= upto` from the Store; returns the new last delivered seq.
+/// Always terminates: when the log no longer reaches back to `last`, the events in between can
+/// never be delivered, so every subscriber is ended resumably (its client resumes with its cursor
+/// and Subscribe answers `resync`, the one path that explains a gap) and the room goes on from
+/// the log's head.
 async fn repair(room: &Room, store: &dyn Store, mut last: u64, upto: u64) -> u64 {
     while last < upto {
-        match store.read_events(&room.org, last, REPAIR_PAGE).await {
-            Ok(page) if !page.is_empty() => {
+        match store.read_after(&room.org, last, REPAIR_PAGE).await {
+            Ok(LogRead::Events(page)) if !page.is_empty() => {
                 for ev in page {
-                    if ev.seq == last + 1 {
-                        last = ev.seq;
-                        room.fan_out_durable(&ev);
-                    }
+                    last = ev.seq;
+                    room.fan_out_durable(&ev);
                 }
             }
-            Ok(_) => break,
+            Ok(LogRead::Events(_)) => break,
+            Ok(LogRead::Unreachable(bounds)) => {
+                tracing::warn!(org = %room.org, last, floor = bounds.floor, "the log no longer reaches this room's position; its streams must resync");
+                room.cut_all();
+                return last.max(bounds.head);
+            }
             Err(e) => {
                 tracing::warn!(org = %room.org, error = %e, "gap repair failed; retrying on the next tail check");
                 break;
@@ -351,6 +387,13 @@ async fn repair(room: &Room, store: &dyn Store, mut last: u64, upto: u64) -> u64
 }
 
 impl Room {
+    /// Ends every subscriber's stream resumably: the room fell behind the retained log.
+    fn cut_all(&self) {
+        for s in self.subs.lock().list.drain(..) {
+            s.cut.set(Cut::Behind);
+        }
+    }
+
     fn fan_out_durable(&self, ev: &CommittedEvent) {
         let item = Item {
             seq: ev.seq,
@@ -368,7 +411,7 @@ impl Room {
             match s.tx.try_send(item.clone()) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    s.cut.store(true, Ordering::Relaxed);
+                    s.cut.set(Cut::Slow);
                     METRICS.slow_disconnects.inc();
                     false
                 }
@@ -380,7 +423,146 @@ impl Room {
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
     use super::*;
+    use crate::{
+        bus::Bus,
+        store::{NewJob, sqlite::SqliteStore},
+    };
+
+    /// A bus that hands nothing on by itself: the test delivers what it recorded, in any order.
+    #[derive(Default)]
+    struct RecordingBus(Mutex<Vec<CommittedEvent>>);
+
+    impl Bus for RecordingBus {
+        fn publish(&self, ev: CommittedEvent) {
+            self.0.lock().push(ev);
+        }
+        fn attach(&self, _: Hub) {}
+    }
+
+    fn temp_db(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "orgpulse-hub-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        dir.join("db.sqlite")
+    }
+
+    async fn setup(tag: &str) -> (Arc<SqliteStore>, Arc<RecordingBus>, Hub) {
+        let bus = Arc::new(RecordingBus::default());
+        let store = Arc::new(
+            SqliteStore::open(&temp_db(tag), bus.clone(), Duration::from_secs(10)).unwrap(),
+        );
+        let hub = Hub::new(store.clone(), 10_000);
+        (store, bus, hub)
+    }
+
+    async fn commit_jobs(store: &SqliteStore, n: usize) {
+        for i in 0..n {
+            let new = NewJob {
+                title: format!("job {i}"),
+                labels: Default::default(),
+                request_id: String::new(),
+            };
+            store.create_job("o", "u", new).await.unwrap();
+        }
+    }
+
+    fn audience(user: &str) -> Audience {
+        Audience {
+            user: user.into(),
+            kinds: Kinds::from_request(&[]).unwrap(),
+            entity_types: EntityTypes::default(),
+        }
+    }
+
+    /// Takes queued items until seq `upto` arrived (or the room stalls for a second).
+    async fn seqs_until(reg: &mut Registration, upto: u64) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while seqs.last() != Some(&upto) {
+            let item = tokio::time::timeout(Duration::from_secs(1), reg.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("room stalled after {seqs:?}"));
+            seqs.push(item.expect("room cut the subscriber").seq);
+        }
+        seqs
+    }
+
+    #[tokio::test]
+    async fn lossy_bus_is_repaired_exactly_once_in_order() {
+        let (store, bus, hub) = setup("lossy").await;
+        let mut a = hub.register("o", audience("a")).await.unwrap();
+        let mut b = hub.register("o", audience("b")).await.unwrap();
+        commit_jobs(&store, 40).await;
+        let events = std::mem::take(&mut *bus.0.lock());
+        assert_eq!(events.len(), 40);
+        // Every 3rd lost, every 5th twice, neighbours swapped; the last one arrives.
+        let mut script: Vec<CommittedEvent> = Vec::new();
+        for pair in events.chunks(2) {
+            for ev in pair.iter().rev() {
+                if ev.seq % 3 == 0 && ev.seq != 40 {
+                    continue;
+                }
+                script.push(ev.clone());
+                if ev.seq % 5 == 0 {
+                    script.push(ev.clone());
+                }
+            }
+        }
+        for ev in script {
+            hub.deliver(ev);
+        }
+        let want: Vec<u64> = (1..=40).collect();
+        assert_eq!(seqs_until(&mut a, 40).await, want);
+        assert_eq!(seqs_until(&mut b, 40).await, want);
+        // Nothing more: the duplicates after 40 were dropped.
+        assert!(a.rx.try_recv().is_err() && b.rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn repair_of_a_gap_past_the_retained_log_terminates_and_cuts_the_room() {
+        let (store, bus, hub) = setup("trimmed").await;
+        commit_jobs(&store, 5).await;
+        // 1..=5 never reached the room and are trimmed away: it can never deliver them.
+        store
+            .trim(SystemTime::now() + Duration::from_secs(1))
+            .await
+            .unwrap();
+        commit_jobs(&store, 1).await;
+        drop(hub);
+        bus.0.lock().clear();
+        // A room by hand (no task of its own, so no tail check races the repair) that delivered
+        // nothing yet.
+        let (tx, _) = mpsc::unbounded_channel();
+        let room = Room {
+            org: "o".into(),
+            tx,
+            subs: Mutex::default(),
+            closed: CancellationToken::new(),
+        };
+        let (sub_tx, mut rx) = mpsc::channel(16);
+        let cut = Arc::new(CutFlag::default());
+        room.subs.lock().list.push(Sub {
+            id: 0,
+            audience: audience("a"),
+            tx: sub_tx,
+            cut: cut.clone(),
+        });
+        let last = tokio::time::timeout(Duration::from_secs(2), repair(&room, &*store, 0, 6))
+            .await
+            .expect("repair spun on a gap the log no longer holds");
+        // The room jumped to the log's head; its subscriber was ended resumably (its client
+        // resumes with its cursor and Subscribe answers resync).
+        assert_eq!(last, 6);
+        assert_eq!(cut.get(), Some(Cut::Behind));
+        assert!(
+            rx.recv().await.is_none(),
+            "nothing of the gap was delivered"
+        );
+    }
 
     fn event(kind: EventKind, audience: Option<&str>, entity_type: Option<&str>) -> CommittedEvent {
         CommittedEvent {

@@ -41,6 +41,7 @@ pub async fn run(
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
         &cfg.sqlite_path().map_err(anyhow::Error::msg)?,
         bus.clone(),
+        cfg.sqlite_busy_timeout,
     )?);
     let hub = Hub::new(store.clone(), cfg.subscriber_queue);
     bus.attach(hub.clone());

@@ -30,10 +30,10 @@ use super::Ctx;
 use crate::{
     auth::{self, Need},
     cursor::Cursor,
-    hub::{Audience, EntityTypes, Kinds},
+    hub::{Audience, Cut, EntityTypes, Kinds},
     metrics::{METRICS, StreamGauge},
     presence::PresenceGuard,
-    store::timestamp,
+    store::{LogRead, timestamp},
     stream_limit::StreamSlot,
 };
 
@@ -223,40 +223,47 @@ fn subscription(
         let mut log = StreamLog { org: org.clone(), user: audience.user.clone(), sent: 0, end: "client went away" };
         let store = ctx.store.clone();
         let epoch = store.org_epoch(&org);
-        let bounds = store.bounds(&org).await?;
         // Position: the last seq this subscriber has seen or skipped.
-        let mut pos = bounds.head;
-        match from {
-            Some(c) if bounds.serves(epoch, &c) => {
-                pos = c.seq;
+        let (mut pos, mut resync) = match from {
+            Some(c) if c.epoch == epoch => (c.seq, false),
+            _ => (store.bounds(&org).await?.head, from.is_some()),
+        };
+        if from.is_some() && !resync {
+            'replay: loop {
                 loop {
-                    loop {
-                        let page = store.read_events(&org, pos, REPLAY_PAGE).await?;
-                        let full = page.len() == REPLAY_PAGE;
-                        for ev in page {
-                            pos = ev.seq;
-                            if audience.sees(&ev) {
-                                METRICS.events_delivered.inc();
-                                log.sent += 1;
-                                yield ev.bytes;
-                            }
+                    let page = match store.read_after(&org, pos, REPLAY_PAGE).await? {
+                        LogRead::Events(page) => page,
+                        // Trimmed past `pos` (before or during the replay): what was sent is
+                        // seamless; the rest is a resync to the head, then live from there.
+                        LogRead::Unreachable(bounds) => {
+                            pos = bounds.head;
+                            resync = true;
+                            break 'replay;
                         }
-                        if !full {
-                            break;
+                    };
+                    let full = page.len() == REPLAY_PAGE;
+                    for ev in page {
+                        pos = ev.seq;
+                        if audience.sees(&ev) {
+                            METRICS.events_delivered.inc();
+                            log.sent += 1;
+                            yield ev.bytes;
                         }
                     }
-                    // Cut off while replaying (live events piled up): join again, replay the rest.
-                    if !reg.was_cut() {
+                    if !full {
                         break;
                     }
-                    reg = ctx.hub.register(&org, audience.clone()).await?;
                 }
+                // Cut off while replaying (live events piled up): join again, replay the rest.
+                if !reg.was_cut() {
+                    break;
+                }
+                reg = ctx.hub.register(&org, audience.clone()).await?;
             }
-            Some(_) => {
-                let reason = "cursor is older than the retained log or from another log; reload and continue from this cursor";
-                yield control(&org, epoch, pos, Payload::Resync(Resync { reason: reason.into() }));
-            }
-            None => {}
+        }
+        if resync {
+            let reason = "cursor is older than the retained log or from another log; reload and continue from this cursor";
+            yield control(&org, epoch, pos, Payload::Resync(Resync { reason: reason.into() }));
         }
         yield control(&org, epoch, pos, Payload::CaughtUp(CaughtUp {}));
         // The wake-up futures live as long as the stream: building them per event (a timer
@@ -305,8 +312,17 @@ fn subscription(
                     yield item.bytes;
                 }
                 Wake::Item(None) => {
-                    log.end = "too slow";
-                    Err(Status::unavailable("subscriber too slow; resume from your cursor"))?;
+                    let message = match reg.cut() {
+                        Some(Cut::Behind) => {
+                            log.end = "behind the retained log";
+                            "this stream fell behind the retained log; resume from your cursor"
+                        }
+                        _ => {
+                            log.end = "too slow";
+                            "subscriber too slow; resume from your cursor"
+                        }
+                    };
+                    Err(Status::unavailable(message))?;
                 }
                 Wake::Heartbeat => yield control(&org, epoch, pos, Payload::Heartbeat(Heartbeat {})),
                 Wake::Expired => {
@@ -364,27 +380,28 @@ async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollR
     let mut reg = ctx.hub.register(&org, audience.clone()).await?;
     let store = &ctx.store;
     let epoch = store.org_epoch(&org);
-    let bounds = store.bounds(&org).await?;
+    let resync_at = |head| {
+        Response::new(PollResponse {
+            events: vec![],
+            cursor: Cursor { epoch, seq: head }.encode(),
+            resync: true,
+        })
+    };
     let mut pos = match from {
-        None => bounds.head,
-        Some(c) if bounds.serves(epoch, &c) => c.seq,
-        Some(_) => {
-            let cursor = Cursor {
-                epoch,
-                seq: bounds.head,
-            }
-            .encode();
-            return Ok(Response::new(PollResponse {
-                events: vec![],
-                cursor,
-                resync: true,
-            }));
-        }
+        None => store.bounds(&org).await?.head,
+        Some(c) if c.epoch == epoch => c.seq,
+        Some(_) => return Ok(resync_at(store.bounds(&org).await?.head)),
     };
     let mut events = Vec::new();
     loop {
         loop {
-            let page = store.read_events(&org, pos, REPLAY_PAGE).await?;
+            let page = match store.read_after(&org, pos, REPLAY_PAGE).await? {
+                LogRead::Events(page) => page,
+                // Trimmed past `pos` after some events were taken: those are seamless, and the
+                // next Poll (after them) is told resync.
+                LogRead::Unreachable(_) if !events.is_empty() => break,
+                LogRead::Unreachable(bounds) => return Ok(resync_at(bounds.head)),
+            };
             let full = page.len() == REPLAY_PAGE;
             for ev in page {
                 if events.len() == max {

@@ -85,8 +85,9 @@ pub enum StoreError {
     FailedPrecondition(String),
     #[error("{0}")]
     Aborted(String),
+    /// The store cannot write now (its writer failed, stopped or is overloaded): retry later.
     #[error("{0}")]
-    InvalidArgument(String),
+    Unavailable(String),
     #[error("storage error: {0}")]
     Internal(String),
 }
@@ -97,7 +98,7 @@ impl From<StoreError> for Status {
             StoreError::NotFound(m) => Status::not_found(m),
             StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
             StoreError::Aborted(m) => Status::aborted(m),
-            StoreError::InvalidArgument(m) => Status::invalid_argument(m),
+            StoreError::Unavailable(m) => Status::unavailable(m),
             StoreError::Internal(m) => {
                 tracing::error!(error = %m, "storage error");
                 Status::internal("storage error")
@@ -163,10 +164,31 @@ pub struct LogBounds {
     pub head: u64,
 }
 
-impl LogBounds {
-    /// Whether every event after `cursor` can be replayed from this log.
-    pub fn serves(&self, epoch: u64, cursor: &Cursor) -> bool {
-        cursor.epoch == epoch && cursor.seq >= self.floor && cursor.seq <= self.head
+/// What an org's log holds after a seq: the one answer replay, Poll and gap repair act on.
+#[derive(Debug)]
+pub enum LogRead {
+    /// The next events after the seq, in seq order and without gaps (empty: nothing after it yet).
+    Events(Vec<CommittedEvent>),
+    /// The log does not reach the seq (trimmed past it, or it is ahead of the head): whoever
+    /// asked must resync. `bounds` are the log's as of the same read.
+    Unreachable(LogBounds),
+}
+
+impl LogRead {
+    /// The answer for `rows` read after `after` in the same read transaction as `bounds`: rows
+    /// that do not continue `after` seamlessly are never handed out as if they did.
+    pub fn of(after: u64, bounds: LogBounds, rows: Vec<CommittedEvent>) -> LogRead {
+        let seamless = match (rows.first(), rows.last()) {
+            (Some(first), Some(last)) => {
+                first.seq == after + 1 && last.seq == after + rows.len() as u64
+            }
+            _ => true,
+        };
+        if after < bounds.floor || after > bounds.head || !seamless {
+            LogRead::Unreachable(bounds)
+        } else {
+            LogRead::Events(rows)
+        }
     }
 }
 
@@ -208,11 +230,15 @@ pub trait Store: Send + Sync + 'static {
     /// idempotency window adds nothing and yields the seq it got then. Returns each change's seq.
     async fn append_entity_changes(&self, changes: Vec<NewEntityChange>) -> Result<Vec<u64>>;
     async fn bounds(&self, org: &str) -> Result<LogBounds>;
-    /// Up to `limit` events with seq > `after`, in seq order.
-    async fn read_events(&self, org: &str, after: u64, limit: usize)
-    -> Result<Vec<CommittedEvent>>;
+    /// Up to `limit` events with seq > `after`, in seq order, or that the log no longer reaches
+    /// back to `after`: the retained floor is checked in the same read transaction as the rows, so
+    /// a trim racing the read can never make it skip events silently.
+    async fn read_after(&self, org: &str, after: u64, limit: usize) -> Result<LogRead>;
     /// Drops events (and idempotency keys) committed before `before`, raising each org's floor.
     async fn trim(&self, before: SystemTime) -> Result<u64>;
+    /// Whether the store can write now, from its writer's last transaction (cheap, writes
+    /// nothing); `Err` says why not.
+    fn health(&self) -> std::result::Result<(), String>;
 }
 
 /// How long a `request_id` makes a create idempotent.
@@ -291,13 +317,20 @@ pub fn encode_event(
     .into()
 }
 
-/// The kind of a durable payload (for filtering without decoding).
-pub fn payload_kind(p: &Payload) -> EventKind {
+/// The kind of a durable payload (for filtering without decoding); `None` for the ephemeral ones,
+/// which are never appended to the log.
+pub fn payload_kind(p: &Payload) -> Option<EventKind> {
     match p {
-        Payload::JobCreated(_) | Payload::JobUpdated(_) | Payload::JobDeleted(_) => EventKind::Job,
-        Payload::NotificationNew(_) => EventKind::Notification,
-        Payload::EntityChanged(_) => EventKind::Entity,
-        _ => EventKind::Presence,
+        Payload::JobCreated(_) | Payload::JobUpdated(_) | Payload::JobDeleted(_) => {
+            Some(EventKind::Job)
+        }
+        Payload::NotificationNew(_) => Some(EventKind::Notification),
+        Payload::EntityChanged(_) => Some(EventKind::Entity),
+        Payload::UserOnline(_)
+        | Payload::UserOffline(_)
+        | Payload::Heartbeat(_)
+        | Payload::CaughtUp(_)
+        | Payload::Resync(_) => None,
     }
 }
 
