@@ -78,6 +78,20 @@ pub struct Config {
     #[arg(long, env = "ORGPULSE_JWT_LEEWAY", default_value = "0s", value_parser = parse_duration)]
     pub jwt_leeway: Duration,
 
+    /// The product's PostgreSQL database (postgres://USER@HOST:PORT/DB) whose outbox table is
+    /// turned into entity events: every committed row becomes exactly one `entity_changed` event
+    /// and is deleted; invalid rows move to `<table>_rejected`.
+    #[arg(long, env = "ORGPULSE_OUTBOX")]
+    pub outbox: Option<String>,
+
+    /// The outbox table (created with `<table>_rejected` and its NOTIFY trigger when missing).
+    #[arg(long, env = "ORGPULSE_OUTBOX_TABLE", default_value = "orgpulse_outbox")]
+    pub outbox_table: String,
+
+    /// How often the outbox is read when no NOTIFY woke the consumer.
+    #[arg(long, env = "ORGPULSE_OUTBOX_POLL", default_value = "500ms", value_parser = parse_duration)]
+    pub outbox_poll: Duration,
+
     /// Browser origin allowed to call grpc-web (repeatable, or comma-separated in the env var).
     #[arg(
         long = "cors-origin",
@@ -137,6 +151,8 @@ Examples:
   orgpulse-server --dev --demo
   orgpulse-server --database sqlite:///var/lib/orgpulse/orgpulse.db --jwt-secret-file /etc/orgpulse/secret
   orgpulse-server --jwt-public-key /etc/orgpulse/jwt.pem --jwt-issuer https://auth.example.com
+  orgpulse-server --jwks-url https://idp.example.com/.well-known/jwks.json --jwt-org-claim app_metadata.org
+  orgpulse-server --jwt-secret-file ./secret --outbox postgres://app@db.example.com/app
 
 Logs go to stderr; filter them with RUST_LOG (e.g. RUST_LOG=orgpulse_server=debug).";
 

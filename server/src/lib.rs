@@ -9,6 +9,7 @@ pub mod dev;
 pub mod hub;
 pub mod jwks;
 pub mod metrics;
+pub mod outbox;
 pub mod presence;
 pub mod server;
 pub mod service;

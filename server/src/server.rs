@@ -59,6 +59,14 @@ pub async fn run(
         streams: crate::stream_limit::StreamSlots::new(cfg.max_streams_per_user),
         shutdown: stop.clone(),
     });
+    if let Some(url) = &cfg.outbox {
+        let outbox = crate::outbox::OutboxConfig {
+            url: url.clone(),
+            table: cfg.outbox_table.clone(),
+            poll: cfg.outbox_poll,
+        };
+        crate::outbox::start(outbox, store.clone(), stop.clone()).await?;
+    }
     let app = crate::web::router(ctx.clone(), &cfg.cors_origins).await?;
     tokio::spawn(trim_log(store.clone(), cfg.retention, stop.clone()));
     if cfg.demo {
