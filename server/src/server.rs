@@ -42,7 +42,7 @@ pub async fn run(
         &cfg.sqlite_path().map_err(anyhow::Error::msg)?,
         bus.clone(),
     )?);
-    let hub = Hub::new(store.clone(), cfg.subscriber_queue);
+    let hub = Hub::new(store.clone(), cfg.subscriber_queue, &*bus);
     bus.attach(hub.clone());
     let presence = MemoryPresence::new(hub.clone(), cfg.presence_grace);
     let stop = CancellationToken::new();

@@ -145,6 +145,9 @@ pub trait Store: Send + Sync + 'static {
     /// Marks read for `user`; returns their unread count.
     async fn mark_read(&self, org: &str, user: &str, ids: Vec<String>) -> Result<u32>;
     async fn bounds(&self, org: &str) -> Result<LogBounds>;
+    /// The last seq of each of `orgs`' logs, in ONE query however many orgs there are (the
+    /// Hub's tail check on a lossy bus). Orgs that never had an event (head 0) are left out.
+    async fn heads(&self, orgs: &[Arc<str>]) -> Result<Vec<(Arc<str>, u64)>>;
     /// Up to `limit` events with seq > `after`, in seq order.
     async fn read_events(&self, org: &str, after: u64, limit: usize)
     -> Result<Vec<CommittedEvent>>;
