@@ -167,6 +167,9 @@ pub trait Store: Send + Sync + 'static {
     /// Marks read for `user`; returns their unread count.
     async fn mark_read(&self, org: &str, user: &str, ids: Vec<String>) -> Result<u32>;
     async fn bounds(&self, org: &str) -> Result<LogBounds>;
+    /// The last seq of each of `orgs`' logs, in ONE query however many orgs there are (the
+    /// Hub's tail check on a lossy bus). Orgs that never had an event (head 0) are left out.
+    async fn heads(&self, orgs: &[Arc<str>]) -> Result<Vec<(Arc<str>, u64)>>;
     /// Up to `limit` events with seq > `after`, in seq order, or that the log no longer reaches
     /// back to `after`: the retained floor is checked in the same read transaction as the rows, so
     /// a trim racing the read can never make it skip events silently.
