@@ -2,15 +2,18 @@
 //!
 //! Each room has one task that delivers the org's committed events in seq order: `seq == last+1`
 //! is fanned out, `seq <= last` is a duplicate and dropped, `seq > last+1` means the bus lost
-//! something and the missing range is read from the Store first. A periodic tail check of the org's
-//! log closes the "last publish lost" hole. Fan-out shares the event's encoded bytes; per subscriber
+//! something and the missing range is read from the Store first. A bus that can lose (`Bus::lossy`)
+//! leaves one more hole: a lost LAST publish, which no later event reveals. For it the Hub runs one
+//! tail checker per node: every `TAIL_CHECK` it reads the heads of all its rooms' orgs in one Store
+//! query and tells the rooms that are behind, which repair from the Store. The in-process bus loses
+//! nothing, so a Hub on it runs no checker and an idle room costs nothing. Fan-out shares the event's encoded bytes; per subscriber
 //! it is a filter check and a push onto that subscriber's bounded queue. A full queue never waits:
 //! the subscriber is cut off (its stream ends with a resumable error) and everyone else goes on.
 use std::{
     collections::HashMap,
     sync::{
-        Arc,
-        atomic::{AtomicU8, Ordering},
+        Arc, Weak,
+        atomic::{AtomicU8, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -22,11 +25,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    bus::Bus,
     metrics::METRICS,
     store::{CommittedEvent, LogRead, Store},
 };
 
-/// How often a room compares its last delivered seq with the org's log head.
+/// How often the tail checker of a Hub on a lossy bus compares its rooms' last delivered seqs with
+/// their orgs' log heads.
 const TAIL_CHECK: Duration = Duration::from_secs(2);
 /// Events read from the Store per page when repairing a gap.
 const REPAIR_PAGE: usize = 1000;
@@ -164,6 +169,8 @@ struct Inner {
 
 struct Room {
     org: Arc<str>,
+    /// The last seq the room's task delivered (or skipped), for the tail checker.
+    delivered: AtomicU64,
     tx: mpsc::UnboundedSender<RoomMsg>,
     subs: Mutex<Subs>,
     closed: CancellationToken,
@@ -185,6 +192,8 @@ struct Sub {
 enum RoomMsg {
     Durable(CommittedEvent),
     Ephemeral(Bytes),
+    /// The org's log reaches at least this seq (from the tail checker).
+    Head(u64),
 }
 
 /// A subscriber's place in a room. Dropping it leaves the room.
@@ -225,14 +234,20 @@ impl Drop for Registration {
 }
 
 impl Hub {
-    pub fn new(store: Arc<dyn Store>, queue: usize) -> Hub {
-        Hub {
+    /// A Hub fed by `bus`; when the bus is lossy, with a tail checker that lives as long as the
+    /// Hub.
+    pub fn new(store: Arc<dyn Store>, queue: usize, bus: &dyn Bus) -> Hub {
+        let hub = Hub {
             inner: Arc::new(Inner {
                 rooms: Mutex::default(),
                 store,
                 queue: queue.max(1),
             }),
+        };
+        if bus.lossy() {
+            tokio::spawn(check_tails(Arc::downgrade(&hub.inner)));
         }
+        hub
     }
 
     /// Joins `org`'s room. Every durable event committed after this returns and visible to
@@ -293,6 +308,7 @@ impl Hub {
         let (tx, rx) = mpsc::unbounded_channel();
         let room = Arc::new(Room {
             org: org.into(),
+            delivered: AtomicU64::new(head),
             tx,
             subs: Mutex::default(),
             closed: CancellationToken::new(),
@@ -318,14 +334,40 @@ impl Hub {
     }
 }
 
+/// Every `TAIL_CHECK`, while the Hub lives: one Store query for the heads of all rooms' orgs, and
+/// a `Head` message to each room that has not delivered up to its org's head.
+async fn check_tails(hub: Weak<Inner>) {
+    let mut tick = tokio::time::interval(TAIL_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = hub.upgrade() else { return };
+        let rooms: HashMap<Arc<str>, Arc<Room>> = inner.rooms.lock().clone();
+        if rooms.is_empty() {
+            continue;
+        }
+        let orgs: Vec<Arc<str>> = rooms.keys().cloned().collect();
+        match inner.store.heads(&orgs).await {
+            Ok(heads) => {
+                for (org, head) in heads {
+                    if let Some(room) = rooms.get(&org)
+                        && head > room.delivered.load(Ordering::Relaxed)
+                    {
+                        let _ = room.tx.send(RoomMsg::Head(head));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "tail check failed; retrying on the next one"),
+        }
+    }
+}
+
 async fn run_room(
     room: Arc<Room>,
     mut rx: mpsc::UnboundedReceiver<RoomMsg>,
     mut last: u64,
     store: Arc<dyn Store>,
 ) {
-    let mut tail = tokio::time::interval(TAIL_CHECK);
-    tail.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = room.closed.cancelled() => break,
@@ -337,23 +379,23 @@ async fn run_room(
                     }
                     if ev.seq > last + 1 {
                         // Lost on the bus: repair from the Store, which holds `ev` too. On
-                        // failure nothing is delivered past the gap; the tail check retries.
+                        // failure nothing is delivered past the gap; the next event or tail
+                        // check retries.
                         last = repair(&room, &*store, last, ev.seq).await;
-                        continue;
+                    } else {
+                        last = ev.seq;
+                        room.fan_out_durable(&ev);
                     }
-                    last = ev.seq;
-                    room.fan_out_durable(&ev);
                 }
                 Some(RoomMsg::Ephemeral(bytes)) => room.fan_out(Item { seq: 0, bytes }, |a| a.kinds.has(EventKind::Presence)),
-            },
-            _ = tail.tick() => {
-                if let Ok(b) = store.bounds(&room.org).await
-                    && b.head > last
-                {
-                    last = repair(&room, &*store, last, b.head).await;
+                Some(RoomMsg::Head(head)) => {
+                    if head > last {
+                        last = repair(&room, &*store, last, head).await;
+                    }
                 }
-            }
+            },
         }
+        room.delivered.store(last, Ordering::Relaxed);
     }
 }
 
@@ -423,12 +465,23 @@ impl Room {
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
+    use std::{
+        collections::HashMap,
+        sync::{Arc, OnceLock},
+        time::SystemTime,
+    };
+
+    use async_trait::async_trait;
+    use orgpulse::proto::{Job, Notification};
+    use parking_lot::Mutex;
 
     use super::*;
     use crate::{
-        bus::Bus,
-        store::{NewJob, sqlite::SqliteStore},
+        bus::{Bus, MemoryBus},
+        store::{
+            JobPage, JobPatch, LogBounds, LogRead, NewJob, NewNotification, NotificationPage,
+            Result, sqlite::SqliteStore,
+        },
     };
 
     /// A bus that hands nothing on by itself: the test delivers what it recorded, in any order.
@@ -440,6 +493,10 @@ mod tests {
             self.0.lock().push(ev);
         }
         fn attach(&self, _: Hub) {}
+        /// The test plays the losses itself, through the rooms' gap repair.
+        fn lossy(&self) -> bool {
+            false
+        }
     }
 
     fn temp_db(tag: &str) -> std::path::PathBuf {
@@ -456,7 +513,7 @@ mod tests {
         let store = Arc::new(
             SqliteStore::open(&temp_db(tag), bus.clone(), Duration::from_secs(10)).unwrap(),
         );
-        let hub = Hub::new(store.clone(), 10_000);
+        let hub = Hub::new(store.clone(), 10_000, &*bus);
         (store, bus, hub)
     }
 
@@ -479,6 +536,144 @@ mod tests {
         }
     }
 
+    /// A bus that loses every event with seq `lost_seq` (for each org) and hands the rest to the
+    /// Hub.
+    struct LossyBus {
+        hub: OnceLock<Hub>,
+        lost_seq: u64,
+        lost: Mutex<Vec<(Arc<str>, u64)>>,
+    }
+
+    impl Bus for LossyBus {
+        fn publish(&self, ev: CommittedEvent) {
+            if ev.seq == self.lost_seq {
+                self.lost.lock().push((ev.org.clone(), ev.seq));
+            } else if let Some(hub) = self.hub.get() {
+                hub.deliver(ev);
+            }
+        }
+        fn attach(&self, hub: Hub) {
+            let _ = self.hub.set(hub);
+        }
+        fn lossy(&self) -> bool {
+            true
+        }
+    }
+
+    /// The SQLite store, counting the log-head queries made of it: `bounds` calls, and the orgs
+    /// asked for in each `heads` call.
+    struct CountingStore {
+        inner: SqliteStore,
+        dir: std::path::PathBuf,
+        bounds_calls: Mutex<u64>,
+        heads_calls: Mutex<Vec<usize>>,
+    }
+
+    impl CountingStore {
+        fn open(bus: Arc<dyn Bus>) -> Arc<CountingStore> {
+            let dir = std::env::temp_dir().join(format!(
+                "orgpulse-hub-test-{}-{:x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            Arc::new(CountingStore {
+                inner: SqliteStore::open(&dir.join("hub.db"), bus, Duration::from_secs(10))
+                    .unwrap(),
+                dir,
+                bounds_calls: Mutex::new(0),
+                heads_calls: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    impl Drop for CountingStore {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[async_trait]
+    impl Store for CountingStore {
+        fn org_epoch(&self, org: &str) -> u64 {
+            self.inner.org_epoch(org)
+        }
+        async fn create_job(&self, org: &str, actor: &str, new: NewJob) -> Result<Job> {
+            self.inner.create_job(org, actor, new).await
+        }
+        async fn get_job(&self, org: &str, job_id: &str) -> Result<Job> {
+            self.inner.get_job(org, job_id).await
+        }
+        async fn list_jobs(
+            &self,
+            org: &str,
+            statuses: Vec<i32>,
+            limit: usize,
+            after: Option<String>,
+        ) -> Result<JobPage> {
+            self.inner.list_jobs(org, statuses, limit, after).await
+        }
+        async fn update_job(&self, org: &str, actor: &str, patch: JobPatch) -> Result<Job> {
+            self.inner.update_job(org, actor, patch).await
+        }
+        async fn delete_job(&self, org: &str, actor: &str, job_id: &str) -> Result<()> {
+            self.inner.delete_job(org, actor, job_id).await
+        }
+        async fn send_notification(
+            &self,
+            org: &str,
+            actor: &str,
+            new: NewNotification,
+        ) -> Result<Notification> {
+            self.inner.send_notification(org, actor, new).await
+        }
+        async fn list_notifications(
+            &self,
+            org: &str,
+            user: &str,
+            unread_only: bool,
+            limit: usize,
+            after: Option<String>,
+        ) -> Result<NotificationPage> {
+            self.inner
+                .list_notifications(org, user, unread_only, limit, after)
+                .await
+        }
+        async fn mark_read(&self, org: &str, user: &str, ids: Vec<String>) -> Result<u32> {
+            self.inner.mark_read(org, user, ids).await
+        }
+        async fn append_entity_changes(
+            &self,
+            changes: Vec<crate::store::NewEntityChange>,
+        ) -> Result<Vec<u64>> {
+            self.inner.append_entity_changes(changes).await
+        }
+        async fn bounds(&self, org: &str) -> Result<LogBounds> {
+            *self.bounds_calls.lock() += 1;
+            self.inner.bounds(org).await
+        }
+        async fn heads(&self, orgs: &[Arc<str>]) -> Result<Vec<(Arc<str>, u64)>> {
+            self.heads_calls.lock().push(orgs.len());
+            self.inner.heads(orgs).await
+        }
+        async fn read_after(&self, org: &str, after: u64, limit: usize) -> Result<LogRead> {
+            self.inner.read_after(org, after, limit).await
+        }
+        async fn trim(&self, before: SystemTime) -> Result<u64> {
+            self.inner.trim(before).await
+        }
+        fn health(&self) -> std::result::Result<(), String> {
+            self.inner.health()
+        }
+    }
+
+    fn everything() -> Audience {
+        Audience {
+            user: "watcher".into(),
+            kinds: Kinds::from_request(&[]).unwrap(),
+            entity_types: EntityTypes::default(),
+        }
+    }
+
     /// Takes queued items until seq `upto` arrived (or the room stalls for a second).
     async fn seqs_until(reg: &mut Registration, upto: u64) -> Vec<u64> {
         let mut seqs = Vec::new();
@@ -487,6 +682,31 @@ mod tests {
                 .await
                 .unwrap_or_else(|_| panic!("room stalled after {seqs:?}"));
             seqs.push(item.expect("room cut the subscriber").seq);
+        }
+        seqs
+    }
+
+    /// Commits `n` job creations in `org`, one event each.
+    async fn write_events(store: &CountingStore, org: &str, n: usize) {
+        for i in 0..n {
+            let new = NewJob {
+                title: format!("job {i}"),
+                labels: HashMap::new(),
+                request_id: String::new(),
+            };
+            store.create_job(org, "writer", new).await.unwrap();
+        }
+    }
+
+    /// The seqs `reg` receives until `n` arrived (each within a few tail checks).
+    async fn receive(reg: &mut Registration, n: usize) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while seqs.len() < n {
+            let item = tokio::time::timeout(5 * TAIL_CHECK, reg.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("only {seqs:?} arrived"))
+                .expect("registration open");
+            seqs.push(item.seq);
         }
         seqs
     }
@@ -539,6 +759,7 @@ mod tests {
         let (tx, _) = mpsc::unbounded_channel();
         let room = Room {
             org: "o".into(),
+            delivered: AtomicU64::new(0),
             tx,
             subs: Mutex::default(),
             closed: CancellationToken::new(),
@@ -562,6 +783,52 @@ mod tests {
             rx.recv().await.is_none(),
             "nothing of the gap was delivered"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lossy_bus_lost_last_events_come_from_one_batched_tail_check() {
+        let bus = Arc::new(LossyBus {
+            hub: OnceLock::new(),
+            lost_seq: 3,
+            lost: Mutex::default(),
+        });
+        let store = CountingStore::open(bus.clone());
+        let hub = Hub::new(store.clone(), 16, &*bus);
+        bus.attach(hub.clone());
+        let mut a = hub.register("org-a", everything()).await.unwrap();
+        let mut b = hub.register("org-b", everything()).await.unwrap();
+        write_events(&store, "org-a", 3).await;
+        write_events(&store, "org-b", 3).await;
+
+        // The bus lost seq 3 of both orgs and nothing came after it: only the tail check can
+        // find them. Each arrives once, in order, and no more arrive over later checks.
+        assert_eq!(receive(&mut a, 3).await, [1, 2, 3]);
+        assert_eq!(receive(&mut b, 3).await, [1, 2, 3]);
+        tokio::time::sleep(5 * TAIL_CHECK).await;
+        assert!(a.rx.try_recv().is_err() && b.rx.try_recv().is_err());
+        assert_eq!(*bus.lost.lock(), [("org-a".into(), 3), ("org-b".into(), 3)]);
+        // One query per check for both rooms, none per room (bounds only when a room opens).
+        let heads = store.heads_calls.lock().clone();
+        assert!(!heads.is_empty());
+        assert!(heads.iter().all(|&orgs| orgs == 2), "{heads:?}");
+        assert_eq!(*store.bounds_calls.lock(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_bus_hub_runs_no_tail_query() {
+        let bus = Arc::new(MemoryBus::default());
+        let store = CountingStore::open(bus.clone());
+        let hub = Hub::new(store.clone(), 16, &*bus);
+        bus.attach(hub.clone());
+        let mut reg = hub.register("org-a", everything()).await.unwrap();
+        write_events(&store, "org-a", 3).await;
+        assert_eq!(receive(&mut reg, 3).await, [1, 2, 3]);
+
+        tokio::time::sleep(10 * TAIL_CHECK).await;
+        assert!(reg.rx.try_recv().is_err());
+        assert!(store.heads_calls.lock().is_empty());
+        // The one head read that opened the room.
+        assert_eq!(*store.bounds_calls.lock(), 1);
     }
 
     fn event(kind: EventKind, audience: Option<&str>, entity_type: Option<&str>) -> CommittedEvent {

@@ -43,7 +43,7 @@ pub async fn run(
         bus.clone(),
         cfg.sqlite_busy_timeout,
     )?);
-    let hub = Hub::new(store.clone(), cfg.subscriber_queue);
+    let hub = Hub::new(store.clone(), cfg.subscriber_queue, &*bus);
     bus.attach(hub.clone());
     let presence = MemoryPresence::new(hub.clone(), cfg.presence_grace);
     let stop = CancellationToken::new();

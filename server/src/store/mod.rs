@@ -230,6 +230,9 @@ pub trait Store: Send + Sync + 'static {
     /// idempotency window adds nothing and yields the seq it got then. Returns each change's seq.
     async fn append_entity_changes(&self, changes: Vec<NewEntityChange>) -> Result<Vec<u64>>;
     async fn bounds(&self, org: &str) -> Result<LogBounds>;
+    /// The last seq of each of `orgs`' logs, in ONE query however many orgs there are (the
+    /// Hub's tail check on a lossy bus). Orgs that never had an event (head 0) are left out.
+    async fn heads(&self, orgs: &[Arc<str>]) -> Result<Vec<(Arc<str>, u64)>>;
     /// Up to `limit` events with seq > `after`, in seq order, or that the log no longer reaches
     /// back to `after`: the retained floor is checked in the same read transaction as the rows, so
     /// a trim racing the read can never make it skip events silently.

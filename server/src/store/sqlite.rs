@@ -764,6 +764,28 @@ impl Store for SqliteStore {
         self.read(move |conn| bounds(conn, &org)).await
     }
 
+    async fn heads(&self, orgs: &[Arc<str>]) -> Result<Vec<(Arc<str>, u64)>> {
+        // One bound parameter whatever the count: a JSON array, unpacked by json_each.
+        let names: Vec<&str> = orgs.iter().map(|o| &**o).collect();
+        let list = serde_json::to_string(&names)
+            .map_err(|e| StoreError::Internal(format!("encoding org list: {e}")))?;
+        self.read(move |conn| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT org_id, last_seq FROM org_log
+                     WHERE org_id IN (SELECT value FROM json_each(?1))",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map([list], |r| {
+                    Ok((Arc::from(r.get::<_, String>(0)?), r.get::<_, u64>(1)?))
+                })
+                .map_err(db)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+        })
+        .await
+    }
+
     async fn read_after(&self, org: &str, after: u64, limit: usize) -> Result<LogRead> {
         let org: Arc<str> = org.into();
         self.read(move |conn| {
@@ -920,6 +942,9 @@ mod tests {
             self.0.fetch_add(1, Ordering::Relaxed);
         }
         fn attach(&self, _: Hub) {}
+        fn lossy(&self) -> bool {
+            false
+        }
     }
 
     fn temp_store(
