@@ -365,6 +365,13 @@ async fn invalid_rows_move_to_rejected_with_their_error_and_never_block_the_queu
         .await
         .unwrap();
     assert_eq!(rejected.len(), 10);
+    // The counters move right after the COMMIT that emptied the table.
+    wait_until("/metrics counts 110 rows, 10 rejected", || async {
+        let metrics = get_text(&server, "/metrics").await;
+        let has = |line: &str| metrics.lines().any(|l| l == line);
+        has("orgpulse_outbox_rows_total 110") && has("orgpulse_outbox_rejected_total 10")
+    })
+    .await;
     for row in rejected {
         let (id, error): (i64, String) = (row.get(0), row.get(1));
         let names = &expected_errors[&id];

@@ -19,6 +19,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Row};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    metrics::METRICS,
     store::{NewEntityChange, Store},
     validate,
 };
@@ -277,12 +278,15 @@ impl Consumer {
         let taken = self.pass_in_transaction(client).await;
         let end = if taken.is_ok() { "COMMIT" } else { "ROLLBACK" };
         let ended = client.batch_execute(end).await.map_err(pg);
-        let taken = taken?;
+        let (taken, rejected) = taken?;
         ended?;
+        METRICS.outbox_rows.add(taken as u64);
+        METRICS.outbox_rejected.add(rejected);
         Ok(taken)
     }
 
-    async fn pass_in_transaction(&self, client: &Client) -> anyhow::Result<usize> {
+    /// Returns the rows taken and how many of them were rejected.
+    async fn pass_in_transaction(&self, client: &Client) -> anyhow::Result<(usize, u64)> {
         let locked: bool = client
             .query_one(&self.sql.lock, &[])
             .await
@@ -291,9 +295,10 @@ impl Consumer {
         if !locked {
             // Another node is on it; its COMMIT will not notify, so the poll picks up what it
             // leaves.
-            return Ok(0);
+            return Ok((0, 0));
         }
         let rows = client.query(&self.sql.select, &[]).await.map_err(pg)?;
+        let mut rejected = 0;
         let mut ids = Vec::with_capacity(rows.len());
         let mut changes = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -307,6 +312,7 @@ impl Consumer {
                         .execute(&self.sql.reject, &[&id, &why])
                         .await
                         .map_err(pg)?;
+                    rejected += 1;
                 }
             }
         }
@@ -319,7 +325,7 @@ impl Consumer {
                 .await
                 .map_err(pg)?;
         }
-        Ok(rows.len())
+        Ok((rows.len(), rejected))
     }
 
     /// The entity change a row asks for, or why it is rejected.
