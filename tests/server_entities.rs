@@ -9,37 +9,34 @@ use orgpulse::proto::{
     EntityChanged, EventKind, OrgFilter, PollRequest, PublishRequest, PublishResponse,
     event::Payload,
 };
+use prost_types::value::Kind;
 use support::*;
 use tonic::Code;
 
 const ENTITY: i32 = EventKind::Entity as i32;
 const TYPES: [&str; 3] = ["invoice", "project", "comment"];
 
-/// `json` (an object) as a protobuf Struct.
-fn data(json: serde_json::Value) -> prost_types::Struct {
-    fn value(v: serde_json::Value) -> prost_types::Value {
-        use prost_types::value::Kind;
-        let kind = match v {
-            serde_json::Value::Null => Kind::NullValue(0),
-            serde_json::Value::Bool(b) => Kind::BoolValue(b),
-            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
-            serde_json::Value::String(s) => Kind::StringValue(s),
-            serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-                values: a.into_iter().map(value).collect(),
-            }),
-            serde_json::Value::Object(o) => Kind::StructValue(object(o)),
-        };
-        prost_types::Value { kind: Some(kind) }
+/// A Struct of `fields`.
+fn data(fields: Vec<(&str, Kind)>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: fields
+            .into_iter()
+            .map(|(k, kind)| (k.to_string(), prost_types::Value { kind: Some(kind) }))
+            .collect(),
     }
-    fn object(o: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
-        prost_types::Struct {
-            fields: o.into_iter().map(|(k, v)| (k, value(v))).collect(),
-        }
-    }
-    match json {
-        serde_json::Value::Object(o) => object(o),
-        other => panic!("not an object: {other}"),
-    }
+}
+
+/// `{"amount": 12, "tags": ["a"]}`
+fn invoice_data() -> prost_types::Struct {
+    let tags = prost_types::ListValue {
+        values: vec![prost_types::Value {
+            kind: Some(Kind::StringValue("a".into())),
+        }],
+    };
+    data(vec![
+        ("amount", Kind::NumberValue(12.0)),
+        ("tags", Kind::ListValue(tags)),
+    ])
 }
 
 fn change(entity_type: &str, id: &str, action: &str) -> PublishRequest {
@@ -47,7 +44,7 @@ fn change(entity_type: &str, id: &str, action: &str) -> PublishRequest {
         entity_type: entity_type.into(),
         entity_id: id.into(),
         action: action.into(),
-        data: Some(data(serde_json::json!({"amount": 12, "tags": ["a"]}))),
+        data: Some(invoice_data()),
         ..Default::default()
     }
 }
@@ -136,7 +133,7 @@ async fn published_changes_reach_exactly_the_subscribers_they_match_in_order() {
                     entity_type: "invoice".into(),
                     entity_id: "invoice_0".into(),
                     action: "updated".into(),
-                    data: Some(data(serde_json::json!({"amount": 12, "tags": ["a"]}))),
+                    data: Some(invoice_data()),
                     user_id: String::new(),
                 }
             );
@@ -232,7 +229,7 @@ async fn only_admins_and_services_publish_and_every_limit_has_its_status() {
     }
     let big = |bytes: usize| {
         let mut r = change("invoice", "i", "paid");
-        r.data = Some(data(serde_json::json!({"x": "y".repeat(bytes)})));
+        r.data = Some(data(vec![("x", Kind::StringValue("y".repeat(bytes)))]));
         r
     };
     let with = |f: &dyn Fn(&mut PublishRequest)| {
