@@ -20,6 +20,9 @@ fn help_lists_every_flag() {
         "--jwks-cooldown",
         "--jwt-org-claim",
         "--jwt-roles-claim",
+        "--outbox",
+        "--outbox-table",
+        "--outbox-poll",
         "--jwt-issuer",
         "--jwt-audience",
         "--cors-origin",
@@ -55,16 +58,17 @@ fn without_a_key_it_refuses_to_start_and_says_how() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Key settings that cannot work stop the server at start with one line saying why: a
-/// `--jwks-url` nobody answers at (no key set to start with) and a leeway above a day.
+/// Settings that cannot work stop the server at start with one line saying why: a `--jwks-url`
+/// nobody answers at (no key set to start with), a leeway above a day, an `--outbox` database
+/// that cannot be reached and an outbox table name that is not a plain identifier.
 #[test]
-fn unusable_key_settings_are_refused_at_start() {
+fn unusable_key_and_outbox_settings_are_refused_at_start() {
     let dir = std::env::temp_dir().join(format!("orgpulse-badkeys-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let secret = dir.join("secret");
     std::fs::write(&secret, "s3cret").unwrap();
     let secret = secret.display().to_string();
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 5] = [
         (
             &["--jwks-url", "http://127.0.0.1:1/jwks.json"],
             "--jwks-url http://127.0.0.1:1/jwks.json: cannot load the key set",
@@ -76,6 +80,26 @@ fn unusable_key_settings_are_refused_at_start() {
         (
             &["--jwt-secret-file", &secret, "--jwt-leeway", "2days"],
             "--jwt-leeway 2days is too large; at most 1 day",
+        ),
+        (
+            &[
+                "--jwt-secret-file",
+                &secret,
+                "--outbox",
+                "postgres://postgres@127.0.0.1:1/app",
+            ],
+            "--outbox 127.0.0.1:1/app: ",
+        ),
+        (
+            &[
+                "--jwt-secret-file",
+                &secret,
+                "--outbox",
+                "postgres://x@127.0.0.1:1/app",
+                "--outbox-table",
+                "Outbox",
+            ],
+            "--outbox-table \"Outbox\": expected 1-50 characters of [a-z0-9_]",
         ),
     ];
     for (args, says) in cases {
