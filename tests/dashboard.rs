@@ -1,7 +1,8 @@
 //! Browser end-to-end tests of the dashboard (issue 4): the real `orgpulse-server`, Debian's
 //! Chromium driven through playwright-core by `web/test/driver.mjs`, and native gRPC writes whose
 //! effect the page must show, bounded in time. Under `CI=true` a missing Chromium or
-//! `web/node_modules` fails the test; elsewhere it is skipped with the reason printed.
+//! `node_modules` (the npm workspace root's) fails the test; elsewhere it is skipped with the reason
+//! printed.
 
 mod support;
 
@@ -53,8 +54,8 @@ fn prerequisites() -> Option<PathBuf> {
         )
     } else if !node_ok {
         "node missing".to_string()
-    } else if !web_dir().join("node_modules/playwright-core").exists() {
-        "web/node_modules missing (npm ci in web/)".to_string()
+    } else if !web_dir().join("../node_modules/playwright-core").exists() {
+        "node_modules missing (npm ci at the repository root)".to_string()
     } else {
         return Some(chromium);
     };
