@@ -137,6 +137,11 @@ export class OrgpulseClient {
     return this.listen(orgId, new Listener(null, { onState }));
   }
 
+  /** How this client shares streams: "solo" (no cross-tab), "leader" (holds them), "follower". */
+  get sharing(): "solo" | "leader" | "follower" {
+    return this.role;
+  }
+
   /** The connection state of an org's shared stream now. */
   state(orgId = ""): ConnectionState {
     return this.channels.get(orgId)?.fanout.state ?? "stopped";
