@@ -324,3 +324,40 @@ async fn sdk_react_strict_mode_opens_one_stream_and_delivers_once() {
     assert_eq!(opened, 1, "Subscribe requests");
     b.quit().await;
 }
+
+#[tokio::test]
+async fn sdk_in_node_writes_jobs_and_receives_each_event_once() {
+    if prerequisites("the SDK Node test").is_none() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    build_pages();
+    let s = start_server().await;
+    let out = tokio::process::Command::new("node")
+        .arg("e2e/node-worker.mjs")
+        .current_dir(web_dir().join("../clients/web"))
+        .env("ORGPULSE_URL", &s.url)
+        .env("ORGPULSE_TOKEN", token(ORG, "worker", "member"))
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("node e2e/node-worker.mjs");
+    assert!(
+        out.status.success(),
+        "node worker: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    let received: Vec<Event> = v["seqs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|seq| Event {
+            seq: seq.as_u64().unwrap(),
+            ..Default::default()
+        })
+        .collect();
+    let log = log_of(&s.dir, ORG);
+    assert_eq!(log.len(), 5, "one create and four updates");
+    assert_exactly_once(&received, &log, 1..=5, "worker", &[]);
+}

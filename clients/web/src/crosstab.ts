@@ -29,8 +29,10 @@ export interface TabsEvents {
   message(msg: TabMessage): void;
 }
 
+/** Browsers only: Node may have BroadcastChannel (between its threads) but has no tabs. */
 export function crossTabAvailable(): boolean {
   return (
+    typeof window !== "undefined" &&
     typeof BroadcastChannel === "function" &&
     typeof navigator !== "undefined" &&
     typeof navigator.locks?.request === "function"
