@@ -16,6 +16,7 @@ use orgpulse::proto::{Event, ListOnlineRequest, SendNotificationRequest};
 use serde_json::{Value, json};
 use support::browser::{Browser, SERIAL, prerequisites, web_dir};
 use support::{ServerOpts, TestServer, assert_exactly_once, create_job, log_of, token};
+use tokio::sync::MutexGuard;
 
 /// The server's heartbeat; the pages are told the same (`?heartbeat=`), so a stream that delivers
 /// nothing for 2 s is taken for a buffering proxy.
@@ -50,6 +51,18 @@ async fn start_server() -> TestServer {
         listen: None,
     })
     .await
+}
+
+/// What each browser test starts with (None: skipped): the browser-test lock, the bundled pages,
+/// a server, Chromium, and the proxy serving the pages in front of the server (its URL).
+async fn harness() -> Option<(MutexGuard<'static, ()>, TestServer, Browser, String)> {
+    let chromium = prerequisites("the SDK browser test")?;
+    let serial = SERIAL.lock().await;
+    let pages = build_pages();
+    let s = start_server().await;
+    let mut b = Browser::launch(&chromium).await;
+    let base = proxy(&mut b, &s, &pages).await;
+    Some((serial, s, b, base))
 }
 
 /// A proxy in front of `s` (mode "pass") that also serves the test pages; returns its URL.
@@ -163,14 +176,9 @@ async fn wait_connections(s: &TestServer, user: &str, n: u32) {
 
 #[tokio::test]
 async fn sdk_page_gets_every_event_once_through_kills_token_expiry_and_polling() {
-    let Some(chromium) = prerequisites("the SDK browser test") else {
+    let Some((_serial, mut s, mut b, base)) = harness().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let pages = build_pages();
-    let mut s = start_server().await;
-    let mut b = Browser::launch(&chromium).await;
-    let base = proxy(&mut b, &s, &pages).await;
     let url = format!(
         "{base}/e2e/page.html?user=alice&heartbeat={HEARTBEAT_SECS}&streamRetry=3&crossTab=0"
     );
@@ -214,14 +222,9 @@ async fn sdk_page_gets_every_event_once_through_kills_token_expiry_and_polling()
 
 #[tokio::test]
 async fn sdk_five_tabs_share_one_stream_and_a_new_leader_takes_over() {
-    let Some(chromium) = prerequisites("the SDK browser test") else {
+    let Some((_serial, s, mut b, base)) = harness().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let pages = build_pages();
-    let s = start_server().await;
-    let mut b = Browser::launch(&chromium).await;
-    let base = proxy(&mut b, &s, &pages).await;
     let url = format!("{base}/e2e/page.html?user=alice&heartbeat={HEARTBEAT_SECS}");
     let tabs: Vec<String> = (1..=5).map(|i| format!("tab{i}")).collect();
     for tab in &tabs {
@@ -269,17 +272,12 @@ async fn sdk_five_tabs_share_one_stream_and_a_new_leader_takes_over() {
 
 #[tokio::test]
 async fn sdk_react_strict_mode_opens_one_stream_and_delivers_once() {
-    let Some(chromium) = prerequisites("the SDK browser test") else {
+    let Some((_serial, s, mut b, base)) = harness().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let pages = build_pages();
-    let s = start_server().await;
     let admin = token(ORG, "boss", "admin");
     let before = create_job(&s, &admin, "", "before the page").await;
     let before_seq = log_of(&s.dir, ORG).last().unwrap().0;
-    let mut b = Browser::launch(&chromium).await;
-    let base = proxy(&mut b, &s, &pages).await;
     open(
         &mut b,
         "r",
