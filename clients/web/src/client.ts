@@ -228,8 +228,10 @@ export class OrgpulseClient {
       ch.feed.setFilter(filter);
       return;
     }
-    const cursor = ch.startCursor ?? ch.fanout.cursor ?? "";
-    ch.feed = new Feed(this.events, this.tokens, filter, cursor || this.persisted(ch.orgId), this.timing, this.sink(ch));
+    // where the stream got to (this tab's own earlier feed, or the old leader's), else where the
+    // first listener asked to start, else where this tab was before a reload
+    const cursor = ch.fanout.cursor || ch.startCursor || this.persisted(ch.orgId);
+    ch.feed = new Feed(this.events, this.tokens, filter, cursor, this.timing, this.sink(ch));
     ch.feed.start();
   }
 
