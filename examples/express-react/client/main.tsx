@@ -50,14 +50,18 @@ function Board() {
     },
     load,
   );
+  const show = (t: Task) => setTasks((m) => merge(m, t));
   const move = (t: Task, column: string) =>
-    api(`/api/tasks/${t.id}`, { method: "PATCH", body: JSON.stringify({ column }) }).catch((e) => setError(String(e)));
+    api<Task>(`/api/tasks/${t.id}`, { method: "PATCH", body: JSON.stringify({ column }) }).then(show, (e) => setError(String(e)));
   return (
     <section>
       <form
         onSubmit={(e) => {
           e.preventDefault();
-          api("/api/tasks", { method: "POST", body: JSON.stringify({ title }) }).then(() => setTitle(""), (err) => setError(String(err)));
+          api<Task>("/api/tasks", { method: "POST", body: JSON.stringify({ title }) }).then(
+            (t) => (show(t), setTitle("")),
+            (err) => setError(String(err)),
+          );
         }}
       >
         <input data-testid="task-title" value={title} onChange={(e) => setTitle(e.target.value)} placeholder="New task" />
