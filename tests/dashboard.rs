@@ -1,15 +1,11 @@
 //! Browser end-to-end tests of the dashboard (issue 4): the real `orgpulse-server`, Debian's
-//! Chromium driven through playwright-core by `web/test/driver.mjs`, and native gRPC writes whose
-//! effect the page must show, bounded in time. Under `CI=true` a missing Chromium or
-//! `web/node_modules` fails the test; elsewhere it is skipped with the reason printed.
+//! Chromium driven through playwright-core (`support::browser`), and native gRPC writes whose
+//! effect the page must show, bounded in time. Under `CI=true` a missing Chromium or the
+//! workspace's `node_modules` fails the test; elsewhere it is skipped with the reason printed.
 
 mod support;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Stdio,
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use orgpulse::proto::{
     CreateJobRequest, DeleteJobRequest, GetJobRequest, Job, JobStatus, ListJobsRequest,
@@ -17,11 +13,8 @@ use orgpulse::proto::{
     UpdateJobRequest,
 };
 use serde_json::{Value, json};
+use support::browser::{Browser, SERIAL, prerequisites};
 use support::{ServerOpts, TestServer, token};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
-    process::{Child, ChildStdin, ChildStdout, Command},
-};
 
 /// The server's heartbeat in these tests; the page is told the same with `?heartbeat=`.
 const HEARTBEAT_SECS: u64 = 2;
@@ -31,137 +24,8 @@ const POLLED: Duration = Duration::from_secs(2);
 /// Connection changes (start-up, reconnect with backoff, fallback) get more room.
 const SETTLE: Duration = Duration::from_secs(30);
 
-/// Browser tests share two cores with everything else: one at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn web_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("web")
-}
-
-/// The Chromium to drive, or None (test skipped) when this machine lacks what the test needs.
-fn prerequisites() -> Option<PathBuf> {
-    let chromium = PathBuf::from(std::env::var("CHROMIUM").unwrap_or("/usr/bin/chromium".into()));
-    let node_ok = std::process::Command::new("node")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    let missing = if !chromium.exists() {
-        format!(
-            "{} missing (apt-get install -y chromium)",
-            chromium.display()
-        )
-    } else if !node_ok {
-        "node missing".to_string()
-    } else if !web_dir().join("node_modules/playwright-core").exists() {
-        "web/node_modules missing (npm ci in web/)".to_string()
-    } else {
-        return Some(chromium);
-    };
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "dashboard browser test: {missing}"
-    );
-    eprintln!("skipping the dashboard browser test: {missing}");
-    None
-}
-
-/// `web/test/driver.mjs`: one JSON command per line in, one JSON answer per line out.
-struct Browser {
-    child: Child,
-    stdin: ChildStdin,
-    out: Lines<BufReader<ChildStdout>>,
-}
-
+/// The dashboard's own commands on top of the generic driver.
 impl Browser {
-    async fn launch(chromium: &Path) -> Self {
-        let mut child = Command::new("node")
-            .arg("test/driver.mjs")
-            .current_dir(web_dir())
-            .env("CHROMIUM", chromium)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn node web/test/driver.mjs");
-        let stdin = child.stdin.take().unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut b = Browser { child, stdin, out };
-        let version = b
-            .answer(Duration::from_secs(60))
-            .await
-            .expect("chromium did not start");
-        eprintln!("driving chromium {version}");
-        b
-    }
-
-    async fn answer(&mut self, within: Duration) -> Result<Value, String> {
-        let line = tokio::time::timeout(within, self.out.next_line())
-            .await
-            .map_err(|_| format!("no answer from the browser driver within {within:?}"))?
-            .map_err(|e| e.to_string())?
-            .ok_or("the browser driver exited")?;
-        let v: Value = serde_json::from_str(&line).map_err(|e| format!("{e}: {line}"))?;
-        if v["ok"] == true {
-            Ok(v["value"].clone())
-        } else {
-            Err(v["error"].to_string())
-        }
-    }
-
-    /// Sends a command; waits for its answer a little longer than the command's own timeout.
-    async fn call(&mut self, cmd: Value) -> Result<Value, String> {
-        self.stdin
-            .write_all(format!("{cmd}\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let own = cmd["timeout"].as_u64().unwrap_or(10_000);
-        self.answer(Duration::from_millis(own) + Duration::from_secs(15))
-            .await
-    }
-
-    async fn must(&mut self, cmd: Value) -> Value {
-        match self.call(cmd.clone()).await {
-            Ok(v) => v,
-            Err(e) => panic!("browser command {cmd} failed: {e}"),
-        }
-    }
-
-    async fn open(&mut self, page: &str, url: &str) {
-        self.must(json!({"cmd": "open", "page": page, "url": url}))
-            .await;
-    }
-
-    async fn wait_for(&mut self, page: &str, selector: &str, state: &str, within: Duration) {
-        let timeout = within.as_millis() as u64;
-        self.must(json!({"cmd": "waitFor", "page": page, "selector": selector, "state": state, "timeout": timeout}))
-            .await;
-    }
-
-    async fn wait_until(&mut self, page: &str, js: &str, arg: Value, within: Duration) -> Value {
-        let timeout = within.as_millis() as u64;
-        self.must(
-            json!({"cmd": "waitUntil", "page": page, "js": js, "arg": arg, "timeout": timeout}),
-        )
-        .await
-    }
-
-    async fn eval(&mut self, page: &str, js: &str, arg: Value) -> Value {
-        self.must(json!({"cmd": "eval", "page": page, "js": js, "arg": arg}))
-            .await
-    }
-
-    async fn fill(&mut self, page: &str, selector: &str, value: &str) {
-        self.must(json!({"cmd": "fill", "page": page, "selector": selector, "value": value}))
-            .await;
-    }
-
-    async fn click(&mut self, page: &str, selector: &str) {
-        self.must(json!({"cmd": "click", "page": page, "selector": selector}))
-            .await;
-    }
-
     /// Waits for the badge to be in `state`, saying so in its text too.
     async fn wait_badge(&mut self, page: &str, state: &str, within: Duration) {
         let js = r#"(state) => {
@@ -214,30 +78,10 @@ impl Browser {
         self.wait_for(page, &sel, "attached", within).await;
     }
 
-    async fn has(&mut self, page: &str, selector: &str) -> bool {
-        self.eval(
-            page,
-            "(s) => document.querySelector(s) !== null",
-            json!(selector),
-        )
-        .await
-            == true
-    }
-
     /// The job ids of the table's rows, in page order (duplicates kept).
     async fn row_ids(&mut self, page: &str) -> Vec<String> {
         let js = r#"() => [...document.querySelectorAll('[data-testid="job-row"]')].map((r) => r.dataset.jobId)"#;
         serde_json::from_value(self.eval(page, js, Value::Null).await).unwrap()
-    }
-
-    /// URL paths the page has requested.
-    async fn requests(&mut self, page: &str) -> Vec<String> {
-        serde_json::from_value(self.must(json!({"cmd": "requests", "page": page})).await).unwrap()
-    }
-
-    async fn quit(mut self) {
-        let _ = self.stdin.write_all(b"{\"cmd\":\"quit\"}\n").await;
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
     }
 }
 
@@ -396,7 +240,7 @@ async fn changes_show_up(
 
 #[tokio::test]
 async fn dashboard_streams_live_changes() {
-    let Some(chromium) = prerequisites() else {
+    let Some(chromium) = prerequisites("the dashboard browser test") else {
         return;
     };
     let _serial = SERIAL.lock().await;
@@ -538,7 +382,7 @@ async fn dashboard_streams_live_changes() {
 
 #[tokio::test]
 async fn dashboard_survives_server_restart_and_token_expiry() {
-    let Some(chromium) = prerequisites() else {
+    let Some(chromium) = prerequisites("the dashboard browser test") else {
         return;
     };
     let _serial = SERIAL.lock().await;
@@ -613,7 +457,7 @@ async fn dashboard_survives_server_restart_and_token_expiry() {
 
 #[tokio::test]
 async fn dashboard_falls_back_to_polling() {
-    let Some(chromium) = prerequisites() else {
+    let Some(chromium) = prerequisites("the dashboard browser test") else {
         return;
     };
     let _serial = SERIAL.lock().await;

@@ -2,6 +2,8 @@
 //! ephemeral port with a fresh SQLite file and HS256 secret, mints tokens, and opens gRPC clients.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::{
     path::{Path, PathBuf},
     process::Stdio,

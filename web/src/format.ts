@@ -1,8 +1,7 @@
 // Small display helpers: enum names, relative times, timestamps.
 
 import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
-import { JobStatus } from "./gen/orgpulse/v1/job_pb";
-import { Severity } from "./gen/orgpulse/v1/notification_pb";
+import { JobStatus, Severity } from "@orgpulse/client";
 
 /** "running" for JOB_STATUS_RUNNING. */
 export const statusName = (s: JobStatus): string => (JobStatus[s] ?? "unspecified").toLowerCase();

@@ -1,19 +1,27 @@
-// Entry point of the dashboard: picks up the token, wires the forms, and runs one Sync per
-// identity, re-rendering after each batch of changes.
+// Entry point of the dashboard: picks up the token, wires the forms, and runs one Live (snapshot
+// plus the SDK's subscription) per identity, re-rendering after each batch of changes.
 
-import { Code, ConnectError, createApi } from "./api";
+import { Code, ConnectError, type Event, OrgpulseClient } from "@orgpulse/client";
 import { readConfig } from "./config";
-import type { Event } from "./gen/orgpulse/v1/event_pb";
+import { Live } from "./live";
 import { State } from "./state";
-import { Sync } from "./sync";
 import { canCreate, canMarkRead, decode, forget, initialToken, isExpired, save, type Identity } from "./token";
 import * as view from "./view";
 
 const config = readConfig();
 let identity: Identity | null = null;
 let state = new State();
-let sync: Sync | null = null;
-const api = createApi(() => identity?.token ?? "");
+let live: Live | null = null;
+/** One client per identity: another user or org gets a fresh one (its own streams and cursor). */
+const newClient = (): OrgpulseClient =>
+  new OrgpulseClient({
+    baseUrl: location.origin,
+    getToken: () => identity?.token ?? "",
+    heartbeatMs: config.heartbeatMs,
+    streamRetryMs: config.streamRetryMs,
+    forcePoll: config.forcePoll,
+  });
+let client = newClient();
 
 const createForm = view.$<HTMLFormElement>("create-job");
 const createFormHome = createForm.parentElement as HTMLElement;
@@ -82,7 +90,7 @@ function open(token: string): void {
     askForToken("This token names no org (a service token): add ?org=ORG_ID to the address.");
     return;
   }
-  const resume = sync && identity && identity.user === id.user && identity.org === id.org;
+  const resume = live && identity && identity.user === id.user && identity.org === id.org;
   identity = id;
   save(id.token);
   view.showError(null);
@@ -97,9 +105,11 @@ function open(token: string): void {
   else createForm.remove();
 
   if (!resume) {
-    sync?.stop();
+    live?.stop();
+    client.close();
+    client = newClient();
     state = new State();
-    sync = new Sync(api, config, state, {
+    live = new Live(client, config, state, {
       status: view.renderBadge,
       changed: scheduleRender,
       event: (ev: Event) => {
@@ -109,12 +119,12 @@ function open(token: string): void {
       fatal: (e) => view.showError(explain(e, `watch org ${config.org || id.org}`)),
     });
   }
-  void sync?.start();
+  live?.start();
 }
 
 async function markRead(ids: string[]): Promise<void> {
   try {
-    const res = await api.notifications.markRead({ orgId: config.org, notificationIds: ids });
+    const res = await client.notifications.markRead({ orgId: config.org, notificationIds: ids });
     state.markRead(ids, res.unreadCount);
     scheduleRender(false);
   } catch (err) {
@@ -144,7 +154,7 @@ createForm.addEventListener("submit", async (e) => {
   error.textContent = "";
   button.disabled = true;
   try {
-    const job = await api.jobs.createJob({
+    const job = await client.jobs.createJob({
       orgId: config.org,
       title: String(data.get("title") ?? "").trim(),
       labels: parseLabels(String(data.get("labels") ?? "")),

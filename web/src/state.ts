@@ -3,9 +3,7 @@
 // job never goes back to an older version, a notification is counted once).
 
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import type { Event } from "./gen/orgpulse/v1/event_pb";
-import type { Job } from "./gen/orgpulse/v1/job_pb";
-import type { Notification } from "./gen/orgpulse/v1/notification_pb";
+import type { Event, Job, Notification } from "@orgpulse/client";
 
 const TICKER_LENGTH = 25;
 

@@ -2,11 +2,9 @@
 // so a live change touches one row and gets a brief highlight; user text only ever goes through
 // textContent.
 
-import type { Job } from "./gen/orgpulse/v1/job_pb";
-import type { Notification } from "./gen/orgpulse/v1/notification_pb";
+import type { ConnectionState, Job, Notification } from "@orgpulse/client";
 import { ago, clock, millis, severityName, statusName } from "./format";
 import type { State, TickerItem } from "./state";
-import type { ConnState } from "./sync";
 
 export const $ = <T extends HTMLElement = HTMLElement>(id: string): T => {
   const el = document.getElementById(id);
@@ -41,7 +39,7 @@ export function refreshTimes(): void {
   }
 }
 
-export function renderBadge(state: ConnState, detail?: string): void {
+export function renderBadge(state: ConnectionState, detail?: string): void {
   const b = $("badge");
   b.dataset.state = state;
   b.textContent = detail ? `${state} ${detail}` : state;

@@ -1,6 +1,7 @@
-// Drives Debian's Chromium through playwright-core for tests/dashboard.rs: reads one JSON command
-// per line on stdin, answers one JSON line on stdout ({ok, value} or {ok: false, error}). Every
-// wait is bounded by its timeout. Logs (page console, errors) go to stderr.
+// Drives Debian's Chromium through playwright-core for tests/dashboard.rs and tests/sdk_browser.rs:
+// reads one JSON command per line on stdin, answers one JSON line on stdout ({ok, value} or {ok:
+// false, error}). Every wait is bounded by its timeout. Logs (page console, errors) go to stderr.
+import { createHmac } from "node:crypto";
 import { createInterface } from "node:readline";
 import { launchChromium, recordBadge } from "./browser.mjs";
 import { startProxy } from "./proxy.mjs";
@@ -8,6 +9,16 @@ import { startProxy } from "./proxy.mjs";
 const browser = await launchChromium();
 /** name -> { context, page, requests } */
 const pages = new Map();
+/** name -> a browser context shared by several pages (tabs of one browser profile) */
+const contexts = new Map();
+
+/** An HS256 JWT the way orgpulse-server accepts it (tests pass the server's secret). */
+function mint({ secret, org, ttl }, sub, role) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const now = Math.floor(Date.now() / 1000);
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub, org, roles: [role], iat: now, exp: now + ttl })}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}
 /** url -> proxy */
 const proxies = new Map();
 
@@ -18,16 +29,27 @@ function page(name) {
 }
 
 const commands = {
-  async open({ page: name, url, timeout = 10_000 }) {
-    await pages.get(name)?.context.close();
-    const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  /**
+   * Opens `url` in a new page. With `context`, the page joins that named context (created on first
+   * use) as another tab; else it gets a context of its own. With `tokens` ({secret, org, ttl}), the
+   * page can call window.orgpulseMintToken(user, role) for a fresh token.
+   */
+  async open({ page: name, url, context: shared, tokens, timeout = 10_000 }) {
+    const old = pages.get(name);
+    if (old) await (old.shared ? old.page.close() : old.context.close());
+    let context = shared && contexts.get(shared);
+    if (!context) {
+      context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+      if (tokens) await context.exposeFunction("orgpulseMintToken", (sub, role) => mint(tokens, sub, role));
+      if (shared) contexts.set(shared, context);
+    }
     const p = await context.newPage();
     const requests = [];
     p.on("request", (r) => requests.push(new URL(r.url()).pathname));
     p.on("console", (m) => console.error(`[${name}] ${m.type()}: ${m.text()}`));
     p.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
     await p.addInitScript(recordBadge);
-    pages.set(name, { context, page: p, requests });
+    pages.set(name, { context, page: p, requests, shared: !!shared });
     await p.goto(url, { timeout });
   },
   async waitFor({ page: name, selector, state = "attached", timeout }) {
@@ -54,11 +76,12 @@ const commands = {
     return page(name).requests;
   },
   async close({ page: name }) {
-    await page(name).context.close();
+    const p = page(name);
+    await (p.shared ? p.page.close({ runBeforeUnload: true }) : p.context.close());
     pages.delete(name);
   },
-  async proxy({ target, mode }) {
-    const p = await startProxy(target, mode);
+  async proxy({ target, mode, static: dir }) {
+    const p = await startProxy(target, mode, dir);
     proxies.set(p.url, p);
     return p.url;
   },

@@ -3,14 +3,29 @@
 //     buffers): unary calls still work, a stream delivers nothing.
 //   mode "refuse-streams": answers every Subscribe with HTTP 503 itself; everything else passes.
 //   mode "pass": passes everything through as it comes.
-// The mode can be changed while the proxy runs (setMode).
+// The mode can be changed while the proxy runs (setMode). With a static directory, GET /e2e/NAME
+// serves that file from it (test pages on the same origin as the API they call).
+import { readFileSync } from "node:fs";
 import http from "node:http";
+import { basename, join } from "node:path";
+
+const TYPES = { ".html": "text/html", ".js": "text/javascript" };
 
 /** Starts the proxy on 127.0.0.1 (ephemeral port); resolves to {url, setMode, close}. */
-export function startProxy(target, initialMode) {
+export function startProxy(target, initialMode, staticDir) {
   let mode = initialMode;
   const upstream = new URL(target);
   const server = http.createServer((req, res) => {
+    if (staticDir && req.method === "GET" && req.url.startsWith("/e2e/")) {
+      const name = basename(new URL(req.url, "http://x").pathname);
+      try {
+        const body = readFileSync(join(staticDir, name));
+        res.writeHead(200, { "content-type": TYPES[name.slice(name.lastIndexOf("."))] ?? "application/octet-stream" }).end(body);
+      } catch {
+        res.writeHead(404).end();
+      }
+      return;
+    }
     if (mode === "refuse-streams" && req.url.endsWith("/Subscribe")) {
       req.resume();
       res.writeHead(503, { "content-type": "text/plain" }).end("streams refused by test proxy");

@@ -10,9 +10,8 @@ import { build } from "esbuild";
 
 const dir = mkdtempSync(join(tmpdir(), "orgpulse-web-unit-"));
 after(() => rmSync(dir, { recursive: true, force: true }));
-const modules = ["./src/state", "./src/token", "./src/config", "./src/gen/orgpulse/v1/event_pb",
-  "./src/gen/orgpulse/v1/job_pb", "./src/gen/orgpulse/v1/notification_pb"];
-const contents = `export { create } from "@bufbuild/protobuf";\n${modules.map((m) => `export * from "${m}";`).join("\n")}`;
+const modules = ["./src/state", "./src/token", "./src/config", "@orgpulse/client"];
+const contents = modules.map((m) => `export * from "${m}";`).join("\n");
 await build({
   stdin: { contents, resolveDir: process.cwd(), loader: "ts" },
   bundle: true,

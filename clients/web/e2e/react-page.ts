@@ -1,0 +1,48 @@
+// @orgpulse/client/react under React.StrictMode (a development build, so effects really run
+// twice) for tests/sdk_browser.rs: useOrgEvents records seqs in window.__seqs, useLiveJobs renders
+// [data-testid=job-row] rows, useConnectionState the [data-testid=state] badge; window.__mounts
+// counts effect runs (2 per component under StrictMode).
+import { OrgpulseClient } from "@orgpulse/client";
+import { OrgpulseProvider, useConnectionState, useLiveJobs, useOrgEvents } from "@orgpulse/client/react";
+import { createElement as h, StrictMode, useEffect } from "react";
+import { createRoot } from "react-dom/client";
+
+declare global {
+  interface Window {
+    orgpulseMintToken(user: string, role: string): Promise<string>;
+    __seqs: number[];
+    __mounts: number;
+  }
+}
+
+const q = new URLSearchParams(location.search);
+window.__seqs = [];
+window.__mounts = 0;
+const client = new OrgpulseClient({
+  baseUrl: location.origin,
+  getToken: () => window.orgpulseMintToken(q.get("user") ?? "alice", "member"),
+  crossTab: false,
+});
+
+function Events() {
+  useEffect(() => void window.__mounts++, []);
+  useOrgEvents({}, (ev) => {
+    if (ev.seq > 0n) window.__seqs.push(Number(ev.seq));
+  });
+  return null;
+}
+
+function Jobs() {
+  const jobs = useLiveJobs();
+  const state = useConnectionState();
+  return h(
+    "div",
+    null,
+    h("span", { "data-testid": "state" }, state),
+    h("ul", null, ...jobs.map((j) => h("li", { key: j.id, "data-testid": "job-row", "data-job-id": j.id }, j.title))),
+  );
+}
+
+createRoot(document.getElementById("root")!).render(
+  h(StrictMode, null, h(OrgpulseProvider, { client }, h(Events), h(Jobs))),
+);

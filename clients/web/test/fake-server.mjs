@@ -1,0 +1,237 @@
+// An in-memory orgpulse for the SDK's unit tests: connect's router transport serving EventService
+// and JobService over one per-org log with the server's rules (replay after the cursor, then
+// caught_up, then live with heartbeats; resync for a cursor of another epoch; Poll), plus the
+// failures a browser meets: the server gone (a network error, nothing answered), streams killed
+// mid-way, tokens expiring mid-stream (with or without the orgpulse-error trailer), a proxy that
+// buffers streams and one that refuses them.
+import { Code, ConnectError, createRouterTransport } from "@connectrpc/connect";
+import {
+  create, EventSchema, EventService, JobSchema, JobService, NetworkError, PollResponseSchema,
+  ListJobsResponseSchema, EventKind, kindOf,
+} from "../dist/index.js";
+
+const netError = () => new ConnectError("fetch failed", Code.Unknown, undefined, undefined, new NetworkError("connection refused"));
+
+function matches(ev, kinds, entityTypes) {
+  if (kinds.length && !kinds.includes(kindOf(ev))) return false;
+  return !(ev.payload.case === "entityChanged" && entityTypes.length && !entityTypes.includes(ev.payload.value.entityType));
+}
+
+export class FakeServer {
+  constructor({ heartbeatMs = 40 } = {}) {
+    this.heartbeatMs = heartbeatMs;
+    this.epoch = "e1";
+    /** @type {any[]} */
+    this.log = [];
+    this.jobs = new Map();
+    this.valid = new Set(["t1"]);
+    /** expiry is signalled by the trailer (true) or only by the message (false) */
+    this.trailer = true;
+    this.down = false;
+    this.mode = "pass"; // "buffer" | "refuse-streams"
+    /** a sloppy server replaying this many events before the cursor (the client must dedupe) */
+    this.replayOverlap = 0;
+    this.subscribes = [];
+    this.polls = 0;
+    this.open = new Set();
+    this.wakers = new Set();
+    this.killers = new Set();
+  }
+
+  cursorOf(seq) {
+    return `${this.epoch}:${seq}`;
+  }
+
+  append(caseName, value, extra = {}) {
+    const seq = BigInt(this.log.length + 1);
+    const ev = create(EventSchema, { seq, cursor: this.cursorOf(seq), orgId: "acme", payload: { case: caseName, value }, ...extra });
+    this.log.push(ev);
+    if (caseName === "jobCreated" || caseName === "jobUpdated") this.jobs.set(value.id, value);
+    if (caseName === "jobDeleted") this.jobs.delete(value.jobId);
+    this.wake();
+    return ev;
+  }
+
+  job(id, version, extra = {}) {
+    const j = create(JobSchema, { id, version: BigInt(version), title: id, ...extra });
+    return this.append(version === 1 ? "jobCreated" : "jobUpdated", j);
+  }
+
+  wake() {
+    for (const w of [...this.wakers]) w();
+  }
+
+  /** A new database behind the same address: seq starts over, old cursors get resync. */
+  newEpoch() {
+    this.epoch = `e${Number(this.epoch.slice(1)) + 1}`;
+    this.log = [];
+    this.jobs.clear();
+  }
+
+  /** Every open stream breaks off as when the server is SIGKILLed. */
+  kill() {
+    for (const k of [...this.killers]) k();
+  }
+
+  /** Ends the streams of `token` with UNAUTHENTICATED as the server does when exp passes. */
+  expire(token) {
+    this.valid.delete(token);
+    this.wake();
+  }
+
+  expiredError() {
+    return this.trailer
+      ? new ConnectError("credentials no longer valid", Code.Unauthenticated, { "orgpulse-error": "token-expired" })
+      : new ConnectError("token expired", Code.Unauthenticated);
+  }
+
+  auth(ctx) {
+    const token = (ctx.requestHeader.get("authorization") ?? "").replace(/^Bearer /, "");
+    if (!this.valid.has(token)) throw this.expiredError();
+    return token;
+  }
+
+  /** Events after `cursor` matching the filter; null when the cursor belongs to another epoch. */
+  after(cursor, kinds, entityTypes) {
+    let from = 0;
+    if (cursor) {
+      const [epoch, seq] = cursor.split(":");
+      if (epoch !== this.epoch) return null;
+      from = Math.max(0, Number(seq) - this.replayOverlap);
+    }
+    return this.log.slice(from).filter((ev) => matches(ev, kinds, entityTypes));
+  }
+
+  /** The seq a cursor names (the end of the log when it is empty or of another epoch). */
+  seqOf(cursor) {
+    const [epoch, seq] = (cursor || "").split(":");
+    return epoch === this.epoch ? BigInt(seq) : BigInt(this.log.length);
+  }
+
+  waitForChange(signal, ms) {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(t);
+        this.wakers.delete(done);
+        signal.removeEventListener("abort", done);
+        resolve();
+      };
+      const t = setTimeout(done, ms);
+      this.wakers.add(done);
+      signal.addEventListener("abort", done);
+    });
+  }
+
+  async *subscribe(req, ctx) {
+    const token = this.auth(ctx);
+    this.subscribes.push({ kinds: [...req.kinds], entityTypes: [...req.entityTypes], afterCursor: req.afterCursor });
+    this.open.add(ctx);
+    try {
+      if (this.mode === "refuse-streams") throw new ConnectError("streams refused by test proxy", Code.Unavailable);
+      if (this.mode === "buffer") {
+        await new Promise((r) => ctx.signal.addEventListener("abort", r));
+        return;
+      }
+      let pending = this.after(req.afterCursor, req.kinds, req.entityTypes);
+      if (pending === null) {
+        yield create(EventSchema, { cursor: this.cursorOf(this.log.length), payload: { case: "resync", value: { reason: "cursor from another log" } } });
+        pending = [];
+      }
+      let sent = BigInt(this.log.length);
+      for (const ev of pending) yield ev;
+      yield create(EventSchema, { cursor: this.cursorOf(sent), payload: { case: "caughtUp", value: {} } });
+      while (!ctx.signal.aborted) {
+        if (!this.valid.has(token)) throw this.expiredError();
+        if (BigInt(this.log.length) > sent) {
+          const fresh = this.log.slice(Number(sent));
+          sent = BigInt(this.log.length);
+          for (const ev of fresh) if (matches(ev, req.kinds, req.entityTypes)) yield ev;
+          continue;
+        }
+        await this.waitForChange(ctx.signal, this.heartbeatMs);
+        if (BigInt(this.log.length) === sent && this.valid.has(token) && !ctx.signal.aborted) {
+          yield create(EventSchema, { cursor: this.cursorOf(sent), payload: { case: "heartbeat", value: {} } });
+        }
+      }
+    } finally {
+      this.open.delete(ctx);
+    }
+  }
+
+  async poll(req, ctx) {
+    this.auth(ctx);
+    this.polls++;
+    let events = this.after(req.afterCursor, req.kinds, req.entityTypes);
+    if (events === null) return create(PollResponseSchema, { resync: true, cursor: this.cursorOf(this.log.length) });
+    if (!events.length && req.waitMs) {
+      await this.waitForChange(ctx.signal, Math.min(req.waitMs, 200));
+      events = this.after(req.afterCursor, req.kinds, req.entityTypes) ?? [];
+    }
+    events = events.slice(0, req.maxEvents || 100);
+    const last = events.length ? events.at(-1).seq : this.seqOf(req.afterCursor);
+    return create(PollResponseSchema, { events, cursor: this.cursorOf(last) });
+  }
+
+  transport() {
+    const inner = createRouterTransport(({ service }) => {
+      service(EventService, {
+        subscribe: (req, ctx) => this.subscribe(req, ctx),
+        poll: (req, ctx) => this.poll(req, ctx),
+        listOnline: () => ({ members: [] }),
+        publish: (req, ctx) => {
+          this.auth(ctx);
+          const ev = this.append("entityChanged", { entityType: req.entityType, entityId: req.entityId, action: req.action });
+          return { seq: ev.seq, cursor: ev.cursor };
+        },
+      });
+      service(JobService, {
+        listJobs: (req, ctx) => {
+          this.auth(ctx);
+          return create(ListJobsResponseSchema, { jobs: [...this.jobs.values()], cursor: this.cursorOf(this.log.length) });
+        },
+        createJob: (req, ctx) => {
+          this.auth(ctx);
+          return this.job(`j${this.log.length + 1}`, 1, { title: req.title }).payload.value;
+        },
+      });
+    });
+    const self = this;
+    return {
+      async unary(...args) {
+        if (self.down) throw netError();
+        return inner.unary(...args);
+      },
+      async stream(method, signal, timeoutMs, header, input, contextValues) {
+        if (self.down) throw netError();
+        const ctl = new AbortController();
+        signal?.addEventListener("abort", () => ctl.abort());
+        const res = await inner.stream(method, ctl.signal, timeoutMs, header, input, contextValues);
+        let kill;
+        const killed = new Promise((_, reject) => {
+          kill = () => {
+            ctl.abort();
+            reject(netError());
+          };
+        });
+        killed.catch(() => {});
+        self.killers.add(kill);
+        async function* message() {
+          const it = res.message[Symbol.asyncIterator]();
+          try {
+            for (;;) {
+              const r = await Promise.race([it.next(), killed]);
+              if (r.done) return;
+              yield r.value;
+            }
+          } finally {
+            self.killers.delete(kill);
+            ctl.abort();
+          }
+        }
+        return { ...res, message: message() };
+      },
+    };
+  }
+}
+
+export { EventKind };
