@@ -3,7 +3,10 @@
 //! roles claims at configured paths.
 mod support;
 
-use std::process::{Command, Stdio};
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -249,47 +252,63 @@ async fn issuer_and_audience_are_required_when_configured() {
 /// A local identity provider serving a JWKS document over HTTP/1.1, counting the fetches.
 struct Provider {
     url: String,
-    state: std::sync::Arc<std::sync::Mutex<(String, usize)>>,
+    state: Served,
     hits: tokio::sync::watch::Receiver<usize>,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What a provider serves and how many fetches it answered.
+type Served = std::sync::Arc<std::sync::Mutex<(String, usize)>>;
+
 impl Provider {
     async fn start(keys: &[&serde_json::Value]) -> Provider {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        Self::start_with(keys, None).await
+    }
+
+    /// A provider over HTTPS with the certificate and key in these PEM files.
+    async fn start_tls(keys: &[&serde_json::Value], cert: &Path, key: &Path) -> Provider {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        use tokio_rustls::rustls;
+        let chain = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        Self::start_with(keys, Some(tls)).await
+    }
+
+    async fn start_with(
+        keys: &[&serde_json::Value],
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Provider {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let url = format!(
-            "http://{}/.well-known/jwks.json",
+            "{scheme}://{}/.well-known/jwks.json",
             listener.local_addr().unwrap()
         );
-        let state = std::sync::Arc::new(std::sync::Mutex::new((jwks(keys), 0)));
+        let state: Served = std::sync::Arc::new(std::sync::Mutex::new((jwks(keys), 0)));
         let (count, hits) = tokio::sync::watch::channel(0);
         let served = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let (mut conn, _) = listener.accept().await.unwrap();
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.ends_with(b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
+                let (conn, _) = listener.accept().await.unwrap();
+                match &tls {
+                    None => answer(conn, &served, &count).await,
+                    Some(tls) => match tls.accept(conn).await {
+                        Ok(conn) => answer(conn, &served, &count).await,
+                        Err(e) => eprintln!("provider: TLS handshake failed: {e}"),
+                    },
                 }
-                // The body is chosen when the fetch is counted: every fetch counted after a
-                // `serve` gets the new set.
-                let body = {
-                    let mut s = served.lock().unwrap();
-                    s.1 += 1;
-                    count.send_replace(s.1);
-                    s.0.clone()
-                };
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(answer.as_bytes()).await;
-                let _ = conn.shutdown().await;
             }
         });
         Provider {
@@ -323,6 +342,36 @@ impl Provider {
         self.task.abort();
         let _ = self.task.await;
     }
+}
+
+/// Reads one request and answers it with the served key set, counting the fetch.
+async fn answer<S>(mut conn: S, served: &Served, count: &tokio::sync::watch::Sender<usize>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    // The body is chosen when the fetch is counted: every fetch counted after a `serve` gets the
+    // new set.
+    let body = {
+        let mut s = served.lock().unwrap();
+        s.1 += 1;
+        count.send_replace(s.1);
+        s.0.clone()
+    };
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = conn.write_all(answer.as_bytes()).await;
+    let _ = conn.shutdown().await;
 }
 
 fn jwks(keys: &[&serde_json::Value]) -> String {
@@ -484,4 +533,54 @@ async fn org_and_roles_claims_at_configured_paths() {
             .org_id,
         "acme"
     );
+}
+
+/// The production path: a provider over HTTPS, trusted through the system roots (here
+/// `SSL_CERT_FILE`, which the server honours like other TLS clients).
+#[tokio::test]
+async fn jwks_url_over_https() {
+    let keys = TempDir::new("jwks-https");
+    let (cert, key) = (keys.0.join("idp.pem"), keys.0.join("idp.key"));
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl")
+        .success();
+    assert!(ok, "openssl made no certificate");
+    let (p1, k1) = ed25519_jwk(&keys.0, "k1");
+    let provider = Provider::start_tls(&[&k1], &cert, &key).await;
+    assert!(provider.url.starts_with("https://"));
+    let data = TempDir::new("jwks-https-server");
+    let args = vec![
+        "--listen".to_string(),
+        "127.0.0.1:0".into(),
+        "--database".into(),
+        format!("sqlite://{}/orgpulse.db", data.0.display()),
+        "--jwks-url".into(),
+        provider.url.clone(),
+    ];
+    let env = vec![("SSL_CERT_FILE".to_string(), cert.display().to_string())];
+    let server = TestServer::spawn_in_env(args, data.0.clone(), false, env).await;
+    call(
+        &server,
+        &sign_pem(Algorithm::EdDSA, &p1, Some("k1"), &claims()),
+    )
+    .await
+    .expect("a key fetched over HTTPS verifies");
+    assert_eq!(provider.hits(), 1);
 }

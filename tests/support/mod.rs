@@ -74,6 +74,8 @@ pub struct TestServer {
     pub url: String,
     pub dir: PathBuf,
     pub args: Vec<String>,
+    /// Extra environment of the process.
+    pub env: Vec<(String, String)>,
     /// Server stderr lines (logs) are forwarded to the test's stderr; with
     /// `ServerOpts::capture_stderr` they are also kept (see `stop_and_read_stderr`).
     stderr: Option<CapturedStderr>,
@@ -143,8 +145,19 @@ impl TestServer {
 
     /// Like `spawn`; with `capture_stderr` the server's stderr is also kept.
     pub async fn spawn_capturing(args: Vec<String>, dir: PathBuf, capture_stderr: bool) -> Self {
+        Self::spawn_in_env(args, dir, capture_stderr, vec![]).await
+    }
+
+    /// Like `spawn_capturing`, with extra environment variables (kept across `restart`).
+    pub async fn spawn_in_env(
+        args: Vec<String>,
+        dir: PathBuf,
+        capture_stderr: bool,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let mut child = Command::new(workspace_bin("orgpulse-server"))
             .args(&args)
+            .envs(env.iter().cloned())
             .env(
                 "RUST_LOG",
                 std::env::var("ORGPULSE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -193,6 +206,7 @@ impl TestServer {
             addr,
             dir,
             args,
+            env,
             stderr,
             _keep: None,
         }
@@ -221,7 +235,7 @@ impl TestServer {
         args[i + 1] = self.addr.clone();
         let keep = self._keep.take();
         let capture = self.stderr.is_some();
-        let mut fresh = Self::spawn_capturing(args, self.dir.clone(), capture).await;
+        let mut fresh = Self::spawn_in_env(args, self.dir.clone(), capture, self.env.clone()).await;
         fresh._keep = keep;
         *self = fresh;
     }
