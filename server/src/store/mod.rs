@@ -133,6 +133,7 @@ pub struct NewNotification {
 }
 
 /// A change of one of the product's own entities, to append to `org`'s log as `entity_changed`.
+#[derive(Debug, Clone)]
 pub struct NewEntityChange {
     pub org: String,
     pub actor: String,
@@ -242,6 +243,24 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the store can write now, from its writer's last transaction (cheap, writes
     /// nothing); `Err` says why not.
     fn health(&self) -> std::result::Result<(), String>;
+}
+
+/// What the `requests` table keeps for an entity change's key: the seq it got.
+pub fn remembered_seq_data(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+/// The seq an entity change's key was given (see [`remembered_seq_data`]).
+pub fn remembered_seq(data: &[u8]) -> Result<u64> {
+    let bytes: [u8; 8] = data
+        .try_into()
+        .map_err(|_| StoreError::Internal("corrupt row: a remembered seq is not 8 bytes".into()))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// The one user an entity change is addressed to; `None` = the whole org.
+pub fn entity_audience(change: &EntityChanged) -> Option<&str> {
+    (!change.user_id.is_empty()).then_some(change.user_id.as_str())
 }
 
 /// How long a `request_id` makes a create idempotent.

@@ -26,7 +26,8 @@ use tokio::sync::oneshot;
 use super::{
     CommittedEvent, IDEMPOTENCY_WINDOW, JobPage, JobPatch, LogBounds, LogRead, NewEntityChange,
     NewJob, NewNotification, NotificationPage, Result, Store, StoreError, apply_patch,
-    encode_event, job_deleted, millis, payload_kind, timestamp,
+    encode_event, entity_audience, job_deleted, millis, payload_kind, remembered_seq,
+    remembered_seq_data, timestamp,
 };
 use crate::{bus::Bus, cursor::org_epoch};
 
@@ -730,14 +731,11 @@ impl Store for SqliteStore {
         self.write(move |conn, app| {
             let mut seqs = Vec::with_capacity(changes.len());
             for c in changes {
-                if let Some(seq) = remembered(conn, &c.org, c.request_kind, &c.request_id)? {
-                    let seq: [u8; 8] = seq.try_into().map_err(|_| {
-                        StoreError::Internal("corrupt row: a remembered seq is not 8 bytes".into())
-                    })?;
-                    seqs.push(u64::from_be_bytes(seq));
+                if let Some(d) = remembered(conn, &c.org, c.request_kind, &c.request_id)? {
+                    seqs.push(remembered_seq(&d)?);
                     continue;
                 }
-                let audience = (!c.change.user_id.is_empty()).then(|| c.change.user_id.clone());
+                let audience = entity_audience(&c.change).map(str::to_string);
                 let seq = app.append(
                     conn,
                     &c.org,
@@ -745,13 +743,8 @@ impl Store for SqliteStore {
                     audience.as_deref(),
                     Payload::EntityChanged(c.change),
                 )?;
-                remember(
-                    conn,
-                    &c.org,
-                    c.request_kind,
-                    &c.request_id,
-                    &seq.to_be_bytes(),
-                )?;
+                let data = remembered_seq_data(seq);
+                remember(conn, &c.org, c.request_kind, &c.request_id, &data)?;
                 seqs.push(seq);
             }
             Ok(seqs)
