@@ -435,3 +435,31 @@ async fn notify_wakes_the_consumer_and_a_lost_connection_is_reopened() {
         &[ENTITY],
     );
 }
+
+#[tokio::test]
+async fn a_table_without_the_outbox_columns_stops_the_start_with_one_line() {
+    let db = Db::create().await;
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE orgpulse_outbox (id bigserial PRIMARY KEY, org_id text)")
+        .await
+        .unwrap();
+    let dir = TempDir::new("outbox-misfit");
+    std::fs::write(dir.0.join("secret"), SECRET).unwrap();
+    let out = tokio::process::Command::new(workspace_bin("orgpulse-server"))
+        .args(["--listen", "127.0.0.1:0", "--jwt-secret-file"])
+        .arg(dir.0.join("secret"))
+        .arg("--database")
+        .arg(format!("sqlite://{}/orgpulse.db", dir.0.display()))
+        .args(["--outbox", &db.url()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("table orgpulse_outbox does not fit") && err.contains("entity_type"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}

@@ -95,6 +95,16 @@ pub async fn start(
             chain(&e)
         )
     })?;
+    // A table the product created itself must have the columns orgpulse reads and copies.
+    for statement in [&sql.select, &sql.reject, &sql.delete] {
+        session.client.prepare(statement).await.map_err(|e| {
+            anyhow::anyhow!(
+                "--outbox {name}: table {} does not fit: {}",
+                sql.table,
+                chain(&e)
+            )
+        })?;
+    }
     tracing::info!(outbox = name, table = sql.table, "consuming the outbox");
     let consumer = Consumer {
         pg,
