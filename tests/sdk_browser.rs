@@ -207,12 +207,19 @@ async fn sdk_page_gets_every_event_once_through_kills_token_expiry_and_polling()
     // a buffering proxy: streams deliver nothing, so the page polls; then streams get through again
     b.must(json!({"cmd": "proxyMode", "url": base, "mode": "buffer"}))
         .await;
+    let t0 = Instant::now();
     wait_state(&mut b, "p", "polling", SETTLE).await;
+    let to_polling = t0.elapsed();
     write(&s, 9, "polled").await;
     assert_page_has_log(&mut b, "p", &s, 0).await;
     b.must(json!({"cmd": "proxyMode", "url": base, "mode": "pass"}))
         .await;
+    let t0 = Instant::now();
     wait_state(&mut b, "p", "live", SETTLE).await;
+    eprintln!(
+        "SDK page: buffering proxy -> polling in {to_polling:?}; streams pass again -> live in {:?}",
+        t0.elapsed()
+    );
     write(&s, 6, "streaming again").await;
     assert_page_has_log(&mut b, "p", &s, 0).await;
     let resyncs = b.eval("p", "() => window.__resyncs", Value::Null).await;
