@@ -314,6 +314,17 @@ async fn sdk_react_strict_mode_opens_one_stream_and_delivers_once() {
         )
         .await;
     assert_eq!(rows, 8, "one row per job (7 written + 1 before)");
+    // notifications: each of alice's (and the org-wide ones) once, none of bob's; alice is online
+    let notes = r#"(n) => document.querySelectorAll('[data-testid="notification"]').length === n"#;
+    b.wait_until("r", notes, json!(2), SETTLE).await;
+    let unread = r#"() => document.querySelector('[data-testid="unread"]').textContent"#;
+    assert_eq!(
+        b.eval("r", unread, Value::Null).await,
+        "2",
+        "alice's two, not bob's"
+    );
+    let me = r#"[data-testid="online"][data-user-id="alice"]"#;
+    b.wait_for("r", me, "attached", SETTLE).await;
     assert_eq!(
         connections(&s, "alice").await,
         1,
