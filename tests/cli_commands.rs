@@ -7,7 +7,7 @@ use std::{process::Stdio, time::Duration};
 
 use cli_support::*;
 use serde_json::Value;
-use support::{SECRET, TempDir, TestServer, token};
+use support::{SECRET, TempDir, TestServer, cursor_at, token};
 
 const ORG: &str = "cmds";
 
@@ -520,4 +520,127 @@ async fn malformed_cursor_is_a_usage_error() {
 async fn token_flags_exclude_each_other() {
     let out = run(&[], "abc", &["jobs", "list", "--token-file", "f"]).await;
     assert_eq!(out.status.code(), Some(2));
+}
+
+fn publish<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["publish"];
+    all.extend_from_slice(args);
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_prints_its_seq_and_watch_and_poll_show_entity_events() {
+    let server = TestServer::start().await;
+    let s = [server.url.as_str()];
+    let admin = token(ORG, "alice", "admin");
+    let viewer = token(ORG, "alice", "viewer");
+    let mut invoices = Watcher::spawn(orgpulse(&s, &viewer), &["watch", "--types", "invoice"]);
+    invoices.until(|v| kind_of(v) == "caughtUp").await;
+    let first = one(&ok(
+        &s,
+        &admin,
+        &publish(&[
+            "--type",
+            "invoice",
+            "--id",
+            "inv_1",
+            "--action",
+            "paid",
+            "--data",
+            r#"{"amount":12}"#,
+            "--json",
+        ]),
+    )
+    .await);
+    assert_eq!(first["seq"], "1", "{first}");
+    let cursor = first["cursor"].as_str().unwrap().to_string();
+    let human = ok(
+        &s,
+        &admin,
+        &publish(&["--type", "project", "--id", "p/1", "--action", "created"]),
+    )
+    .await;
+    assert!(human.starts_with("#2 cursor "), "{human}");
+    // Addressed to bob, with a request id: the retry returns the same seq.
+    let for_bob = publish(&[
+        "--type",
+        "invoice",
+        "--id",
+        "inv_2",
+        "--action",
+        "sent",
+        "--user",
+        "bob",
+        "--request-id",
+        "send-inv_2",
+        "--json",
+    ]);
+    let sent = one(&ok(&s, &admin, &for_bob).await);
+    assert_eq!(
+        one(&ok(&s, &admin, &for_bob).await),
+        sent,
+        "a retry appends nothing"
+    );
+    assert_eq!(sent["seq"], "3");
+
+    // Exit codes: invalid (2, from the server or from --data), not allowed (3).
+    let bad_type = publish(&["--type", "Invoice", "--id", "i", "--action", "paid"]);
+    let (code, err) = fails(&s, &admin, &bad_type).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("entity_type"), "{err}");
+    let bad_data = publish(&[
+        "--type", "invoice", "--id", "i", "--action", "paid", "--data", "[1]",
+    ]);
+    let (code, err) = fails(&s, &admin, &bad_data).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--data must be a JSON object"), "{err}");
+    let (code, _) = fails(
+        &s,
+        &viewer,
+        &publish(&["--type", "invoice", "--id", "i", "--action", "paid"]),
+    )
+    .await;
+    assert_eq!(code, 3);
+
+    // The invoice watch saw inv_1 only (the project is filtered out, inv_2 is bob's); a last
+    // invoice for everyone marks the end.
+    let end = one(&ok(
+        &s,
+        &admin,
+        &publish(&[
+            "--type", "invoice", "--id", "inv_3", "--action", "void", "--json",
+        ]),
+    )
+    .await);
+    invoices.until_seq(seq_of(&end)).await;
+    let seen: Vec<u64> = invoices.durable().iter().map(seq_of).collect();
+    assert_eq!(seen, [1, 4]);
+    let inv_1 = &invoices.durable()[0]["entityChanged"];
+    assert_eq!(inv_1["entityType"], "invoice");
+    assert_eq!(inv_1["entityId"], "inv_1");
+    assert_eq!(inv_1["data"]["amount"], 12.0);
+    invoices.kill().await;
+
+    // Human-readable: type, id, action, compact data, the addressee, the actor.
+    let bob = token(ORG, "bob", "viewer");
+    let from = cursor_at(&cursor, 0);
+    let lines = ok(
+        &s,
+        &bob,
+        &[
+            "poll", "--cursor", &from, "--kinds", "entity", "--types", "invoice",
+        ],
+    )
+    .await;
+    let lines: Vec<&str> = lines.lines().collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines[0].ends_with(r#"invoice inv_1 paid {"amount":12} by alice"#),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].ends_with("invoice inv_2 sent for bob by alice"),
+        "{lines:?}"
+    );
+    assert!(lines[2].contains("invoice inv_3 void"), "{lines:?}");
 }

@@ -223,7 +223,7 @@ async fn unfixable_errors_end_the_watch() {
         let mut w = c.watch(
             WatchFilter {
                 org_id,
-                kinds: vec![],
+                ..Default::default()
             },
             None,
         );

@@ -1,5 +1,6 @@
 //! The other key configurations: EdDSA and ES256 public keys (PEM), a JWKS file chosen by `kid`,
-//! and the `iss` / `aud` checks.
+//! a provider's JWKS URL (rotation, outage, cooldown), the `iss` / `aud` checks, and the org and
+//! roles claims at configured paths.
 mod support;
 
 use std::process::{Command, Stdio};
@@ -70,12 +71,7 @@ async fn eddsa_and_es256_pem_keys() {
         let (private, public) = keypair(&keys.0, name, &algo);
         let data = TempDir::new(name);
         let server = server_with(&data, &["--jwt-public-key".into(), public]).await;
-        let pem = std::fs::read(&private).unwrap();
-        let key = match alg {
-            Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem).unwrap(),
-            _ => EncodingKey::from_ec_pem(&pem).unwrap(),
-        };
-        let good = jsonwebtoken::encode(&Header::new(alg), &claims(), &key).unwrap();
+        let good = sign_pem(alg, &private, None, &claims());
         call(&server, &good)
             .await
             .unwrap_or_else(|e| panic!("{name}: {e:?}"));
@@ -93,27 +89,54 @@ async fn eddsa_and_es256_pem_keys() {
     }
 }
 
-#[tokio::test]
-async fn jwks_file_picks_the_key_by_kid_and_issuer_audience_are_checked() {
-    let keys = TempDir::new("jwks");
-    let (p1, pub1) = keypair(&keys.0, "k1", &["-algorithm", "ed25519"]);
-    let (p2, _) = keypair(&keys.0, "k2", &["-algorithm", "ed25519"]);
+/// (private PEM path, JWKS file path) of a fresh Ed25519 key published in a JWKS under `kid`.
+fn ed25519_jwks(dir: &std::path::Path, kid: &str) -> (String, String) {
+    let (private, jwk) = ed25519_jwk(dir, kid);
+    let jwks = serde_json::json!({ "keys": [jwk] });
+    let path = dir.join(format!("{kid}.jwks.json"));
+    std::fs::write(&path, jwks.to_string()).unwrap();
+    (private, path.display().to_string())
+}
+
+/// (private PEM path, public JWK) of a fresh Ed25519 key with id `kid`.
+fn ed25519_jwk(dir: &std::path::Path, kid: &str) -> (String, serde_json::Value) {
+    let (private, public) = keypair(dir, kid, &["-algorithm", "ed25519"]);
     // Raw Ed25519 public key = the last 32 bytes of its DER SubjectPublicKeyInfo.
-    let der = keys.0.join("k1.der").display().to_string();
+    let der = dir.join(format!("{kid}.der")).display().to_string();
     openssl(&[
-        "pkey", "-pubin", "-in", &pub1, "-outform", "DER", "-out", &der,
+        "pkey", "-pubin", "-in", &public, "-outform", "DER", "-out", &der,
     ]);
     let raw = std::fs::read(&der).unwrap();
     let x = B64.encode(&raw[raw.len() - 32..]);
-    let jwks = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "k1", "alg": "EdDSA", "use": "sig"}]});
-    let jwks_path = keys.0.join("jwks.json");
-    std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+    let jwk = serde_json::json!({"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": "EdDSA", "use": "sig"});
+    (private, jwk)
+}
+
+/// A token with `claims` signed by the private key in the PEM file at `pem`.
+fn sign_pem(alg: Algorithm, pem: &str, kid: Option<&str>, claims: &serde_json::Value) -> String {
+    let pem = std::fs::read(pem).unwrap();
+    let key = match alg {
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
+        _ => EncodingKey::from_ec_pem(&pem),
+    }
+    .unwrap();
+    let mut header = Header::new(alg);
+    header.kid = kid.map(String::from);
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+#[tokio::test]
+async fn jwks_file_picks_the_key_by_kid_and_issuer_audience_are_checked() {
+    let keys = TempDir::new("jwks");
+    let (p1, jwks_path) = ed25519_jwks(&keys.0, "k1");
+    let (p2, _) = keypair(&keys.0, "k2", &["-algorithm", "ed25519"]);
     let data = TempDir::new("jwks-server");
     let server = server_with(
         &data,
         &[
             "--jwks-file".into(),
-            jwks_path.display().to_string(),
+            jwks_path,
             "--jwt-issuer".into(),
             "https://auth.test".into(),
             "--jwt-audience".into(),
@@ -122,14 +145,7 @@ async fn jwks_file_picks_the_key_by_kid_and_issuer_audience_are_checked() {
     )
     .await;
     let sign = |pem: &str, kid: &str, claims: &serde_json::Value| {
-        let mut h = Header::new(Algorithm::EdDSA);
-        h.kid = Some(kid.into());
-        jsonwebtoken::encode(
-            &h,
-            claims,
-            &EncodingKey::from_ed_pem(&std::fs::read(pem).unwrap()).unwrap(),
-        )
-        .unwrap()
+        sign_pem(Algorithm::EdDSA, pem, Some(kid), claims)
     };
     call(&server, &sign(&p1, "k1", &claims()))
         .await
@@ -154,4 +170,318 @@ async fn jwks_file_picks_the_key_by_kid_and_issuer_audience_are_checked() {
         .await
         .unwrap_err();
     assert!(err.message().contains("audience"), "{err:?}");
+}
+
+/// With `--jwt-issuer` and `--jwt-audience` configured, a token that lacks the `iss` or the `aud`
+/// claim altogether is UNAUTHENTICATED, naming the missing claim, on a unary call and on Subscribe,
+/// whichever kind of key verified its signature.
+#[tokio::test]
+async fn issuer_and_audience_are_required_when_configured() {
+    let keys = TempDir::new("required-claims");
+    let secret = keys.0.join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let (rsa, rsa_public) = keypair(
+        &keys.0,
+        "rsa",
+        &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+    );
+    let (ed, jwks) = ed25519_jwks(&keys.0, "k1");
+    type Sign = Box<dyn Fn(&serde_json::Value) -> String>;
+    let configs: Vec<(&str, [String; 2], Sign)> = vec![
+        (
+            "HS256",
+            ["--jwt-secret-file".into(), secret.display().to_string()],
+            Box::new(|c| {
+                jsonwebtoken::encode(
+                    &Header::new(Algorithm::HS256),
+                    c,
+                    &EncodingKey::from_secret(SECRET.as_bytes()),
+                )
+                .unwrap()
+            }),
+        ),
+        (
+            "RS256",
+            ["--jwt-public-key".into(), rsa_public],
+            Box::new(move |c| sign_pem(Algorithm::RS256, &rsa, None, c)),
+        ),
+        (
+            "JWKS",
+            ["--jwks-file".into(), jwks],
+            Box::new(move |c| sign_pem(Algorithm::EdDSA, &ed, Some("k1"), c)),
+        ),
+    ];
+    for (name, key_args, sign) in configs {
+        let data = TempDir::new(name);
+        let mut args = key_args.to_vec();
+        args.extend(
+            [
+                "--jwt-issuer",
+                "https://auth.test",
+                "--jwt-audience",
+                "orgpulse",
+            ]
+            .map(String::from),
+        );
+        let server = server_with(&data, &args).await;
+        let good = sign(&claims());
+        call(&server, &good)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: a token with iss and aud is accepted: {e:?}"));
+        Sub::open(&server, &good, "acme", "", &[])
+            .await
+            .unwrap_or_else(|e| panic!("{name}: Subscribe with iss and aud: {e:?}"))
+            .caught_up()
+            .await;
+        for claim in ["iss", "aud"] {
+            let mut without = claims();
+            without.as_object_mut().unwrap().remove(claim);
+            refused(
+                &server,
+                &sign(&without),
+                &format!("token has no {claim} claim"),
+            )
+            .await;
+        }
+    }
+}
+
+/// A local identity provider serving a JWKS document over HTTP/1.1, counting the fetches.
+struct Provider {
+    url: String,
+    state: std::sync::Arc<std::sync::Mutex<(String, usize)>>,
+    hits: tokio::sync::watch::Receiver<usize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Provider {
+    async fn start(keys: &[&serde_json::Value]) -> Provider {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/.well-known/jwks.json",
+            listener.local_addr().unwrap()
+        );
+        let state = std::sync::Arc::new(std::sync::Mutex::new((jwks(keys), 0)));
+        let (count, hits) = tokio::sync::watch::channel(0);
+        let served = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.ends_with(b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                // The body is chosen when the fetch is counted: every fetch counted after a
+                // `serve` gets the new set.
+                let body = {
+                    let mut s = served.lock().unwrap();
+                    s.1 += 1;
+                    count.send_replace(s.1);
+                    s.0.clone()
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            }
+        });
+        Provider {
+            url,
+            state,
+            hits,
+            task,
+        }
+    }
+
+    /// Serves `keys` from now on; returns the fetches counted so far.
+    fn serve(&self, keys: &[&serde_json::Value]) -> usize {
+        let mut s = self.state.lock().unwrap();
+        s.0 = jwks(keys);
+        s.1
+    }
+
+    fn hits(&self) -> usize {
+        *self.hits.borrow()
+    }
+
+    async fn wait_hits(&mut self, n: usize) {
+        tokio::time::timeout(WAIT, self.hits.wait_for(|h| *h >= n))
+            .await
+            .expect("the server fetches the key set")
+            .unwrap();
+    }
+
+    /// Stops answering: connections are refused from now on.
+    async fn down(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+fn jwks(keys: &[&serde_json::Value]) -> String {
+    serde_json::json!({ "keys": keys }).to_string()
+}
+
+async fn jwks_url_server(data: &TempDir, provider: &Provider, extra: &[&str]) -> TestServer {
+    let mut args = vec!["--jwks-url".to_string(), provider.url.clone()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    server_with(data, &args).await
+}
+
+#[tokio::test]
+async fn jwks_url_picks_up_a_rotated_key_without_restart_and_keeps_its_keys_when_the_provider_is_down()
+ {
+    let keys = TempDir::new("jwks-url");
+    let (p1, k1) = ed25519_jwk(&keys.0, "k1");
+    let (p2, k2) = ed25519_jwk(&keys.0, "k2");
+    let (p3, _) = ed25519_jwk(&keys.0, "k3");
+    let provider = Provider::start(&[&k1]).await;
+    let data = TempDir::new("jwks-url-server");
+    let server = jwks_url_server(&data, &provider, &["--jwks-cooldown", "0s"]).await;
+    let sign = |pem: &str, kid: &str| sign_pem(Algorithm::EdDSA, pem, Some(kid), &claims());
+    call(&server, &sign(&p1, "k1")).await.expect("k1 accepted");
+    assert_eq!(provider.hits(), 1, "fetched once at start, then cached");
+    // The provider rotates: k2 appears. A token signed with it is accepted at once.
+    provider.serve(&[&k1, &k2]);
+    call(&server, &sign(&p2, "k2"))
+        .await
+        .expect("the rotated-in key is fetched on its first token");
+    assert_eq!(provider.hits(), 2);
+    call(&server, &sign(&p1, "k1"))
+        .await
+        .expect("k1 still accepted");
+    assert_eq!(provider.hits(), 2, "known keys need no fetch");
+    // The provider goes down: the cached keys still verify; an unknown key id is refused.
+    provider.down().await;
+    for (pem, kid) in [(&p1, "k1"), (&p2, "k2")] {
+        call(&server, &sign(pem, kid))
+            .await
+            .unwrap_or_else(|e| panic!("{kid} accepted from the cache: {e:?}"));
+    }
+    let err = call(&server, &sign(&p3, "k3")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("not accepted"), "{err:?}");
+    call(&server, &sign(&p1, "k1"))
+        .await
+        .expect("a failed refresh keeps the last good set");
+}
+
+#[tokio::test]
+async fn jwks_url_is_refreshed_periodically_and_unknown_kids_fetch_at_most_once_per_cooldown() {
+    let keys = TempDir::new("jwks-refresh");
+    let (p1, k1) = ed25519_jwk(&keys.0, "k1");
+    let (p2, k2) = ed25519_jwk(&keys.0, "k2");
+    let sign = |pem: &str, kid: &str| sign_pem(Algorithm::EdDSA, pem, Some(kid), &claims());
+    // Tokens with an unknown kid within the cooldown cause no fetch.
+    let quiet = Provider::start(&[&k1]).await;
+    let data = TempDir::new("jwks-cooldown-server");
+    let server = jwks_url_server(&data, &quiet, &["--jwks-cooldown", "1h"]).await;
+    for _ in 0..5 {
+        let err = call(&server, &sign(&p2, "k2")).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    assert_eq!(quiet.hits(), 1, "only the fetch at start");
+
+    let mut provider = Provider::start(&[&k1]).await;
+    let data = TempDir::new("jwks-refresh-server");
+    let server = jwks_url_server(&data, &provider, &["--jwks-refresh", "200ms"]).await;
+    call(&server, &sign(&p1, "k1")).await.expect("k1 accepted");
+    // The provider replaces k1 by k2; the periodic refresh picks that up: once a fetch counted
+    // after the change has completed (the next one started), k1 is gone and k2 verifies.
+    let counted = provider.serve(&[&k2]);
+    provider.wait_hits(counted + 2).await;
+    call(&server, &sign(&p2, "k2"))
+        .await
+        .expect("k2 accepted after the periodic refresh");
+    let err = call(&server, &sign(&p1, "k1")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "k1 was removed: {err:?}");
+}
+
+fn hs256(claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn create(server: &TestServer, token: &str) -> Result<orgpulse::proto::Job, tonic::Status> {
+    server
+        .jobs(token)
+        .await
+        .create_job(orgpulse::proto::CreateJobRequest {
+            title: "t".into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn org_and_roles_claims_at_configured_paths() {
+    let server = TestServer::start_args(&[
+        "--jwt-org-claim",
+        "app_metadata.org",
+        "--jwt-roles-claim",
+        "realm_access.roles",
+    ])
+    .await;
+    let exp = now_secs() + 600;
+    let with = |org: serde_json::Value, roles: serde_json::Value| {
+        hs256(
+            &serde_json::json!({"sub": "u1", "exp": exp, "app_metadata": org, "realm_access": roles}),
+        )
+    };
+    let admin = with(
+        serde_json::json!({"org": "acme"}),
+        serde_json::json!({"roles": ["offline_access", "admin"]}),
+    );
+    assert_eq!(create(&server, &admin).await.expect("admin").org_id, "acme");
+    // Roles as one space-separated string.
+    let spaced = with(
+        serde_json::json!({"org": "acme"}),
+        serde_json::json!({"roles": "openid member"}),
+    );
+    create(&server, &spaced).await.expect("member");
+    let viewer = with(
+        serde_json::json!({"org": "acme"}),
+        serde_json::json!({"roles": ["viewer"]}),
+    );
+    let err = create(&server, &viewer).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // The top-level `org` / `roles` are not read any more.
+    let flat =
+        hs256(&serde_json::json!({"sub": "u1", "exp": exp, "org": "acme", "roles": ["admin"]}));
+    refused(
+        &server,
+        &flat,
+        "app_metadata.org is required unless the role is service",
+    )
+    .await;
+    let bad_roles = with(
+        serde_json::json!({"org": "acme"}),
+        serde_json::json!({"roles": 7}),
+    );
+    refused(&server, &bad_roles, "realm_access.roles must be an array").await;
+
+    // A claim whose name itself has dots (Auth0's namespaced claims) is taken by its exact name.
+    let namespaced = TestServer::start_args(&["--jwt-org-claim", "https://example.com/org"]).await;
+    let token = hs256(
+        &serde_json::json!({"sub": "u1", "exp": exp, "https://example.com/org": "acme", "roles": ["admin"]}),
+    );
+    assert_eq!(
+        create(&namespaced, &token)
+            .await
+            .expect("namespaced org")
+            .org_id,
+        "acme"
+    );
 }

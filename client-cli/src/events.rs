@@ -1,17 +1,17 @@
-//! The EventService commands: `watch` (the reconnecting stream), `poll` and `online`.
+//! The EventService commands: `watch` (the reconnecting stream), `poll`, `online` and `publish`.
 use std::time::Duration;
 
 use futures::StreamExt;
 use orgpulse::{
     client::{Client, WatchFilter, WatchItem},
-    proto::{ListOnlineRequest, PollRequest},
+    proto::{ListOnlineRequest, PollRequest, PublishRequest},
 };
 
 use crate::{
-    cli::{Kind, OrgArg, PollArgs, WatchArgs},
+    cli::{Kind, OrgArg, PollArgs, PublishArgs, WatchArgs},
     cursor::Position,
     error::CliError,
-    output::{Printer, note},
+    output::{Printer, note, struct_from_json},
 };
 
 fn kinds(kinds: &[Kind]) -> Vec<i32> {
@@ -24,6 +24,7 @@ pub async fn watch(client: &Client, args: WatchArgs, out: &Printer) -> Result<()
     let filter = WatchFilter {
         org_id: args.filter.org.org,
         kinds: args.filter.kinds.iter().map(|k| k.proto()).collect(),
+        entity_types: args.filter.types,
     };
     let mut events = client.watch(filter, pos.start.clone());
     while let Some(item) = events.next().await {
@@ -58,7 +59,7 @@ pub async fn poll(client: &Client, args: PollArgs, out: &Printer) -> Result<(), 
                 after_cursor: cursor.clone(),
                 max_events: args.max,
                 wait_ms,
-                ..Default::default()
+                entity_types: args.filter.types.clone(),
             })
             .await?;
         if resp.resync {
@@ -85,4 +86,22 @@ pub async fn online(client: &Client, org: OrgArg, out: &Printer) -> Result<(), C
         out.member(m)?;
     }
     Ok(())
+}
+
+/// Publishes one entity change; prints its seq and cursor.
+pub async fn publish(client: &Client, args: PublishArgs, out: &Printer) -> Result<(), CliError> {
+    let data = struct_from_json(&args.data)
+        .map_err(|e| CliError::usage(format!("--data must be a JSON object: {e}")))?;
+    let resp = client
+        .publish(PublishRequest {
+            org_id: args.org.org,
+            entity_type: args.entity_type,
+            entity_id: args.id,
+            action: args.action,
+            data: Some(data),
+            user_id: args.user,
+            request_id: args.request_id.unwrap_or_default(),
+        })
+        .await?;
+    out.published(&resp)
 }

@@ -79,6 +79,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let client = client(&cli.global, None, args.follow)?;
             events::poll(&client, args, &out).await
         }
+        Command::Publish(args) => {
+            events::publish(&client(&cli.global, None, false)?, args, &out).await
+        }
         Command::Online(org) => events::online(&client(&cli.global, None, false)?, org, &out).await,
         Command::Jobs(cmd) => jobs::run(&client(&cli.global, None, false)?, cmd, &out).await,
         Command::Notify(cmd) => notify::run(&client(&cli.global, None, false)?, cmd, &out).await,

@@ -1,11 +1,15 @@
 //! How results are printed: protobuf canonical JSON lines (`--json`), or one human-readable line
-//! per item, colored when stdout is a terminal.
+//! per item, colored when stdout is a terminal; and JSON input (`publish --data`) read with the
+//! same mapping.
 use std::{
     io::{IsTerminal, Write},
     sync::LazyLock,
 };
 
-use orgpulse::proto::{Event, Job, JobStatus, Member, Notification, Severity, event::Payload};
+use orgpulse::proto::{
+    EntityChanged, Event, Job, JobStatus, Member, Notification, PublishResponse, Severity,
+    event::Payload,
+};
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 
@@ -32,6 +36,27 @@ impl Named for Notification {
 impl Named for Member {
     const NAME: &'static str = "orgpulse.v1.Member";
 }
+impl Named for PublishResponse {
+    const NAME: &'static str = "orgpulse.v1.PublishResponse";
+}
+impl Named for prost_types::Struct {
+    const NAME: &'static str = "google.protobuf.Struct";
+}
+
+/// A JSON object as a `google.protobuf.Struct` (protobuf's JSON mapping of Struct is the object
+/// itself).
+pub fn struct_from_json(text: &str) -> Result<prost_types::Struct, String> {
+    let desc = POOL
+        .get_message_by_name(prost_types::Struct::NAME)
+        .expect("Struct in the descriptor set");
+    let mut de = serde_json::Deserializer::from_str(text);
+    let dynamic = DynamicMessage::deserialize(desc, &mut de).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    dynamic.transcode_to().map_err(|e| e.to_string())
+}
+
+/// Longest entity data shown in a human-readable line.
+const DATA_SHOWN: usize = 200;
 
 /// `msg` in protobuf's canonical JSON mapping (lowerCamelCase, 64-bit integers as strings).
 pub fn json<M: Named>(msg: &M) -> String {
@@ -111,11 +136,7 @@ impl Printer {
             Payload::Heartbeat(_) => return Ok(()),
             Payload::CaughtUp(_) => ("caught up", "2", String::new()),
             Payload::Resync(r) => ("resync", "33;1", r.reason.clone()),
-            Payload::EntityChanged(e) => (
-                "entity",
-                "34",
-                format!("{} {} {}", e.entity_type, e.entity_id, e.action),
-            ),
+            Payload::EntityChanged(e) => ("entity", "34", entity_text(e)),
         };
         let line = format!(
             "{time} {seq:>6} {} {what}{by}",
@@ -163,6 +184,15 @@ impl Printer {
         s
     }
 
+    /// What `publish` prints: the event's seq and cursor.
+    pub fn published(&self, p: &PublishResponse) -> Result<(), CliError> {
+        if self.json {
+            self.line(&json(p))
+        } else {
+            self.line(&format!("#{} cursor {}", p.seq, p.cursor))
+        }
+    }
+
     pub fn job(&self, j: &Job) -> Result<(), CliError> {
         if self.json {
             self.line(&json(j))
@@ -194,6 +224,43 @@ impl Printer {
             m.user_id, m.connections
         ))
     }
+}
+
+/// `invoice inv_1 paid {"amount":12} for bob`: type, id, action, compact data (cut at
+/// DATA_SHOWN characters), and the addressee when there is one.
+fn entity_text(e: &EntityChanged) -> String {
+    let mut s = format!("{} {} {}", e.entity_type, e.entity_id, e.action);
+    if let Some(data) = e.data.as_ref().filter(|d| !d.fields.is_empty()) {
+        let text = plain_json(data).to_string();
+        match text.char_indices().nth(DATA_SHOWN) {
+            Some((cut, _)) => s += &format!(" {}…", &text[..cut]),
+            None => s += &format!(" {text}"),
+        }
+    }
+    if !e.user_id.is_empty() {
+        s += &format!(" for {}", e.user_id);
+    }
+    s
+}
+
+/// A Struct as plain JSON, whole numbers without a fraction (`12`, not `12.0`).
+fn plain_json(s: &prost_types::Struct) -> serde_json::Value {
+    use prost_types::value::Kind;
+    fn value(v: &prost_types::Value) -> serde_json::Value {
+        match &v.kind {
+            None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+            Some(Kind::BoolValue(b)) => (*b).into(),
+            Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9e15 => (*n as i64).into(),
+            Some(Kind::NumberValue(n)) => (*n).into(),
+            Some(Kind::StringValue(s)) => s.as_str().into(),
+            Some(Kind::ListValue(l)) => l.values.iter().map(value).collect(),
+            Some(Kind::StructValue(s)) => plain_json(s),
+        }
+    }
+    s.fields
+        .iter()
+        .map(|(k, v)| (k.clone(), value(v)))
+        .collect()
 }
 
 /// The time of day (UTC) with milliseconds: `14:03:09.564Z`.
@@ -246,5 +313,32 @@ mod tests {
             nanos: 564_000_000,
         };
         assert_eq!(clock(t), "22:13:20.564Z");
+    }
+
+    #[test]
+    fn entity_data_is_read_and_shown_as_json() {
+        let data = struct_from_json(r#"{"amount": 12, "who": {"name": "bob"}}"#).unwrap();
+        let e = EntityChanged {
+            entity_type: "invoice".into(),
+            entity_id: "inv_1".into(),
+            action: "paid".into(),
+            data: Some(data),
+            user_id: "bob".into(),
+        };
+        assert_eq!(
+            entity_text(&e),
+            r#"invoice inv_1 paid {"amount":12,"who":{"name":"bob"}} for bob"#
+        );
+        assert!(struct_from_json("[1]").is_err());
+        assert!(struct_from_json("{} x").is_err());
+        let long = struct_from_json(&format!(r#"{{"x":"{}"}}"#, "y".repeat(500))).unwrap();
+        let shown = entity_text(&EntityChanged {
+            data: Some(long),
+            ..Default::default()
+        });
+        assert!(
+            shown.ends_with('…') && shown.chars().count() < 220,
+            "{shown}"
+        );
     }
 }

@@ -1,12 +1,16 @@
 //! Authentication and authorization: JWT verification (HS256 secret, RS256/ES256/EdDSA PEM key,
-//! or a JWKS file), the claims of a caller, and the role and org rules of API.md.
-use std::{collections::HashSet, path::Path, time::Duration};
+//! a JWKS file, or a provider's JWKS URL), the claims of a caller (the org and roles claims at
+//! configurable paths), and the role and org rules of docs/api.md.
+use std::{collections::HashSet, path::Path, sync::Arc, time::Duration};
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind, jwk::JwkSet};
-use serde::Deserialize;
+use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation, errors::ErrorKind, jwk::JwkSet};
+use serde_json::{Map, Value};
 use tonic::{Status, metadata::MetadataMap};
 
-use crate::validate;
+use crate::{jwks::RemoteKeys, validate};
+
+/// The largest `--jwt-leeway` accepted: jsonwebtoken's time checks underflow on huge ones.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(24 * 3600);
 
 /// A verified caller.
 #[derive(Debug, Clone)]
@@ -18,6 +22,21 @@ pub struct Claims {
     /// When the token stops being accepted: `exp` plus the configured leeway, in seconds since the
     /// Unix epoch. Streams end then.
     pub exp: u64,
+}
+
+/// The longest a token is treated as having left: a century.
+pub const MAX_TIME_LEFT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// UNAUTHENTICATED "token expired", marked for clients with `orgpulse-error: token-expired`: for a
+/// call refused because its token's `exp` passed, and for a stream ended by it.
+pub fn token_expired() -> Status {
+    use orgpulse::error_marker::{KEY, TOKEN_EXPIRED};
+    let mut status = Status::unauthenticated("token expired");
+    status.metadata_mut().insert(
+        KEY,
+        tonic::metadata::MetadataValue::from_static(TOKEN_EXPIRED),
+    );
+    status
 }
 
 /// The strongest role among the token's `roles`.
@@ -38,6 +57,8 @@ pub enum Need {
     Write,
     /// delete jobs, send notifications
     Admin,
+    /// publish entity events
+    Publish,
 }
 
 impl Claims {
@@ -63,7 +84,7 @@ impl Claims {
         let ok = match need {
             Need::Read => true,
             Need::Write => self.role >= Role::Member,
-            Need::Admin => self.role >= Role::Admin,
+            Need::Admin | Need::Publish => self.role >= Role::Admin,
         };
         if ok {
             return Ok(());
@@ -72,6 +93,7 @@ impl Claims {
             Need::Read => "read",
             Need::Write => "create or update (needs role member, admin or service)",
             Need::Admin => "delete jobs or send notifications (needs role admin or service)",
+            Need::Publish => "publish entity events (needs role admin or service)",
         };
         Err(Status::permission_denied(format!(
             "role {} may not {what}",
@@ -79,12 +101,15 @@ impl Claims {
         )))
     }
 
-    /// Time left until `exp`.
+    /// Time left until `exp`, at most [`MAX_TIME_LEFT`] (so that adding it to an `Instant`
+    /// cannot overflow, whatever `exp` a validly signed token carries).
     pub fn time_left(&self) -> Duration {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        Duration::from_secs(self.exp).saturating_sub(now)
+        Duration::from_secs(self.exp)
+            .saturating_sub(now)
+            .min(MAX_TIME_LEFT)
     }
 }
 
@@ -99,33 +124,55 @@ impl Role {
     }
 }
 
-#[derive(Deserialize)]
-struct RawClaims {
-    sub: Option<String>,
-    org: Option<String>,
-    roles: Option<Vec<String>>,
-    exp: Option<u64>,
-}
-
 /// One key the server accepts, with the algorithm it is for.
-struct Key {
+pub struct Key {
     alg: Algorithm,
     kid: Option<String>,
     key: DecodingKey,
 }
 
+impl Key {
+    /// Whether this key verifies a token with `header`.
+    fn fits(&self, header: &Header) -> bool {
+        self.alg == header.alg
+            && (self.kid.is_none() || header.kid.is_none() || self.kid == header.kid)
+    }
+}
+
 /// Verifies bearer tokens against the configured keys.
 pub struct Authenticator {
     keys: Vec<Key>,
+    remote: Option<Arc<RemoteKeys>>,
+    claims: ClaimNames,
     issuer: Option<String>,
     audience: Option<String>,
     leeway: u64,
+}
+
+/// Where in a token the org and the roles are: a claim name, or a dotted path into nested
+/// objects (`app_metadata.org`) when no claim has that exact name.
+#[derive(Debug, Clone)]
+pub struct ClaimNames {
+    pub org: String,
+    pub roles: String,
+}
+
+impl Default for ClaimNames {
+    fn default() -> Self {
+        ClaimNames {
+            org: "org".into(),
+            roles: "roles".into(),
+        }
+    }
 }
 
 pub struct KeyConfig<'a> {
     pub secret: Option<&'a [u8]>,
     pub public_key_pem: Option<&'a Path>,
     pub jwks_file: Option<&'a Path>,
+    /// A provider's key set, fetched before the server starts.
+    pub jwks_url: Option<Arc<RemoteKeys>>,
+    pub claims: ClaimNames,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway: Duration,
@@ -133,6 +180,20 @@ pub struct KeyConfig<'a> {
 
 impl Authenticator {
     pub fn new(cfg: KeyConfig<'_>) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            cfg.leeway <= MAX_LEEWAY,
+            "--jwt-leeway {} is too large; at most 1 day",
+            humantime::format_duration(cfg.leeway)
+        );
+        for (flag, path) in [
+            ("--jwt-org-claim", &cfg.claims.org),
+            ("--jwt-roles-claim", &cfg.claims.roles),
+        ] {
+            anyhow::ensure!(
+                !path.is_empty() && path.split('.').all(|p| !p.is_empty()),
+                "{flag} {path:?}: expected a claim name or a dotted path like app_metadata.org"
+            );
+        }
         let mut keys = Vec::new();
         if let Some(secret) = cfg.secret {
             anyhow::ensure!(!secret.is_empty(), "the JWT secret is empty");
@@ -157,28 +218,32 @@ impl Authenticator {
                 .map_err(|e| anyhow::anyhow!("reading --jwks-file {}: {e}", path.display()))?;
             let set: JwkSet = serde_json::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("--jwks-file {}: {e}", path.display()))?;
-            for jwk in &set.keys {
-                let Some(alg) = jwk_alg(jwk) else { continue };
-                let key = DecodingKey::from_jwk(jwk)
-                    .map_err(|e| anyhow::anyhow!("--jwks-file {}: {e}", path.display()))?;
-                keys.push(Key {
-                    alg,
-                    kid: jwk.common.key_id.clone(),
-                    key,
-                });
-            }
+            keys.extend(
+                keys_from_jwks(&set)
+                    .map_err(|e| anyhow::anyhow!("--jwks-file {}: {e}", path.display()))?,
+            );
         }
-        anyhow::ensure!(!keys.is_empty(), "no JWT key configured");
+        anyhow::ensure!(
+            !keys.is_empty() || cfg.jwks_url.is_some(),
+            "no JWT key configured"
+        );
         Ok(Authenticator {
             keys,
+            remote: cfg.jwks_url,
+            claims: cfg.claims,
             issuer: cfg.issuer,
             audience: cfg.audience,
             leeway: cfg.leeway.as_secs(),
         })
     }
 
+    /// The provider key set behind `--jwks-url`, to refresh periodically.
+    pub fn remote_keys(&self) -> Option<&Arc<RemoteKeys>> {
+        self.remote.as_ref()
+    }
+
     /// Verifies the `authorization: Bearer <JWT>` of a call.
-    pub fn authenticate(&self, md: &MetadataMap) -> Result<Claims, Status> {
+    pub async fn authenticate(&self, md: &MetadataMap) -> Result<Claims, Status> {
         let header = md.get("authorization").ok_or_else(|| {
             Status::unauthenticated("missing authorization metadata (expected: Bearer <JWT>)")
         })?;
@@ -192,67 +257,130 @@ impl Authenticator {
                 Status::unauthenticated("authorization metadata must be 'Bearer <JWT>'")
             })?
             .trim();
-        self.verify(token)
+        self.verify(token).await
     }
 
-    pub fn verify(&self, token: &str) -> Result<Claims, Status> {
+    pub async fn verify(&self, token: &str) -> Result<Claims, Status> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             ErrorKind::Json(_) if alg_is_none(token) => {
                 Status::unauthenticated("unsigned tokens (alg none) are not accepted")
             }
             _ => Status::unauthenticated("malformed token"),
         })?;
-        let key = self
-            .keys
-            .iter()
-            .find(|k| {
-                k.alg == header.alg
-                    && (k.kid.is_none() || header.kid.is_none() || k.kid == header.kid)
-            })
-            .ok_or_else(|| {
-                Status::unauthenticated(format!(
-                    "token algorithm {:?} (or key id) is not accepted by this server",
-                    header.alg
-                ))
-            })?;
+        if let Some(verified) = self.verify_with_known_key(token, &header) {
+            return verified;
+        }
+        // A key id the provider's set does not hold (yet): the provider may have rotated keys.
+        if let Some(remote) = &self.remote
+            && header.kid.is_some()
+            && remote.refresh_for_unknown_kid().await
+            && let Some(verified) = self.verify_with_known_key(token, &header)
+        {
+            return verified;
+        }
+        Err(Status::unauthenticated(format!(
+            "token algorithm {:?} (or key id) is not accepted by this server",
+            header.alg
+        )))
+    }
+
+    /// The verdict of the first configured or fetched key that fits `header`; `None` when none
+    /// does.
+    fn verify_with_known_key(
+        &self,
+        token: &str,
+        header: &Header,
+    ) -> Option<Result<Claims, Status>> {
+        if let Some(key) = self.keys.iter().find(|k| k.fits(header)) {
+            return Some(self.verify_with(token, key));
+        }
+        let fetched = self.remote.as_ref()?.current();
+        let key = fetched.iter().find(|k| k.fits(header))?;
+        Some(self.verify_with(token, key))
+    }
+
+    fn verify_with(&self, token: &str, key: &Key) -> Result<Claims, Status> {
         let mut v = Validation::new(key.alg);
         v.leeway = self.leeway;
         v.validate_nbf = true;
+        // A configured `iss` / `aud` is required: jsonwebtoken checks them only when present
+        // unless they are required claims.
         v.required_spec_claims = HashSet::from(["exp".to_string(), "sub".to_string()]);
         match &self.audience {
-            Some(aud) => v.set_audience(&[aud]),
+            Some(aud) => {
+                v.set_audience(&[aud]);
+                v.required_spec_claims.insert("aud".into());
+            }
             None => v.validate_aud = false,
         }
         if let Some(iss) = &self.issuer {
             v.set_issuer(&[iss]);
+            v.required_spec_claims.insert("iss".into());
         }
-        let data = jsonwebtoken::decode::<RawClaims>(token, &key.key, &v).map_err(|e| {
-            Status::unauthenticated(match e.kind() {
-                ErrorKind::ExpiredSignature => "token expired".to_string(),
-                ErrorKind::ImmatureSignature => "token not yet valid (nbf is in the future)".into(),
-                ErrorKind::InvalidSignature => "invalid token signature".into(),
-                ErrorKind::InvalidIssuer => "token issuer (iss) is not accepted".into(),
-                ErrorKind::InvalidAudience => "token audience (aud) is not accepted".into(),
-                ErrorKind::MissingRequiredClaim(c) => format!("token has no {c} claim"),
-                ErrorKind::InvalidAlgorithm => "token algorithm is not accepted".into(),
-                _ => "malformed token".into(),
-            })
-        })?;
-        let mut claims = claims_from(data.claims)?;
-        claims.exp += self.leeway;
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &v)
+            .map_err(|e| refusal(e.kind()))?;
+        let mut claims = claims_from(&data.claims, &self.claims)?;
+        claims.exp = claims.exp.saturating_add(self.leeway);
         Ok(claims)
     }
 }
 
-fn claims_from(raw: RawClaims) -> Result<Claims, Status> {
+/// The status for a token jsonwebtoken refused, saying why.
+fn refusal(kind: &ErrorKind) -> Status {
+    let why = match kind {
+        ErrorKind::ExpiredSignature => return token_expired(),
+        ErrorKind::ImmatureSignature => "token not yet valid (nbf is in the future)".into(),
+        ErrorKind::InvalidSignature => "invalid token signature".into(),
+        ErrorKind::InvalidIssuer => "token issuer (iss) is not accepted".into(),
+        ErrorKind::InvalidAudience => "token audience (aud) is not accepted".into(),
+        ErrorKind::MissingRequiredClaim(c) => format!("token has no {c} claim"),
+        ErrorKind::InvalidAlgorithm => "token algorithm is not accepted".into(),
+        _ => "malformed token".to_string(),
+    };
+    Status::unauthenticated(why)
+}
+
+/// The claim at `path`: the claim of exactly that name (`https://example.com/org` is one name),
+/// else the dotted path into nested objects (`app_metadata.org`).
+fn claim<'a>(raw: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    if let Some(v) = raw.get(path) {
+        return Some(v);
+    }
+    let mut parts = path.split('.');
+    let mut v = raw.get(parts.next()?)?;
+    for part in parts {
+        v = v.as_object()?.get(part)?;
+    }
+    Some(v)
+}
+
+fn claims_from(raw: &Map<String, Value>, names: &ClaimNames) -> Result<Claims, Status> {
     let bad = |m: &str| Status::unauthenticated(format!("invalid token claims: {m}"));
-    let user = raw.sub.ok_or_else(|| bad("sub is required"))?;
+    let user = raw
+        .get("sub")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("sub is required"))?
+        .to_string();
     validate::id("sub", &user).map_err(|_| bad("sub must be 1-64 of [A-Za-z0-9._:@-]"))?;
-    let exp = raw.exp.ok_or_else(|| bad("exp is required"))?;
-    let roles = raw.roles.unwrap_or_else(|| vec!["member".into()]);
+    let exp = raw
+        .get("exp")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad("exp is required"))?;
+    // An array of strings, or one space-separated string (OAuth `scope` style).
+    let roles: Vec<&str> = match claim(raw, &names.roles) {
+        None | Some(Value::Null) => vec!["member"],
+        Some(Value::String(s)) => s.split_ascii_whitespace().collect(),
+        Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),
+        Some(_) => {
+            return Err(bad(&format!(
+                "{} must be an array of strings or a space-separated string",
+                names.roles
+            )));
+        }
+    };
     let role = roles
         .iter()
-        .filter_map(|r| match r.as_str() {
+        .filter_map(|r| match *r {
             "viewer" => Some(Role::Viewer),
             "member" => Some(Role::Member),
             "admin" => Some(Role::Admin),
@@ -260,14 +388,26 @@ fn claims_from(raw: RawClaims) -> Result<Claims, Status> {
             _ => None,
         })
         .max()
-        .ok_or_else(|| bad("roles names none of viewer, member, admin, service"))?;
-    let org = match raw.org {
-        Some(o) => {
-            validate::id("org", &o).map_err(|_| bad("org must be 1-64 of [A-Za-z0-9._:@-]"))?;
-            Some(o)
+        .ok_or_else(|| {
+            bad(&format!(
+                "{} names none of viewer, member, admin, service",
+                names.roles
+            ))
+        })?;
+    let org = match claim(raw, &names.org) {
+        Some(Value::String(o)) => {
+            validate::id("org", o)
+                .map_err(|_| bad(&format!("{} must be 1-64 of [A-Za-z0-9._:@-]", names.org)))?;
+            Some(o.clone())
         }
-        None if role == Role::Service => None,
-        None => return Err(bad("org is required unless the role is service")),
+        None | Some(Value::Null) if role == Role::Service => None,
+        None | Some(Value::Null) => {
+            return Err(bad(&format!(
+                "{} is required unless the role is service",
+                names.org
+            )));
+        }
+        Some(_) => return Err(bad(&format!("{} must be a string", names.org))),
     };
     Ok(Claims {
         user,
@@ -292,6 +432,23 @@ fn pem_key(pem: &[u8]) -> Option<Key> {
         kid: None,
         key,
     })
+}
+
+/// The signing keys of a JWKS document; keys for algorithms this server does not verify are
+/// skipped.
+pub fn keys_from_jwks(set: &JwkSet) -> anyhow::Result<Vec<Key>> {
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let Some(alg) = jwk_alg(jwk) else { continue };
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|e| anyhow::anyhow!("key {:?}: {e}", jwk.common.key_id))?;
+        keys.push(Key {
+            alg,
+            kid: jwk.common.key_id.clone(),
+            key,
+        });
+    }
+    Ok(keys)
 }
 
 fn jwk_alg(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {

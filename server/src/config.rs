@@ -41,6 +41,31 @@ pub struct Config {
     #[arg(long, env = "ORGPULSE_JWKS_FILE")]
     pub jwks_file: Option<PathBuf>,
 
+    /// URL of the identity provider's JWKS (https://, or http:// for tests): fetched at start
+    /// (the server does not start without it), refreshed every --jwks-refresh and when a token
+    /// names an unknown `kid`; the last good key set is kept while the provider is unreachable.
+    #[arg(long, env = "ORGPULSE_JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// How often the --jwks-url key set is fetched again.
+    #[arg(long, env = "ORGPULSE_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    pub jwks_refresh: Duration,
+
+    /// Least time between two fetches of the --jwks-url key set caused by tokens with an
+    /// unknown `kid` (so a flood of such tokens cannot hammer the provider).
+    #[arg(long, env = "ORGPULSE_JWKS_COOLDOWN", default_value = "10s", value_parser = parse_duration)]
+    pub jwks_cooldown: Duration,
+
+    /// Claim holding the org id: a name, or a dotted path into nested objects
+    /// (`app_metadata.org`) used when no claim has that exact name.
+    #[arg(long, env = "ORGPULSE_JWT_ORG_CLAIM", default_value = "org")]
+    pub jwt_org_claim: String,
+
+    /// Claim holding the roles (an array of strings or one space-separated string); a name or a
+    /// dotted path like `realm_access.roles`.
+    #[arg(long, env = "ORGPULSE_JWT_ROLES_CLAIM", default_value = "roles")]
+    pub jwt_roles_claim: String,
+
     /// Required `iss` claim, when set.
     #[arg(long, env = "ORGPULSE_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -49,9 +74,23 @@ pub struct Config {
     #[arg(long, env = "ORGPULSE_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
 
-    /// Clock leeway for `exp` and `nbf` checks.
+    /// Clock leeway for `exp` and `nbf` checks (at most 1 day).
     #[arg(long, env = "ORGPULSE_JWT_LEEWAY", default_value = "0s", value_parser = parse_duration)]
     pub jwt_leeway: Duration,
+
+    /// The product's PostgreSQL database (postgres://USER@HOST:PORT/DB) whose outbox table is
+    /// turned into entity events: every committed row becomes exactly one `entity_changed` event
+    /// and is deleted; invalid rows move to `<table>_rejected`.
+    #[arg(long, env = "ORGPULSE_OUTBOX")]
+    pub outbox: Option<String>,
+
+    /// The outbox table (created with `<table>_rejected` and its NOTIFY trigger when missing).
+    #[arg(long, env = "ORGPULSE_OUTBOX_TABLE", default_value = "orgpulse_outbox")]
+    pub outbox_table: String,
+
+    /// How often the outbox is read when no NOTIFY woke the consumer.
+    #[arg(long, env = "ORGPULSE_OUTBOX_POLL", default_value = "500ms", value_parser = parse_duration)]
+    pub outbox_poll: Duration,
 
     /// Browser origin allowed to call grpc-web (repeatable, or comma-separated in the env var).
     #[arg(
@@ -73,9 +112,20 @@ pub struct Config {
     #[arg(long, env = "ORGPULSE_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub retention: Duration,
 
+    /// How long a store write waits for a lock another process holds on the database file
+    /// before it fails (and the server reports NOT_SERVING until it can write again).
+    #[arg(long, env = "ORGPULSE_SQLITE_BUSY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub sqlite_busy_timeout: Duration,
+
     /// Events a subscriber may have queued before it is cut off as too slow.
     #[arg(long, env = "ORGPULSE_SUBSCRIBER_QUEUE", default_value_t = 4096)]
     pub subscriber_queue: usize,
+
+    /// Open Subscribe streams one user (same `sub` and org) may hold on this node; the next one
+    /// gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ORGPULSE_MAX_STREAMS_PER_USER", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_user: u32,
 
     /// Development mode: create and keep an HS256 secret in the data directory and print tokens.
     #[arg(long, env = "ORGPULSE_DEV")]
@@ -101,6 +151,8 @@ Examples:
   orgpulse-server --dev --demo
   orgpulse-server --database sqlite:///var/lib/orgpulse/orgpulse.db --jwt-secret-file /etc/orgpulse/secret
   orgpulse-server --jwt-public-key /etc/orgpulse/jwt.pem --jwt-issuer https://auth.example.com
+  orgpulse-server --jwks-url https://idp.example.com/.well-known/jwks.json --jwt-org-claim app_metadata.org
+  orgpulse-server --jwt-secret-file ./secret --outbox postgres://app@db.example.com/app
 
 Logs go to stderr; filter them with RUST_LOG (e.g. RUST_LOG=orgpulse_server=debug).";
 

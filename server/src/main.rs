@@ -4,9 +4,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use orgpulse_server::{
-    auth::{Authenticator, KeyConfig},
+    auth::{Authenticator, ClaimNames, KeyConfig},
     config::{Config, LogFormat},
-    dev, server,
+    dev,
+    jwks::RemoteKeys,
+    server,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -34,6 +36,7 @@ const NO_KEY: &str = "no JWT key configured. Pass one of
   --jwt-secret-file FILE   HS256 shared secret (the file's bytes, whitespace trimmed)
   --jwt-public-key PEM     RS256, ES256 or EdDSA public key
   --jwks-file FILE         JWKS, keys selected by kid
+  --jwks-url URL           the JWKS of your identity provider, fetched and refreshed
 or run `orgpulse-server --dev` to create a development secret and print ready-to-use tokens.";
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
@@ -46,7 +49,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let has_key = secret.is_some() || cfg.jwt_public_key.is_some() || cfg.jwks_file.is_some();
+    let has_key = secret.is_some()
+        || cfg.jwt_public_key.is_some()
+        || cfg.jwks_file.is_some()
+        || cfg.jwks_url.is_some();
     let data_dir = cfg.sqlite_path().map_err(anyhow::Error::msg)?;
     let data_dir = data_dir
         .parent()
@@ -56,10 +62,19 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         anyhow::ensure!(cfg.dev, NO_KEY);
         secret = Some(dev::dev_secret(&data_dir)?);
     }
+    let jwks_url = match &cfg.jwks_url {
+        Some(url) => Some(RemoteKeys::load(url, cfg.jwks_cooldown).await?),
+        None => None,
+    };
     let auth = Authenticator::new(KeyConfig {
         secret: secret.as_deref(),
         public_key_pem: cfg.jwt_public_key.as_deref(),
         jwks_file: cfg.jwks_file.as_deref(),
+        jwks_url,
+        claims: ClaimNames {
+            org: cfg.jwt_org_claim.clone(),
+            roles: cfg.jwt_roles_claim.clone(),
+        },
         issuer: cfg.jwt_issuer.clone(),
         audience: cfg.jwt_audience.clone(),
         leeway: cfg.jwt_leeway,

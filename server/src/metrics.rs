@@ -41,6 +41,8 @@ pub struct Metrics {
     pub events_delivered: Counter,
     pub slow_disconnects: Counter,
     pub polls: Counter,
+    pub outbox_rows: Counter,
+    pub outbox_rejected: Counter,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -49,6 +51,8 @@ pub static METRICS: Metrics = Metrics {
     events_delivered: Counter(AtomicU64::new(0)),
     slow_disconnects: Counter(AtomicU64::new(0)),
     polls: Counter(AtomicU64::new(0)),
+    outbox_rows: Counter(AtomicU64::new(0)),
+    outbox_rejected: Counter(AtomicU64::new(0)),
 };
 
 /// Increments the open-streams gauge while alive.
@@ -127,6 +131,18 @@ pub fn render() -> String {
         "counter",
         "Poll calls answered.",
         m.polls.get().to_string(),
+    );
+    metric(
+        "orgpulse_outbox_rows_total",
+        "counter",
+        "Outbox rows consumed (turned into an event or rejected, then deleted) by this node.",
+        m.outbox_rows.get().to_string(),
+    );
+    metric(
+        "orgpulse_outbox_rejected_total",
+        "counter",
+        "Outbox rows moved to <table>_rejected by this node.",
+        m.outbox_rejected.get().to_string(),
     );
     metric(
         "process_cpu_seconds_total",

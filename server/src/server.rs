@@ -41,19 +41,32 @@ pub async fn run(
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
         &cfg.sqlite_path().map_err(anyhow::Error::msg)?,
         bus.clone(),
+        cfg.sqlite_busy_timeout,
     )?);
-    let hub = Hub::new(store.clone(), cfg.subscriber_queue);
+    let hub = Hub::new(store.clone(), cfg.subscriber_queue, &*bus);
     bus.attach(hub.clone());
     let presence = MemoryPresence::new(hub.clone(), cfg.presence_grace);
     let stop = CancellationToken::new();
+    if let Some(keys) = auth.remote_keys() {
+        tokio::spawn(keys.clone().refresh_every(cfg.jwks_refresh, stop.clone()));
+    }
     let ctx = Arc::new(Ctx {
         auth,
         store: store.clone(),
         hub,
         presence,
         heartbeat: cfg.heartbeat_interval,
+        streams: crate::stream_limit::StreamSlots::new(cfg.max_streams_per_user),
         shutdown: stop.clone(),
     });
+    if let Some(url) = &cfg.outbox {
+        let outbox = crate::outbox::OutboxConfig {
+            url: url.clone(),
+            table: cfg.outbox_table.clone(),
+            poll: cfg.outbox_poll,
+        };
+        crate::outbox::start(outbox, store.clone(), stop.clone()).await?;
+    }
     let app = crate::web::router(ctx.clone(), &cfg.cors_origins).await?;
     tokio::spawn(trim_log(store.clone(), cfg.retention, stop.clone()));
     if cfg.demo {

@@ -1,22 +1,62 @@
-//! Input validation shared by the services: identifiers, text limits and page sizes of API.md.
+//! Input validation shared by the services and the outbox: identifiers, text limits, page sizes
+//! and entity changes of docs/api.md.
+use orgpulse::proto::EntityChanged;
+use prost::Message;
 use tonic::Status;
 
 pub const MAX_PAGE_SIZE: i32 = 500;
 pub const DEFAULT_PAGE_SIZE: i32 = 50;
+/// Largest `EntityChanged.data`, encoded.
+pub const MAX_ENTITY_DATA: usize = 64 * 1024;
 
-/// A user or org id: 1-64 characters of `[A-Za-z0-9._:@-]`.
-pub fn id(field: &str, v: &str) -> Result<(), Status> {
-    let ok = !v.is_empty()
-        && v.len() <= 64
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b));
-    if ok {
+/// 1-`max` bytes, each `allowed`; the error names the field and the character class `class`.
+fn word(
+    field: &str,
+    v: &str,
+    max: usize,
+    class: &str,
+    allowed: fn(u8) -> bool,
+) -> Result<(), Status> {
+    if !v.is_empty() && v.len() <= max && v.bytes().all(allowed) {
         Ok(())
     } else {
         Err(Status::invalid_argument(format!(
-            "{field} must be 1-64 characters of [A-Za-z0-9._:@-]"
+            "{field} must be 1-{max} characters of {class}"
         )))
     }
+}
+
+/// A user or org id: 1-64 characters of `[A-Za-z0-9._:@-]`.
+pub fn id(field: &str, v: &str) -> Result<(), Status> {
+    word(field, v, 64, "[A-Za-z0-9._:@-]", |b| {
+        b.is_ascii_alphanumeric() || b"._:@-".contains(&b)
+    })
+}
+
+/// An entity type or action: 1-64 characters of `[a-z0-9_.-]`.
+pub fn entity_name(field: &str, v: &str) -> Result<(), Status> {
+    word(field, v, 64, "[a-z0-9_.-]", |b| {
+        b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b)
+    })
+}
+
+/// An entity change as docs/api.md limits it: type, id, action, data size and addressee.
+pub fn entity_change(c: &EntityChanged) -> Result<(), Status> {
+    entity_name("entity_type", &c.entity_type)?;
+    word("entity_id", &c.entity_id, 128, "[A-Za-z0-9._:@/-]", |b| {
+        b.is_ascii_alphanumeric() || b"._:@/-".contains(&b)
+    })?;
+    entity_name("action", &c.action)?;
+    let size = c.data.as_ref().map_or(0, Message::encoded_len);
+    if size > MAX_ENTITY_DATA {
+        return Err(Status::invalid_argument(format!(
+            "data is {size} bytes encoded; at most {MAX_ENTITY_DATA} allowed"
+        )));
+    }
+    if !c.user_id.is_empty() {
+        id("user_id", &c.user_id)?;
+    }
+    Ok(())
 }
 
 /// A server-generated object id (a ULID).
@@ -85,5 +125,8 @@ mod tests {
         assert_eq!(page_size(0).unwrap(), 50);
         assert!(object_id("job_id", "nope").is_err());
         assert!(object_id("job_id", &ulid::Ulid::new().to_string()).is_ok());
+        assert!(entity_name("entity_type", "sales.invoice_v2-x").is_ok());
+        assert!(entity_name("entity_type", "Invoice").is_err());
+        assert!(entity_name("action", &"a".repeat(65)).is_err());
     }
 }

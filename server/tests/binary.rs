@@ -15,6 +15,11 @@ fn help_lists_every_flag() {
         "--jwt-secret-file",
         "--jwt-public-key",
         "--jwks-file",
+        "--jwks-url",
+        "--jwks-refresh",
+        "--jwks-cooldown",
+        "--jwt-org-claim",
+        "--jwt-roles-claim",
         "--jwt-issuer",
         "--jwt-audience",
         "--cors-origin",
@@ -47,6 +52,44 @@ fn without_a_key_it_refuses_to_start_and_says_how() {
         err.contains("--jwt-secret-file") && err.contains("--dev"),
         "{err}"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Key settings that cannot work stop the server at start with one line saying why: a
+/// `--jwks-url` nobody answers at (no key set to start with) and a leeway above a day.
+#[test]
+fn unusable_key_settings_are_refused_at_start() {
+    let dir = std::env::temp_dir().join(format!("orgpulse-badkeys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "s3cret").unwrap();
+    let secret = secret.display().to_string();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--jwks-url", "http://127.0.0.1:1/jwks.json"],
+            "--jwks-url http://127.0.0.1:1/jwks.json: cannot load the key set",
+        ),
+        (
+            &["--jwks-url", "ftp://idp.test/jwks"],
+            "expected an https://",
+        ),
+        (
+            &["--jwt-secret-file", &secret, "--jwt-leeway", "2days"],
+            "--jwt-leeway 2days is too large; at most 1 day",
+        ),
+    ];
+    for (args, says) in cases {
+        let out = Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--database"])
+            .arg(format!("sqlite://{}/o.db", dir.display()))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 

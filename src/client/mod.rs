@@ -50,9 +50,9 @@ use crate::proto::{
     CreateJobRequest, DeleteJobRequest, DeleteJobResponse, Event, GetJobRequest, Job,
     ListJobsRequest, ListJobsResponse, ListNotificationsRequest, ListNotificationsResponse,
     ListOnlineRequest, ListOnlineResponse, MarkReadRequest, MarkReadResponse, Notification,
-    OrgFilter, PollRequest, PollResponse, SendNotificationRequest, UpdateJobRequest,
-    event_service_client::EventServiceClient, job_service_client::JobServiceClient,
-    notification_service_client::NotificationServiceClient,
+    OrgFilter, PollRequest, PollResponse, PublishRequest, PublishResponse, SendNotificationRequest,
+    UpdateJobRequest, event_service_client::EventServiceClient,
+    job_service_client::JobServiceClient, notification_service_client::NotificationServiceClient,
 };
 use backoff::Backoff;
 use error::{is_retryable_call, never_sent};
@@ -110,7 +110,7 @@ struct Inner {
     tokens: Tokens,
 }
 
-/// A fresh idempotency key for `CreateJob` / `SendNotification`.
+/// A fresh idempotency key for `CreateJob` / `SendNotification` / `Publish`.
 pub fn new_request_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
@@ -318,6 +318,18 @@ impl Client {
         let timeout = self.timeout() + Duration::from_millis(req.wait_ms.into());
         self.call(true, timeout, req, |ch, r| async move {
             EventServiceClient::new(ch).poll(r).await
+        })
+        .await
+    }
+
+    /// `Publish` (an entity change); a `request_id` is generated when empty, so retries never
+    /// append the change twice.
+    pub async fn publish(&self, mut req: PublishRequest) -> Result<PublishResponse, Error> {
+        if req.request_id.is_empty() {
+            req.request_id = new_request_id();
+        }
+        self.call(true, self.timeout(), req, |ch, r| async move {
+            EventServiceClient::new(ch).publish(r).await
         })
         .await
     }

@@ -21,6 +21,8 @@ pub struct WatchFilter {
     pub org_id: String,
     /// Empty = every kind.
     pub kinds: Vec<EventKind>,
+    /// Narrows entity events to these entity types; empty = every type.
+    pub entity_types: Vec<String>,
 }
 
 /// What a watch yields: the server's events (durable and ephemeral, `resync` included) and the
@@ -195,7 +197,7 @@ impl Watcher {
             org_id: self.filter.org_id.clone(),
             kinds: self.filter.kinds.iter().map(|k| *k as i32).collect(),
             after_cursor: self.cursor.clone(),
-            ..Default::default()
+            entity_types: self.filter.entity_types.clone(),
         };
         let (idx, opened) = self.client.open_stream(filter, &token).await?;
         self.token = Some(token);

@@ -230,6 +230,7 @@ pub fn kind_of(v: &Value) -> &str {
         "heartbeat",
         "caughtUp",
         "resync",
+        "entityChanged",
     ];
     KINDS
         .iter()

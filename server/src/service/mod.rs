@@ -3,6 +3,7 @@
 pub mod events;
 pub mod jobs;
 pub mod notifications;
+pub mod publish;
 
 use std::{sync::Arc, time::Duration};
 
@@ -14,6 +15,7 @@ use crate::{
     hub::Hub,
     presence::Presence,
     store::Store,
+    stream_limit::StreamSlots,
 };
 
 /// What every service needs.
@@ -23,6 +25,8 @@ pub struct Ctx {
     pub hub: Hub,
     pub presence: Arc<dyn Presence>,
     pub heartbeat: Duration,
+    /// Open `Subscribe` streams per user, against `--max-streams-per-user`.
+    pub streams: StreamSlots,
     /// Cancelled when the server shuts down: every open stream ends at once.
     pub shutdown: CancellationToken,
 }
@@ -30,13 +34,13 @@ pub struct Ctx {
 impl Ctx {
     /// Authenticates the call, resolves the org it acts in and checks the role; records both in
     /// the RPC's log span.
-    pub fn authorize<T>(
+    pub async fn authorize<T>(
         &self,
         req: &Request<T>,
         org_id: &str,
         need: Need,
     ) -> Result<(Claims, String), Status> {
-        let claims = self.auth.authenticate(req.metadata())?;
+        let claims = self.auth.authenticate(req.metadata()).await?;
         let span = tracing::Span::current();
         span.record("user", claims.user.as_str());
         let org = claims.org_for(org_id)?;

@@ -11,7 +11,9 @@ use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use orgpulse::proto::{Event, EventKind, Job, JobDeleted, JobStatus, Notification, event::Payload};
+use orgpulse::proto::{
+    EntityChanged, Event, EventKind, Job, JobDeleted, JobStatus, Notification, event::Payload,
+};
 use prost::Message;
 use tonic::Status;
 
@@ -23,10 +25,56 @@ pub struct CommittedEvent {
     pub org: Arc<str>,
     pub seq: u64,
     pub kind: EventKind,
-    /// The one user a notification is addressed to; `None` = everyone in the org may see it.
+    /// The one user a notification or entity event is addressed to; `None` = everyone in the org
+    /// may see it.
     pub audience: Option<Arc<str>>,
+    /// The entity type of an `entity_changed` event (for the subscribers' type filters).
+    pub entity_type: Option<Arc<str>>,
     /// The encoded `Event`, cursor included.
     pub bytes: Bytes,
+}
+
+impl CommittedEvent {
+    /// An event read back from the log.
+    pub fn from_log(
+        org: Arc<str>,
+        seq: u64,
+        kind: EventKind,
+        audience: Option<Arc<str>>,
+        bytes: Bytes,
+    ) -> CommittedEvent {
+        CommittedEvent {
+            entity_type: entity_type_of(kind, &bytes),
+            org,
+            seq,
+            kind,
+            audience,
+            bytes,
+        }
+    }
+}
+
+/// Just the entity type of an encoded `Event`: decoding into this skips every other field
+/// (the entity's data included) without parsing it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct EntityTypeOfEvent {
+    #[prost(message, optional, tag = "19")]
+    entity_changed: Option<EntityTypeOnly>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct EntityTypeOnly {
+    #[prost(string, tag = "1")]
+    entity_type: String,
+}
+
+/// The entity type of an encoded event of `kind`; `None` unless it is an entity event.
+fn entity_type_of(kind: EventKind, bytes: &[u8]) -> Option<Arc<str>> {
+    if kind != EventKind::Entity {
+        return None;
+    }
+    let ev = EntityTypeOfEvent::decode(bytes).ok()?;
+    Some(ev.entity_changed?.entity_type.into())
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -37,8 +85,9 @@ pub enum StoreError {
     FailedPrecondition(String),
     #[error("{0}")]
     Aborted(String),
+    /// The store cannot write now (its writer failed, stopped or is overloaded): retry later.
     #[error("{0}")]
-    InvalidArgument(String),
+    Unavailable(String),
     #[error("storage error: {0}")]
     Internal(String),
 }
@@ -49,7 +98,7 @@ impl From<StoreError> for Status {
             StoreError::NotFound(m) => Status::not_found(m),
             StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
             StoreError::Aborted(m) => Status::aborted(m),
-            StoreError::InvalidArgument(m) => Status::invalid_argument(m),
+            StoreError::Unavailable(m) => Status::unavailable(m),
             StoreError::Internal(m) => {
                 tracing::error!(error = %m, "storage error");
                 Status::internal("storage error")
@@ -83,6 +132,17 @@ pub struct NewNotification {
     pub request_id: String,
 }
 
+/// A change of one of the product's own entities, to append to `org`'s log as `entity_changed`.
+pub struct NewEntityChange {
+    pub org: String,
+    pub actor: String,
+    pub change: EntityChanged,
+    /// Namespace of `request_id`: `publish` (the RPC's request ids) or `outbox` (row keys).
+    pub request_kind: &'static str,
+    /// Idempotency key; empty = none.
+    pub request_id: String,
+}
+
 pub struct JobPage {
     pub jobs: Vec<Job>,
     /// Id to continue after, when there may be more.
@@ -104,10 +164,31 @@ pub struct LogBounds {
     pub head: u64,
 }
 
-impl LogBounds {
-    /// Whether every event after `cursor` can be replayed from this log.
-    pub fn serves(&self, epoch: u64, cursor: &Cursor) -> bool {
-        cursor.epoch == epoch && cursor.seq >= self.floor && cursor.seq <= self.head
+/// What an org's log holds after a seq: the one answer replay, Poll and gap repair act on.
+#[derive(Debug)]
+pub enum LogRead {
+    /// The next events after the seq, in seq order and without gaps (empty: nothing after it yet).
+    Events(Vec<CommittedEvent>),
+    /// The log does not reach the seq (trimmed past it, or it is ahead of the head): whoever
+    /// asked must resync. `bounds` are the log's as of the same read.
+    Unreachable(LogBounds),
+}
+
+impl LogRead {
+    /// The answer for `rows` read after `after` in the same read transaction as `bounds`: rows
+    /// that do not continue `after` seamlessly are never handed out as if they did.
+    pub fn of(after: u64, bounds: LogBounds, rows: Vec<CommittedEvent>) -> LogRead {
+        let seamless = match (rows.first(), rows.last()) {
+            (Some(first), Some(last)) => {
+                first.seq == after + 1 && last.seq == after + rows.len() as u64
+            }
+            _ => true,
+        };
+        if after < bounds.floor || after > bounds.head || !seamless {
+            LogRead::Unreachable(bounds)
+        } else {
+            LogRead::Events(rows)
+        }
     }
 }
 
@@ -144,12 +225,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<NotificationPage>;
     /// Marks read for `user`; returns their unread count.
     async fn mark_read(&self, org: &str, user: &str, ids: Vec<String>) -> Result<u32>;
+    /// Appends one `entity_changed` event per change, in order, in one transaction (the event is
+    /// the record: there is no entity table). A change whose `request_id` was used within the
+    /// idempotency window adds nothing and yields the seq it got then. Returns each change's seq.
+    async fn append_entity_changes(&self, changes: Vec<NewEntityChange>) -> Result<Vec<u64>>;
     async fn bounds(&self, org: &str) -> Result<LogBounds>;
-    /// Up to `limit` events with seq > `after`, in seq order.
-    async fn read_events(&self, org: &str, after: u64, limit: usize)
-    -> Result<Vec<CommittedEvent>>;
+    /// The last seq of each of `orgs`' logs, in ONE query however many orgs there are (the
+    /// Hub's tail check on a lossy bus). Orgs that never had an event (head 0) are left out.
+    async fn heads(&self, orgs: &[Arc<str>]) -> Result<Vec<(Arc<str>, u64)>>;
+    /// Up to `limit` events with seq > `after`, in seq order, or that the log no longer reaches
+    /// back to `after`: the retained floor is checked in the same read transaction as the rows, so
+    /// a trim racing the read can never make it skip events silently.
+    async fn read_after(&self, org: &str, after: u64, limit: usize) -> Result<LogRead>;
     /// Drops events (and idempotency keys) committed before `before`, raising each org's floor.
     async fn trim(&self, before: SystemTime) -> Result<u64>;
+    /// Whether the store can write now, from its writer's last transaction (cheap, writes
+    /// nothing); `Err` says why not.
+    fn health(&self) -> std::result::Result<(), String>;
 }
 
 /// How long a `request_id` makes a create idempotent.
@@ -165,7 +257,7 @@ pub fn millis(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// Applies an update to `job` following the status state machine of API.md.
+/// Applies an update to `job` following the status state machine of docs/api.md.
 pub fn apply_patch(job: &mut Job, patch: &JobPatch, actor: &str, now: SystemTime) -> Result<()> {
     if patch.expected_version != 0 && patch.expected_version != job.version {
         return Err(StoreError::Aborted(format!(
@@ -228,12 +320,20 @@ pub fn encode_event(
     .into()
 }
 
-/// The kind of a durable payload (for filtering without decoding).
-pub fn payload_kind(p: &Payload) -> EventKind {
+/// The kind of a durable payload (for filtering without decoding); `None` for the ephemeral ones,
+/// which are never appended to the log.
+pub fn payload_kind(p: &Payload) -> Option<EventKind> {
     match p {
-        Payload::JobCreated(_) | Payload::JobUpdated(_) | Payload::JobDeleted(_) => EventKind::Job,
-        Payload::NotificationNew(_) => EventKind::Notification,
-        _ => EventKind::Presence,
+        Payload::JobCreated(_) | Payload::JobUpdated(_) | Payload::JobDeleted(_) => {
+            Some(EventKind::Job)
+        }
+        Payload::NotificationNew(_) => Some(EventKind::Notification),
+        Payload::EntityChanged(_) => Some(EventKind::Entity),
+        Payload::UserOnline(_)
+        | Payload::UserOffline(_)
+        | Payload::Heartbeat(_)
+        | Payload::CaughtUp(_)
+        | Payload::Resync(_) => None,
     }
 }
 
@@ -246,6 +346,22 @@ pub fn job_deleted(job_id: &str) -> Payload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_entity_type_is_read_back_from_the_encoded_event() {
+        let payload = Payload::EntityChanged(EntityChanged {
+            entity_type: "invoice".into(),
+            entity_id: "inv_1".into(),
+            action: "paid".into(),
+            ..Default::default()
+        });
+        let bytes = encode_event(1, "acme", 7, "alice", SystemTime::now(), payload);
+        assert_eq!(
+            entity_type_of(EventKind::Entity, &bytes).as_deref(),
+            Some("invoice")
+        );
+        assert_eq!(entity_type_of(EventKind::Job, &bytes), None);
+    }
 
     fn job(status: JobStatus) -> Job {
         let mut j = Job {

@@ -1,0 +1,439 @@
+//! The outbox consumer (`--outbox postgres://...`): the product inserts a row into its outbox table
+//! in the same transaction as its own change, and orgpulse turns every committed row into exactly
+//! one `entity_changed` event, then deletes the row.
+//!
+//! Creates the table, `<table>_rejected` and an `AFTER INSERT` NOTIFY trigger when missing. Each
+//! pass is one PostgreSQL transaction: it takes the table's advisory lock (so the rows of an org
+//! become events in id order even with several nodes), reads up to [`BATCH`] committed rows in id
+//! order `FOR UPDATE SKIP LOCKED`, appends the valid ones to the Store with the row's key as
+//! idempotency key (a pass that dies between the append and the COMMIT is redone without a second
+//! event), moves the invalid ones to `<table>_rejected` with the reason, deletes them all and
+//! commits. Passes run on every NOTIFY and at least every `--outbox-poll`; a lost connection is
+//! reopened with backoff.
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use orgpulse::proto::EntityChanged;
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    metrics::METRICS,
+    store::{NewEntityChange, Store},
+    validate,
+};
+
+/// Most rows one pass takes.
+pub const BATCH: i64 = 100;
+/// Longest wait before reconnecting after a failure.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The actor of a row whose `actor` is NULL.
+const DEFAULT_ACTOR: &str = "outbox";
+
+/// Where the outbox is and how often it is polled without a NOTIFY.
+pub struct OutboxConfig {
+    pub url: String,
+    pub table: String,
+    pub poll: Duration,
+}
+
+/// The consumer of one outbox table.
+struct Consumer {
+    pg: tokio_postgres::Config,
+    /// `host:port/db`, for messages (never the password).
+    name: String,
+    sql: Sql,
+    /// Prefix of the rows' idempotency keys: the table's oid, so a table dropped and created
+    /// again (ids restarting at 1) never matches the keys of the old one.
+    key_prefix: String,
+    poll: Duration,
+    store: Arc<dyn Store>,
+}
+
+/// The statements of one table.
+struct Sql {
+    table: String,
+    lock: String,
+    select: String,
+    reject: String,
+    delete: String,
+}
+
+/// An open connection LISTENing on the table's channel.
+struct Session {
+    client: Client,
+    /// Notified on every NOTIFY, and when the connection ends.
+    wake: Arc<Notify>,
+}
+
+/// Connects, creates what is missing and starts consuming in the background; fails (so the
+/// server does not start) when the database cannot be reached or the table cannot be created.
+pub async fn start(
+    cfg: OutboxConfig,
+    store: Arc<dyn Store>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    check_table_name(&cfg.table)?;
+    let mut pg: tokio_postgres::Config = cfg
+        .url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--outbox: not a PostgreSQL URL: {e}"))?;
+    pg.connect_timeout(Duration::from_secs(5));
+    if pg.get_application_name().is_none() {
+        pg.application_name("orgpulse-outbox");
+    }
+    let name = describe(&pg);
+    let sql = Sql::for_table(&cfg.table);
+    let session = Session::open(&pg, &sql.table)
+        .await
+        .map_err(|e| anyhow::anyhow!("--outbox {name}: {}", chain(&e)))?;
+    let key_prefix = install(&session.client, &sql.table).await.map_err(|e| {
+        anyhow::anyhow!(
+            "--outbox {name}: creating table {}: {}",
+            sql.table,
+            chain(&e)
+        )
+    })?;
+    tracing::info!(outbox = name, table = sql.table, "consuming the outbox");
+    let consumer = Consumer {
+        pg,
+        name,
+        sql,
+        key_prefix,
+        poll: cfg.poll,
+        store,
+    };
+    tokio::spawn(consumer.run(session, stop));
+    Ok(())
+}
+
+/// A plain lower-case identifier short enough for its `_rejected` and `_notify` companions.
+fn check_table_name(table: &str) -> anyhow::Result<()> {
+    let ok = table.len() <= 50
+        && table.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && table
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    anyhow::ensure!(
+        ok,
+        "--outbox-table {table:?}: expected 1-50 characters of [a-z0-9_], not starting with a digit"
+    );
+    Ok(())
+}
+
+/// Creates the table, `<table>_rejected` and the NOTIFY trigger when missing (under an advisory
+/// lock, so nodes starting together do not race); returns the idempotency key prefix.
+async fn install(client: &Client, t: &str) -> Result<String, tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "BEGIN;
+             SELECT pg_advisory_xact_lock(hashtext('orgpulse_outbox_schema'));
+             CREATE TABLE IF NOT EXISTS {t} (
+               id          bigserial PRIMARY KEY,
+               org_id      text        NOT NULL,
+               entity_type text        NOT NULL,
+               entity_id   text        NOT NULL,
+               action      text        NOT NULL,
+               data        jsonb       NOT NULL DEFAULT '{{}}',
+               user_id     text,
+               actor       text,
+               created_at  timestamptz NOT NULL DEFAULT now()
+             );
+             CREATE TABLE IF NOT EXISTS {t}_rejected (
+               id          bigint PRIMARY KEY,
+               org_id      text,
+               entity_type text,
+               entity_id   text,
+               action      text,
+               data        jsonb,
+               user_id     text,
+               actor       text,
+               created_at  timestamptz,
+               error       text        NOT NULL,
+               rejected_at timestamptz NOT NULL DEFAULT now()
+             );
+             CREATE OR REPLACE FUNCTION {t}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN PERFORM pg_notify('{t}', ''); RETURN NULL; END $$;
+             CREATE OR REPLACE TRIGGER {t}_notify AFTER INSERT ON {t}
+               FOR EACH STATEMENT EXECUTE FUNCTION {t}_notify();
+             COMMIT;"
+        ))
+        .await?;
+    let oid: i64 = client
+        .query_one(&format!("SELECT '{t}'::regclass::oid::int8"), &[])
+        .await?
+        .get(0);
+    Ok(format!("{oid}:"))
+}
+
+impl Sql {
+    fn for_table(t: &str) -> Sql {
+        Sql {
+            table: t.to_string(),
+            lock: format!("SELECT pg_try_advisory_xact_lock(hashtext('orgpulse_outbox:{t}'))"),
+            select: format!(
+                "SELECT id, org_id, entity_type, entity_id, action, data::text, user_id, actor
+                 FROM {t} ORDER BY id LIMIT {BATCH} FOR UPDATE SKIP LOCKED"
+            ),
+            reject: format!(
+                "INSERT INTO {t}_rejected
+                   (id, org_id, entity_type, entity_id, action, data, user_id, actor, created_at, error)
+                 SELECT id, org_id, entity_type, entity_id, action, data, user_id, actor, created_at, $2
+                 FROM {t} WHERE id = $1
+                 ON CONFLICT (id) DO NOTHING"
+            ),
+            delete: format!("DELETE FROM {t} WHERE id = ANY($1)"),
+        }
+    }
+}
+
+impl Session {
+    async fn open(
+        pg: &tokio_postgres::Config,
+        channel: &str,
+    ) -> Result<Session, tokio_postgres::Error> {
+        let (client, mut conn) = pg.connect(NoTls).await?;
+        let wake = Arc::new(Notify::new());
+        let woken = wake.clone();
+        tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(_)) => woken.notify_one(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = chain(&e), "outbox connection lost");
+                        break;
+                    }
+                }
+            }
+            // The consumer finds the client closed and reconnects.
+            woken.notify_one();
+        });
+        client.batch_execute(&format!("LISTEN {channel}")).await?;
+        Ok(Session { client, wake })
+    }
+}
+
+impl Consumer {
+    async fn run(self, first: Session, stop: CancellationToken) {
+        let mut session = Some(first);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let current = match session.take() {
+                Some(s) => s,
+                None => match Session::open(&self.pg, &self.sql.table).await {
+                    Ok(s) => {
+                        tracing::info!(outbox = self.name, "outbox connection reopened");
+                        s
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            outbox = self.name,
+                            error = chain(&e),
+                            "outbox: cannot connect; retrying"
+                        );
+                        if pause(&stop, backoff).await {
+                            return;
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                },
+            };
+            match self.drain(&current.client).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = current.wake.notified() => {}
+                        _ = tokio::time::sleep(self.poll) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(outbox = self.name, error = %e, "outbox pass failed; retrying");
+                    if pause(&stop, backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+            if !current.client.is_closed() {
+                session = Some(current);
+            }
+        }
+    }
+
+    /// Passes until one takes less than a full batch (or another node holds the table).
+    async fn drain(&self, client: &Client) -> anyhow::Result<()> {
+        while self.pass(client).await? == BATCH as usize {}
+        Ok(())
+    }
+
+    /// One transaction: up to BATCH rows become events (or rejected rows) and are deleted.
+    /// Returns the rows taken.
+    async fn pass(&self, client: &Client) -> anyhow::Result<usize> {
+        client.batch_execute("BEGIN").await.map_err(pg)?;
+        let taken = self.pass_in_transaction(client).await;
+        let end = if taken.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        let ended = client.batch_execute(end).await.map_err(pg);
+        let (taken, rejected) = taken?;
+        ended?;
+        METRICS.outbox_rows.add(taken as u64);
+        METRICS.outbox_rejected.add(rejected);
+        Ok(taken)
+    }
+
+    /// Returns the rows taken and how many of them were rejected.
+    async fn pass_in_transaction(&self, client: &Client) -> anyhow::Result<(usize, u64)> {
+        let locked: bool = client
+            .query_one(&self.sql.lock, &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        if !locked {
+            // Another node is on it; its COMMIT will not notify, so the poll picks up what it
+            // leaves.
+            return Ok((0, 0));
+        }
+        let rows = client.query(&self.sql.select, &[]).await.map_err(pg)?;
+        let mut rejected = 0;
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut changes = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: i64 = row.get(0);
+            ids.push(id);
+            match self.change_of(id, row) {
+                Ok(change) => changes.push(change),
+                Err(why) => {
+                    tracing::warn!(outbox = self.name, id, error = why, "outbox row rejected");
+                    client
+                        .execute(&self.sql.reject, &[&id, &why])
+                        .await
+                        .map_err(pg)?;
+                    rejected += 1;
+                }
+            }
+        }
+        if !changes.is_empty() {
+            self.store.append_entity_changes(changes).await?;
+        }
+        if !ids.is_empty() {
+            client
+                .execute(&self.sql.delete, &[&ids])
+                .await
+                .map_err(pg)?;
+        }
+        Ok((rows.len(), rejected))
+    }
+
+    /// The entity change a row asks for, or why it is rejected.
+    fn change_of(&self, id: i64, row: &Row) -> Result<NewEntityChange, String> {
+        let text = |i: usize, column: &str| -> Result<String, String> {
+            row.try_get::<_, Option<String>>(i)
+                .map_err(|e| format!("{column}: {e}"))?
+                .ok_or_else(|| format!("{column} is required"))
+        };
+        let org = text(1, "org_id")?;
+        validate::id("org_id", &org).map_err(|s| s.message().to_string())?;
+        let data = match text(5, "data")?.as_str() {
+            "" => None,
+            json => match serde_json::from_str(json) {
+                Ok(serde_json::Value::Object(o)) => Some(json_struct(o)),
+                Ok(_) => return Err("data must be a JSON object".into()),
+                Err(e) => return Err(format!("data: {e}")),
+            },
+        };
+        let change = EntityChanged {
+            entity_type: text(2, "entity_type")?,
+            entity_id: text(3, "entity_id")?,
+            action: text(4, "action")?,
+            data,
+            user_id: row.get::<_, Option<String>>(6).unwrap_or_default(),
+        };
+        validate::entity_change(&change).map_err(|s| s.message().to_string())?;
+        let actor = row
+            .get::<_, Option<String>>(7)
+            .unwrap_or_else(|| DEFAULT_ACTOR.into());
+        validate::id("actor", &actor).map_err(|s| s.message().to_string())?;
+        Ok(NewEntityChange {
+            org,
+            actor,
+            change,
+            request_kind: "outbox",
+            request_id: format!("{}{id}", self.key_prefix),
+        })
+    }
+}
+
+/// Waits `delay` unless `stop` comes first (then true).
+async fn pause(stop: &CancellationToken, delay: Duration) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => true,
+        _ = tokio::time::sleep(delay) => false,
+    }
+}
+
+fn pg(e: tokio_postgres::Error) -> anyhow::Error {
+    anyhow::anyhow!("{}", chain(&e))
+}
+
+/// An error with its causes (tokio-postgres keeps "connection refused" and the server's message
+/// in the source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s += &format!(": {cause}");
+        source = cause.source();
+    }
+    s
+}
+
+/// `host:port/db` of a connection config.
+fn describe(pg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let host = match pg.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}/{}", pg.get_dbname().unwrap_or_default())
+}
+
+/// A JSON object as a protobuf Struct.
+fn json_struct(object: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    fn value(v: serde_json::Value) -> prost_types::Value {
+        use prost_types::value::Kind;
+        let kind = match v {
+            serde_json::Value::Null => Kind::NullValue(0),
+            serde_json::Value::Bool(b) => Kind::BoolValue(b),
+            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+            serde_json::Value::String(s) => Kind::StringValue(s),
+            serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+                values: a.into_iter().map(value).collect(),
+            }),
+            serde_json::Value::Object(o) => Kind::StructValue(json_struct(o)),
+        };
+        prost_types::Value { kind: Some(kind) }
+    }
+    prost_types::Struct {
+        fields: object.into_iter().map(|(k, v)| (k, value(v))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_plain_identifiers() {
+        assert!(check_table_name("orgpulse_outbox").is_ok());
+        assert!(check_table_name("_o2").is_ok());
+        for bad in ["", "2x", "Outbox", "a;drop", "a.b", &"a".repeat(51)] {
+            assert!(check_table_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! The outbox (`--outbox postgres://...`) against a real PostgreSQL, each test in a database of
+//! its own: every committed row becomes exactly one event (across SIGKILLs, with concurrent
+//! product transactions, some rolled back), two nodes never deliver a row twice, invalid rows move
+//! to `<table>_rejected` with their error, NOTIFY wakes the consumer within milliseconds and a
+//! lost connection is reopened by itself.
+mod support;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use orgpulse::proto::{Event, EventKind, PollRequest, event::Payload};
+use support::*;
+use tokio_postgres::{Client, NoTls};
+
+const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const ENTITY: i32 = EventKind::Entity as i32;
+
+/// A fresh database, dropped (with its connections) when the test ends, however it ends.
+struct Db {
+    name: String,
+}
+
+impl Db {
+    async fn create() -> Db {
+        let name = format!("orgpulse_test_{:016x}", rand::random::<u64>());
+        connect(ADMIN_URL)
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("CREATE DATABASE");
+        Db { name }
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:5432/{}", self.name)
+    }
+
+    async fn client(&self) -> Client {
+        connect(&self.url()).await
+    }
+
+    /// Rows still in the outbox table.
+    async fn pending(&self, client: &Client) -> i64 {
+        client
+            .query_one("SELECT count(*) FROM orgpulse_outbox", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok((client, conn)) = tokio_postgres::connect(ADMIN_URL, NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432");
+    tokio::spawn(conn);
+    client
+}
+
+async fn outbox_server(db: &Db, extra: &[&str]) -> TestServer {
+    let url = db.url();
+    let mut args = vec!["--outbox", url.as_str()];
+    args.extend_from_slice(extra);
+    TestServer::start_args(&args).await
+}
+
+/// Waits (bounded by WAIT) until `done` holds, checking every 20 ms: for conditions outside
+/// orgpulse's streams (rows left in PostgreSQL, rows in the log).
+async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, done: impl Fn() -> F) {
+    let deadline = Instant::now() + WAIT;
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Inserts outbox rows for org acme, one per entity id, in one transaction; commits unless
+/// `rollback`.
+async fn insert(client: &mut Client, ids: &[String], rollback: bool) {
+    let tx = client.transaction().await.unwrap();
+    for id in ids {
+        tx.execute(
+            "INSERT INTO orgpulse_outbox (org_id, entity_type, entity_id, action, data)
+             VALUES ('acme', 'invoice', $1, 'created', jsonb_build_object('id', $1::text))",
+            &[id],
+        )
+        .await
+        .unwrap();
+    }
+    if rollback {
+        tx.rollback().await.unwrap();
+    } else {
+        tx.commit().await.unwrap();
+    }
+}
+
+/// Every durable event of `org` on `server`, replayed from the start of the log by Poll.
+async fn replay(server: &TestServer, org: &str) -> Vec<Event> {
+    let service = token("", "tester", "service");
+    let head = server
+        .jobs(&service)
+        .await
+        .list_jobs(orgpulse::proto::ListJobsRequest {
+            org_id: org.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .cursor;
+    let mut cursor = cursor_at(&head, 0);
+    let mut events = Vec::new();
+    loop {
+        let page = server
+            .events(&service)
+            .await
+            .poll(PollRequest {
+                org_id: org.into(),
+                after_cursor: cursor,
+                max_events: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!page.resync);
+        if page.events.is_empty() {
+            return events;
+        }
+        events.extend(page.events);
+        cursor = page.cursor;
+    }
+}
+
+fn entity_id(e: &Event) -> String {
+    match &e.payload {
+        Some(Payload::EntityChanged(c)) => c.entity_id.clone(),
+        other => panic!("not an entity event: {other:?}"),
+    }
+}
+
+/// Asserts the node's log holds exactly one entity event per id in `want` (checked against the
+/// log itself) and returns those ids.
+async fn delivered(server: &TestServer) -> Vec<String> {
+    let log = log_of(&server.dir, "acme");
+    let events = replay(server, "acme").await;
+    if let Some(last) = log.last() {
+        assert_exactly_once(&events, &log, 1..=last.0, "tester", &[ENTITY]);
+    }
+    assert!(log.iter().all(|(_, kind, _)| *kind == ENTITY));
+    events.iter().map(entity_id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_committed_row_becomes_exactly_one_event_across_sigkills() {
+    let db = Db::create().await;
+    let mut server = outbox_server(&db, &["--outbox-poll", "100ms"]).await;
+    let (progress, mut committed_so_far) = tokio::sync::watch::channel(0usize);
+    let progress = Arc::new(progress);
+    let mut producers = Vec::new();
+    for p in 0..4 {
+        let (url, progress) = (db.url(), progress.clone());
+        producers.push(tokio::spawn(async move {
+            let mut client = connect(&url).await;
+            let (mut committed, mut rolled_back) = (Vec::new(), Vec::new());
+            let mut n = 0;
+            for t in 0.. {
+                if committed.len() == 250 {
+                    break;
+                }
+                let size = (1 + rand::random::<u32>() as usize % 8).min(250 - committed.len());
+                let ids: Vec<String> = (n..n + size).map(|k| format!("p{p}_{k}")).collect();
+                n += size;
+                let rollback = t % 4 == 3;
+                insert(&mut client, &ids, rollback).await;
+                if rollback {
+                    rolled_back.extend(ids);
+                } else {
+                    committed.extend(ids);
+                    progress.send_modify(|c| *c += size);
+                }
+                // Pacing, so the kills below land while rows keep coming.
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            (committed, rolled_back)
+        }));
+    }
+    let viewer = token("acme", "alice", "viewer");
+    for threshold in [150, 450, 750] {
+        committed_so_far
+            .wait_for(|c| *c >= threshold)
+            .await
+            .unwrap();
+        // Killed right as a pass appended its events: most likely before it deleted its rows.
+        let mut sub = Sub::open(&server, &viewer, "acme", "", &[]).await.unwrap();
+        sub.until(|e| e.seq > 0).await;
+        server.kill().await;
+        server.restart().await;
+    }
+    let (mut committed, mut rolled_back) = (BTreeSet::new(), BTreeSet::new());
+    for p in producers {
+        let (c, r) = p.await.unwrap();
+        committed.extend(c);
+        rolled_back.extend(r);
+    }
+    assert_eq!(committed.len(), 1000);
+    assert!(!rolled_back.is_empty());
+    let watch = db.client().await;
+    wait_until(
+        "the outbox is empty and every row is in the log",
+        || async { db.pending(&watch).await == 0 && log_of(&server.dir, "acme").len() >= 1000 },
+    )
+    .await;
+    let ids = delivered(&server).await;
+    assert_eq!(ids.len(), 1000, "one event per committed row, none twice");
+    let got: BTreeSet<String> = ids.into_iter().collect();
+    assert_eq!(got, committed, "exactly the committed rows");
+    assert!(got.is_disjoint(&rolled_back));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_outbox_never_deliver_a_row_twice() {
+    let db = Db::create().await;
+    let a = outbox_server(&db, &["--outbox-poll", "50ms"]).await;
+    let b = outbox_server(&db, &["--outbox-poll", "50ms"]).await;
+    let mut all = BTreeSet::new();
+    let mut client = db.client().await;
+    for t in 0..60 {
+        let ids: Vec<String> = (0..10).map(|k| format!("r{t}_{k}")).collect();
+        all.extend(ids.iter().cloned());
+        insert(&mut client, &ids, false).await;
+    }
+    wait_until("both nodes together delivered every row", || async {
+        db.pending(&client).await == 0
+            && log_of(&a.dir, "acme").len() + log_of(&b.dir, "acme").len() >= all.len()
+    })
+    .await;
+    let (on_a, on_b) = (delivered(&a).await, delivered(&b).await);
+    eprintln!("node a delivered {}, node b {}", on_a.len(), on_b.len());
+    let mut union: Vec<String> = on_a.iter().chain(&on_b).cloned().collect();
+    union.sort();
+    let distinct: Vec<String> = all.into_iter().collect();
+    assert_eq!(union, distinct, "every row once, on one node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_rows_move_to_rejected_with_their_error_and_never_block_the_queue() {
+    let db = Db::create().await;
+    let server = outbox_server(&db, &[]).await;
+    let client = db.client().await;
+    let big = format!("{{\"x\": \"{}\"}}", "y".repeat(70 * 1024));
+    let long_id = "i".repeat(129);
+    // (org_id, entity_type, entity_id, action, data, user_id, actor, what the error names)
+    let invalid: Vec<[&str; 8]> = vec![
+        ["a b", "invoice", "i1", "paid", "{}", "", "", "org_id"],
+        ["", "invoice", "i2", "paid", "{}", "", "", "org_id"],
+        ["acme", "Invoice", "i3", "paid", "{}", "", "", "entity_type"],
+        ["acme", "invoice", "i 4", "paid", "{}", "", "", "entity_id"],
+        [
+            "acme",
+            "invoice",
+            &long_id,
+            "paid",
+            "{}",
+            "",
+            "",
+            "entity_id",
+        ],
+        ["acme", "invoice", "i6", "", "{}", "", "", "action"],
+        [
+            "acme",
+            "invoice",
+            "i7",
+            "paid",
+            "[1]",
+            "",
+            "",
+            "data must be a JSON object",
+        ],
+        [
+            "acme",
+            "invoice",
+            "i8",
+            "paid",
+            &big,
+            "",
+            "",
+            "at most 65536",
+        ],
+        [
+            "acme", "invoice", "i9", "paid", "{}", "bad user", "", "user_id",
+        ],
+        [
+            "acme",
+            "invoice",
+            "i10",
+            "paid",
+            "{}",
+            "",
+            "bad actor",
+            "actor",
+        ],
+    ];
+    let mut expected_errors = HashMap::new();
+    let mut valid = Vec::new();
+    client.batch_execute("BEGIN").await.unwrap();
+    for i in 0..110usize {
+        let ok_id = format!("ok_{i}");
+        let row: [&str; 8] = if i % 11 == 5 {
+            invalid[i / 11]
+        } else {
+            valid.push(ok_id.clone());
+            ["acme", "invoice", &ok_id, "paid", "{\"n\": 1}", "", "", ""]
+        };
+        let nullable = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let id: i64 = client
+            .query_one(
+                "INSERT INTO orgpulse_outbox (org_id, entity_type, entity_id, action, data, user_id, actor)
+                 VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7) RETURNING id",
+                &[&row[0], &row[1], &row[2], &row[3], &row[4], &nullable(row[5]), &nullable(row[6])],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if !row[7].is_empty() {
+            expected_errors.insert(id, row[7].to_string());
+        }
+    }
+    client.batch_execute("COMMIT").await.unwrap();
+    wait_until("the outbox is empty", || async {
+        db.pending(&client).await == 0
+    })
+    .await;
+    let ids = delivered(&server).await;
+    assert_eq!(ids, valid, "the 100 valid rows, in id order");
+    let rejected = client
+        .query(
+            "SELECT id, error FROM orgpulse_outbox_rejected ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rejected.len(), 10);
+    // The counters move right after the COMMIT that emptied the table.
+    wait_until("/metrics counts 110 rows, 10 rejected", || async {
+        let metrics = get_text(&server, "/metrics").await;
+        let has = |line: &str| metrics.lines().any(|l| l == line);
+        has("orgpulse_outbox_rows_total 110") && has("orgpulse_outbox_rejected_total 10")
+    })
+    .await;
+    for row in rejected {
+        let (id, error): (i64, String) = (row.get(0), row.get(1));
+        let names = &expected_errors[&id];
+        assert!(
+            error.contains(names),
+            "row {id}: {error:?} should name {names:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_the_consumer_and_a_lost_connection_is_reopened() {
+    let db = Db::create().await;
+    // Polling every hour: only a NOTIFY can make a row arrive quickly.
+    let server = outbox_server(&db, &["--outbox-poll", "1h"]).await;
+    let viewer = token("acme", "alice", "viewer");
+    let mut sub = Sub::open(&server, &viewer, "acme", "", &[ENTITY])
+        .await
+        .unwrap();
+    sub.caught_up().await;
+    let mut client = db.client().await;
+    let mut latencies = Vec::new();
+    for i in 0..30 {
+        if i == 15 {
+            // The consumer's connection is killed from the server side; it reconnects by itself
+            // (and the row inserted meanwhile is picked up by its first pass).
+            let killed: i64 = client
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                     WHERE datname = current_database() AND application_name = 'orgpulse-outbox'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(killed, 1);
+        }
+        let t0 = Instant::now();
+        insert(&mut client, &[format!("n{i}")], false).await;
+        let ev = sub.until(|e| e.seq > 0).await;
+        latencies.push(t0.elapsed());
+        assert_eq!(entity_id(&ev), format!("n{i}"));
+    }
+    let after_reconnect = latencies[15];
+    latencies.sort();
+    eprintln!(
+        "outbox commit -> event: p50 {:?}, max {:?}; after a reconnect {after_reconnect:?}",
+        latencies[latencies.len() / 2],
+        latencies.last().unwrap()
+    );
+    assert!(
+        *latencies.last().unwrap() < Duration::from_secs(10),
+        "woken by NOTIFY (and reconnects), not by the hourly poll"
+    );
+    let log = log_of(&server.dir, "acme");
+    assert_exactly_once(
+        &sub.seen,
+        &log,
+        1..=log.last().unwrap().0,
+        "alice",
+        &[ENTITY],
+    );
+}
