@@ -47,8 +47,7 @@ async fn start_server() -> TestServer {
         extra_args: ["--heartbeat-interval", &heartbeat, "--presence-grace", "1s"]
             .map(String::from)
             .to_vec(),
-        dir: None,
-        listen: None,
+        ..Default::default()
     })
     .await
 }
