@@ -10,7 +10,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::browser::{Browser, SERIAL, prerequisites, web_dir};
+use support::browser::{Browser, SERIAL, prerequisites, run_node, web_dir};
 use support::pg::Db;
 use support::{ServerOpts, TestServer, log_of};
 use tokio::process::{Child, Command};
@@ -22,12 +22,7 @@ const SETTLE: Duration = Duration::from_secs(30);
 /// The example's Express backend on `port`, against `db` and the orgpulse server `s`.
 async fn start_example(db: &Db, s: &TestServer, port: u16) -> Child {
     let dir = web_dir().join("../examples/express-react");
-    let built = std::process::Command::new("node")
-        .arg("build.mjs")
-        .current_dir(&dir)
-        .status()
-        .expect("node build.mjs");
-    assert!(built.success(), "building the example's client failed");
+    run_node(&dir, "build.mjs");
     let child = Command::new("node")
         .arg("server/index.mjs")
         .current_dir(&dir)

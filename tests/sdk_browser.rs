@@ -14,7 +14,7 @@ use std::{
 
 use orgpulse::proto::{Event, ListOnlineRequest, SendNotificationRequest};
 use serde_json::{Value, json};
-use support::browser::{Browser, SERIAL, prerequisites, web_dir};
+use support::browser::{Browser, SERIAL, prerequisites, run_node, web_dir};
 use support::{ServerOpts, TestServer, assert_exactly_once, create_job, log_of, token};
 use tokio::sync::MutexGuard;
 
@@ -32,12 +32,7 @@ fn build_pages() -> PathBuf {
         sdk.join("dist/index.js").exists(),
         "clients/web/dist missing: run `npm run build` at the repository root"
     );
-    let status = std::process::Command::new("node")
-        .arg("e2e/build.mjs")
-        .current_dir(&sdk)
-        .status()
-        .expect("node e2e/build.mjs");
-    assert!(status.success(), "bundling the SDK test pages failed");
+    run_node(&sdk, "e2e/build.mjs");
     sdk.join("e2e/dist")
 }
 
