@@ -14,7 +14,7 @@ use std::{
 
 use orgpulse::proto::{Event, ListOnlineRequest, SendNotificationRequest};
 use serde_json::{Value, json};
-use support::browser::{Browser, SERIAL, prerequisites, web_dir};
+use support::browser::{Browser, SERIAL, prerequisites, run_node, web_dir};
 use support::{ServerOpts, TestServer, assert_exactly_once, create_job, log_of, token};
 use tokio::sync::MutexGuard;
 
@@ -32,12 +32,7 @@ fn build_pages() -> PathBuf {
         sdk.join("dist/index.js").exists(),
         "clients/web/dist missing: run `npm run build` at the repository root"
     );
-    let status = std::process::Command::new("node")
-        .arg("e2e/build.mjs")
-        .current_dir(&sdk)
-        .status()
-        .expect("node e2e/build.mjs");
-    assert!(status.success(), "bundling the SDK test pages failed");
+    run_node(&sdk, "e2e/build.mjs");
     sdk.join("e2e/dist")
 }
 
@@ -206,12 +201,19 @@ async fn sdk_page_gets_every_event_once_through_kills_token_expiry_and_polling()
     // a buffering proxy: streams deliver nothing, so the page polls; then streams get through again
     b.must(json!({"cmd": "proxyMode", "url": base, "mode": "buffer"}))
         .await;
+    let t0 = Instant::now();
     wait_state(&mut b, "p", "polling", SETTLE).await;
+    let to_polling = t0.elapsed();
     write(&s, 9, "polled").await;
     assert_page_has_log(&mut b, "p", &s, 0).await;
     b.must(json!({"cmd": "proxyMode", "url": base, "mode": "pass"}))
         .await;
+    let t0 = Instant::now();
     wait_state(&mut b, "p", "live", SETTLE).await;
+    eprintln!(
+        "SDK page: buffering proxy -> polling in {to_polling:?}; streams pass again -> live in {:?}",
+        t0.elapsed()
+    );
     write(&s, 6, "streaming again").await;
     assert_page_has_log(&mut b, "p", &s, 0).await;
     let resyncs = b.eval("p", "() => window.__resyncs", Value::Null).await;
@@ -306,6 +308,17 @@ async fn sdk_react_strict_mode_opens_one_stream_and_delivers_once() {
         )
         .await;
     assert_eq!(rows, 8, "one row per job (7 written + 1 before)");
+    // notifications: each of alice's (and the org-wide ones) once, none of bob's; alice is online
+    let notes = r#"(n) => document.querySelectorAll('[data-testid="notification"]').length === n"#;
+    b.wait_until("r", notes, json!(2), SETTLE).await;
+    let unread = r#"() => document.querySelector('[data-testid="unread"]').textContent"#;
+    assert_eq!(
+        b.eval("r", unread, Value::Null).await,
+        "2",
+        "alice's two, not bob's"
+    );
+    let me = r#"[data-testid="online"][data-user-id="alice"]"#;
+    b.wait_for("r", me, "attached", SETTLE).await;
     assert_eq!(
         connections(&s, "alice").await,
         1,

@@ -12,73 +12,19 @@ use std::{
 };
 
 use orgpulse::proto::{Event, EventKind, PollRequest, event::Payload};
+use support::pg::{Db, connect};
 use support::*;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const ENTITY: i32 = EventKind::Entity as i32;
 
-/// A fresh database, dropped (with its connections) when the test ends, however it ends.
-struct Db {
-    name: String,
-}
-
-impl Db {
-    async fn create() -> Db {
-        let name = format!("orgpulse_test_{:016x}", rand::random::<u64>());
-        connect(ADMIN_URL)
-            .await
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("CREATE DATABASE");
-        Db { name }
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:5432/{}", self.name)
-    }
-
-    async fn client(&self) -> Client {
-        connect(&self.url()).await
-    }
-
-    /// Rows still in the outbox table.
-    async fn pending(&self, client: &Client) -> i64 {
-        client
-            .query_one("SELECT count(*) FROM orgpulse_outbox", &[])
-            .await
-            .unwrap()
-            .get(0)
-    }
-}
-
-impl Drop for Db {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok((client, conn)) = tokio_postgres::connect(ADMIN_URL, NoTls).await {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                }
-            })
-        })
-        .join();
-    }
-}
-
-async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .expect("PostgreSQL on 127.0.0.1:5432");
-    tokio::spawn(conn);
+/// Rows still in the outbox table.
+async fn pending(client: &Client) -> i64 {
     client
+        .query_one("SELECT count(*) FROM orgpulse_outbox", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 async fn outbox_server(db: &Db, extra: &[&str]) -> TestServer {
@@ -232,7 +178,7 @@ async fn every_committed_row_becomes_exactly_one_event_across_sigkills() {
     let watch = db.client().await;
     wait_until(
         "the outbox is empty and every row is in the log",
-        || async { db.pending(&watch).await == 0 && log_of(&server.dir, "acme").len() >= 1000 },
+        || async { pending(&watch).await == 0 && log_of(&server.dir, "acme").len() >= 1000 },
     )
     .await;
     let ids = delivered(&server).await;
@@ -255,7 +201,7 @@ async fn two_nodes_on_one_outbox_never_deliver_a_row_twice() {
         insert(&mut client, &ids, false).await;
     }
     wait_until("both nodes together delivered every row", || async {
-        db.pending(&client).await == 0
+        pending(&client).await == 0
             && log_of(&a.dir, "acme").len() + log_of(&b.dir, "acme").len() >= all.len()
     })
     .await;
@@ -352,7 +298,7 @@ async fn invalid_rows_move_to_rejected_with_their_error_and_never_block_the_queu
     }
     client.batch_execute("COMMIT").await.unwrap();
     wait_until("the outbox is empty", || async {
-        db.pending(&client).await == 0
+        pending(&client).await == 0
     })
     .await;
     let ids = delivered(&server).await;

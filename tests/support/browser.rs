@@ -22,6 +22,20 @@ pub fn web_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("web")
 }
 
+/// Runs `node SCRIPT` in `dir` (e.g. a bundler for the pages a test opens) and asserts it succeeded.
+pub fn run_node(dir: &Path, script: &str) {
+    let status = std::process::Command::new("node")
+        .arg(script)
+        .current_dir(dir)
+        .status()
+        .unwrap_or_else(|e| panic!("node {script}: {e}"));
+    assert!(
+        status.success(),
+        "node {script} in {} failed",
+        dir.display()
+    );
+}
+
 /// The Chromium to drive, or None (test skipped) when this machine lacks what the test needs.
 pub fn prerequisites(what: &str) -> Option<PathBuf> {
     let chromium = PathBuf::from(std::env::var("CHROMIUM").unwrap_or("/usr/bin/chromium".into()));

@@ -1,9 +1,10 @@
 // @orgpulse/client/react under React.StrictMode (a development build, so effects really run
 // twice) for tests/sdk_browser.rs: useOrgEvents records seqs in window.__seqs, useLiveJobs renders
-// [data-testid=job-row] rows, useConnectionState the [data-testid=state] badge; window.__mounts
+// [data-testid=job-row] rows, useConnectionState the [data-testid=state] badge, useNotifications
+// [data-testid=notification] and the unread count, useOnline [data-testid=online]; window.__mounts
 // counts effect runs (2 per component under StrictMode).
 import { OrgpulseClient } from "@orgpulse/client";
-import { OrgpulseProvider, useConnectionState, useLiveJobs, useOrgEvents } from "@orgpulse/client/react";
+import { OrgpulseProvider, useConnectionState, useLiveJobs, useNotifications, useOnline, useOrgEvents } from "@orgpulse/client/react";
 import { createElement as h, StrictMode, useEffect } from "react";
 import { createRoot } from "react-dom/client";
 
@@ -43,6 +44,18 @@ function Jobs() {
   );
 }
 
+function Side() {
+  const { notifications, unread } = useNotifications();
+  const online = useOnline();
+  return h(
+    "div",
+    null,
+    h("span", { "data-testid": "unread" }, String(unread)),
+    ...notifications.map((n) => h("p", { key: n.id, "data-testid": "notification", "data-notification-id": n.id }, n.title)),
+    ...online.map((u) => h("p", { key: u, "data-testid": "online", "data-user-id": u }, u)),
+  );
+}
+
 createRoot(document.getElementById("root")!).render(
-  h(StrictMode, null, h(OrgpulseProvider, { client }, h(Events), h(Jobs))),
+  h(StrictMode, null, h(OrgpulseProvider, { client }, h(Events), h(Jobs), h(Side))),
 );

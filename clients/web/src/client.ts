@@ -8,7 +8,9 @@ import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { crossTabAvailable, Tabs, type TabMessage, type WireStateInfo } from "./crosstab.js";
 import { markingFetch } from "./errors.js";
 import { Fanout, Listener, unionFilter, type FilterSpec, type Handlers } from "./fanout.js";
-import { backoffDelay, DEFAULT_TIMING, Feed, sleep, type ConnectionState, type StateInfo, type Timing } from "./feed.js";
+import {
+  backoffDelay, DEFAULT_TIMING, Feed, sleep, type ConnectionState, type FallbackMemory, type StateInfo, type Timing,
+} from "./feed.js";
 import { EventSchema, EventService, type Event, type EventKind } from "./gen/orgpulse/v1/event_pb.js";
 import { JobService } from "./gen/orgpulse/v1/job_pb.js";
 import { NotificationService } from "./gen/orgpulse/v1/notification_pb.js";
@@ -31,6 +33,11 @@ export interface OrgpulseClientOptions extends Partial<Timing> {
   crossTab?: boolean | { key?: string };
   /** Keep each org's cursor in sessionStorage (under this key prefix) so a reload resumes from it. */
   persistCursor?: boolean | string;
+  /**
+   * Remember a fallback to polling in sessionStorage for `streamRetryMs`, so a reload polls at
+   * once. Default on where sessionStorage exists.
+   */
+  rememberFallback?: boolean;
   /** Disconnect / reconnect on offline, pagehide, pageshow, visibilitychange, sleep. Default on in browsers. */
   lifecycle?: boolean;
 }
@@ -231,7 +238,7 @@ export class OrgpulseClient {
     // where the stream got to (this tab's own earlier feed, or the old leader's), else where the
     // first listener asked to start, else where this tab was before a reload
     const cursor = ch.fanout.cursor || ch.startCursor || this.persisted(ch.orgId);
-    ch.feed = new Feed(this.events, this.tokens, filter, cursor, this.timing, this.sink(ch));
+    ch.feed = new Feed(this.events, this.tokens, filter, cursor, this.timing, this.sink(ch), this.fallbackMemory());
     ch.feed.start();
   }
 
@@ -390,6 +397,23 @@ export class OrgpulseClient {
     const held = l.held ?? [];
     l.held = null;
     for (const ev of held) l.deliver(ev);
+  }
+
+  private fallbackMemory(): FallbackMemory | null {
+    const storage = this.options.rememberFallback === false ? undefined : globalThis.sessionStorage;
+    if (!storage) return null;
+    const key = `orgpulse.fallback:${this.options.baseUrl}`;
+    return {
+      pollingUntil: () => Number(storage.getItem(key) ?? 0) || 0,
+      remember: (until) => {
+        try {
+          if (until) storage.setItem(key, String(until));
+          else storage.removeItem(key);
+        } catch {
+          // storage denied: the fallback is found again the slow way
+        }
+      },
+    };
   }
 
   private persisted(orgId: string): string {

@@ -57,6 +57,16 @@ export interface Timing {
   random: () => number;
 }
 
+/**
+ * Where a fallback to polling is remembered (phoenix.js does the same), so a reload behind the same
+ * buffering proxy polls at once instead of waiting out a silent stream again.
+ */
+export interface FallbackMemory {
+  /** Until when (epoch ms) to poll before trying streams; 0 = not remembered. */
+  pollingUntil(): number;
+  remember(untilMs: number): void;
+}
+
 export const DEFAULT_TIMING: Timing = {
   heartbeatMs: 15_000,
   streamRetryMs: 60_000,
@@ -100,8 +110,15 @@ export class Feed {
     private position: string,
     private readonly timing: Timing,
     private readonly sink: FeedSink,
+    private readonly memory: FallbackMemory | null = null,
   ) {
     this.mode = timing.forcePoll ? "poll" : "stream";
+    const remembered = memory?.pollingUntil() ?? 0;
+    if (!timing.forcePoll && remembered > Date.now()) {
+      this.mode = "poll";
+      this.pollUntil = remembered;
+      this.pollReason = "remembered: streaming did not get through here recently";
+    }
   }
 
   get cursor(): string {
@@ -252,6 +269,7 @@ export class Feed {
         switch (ev.payload.case) {
           case "caughtUp":
             connected();
+            if (this.memory?.pollingUntil()) this.memory.remember(0);
             this.everLive = true;
             this.emit("live", {});
             break;
@@ -294,6 +312,7 @@ export class Feed {
     this.mode = "poll";
     this.pollUntil = Date.now() + this.timing.streamRetryMs;
     this.pollReason = `switching to polling: ${reason}`;
+    this.memory?.remember(this.pollUntil);
   }
 
   private async poll(token: string, attempt: AbortSignal, connected: () => void): Promise<void> {

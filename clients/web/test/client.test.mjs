@@ -224,6 +224,31 @@ test("a buffering proxy: the stream delivers nothing -> polling; streams work ag
   client.close();
 });
 
+test("a fallback to polling is remembered (sessionStorage): the next client polls at once", async () => {
+  const store = new Map();
+  globalThis.sessionStorage = {
+    getItem: (k) => store.get(k) ?? null,
+    setItem: (k, v) => store.set(k, String(v)),
+    removeItem: (k) => store.delete(k),
+  };
+  try {
+    const first = setup({ streamRetryMs: 5000 });
+    first.server.mode = "buffer";
+    const r = recorder();
+    first.client.subscribe({}, r.handlers);
+    await until("polling", () => r.states.at(-1) === "polling");
+    first.client.close();
+    const again = setup({ transport: first.server.transport(), streamRetryMs: 5000 });
+    const before = first.server.subscribes.length;
+    const s = recorder();
+    again.client.subscribe({}, s.handlers);
+    await until("polling at once", () => s.states.at(-1) === "polling", 1000);
+    assert.equal(first.server.subscribes.length, before, "no stream tried before the remembered time");
+  } finally {
+    delete globalThis.sessionStorage;
+  }
+});
+
 test("streams refused several times in a row -> polling; a dead server is never a reason to poll", async () => {
   const { server, client } = setup();
   server.mode = "refuse-streams";
