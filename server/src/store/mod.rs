@@ -5,6 +5,8 @@
 //! gap). After commit the engine publishes the committed events on the Bus in seq order. The rules
 //! that do not depend on the engine (job state machine, event encoding) live here; each engine file
 //! does only the I/O.
+pub mod model;
+pub mod postgres;
 pub mod sqlite;
 
 use std::{collections::HashMap, sync::Arc, time::SystemTime};
@@ -15,7 +17,7 @@ use orgpulse::proto::{Event, EventKind, Job, JobDeleted, JobStatus, Notification
 use prost::Message;
 use tonic::Status;
 
-use crate::cursor::Cursor;
+use crate::{bus::Bus, config::Database, cursor::Cursor};
 
 /// A durable event as committed: encoded once, shared by every subscriber it goes to.
 #[derive(Debug, Clone)]
@@ -39,6 +41,9 @@ pub enum StoreError {
     Aborted(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// The database cannot be reached now; the caller may retry.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("storage error: {0}")]
     Internal(String),
 }
@@ -50,6 +55,10 @@ impl From<StoreError> for Status {
             StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
             StoreError::Aborted(m) => Status::aborted(m),
             StoreError::InvalidArgument(m) => Status::invalid_argument(m),
+            StoreError::Unavailable(m) => {
+                tracing::warn!(error = %m, "store unavailable");
+                Status::unavailable("the database is unavailable; retry")
+            }
             StoreError::Internal(m) => {
                 tracing::error!(error = %m, "storage error");
                 Status::internal("storage error")
@@ -59,6 +68,14 @@ impl From<StoreError> for Status {
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Opens the store `database` names: the engine is chosen here and nowhere else.
+pub async fn open(database: &Database, bus: Arc<dyn Bus>) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match database {
+        Database::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path, bus)?),
+        Database::Postgres(url) => Arc::new(postgres::PostgresStore::open(url, bus).await?),
+    })
+}
 
 pub struct NewJob {
     pub title: String,
