@@ -77,12 +77,14 @@ pub async fn open(database: &Database, bus: Arc<dyn Bus>) -> anyhow::Result<Arc<
     })
 }
 
+#[derive(Clone)]
 pub struct NewJob {
     pub title: String,
     pub labels: HashMap<String, String>,
     pub request_id: String,
 }
 
+#[derive(Clone)]
 pub struct JobPatch {
     pub job_id: String,
     pub status: Option<JobStatus>,
@@ -92,6 +94,7 @@ pub struct JobPatch {
     pub expected_version: u64,
 }
 
+#[derive(Clone)]
 pub struct NewNotification {
     pub user_id: String,
     pub title: String,

@@ -2,13 +2,20 @@
 //!
 //! The schema is migrated at start (versioned in `schema_version`, applied in one transaction
 //! under an advisory lock, so nodes starting together migrate once). One log epoch per database
-//! (the `meta` table) makes a cursor valid on every node. Writes go through one writer task per
-//! node that group-commits like the SQLite engine: it takes every write waiting in its queue, runs
-//! each inside its own SAVEPOINT of one transaction, commits once, then publishes the committed
-//! events on the Bus in seq order. The per-org counter row is updated inside that transaction, so
-//! its row lock orders the commits of all nodes: commit order is seq order and a rollback leaves no
-//! gap. Reads and retention run on a connection pool. A lost database answers UNAVAILABLE.
+//! (the `meta` table) makes a cursor valid on every node. Reads and retention run on a connection
+//! pool. A lost database answers UNAVAILABLE.
+//!
+//! Writes go through one writer task per node that group-commits: it takes every write waiting in
+//! its queue, runs them in one transaction, commits once, then publishes the committed events on
+//! the Bus in seq order. A transaction locks each org's counter row (`org_log`) before its first
+//! write to the org and raises it once before COMMIT; the seqs in between are handed out in
+//! memory. The row lock orders the commits of all nodes, so commit order is seq order, and a
+//! rollback leaves no gap. Round trips are what a write costs here, so a write's independent
+//! statements are pipelined, and the batch uses no savepoints: a write that fails before it wrote
+//! anything is simply skipped, and one that fails later (or any failed statement) rolls the batch
+//! back, after which each of its writes runs again alone in its own transaction.
 use std::{
+    collections::HashMap,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -83,9 +90,8 @@ CREATE INDEX requests_by_time ON requests (created_ms);
 
 /// The advisory lock key that serializes migrations of one database (any constant; "orgpulse").
 const MIGRATION_LOCK: i64 = 0x6f72_6770_756c_7365;
-/// Most writes one transaction takes. Each runs in a subtransaction, and PostgreSQL tracks at most
-/// 64 of them per transaction in shared memory before other sessions pay for lookups.
-const MAX_BATCH: usize = 64;
+/// Most writes one transaction takes.
+const MAX_BATCH: usize = 256;
 /// Writes queued before callers wait for the writer.
 const QUEUE: usize = 4096;
 /// Connections: the writer's, readers', retention's.
@@ -96,46 +102,233 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events deleted per retention transaction.
 const TRIM_BATCH: u64 = 10_000;
 
-/// Called once the batch a write was part of has committed (or failed to).
-type Answer = Box<dyn FnOnce(Result<()>) + Send>;
-/// A write: runs inside its own savepoint; `true` when it succeeded and should be kept. A write
-/// dropped unrun (its batch could not start) answers UNAVAILABLE.
-type WriteOp = Box<dyn for<'a> FnOnce(&'a mut Tx) -> BoxFuture<'a, (bool, Answer)> + Send>;
+/// A queued write. `run` may be called more than once (the batch it was in rolled back): each run
+/// keeps its own result, `true` when it succeeded; `answer` sends the last one to the caller, or
+/// the commit's error. A write dropped unanswered answers UNAVAILABLE.
+struct Write {
+    run: Box<dyn for<'a> FnMut(&'a mut Tx) -> BoxFuture<'a, bool> + Send>,
+    answer: Box<dyn FnOnce(Result<()>) + Send>,
+}
 
 pub struct PostgresStore {
-    writer: mpsc::Sender<WriteOp>,
+    writer: mpsc::Sender<Write>,
     pool: Pool,
     db_epoch: u64,
 }
 
-/// The writer's open transaction: its connection, and the events appended so far.
+/// The writer's open transaction: its connection, the org counters it holds, the events appended.
 pub struct Tx {
     client: Object,
+    log: Log,
+    /// Whether the current write changed a row (a later failure then needs a rollback).
+    wrote: bool,
+    /// Whether a statement failed (PostgreSQL then refuses the rest of the transaction).
+    failed: bool,
+    /// Whether the connection's state is unknown (a COMMIT or ROLLBACK failed).
+    broken: bool,
+}
+
+/// The org logs a transaction appends to.
+pub struct Log {
     db_epoch: u64,
     now: SystemTime,
+    /// Per org locked in this transaction: its counter in the database, and the last seq handed out.
+    counters: HashMap<Arc<str>, (u64, u64)>,
     events: Vec<CommittedEvent>,
 }
 
 impl Tx {
-    /// Appends an event to `org`'s log with the org's next seq (the counter row stays locked until
-    /// COMMIT); collects it for publication.
-    async fn append(
+    /// A statement of the current write; a changed row marks the write as having written.
+    async fn exec(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let n = exec(&self.client, sql, params).await;
+        self.note(n)
+    }
+
+    /// Records what a statement's outcome means for the batch.
+    fn note(&mut self, r: Result<u64>) -> Result<u64> {
+        match &r {
+            Ok(n) => self.wrote |= *n > 0,
+            Err(_) => self.failed = true,
+        }
+        r
+    }
+
+    /// A query of the current write (no row changes).
+    async fn first_row(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
+        let r = first_row(&self.client, sql, params).await;
+        self.failed |= r.is_err();
+        r
+    }
+
+    /// Locks `org`'s counter row for the rest of the transaction (once per transaction).
+    async fn lock_org(&mut self, org: &str) -> Result<()> {
+        if self.log.counters.contains_key(org) {
+            return Ok(());
+        }
+        // Inserting the row when it is missing is harmless: an empty log has head 0 either way.
+        let last = self
+            .first_row(
+                "INSERT INTO org_log (org_id, last_seq) VALUES ($1, 0)
+                 ON CONFLICT (org_id) DO UPDATE SET last_seq = org_log.last_seq
+                 RETURNING last_seq",
+                &[&org],
+            )
+            .await?
+            .map(|r| r.get::<_, i64>(0) as u64)
+            .ok_or_else(|| StoreError::Internal("org_log upsert returned no row".into()))?;
+        self.log.counters.insert(org.into(), (last, last));
+        Ok(())
+    }
+
+    /// Appends an event to `org`'s log together with `change`, the write's entity statement (the
+    /// two are pipelined: one round trip).
+    async fn append_with(
         &mut self,
+        change: Option<(&str, &[&(dyn ToSql + Sync)])>,
         org: &str,
         actor: &str,
         audience: Option<&str>,
         payload: Payload,
     ) -> Result<u64> {
-        let seq = first_row(
+        self.lock_org(org).await?;
+        let ev = self.log.next_event(org, actor, audience, payload);
+        let (seq, kind, created) = (ev.seq as i64, ev.kind as i32, millis(self.log.now));
+        let data = &ev.bytes[..];
+        let params: [&(dyn ToSql + Sync); 6] = [&org, &seq, &kind, &audience, &created, &data];
+        let insert_event = exec(
             &self.client,
-            "INSERT INTO org_log (org_id, last_seq) VALUES ($1, 1)
-             ON CONFLICT (org_id) DO UPDATE SET last_seq = org_log.last_seq + 1
-             RETURNING last_seq",
-            &[&org],
-        )
-        .await?
-        .map(|r| r.get::<_, i64>(0) as u64)
-        .ok_or_else(|| StoreError::Internal("org_log upsert returned no row".into()))?;
+            "INSERT INTO events (org_id, seq, kind, audience, created_ms, data)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &params,
+        );
+        let (changed, inserted) = match change {
+            Some((sql, params)) => {
+                let (c, i) = futures::join!(exec(&self.client, sql, params), insert_event);
+                (c, i)
+            }
+            None => (Ok(0), insert_event.await),
+        };
+        self.note(changed)?;
+        self.note(inserted)?;
+        let seq = ev.seq;
+        self.log.keep(ev);
+        Ok(seq)
+    }
+
+    /// Claims `request_id` for a create in this transaction: `Ok(None)` when it is new (or its
+    /// last use is past the idempotency window), else the object stored for it. A concurrent
+    /// create with the same id on another node waits here until that one commits.
+    async fn claim_request(
+        &mut self,
+        org: &str,
+        kind: RequestKind,
+        request_id: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        if !model::is_idempotent(request_id) {
+            return Ok(None);
+        }
+        let (now, since) = (millis(self.log.now), model::requests_valid_since(self.log.now));
+        let claimed = self
+            .exec(
+                "INSERT INTO requests (org_id, kind, request_id, created_ms, data)
+                 VALUES ($1, $2, $3, $4, '') ON CONFLICT (org_id, kind, request_id)
+                 DO UPDATE SET created_ms = EXCLUDED.created_ms, data = ''
+                 WHERE requests.created_ms < $5",
+                &[&org, &kind.as_str(), &request_id, &now, &since],
+            )
+            .await?;
+        if claimed > 0 {
+            return Ok(None);
+        }
+        let row = self
+            .first_row(
+                "SELECT data FROM requests WHERE org_id = $1 AND kind = $2 AND request_id = $3",
+                &[&org, &kind.as_str(), &request_id],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Stores the object a claimed `request_id` answers with from now on.
+    async fn remember(
+        &mut self,
+        org: &str,
+        kind: RequestKind,
+        request_id: &str,
+        data: &[u8],
+    ) -> Result<()> {
+        if model::is_idempotent(request_id) {
+            self.exec(
+                "UPDATE requests SET data = $4 WHERE org_id = $1 AND kind = $2 AND request_id = $3",
+                &[&org, &kind.as_str(), &request_id, &data],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Raises every counter this transaction advanced and commits, pipelined; the events are
+    /// committed when this returns Ok.
+    async fn commit(&mut self) -> Result<()> {
+        let raise = self
+            .client
+            .prepare_cached("UPDATE org_log SET last_seq = $2 WHERE org_id = $1")
+            .await
+            .map_err(db)?;
+        let raised: Vec<(&str, i64)> = self
+            .log
+            .counters
+            .iter()
+            .filter(|(_, (db, last))| last > db)
+            .map(|(org, (_, last))| (&**org, *last as i64))
+            .collect();
+        let params: Vec<[&(dyn ToSql + Sync); 2]> =
+            raised.iter().map(|(org, last)| [org as _, last as _]).collect();
+        // Sent in this order, so COMMIT follows the updates. A failed update turns the COMMIT
+        // into a rollback, which PostgreSQL does not report as an error: check the updates.
+        let updates = futures::future::join_all(
+            params.iter().map(|p| self.client.execute(&raise, p)),
+        );
+        let (updates, committed) =
+            futures::join!(updates, self.client.batch_execute("COMMIT"));
+        let result = updates
+            .into_iter()
+            .try_for_each(|u| u.map(drop))
+            .and(committed)
+            .map_err(db);
+        if result.is_err() {
+            self.log.reset();
+            self.broken = true;
+        }
+        result
+    }
+
+    /// Ends the transaction without keeping anything.
+    async fn rollback(&mut self) -> Result<()> {
+        self.log.reset();
+        let result = self.client.batch_execute("ROLLBACK").await.map_err(db);
+        self.broken |= result.is_err();
+        result
+    }
+
+    async fn begin(&mut self) -> Result<()> {
+        self.log.reset();
+        self.log.now = SystemTime::now();
+        self.failed = false;
+        self.client.batch_execute("BEGIN").await.map_err(db)
+    }
+}
+
+impl Log {
+    /// The next event of `org` (whose counter this transaction holds), not yet kept.
+    fn next_event(
+        &self,
+        org: &str,
+        actor: &str,
+        audience: Option<&str>,
+        payload: Payload,
+    ) -> CommittedEvent {
+        let seq = self.counters.get(org).map_or(0, |c| c.1) + 1;
         let kind = payload_kind(&payload);
         let bytes = encode_event(
             org_epoch(self.db_epoch, org),
@@ -145,87 +338,26 @@ impl Tx {
             self.now,
             payload,
         );
-        exec(
-            &self.client,
-            "INSERT INTO events (org_id, seq, kind, audience, created_ms, data)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[
-                &org,
-                &(seq as i64),
-                &(kind as i32),
-                &audience,
-                &millis(self.now),
-                &&bytes[..],
-            ],
-        )
-        .await?;
-        self.events.push(CommittedEvent {
+        CommittedEvent {
             org: org.into(),
             seq,
             kind,
             audience: audience.map(Into::into),
             bytes,
-        });
-        Ok(seq)
+        }
     }
 
-    /// Claims `request_id` for a create in this transaction: `Ok(None)` when it is new (or its
-    /// last use is past the idempotency window), else the object stored for it. A concurrent
-    /// create with the same id on another node waits here until that one commits.
-    async fn claim_request(
-        &self,
-        org: &str,
-        kind: RequestKind,
-        request_id: &str,
-    ) -> Result<Option<Vec<u8>>> {
-        if !model::is_idempotent(request_id) {
-            return Ok(None);
+    /// Keeps an event whose row was inserted: its seq is taken.
+    fn keep(&mut self, ev: CommittedEvent) {
+        if let Some(c) = self.counters.get_mut(&*ev.org) {
+            c.1 = ev.seq;
         }
-        let claimed = first_row(
-            &self.client,
-            "INSERT INTO requests (org_id, kind, request_id, created_ms, data)
-             VALUES ($1, $2, $3, $4, '') ON CONFLICT (org_id, kind, request_id)
-             DO UPDATE SET created_ms = EXCLUDED.created_ms, data = ''
-             WHERE requests.created_ms < $5
-             RETURNING 1",
-            &[
-                &org,
-                &kind.as_str(),
-                &request_id,
-                &millis(self.now),
-                &model::requests_valid_since(self.now),
-            ],
-        )
-        .await?;
-        if claimed.is_some() {
-            return Ok(None);
-        }
-        let row = first_row(
-            &self.client,
-            "SELECT data FROM requests WHERE org_id = $1 AND kind = $2 AND request_id = $3",
-            &[&org, &kind.as_str(), &request_id],
-        )
-        .await?;
-        Ok(row.map(|r| r.get(0)))
+        self.events.push(ev);
     }
 
-    /// Stores the object a claimed `request_id` answers with from now on.
-    async fn remember(
-        &self,
-        org: &str,
-        kind: RequestKind,
-        request_id: &str,
-        data: &[u8],
-    ) -> Result<()> {
-        if model::is_idempotent(request_id) {
-            exec(
-                &self.client,
-                "UPDATE requests SET data = $4 WHERE org_id = $1 AND kind = $2 AND request_id = $3",
-                &[&org, &kind.as_str(), &request_id, &data],
-            )
-            .await?;
-        }
-        Ok(())
+    fn reset(&mut self) {
+        self.counters.clear();
+        self.events.clear();
     }
 }
 
@@ -396,24 +528,33 @@ impl PostgresStore {
         })
     }
 
-    /// Runs `f` as one write of the next group commit.
+    /// Runs `f` as one write of the next group commit (possibly more than once, each time in a
+    /// fresh transaction: `f` must not consume what it captured).
     async fn write<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
-        F: for<'a> FnOnce(&'a mut Tx) -> BoxFuture<'a, Result<R>> + Send + 'static,
+        F: for<'a> Fn(&'a mut Tx) -> BoxFuture<'a, Result<R>> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let op: WriteOp = Box::new(move |t| {
-            Box::pin(async move {
-                let r = f(t).await;
-                let ok = r.is_ok();
-                let answer: Answer = Box::new(move |commit| {
-                    let _ = tx.send(commit.and(r));
-                });
-                (ok, answer)
-            })
-        });
-        self.writer.send(op).await.map_err(|_| dropped_write())?;
+        let result = Arc::new(parking_lot::Mutex::new(None::<Result<R>>));
+        let kept = result.clone();
+        let write = Write {
+            run: Box::new(move |t| {
+                let run = f(t);
+                let result = result.clone();
+                Box::pin(async move {
+                    let r = run.await;
+                    let ok = r.is_ok();
+                    *result.lock() = Some(r);
+                    ok
+                })
+            }),
+            answer: Box::new(move |commit| {
+                let r = kept.lock().take().unwrap_or_else(|| Err(dropped_write()));
+                let _ = tx.send(commit.and(r));
+            }),
+        };
+        self.writer.send(write).await.map_err(|_| dropped_write())?;
         rx.await.map_err(|_| dropped_write())?
     }
 
@@ -448,12 +589,12 @@ impl PostgresStore {
     }
 }
 
-async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<WriteOp>, bus: Arc<dyn Bus>, db_epoch: u64) {
+async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<Write>, bus: Arc<dyn Bus>, db_epoch: u64) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(op) => batch.push(op),
+                Ok(w) => batch.push(w),
                 Err(_) => break,
             }
         }
@@ -467,88 +608,84 @@ async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<WriteOp>, bus: Arc<dyn Bu
         };
         let mut tx = Tx {
             client,
-            db_epoch,
-            now: SystemTime::now(),
-            events: Vec::new(),
+            log: Log {
+                db_epoch,
+                now: SystemTime::now(),
+                counters: HashMap::new(),
+                events: Vec::new(),
+            },
+            wrote: false,
+            failed: false,
+            broken: false,
         };
-        let (ran, answers) = run_batch(&mut tx, batch).await;
-        let result = match &ran {
-            Ok(true) => tx.client.batch_execute("COMMIT").await.map_err(db),
-            // A lone write failed: nothing to commit, its caller gets its own error.
-            Ok(false) => Ok(()),
-            Err(e) => Err(e.clone()),
+        let together = run_together(&mut tx, &mut batch).await;
+        let results: Vec<(Write, Result<()>)> = match together {
+            Ok(()) => {
+                publish(&mut tx, &*bus);
+                batch.into_iter().map(|w| (w, Ok(()))).collect()
+            }
+            Err(_) if batch.len() > 1 => {
+                let mut results = Vec::with_capacity(batch.len());
+                for mut w in batch {
+                    let r = run_alone(&mut tx, &mut w).await;
+                    publish(&mut tx, &*bus);
+                    results.push((w, r));
+                }
+                results
+            }
+            Err(e) => batch.into_iter().map(|w| (w, Err(e.clone()))).collect(),
         };
-        if !matches!(ran, Ok(true)) || result.is_err() {
-            tx.events.clear();
-            if tx.client.batch_execute("ROLLBACK").await.is_err() {
-                // Never hand a connection in an unknown transaction state back to the pool.
-                drop(Object::take(tx.client));
-            }
+        if tx.broken || tx.client.is_closed() {
+            // Never hand a connection in an unknown state back to the pool.
+            drop(Object::take(tx.client));
         }
-        for ev in tx.events.drain(..) {
-            bus.publish(ev);
-        }
-        for answer in answers {
-            answer(result.clone());
+        for (w, r) in results {
+            (w.answer)(r);
         }
     }
 }
 
-/// Opens a transaction and runs a batch of writes in it; whether there is anything to commit.
-/// A lone write needs no savepoint: when it fails, the whole transaction is rolled back. Stops at
-/// the first statement that fails outside a write (the connection is gone): the writes not run yet
-/// are dropped, which answers UNAVAILABLE.
-async fn run_batch(tx: &mut Tx, batch: Vec<WriteOp>) -> (Result<bool>, Vec<Answer>) {
-    let mut answers = Vec::with_capacity(batch.len());
-    if let Err(e) = tx.client.batch_execute("BEGIN").await.map_err(db) {
-        return (Err(e), answers);
-    }
-    if batch.len() == 1 {
-        let op = batch.into_iter().next().expect("one write");
-        let (ok, answer) = op(tx).await;
-        answers.push(answer);
-        return (Ok(ok), answers);
-    }
-    for op in batch {
-        // Savepoints with one name nest: ROLLBACK TO undoes just the latest write.
-        if let Err(e) = tx.client.batch_execute("SAVEPOINT w").await.map_err(db) {
-            return (Err(e), answers);
-        }
-        let kept = tx.events.len();
-        let (ok, answer) = op(tx).await;
-        answers.push(answer);
-        if !ok {
-            tx.events.truncate(kept);
-            if let Err(e) = tx.client.batch_execute("ROLLBACK TO w").await.map_err(db) {
-                return (Err(e), answers);
-            }
-        }
-    }
-    (Ok(true), answers)
-}
-
-async fn load_job(c: &impl GenericClient, org: &str, id: &str) -> Result<Job> {
-    match first_row(
-        c,
-        "SELECT data FROM jobs WHERE org_id = $1 AND id = $2",
-        &[&org, &id],
-    )
-    .await?
-    {
-        Some(r) => decode(r.get(0)),
-        None => Err(StoreError::NotFound(format!("job {id} not found"))),
+fn publish(tx: &mut Tx, bus: &dyn Bus) {
+    for ev in tx.log.events.drain(..) {
+        bus.publish(ev);
     }
 }
 
-async fn save_job(c: &impl GenericClient, job: &Job) -> Result<()> {
-    exec(
-        c,
-        "INSERT INTO jobs (org_id, id, status, data) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (org_id, id) DO UPDATE SET status = EXCLUDED.status, data = EXCLUDED.data",
-        &[&job.org_id, &job.id, &job.status, &job.encode_to_vec()],
-    )
-    .await?;
-    Ok(())
+/// Runs the batch in one transaction and commits it. A write that failed before it changed a
+/// row is skipped (its caller gets its own error); any other failure rolls the whole batch back
+/// and is returned. A lone write's own failure is its answer, not the batch's.
+async fn run_together(tx: &mut Tx, batch: &mut [Write]) -> Result<()> {
+    tx.begin().await?;
+    for w in batch.iter_mut() {
+        tx.wrote = false;
+        let ok = (w.run)(tx).await;
+        if !ok && (tx.wrote || tx.failed) {
+            tx.rollback().await?;
+            return if batch.len() == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::Aborted("a write of the batch failed".into()))
+            };
+        }
+    }
+    tx.commit().await
+}
+
+/// Runs one write in a transaction of its own; the commit's outcome.
+async fn run_alone(tx: &mut Tx, w: &mut Write) -> Result<()> {
+    tx.begin().await?;
+    tx.wrote = false;
+    if (w.run)(tx).await {
+        tx.commit().await
+    } else {
+        tx.rollback().await
+    }
+}
+
+const INSERT_JOB: &str = "INSERT INTO jobs (org_id, id, status, data) VALUES ($1, $2, $3, $4)";
+
+fn job_not_found(id: &str) -> StoreError {
+    StoreError::NotFound(format!("job {id} not found"))
 }
 
 async fn unread_count(c: &impl GenericClient, org: &str, user: &str) -> Result<u32> {
@@ -597,20 +734,23 @@ impl Store for PostgresStore {
     async fn create_job(&self, org: &str, actor: &str, new: NewJob) -> Result<Job> {
         let (org, actor) = (org.to_string(), actor.to_string());
         self.write(move |tx| {
+            let (org, actor, new) = (org.clone(), actor.clone(), new.clone());
             Box::pin(async move {
                 let request_id = new.request_id.clone();
-                if let Some(d) = tx
-                    .claim_request(&org, RequestKind::Job, &request_id)
-                    .await?
-                {
+                if let Some(d) = tx.claim_request(&org, RequestKind::Job, &request_id).await? {
                     return decode(&d);
                 }
-                let job = model::new_job(&org, &actor, new, tx.now);
-                save_job(&tx.client, &job).await?;
-                tx.remember(&org, RequestKind::Job, &request_id, &job.encode_to_vec())
-                    .await?;
-                tx.append(&org, &actor, None, Payload::JobCreated(job.clone()))
-                    .await?;
+                let job = model::new_job(&org, &actor, new, tx.log.now);
+                let data = job.encode_to_vec();
+                tx.remember(&org, RequestKind::Job, &request_id, &data).await?;
+                tx.append_with(
+                    Some((INSERT_JOB, &[&job.org_id, &job.id, &job.status, &data])),
+                    &org,
+                    &actor,
+                    None,
+                    Payload::JobCreated(job.clone()),
+                )
+                .await?;
                 Ok(job)
             })
         })
@@ -618,7 +758,16 @@ impl Store for PostgresStore {
     }
 
     async fn get_job(&self, org: &str, job_id: &str) -> Result<Job> {
-        load_job(&self.conn().await?, org, job_id).await
+        match first_row(
+            &self.conn().await?,
+            "SELECT data FROM jobs WHERE org_id = $1 AND id = $2",
+            &[&org, &job_id],
+        )
+        .await?
+        {
+            Some(r) => decode(r.get(0)),
+            None => Err(job_not_found(job_id)),
+        }
     }
 
     async fn list_jobs(
@@ -656,12 +805,33 @@ impl Store for PostgresStore {
     async fn update_job(&self, org: &str, actor: &str, patch: JobPatch) -> Result<Job> {
         let (org, actor) = (org.to_string(), actor.to_string());
         self.write(move |tx| {
+            let (org, actor, patch) = (org.clone(), actor.clone(), patch.clone());
             Box::pin(async move {
-                let mut job = load_job(&tx.client, &org, &patch.job_id).await?;
-                apply_patch(&mut job, &patch, &actor, tx.now)?;
-                save_job(&tx.client, &job).await?;
-                tx.append(&org, &actor, None, Payload::JobUpdated(job.clone()))
+                // The counter first, then the job: every writer takes the locks in this order.
+                tx.lock_org(&org).await?;
+                let row = tx
+                    .first_row(
+                        "SELECT data FROM jobs WHERE org_id = $1 AND id = $2 FOR UPDATE",
+                        &[&org, &patch.job_id],
+                    )
                     .await?;
+                let mut job: Job = match row {
+                    Some(r) => decode(r.get(0))?,
+                    None => return Err(job_not_found(&patch.job_id)),
+                };
+                apply_patch(&mut job, &patch, &actor, tx.log.now)?;
+                let data = job.encode_to_vec();
+                tx.append_with(
+                    Some((
+                        "UPDATE jobs SET status = $3, data = $4 WHERE org_id = $1 AND id = $2",
+                        &[&job.org_id, &job.id, &job.status, &data],
+                    )),
+                    &org,
+                    &actor,
+                    None,
+                    Payload::JobUpdated(job.clone()),
+                )
+                .await?;
                 Ok(job)
             })
         })
@@ -671,17 +841,20 @@ impl Store for PostgresStore {
     async fn delete_job(&self, org: &str, actor: &str, job_id: &str) -> Result<()> {
         let (org, actor, id) = (org.to_string(), actor.to_string(), job_id.to_string());
         self.write(move |tx| {
+            let (org, actor, id) = (org.clone(), actor.clone(), id.clone());
             Box::pin(async move {
-                let n = exec(
-                    &tx.client,
-                    "DELETE FROM jobs WHERE org_id = $1 AND id = $2",
-                    &[&org, &id],
-                )
-                .await?;
+                tx.lock_org(&org).await?;
+                let n = tx
+                    .exec(
+                        "DELETE FROM jobs WHERE org_id = $1 AND id = $2",
+                        &[&org, &id],
+                    )
+                    .await?;
                 if n == 0 {
-                    return Err(StoreError::NotFound(format!("job {id} not found")));
+                    return Err(job_not_found(&id));
                 }
-                tx.append(&org, &actor, None, job_deleted(&id)).await?;
+                tx.append_with(None, &org, &actor, None, job_deleted(&id))
+                    .await?;
                 Ok(())
             })
         })
@@ -696,24 +869,27 @@ impl Store for PostgresStore {
     ) -> Result<Notification> {
         let (org, actor) = (org.to_string(), actor.to_string());
         self.write(move |tx| {
+            let (org, actor, new) = (org.clone(), actor.clone(), new.clone());
             Box::pin(async move {
                 let request_id = new.request_id.clone();
                 let kind = RequestKind::Notification;
                 if let Some(d) = tx.claim_request(&org, kind, &request_id).await? {
                     return decode(&d);
                 }
-                let n = model::new_notification(&org, &actor, new, tx.now);
+                let n = model::new_notification(&org, &actor, new, tx.log.now);
                 let data = n.encode_to_vec();
-                exec(
-                    &tx.client,
-                    "INSERT INTO notifications (org_id, id, user_id, data) VALUES ($1, $2, $3, $4)",
-                    &[&org, &n.id, &n.user_id, &data],
+                tx.remember(&org, kind, &request_id, &data).await?;
+                tx.append_with(
+                    Some((
+                        "INSERT INTO notifications (org_id, id, user_id, data) VALUES ($1, $2, $3, $4)",
+                        &[&n.org_id, &n.id, &n.user_id, &data],
+                    )),
+                    &org,
+                    &actor,
+                    model::audience(&n),
+                    Payload::NotificationNew(n.clone()),
                 )
                 .await?;
-                tx.remember(&org, kind, &request_id, &data).await?;
-                let audience = model::audience(&n);
-                tx.append(&org, &actor, audience, Payload::NotificationNew(n.clone()))
-                    .await?;
                 Ok(n)
             })
         })
@@ -767,29 +943,30 @@ impl Store for PostgresStore {
     async fn mark_read(&self, org: &str, user: &str, ids: Vec<String>) -> Result<u32> {
         let (org, user) = (org.to_string(), user.to_string());
         self.write(move |tx| {
+            let (org, user, ids) = (org.clone(), user.clone(), ids.clone());
             Box::pin(async move {
-                let c = &tx.client;
                 for id in &ids {
-                    let visible = first_row(
-                        c,
-                        "SELECT 1 FROM notifications
-                         WHERE org_id = $1 AND id = $2 AND user_id IN ('', $3)",
-                        &[&org, id, &user],
-                    )
-                    .await?
-                    .is_some();
+                    let visible = tx
+                        .first_row(
+                            "SELECT 1 FROM notifications
+                             WHERE org_id = $1 AND id = $2 AND user_id IN ('', $3)",
+                            &[&org, id, &user],
+                        )
+                        .await?
+                        .is_some();
                     if !visible {
                         return Err(StoreError::NotFound(format!("notification {id} not found")));
                     }
-                    exec(
-                        c,
+                    tx.exec(
                         "INSERT INTO notification_reads (org_id, user_id, notification_id)
                          VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                         &[&org, &user, id],
                     )
                     .await?;
                 }
-                unread_count(c, &org, &user).await
+                let unread = unread_count(&tx.client, &org, &user).await;
+                tx.failed |= unread.is_err();
+                unread
             })
         })
         .await
