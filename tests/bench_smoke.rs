@@ -1,6 +1,6 @@
 //! Smoke run of `orgpulse bench` at tiny sizes, so the benchmark cannot rot: the real CLI starts
 //! the real server (and, in the second case, targets one started by the test harness) and must
-//! print one JSON line with every delivery accounted for. The full runs are in BENCHMARKS.md.
+//! print one JSON line with every delivery (or, for `orgs`, every idle stream) accounted for. The full runs are in BENCHMARKS.md.
 mod support;
 
 use std::{process::Stdio, time::Duration};
@@ -94,4 +94,33 @@ async fn catchup_against_a_running_server() {
     assert_eq!(v["deliveriesReceived"], 300);
     assert!(number(&v, "catchupEventsPerSec") > 0.0);
     assert!(number(&v, "backlogWritesPerSec") > 0.0);
+}
+
+#[tokio::test]
+async fn idle_orgs_run_keeps_every_stream_open() {
+    let server = workspace_bin("orgpulse-server");
+    // 600 orgs: two shared HTTP/2 connections of at most 500 streams.
+    let v = bench(&[
+        "--scenario",
+        "orgs",
+        "--orgs",
+        "600",
+        "--seconds",
+        "1s",
+        "--server-bin",
+        server.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["orgs"], 600);
+    assert_eq!(v["connections"], 2);
+    assert_eq!(v["connected"], 600);
+    assert_eq!(v["streamsOpen"], 600);
+    assert_eq!(v["brokenStreams"], 0);
+    assert!(number(&v, "idleSeconds") >= 1.0);
+    assert!(
+        (0.0..=200.0).contains(&number(&v, "serverCpuPctOfCore")),
+        "{v}"
+    );
+    assert!(number(&v["serverRssMB"], "afterIdle") > 0.0);
 }

@@ -263,6 +263,7 @@ async fn start_server_with(dir: Option<PathBuf>, listen: Option<String>) -> Test
         extra_args: server_args(),
         dir,
         listen,
+        ..Default::default()
     })
     .await
 }

@@ -196,6 +196,69 @@ async fn stale_or_foreign_cursors_get_resync_and_malformed_is_invalid() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
+/// Retention trims the log while a replay is held between pages (the client stopped reading, so
+/// flow control holds the server): the rest of the replay is a `resync` to the head, never a
+/// silent jump from the events already sent to live.
+#[tokio::test]
+async fn retention_trimming_a_paused_replay_yields_resync_not_a_gap() {
+    use futures::StreamExt;
+    let server = TestServer::start_args(&["--retention", "10s"]).await;
+    let t = token(ORG, "alice", "admin");
+    let start = snapshot(&server, &t).await.cursor;
+    // 3000 events (~500 KB): several replay pages, far more than the windows below hold.
+    let n = 3000u64;
+    let jobs = server.jobs(&t).await;
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let mut jobs = jobs.clone();
+            async move {
+                jobs.create_job(orgpulse::proto::CreateJobRequest {
+                    title: format!("job {i}"),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let log = log_of(&server.dir, ORG);
+    assert_eq!(log.len() as u64, n);
+    // A 64 KiB stream window: the server can send only a few hundred events ahead of the reader.
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .unwrap()
+        .initial_stream_window_size(64 * 1024)
+        .connect()
+        .await
+        .unwrap();
+    let mut sub = Sub::open_on(channel, &t, "", &start, &[]).await.unwrap();
+    assert_eq!(sub.next().await.unwrap().seq, 1, "the cursor was served");
+    // Meanwhile retention trims the whole log.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !log_of(&server.dir, ORG).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention never trimmed the log"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let control = sub.until(|e| e.seq == 0).await;
+    assert_eq!(payload_name(&control), "resync", "{control:?}");
+    let sent = sub.durable_seen().len() as u64;
+    assert!(sent < n, "the replay was not held mid-way ({sent} sent)");
+    // What came before the resync is seamless, and the resync resumes from the head.
+    assert_exactly_once(&sub.seen, &log, 1..=sent, "alice", &[]);
+    assert_eq!(control.cursor, cursor_at(&start, n));
+    assert_eq!(payload_name(&sub.next().await.unwrap()), "caught_up");
+    create_job(&server, &t, "", "live").await;
+    assert_eq!(
+        sub.until(|e| e.seq > 0).await.seq,
+        n + 1,
+        "live from the head"
+    );
+}
+
 /// Every job of the org (the test keeps them under one 500-job page).
 async fn one_page(server: &TestServer, token: &str) -> orgpulse::proto::ListJobsResponse {
     let page = server
@@ -382,6 +445,7 @@ async fn token_expiry_ends_the_stream_and_a_fresh_token_resumes_losslessly() {
     let err = sub.error().await;
     assert_eq!(err.code(), Code::Unauthenticated);
     assert_eq!(err.message(), "token expired");
+    assert_token_expired_marker(&err);
     let got = sub.durable_seen();
     assert_eq!(got.len(), 3);
     write_n(&server, &writer, 10).await;

@@ -70,12 +70,7 @@ async fn eddsa_and_es256_pem_keys() {
         let (private, public) = keypair(&keys.0, name, &algo);
         let data = TempDir::new(name);
         let server = server_with(&data, &["--jwt-public-key".into(), public]).await;
-        let pem = std::fs::read(&private).unwrap();
-        let key = match alg {
-            Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem).unwrap(),
-            _ => EncodingKey::from_ec_pem(&pem).unwrap(),
-        };
-        let good = jsonwebtoken::encode(&Header::new(alg), &claims(), &key).unwrap();
+        let good = sign_pem(alg, &private, None, &claims());
         call(&server, &good)
             .await
             .unwrap_or_else(|e| panic!("{name}: {e:?}"));
@@ -93,27 +88,47 @@ async fn eddsa_and_es256_pem_keys() {
     }
 }
 
-#[tokio::test]
-async fn jwks_file_picks_the_key_by_kid_and_issuer_audience_are_checked() {
-    let keys = TempDir::new("jwks");
-    let (p1, pub1) = keypair(&keys.0, "k1", &["-algorithm", "ed25519"]);
-    let (p2, _) = keypair(&keys.0, "k2", &["-algorithm", "ed25519"]);
+/// (private PEM path, JWKS file path) of a fresh Ed25519 key published in a JWKS under `kid`.
+fn ed25519_jwks(dir: &std::path::Path, kid: &str) -> (String, String) {
+    let (private, public) = keypair(dir, kid, &["-algorithm", "ed25519"]);
     // Raw Ed25519 public key = the last 32 bytes of its DER SubjectPublicKeyInfo.
-    let der = keys.0.join("k1.der").display().to_string();
+    let der = dir.join(format!("{kid}.der")).display().to_string();
     openssl(&[
-        "pkey", "-pubin", "-in", &pub1, "-outform", "DER", "-out", &der,
+        "pkey", "-pubin", "-in", &public, "-outform", "DER", "-out", &der,
     ]);
     let raw = std::fs::read(&der).unwrap();
     let x = B64.encode(&raw[raw.len() - 32..]);
-    let jwks = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "k1", "alg": "EdDSA", "use": "sig"}]});
-    let jwks_path = keys.0.join("jwks.json");
-    std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+    let jwks = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": "EdDSA", "use": "sig"}]});
+    let path = dir.join(format!("{kid}.jwks.json"));
+    std::fs::write(&path, jwks.to_string()).unwrap();
+    (private, path.display().to_string())
+}
+
+/// A token with `claims` signed by the private key in the PEM file at `pem`.
+fn sign_pem(alg: Algorithm, pem: &str, kid: Option<&str>, claims: &serde_json::Value) -> String {
+    let pem = std::fs::read(pem).unwrap();
+    let key = match alg {
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
+        _ => EncodingKey::from_ec_pem(&pem),
+    }
+    .unwrap();
+    let mut header = Header::new(alg);
+    header.kid = kid.map(String::from);
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+#[tokio::test]
+async fn jwks_file_picks_the_key_by_kid_and_issuer_audience_are_checked() {
+    let keys = TempDir::new("jwks");
+    let (p1, jwks_path) = ed25519_jwks(&keys.0, "k1");
+    let (p2, _) = keypair(&keys.0, "k2", &["-algorithm", "ed25519"]);
     let data = TempDir::new("jwks-server");
     let server = server_with(
         &data,
         &[
             "--jwks-file".into(),
-            jwks_path.display().to_string(),
+            jwks_path,
             "--jwt-issuer".into(),
             "https://auth.test".into(),
             "--jwt-audience".into(),
@@ -122,14 +137,7 @@ async fn jwks_file_picks_the_key_by_kid_and_issuer_audience_are_checked() {
     )
     .await;
     let sign = |pem: &str, kid: &str, claims: &serde_json::Value| {
-        let mut h = Header::new(Algorithm::EdDSA);
-        h.kid = Some(kid.into());
-        jsonwebtoken::encode(
-            &h,
-            claims,
-            &EncodingKey::from_ed_pem(&std::fs::read(pem).unwrap()).unwrap(),
-        )
-        .unwrap()
+        sign_pem(Algorithm::EdDSA, pem, Some(kid), claims)
     };
     call(&server, &sign(&p1, "k1", &claims()))
         .await
@@ -154,4 +162,78 @@ async fn jwks_file_picks_the_key_by_kid_and_issuer_audience_are_checked() {
         .await
         .unwrap_err();
     assert!(err.message().contains("audience"), "{err:?}");
+}
+
+/// With `--jwt-issuer` and `--jwt-audience` configured, a token that lacks the `iss` or the `aud`
+/// claim altogether is UNAUTHENTICATED, naming the missing claim, on a unary call and on Subscribe,
+/// whichever kind of key verified its signature.
+#[tokio::test]
+async fn issuer_and_audience_are_required_when_configured() {
+    let keys = TempDir::new("required-claims");
+    let secret = keys.0.join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let (rsa, rsa_public) = keypair(
+        &keys.0,
+        "rsa",
+        &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+    );
+    let (ed, jwks) = ed25519_jwks(&keys.0, "k1");
+    type Sign = Box<dyn Fn(&serde_json::Value) -> String>;
+    let configs: Vec<(&str, [String; 2], Sign)> = vec![
+        (
+            "HS256",
+            ["--jwt-secret-file".into(), secret.display().to_string()],
+            Box::new(|c| {
+                jsonwebtoken::encode(
+                    &Header::new(Algorithm::HS256),
+                    c,
+                    &EncodingKey::from_secret(SECRET.as_bytes()),
+                )
+                .unwrap()
+            }),
+        ),
+        (
+            "RS256",
+            ["--jwt-public-key".into(), rsa_public],
+            Box::new(move |c| sign_pem(Algorithm::RS256, &rsa, None, c)),
+        ),
+        (
+            "JWKS",
+            ["--jwks-file".into(), jwks],
+            Box::new(move |c| sign_pem(Algorithm::EdDSA, &ed, Some("k1"), c)),
+        ),
+    ];
+    for (name, key_args, sign) in configs {
+        let data = TempDir::new(name);
+        let mut args = key_args.to_vec();
+        args.extend(
+            [
+                "--jwt-issuer",
+                "https://auth.test",
+                "--jwt-audience",
+                "orgpulse",
+            ]
+            .map(String::from),
+        );
+        let server = server_with(&data, &args).await;
+        let good = sign(&claims());
+        call(&server, &good)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: a token with iss and aud is accepted: {e:?}"));
+        Sub::open(&server, &good, "acme", "", &[])
+            .await
+            .unwrap_or_else(|e| panic!("{name}: Subscribe with iss and aud: {e:?}"))
+            .caught_up()
+            .await;
+        for claim in ["iss", "aud"] {
+            let mut without = claims();
+            without.as_object_mut().unwrap().remove(claim);
+            refused(
+                &server,
+                &sign(&without),
+                &format!("token has no {claim} claim"),
+            )
+            .await;
+        }
+    }
 }

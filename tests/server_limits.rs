@@ -1,4 +1,4 @@
-//! Bad input gets its gRPC status (API.md's limits), never a panic: the server keeps serving.
+//! Bad input gets its gRPC status (docs/api.md's limits), never a panic: the server keeps serving.
 mod support;
 
 use std::collections::HashMap;
@@ -462,4 +462,132 @@ async fn undecodable_requests_are_invalid_argument() {
     }
     assert_eq!(get_text(&server, "/healthz").await.trim(), "ok");
     create_job(&server, &t, "", "still serving").await;
+}
+
+/// A validly signed token whose `exp` is near u64::MAX (with a leeway configured), and a ListJobs
+/// with 500,000 repeated status values (inside the 1 MiB request limit): each is answered, the
+/// server keeps serving, and nothing panicked.
+#[tokio::test]
+async fn extreme_exp_and_repeated_statuses_do_not_panic() {
+    let mut server = TestServer::start_with(ServerOpts {
+        extra_args: vec!["--jwt-leeway".into(), "60s".into()],
+        capture_stderr: true,
+        ..Default::default()
+    })
+    .await;
+    let far = |user: &str, exp: u64| {
+        mint_claims(&Claims {
+            sub: user.into(),
+            org: Some("acme".into()),
+            roles: vec!["admin".into()],
+            exp,
+            nbf: None,
+        })
+    };
+    // `exp` plus the leeway does not fit in a u64.
+    let wraps = far("alice", u64::MAX - 5);
+    let job = create_job(&server, &wraps, "", "far future").await;
+    let mut sub = Sub::open(&server, &wraps, "", "", &[])
+        .await
+        .expect("subscribe");
+    sub.caught_up().await;
+    // `exp` plus the leeway fits, but the time left does not fit in an Instant.
+    let huge = far("bob", u64::MAX - 3600);
+    let mut sub = Sub::open(&server, &huge, "", "", &[])
+        .await
+        .expect("subscribe");
+    sub.caught_up().await;
+
+    let admin = token("acme", "carol", "admin");
+    let statuses: Vec<i32> = (0..500_000).map(|i| 1 + i % 5).collect();
+    let t0 = std::time::Instant::now();
+    let listed = server
+        .jobs(&admin)
+        .await
+        .list_jobs(ListJobsRequest {
+            statuses,
+            ..Default::default()
+        })
+        .await
+        .expect("500k repeated statuses are answered")
+        .into_inner();
+    eprintln!("ListJobs with 500,000 statuses took {:?}", t0.elapsed());
+    assert_eq!(listed.jobs.len(), 1);
+    assert_eq!(listed.jobs[0].id, job.id);
+
+    // Still serving.
+    create_job(&server, &admin, "", "after").await;
+    let log = log_of(&server.dir, "acme");
+    assert_eq!(log.len(), 2);
+    let stderr = server.stop_and_read_stderr().await;
+    assert!(
+        !stderr.contains("panicked"),
+        "the server panicked:\n{stderr}"
+    );
+}
+
+/// `--max-streams-per-user`: a user (same `sub` and org) holds at most that many open Subscribe
+/// streams; the next is RESOURCE_EXHAUSTED, other users and the same user in another org are not
+/// affected, and a stream that ends (closed by the client or by the server) frees its slot.
+#[tokio::test]
+async fn streams_per_user_are_limited() {
+    let server = TestServer::start_args(&["--max-streams-per-user", "3"]).await;
+    let alice = token("acme", "alice", "viewer");
+    let mut open = vec![];
+    for _ in 0..2 {
+        let mut sub = Sub::open(&server, &alice, "", "", &[]).await.unwrap();
+        sub.caught_up().await;
+        open.push(sub);
+    }
+    // The third one ends by itself when its token expires.
+    let mut expiring = Sub::open(
+        &server,
+        &token_ttl("acme", "alice", "viewer", 2),
+        "",
+        "",
+        &[],
+    )
+    .await
+    .unwrap();
+    expiring.caught_up().await;
+    let refused = Sub::open(&server, &alice, "", "", &[])
+        .await
+        .err()
+        .expect("a fourth stream of alice is refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(refused.message(), "too many streams for this user");
+    // Others are unaffected: another user, and the same sub in another org.
+    for other in [
+        token("acme", "bob", "viewer"),
+        token("globex", "alice", "viewer"),
+    ] {
+        let mut sub = Sub::open(&server, &other, "", "", &[]).await.unwrap();
+        sub.caught_up().await;
+    }
+    // A stream the server ended frees its slot...
+    assert_eq!(expiring.error().await.code(), Code::Unauthenticated);
+    let mut third = open_when_a_slot_frees(&server, &alice).await;
+    third.caught_up().await;
+    // ... and so does one the client closed.
+    drop(open.pop());
+    let mut fourth = open_when_a_slot_frees(&server, &alice).await;
+    fourth.caught_up().await;
+    let err = Sub::open(&server, &alice, "", "", &[]).await.err().unwrap();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+}
+
+/// Opens a stream for `token`, retrying while the server still counts a stream that just ended
+/// (the server notices a client's close a moment after it happened).
+async fn open_when_a_slot_frees(server: &TestServer, token: &str) -> Sub {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match Sub::open(server, token, "", "", &[]).await {
+            Ok(sub) => return sub,
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
 }

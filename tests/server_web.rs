@@ -189,6 +189,51 @@ async fn grpc_web_text_unary_and_incremental_stream() {
     web_subscribe_is_incremental(true).await;
 }
 
+/// The `orgpulse-error: token-expired` marker reaches grpc-web clients: in the headers of a call
+/// refused for an expired token, and in the trailer frame of a stream that ended at `exp`.
+#[tokio::test]
+async fn grpc_web_sees_the_token_expired_marker() {
+    let server = TestServer::start().await;
+    let expired = mint_claims(&Claims {
+        sub: "alice".into(),
+        org: Some("acme".into()),
+        roles: vec!["member".into()],
+        exp: now_secs() - 10,
+        nbf: None,
+    });
+    let list = frame(&ListJobsRequest::default());
+    let path = "/orgpulse.v1.JobService/ListJobs";
+    let res = grpc_web(&server.url, path, &expired, list, false).await;
+    assert_eq!(res.headers()["grpc-status"], "16", "{res:?}");
+    assert_eq!(res.headers()["orgpulse-error"], "token-expired", "{res:?}");
+    let short = token_ttl("acme", "alice", "member", 1);
+    let subscribe = frame(&OrgFilter::default());
+    let path = "/orgpulse.v1.EventService/Subscribe";
+    let mut body = grpc_web(&server.url, path, &short, subscribe, false)
+        .await
+        .bytes_stream();
+    let mut r = FrameReader {
+        text: false,
+        pending_text: vec![],
+        buf: BytesMut::new(),
+    };
+    let trailer = loop {
+        let chunk = tokio::time::timeout(WAIT, body.next())
+            .await
+            .expect("chunk in time")
+            .expect("the stream ends with a trailer frame")
+            .unwrap();
+        if let Some((_, data)) = r.push(&chunk).into_iter().find(|(trailer, _)| *trailer) {
+            break String::from_utf8_lossy(&data).to_lowercase();
+        }
+    };
+    assert!(trailer.contains("grpc-status:16"), "{trailer}");
+    assert!(
+        trailer.contains("orgpulse-error:token-expired"),
+        "{trailer}"
+    );
+}
+
 #[tokio::test]
 async fn cors_preflight_allows_configured_origin_only() {
     let server = TestServer::start_args(&["--cors-origin", "http://app.example"]).await;
@@ -251,7 +296,12 @@ async fn cors_preflight_allows_configured_origin_only() {
         .to_str()
         .unwrap()
         .to_lowercase();
-    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+    for name in [
+        "grpc-status",
+        "grpc-message",
+        "grpc-status-details-bin",
+        "orgpulse-error",
+    ] {
         assert!(exposed.contains(name), "{exposed}");
     }
     // Plain HTTP still works next to grpc-web.
@@ -331,7 +381,15 @@ async fn reflection_and_health_work_without_proto_files() {
         ),
         "{res:?}"
     );
-    // grpc.health.v1 over the raw path: a unary call with an empty request answers SERVING (1).
+    assert_eq!(grpc_health(&server).await, SERVING);
+}
+
+/// `grpc.health.v1.HealthCheckResponse.status` values.
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+/// grpc.health.v1 `Check` of the whole server over the raw path (empty request): its status.
+async fn grpc_health(server: &TestServer) -> i32 {
     let res = reqwest::Client::new()
         .post(format!("{}/grpc.health.v1.Health/Check", server.url))
         .header("content-type", "application/grpc-web+proto")
@@ -343,7 +401,80 @@ async fn reflection_and_health_work_without_proto_files() {
     let body = res.bytes().await.unwrap();
     let mut buf = BytesMut::from(&body[..]);
     let f = frames(&mut buf);
-    assert_eq!(f[0].1, vec![8u8, 1], "status: SERVING");
+    let status = &f[0].1;
+    assert_eq!(status.len(), 2, "one varint field: {status:?}");
+    status[1].into()
+}
+
+/// `/healthz` as (HTTP status, body).
+async fn healthz(server: &TestServer) -> (u16, String) {
+    let res = reqwest::get(format!("{}/healthz", server.url))
+        .await
+        .unwrap();
+    (res.status().as_u16(), res.text().await.unwrap())
+}
+
+/// Waits (up to 10 s) until both health answers are `want` (SERVING or NOT_SERVING); returns the
+/// `/healthz` body.
+async fn health_becomes(server: &TestServer, want: i32) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = healthz(server).await;
+        let grpc = grpc_health(server).await;
+        let http_ok = code == 200;
+        if http_ok == (want == SERVING) && grpc == want {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health stayed /healthz {code} {body:?}, grpc {grpc}; wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn health_reports_not_serving_while_the_store_cannot_write_and_recovers() {
+    let server = TestServer::start_args(&["--sqlite-busy-timeout", "100ms"]).await;
+    let admin = token("o1", "ada", "admin");
+    create_job(&server, &admin, "", "before").await;
+    assert_eq!(healthz(&server).await, (200, "ok\n".into()));
+    assert_eq!(grpc_health(&server).await, SERVING);
+    // Another process takes the database's write lock and keeps it (SQLite), or the database
+    // goes away (PostgreSQL).
+    let outage = StoreOutage::start(&server.dir);
+    let err = server
+        .jobs(&admin)
+        .await
+        .create_job(orgpulse::proto::CreateJobRequest {
+            title: "while locked".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let why = health_becomes(&server, NOT_SERVING).await;
+    assert!(why.contains("store cannot write"), "{why:?}");
+    // Released: both answers recover without a write of ours, and writes work again.
+    drop(outage);
+    assert_eq!(health_becomes(&server, SERVING).await, "ok\n");
+    create_job(&server, &admin, "", "after").await;
+    let titles: Vec<String> = server
+        .jobs(&admin)
+        .await
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .into_iter()
+        .map(|j| j.title)
+        .collect();
+    assert_eq!(
+        titles,
+        ["after", "before"],
+        "the refused write left nothing"
+    );
 }
 
 #[tokio::test]

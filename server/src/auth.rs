@@ -1,5 +1,5 @@
 //! Authentication and authorization: JWT verification (HS256 secret, RS256/ES256/EdDSA PEM key,
-//! or a JWKS file), the claims of a caller, and the role and org rules of API.md.
+//! or a JWKS file), the claims of a caller, and the role and org rules of docs/api.md.
 use std::{collections::HashSet, path::Path, time::Duration};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind, jwk::JwkSet};
@@ -18,6 +18,21 @@ pub struct Claims {
     /// When the token stops being accepted: `exp` plus the configured leeway, in seconds since the
     /// Unix epoch. Streams end then.
     pub exp: u64,
+}
+
+/// The longest a token is treated as having left: a century.
+pub const MAX_TIME_LEFT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// UNAUTHENTICATED "token expired", marked for clients with `orgpulse-error: token-expired`: for a
+/// call refused because its token's `exp` passed, and for a stream ended by it.
+pub fn token_expired() -> Status {
+    use orgpulse::error_marker::{KEY, TOKEN_EXPIRED};
+    let mut status = Status::unauthenticated("token expired");
+    status.metadata_mut().insert(
+        KEY,
+        tonic::metadata::MetadataValue::from_static(TOKEN_EXPIRED),
+    );
+    status
 }
 
 /// The strongest role among the token's `roles`.
@@ -79,12 +94,15 @@ impl Claims {
         )))
     }
 
-    /// Time left until `exp`.
+    /// Time left until `exp`, at most [`MAX_TIME_LEFT`] (so that adding it to an `Instant`
+    /// cannot overflow, whatever `exp` a validly signed token carries).
     pub fn time_left(&self) -> Duration {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        Duration::from_secs(self.exp).saturating_sub(now)
+        Duration::from_secs(self.exp)
+            .saturating_sub(now)
+            .min(MAX_TIME_LEFT)
     }
 }
 
@@ -218,30 +236,41 @@ impl Authenticator {
         let mut v = Validation::new(key.alg);
         v.leeway = self.leeway;
         v.validate_nbf = true;
+        // A configured `iss` / `aud` is required: jsonwebtoken checks them only when present
+        // unless they are required claims.
         v.required_spec_claims = HashSet::from(["exp".to_string(), "sub".to_string()]);
         match &self.audience {
-            Some(aud) => v.set_audience(&[aud]),
+            Some(aud) => {
+                v.set_audience(&[aud]);
+                v.required_spec_claims.insert("aud".into());
+            }
             None => v.validate_aud = false,
         }
         if let Some(iss) = &self.issuer {
             v.set_issuer(&[iss]);
+            v.required_spec_claims.insert("iss".into());
         }
-        let data = jsonwebtoken::decode::<RawClaims>(token, &key.key, &v).map_err(|e| {
-            Status::unauthenticated(match e.kind() {
-                ErrorKind::ExpiredSignature => "token expired".to_string(),
-                ErrorKind::ImmatureSignature => "token not yet valid (nbf is in the future)".into(),
-                ErrorKind::InvalidSignature => "invalid token signature".into(),
-                ErrorKind::InvalidIssuer => "token issuer (iss) is not accepted".into(),
-                ErrorKind::InvalidAudience => "token audience (aud) is not accepted".into(),
-                ErrorKind::MissingRequiredClaim(c) => format!("token has no {c} claim"),
-                ErrorKind::InvalidAlgorithm => "token algorithm is not accepted".into(),
-                _ => "malformed token".into(),
-            })
-        })?;
+        let data = jsonwebtoken::decode::<RawClaims>(token, &key.key, &v)
+            .map_err(|e| refusal(e.kind()))?;
         let mut claims = claims_from(data.claims)?;
-        claims.exp += self.leeway;
+        claims.exp = claims.exp.saturating_add(self.leeway);
         Ok(claims)
     }
+}
+
+/// The status for a token jsonwebtoken refused, saying why.
+fn refusal(kind: &ErrorKind) -> Status {
+    let why = match kind {
+        ErrorKind::ExpiredSignature => return token_expired(),
+        ErrorKind::ImmatureSignature => "token not yet valid (nbf is in the future)".into(),
+        ErrorKind::InvalidSignature => "invalid token signature".into(),
+        ErrorKind::InvalidIssuer => "token issuer (iss) is not accepted".into(),
+        ErrorKind::InvalidAudience => "token audience (aud) is not accepted".into(),
+        ErrorKind::MissingRequiredClaim(c) => format!("token has no {c} claim"),
+        ErrorKind::InvalidAlgorithm => "token algorithm is not accepted".into(),
+        _ => "malformed token".to_string(),
+    };
+    Status::unauthenticated(why)
 }
 
 fn claims_from(raw: RawClaims) -> Result<Claims, Status> {

@@ -74,9 +74,20 @@ pub struct Config {
     #[arg(long, env = "ORGPULSE_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub retention: Duration,
 
+    /// How long a store write waits for a lock another process holds on the database file
+    /// before it fails (and the server reports NOT_SERVING until it can write again).
+    #[arg(long, env = "ORGPULSE_SQLITE_BUSY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub sqlite_busy_timeout: Duration,
+
     /// Events a subscriber may have queued before it is cut off as too slow.
     #[arg(long, env = "ORGPULSE_SUBSCRIBER_QUEUE", default_value_t = 4096)]
     pub subscriber_queue: usize,
+
+    /// Open Subscribe streams one user (same `sub` and org) may hold on this node; the next one
+    /// gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ORGPULSE_MAX_STREAMS_PER_USER", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_user: u32,
 
     /// Development mode: create and keep an HS256 secret in the data directory (the SQLite file's
     /// directory; `./orgpulse-data` with PostgreSQL) and print tokens.

@@ -2,15 +2,18 @@
 //!
 //! Each room has one task that delivers the org's committed events in seq order: `seq == last+1`
 //! is fanned out, `seq <= last` is a duplicate and dropped, `seq > last+1` means the bus lost
-//! something and the missing range is read from the Store first. A periodic tail check of the org's
-//! log closes the "last publish lost" hole. Fan-out shares the event's encoded bytes; per subscriber
+//! something and the missing range is read from the Store first. A bus that can lose (`Bus::lossy`)
+//! leaves one more hole: a lost LAST publish, which no later event reveals. For it the Hub runs one
+//! tail checker per node: every `TAIL_CHECK` it reads the heads of all its rooms' orgs in one Store
+//! query and tells the rooms that are behind, which repair from the Store. The in-process bus loses
+//! nothing, so a Hub on it runs no checker and an idle room costs nothing. Fan-out shares the event's encoded bytes; per subscriber
 //! it is a filter check and a push onto that subscriber's bounded queue. A full queue never waits:
 //! the subscriber is cut off (its stream ends with a resumable error) and everyone else goes on.
 use std::{
     collections::HashMap,
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, Weak,
+        atomic::{AtomicU8, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -22,11 +25,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    bus::Bus,
     metrics::METRICS,
-    store::{CommittedEvent, Store},
+    store::{CommittedEvent, LogRead, Store},
 };
 
-/// How often a room compares its last delivered seq with the org's log head.
+/// How often the tail checker of a Hub on a lossy bus compares its rooms' last delivered seqs with
+/// their orgs' log heads.
 const TAIL_CHECK: Duration = Duration::from_secs(2);
 /// Events read from the Store per page when repairing a gap.
 const REPAIR_PAGE: usize = 1000;
@@ -38,6 +43,34 @@ pub struct Item {
     pub bytes: Bytes,
 }
 
+/// Why the hub ended a subscriber's queue: either way its stream ends resumably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Cut {
+    /// Its queue was full.
+    Slow = 1,
+    /// The room could not deliver events the log no longer holds; resuming answers `resync`.
+    Behind = 2,
+}
+
+/// A subscriber's cut flag: 0 while it is not cut, else a `Cut`.
+#[derive(Debug, Default)]
+struct CutFlag(AtomicU8);
+
+impl CutFlag {
+    fn set(&self, why: Cut) {
+        self.0.store(why as u8, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<Cut> {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Some(Cut::Slow),
+            2 => Some(Cut::Behind),
+            _ => None,
+        }
+    }
+}
+
 /// A set of event kinds (empty request = all kinds).
 #[derive(Debug, Clone, Copy)]
 pub struct Kinds(u8);
@@ -45,7 +78,7 @@ pub struct Kinds(u8);
 impl Kinds {
     pub fn from_request(kinds: &[i32]) -> Result<Kinds, tonic::Status> {
         if kinds.is_empty() {
-            return Ok(Kinds(0b1110));
+            return Ok(Kinds(u8::MAX));
         }
         let mut bits = 0;
         for k in kinds {
@@ -93,6 +126,8 @@ struct Inner {
 
 struct Room {
     org: Arc<str>,
+    /// The last seq the room's task delivered (or skipped), for the tail checker.
+    delivered: AtomicU64,
     tx: mpsc::UnboundedSender<RoomMsg>,
     subs: Mutex<Subs>,
     closed: CancellationToken,
@@ -108,27 +143,34 @@ struct Sub {
     id: u64,
     audience: Audience,
     tx: mpsc::Sender<Item>,
-    cut: Arc<AtomicBool>,
+    cut: Arc<CutFlag>,
 }
 
 enum RoomMsg {
     Durable(CommittedEvent),
     Ephemeral(Bytes),
+    /// The org's log reaches at least this seq (from the tail checker).
+    Head(u64),
 }
 
 /// A subscriber's place in a room. Dropping it leaves the room.
 pub struct Registration {
     pub rx: mpsc::Receiver<Item>,
-    cut: Arc<AtomicBool>,
+    cut: Arc<CutFlag>,
     id: u64,
     room: Arc<Room>,
     hub: Hub,
 }
 
 impl Registration {
-    /// True once the hub cut this subscriber off because its queue was full.
+    /// True once the hub cut this subscriber off.
     pub fn was_cut(&self) -> bool {
-        self.cut.load(Ordering::Relaxed)
+        self.cut().is_some()
+    }
+
+    /// Why the hub cut this subscriber off, once it did.
+    pub fn cut(&self) -> Option<Cut> {
+        self.cut.get()
     }
 }
 
@@ -149,14 +191,20 @@ impl Drop for Registration {
 }
 
 impl Hub {
-    pub fn new(store: Arc<dyn Store>, queue: usize) -> Hub {
-        Hub {
+    /// A Hub fed by `bus`; when the bus is lossy, with a tail checker that lives as long as the
+    /// Hub.
+    pub fn new(store: Arc<dyn Store>, queue: usize, bus: &dyn Bus) -> Hub {
+        let hub = Hub {
             inner: Arc::new(Inner {
                 rooms: Mutex::default(),
                 store,
                 queue: queue.max(1),
             }),
+        };
+        if bus.lossy() {
+            tokio::spawn(check_tails(Arc::downgrade(&hub.inner)));
         }
+        hub
     }
 
     /// Joins `org`'s room. Every durable event committed after this returns and visible to
@@ -188,7 +236,7 @@ impl Hub {
                 .is_some_and(|r| Arc::ptr_eq(r, &room))
                 .then(|| {
                     let (tx, rx) = mpsc::channel(self.inner.queue);
-                    let cut = Arc::new(AtomicBool::new(false));
+                    let cut = Arc::new(CutFlag::default());
                     let mut subs = room.subs.lock();
                     let id = subs.next_id;
                     subs.next_id += 1;
@@ -217,6 +265,7 @@ impl Hub {
         let (tx, rx) = mpsc::unbounded_channel();
         let room = Arc::new(Room {
             org: org.into(),
+            delivered: AtomicU64::new(head),
             tx,
             subs: Mutex::default(),
             closed: CancellationToken::new(),
@@ -240,9 +289,33 @@ impl Hub {
             let _ = room.tx.send(RoomMsg::Ephemeral(bytes));
         }
     }
+}
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
+/// Every `TAIL_CHECK`, while the Hub lives: one Store query for the heads of all rooms' orgs, and
+/// a `Head` message to each room that has not delivered up to its org's head.
+async fn check_tails(hub: Weak<Inner>) {
+    let mut tick = tokio::time::interval(TAIL_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = hub.upgrade() else { return };
+        let rooms: HashMap<Arc<str>, Arc<Room>> = inner.rooms.lock().clone();
+        if rooms.is_empty() {
+            continue;
+        }
+        let orgs: Vec<Arc<str>> = rooms.keys().cloned().collect();
+        match inner.store.heads(&orgs).await {
+            Ok(heads) => {
+                for (org, head) in heads {
+                    if let Some(room) = rooms.get(&org)
+                        && head > room.delivered.load(Ordering::Relaxed)
+                    {
+                        let _ = room.tx.send(RoomMsg::Head(head));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "tail check failed; retrying on the next one"),
+        }
     }
 }
 
@@ -252,8 +325,6 @@ async fn run_room(
     mut last: u64,
     store: Arc<dyn Store>,
 ) {
-    let mut tail = tokio::time::interval(TAIL_CHECK);
-    tail.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = room.closed.cancelled() => break,
@@ -265,39 +336,46 @@ async fn run_room(
                     }
                     if ev.seq > last + 1 {
                         // Lost on the bus: repair from the Store, which holds `ev` too. On
-                        // failure nothing is delivered past the gap; the tail check retries.
+                        // failure nothing is delivered past the gap; the next event or tail
+                        // check retries.
                         last = repair(&room, &*store, last, ev.seq).await;
-                        continue;
-                    }
-                    last = ev.seq;
-                    room.fan_out_durable(&ev);
-                }
-                Some(RoomMsg::Ephemeral(bytes)) => room.fan_out(Item { seq: 0, bytes }, |a| a.kinds.has(EventKind::Presence)),
-            },
-            _ = tail.tick() => {
-                if let Ok(b) = store.bounds(&room.org).await
-                    && b.head > last
-                {
-                    last = repair(&room, &*store, last, b.head).await;
-                }
-            }
-        }
-    }
-}
-
-/// Delivers the org's events `last+1 ..= upto` from the Store; returns the new last delivered seq.
-async fn repair(room: &Room, store: &dyn Store, mut last: u64, upto: u64) -> u64 {
-    while last < upto {
-        match store.read_events(&room.org, last, REPAIR_PAGE).await {
-            Ok(page) if !page.is_empty() => {
-                for ev in page {
-                    if ev.seq == last + 1 {
+                    } else {
                         last = ev.seq;
                         room.fan_out_durable(&ev);
                     }
                 }
+                Some(RoomMsg::Ephemeral(bytes)) => room.fan_out(Item { seq: 0, bytes }, |a| a.kinds.has(EventKind::Presence)),
+                Some(RoomMsg::Head(head)) => {
+                    if head > last {
+                        last = repair(&room, &*store, last, head).await;
+                    }
+                }
+            },
+        }
+        room.delivered.store(last, Ordering::Relaxed);
+    }
+}
+
+/// Delivers the org's events `last+1 ..= upto` from the Store; returns the new last delivered seq.
+/// Always terminates: when the log no longer reaches back to `last`, the events in between can
+/// never be delivered, so every subscriber is ended resumably (its client resumes with its cursor
+/// and Subscribe answers `resync`, the one path that explains a gap) and the room goes on from
+/// the log's head.
+async fn repair(room: &Room, store: &dyn Store, mut last: u64, upto: u64) -> u64 {
+    while last < upto {
+        match store.read_after(&room.org, last, REPAIR_PAGE).await {
+            Ok(LogRead::Events(page)) if !page.is_empty() => {
+                for ev in page {
+                    last = ev.seq;
+                    room.fan_out_durable(&ev);
+                }
             }
-            Ok(_) => break,
+            Ok(LogRead::Events(_)) => break,
+            Ok(LogRead::Unreachable(bounds)) => {
+                tracing::warn!(org = %room.org, last, floor = bounds.floor, "the log no longer reaches this room's position; its streams must resync");
+                room.cut_all();
+                return last.max(bounds.head);
+            }
             Err(e) => {
                 tracing::warn!(org = %room.org, error = %e, "gap repair failed; retrying on the next tail check");
                 break;
@@ -308,6 +386,13 @@ async fn repair(room: &Room, store: &dyn Store, mut last: u64, upto: u64) -> u64
 }
 
 impl Room {
+    /// Ends every subscriber's stream resumably: the room fell behind the retained log.
+    fn cut_all(&self) {
+        for s in self.subs.lock().list.drain(..) {
+            s.cut.set(Cut::Behind);
+        }
+    }
+
     fn fan_out_durable(&self, ev: &CommittedEvent) {
         let item = Item {
             seq: ev.seq,
@@ -325,12 +410,373 @@ impl Room {
             match s.tx.try_send(item.clone()) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    s.cut.store(true, Ordering::Relaxed);
+                    s.cut.set(Cut::Slow);
                     METRICS.slow_disconnects.inc();
                     false
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        sync::{Arc, OnceLock},
+        time::SystemTime,
+    };
+
+    use async_trait::async_trait;
+    use orgpulse::proto::{Job, Notification};
+    use parking_lot::Mutex;
+
+    use super::*;
+    use crate::{
+        bus::{Bus, MemoryBus},
+        store::{
+            JobPage, JobPatch, LogBounds, LogRead, NewJob, NewNotification, NotificationPage,
+            Result, sqlite::SqliteStore,
+        },
+    };
+
+    /// A bus that hands nothing on by itself: the test delivers what it recorded, in any order.
+    #[derive(Default)]
+    struct RecordingBus(Mutex<Vec<CommittedEvent>>);
+
+    impl Bus for RecordingBus {
+        fn publish(&self, ev: CommittedEvent) {
+            self.0.lock().push(ev);
+        }
+        fn attach(&self, _: Hub) {}
+        /// The test plays the losses itself, through the rooms' gap repair.
+        fn lossy(&self) -> bool {
+            false
+        }
+    }
+
+    fn temp_db(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "orgpulse-hub-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        dir.join("db.sqlite")
+    }
+
+    async fn setup(tag: &str) -> (Arc<SqliteStore>, Arc<RecordingBus>, Hub) {
+        let bus = Arc::new(RecordingBus::default());
+        let store = Arc::new(
+            SqliteStore::open(&temp_db(tag), bus.clone(), Duration::from_secs(10)).unwrap(),
+        );
+        let hub = Hub::new(store.clone(), 10_000, &*bus);
+        (store, bus, hub)
+    }
+
+    async fn commit_jobs(store: &SqliteStore, n: usize) {
+        for i in 0..n {
+            let new = NewJob {
+                title: format!("job {i}"),
+                labels: Default::default(),
+                request_id: String::new(),
+            };
+            store.create_job("o", "u", new).await.unwrap();
+        }
+    }
+
+    fn audience(user: &str) -> Audience {
+        Audience {
+            user: user.into(),
+            kinds: Kinds::from_request(&[]).unwrap(),
+        }
+    }
+
+    /// A bus that loses every event with seq `lost_seq` (for each org) and hands the rest to the
+    /// Hub.
+    struct LossyBus {
+        hub: OnceLock<Hub>,
+        lost_seq: u64,
+        lost: Mutex<Vec<(Arc<str>, u64)>>,
+    }
+
+    impl Bus for LossyBus {
+        fn publish(&self, ev: CommittedEvent) {
+            if ev.seq == self.lost_seq {
+                self.lost.lock().push((ev.org.clone(), ev.seq));
+            } else if let Some(hub) = self.hub.get() {
+                hub.deliver(ev);
+            }
+        }
+        fn attach(&self, hub: Hub) {
+            let _ = self.hub.set(hub);
+        }
+        fn lossy(&self) -> bool {
+            true
+        }
+    }
+
+    /// The SQLite store, counting the log-head queries made of it: `bounds` calls, and the orgs
+    /// asked for in each `heads` call.
+    struct CountingStore {
+        inner: SqliteStore,
+        dir: std::path::PathBuf,
+        bounds_calls: Mutex<u64>,
+        heads_calls: Mutex<Vec<usize>>,
+    }
+
+    impl CountingStore {
+        fn open(bus: Arc<dyn Bus>) -> Arc<CountingStore> {
+            let dir = std::env::temp_dir().join(format!(
+                "orgpulse-hub-test-{}-{:x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            Arc::new(CountingStore {
+                inner: SqliteStore::open(&dir.join("hub.db"), bus, Duration::from_secs(10))
+                    .unwrap(),
+                dir,
+                bounds_calls: Mutex::new(0),
+                heads_calls: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    impl Drop for CountingStore {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[async_trait]
+    impl Store for CountingStore {
+        fn org_epoch(&self, org: &str) -> u64 {
+            self.inner.org_epoch(org)
+        }
+        async fn create_job(&self, org: &str, actor: &str, new: NewJob) -> Result<Job> {
+            self.inner.create_job(org, actor, new).await
+        }
+        async fn get_job(&self, org: &str, job_id: &str) -> Result<Job> {
+            self.inner.get_job(org, job_id).await
+        }
+        async fn list_jobs(
+            &self,
+            org: &str,
+            statuses: Vec<i32>,
+            limit: usize,
+            after: Option<String>,
+        ) -> Result<JobPage> {
+            self.inner.list_jobs(org, statuses, limit, after).await
+        }
+        async fn update_job(&self, org: &str, actor: &str, patch: JobPatch) -> Result<Job> {
+            self.inner.update_job(org, actor, patch).await
+        }
+        async fn delete_job(&self, org: &str, actor: &str, job_id: &str) -> Result<()> {
+            self.inner.delete_job(org, actor, job_id).await
+        }
+        async fn send_notification(
+            &self,
+            org: &str,
+            actor: &str,
+            new: NewNotification,
+        ) -> Result<Notification> {
+            self.inner.send_notification(org, actor, new).await
+        }
+        async fn list_notifications(
+            &self,
+            org: &str,
+            user: &str,
+            unread_only: bool,
+            limit: usize,
+            after: Option<String>,
+        ) -> Result<NotificationPage> {
+            self.inner
+                .list_notifications(org, user, unread_only, limit, after)
+                .await
+        }
+        async fn mark_read(&self, org: &str, user: &str, ids: Vec<String>) -> Result<u32> {
+            self.inner.mark_read(org, user, ids).await
+        }
+        async fn bounds(&self, org: &str) -> Result<LogBounds> {
+            *self.bounds_calls.lock() += 1;
+            self.inner.bounds(org).await
+        }
+        async fn heads(&self, orgs: &[Arc<str>]) -> Result<Vec<(Arc<str>, u64)>> {
+            self.heads_calls.lock().push(orgs.len());
+            self.inner.heads(orgs).await
+        }
+        async fn read_after(&self, org: &str, after: u64, limit: usize) -> Result<LogRead> {
+            self.inner.read_after(org, after, limit).await
+        }
+        async fn trim(&self, before: SystemTime) -> Result<u64> {
+            self.inner.trim(before).await
+        }
+        fn health(&self) -> std::result::Result<(), String> {
+            self.inner.health()
+        }
+    }
+
+    fn everything() -> Audience {
+        Audience {
+            user: "watcher".into(),
+            kinds: Kinds::from_request(&[]).unwrap(),
+        }
+    }
+
+    /// Takes queued items until seq `upto` arrived (or the room stalls for a second).
+    async fn seqs_until(reg: &mut Registration, upto: u64) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while seqs.last() != Some(&upto) {
+            let item = tokio::time::timeout(Duration::from_secs(1), reg.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("room stalled after {seqs:?}"));
+            seqs.push(item.expect("room cut the subscriber").seq);
+        }
+        seqs
+    }
+
+    /// Commits `n` job creations in `org`, one event each.
+    async fn write_events(store: &CountingStore, org: &str, n: usize) {
+        for i in 0..n {
+            let new = NewJob {
+                title: format!("job {i}"),
+                labels: HashMap::new(),
+                request_id: String::new(),
+            };
+            store.create_job(org, "writer", new).await.unwrap();
+        }
+    }
+
+    /// The seqs `reg` receives until `n` arrived (each within a few tail checks).
+    async fn receive(reg: &mut Registration, n: usize) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while seqs.len() < n {
+            let item = tokio::time::timeout(5 * TAIL_CHECK, reg.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("only {seqs:?} arrived"))
+                .expect("registration open");
+            seqs.push(item.seq);
+        }
+        seqs
+    }
+
+    #[tokio::test]
+    async fn lossy_bus_is_repaired_exactly_once_in_order() {
+        let (store, bus, hub) = setup("lossy").await;
+        let mut a = hub.register("o", audience("a")).await.unwrap();
+        let mut b = hub.register("o", audience("b")).await.unwrap();
+        commit_jobs(&store, 40).await;
+        let events = std::mem::take(&mut *bus.0.lock());
+        assert_eq!(events.len(), 40);
+        // Every 3rd lost, every 5th twice, neighbours swapped; the last one arrives.
+        let mut script: Vec<CommittedEvent> = Vec::new();
+        for pair in events.chunks(2) {
+            for ev in pair.iter().rev() {
+                if ev.seq % 3 == 0 && ev.seq != 40 {
+                    continue;
+                }
+                script.push(ev.clone());
+                if ev.seq % 5 == 0 {
+                    script.push(ev.clone());
+                }
+            }
+        }
+        for ev in script {
+            hub.deliver(ev);
+        }
+        let want: Vec<u64> = (1..=40).collect();
+        assert_eq!(seqs_until(&mut a, 40).await, want);
+        assert_eq!(seqs_until(&mut b, 40).await, want);
+        // Nothing more: the duplicates after 40 were dropped.
+        assert!(a.rx.try_recv().is_err() && b.rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn repair_of_a_gap_past_the_retained_log_terminates_and_cuts_the_room() {
+        let (store, bus, hub) = setup("trimmed").await;
+        commit_jobs(&store, 5).await;
+        // 1..=5 never reached the room and are trimmed away: it can never deliver them.
+        store
+            .trim(SystemTime::now() + Duration::from_secs(1))
+            .await
+            .unwrap();
+        commit_jobs(&store, 1).await;
+        drop(hub);
+        bus.0.lock().clear();
+        // A room by hand (no task of its own, so no tail check races the repair) that delivered
+        // nothing yet.
+        let (tx, _) = mpsc::unbounded_channel();
+        let room = Room {
+            org: "o".into(),
+            delivered: AtomicU64::new(0),
+            tx,
+            subs: Mutex::default(),
+            closed: CancellationToken::new(),
+        };
+        let (sub_tx, mut rx) = mpsc::channel(16);
+        let cut = Arc::new(CutFlag::default());
+        room.subs.lock().list.push(Sub {
+            id: 0,
+            audience: audience("a"),
+            tx: sub_tx,
+            cut: cut.clone(),
+        });
+        let last = tokio::time::timeout(Duration::from_secs(2), repair(&room, &*store, 0, 6))
+            .await
+            .expect("repair spun on a gap the log no longer holds");
+        // The room jumped to the log's head; its subscriber was ended resumably (its client
+        // resumes with its cursor and Subscribe answers resync).
+        assert_eq!(last, 6);
+        assert_eq!(cut.get(), Some(Cut::Behind));
+        assert!(
+            rx.recv().await.is_none(),
+            "nothing of the gap was delivered"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lossy_bus_lost_last_events_come_from_one_batched_tail_check() {
+        let bus = Arc::new(LossyBus {
+            hub: OnceLock::new(),
+            lost_seq: 3,
+            lost: Mutex::default(),
+        });
+        let store = CountingStore::open(bus.clone());
+        let hub = Hub::new(store.clone(), 16, &*bus);
+        bus.attach(hub.clone());
+        let mut a = hub.register("org-a", everything()).await.unwrap();
+        let mut b = hub.register("org-b", everything()).await.unwrap();
+        write_events(&store, "org-a", 3).await;
+        write_events(&store, "org-b", 3).await;
+
+        // The bus lost seq 3 of both orgs and nothing came after it: only the tail check can
+        // find them. Each arrives once, in order, and no more arrive over later checks.
+        assert_eq!(receive(&mut a, 3).await, [1, 2, 3]);
+        assert_eq!(receive(&mut b, 3).await, [1, 2, 3]);
+        tokio::time::sleep(5 * TAIL_CHECK).await;
+        assert!(a.rx.try_recv().is_err() && b.rx.try_recv().is_err());
+        assert_eq!(*bus.lost.lock(), [("org-a".into(), 3), ("org-b".into(), 3)]);
+        // One query per check for both rooms, none per room (bounds only when a room opens).
+        let heads = store.heads_calls.lock().clone();
+        assert!(!heads.is_empty());
+        assert!(heads.iter().all(|&orgs| orgs == 2), "{heads:?}");
+        assert_eq!(*store.bounds_calls.lock(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_bus_hub_runs_no_tail_query() {
+        let bus = Arc::new(MemoryBus::default());
+        let store = CountingStore::open(bus.clone());
+        let hub = Hub::new(store.clone(), 16, &*bus);
+        bus.attach(hub.clone());
+        let mut reg = hub.register("org-a", everything()).await.unwrap();
+        write_events(&store, "org-a", 3).await;
+        assert_eq!(receive(&mut reg, 3).await, [1, 2, 3]);
+
+        tokio::time::sleep(10 * TAIL_CHECK).await;
+        assert!(reg.rx.try_recv().is_err());
+        assert!(store.heads_calls.lock().is_empty());
+        // The one head read that opened the room.
+        assert_eq!(*store.bounds_calls.lock(), 1);
     }
 }

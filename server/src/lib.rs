@@ -1,6 +1,6 @@
 //! orgpulse-server: a real-time event server. Writes go through the Store (entity change and event
 //! in one transaction), committed events travel on the Bus to each node's Hub, and the Hub fans them
-//! out to subscribers in seq order. See DESIGN.md for the data flow.
+//! out to subscribers in seq order. See docs/design.md for the data flow.
 pub mod auth;
 pub mod bus;
 pub mod config;
@@ -12,6 +12,7 @@ pub mod presence;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod stream_limit;
 pub mod tls;
 pub mod validate;
 pub mod web;

@@ -1,7 +1,8 @@
 //! Presence: who in an org is online. A user is online while at least one of their Subscribe
 //! streams is open, or while they polled within the last 45 s. `user_online` is sent when they come
 //! online; `user_offline` only after the last stream closed and the grace period passed without a
-//! new one, so a reconnect does not flicker. The embedded engine keeps it in memory.
+//! new one, so a reconnect does not flicker. The embedded engine keeps it in memory and announces
+//! each transition while it holds the state, so the announcements come in the order of the state.
 use std::{
     collections::HashMap,
     sync::Arc,
@@ -17,6 +18,40 @@ use crate::{hub::Hub, store::timestamp};
 
 /// How long a Poll keeps its caller online.
 pub const POLL_ONLINE: Duration = Duration::from_secs(45);
+
+/// A presence transition of one user in one org.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Online,
+    Offline,
+}
+
+/// Where presence transitions are announced: the Hub (the org's subscribers on this node) or, in a
+/// test, a recorder. Called with the presence state locked, in the order of the transitions, so it
+/// must not block and must not call back into presence.
+pub trait Announce: Send + Sync + 'static {
+    fn announce(&self, org: &str, user: &str, change: Change);
+}
+
+/// The Hub announces a transition as a `user_online` / `user_offline` event to the org's streams.
+impl Announce for Hub {
+    fn announce(&self, org: &str, user: &str, change: Change) {
+        let change_of = PresenceChange {
+            user_id: user.to_string(),
+        };
+        let ev = Event {
+            org_id: org.to_string(),
+            time: Some(timestamp(SystemTime::now())),
+            actor: user.to_string(),
+            payload: Some(match change {
+                Change::Online => Payload::UserOnline(change_of),
+                Change::Offline => Payload::UserOffline(change_of),
+            }),
+            ..Default::default()
+        };
+        self.deliver_ephemeral(org, ev.encode_to_vec().into());
+    }
+}
 
 pub trait Presence: Send + Sync + 'static {
     /// A stream of `user` opened; it counts until the guard is dropped.
@@ -66,36 +101,18 @@ impl Entry {
 type Key = (String, String);
 
 pub struct MemoryPresence {
-    hub: Hub,
+    announcer: Box<dyn Announce>,
     grace: Duration,
     users: Mutex<HashMap<Key, Entry>>,
 }
 
 impl MemoryPresence {
-    pub fn new(hub: Hub, grace: Duration) -> Arc<Self> {
+    pub fn new(announcer: impl Announce, grace: Duration) -> Arc<Self> {
         Arc::new(MemoryPresence {
-            hub,
+            announcer: Box::new(announcer),
             grace,
             users: Mutex::default(),
         })
-    }
-
-    fn announce(&self, org: &str, user: &str, online: bool) {
-        let change = PresenceChange {
-            user_id: user.to_string(),
-        };
-        let ev = Event {
-            org_id: org.to_string(),
-            time: Some(timestamp(SystemTime::now())),
-            actor: user.to_string(),
-            payload: Some(if online {
-                Payload::UserOnline(change)
-            } else {
-                Payload::UserOffline(change)
-            }),
-            ..Default::default()
-        };
-        self.hub.deliver_ephemeral(org, ev.encode_to_vec().into());
     }
 
     /// Applies `change` to `user`'s entry (created, and announced online, when new), then makes
@@ -114,10 +131,11 @@ impl MemoryPresence {
         change(e);
         let arm = !e.timer && e.offline_at(self.grace).is_some();
         e.timer |= arm;
-        drop(users);
+        // Announced before the lock is released: no later transition can be announced first.
         if new {
-            self.announce(org, user, true);
+            self.announcer.announce(org, user, Change::Online);
         }
+        drop(users);
         if arm {
             tokio::spawn(self.clone().offline_timer(key));
         }
@@ -137,8 +155,7 @@ impl MemoryPresence {
                     }
                     Some(at) if at <= Instant::now() => {
                         users.remove(&key);
-                        drop(users);
-                        self.announce(&key.0, &key.1, false);
+                        self.announcer.announce(&key.0, &key.1, Change::Offline);
                         return;
                     }
                     Some(at) => at,
@@ -190,5 +207,71 @@ impl Presence for MemoryPresence {
             .collect();
         members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
         members
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(10);
+
+    /// Records announcements. Once armed, at the next `Offline` it reconnects the user the way a
+    /// concurrent `connect` on another thread would: at once when the presence state is free, not
+    /// at all while the state is locked (that thread would wait for the lock).
+    #[derive(Default)]
+    struct Recorder {
+        seen: Mutex<Vec<(String, Change)>>,
+        reconnect_at_offline: Mutex<Option<Arc<MemoryPresence>>>,
+        reconnected: Mutex<Vec<PresenceGuard>>,
+    }
+
+    impl Announce for Arc<Recorder> {
+        fn announce(&self, org: &str, user: &str, change: Change) {
+            let armed = match change {
+                Change::Offline => self.reconnect_at_offline.lock().take(),
+                Change::Online => None,
+            };
+            if let Some(presence) = armed {
+                let state_is_free = presence.users.try_lock().is_some();
+                if state_is_free {
+                    let guard = presence.connect(org, user);
+                    self.reconnected.lock().push(guard);
+                }
+            }
+            self.seen.lock().push((user.to_string(), change));
+        }
+    }
+
+    /// A reconnect racing the grace timer's `user_offline`: the announcements must follow the state,
+    /// so a connected user's last announcement is `user_online`.
+    #[tokio::test(start_paused = true)]
+    async fn a_reconnect_during_the_offline_announcement_ends_online() {
+        let recorder = Arc::new(Recorder::default());
+        let presence = MemoryPresence::new(recorder.clone(), GRACE);
+        drop(presence.clone().connect("acme", "alice"));
+        *recorder.reconnect_at_offline.lock() = Some(presence.clone());
+        // The grace timer fires and takes alice offline.
+        tokio::time::sleep(GRACE + Duration::from_millis(1)).await;
+        // Alice reconnects (unless she already did during the announcement).
+        let _stream = recorder
+            .reconnected
+            .lock()
+            .is_empty()
+            .then(|| presence.clone().connect("acme", "alice"));
+        let members = presence.members("acme");
+        assert_eq!(members.len(), 1, "alice is connected");
+        assert_eq!(members[0].connections, 1);
+        let seen = recorder.seen.lock().clone();
+        let alice = |c| ("alice".to_string(), c);
+        assert_eq!(
+            seen,
+            [
+                alice(Change::Online),
+                alice(Change::Offline),
+                alice(Change::Online)
+            ],
+            "announcements out of order with the state"
+        );
     }
 }

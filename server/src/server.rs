@@ -38,9 +38,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::default());
-    let database = cfg.database().map_err(anyhow::Error::msg)?;
-    let store = crate::store::open(&database, bus.clone()).await?;
-    let hub = Hub::new(store.clone(), cfg.subscriber_queue);
+    let store = crate::store::open(&cfg, bus.clone()).await?;
+    let hub = Hub::new(store.clone(), cfg.subscriber_queue, &*bus);
     bus.attach(hub.clone());
     let presence = MemoryPresence::new(hub.clone(), cfg.presence_grace);
     let stop = CancellationToken::new();
@@ -50,6 +49,7 @@ pub async fn run(
         hub,
         presence,
         heartbeat: cfg.heartbeat_interval,
+        streams: crate::stream_limit::StreamSlots::new(cfg.max_streams_per_user),
         shutdown: stop.clone(),
     });
     let app = crate::web::router(ctx.clone(), &cfg.cors_origins).await?;

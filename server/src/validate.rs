@@ -1,4 +1,4 @@
-//! Input validation shared by the services: identifiers, text limits and page sizes of API.md.
+//! Input validation shared by the services: identifiers, text limits and page sizes of docs/api.md.
 use tonic::Status;
 
 pub const MAX_PAGE_SIZE: i32 = 500;

@@ -1,12 +1,15 @@
 //! The HTTP face of the one port: gRPC services (native and grpc-web, binary and -text) with the
 //! per-RPC log span, the dashboard at `/`, `GET /healthz`, `GET /metrics`, gRPC health and server
 //! reflection, and CORS for the configured browser origins (outermost, so preflights are answered
-//! before anything else).
-use std::{sync::Arc, time::Instant};
+//! before anything else). Both health answers follow the store: not serving while it cannot write.
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::{
     Router,
-    extract::Request,
+    extract::{Request, State},
     http::{HeaderValue, Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -29,20 +32,21 @@ use crate::service::{
 const INDEX_HTML: &[u8] = include_bytes!("../../web/dist/index.html");
 const APP_JS: &[u8] = include_bytes!("../../web/dist/app.js");
 const APP_CSS: &[u8] = include_bytes!("../../web/dist/app.css");
+/// How often gRPC health follows the store's health.
+const HEALTH_EVERY: Duration = Duration::from_millis(500);
+/// The services gRPC health reports on ("" is the server as a whole).
+const HEALTH_SERVICES: [&str; 4] = [
+    "",
+    "orgpulse.v1.JobService",
+    "orgpulse.v1.NotificationService",
+    "orgpulse.v1.EventService",
+];
 
 /// The whole HTTP service of the server.
 pub async fn router(ctx: Arc<Ctx>, cors_origins: &[String]) -> anyhow::Result<Router> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<JobServiceServer<Jobs>>().await;
-    health
-        .set_serving::<NotificationServiceServer<Notifications>>()
-        .await;
-    health
-        .set_service_status(
-            "orgpulse.v1.EventService",
-            tonic_health::ServingStatus::Serving,
-        )
-        .await;
+    set_health(&health, tonic_health::ServingStatus::Serving).await;
+    tokio::spawn(follow_store_health(ctx.clone(), health));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(orgpulse::proto::FILE_DESCRIPTOR_SET)
@@ -79,7 +83,7 @@ pub async fn router(ctx: Arc<Ctx>, cors_origins: &[String]) -> anyhow::Result<Ro
             "/app.css",
             get(|| asset("text/css; charset=utf-8", APP_CSS)),
         )
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz).with_state(ctx.clone()))
         .route("/metrics", get(metrics))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") });
     Ok(match cors(cors_origins)? {
@@ -96,6 +100,44 @@ async fn asset(content_type: &'static str, body: &'static [u8]) -> impl IntoResp
         ],
         body,
     )
+}
+
+/// `ok`, or 503 with the reason the store cannot write.
+async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
+    match ctx.store.health() {
+        Ok(()) => "ok\n".into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    }
+}
+
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    for service in HEALTH_SERVICES {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// Keeps gRPC health in step with the store's (a cheap read of its writer's last outcome).
+async fn follow_store_health(ctx: Arc<Ctx>, health: tonic_health::server::HealthReporter) {
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(HEALTH_EVERY) => {}
+        }
+        let now = ctx.store.health().is_ok();
+        if now != serving {
+            serving = now;
+            let status = if now {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            set_health(&health, status).await;
+        }
+    }
 }
 
 async fn metrics() -> impl IntoResponse {
@@ -138,13 +180,14 @@ fn cors(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
                 "grpc-status",
                 "grpc-message",
                 "grpc-status-details-bin",
+                orgpulse::error_marker::KEY,
             ]))
             .max_age(std::time::Duration::from_secs(600)),
     ))
 }
 
 /// One log span per RPC (method, org, user, status, duration). It also gives bad input that tonic
-/// rejects before our handlers run the status API.md asks for: an over-limit request message
+/// rejects before our handlers run the status docs/api.md asks for: an over-limit request message
 /// (tonic: OUT_OF_RANGE) is RESOURCE_EXHAUSTED, an undecodable or missing one (tonic: INTERNAL)
 /// is INVALID_ARGUMENT.
 async fn rpc_log(req: Request, next: Next) -> Response {

@@ -55,8 +55,14 @@ impl Error {
 }
 
 /// True when the server refused the token only because its `exp` passed: a fresh token fixes it.
+/// The server marks that status with `orgpulse-error: token-expired` (docs/api.md "Error markers").
 pub fn is_token_expired(status: &Status) -> bool {
-    status.code() == Code::Unauthenticated && status.message().to_lowercase().contains("expired")
+    use crate::error_marker::{KEY, TOKEN_EXPIRED};
+    status.code() == Code::Unauthenticated
+        && status
+            .metadata()
+            .get(KEY)
+            .is_some_and(|v| v.to_str().ok() == Some(TOKEN_EXPIRED))
 }
 
 /// True when an idempotent call may succeed by sending it again (possibly to another endpoint):
@@ -144,5 +150,45 @@ impl std::error::Error for Error {}
 impl From<Status> for Error {
     fn from(s: Status) -> Self {
         Error::Status(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::metadata::MetadataValue;
+
+    use super::*;
+    use crate::error_marker::{KEY, TOKEN_EXPIRED};
+
+    fn marked(code: Code, message: &str, marker: &'static str) -> Status {
+        let mut s = Status::new(code, message);
+        s.metadata_mut()
+            .insert(KEY, MetadataValue::from_static(marker));
+        s
+    }
+
+    #[test]
+    fn token_expiry_is_read_from_the_marker_not_the_message() {
+        assert!(is_token_expired(&marked(
+            Code::Unauthenticated,
+            "token expired",
+            TOKEN_EXPIRED
+        )));
+        assert!(is_token_expired(&marked(
+            Code::Unauthenticated,
+            "",
+            TOKEN_EXPIRED
+        )));
+        assert!(!is_token_expired(&Status::unauthenticated("token expired")));
+        assert!(!is_token_expired(&marked(
+            Code::Unauthenticated,
+            "x",
+            "other"
+        )));
+        assert!(!is_token_expired(&marked(
+            Code::PermissionDenied,
+            "x",
+            TOKEN_EXPIRED
+        )));
     }
 }

@@ -142,7 +142,7 @@ fn recorded_database(dir: &Path) -> Option<String> {
 }
 
 /// The name of the PostgreSQL database of data directory `dir`.
-pub fn database_name(dir: &Path) -> String {
+fn database_name(dir: &Path) -> String {
     let url = recorded_database(dir).expect("a data directory with a PostgreSQL database");
     name_in(&url)
 }
@@ -204,8 +204,57 @@ where
     )
 }
 
+/// Makes the store of a server's data directory unable to write until dropped. SQLite: another
+/// connection holds the file's write lock. PostgreSQL: the database refuses new connections and
+/// the server's are ended (so reads fail too).
+pub enum StoreOutage {
+    Sqlite(rusqlite::Connection),
+    Postgres(String),
+}
+
+impl StoreOutage {
+    pub fn start(dir: &Path) -> StoreOutage {
+        if !on_postgres() {
+            let lock = rusqlite::Connection::open(dir.join("orgpulse.db")).unwrap();
+            lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+            return StoreOutage::Sqlite(lock);
+        }
+        let name = database_name(dir);
+        set_connections(&name, false);
+        StoreOutage::Postgres(name)
+    }
+}
+
+impl Drop for StoreOutage {
+    fn drop(&mut self) {
+        match self {
+            StoreOutage::Sqlite(lock) => lock.execute_batch("ROLLBACK").unwrap(),
+            StoreOutage::Postgres(name) => set_connections(name, true),
+        }
+    }
+}
+
+/// Lets database `name` take connections, or refuses them and ends the open ones.
+fn set_connections(name: &str, allowed: bool) {
+    let name = name.to_string();
+    on_admin_connection(move |c| async move {
+        c.batch_execute(&format!(
+            "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS {allowed}"
+        ))
+        .await?;
+        if !allowed {
+            c.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                &[&name],
+            )
+            .await?;
+        }
+        Ok(())
+    })
+}
+
 /// Runs `f` on a connection to the database the test databases are created from.
-pub fn on_admin_connection<T, F, Fut>(f: F) -> T
+fn on_admin_connection<T, F, Fut>(f: F) -> T
 where
     T: Send + 'static,
     F: FnOnce(tokio_postgres::Client) -> Fut + Send + 'static,
@@ -223,8 +272,16 @@ pub struct TestServer {
     pub url: String,
     pub dir: PathBuf,
     pub args: Vec<String>,
-    /// Server stderr lines (logs) are forwarded to the test's stderr.
+    /// Server stderr lines (logs) are forwarded to the test's stderr; with
+    /// `ServerOpts::capture_stderr` they are also kept (see `stop_and_read_stderr`).
+    stderr: Option<CapturedStderr>,
     _keep: Option<TempDir>,
+}
+
+/// The server's stderr, collected by a task that reads it until the process exits.
+struct CapturedStderr {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: tokio::task::JoinHandle<()>,
 }
 
 #[derive(Default)]
@@ -234,6 +291,8 @@ pub struct ServerOpts {
     pub dir: Option<PathBuf>,
     /// Address to listen on; `127.0.0.1:0` when None.
     pub listen: Option<String>,
+    /// Keep the server's stderr (still forwarded to the test's stderr) for `stop_and_read_stderr`.
+    pub capture_stderr: bool,
 }
 
 impl TestServer {
@@ -270,13 +329,18 @@ impl TestServer {
             secret.display().to_string(),
         ];
         args.extend(opts.extra_args);
-        let mut s = Self::spawn(args, dir).await;
+        let mut s = Self::spawn_capturing(args, dir, opts.capture_stderr).await;
         s._keep = keep;
         s
     }
 
     /// Starts the server with exactly `args` (no default flags); `dir` is its data directory.
     pub async fn spawn(args: Vec<String>, dir: PathBuf) -> Self {
+        Self::spawn_capturing(args, dir, false).await
+    }
+
+    /// Like `spawn`; with `capture_stderr` the server's stderr is also kept.
+    pub async fn spawn_capturing(args: Vec<String>, dir: PathBuf, capture_stderr: bool) -> Self {
         let mut child = Command::new(workspace_bin("orgpulse-server"))
             .args(&args)
             .env(
@@ -284,10 +348,28 @@ impl TestServer {
                 std::env::var("ORGPULSE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if capture_stderr {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .kill_on_drop(true)
             .spawn()
             .expect("spawn orgpulse-server");
+        let stderr = child.stderr.take().map(|pipe| {
+            let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let kept = text.clone();
+            let reader = tokio::spawn(async move {
+                let mut lines = BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    eprintln!("{line}");
+                    let mut kept = kept.lock().unwrap();
+                    kept.push_str(&line);
+                    kept.push('\n');
+                }
+            });
+            CapturedStderr { text, reader }
+        });
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let url = tokio::time::timeout(Duration::from_secs(30), async {
@@ -309,8 +391,24 @@ impl TestServer {
             addr,
             dir,
             args,
+            stderr,
             _keep: None,
         }
+    }
+
+    /// SIGTERM, then everything the server wrote to stderr until it exited. Needs
+    /// `ServerOpts::capture_stderr`.
+    pub async fn stop_and_read_stderr(&mut self) -> String {
+        let captured = self
+            .stderr
+            .take()
+            .expect("start the server with capture_stderr");
+        self.terminate().await;
+        tokio::time::timeout(WAIT, captured.reader)
+            .await
+            .expect("stderr closes when the server exits")
+            .expect("stderr reader");
+        std::mem::take(&mut *captured.text.lock().unwrap())
     }
 
     /// Restart on the same address and data directory (after `kill` or `terminate`).
@@ -320,7 +418,8 @@ impl TestServer {
         let i = args.iter().position(|a| a == "--listen").unwrap();
         args[i + 1] = self.addr.clone();
         let keep = self._keep.take();
-        let mut fresh = Self::spawn(args, self.dir.clone()).await;
+        let capture = self.stderr.is_some();
+        let mut fresh = Self::spawn_capturing(args, self.dir.clone(), capture).await;
         fresh._keep = keep;
         *self = fresh;
     }
@@ -706,6 +805,48 @@ pub async fn online(server: &TestServer, token: &str) -> Vec<orgpulse::proto::Me
         .expect("list_online")
         .into_inner()
         .members
+}
+
+/// Asserts UNAUTHENTICATED on a unary call and on Subscribe, with a message containing `says`
+/// (and not echoing the token); returns both statuses.
+pub async fn refused(server: &TestServer, token: &str, says: &str) -> [tonic::Status; 2] {
+    let unary = server
+        .jobs(token)
+        .await
+        .list_jobs(orgpulse::proto::ListJobsRequest {
+            org_id: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unary call must be refused");
+    let subscribe = Sub::open(server, token, "acme", "", &[])
+        .await
+        .err()
+        .expect("subscribe must be refused");
+    for err in [&unary, &subscribe] {
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+        assert!(
+            err.message().contains(says),
+            "message {:?} should say {says:?}",
+            err.message()
+        );
+        assert!(
+            token.len() < 20 || !err.message().contains(token),
+            "token echoed"
+        );
+    }
+    [unary, subscribe]
+}
+
+/// Asserts `status` is UNAUTHENTICATED with the `orgpulse-error: token-expired` trailer.
+pub fn assert_token_expired_marker(status: &tonic::Status) {
+    use orgpulse::error_marker::{KEY, TOKEN_EXPIRED};
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert_eq!(
+        status.metadata().get(KEY).and_then(|v| v.to_str().ok()),
+        Some(TOKEN_EXPIRED),
+        "{status:?}"
+    );
 }
 
 /// Sends a notification titled `title` to `user` ("" = everyone) in the token's org.

@@ -12,7 +12,7 @@ export interface Identity {
   exp: number;
 }
 
-/** Roles that may create jobs (API.md: member, admin, service; not viewer). */
+/** Roles that may create jobs (docs/api.md: member, admin, service; not viewer). */
 const CREATORS = ["member", "admin", "service"];
 
 export const canCreate = (id: Identity): boolean => id.roles.some((r) => CREATORS.includes(r));

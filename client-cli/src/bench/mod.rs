@@ -2,8 +2,10 @@
 //! targets) a server, opens S subscribers each on its own HTTP/2 connection, waits until all are
 //! caught up, publishes E job updates through the public API, and prints one JSON line: deliveries
 //! expected/received, throughput, commit→receipt latency, server CPU per delivery and RSS per
-//! connection. Any loss, reordering or broken stream makes the exit code non-zero.
+//! connection. Any loss, reordering or broken stream makes the exit code non-zero. The `orgs`
+//! scenario (orgs.rs) instead measures what many idle orgs cost the server.
 mod histogram;
+mod orgs;
 mod server;
 mod subscriber;
 mod writer;
@@ -36,6 +38,9 @@ pub enum Scenario {
     Catchup,
     /// 20,000 subscribers on several source addresses, all receiving a broadcast.
     Scale,
+    /// 5,000 orgs (--orgs) with one idle subscriber each, over shared HTTP/2 connections: server
+    /// CPU while nothing is published (--seconds).
+    Orgs,
 }
 
 struct Shape {
@@ -56,6 +61,7 @@ impl Scenario {
             Scenario::Ingest => (100, 20_000, 0.0, 8, 1000),
             Scenario::Catchup => (1, 100_000, 0.0, 8, 0),
             Scenario::Scale => (20_000, 10, 0.0, 1, 3000),
+            Scenario::Orgs => (5_000, 0, 0.0, 1, 3000),
         };
         Shape {
             subscribers,
@@ -92,6 +98,12 @@ pub struct BenchArgs {
     /// Override the scenario's subscriber count.
     #[arg(long)]
     pub subscribers: Option<usize>,
+    /// orgs: how many orgs, one subscriber each (default 5,000).
+    #[arg(long)]
+    pub orgs: Option<usize>,
+    /// orgs: how long the idle server's CPU is measured.
+    #[arg(long, default_value = "20s", value_parser = duration)]
+    pub seconds: Duration,
     /// Override the scenario's event count (catchup: the backlog).
     #[arg(long)]
     pub events: Option<u64>,
@@ -129,21 +141,28 @@ fn duration(s: &str) -> Result<Duration, String> {
 /// Runs one scenario against `url` (used only with --secret-file) and prints its JSON line.
 pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
     let mut shape = args.scenario.shape();
-    shape.subscribers = args.subscribers.unwrap_or(shape.subscribers);
+    shape.subscribers = args.orgs.or(args.subscribers).unwrap_or(shape.subscribers);
     shape.events = args.events.unwrap_or(shape.events);
     shape.rate = args.rate.unwrap_or(shape.rate);
     shape.writers = args.writers.unwrap_or(shape.writers).max(1);
     shape.settle = args.settle.unwrap_or(shape.settle);
-    // One socket per subscriber here and in a started server (which inherits the limit), plus
-    // a few dozen for writers, the database and stdio.
-    server::raise_nofile(shape.subscribers as u64 + 64)?;
+    // One socket per subscriber (orgs: per shared connection) here and in a started server (which
+    // inherits the limit), plus a few dozen for writers, the database and stdio.
+    let sockets = match args.scenario {
+        Scenario::Orgs => shape.subscribers.div_ceil(orgs::STREAMS_PER_CONNECTION),
+        _ => shape.subscribers,
+    };
+    server::raise_nofile(sockets as u64 + 64)?;
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     server::pin_self(&args.client_cpus)?;
     let target = match &args.secret_file {
         Some(secret) => Target::attach(url, secret)?,
         None => Target::start(&server_bin(&args), &args.server_cpus, &args.server_args).await?,
     };
-    let result = measure(&args, &shape, &target).await;
+    let result = match args.scenario {
+        Scenario::Orgs => orgs::measure(&args, &shape, &target).await,
+        _ => measure(&args, &shape, &target).await,
+    };
     target.stop().await;
     let mut out = result?;
     let ok = out["lost"] == 0
@@ -237,16 +256,18 @@ async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result<Val
     let opened: Vec<Result<Subscriber, String>> = timed(args, async {
         Ok(futures::stream::iter(tokens.iter().enumerate())
             .map(|(i, tok)| {
-                Subscriber::open(
-                    Dial {
-                        server: target.addr,
-                        source: subscriber::source(i, sources),
-                        token: tok,
-                        org: &args.org,
-                        after_cursor: after_cursor.clone(),
-                    },
-                    &tally,
-                )
+                let dial = Dial {
+                    server: target.addr,
+                    token: tok,
+                    org: &args.org,
+                    after_cursor: after_cursor.clone(),
+                };
+                let tally = &tally;
+                async move {
+                    let conn =
+                        subscriber::connect(target.addr, subscriber::source(i, sources)).await?;
+                    Subscriber::open(conn, dial, tally).await
+                }
             })
             .buffer_unordered(args.connect_concurrency.max(1))
             .collect()

@@ -24,11 +24,13 @@ pub struct Target {
     data_dir: Option<PathBuf>,
 }
 
-/// Process-wide CPU seconds (user+system) and resident bytes of the server.
+/// Process-wide CPU seconds (user+system) and resident bytes of the server, and its open
+/// `Subscribe` streams.
 #[derive(Clone, Copy, Debug)]
 pub struct Usage {
     pub cpu_s: f64,
     pub rss: u64,
+    pub open_streams: u64,
 }
 
 pub fn fail(msg: impl Into<String>) -> CliError {
@@ -129,7 +131,7 @@ impl Target {
         format!("http://{}", self.addr)
     }
 
-    /// The server's CPU seconds and RSS from `GET /metrics`.
+    /// The server's CPU seconds, RSS and open streams from `GET /metrics`.
     pub async fn usage(&self) -> Result<Usage, CliError> {
         let text = tokio::time::timeout(Duration::from_secs(10), http_get(self.addr, "/metrics"))
             .await
@@ -149,6 +151,7 @@ impl Target {
         Ok(Usage {
             cpu_s: value("process_cpu_seconds_total")?,
             rss: value("process_resident_memory_bytes")? as u64,
+            open_streams: value("orgpulse_open_streams")? as u64,
         })
     }
 

@@ -1,6 +1,6 @@
-//! A bench subscriber: one `Subscribe` stream on its own HTTP/2 connection, spoken directly over
-//! `h2` (a tonic channel per connection would cost the client more memory than the server), from
-//! a chosen 127.0.0.x source address. Every `job_updated` is counted, checked for seq order and
+//! A bench subscriber: one `Subscribe` stream on an HTTP/2 connection (its own, or one shared by
+//! many streams), spoken directly over `h2` (a tonic channel per connection would cost the client
+//! more memory than the server), from a chosen 127.0.0.x source address. Every `job_updated` is counted, checked for seq order and
 //! its commit→receipt latency (`Event.time` vs. the wall clock of this host) recorded.
 use std::{
     net::{IpAddr, SocketAddr},
@@ -12,7 +12,7 @@ use std::{
 };
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use h2::RecvStream;
+use h2::{RecvStream, client::SendRequest};
 use orgpulse::proto::{Event, EventKind, OrgFilter, event::Payload};
 use prost::Message;
 use tokio::net::TcpSocket;
@@ -67,33 +67,42 @@ pub struct Subscriber {
 /// Where and as whom to subscribe.
 pub struct Dial<'a> {
     pub server: SocketAddr,
-    pub source: IpAddr,
     pub token: &'a str,
     pub org: &'a str,
     pub after_cursor: String,
 }
 
+/// An HTTP/2 connection from `source` to `server`, driven by its own task until it closes. Streams
+/// are opened on clones of the returned handle (up to the server's concurrent-stream limit).
+pub async fn connect(server: SocketAddr, source: IpAddr) -> Result<SendRequest<Bytes>, String> {
+    let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    sock.bind(SocketAddr::new(source, 0))
+        .map_err(|e| format!("bind {source}: {e}"))?;
+    let tcp = sock
+        .connect(server)
+        .await
+        .map_err(|e| format!("connect from {source}: {e}"))?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(1 << 20)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
 impl Subscriber {
-    /// Connects, subscribes to the org's job events and reads up to `caught_up`.
-    pub async fn open(d: Dial<'_>, tally: &Tally) -> Result<Subscriber, String> {
-        let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
-        sock.bind(SocketAddr::new(d.source, 0))
-            .map_err(|e| format!("bind {}: {e}", d.source))?;
-        let tcp = sock
-            .connect(d.server)
-            .await
-            .map_err(|e| format!("connect from {}: {e}", d.source))?;
-        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-        let (send, conn) = h2::client::Builder::new()
-            .initial_window_size(1 << 20)
-            .initial_connection_window_size(1 << 20)
-            .handshake::<_, Bytes>(tcp)
-            .await
-            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut send = send.ready().await.map_err(|e| e.to_string())?;
+    /// Subscribes to the org's job events on `conn` and reads up to `caught_up`.
+    pub async fn open(
+        conn: SendRequest<Bytes>,
+        d: Dial<'_>,
+        tally: &Tally,
+    ) -> Result<Subscriber, String> {
+        let mut send = conn.ready().await.map_err(|e| e.to_string())?;
         let req = http::Request::post(format!(
             "http://{}/orgpulse.v1.EventService/Subscribe",
             d.server

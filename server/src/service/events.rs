@@ -27,14 +27,16 @@ use tonic_prost::{ProstCodec, ProstDecoder};
 
 use super::Ctx;
 use crate::{
-    auth::Need,
+    auth::{self, Need},
     cursor::Cursor,
-    hub::{Audience, Kinds},
+    hub::{Audience, Cut, Kinds},
     metrics::{METRICS, StreamGauge},
-    store::timestamp,
+    presence::PresenceGuard,
+    store::{LogRead, timestamp},
+    stream_limit::StreamSlot,
 };
 
-/// Largest request message accepted (API.md: larger is RESOURCE_EXHAUSTED).
+/// Largest request message accepted (docs/api.md: larger is RESOURCE_EXHAUSTED).
 pub const MAX_REQUEST: usize = 1024 * 1024;
 /// Events read from the Store per page while replaying.
 const REPLAY_PAGE: usize = 1000;
@@ -167,12 +169,24 @@ async fn subscribe(
         user: claims.user.as_str().into(),
         kinds,
     };
+    let slot = ctx.streams.acquire(&org, &claims.user)?;
     let reg = ctx.hub.register(&org, audience.clone()).await?;
     let presence = ctx.presence.clone().connect(&org, &claims.user);
     let expires = Instant::now() + claims.time_left();
     tracing::info!(org, user = claims.user, "stream opened");
-    let stream = subscription(ctx, org, audience, from, reg, expires, presence);
+    let held = Held {
+        _slot: slot,
+        _presence: presence,
+    };
+    let stream = subscription(ctx, org, audience, from, reg, expires, held);
     Ok(Response::new(Box::pin(stream)))
+}
+
+/// What an open stream holds until it ends, however it ends: its slot in the per-user stream
+/// limit and its user's presence.
+struct Held {
+    _slot: StreamSlot,
+    _presence: PresenceGuard,
 }
 
 /// What woke a live stream.
@@ -190,48 +204,55 @@ fn subscription(
     from: Option<Cursor>,
     mut reg: crate::hub::Registration,
     expires: Instant,
-    presence: crate::presence::PresenceGuard,
+    held: Held,
 ) -> impl Stream<Item = Result<Bytes, Status>> + Send + 'static {
     async_stream::try_stream! {
         let _gauge = StreamGauge::open();
-        let _presence = presence;
+        let _held = held;
         let mut log = StreamLog { org: org.clone(), user: audience.user.clone(), sent: 0, end: "client went away" };
         let store = ctx.store.clone();
         let epoch = store.org_epoch(&org);
-        let bounds = store.bounds(&org).await?;
         // Position: the last seq this subscriber has seen or skipped.
-        let mut pos = bounds.head;
-        match from {
-            Some(c) if bounds.serves(epoch, &c) => {
-                pos = c.seq;
+        let (mut pos, mut resync) = match from {
+            Some(c) if c.epoch == epoch => (c.seq, false),
+            _ => (store.bounds(&org).await?.head, from.is_some()),
+        };
+        if from.is_some() && !resync {
+            'replay: loop {
                 loop {
-                    loop {
-                        let page = store.read_events(&org, pos, REPLAY_PAGE).await?;
-                        let full = page.len() == REPLAY_PAGE;
-                        for ev in page {
-                            pos = ev.seq;
-                            if audience.sees(&ev) {
-                                METRICS.events_delivered.inc();
-                                log.sent += 1;
-                                yield ev.bytes;
-                            }
+                    let page = match store.read_after(&org, pos, REPLAY_PAGE).await? {
+                        LogRead::Events(page) => page,
+                        // Trimmed past `pos` (before or during the replay): what was sent is
+                        // seamless; the rest is a resync to the head, then live from there.
+                        LogRead::Unreachable(bounds) => {
+                            pos = bounds.head;
+                            resync = true;
+                            break 'replay;
                         }
-                        if !full {
-                            break;
+                    };
+                    let full = page.len() == REPLAY_PAGE;
+                    for ev in page {
+                        pos = ev.seq;
+                        if audience.sees(&ev) {
+                            METRICS.events_delivered.inc();
+                            log.sent += 1;
+                            yield ev.bytes;
                         }
                     }
-                    // Cut off while replaying (live events piled up): join again, replay the rest.
-                    if !reg.was_cut() {
+                    if !full {
                         break;
                     }
-                    reg = ctx.hub.register(&org, audience.clone()).await?;
                 }
+                // Cut off while replaying (live events piled up): join again, replay the rest.
+                if !reg.was_cut() {
+                    break;
+                }
+                reg = ctx.hub.register(&org, audience.clone()).await?;
             }
-            Some(_) => {
-                let reason = "cursor is older than the retained log or from another log; reload and continue from this cursor";
-                yield control(&org, epoch, pos, Payload::Resync(Resync { reason: reason.into() }));
-            }
-            None => {}
+        }
+        if resync {
+            let reason = "cursor is older than the retained log or from another log; reload and continue from this cursor";
+            yield control(&org, epoch, pos, Payload::Resync(Resync { reason: reason.into() }));
         }
         yield control(&org, epoch, pos, Payload::CaughtUp(CaughtUp {}));
         // The wake-up futures live as long as the stream: building them per event (a timer
@@ -280,13 +301,22 @@ fn subscription(
                     yield item.bytes;
                 }
                 Wake::Item(None) => {
-                    log.end = "too slow";
-                    Err(Status::unavailable("subscriber too slow; resume from your cursor"))?;
+                    let message = match reg.cut() {
+                        Some(Cut::Behind) => {
+                            log.end = "behind the retained log";
+                            "this stream fell behind the retained log; resume from your cursor"
+                        }
+                        _ => {
+                            log.end = "too slow";
+                            "subscriber too slow; resume from your cursor"
+                        }
+                    };
+                    Err(Status::unavailable(message))?;
                 }
                 Wake::Heartbeat => yield control(&org, epoch, pos, Payload::Heartbeat(Heartbeat {})),
                 Wake::Expired => {
                     log.end = "token expired";
-                    Err(Status::unauthenticated("token expired"))?;
+                    Err(auth::token_expired())?;
                 }
                 Wake::Shutdown => {
                     log.end = "server shutting down";
@@ -335,27 +365,28 @@ async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollR
     let mut reg = ctx.hub.register(&org, audience.clone()).await?;
     let store = &ctx.store;
     let epoch = store.org_epoch(&org);
-    let bounds = store.bounds(&org).await?;
+    let resync_at = |head| {
+        Response::new(PollResponse {
+            events: vec![],
+            cursor: Cursor { epoch, seq: head }.encode(),
+            resync: true,
+        })
+    };
     let mut pos = match from {
-        None => bounds.head,
-        Some(c) if bounds.serves(epoch, &c) => c.seq,
-        Some(_) => {
-            let cursor = Cursor {
-                epoch,
-                seq: bounds.head,
-            }
-            .encode();
-            return Ok(Response::new(PollResponse {
-                events: vec![],
-                cursor,
-                resync: true,
-            }));
-        }
+        None => store.bounds(&org).await?.head,
+        Some(c) if c.epoch == epoch => c.seq,
+        Some(_) => return Ok(resync_at(store.bounds(&org).await?.head)),
     };
     let mut events = Vec::new();
     loop {
         loop {
-            let page = store.read_events(&org, pos, REPLAY_PAGE).await?;
+            let page = match store.read_after(&org, pos, REPLAY_PAGE).await? {
+                LogRead::Events(page) => page,
+                // Trimmed past `pos` after some events were taken: those are seamless, and the
+                // next Poll (after them) is told resync.
+                LogRead::Unreachable(_) if !events.is_empty() => break,
+                LogRead::Unreachable(bounds) => return Ok(resync_at(bounds.head)),
+            };
             let full = page.len() == REPLAY_PAGE;
             for ev in page {
                 if events.len() == max {

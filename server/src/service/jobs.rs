@@ -26,6 +26,19 @@ fn status(field: &str, v: i32) -> Result<JobStatus, Status> {
     }
 }
 
+/// The distinct statuses of a `ListJobs` filter, each validated (at most the five statuses
+/// however many times the request repeats them).
+fn status_filter(statuses: &[i32]) -> Result<Vec<i32>, Status> {
+    let mut distinct = Vec::new();
+    for &s in statuses {
+        status("statuses:", s)?;
+        if !distinct.contains(&s) {
+            distinct.push(s);
+        }
+    }
+    Ok(distinct)
+}
+
 #[tonic::async_trait]
 impl JobService for Jobs {
     async fn create_job(&self, req: Request<CreateJobRequest>) -> Result<Response<Job>, Status> {
@@ -64,16 +77,10 @@ impl JobService for Jobs {
     ) -> Result<Response<ListJobsResponse>, Status> {
         let (_, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Read)?;
         let r = req.into_inner();
-        for s in &r.statuses {
-            status("statuses:", *s)?;
-        }
+        let statuses = status_filter(&r.statuses)?;
         let limit = validate::page_size(r.page_size)?;
         let after = page_token(&r.page_token)?;
-        let page = self
-            .0
-            .store
-            .list_jobs(&org, r.statuses, limit, after)
-            .await?;
+        let page = self.0.store.list_jobs(&org, statuses, limit, after).await?;
         let cursor = Cursor {
             epoch: self.0.store.org_epoch(&org),
             seq: page.head,
@@ -126,5 +133,18 @@ impl JobService for Jobs {
             .delete_job(&org, &claims.user, &req.get_ref().job_id)
             .await?;
         Ok(Response::new(DeleteJobResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_filter_keeps_each_status_once() {
+        let repeated: Vec<i32> = (0..500_000).map(|i| 1 + i % 5).collect();
+        assert_eq!(status_filter(&repeated).unwrap(), [1, 2, 3, 4, 5]);
+        assert_eq!(status_filter(&[3, 3, 1]).unwrap(), [3, 1]);
+        assert!(status_filter(&[1, 0]).is_err());
     }
 }

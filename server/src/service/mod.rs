@@ -14,6 +14,7 @@ use crate::{
     hub::Hub,
     presence::Presence,
     store::Store,
+    stream_limit::StreamSlots,
 };
 
 /// What every service needs.
@@ -23,6 +24,8 @@ pub struct Ctx {
     pub hub: Hub,
     pub presence: Arc<dyn Presence>,
     pub heartbeat: Duration,
+    /// Open `Subscribe` streams per user, against `--max-streams-per-user`.
+    pub streams: StreamSlots,
     /// Cancelled when the server shuts down: every open stream ends at once.
     pub shutdown: CancellationToken,
 }

@@ -17,7 +17,11 @@ use orgpulse::proto::{Event, EventKind, Job, JobDeleted, JobStatus, Notification
 use prost::Message;
 use tonic::Status;
 
-use crate::{bus::Bus, config::Database, cursor::Cursor};
+use crate::{
+    bus::Bus,
+    config::{Config, Database},
+    cursor::Cursor,
+};
 
 /// A durable event as committed: encoded once, shared by every subscriber it goes to.
 #[derive(Debug, Clone)]
@@ -39,9 +43,7 @@ pub enum StoreError {
     FailedPrecondition(String),
     #[error("{0}")]
     Aborted(String),
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// The database cannot be reached now; the caller may retry.
+    /// The store cannot write now (its writer failed, stopped or is overloaded): retry later.
     #[error("{0}")]
     Unavailable(String),
     #[error("storage error: {0}")]
@@ -54,11 +56,7 @@ impl From<StoreError> for Status {
             StoreError::NotFound(m) => Status::not_found(m),
             StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
             StoreError::Aborted(m) => Status::aborted(m),
-            StoreError::InvalidArgument(m) => Status::invalid_argument(m),
-            StoreError::Unavailable(m) => {
-                tracing::warn!(error = %m, "store unavailable");
-                Status::unavailable("the database is unavailable; retry")
-            }
+            StoreError::Unavailable(m) => Status::unavailable(m),
             StoreError::Internal(m) => {
                 tracing::error!(error = %m, "storage error");
                 Status::internal("storage error")
@@ -70,10 +68,14 @@ impl From<StoreError> for Status {
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// Opens the store `database` names: the engine is chosen here and nowhere else.
-pub async fn open(database: &Database, bus: Arc<dyn Bus>) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(match database {
-        Database::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path, bus)?),
-        Database::Postgres(url) => Arc::new(postgres::PostgresStore::open(url, bus).await?),
+pub async fn open(cfg: &Config, bus: Arc<dyn Bus>) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match cfg.database().map_err(anyhow::Error::msg)? {
+        Database::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(
+            &path,
+            bus,
+            cfg.sqlite_busy_timeout,
+        )?),
+        Database::Postgres(url) => Arc::new(postgres::PostgresStore::open(&url, bus).await?),
     })
 }
 
@@ -124,10 +126,31 @@ pub struct LogBounds {
     pub head: u64,
 }
 
-impl LogBounds {
-    /// Whether every event after `cursor` can be replayed from this log.
-    pub fn serves(&self, epoch: u64, cursor: &Cursor) -> bool {
-        cursor.epoch == epoch && cursor.seq >= self.floor && cursor.seq <= self.head
+/// What an org's log holds after a seq: the one answer replay, Poll and gap repair act on.
+#[derive(Debug)]
+pub enum LogRead {
+    /// The next events after the seq, in seq order and without gaps (empty: nothing after it yet).
+    Events(Vec<CommittedEvent>),
+    /// The log does not reach the seq (trimmed past it, or it is ahead of the head): whoever
+    /// asked must resync. `bounds` are the log's as of the same read.
+    Unreachable(LogBounds),
+}
+
+impl LogRead {
+    /// The answer for `rows` read after `after` in the same read transaction as `bounds`: rows
+    /// that do not continue `after` seamlessly are never handed out as if they did.
+    pub fn of(after: u64, bounds: LogBounds, rows: Vec<CommittedEvent>) -> LogRead {
+        let seamless = match (rows.first(), rows.last()) {
+            (Some(first), Some(last)) => {
+                first.seq == after + 1 && last.seq == after + rows.len() as u64
+            }
+            _ => true,
+        };
+        if after < bounds.floor || after > bounds.head || !seamless {
+            LogRead::Unreachable(bounds)
+        } else {
+            LogRead::Events(rows)
+        }
     }
 }
 
@@ -165,11 +188,18 @@ pub trait Store: Send + Sync + 'static {
     /// Marks read for `user`; returns their unread count.
     async fn mark_read(&self, org: &str, user: &str, ids: Vec<String>) -> Result<u32>;
     async fn bounds(&self, org: &str) -> Result<LogBounds>;
-    /// Up to `limit` events with seq > `after`, in seq order.
-    async fn read_events(&self, org: &str, after: u64, limit: usize)
-    -> Result<Vec<CommittedEvent>>;
+    /// The last seq of each of `orgs`' logs, in ONE query however many orgs there are (the
+    /// Hub's tail check on a lossy bus). Orgs that never had an event (head 0) are left out.
+    async fn heads(&self, orgs: &[Arc<str>]) -> Result<Vec<(Arc<str>, u64)>>;
+    /// Up to `limit` events with seq > `after`, in seq order, or that the log no longer reaches
+    /// back to `after`: the retained floor is checked in the same read transaction as the rows, so
+    /// a trim racing the read can never make it skip events silently.
+    async fn read_after(&self, org: &str, after: u64, limit: usize) -> Result<LogRead>;
     /// Drops events (and idempotency keys) committed before `before`, raising each org's floor.
     async fn trim(&self, before: SystemTime) -> Result<u64>;
+    /// Whether the store can write now, from its writer's last transaction (cheap, writes
+    /// nothing); `Err` says why not.
+    fn health(&self) -> std::result::Result<(), String>;
 }
 
 /// How long a `request_id` makes a create idempotent.
@@ -185,7 +215,7 @@ pub fn millis(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// Applies an update to `job` following the status state machine of API.md.
+/// Applies an update to `job` following the status state machine of docs/api.md.
 pub fn apply_patch(job: &mut Job, patch: &JobPatch, actor: &str, now: SystemTime) -> Result<()> {
     if patch.expected_version != 0 && patch.expected_version != job.version {
         return Err(StoreError::Aborted(format!(
@@ -248,12 +278,20 @@ pub fn encode_event(
     .into()
 }
 
-/// The kind of a durable payload (for filtering without decoding).
-pub fn payload_kind(p: &Payload) -> EventKind {
+/// The kind of a durable payload (for filtering without decoding); `None` for the ephemeral ones,
+/// which are never appended to the log.
+pub fn payload_kind(p: &Payload) -> Option<EventKind> {
     match p {
-        Payload::JobCreated(_) | Payload::JobUpdated(_) | Payload::JobDeleted(_) => EventKind::Job,
-        Payload::NotificationNew(_) => EventKind::Notification,
-        _ => EventKind::Presence,
+        Payload::JobCreated(_) | Payload::JobUpdated(_) | Payload::JobDeleted(_) => {
+            Some(EventKind::Job)
+        }
+        Payload::NotificationNew(_) => Some(EventKind::Notification),
+        Payload::EntityChanged(_) => Some(EventKind::Entity),
+        Payload::UserOnline(_)
+        | Payload::UserOffline(_)
+        | Payload::Heartbeat(_)
+        | Payload::CaughtUp(_)
+        | Payload::Resync(_) => None,
     }
 }
 

@@ -1,12 +1,17 @@
 //! The embedded engine: one SQLite file in WAL mode.
 //!
 //! All writes go through one writer thread that group-commits: it takes every write waiting in its
-//! queue, runs each inside its own SAVEPOINT of one transaction (a failing write rolls back alone),
-//! commits once, then publishes the committed events on the Bus in seq order and answers the
-//! callers. Reads run on a small pool of read connections (WAL readers never block the writer).
+//! bounded queue, runs each inside its own SAVEPOINT of one transaction (a failing write rolls back
+//! alone), commits once, then publishes the committed events on the Bus in seq order and answers
+//! the callers. A batch whose transaction cannot begin or commit applies and publishes nothing. The
+//! writer's last transaction outcome (refreshed by a lock-only probe when idle) is the store's
+//! health. Reads run on a small pool of read connections (WAL readers never block the writer).
 use std::{
     path::Path,
-    sync::Arc,
+    sync::{
+        Arc,
+        mpsc::{self, RecvTimeoutError, TrySendError},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -16,12 +21,14 @@ use orgpulse::proto::{EventKind, Job, JobStatus, Notification, event::Payload};
 use parking_lot::Mutex;
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::{
-    CommittedEvent, IDEMPOTENCY_WINDOW, JobPage, JobPatch, LogBounds, NewJob, NewNotification,
-    NotificationPage, Result, Store, StoreError, apply_patch, encode_event, job_deleted, millis,
-    payload_kind, timestamp,
+    CommittedEvent, IDEMPOTENCY_WINDOW, JobPage, JobPatch, LogBounds, LogRead, NewJob,
+    NewNotification, NotificationPage, Result, Store, StoreError, apply_patch, encode_event,
+    job_deleted, millis,
+    model::{WriterGone, WriterHealth, durable_kind, writer_stopped},
+    timestamp,
 };
 use crate::{bus::Bus, cursor::org_epoch};
 
@@ -75,22 +82,32 @@ CREATE INDEX IF NOT EXISTS requests_by_time ON requests (created_ms);
 
 /// Called once the batch a write was part of has committed (or failed to).
 type Finish = Box<dyn FnOnce(Result<()>) + Send>;
-/// A write: runs inside its own savepoint; `true` when it succeeded and should be kept.
-type WriteOp = Box<dyn FnOnce(&Connection, &mut Appender) -> (bool, Finish) + Send>;
+/// A write: given the open transaction, runs inside its own savepoint and says `true` when it
+/// succeeded and should be kept; given `None` (the transaction could not be had) it runs nothing.
+type WriteOp = Box<dyn FnOnce(Option<(&Connection, &mut Appender)>) -> (bool, Finish) + Send>;
 
 /// Most writes one transaction takes.
 const MAX_BATCH: usize = 512;
+/// Most writes waiting for the writer; beyond that a write is refused (UNAVAILABLE) rather than
+/// held in memory: 16 full group commits, a few hundred milliseconds of work.
+const WRITE_QUEUE: usize = 16 * MAX_BATCH;
+/// How long the writer may sit idle before it probes that it can still take the write lock.
+const PROBE_IDLE: Duration = Duration::from_secs(1);
+/// Log rows (or idempotency keys) one retention write deletes: trimming is many short writes.
+const TRIM_BATCH: u64 = 1000;
 /// Read connections kept open.
 const READERS: usize = 4;
 
 pub struct SqliteStore {
-    writer: mpsc::UnboundedSender<WriteOp>,
+    writer: mpsc::SyncSender<WriteOp>,
     readers: Arc<Readers>,
+    health: Arc<WriterHealth>,
     db_epoch: u64,
 }
 
 struct Readers {
     path: std::path::PathBuf,
+    busy_timeout: Duration,
     idle: Mutex<Vec<Connection>>,
 }
 
@@ -110,6 +127,7 @@ impl Appender {
         audience: Option<&str>,
         payload: Payload,
     ) -> Result<u64> {
+        let kind = durable_kind(&payload)?;
         let seq: u64 = first_row(
             conn,
             "INSERT INTO org_log (org_id, last_seq) VALUES (?1, 1)
@@ -119,7 +137,6 @@ impl Appender {
             |r| r.get(0),
         )?
         .ok_or_else(|| StoreError::Internal("org_log upsert returned no row".into()))?;
-        let kind = payload_kind(&payload);
         let bytes = encode_event(
             org_epoch(self.db_epoch, org),
             org,
@@ -176,13 +193,22 @@ fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Internal(e.to_string())
 }
 
+/// Runs a transaction-control statement (BEGIN, SAVEPOINT, COMMIT, ...); its failure means the
+/// store cannot write at the moment.
+fn control(conn: &Connection, sql: &str) -> Result<()> {
+    conn.prepare_cached(sql)
+        .and_then(|mut st| st.execute([]))
+        .map(drop)
+        .map_err(|e| StoreError::Unavailable(format!("store cannot write: {e}")))
+}
+
 fn decode<M: Message + Default>(data: &[u8]) -> Result<M> {
     M::decode(data).map_err(|e| StoreError::Internal(format!("corrupt row: {e}")))
 }
 
-fn open(path: &Path) -> rusqlite::Result<Connection> {
+fn open(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.busy_timeout(busy_timeout)?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF;",
     )?;
@@ -191,13 +217,15 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
 }
 
 impl SqliteStore {
-    /// Opens (creating when missing) the database at `path` and starts its writer thread.
-    pub fn open(path: &Path, bus: Arc<dyn Bus>) -> anyhow::Result<Self> {
+    /// Opens (creating when missing) the database at `path` and starts its writer thread. A write
+    /// waits up to `busy_timeout` for a lock another process holds.
+    pub fn open(path: &Path, bus: Arc<dyn Bus>, busy_timeout: Duration) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
         }
-        let conn = open(path).map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+        let conn = open(path, busy_timeout)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
         conn.execute_batch(SCHEMA)?;
         let fresh: u64 = rand::random::<u64>() >> 1;
         conn.execute(
@@ -209,16 +237,20 @@ impl SqliteStore {
                 r.get::<_, String>(0)
             })?
             .parse()?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE);
+        let health = Arc::new(WriterHealth::default());
+        let gone = WriterGone::new(health.clone());
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || write_loop(conn, rx, bus, db_epoch))?;
+            .spawn(move || write_loop(conn, rx, bus, db_epoch, gone))?;
         Ok(SqliteStore {
             writer: tx,
             readers: Arc::new(Readers {
                 path: path.to_path_buf(),
+                busy_timeout,
                 idle: Mutex::new(Vec::new()),
             }),
+            health,
             db_epoch,
         })
     }
@@ -229,17 +261,22 @@ impl SqliteStore {
         f: impl FnOnce(&Connection, &mut Appender) -> Result<R> + Send + 'static,
     ) -> Result<R> {
         let (tx, rx) = oneshot::channel();
-        let op: WriteOp = Box::new(move |conn, app| {
-            let r = f(conn, app);
-            let ok = r.is_ok();
+        let op: WriteOp = Box::new(move |txn| {
+            let r = txn.map(|(conn, app)| f(conn, app));
+            let ok = matches!(r, Some(Ok(_)));
             let finish: Finish = Box::new(move |commit| {
-                let _ = tx.send(commit.and(r));
+                // `r` is `None` only when the transaction failed, so `commit` is that failure.
+                let _ = tx.send(commit.and_then(|()| r.unwrap_or_else(|| Err(writer_stopped()))));
             });
             (ok, finish)
         });
-        let stopped = || StoreError::Internal("store writer stopped".into());
-        self.writer.send(op).map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        self.writer.try_send(op).map_err(|e| match e {
+            TrySendError::Full(_) => {
+                StoreError::Unavailable("store write queue is full; retry shortly".into())
+            }
+            TrySendError::Disconnected(_) => writer_stopped(),
+        })?;
+        rx.await.map_err(|_| writer_stopped())?
     }
 
     /// Runs `f` on a read connection, off the async threads.
@@ -251,7 +288,7 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || {
             let conn = match readers.idle.lock().pop() {
                 Some(c) => c,
-                None => open(&readers.path).map_err(db)?,
+                None => open(&readers.path, readers.busy_timeout).map_err(db)?,
             };
             let r = f(&conn);
             let mut idle = readers.idle.lock();
@@ -267,13 +304,29 @@ impl SqliteStore {
 
 fn write_loop(
     conn: Connection,
-    mut rx: mpsc::UnboundedReceiver<WriteOp>,
+    rx: mpsc::Receiver<WriteOp>,
     bus: Arc<dyn Bus>,
     db_epoch: u64,
+    gone: WriterGone,
 ) {
+    let health = gone.health();
     // Whether the last COMMIT carried more than one write: writers are concurrent.
     let mut concurrent = false;
-    while let Some(first) = rx.blocking_recv() {
+    loop {
+        let first = match rx.recv_timeout(PROBE_IDLE) {
+            Ok(op) => op,
+            Err(RecvTimeoutError::Timeout) => {
+                // Idle: take and release the write lock (writes nothing) so health notices a
+                // store that stopped or started being writable without waiting for a write.
+                let probe = control(&conn, "BEGIN IMMEDIATE");
+                if probe.is_ok() {
+                    let _ = control(&conn, "ROLLBACK");
+                }
+                health.record(&probe);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         // Let the threads that are about to queue writes do so first (when nothing else is
         // runnable this returns at once): on a busy core, waking for every single write would
         // otherwise make each COMMIT carry just one. A lone sequential writer has nobody to wait
@@ -295,34 +348,35 @@ fn write_loop(
         };
         concurrent = batch.len() > 1;
         let mut finishes = Vec::with_capacity(batch.len());
-        let mut result = exec(&conn, "BEGIN IMMEDIATE", []).map(drop);
+        let mut result = control(&conn, "BEGIN IMMEDIATE");
         for op in batch {
+            result = result.and_then(|()| control(&conn, "SAVEPOINT w"));
             if result.is_err() {
-                let (_, finish) = op(&conn, &mut app);
-                finishes.push(finish);
+                // Never outside the transaction: the write does not run, its caller gets the
+                // failure.
+                finishes.push(op(None).1);
                 continue;
             }
             let kept = app.events.len();
-            result = exec(&conn, "SAVEPOINT w", []).map(drop);
-            let (ok, finish) = op(&conn, &mut app);
+            let (ok, finish) = op(Some((&conn, &mut app)));
             finishes.push(finish);
             if ok {
-                result = result.and(exec(&conn, "RELEASE w", []).map(drop));
+                result = control(&conn, "RELEASE w");
             } else {
                 app.events.truncate(kept);
-                result = result
-                    .and(exec(&conn, "ROLLBACK TO w", []))
-                    .and(exec(&conn, "RELEASE w", []))
-                    .map(drop);
+                result = control(&conn, "ROLLBACK TO w").and_then(|()| control(&conn, "RELEASE w"));
             }
         }
-        if result.is_ok() {
-            result = exec(&conn, "COMMIT", []).map(drop);
-        }
+        result = result.and_then(|()| control(&conn, "COMMIT"));
         if result.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
+            // Nothing of the batch stays applied (a failed COMMIT may leave the transaction
+            // open) and nothing is published.
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
             app.events.clear();
         }
+        health.record(&result);
         for ev in app.events {
             bus.publish(ev);
         }
@@ -642,15 +696,35 @@ impl Store for SqliteStore {
         self.read(move |conn| bounds(conn, &org)).await
     }
 
-    async fn read_events(
-        &self,
-        org: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<CommittedEvent>> {
-        let org: Arc<str> = org.into();
+    async fn heads(&self, orgs: &[Arc<str>]) -> Result<Vec<(Arc<str>, u64)>> {
+        // One bound parameter whatever the count: a JSON array, unpacked by json_each.
+        let names: Vec<&str> = orgs.iter().map(|o| &**o).collect();
+        let list = serde_json::to_string(&names)
+            .map_err(|e| StoreError::Internal(format!("encoding org list: {e}")))?;
         self.read(move |conn| {
             let mut st = conn
+                .prepare_cached(
+                    "SELECT org_id, last_seq FROM org_log
+                     WHERE org_id IN (SELECT value FROM json_each(?1))",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map([list], |r| {
+                    Ok((Arc::from(r.get::<_, String>(0)?), r.get::<_, u64>(1)?))
+                })
+                .map_err(db)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn read_after(&self, org: &str, after: u64, limit: usize) -> Result<LogRead> {
+        let org: Arc<str> = org.into();
+        self.read(move |conn| {
+            // One read transaction: the floor and the rows come from the same snapshot.
+            let tx = conn.unchecked_transaction().map_err(db)?;
+            let b = bounds(&tx, &org)?;
+            let mut st = tx
                 .prepare_cached(
                     "SELECT seq, kind, audience, data FROM events
                      WHERE org_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -667,55 +741,90 @@ impl Store for SqliteStore {
                         bytes: Bytes::from(r.get::<_, Vec<u8>>(3)?),
                     })
                 })
+                .map_err(db)?
+                .collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(db)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+            Ok(LogRead::of(after, b, rows))
         })
         .await
     }
 
+    /// Plans on a read connection, then deletes in writes of at most `TRIM_BATCH` rows, each
+    /// raising the org's floor together with its rows: writes never wait behind one huge delete.
     async fn trim(&self, before: SystemTime) -> Result<u64> {
         let cutoff = millis(before);
+        let plan: Vec<(String, LogBounds, u64)> = self
+            .read(move |conn| {
+                let orgs: Vec<(String, LogBounds)> = conn
+                    .prepare_cached("SELECT org_id, floor_seq, last_seq FROM org_log")
+                    .and_then(|mut st| {
+                        st.query_map([], |r| {
+                            Ok((
+                                r.get(0)?,
+                                LogBounds {
+                                    floor: r.get(1)?,
+                                    head: r.get(2)?,
+                                },
+                            ))
+                        })?
+                        .collect()
+                    })
+                    .map_err(db)?;
+                let mut plan = Vec::new();
+                for (org, b) in orgs {
+                    let upto = last_older_than(conn, &org, b, cutoff)?;
+                    if upto > b.floor {
+                        plan.push((org, b, upto));
+                    }
+                }
+                Ok(plan)
+            })
+            .await?;
+        let mut n = 0;
+        for (org, b, upto) in plan {
+            let mut floor = b.floor;
+            while floor < upto {
+                let to = upto.min(floor + TRIM_BATCH);
+                let org = org.clone();
+                n += self
+                    .write(move |conn, _| {
+                        let n = exec(
+                            conn,
+                            "DELETE FROM events WHERE org_id = ?1 AND seq <= ?2",
+                            params![org, to],
+                        )?;
+                        exec(
+                            conn,
+                            "UPDATE org_log SET floor_seq = MAX(floor_seq, ?2) WHERE org_id = ?1",
+                            params![org, to],
+                        )?;
+                        Ok(n as u64)
+                    })
+                    .await?;
+                floor = to;
+            }
+        }
         let requests_cutoff = millis(SystemTime::now() - IDEMPOTENCY_WINDOW);
-        self.write(move |conn, _| {
-            let orgs: Vec<(String, LogBounds)> = conn
-                .prepare_cached("SELECT org_id, floor_seq, last_seq FROM org_log")
-                .and_then(|mut st| {
-                    st.query_map([], |r| {
-                        Ok((
-                            r.get(0)?,
-                            LogBounds {
-                                floor: r.get(1)?,
-                                head: r.get(2)?,
-                            },
-                        ))
-                    })?
-                    .collect()
-                })
-                .map_err(db)?;
-            let mut n = 0;
-            for (org, b) in orgs {
-                let upto = last_older_than(conn, &org, b, cutoff)?;
-                if upto > b.floor {
-                    n += exec(
-                        conn,
-                        "DELETE FROM events WHERE org_id = ?1 AND seq <= ?2",
-                        params![org, upto],
-                    )?;
+        loop {
+            let deleted = self
+                .write(move |conn, _| {
                     exec(
                         conn,
-                        "UPDATE org_log SET floor_seq = ?2 WHERE org_id = ?1",
-                        params![org, upto],
-                    )?;
-                }
+                        "DELETE FROM requests WHERE (org_id, kind, request_id) IN (
+                           SELECT org_id, kind, request_id FROM requests WHERE created_ms < ?1 LIMIT ?2)",
+                        params![requests_cutoff, TRIM_BATCH],
+                    )
+                })
+                .await?;
+            if (deleted as u64) < TRIM_BATCH {
+                break;
             }
-            exec(
-                conn,
-                "DELETE FROM requests WHERE created_ms < ?1",
-                [requests_cutoff],
-            )?;
-            Ok(n as u64)
-        })
-        .await
+        }
+        Ok(n)
+    }
+
+    fn health(&self) -> std::result::Result<(), String> {
+        self.health.state()
     }
 }
 
@@ -747,7 +856,167 @@ fn last_older_than(conn: &Connection, org: &str, b: LogBounds, cutoff: i64) -> R
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use futures::FutureExt;
+
     use super::*;
+    use crate::hub::Hub;
+
+    /// Counts what the store publishes.
+    #[derive(Default)]
+    struct CountingBus(AtomicUsize);
+
+    impl Bus for CountingBus {
+        fn publish(&self, _: CommittedEvent) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        fn attach(&self, _: Hub) {}
+        fn lossy(&self) -> bool {
+            false
+        }
+    }
+
+    fn temp_store(
+        tag: &str,
+        busy: Duration,
+    ) -> (SqliteStore, Arc<CountingBus>, std::path::PathBuf) {
+        let path = std::env::temp_dir()
+            .join(format!(
+                "orgpulse-sqlite-{tag}-{}-{}",
+                std::process::id(),
+                rand::random::<u32>()
+            ))
+            .join("db.sqlite");
+        let bus = Arc::new(CountingBus::default());
+        (
+            SqliteStore::open(&path, bus.clone(), busy).unwrap(),
+            bus,
+            path,
+        )
+    }
+
+    async fn commit_job(store: &SqliteStore) -> Result<Job> {
+        let new = NewJob {
+            title: "t".into(),
+            labels: Default::default(),
+            request_id: String::new(),
+        };
+        store.create_job("o", "u", new).await
+    }
+
+    fn seqs(read: LogRead) -> Vec<u64> {
+        match read {
+            LogRead::Events(evs) => evs.iter().map(|e| e.seq).collect(),
+            LogRead::Unreachable(b) => panic!("unreachable, log is {b:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn reading_after_a_trimmed_seq_says_the_log_no_longer_reaches_back() {
+        let (store, _, _) = temp_store("trim", Duration::from_secs(10));
+        for _ in 0..10 {
+            commit_job(&store).await.unwrap();
+        }
+        assert_eq!(seqs(store.read_after("o", 2, 3).await.unwrap()), [3, 4, 5]);
+        // A replay was at seq 2 when retention raised the floor to 10.
+        let trimmed = store
+            .trim(SystemTime::now() + Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(trimmed, 10);
+        commit_job(&store).await.unwrap();
+        let after_2 = store.read_after("o", 2, 100).await.unwrap();
+        assert!(
+            matches!(
+                after_2,
+                LogRead::Unreachable(LogBounds {
+                    floor: 10,
+                    head: 11
+                })
+            ),
+            "events 3..=10 are gone, yet the read answered {after_2:?}"
+        );
+        assert_eq!(seqs(store.read_after("o", 10, 100).await.unwrap()), [11]);
+        assert_eq!(
+            seqs(store.read_after("o", 11, 100).await.unwrap()),
+            [0u64; 0]
+        );
+        // A position past the head is not in this log either.
+        assert!(matches!(
+            store.read_after("o", 12, 100).await.unwrap(),
+            LogRead::Unreachable(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn trim_deletes_in_bounded_batches() {
+        let (store, _, path) = temp_store("batches", Duration::from_secs(10));
+        let n = 2 * TRIM_BATCH + 5;
+        let writes: Vec<_> = (0..n).map(|_| commit_job(&store)).collect();
+        for r in futures::future::join_all(writes).await {
+            r.unwrap();
+        }
+        let trimmed = store
+            .trim(SystemTime::now() + Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(trimmed, n);
+        let conn = Connection::open(&path).unwrap();
+        assert_eq!(bounds(&conn, "o").unwrap(), LogBounds { floor: n, head: n });
+        let left: u64 = conn
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_transaction_cannot_begin_runs_nothing_and_health_says_so() {
+        let (store, bus, path) = temp_store("begin", Duration::from_millis(200));
+        commit_job(&store).await.unwrap();
+        assert_eq!(store.health(), Ok(()));
+        // Another process holds the write lock longer than the store waits for it.
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = ran.clone();
+        let failed = store
+            .write(move |conn, app| {
+                flag.store(true, Ordering::Relaxed);
+                app.append(conn, "o", "u", None, job_deleted("x"))
+            })
+            .await;
+        assert!(
+            matches!(&failed, Err(StoreError::Unavailable(m)) if m.contains("locked")),
+            "{failed:?}"
+        );
+        assert!(
+            !ran.load(Ordering::Relaxed),
+            "a write ran outside any transaction"
+        );
+        let why = store.health().unwrap_err();
+        assert!(why.contains("store cannot write"), "{why}");
+        // A full queue refuses at once instead of holding more (the writer, waiting for the lock,
+        // takes at most one batch per busy timeout meanwhile).
+        let refused = (0..WRITE_QUEUE + 4 * MAX_BATCH)
+            .filter_map(|_| commit_job(&store).now_or_never())
+            .filter(|r| matches!(r, Err(StoreError::Unavailable(m)) if m.contains("queue is full")))
+            .count();
+        assert!(refused > 0, "a queue of {WRITE_QUEUE} took more");
+        other.execute_batch("ROLLBACK").unwrap();
+        // Once the lock is free the store writes (and reports healthy) again.
+        let job = loop {
+            if let Ok(job) = commit_job(&store).await {
+                break job;
+            }
+        };
+        assert_eq!(store.get_job("o", &job.id).await.unwrap().id, job.id);
+        assert_eq!(store.health(), Ok(()));
+        // What was applied is exactly what was published: none of the failed batches' events.
+        let head = bounds(&other, "o").unwrap().head;
+        assert!(head >= 2);
+        assert_eq!(bus.0.load(Ordering::Relaxed) as u64, head);
+    }
 
     #[test]
     fn retention_boundary_is_found_by_seq() {

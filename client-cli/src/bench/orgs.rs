@@ -1,0 +1,126 @@
+//! The `orgs` scenario: what idle orgs cost the server. N orgs (`--orgs`), one subscriber each,
+//! each org its own user and token; the streams are multiplexed over a few HTTP/2 connections (one
+//! per subscriber could not reach 20,000 within this sandbox's descriptor limit). Once all are
+//! caught up and the settle pause is over, nothing is published for `--seconds` and the server's
+//! CPU over that window is reported as a share of one core, with its RSS and open streams.
+use std::{sync::atomic::Ordering::Relaxed, time::Duration};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use super::{BenchArgs, Shape, mb, round2, timed};
+use crate::{
+    bench::{
+        server::{self, Target},
+        subscriber::{self, Dial, Subscriber, Tally},
+    },
+    error::CliError,
+    mint::mint,
+};
+
+/// Streams opened on one HTTP/2 connection (the server allows 1,000 at a time).
+pub const STREAMS_PER_CONNECTION: usize = 500;
+
+/// The org of the `i`-th subscriber.
+fn org_name(prefix: &str, i: usize) -> String {
+    format!("{prefix}-{i}")
+}
+
+/// Opens one idle subscriber per org, then measures the server doing nothing for `--seconds`.
+pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result<Value, CliError> {
+    let orgs: Vec<String> = (0..shape.subscribers)
+        .map(|i| org_name(&args.org, i))
+        .collect();
+    let tokens: Vec<String> = orgs
+        .iter()
+        .enumerate()
+        .map(|(i, org)| {
+            mint(
+                &target.secret_file,
+                Some(org),
+                &format!("sub{i}"),
+                vec!["viewer".into()],
+                Duration::from_secs(3600),
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    let tally = Tally::new();
+    let before = target.usage().await?;
+    let client_cpu0 = server::self_cpu_s();
+    let t_connect = std::time::Instant::now();
+    let sources = args.source_addrs.unwrap_or(1).max(1);
+    let mut conns = Vec::new();
+    for c in 0..orgs.len().div_ceil(STREAMS_PER_CONNECTION) {
+        let conn = subscriber::connect(target.addr, subscriber::source(c, sources));
+        conns.push(conn.await.map_err(server::fail)?);
+    }
+    let opened: Vec<Result<Subscriber, String>> = timed(args, async {
+        Ok(futures::stream::iter(orgs.iter().zip(&tokens).enumerate())
+            .map(|(i, (org, token))| {
+                let dial = Dial {
+                    server: target.addr,
+                    token,
+                    org,
+                    after_cursor: String::new(),
+                };
+                Subscriber::open(conns[i / STREAMS_PER_CONNECTION].clone(), dial, &tally)
+            })
+            .buffer_unordered(args.connect_concurrency.max(1))
+            .collect()
+            .await)
+    })
+    .await?;
+    let connect_elapsed = t_connect.elapsed();
+    let mut tasks = Vec::new();
+    for sub in opened {
+        match sub {
+            Ok(s) => tasks.push(tokio::spawn(s.run(tally.clone()))),
+            Err(e) => {
+                tally.first_error.lock().unwrap().get_or_insert(e);
+            }
+        }
+    }
+    let connected = tasks.len() as u64;
+    tokio::time::sleep(shape.settle).await;
+    let idle0 = target.usage().await?;
+    let t_idle = std::time::Instant::now();
+    tokio::time::sleep(args.seconds).await;
+    let idle1 = target.usage().await?;
+    let window = t_idle.elapsed().as_secs_f64();
+    let cpu = idle1.cpu_s - idle0.cpu_s;
+    let mut out = json!({
+        "label": "orgs",
+        "server": if args.secret_file.is_some() { target.url() } else { "started".into() },
+        "orgs": orgs.len(),
+        "connections": conns.len(),
+        "sourceAddrs": sources,
+        "connected": connected,
+        "connectFailures": orgs.len() as u64 - connected,
+        "connectWallMs": connect_elapsed.as_millis() as u64,
+        "idleSeconds": round2(window),
+        "serverCpuS": round2(cpu),
+        "serverCpuPctOfCore": round2(cpu / window * 100.0),
+        "streamsOpen": idle1.open_streams,
+        "serverRssMB": {
+            "beforeConnect": mb(before.rss),
+            "afterConnect": mb(idle0.rss),
+            "afterIdle": mb(idle1.rss),
+        },
+        "rssPerOrgKB": if connected > 0 {
+            round2((idle1.rss as f64 - before.rss as f64) / connected as f64 / 1024.0).into()
+        } else {
+            Value::Null
+        },
+        "lost": 0,
+        "outOfOrder": tally.out_of_order.load(Relaxed),
+        "brokenStreams": tally.broken.load(Relaxed),
+        "clientCpuS": round2(server::self_cpu_s() - client_cpu0),
+    });
+    if let Some(e) = tally.first_error.lock().unwrap().take() {
+        out["firstError"] = e.into();
+    }
+    for t in tasks {
+        t.abort();
+    }
+    Ok(out)
+}
