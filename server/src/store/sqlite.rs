@@ -17,18 +17,18 @@ use std::{
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use orgpulse::proto::{EventKind, Job, JobStatus, Notification, event::Payload};
+use orgpulse::proto::{EventKind, Job, Notification, event::Payload};
 use parking_lot::Mutex;
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    CommittedEvent, IDEMPOTENCY_WINDOW, JobPage, JobPatch, LogBounds, LogRead, NewJob,
-    NewNotification, NotificationPage, Result, Store, StoreError, apply_patch, encode_event,
-    job_deleted, millis,
-    model::{WriterGone, WriterHealth, durable_kind, writer_stopped},
-    timestamp,
+    CommittedEvent, JobPage, JobPatch, LogBounds, LogRead, NewJob, NewNotification,
+    NotificationPage, Result, Store, StoreError, apply_patch, encode_event, job_deleted, millis,
+    model::{
+        self, RequestKind, RetentionSearch, WriterGone, WriterHealth, durable_kind, writer_stopped,
+    },
 };
 use crate::{bus::Bus, cursor::org_epoch};
 
@@ -390,29 +390,45 @@ fn write_loop(
 fn remembered(
     conn: &Connection,
     org: &str,
-    kind: &str,
+    kind: RequestKind,
     request_id: &str,
 ) -> Result<Option<Vec<u8>>> {
-    if request_id.is_empty() {
+    if !model::is_idempotent(request_id) {
         return Ok(None);
     }
-    let since = millis(SystemTime::now() - IDEMPOTENCY_WINDOW);
     first_row(
         conn,
         "SELECT data FROM requests WHERE org_id = ?1 AND kind = ?2 AND request_id = ?3 AND created_ms >= ?4",
-        params![org, kind, request_id, since],
+        params![
+            org,
+            kind.as_str(),
+            request_id,
+            model::requests_valid_since(SystemTime::now())
+        ],
         |r| r.get(0),
     )
 }
 
-fn remember(conn: &Connection, org: &str, kind: &str, request_id: &str, data: &[u8]) -> Result<()> {
-    if request_id.is_empty() {
+fn remember(
+    conn: &Connection,
+    org: &str,
+    kind: RequestKind,
+    request_id: &str,
+    data: &[u8],
+) -> Result<()> {
+    if !model::is_idempotent(request_id) {
         return Ok(());
     }
     exec(
         conn,
         "INSERT OR REPLACE INTO requests (org_id, kind, request_id, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![org, kind, request_id, millis(SystemTime::now()), data],
+        params![
+            org,
+            kind.as_str(),
+            request_id,
+            millis(SystemTime::now()),
+            data
+        ],
     )?;
     Ok(())
 }
@@ -474,26 +490,19 @@ impl Store for SqliteStore {
     async fn create_job(&self, org: &str, actor: &str, new: NewJob) -> Result<Job> {
         let (org, actor) = (org.to_string(), actor.to_string());
         self.write(move |conn, app| {
-            if let Some(d) = remembered(conn, &org, "job", &new.request_id)? {
+            let request_id = new.request_id.clone();
+            if let Some(d) = remembered(conn, &org, RequestKind::Job, &request_id)? {
                 return decode(&d);
             }
-            let now = app.now;
-            let mut job = Job {
-                id: ulid::Ulid::new().to_string(),
-                org_id: org.clone(),
-                title: new.title,
-                progress: 0,
-                labels: new.labels,
-                created_by: actor.clone(),
-                updated_by: actor.clone(),
-                created_at: Some(timestamp(now)),
-                updated_at: Some(timestamp(now)),
-                version: 1,
-                ..Default::default()
-            };
-            job.set_status(JobStatus::Queued);
+            let job = model::new_job(&org, &actor, new, app.now);
             save_job(conn, &job)?;
-            remember(conn, &org, "job", &new.request_id, &job.encode_to_vec())?;
+            remember(
+                conn,
+                &org,
+                RequestKind::Job,
+                &request_id,
+                &job.encode_to_vec(),
+            )?;
             app.append(conn, &org, &actor, None, Payload::JobCreated(job.clone()))?;
             Ok(job)
         })
@@ -526,20 +535,17 @@ impl Store for SqliteStore {
                 "SELECT data FROM jobs WHERE org_id = ?1 AND id < ?2 {filter} ORDER BY id DESC LIMIT ?3"
             );
             let mut st = tx.prepare_cached(&sql).map_err(db)?;
-            let after = after.unwrap_or_else(|| "~".into());
             let rows = st
-                .query_map(params![org, after, limit as i64 + 1], |r| r.get::<_, Vec<u8>>(0))
+                .query_map(
+                    params![org, model::page_start(after), limit as i64 + 1],
+                    |r| r.get::<_, Vec<u8>>(0),
+                )
                 .map_err(db)?;
-            let mut jobs = Vec::with_capacity(limit);
+            let mut jobs = Vec::with_capacity(limit + 1);
             for row in rows {
                 jobs.push(decode::<Job>(&row.map_err(db)?)?);
             }
-            let next = if jobs.len() > limit {
-                jobs.truncate(limit);
-                jobs.last().map(|j| j.id.clone())
-            } else {
-                None
-            };
+            let (jobs, next) = model::into_page(jobs, limit, |j| &j.id);
             Ok(JobPage { jobs, next, head })
         })
         .await
@@ -583,33 +589,24 @@ impl Store for SqliteStore {
     ) -> Result<Notification> {
         let (org, actor) = (org.to_string(), actor.to_string());
         self.write(move |conn, app| {
-            if let Some(d) = remembered(conn, &org, "notification", &new.request_id)? {
+            let request_id = new.request_id.clone();
+            let kind = RequestKind::Notification;
+            if let Some(d) = remembered(conn, &org, kind, &request_id)? {
                 return decode(&d);
             }
-            let n = Notification {
-                id: ulid::Ulid::new().to_string(),
-                org_id: org.clone(),
-                user_id: new.user_id,
-                title: new.title,
-                body: new.body,
-                severity: new.severity,
-                created_by: actor.clone(),
-                created_at: Some(timestamp(app.now)),
-                read: false,
-            };
+            let n = model::new_notification(&org, &actor, new, app.now);
             let data = n.encode_to_vec();
             conn.execute(
                 "INSERT INTO notifications (org_id, id, user_id, data) VALUES (?1, ?2, ?3, ?4)",
                 params![org, n.id, n.user_id, data],
             )
             .map_err(db)?;
-            remember(conn, &org, "notification", &new.request_id, &data)?;
-            let audience = (!n.user_id.is_empty()).then_some(n.user_id.as_str());
+            remember(conn, &org, kind, &request_id, &data)?;
             app.append(
                 conn,
                 &org,
                 &actor,
-                audience,
+                model::audience(&n),
                 Payload::NotificationNew(n.clone()),
             )?;
             Ok(n)
@@ -640,25 +637,20 @@ impl Store for SqliteStore {
                      ORDER BY id DESC LIMIT ?5",
                 )
                 .map_err(db)?;
-            let after = after.unwrap_or_else(|| "~".into());
+            let after = model::page_start(after);
             let rows = st
                 .query_map(params![org, user, after, unread_only, limit as i64 + 1], |r| {
                     Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, bool>(1)?))
                 })
                 .map_err(db)?;
-            let mut notifications = Vec::with_capacity(limit);
+            let mut notifications = Vec::with_capacity(limit + 1);
             for row in rows {
                 let (data, read) = row.map_err(db)?;
                 let mut n: Notification = decode(&data)?;
                 n.read = read;
                 notifications.push(n);
             }
-            let next = if notifications.len() > limit {
-                notifications.truncate(limit);
-                notifications.last().map(|n| n.id.clone())
-            } else {
-                None
-            };
+            let (notifications, next) = model::into_page(notifications, limit, |n| &n.id);
             Ok(NotificationPage { notifications, next, unread })
         })
         .await
@@ -804,7 +796,7 @@ impl Store for SqliteStore {
                 floor = to;
             }
         }
-        let requests_cutoff = millis(SystemTime::now() - IDEMPOTENCY_WINDOW);
+        let requests_cutoff = model::requests_valid_since(SystemTime::now());
         loop {
             let deleted = self
                 .write(move |conn, _| {
@@ -829,29 +821,18 @@ impl Store for SqliteStore {
 }
 
 /// The last seq of `org`'s retained log (`b.floor+1 ..= b.head`) committed before `cutoff`, or
-/// `b.floor` when there is none: a binary search over seq, since commit time grows with seq.
+/// `b.floor` when there is none (the model's search over seq, probing this file's rows).
 fn last_older_than(conn: &Connection, org: &str, b: LogBounds, cutoff: i64) -> Result<u64> {
-    let time_of = |seq: u64| {
-        first_row(
+    let mut search = RetentionSearch::new(b, cutoff);
+    while let Some(seq) = search.probe() {
+        search.observe(first_row(
             conn,
             "SELECT created_ms FROM events WHERE org_id = ?1 AND seq = ?2",
             params![org, seq],
             |r| r.get::<_, i64>(0),
-        )
-    };
-    // Most orgs have nothing to trim: one lookup says so.
-    if b.head == b.floor || time_of(b.floor + 1)?.is_none_or(|t| t >= cutoff) {
-        return Ok(b.floor);
+        )?);
     }
-    let (mut lo, mut hi) = (b.floor + 1, b.head);
-    while lo < hi {
-        let mid = lo + (hi - lo).div_ceil(2);
-        match time_of(mid)? {
-            Some(t) if t < cutoff => lo = mid,
-            _ => hi = mid - 1,
-        }
-    }
-    Ok(lo)
+    Ok(search.result())
 }
 
 #[cfg(test)]
