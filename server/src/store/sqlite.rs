@@ -1012,22 +1012,11 @@ mod tests {
             )
             .unwrap();
         }
+        // The search itself is the model's (tested there); this checks the probes read the rows.
         let b = LogBounds { floor: 3, head: 13 };
-        for (cutoff, want) in [
-            (0, 3),
-            (40, 3),
-            (41, 4),
-            (85, 8),
-            (130, 12),
-            (131, 13),
-            (1000, 13),
-        ] {
-            assert_eq!(
-                last_older_than(&conn, "o", b, cutoff).unwrap(),
-                want,
-                "cutoff {cutoff}"
-            );
-        }
+        assert_eq!(last_older_than(&conn, "o", b, 40).unwrap(), 3);
+        assert_eq!(last_older_than(&conn, "o", b, 85).unwrap(), 8);
+        assert_eq!(last_older_than(&conn, "o", b, 1000).unwrap(), 13);
         let empty = LogBounds {
             floor: 13,
             head: 13,
