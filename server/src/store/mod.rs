@@ -2,9 +2,10 @@
 //!
 //! Every write is ONE transaction: the entity change plus the event appended to the org's log with
 //! the org's next `seq` (a per-org counter row, so commit order is seq order and a rollback leaves no
-//! gap). After commit the engine publishes the committed events on the Bus in seq order. The rules
-//! that do not depend on the engine (job state machine, event encoding) live here; each engine file
-//! does only the I/O.
+//! gap). After each COMMIT the engine hands the committed events, in seq order, to the layer above
+//! (`Committed`), which publishes them on the Bus: no engine knows the Bus. The rules that do not
+//! depend on the engine live here and in `model`; each engine file holds SQL and connection
+//! handling only.
 pub mod model;
 pub mod postgres;
 pub mod sqlite;
@@ -67,15 +68,26 @@ impl From<StoreError> for Status {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// Opens the store `database` names: the engine is chosen here and nowhere else.
+/// What an engine calls with each event it committed, in commit order (which is seq order per
+/// org). Called from the engine's writer, so the order holds without the publisher re-sorting.
+pub type Committed = Arc<dyn Fn(CommittedEvent) + Send + Sync>;
+
+/// Committed events go out on `bus`.
+pub fn publishing_to(bus: Arc<dyn Bus>) -> Committed {
+    Arc::new(move |ev| bus.publish(ev))
+}
+
+/// Opens the store `--database` names (the engine is chosen here and nowhere else); its committed
+/// events are published on `bus`.
 pub async fn open(cfg: &Config, bus: Arc<dyn Bus>) -> anyhow::Result<Arc<dyn Store>> {
+    let committed = publishing_to(bus);
     Ok(match cfg.database().map_err(anyhow::Error::msg)? {
         Database::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(
             &path,
-            bus,
+            committed,
             cfg.sqlite_busy_timeout,
         )?),
-        Database::Postgres(url) => Arc::new(postgres::PostgresStore::open(&url, bus).await?),
+        Database::Postgres(url) => Arc::new(postgres::PostgresStore::open(&url, committed).await?),
     })
 }
 

@@ -32,11 +32,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{NoTls, Row, Statement, types::ToSql};
 
 use super::{
-    CommittedEvent, JobPage, JobPatch, LogBounds, LogRead, NewJob, NewNotification,
+    Committed, CommittedEvent, JobPage, JobPatch, LogBounds, LogRead, NewJob, NewNotification,
     NotificationPage, Result, Store, StoreError, apply_patch, encode_event, job_deleted, millis,
     model::{self, RequestKind, RetentionSearch, WriterGone, WriterHealth},
 };
-use crate::{bus::Bus, cursor::org_epoch};
+use crate::cursor::org_epoch;
 
 /// Schema versions, applied in order; version N is `MIGRATIONS[N - 1]`. Never edit one that has
 /// shipped: add the next. Ids compare bytewise (`COLLATE "C"`), as the page tokens need.
@@ -559,7 +559,7 @@ async fn migrate(client: &mut Object) -> std::result::Result<u64, tokio_postgres
 impl PostgresStore {
     /// Connects to the database at `url` (`postgres://...`), migrates its schema and starts the
     /// writer. Fails with one line naming the database when it cannot be reached.
-    pub async fn open(url: &str, bus: Arc<dyn Bus>) -> anyhow::Result<Self> {
+    pub async fn open(url: &str, committed: Committed) -> anyhow::Result<Self> {
         let mut cfg: tokio_postgres::Config = url
             .parse()
             .map_err(|e| anyhow::anyhow!("--database {url:?} is not a PostgreSQL URL: {e}"))?;
@@ -595,7 +595,7 @@ impl PostgresStore {
         let (tx, rx) = mpsc::channel(QUEUE);
         let health = Arc::new(WriterHealth::default());
         let gone = WriterGone::new(health.clone());
-        tokio::spawn(write_loop(pool.clone(), rx, bus, db_epoch, gone));
+        tokio::spawn(write_loop(pool.clone(), rx, committed, db_epoch, gone));
         Ok(PostgresStore {
             writer: tx,
             pool,
@@ -668,7 +668,7 @@ impl PostgresStore {
 async fn write_loop(
     pool: Pool,
     mut rx: mpsc::Receiver<Write>,
-    bus: Arc<dyn Bus>,
+    committed: Committed,
     db_epoch: u64,
     gone: WriterGone,
 ) {
@@ -742,7 +742,7 @@ async fn write_loop(
         });
         let results: Vec<(Write, Result<()>)> = match together {
             Ok(()) => {
-                publish(&mut tx, &*bus);
+                publish(&mut tx, &committed);
                 batch.into_iter().map(|w| (w, Ok(()))).collect()
             }
             // Rerun alone only when the batch surely rolled back (not when its COMMIT was lost
@@ -751,7 +751,7 @@ async fn write_loop(
                 let mut results = Vec::with_capacity(batch.len());
                 for mut w in batch {
                     let r = run_alone(&mut tx, &mut w).await;
-                    publish(&mut tx, &*bus);
+                    publish(&mut tx, &committed);
                     results.push((w, r));
                 }
                 results
@@ -773,9 +773,10 @@ fn writable(outcome: Result<()>) -> Result<()> {
     outcome.map_err(|e| StoreError::Unavailable(format!("store cannot write: {e}")))
 }
 
-fn publish(tx: &mut Tx, bus: &dyn Bus) {
+/// Hands the events of the transaction that just committed on, in seq order.
+fn publish(tx: &mut Tx, committed: &Committed) {
     for ev in tx.log.events.drain(..) {
-        bus.publish(ev);
+        committed(ev);
     }
 }
 

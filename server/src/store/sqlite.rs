@@ -2,7 +2,7 @@
 //!
 //! All writes go through one writer thread that group-commits: it takes every write waiting in its
 //! bounded queue, runs each inside its own SAVEPOINT of one transaction (a failing write rolls back
-//! alone), commits once, then publishes the committed events on the Bus in seq order and answers
+//! alone), commits once, then hands the committed events on in seq order (`Committed`) and answers
 //! the callers. A batch whose transaction cannot begin or commit applies and publishes nothing. The
 //! writer's last transaction outcome (refreshed by a lock-only probe when idle) is the store's
 //! health. Reads run on a small pool of read connections (WAL readers never block the writer).
@@ -24,13 +24,13 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    CommittedEvent, JobPage, JobPatch, LogBounds, LogRead, NewJob, NewNotification,
+    Committed, CommittedEvent, JobPage, JobPatch, LogBounds, LogRead, NewJob, NewNotification,
     NotificationPage, Result, Store, StoreError, apply_patch, encode_event, job_deleted, millis,
     model::{
         self, RequestKind, RetentionSearch, WriterGone, WriterHealth, durable_kind, writer_stopped,
     },
 };
-use crate::{bus::Bus, cursor::org_epoch};
+use crate::cursor::org_epoch;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -219,7 +219,7 @@ fn open(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Connection> {
 impl SqliteStore {
     /// Opens (creating when missing) the database at `path` and starts its writer thread. A write
     /// waits up to `busy_timeout` for a lock another process holds.
-    pub fn open(path: &Path, bus: Arc<dyn Bus>, busy_timeout: Duration) -> anyhow::Result<Self> {
+    pub fn open(path: &Path, committed: Committed, busy_timeout: Duration) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
@@ -242,7 +242,7 @@ impl SqliteStore {
         let gone = WriterGone::new(health.clone());
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || write_loop(conn, rx, bus, db_epoch, gone))?;
+            .spawn(move || write_loop(conn, rx, committed, db_epoch, gone))?;
         Ok(SqliteStore {
             writer: tx,
             readers: Arc::new(Readers {
@@ -305,7 +305,7 @@ impl SqliteStore {
 fn write_loop(
     conn: Connection,
     rx: mpsc::Receiver<WriteOp>,
-    bus: Arc<dyn Bus>,
+    committed: Committed,
     db_epoch: u64,
     gone: WriterGone,
 ) {
@@ -378,7 +378,7 @@ fn write_loop(
         }
         health.record(&result);
         for ev in app.events {
-            bus.publish(ev);
+            committed(ev);
         }
         for finish in finishes {
             finish(result.clone());
@@ -842,26 +842,11 @@ mod tests {
     use futures::FutureExt;
 
     use super::*;
-    use crate::hub::Hub;
-
-    /// Counts what the store publishes.
-    #[derive(Default)]
-    struct CountingBus(AtomicUsize);
-
-    impl Bus for CountingBus {
-        fn publish(&self, _: CommittedEvent) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-        fn attach(&self, _: Hub) {}
-        fn lossy(&self) -> bool {
-            false
-        }
-    }
-
+    /// A store whose committed events are counted; the count, and the file.
     fn temp_store(
         tag: &str,
         busy: Duration,
-    ) -> (SqliteStore, Arc<CountingBus>, std::path::PathBuf) {
+    ) -> (SqliteStore, Arc<AtomicUsize>, std::path::PathBuf) {
         let path = std::env::temp_dir()
             .join(format!(
                 "orgpulse-sqlite-{tag}-{}-{}",
@@ -869,10 +854,14 @@ mod tests {
                 rand::random::<u32>()
             ))
             .join("db.sqlite");
-        let bus = Arc::new(CountingBus::default());
+        let count = Arc::new(AtomicUsize::new(0));
+        let counter = count.clone();
+        let committed: Committed = Arc::new(move |_| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
         (
-            SqliteStore::open(&path, bus.clone(), busy).unwrap(),
-            bus,
+            SqliteStore::open(&path, committed, busy).unwrap(),
+            count,
             path,
         )
     }
@@ -996,7 +985,7 @@ mod tests {
         // What was applied is exactly what was published: none of the failed batches' events.
         let head = bounds(&other, "o").unwrap().head;
         assert!(head >= 2);
-        assert_eq!(bus.0.load(Ordering::Relaxed) as u64, head);
+        assert_eq!(bus.load(Ordering::Relaxed) as u64, head);
     }
 
     #[test]
