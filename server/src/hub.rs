@@ -480,7 +480,7 @@ mod tests {
         bus::{Bus, MemoryBus},
         store::{
             JobPage, JobPatch, LogBounds, LogRead, NewJob, NewNotification, NotificationPage,
-            Result, sqlite::SqliteStore,
+            Result, publishing_to, sqlite::SqliteStore,
         },
     };
 
@@ -511,7 +511,12 @@ mod tests {
     async fn setup(tag: &str) -> (Arc<SqliteStore>, Arc<RecordingBus>, Hub) {
         let bus = Arc::new(RecordingBus::default());
         let store = Arc::new(
-            SqliteStore::open(&temp_db(tag), bus.clone(), Duration::from_secs(10)).unwrap(),
+            SqliteStore::open(
+                &temp_db(tag),
+                publishing_to(bus.clone()),
+                Duration::from_secs(10),
+            )
+            .unwrap(),
         );
         let hub = Hub::new(store.clone(), 10_000, &*bus);
         (store, bus, hub)
@@ -577,8 +582,12 @@ mod tests {
                 rand::random::<u64>()
             ));
             Arc::new(CountingStore {
-                inner: SqliteStore::open(&dir.join("hub.db"), bus, Duration::from_secs(10))
-                    .unwrap(),
+                inner: SqliteStore::open(
+                    &dir.join("hub.db"),
+                    publishing_to(bus),
+                    Duration::from_secs(10),
+                )
+                .unwrap(),
                 dir,
                 bounds_calls: Mutex::new(0),
                 heads_calls: Mutex::new(Vec::new()),

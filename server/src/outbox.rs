@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::METRICS,
-    store::{NewEntityChange, Store},
+    store::{NewEntityChange, Store, model::RequestKind},
     validate,
 };
 
@@ -371,7 +371,7 @@ impl Consumer {
             org,
             actor,
             change,
-            request_kind: "outbox",
+            request_kind: RequestKind::Outbox,
             request_id: format!("{}{id}", self.key_prefix),
         })
     }

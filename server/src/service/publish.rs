@@ -6,7 +6,12 @@ use orgpulse::proto::{EntityChanged, PublishRequest, PublishResponse};
 use tonic::{Request, Response, Status};
 
 use super::Ctx;
-use crate::{auth::Need, cursor::Cursor, store::NewEntityChange, validate};
+use crate::{
+    auth::Need,
+    cursor::Cursor,
+    store::{NewEntityChange, model::RequestKind},
+    validate,
+};
 
 pub async fn publish(
     ctx: Arc<Ctx>,
@@ -31,7 +36,7 @@ pub async fn publish(
             org: org.clone(),
             actor: claims.user,
             change,
-            request_kind: "publish",
+            request_kind: RequestKind::Publish,
             request_id: r.request_id,
         }])
         .await?;

@@ -2,9 +2,12 @@
 //!
 //! Every write is ONE transaction: the entity change plus the event appended to the org's log with
 //! the org's next `seq` (a per-org counter row, so commit order is seq order and a rollback leaves no
-//! gap). After commit the engine publishes the committed events on the Bus in seq order. The rules
-//! that do not depend on the engine (job state machine, event encoding) live here; each engine file
-//! does only the I/O.
+//! gap). After each COMMIT the engine hands the committed events, in seq order, to the layer above
+//! (`Committed`), which publishes them on the Bus: no engine knows the Bus. The rules that do not
+//! depend on the engine live here and in `model`; each engine file holds SQL and connection
+//! handling only.
+pub mod model;
+pub mod postgres;
 pub mod sqlite;
 
 use std::{collections::HashMap, sync::Arc, time::SystemTime};
@@ -17,7 +20,11 @@ use orgpulse::proto::{
 use prost::Message;
 use tonic::Status;
 
-use crate::cursor::Cursor;
+use crate::{
+    bus::Bus,
+    config::{Config, Database},
+    cursor::Cursor,
+};
 
 /// A durable event as committed: encoded once, shared by every subscriber it goes to.
 #[derive(Debug, Clone)]
@@ -68,6 +75,14 @@ struct EntityTypeOnly {
     entity_type: String,
 }
 
+/// The entity type of an event about to be appended; `None` unless it is an entity event.
+pub fn payload_entity_type(p: &Payload) -> Option<Arc<str>> {
+    match p {
+        Payload::EntityChanged(e) => Some(e.entity_type.as_str().into()),
+        _ => None,
+    }
+}
+
 /// The entity type of an encoded event of `kind`; `None` unless it is an entity event.
 fn entity_type_of(kind: EventKind, bytes: &[u8]) -> Option<Arc<str>> {
     if kind != EventKind::Entity {
@@ -109,12 +124,37 @@ impl From<StoreError> for Status {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// What an engine calls with each event it committed, in commit order (which is seq order per
+/// org). Called from the engine's writer, so the order holds without the publisher re-sorting.
+pub type Committed = Arc<dyn Fn(CommittedEvent) + Send + Sync>;
+
+/// Committed events go out on `bus`.
+pub fn publishing_to(bus: Arc<dyn Bus>) -> Committed {
+    Arc::new(move |ev| bus.publish(ev))
+}
+
+/// Opens the store `--database` names (the engine is chosen here and nowhere else); its committed
+/// events are published on `bus`.
+pub async fn open(cfg: &Config, bus: Arc<dyn Bus>) -> anyhow::Result<Arc<dyn Store>> {
+    let committed = publishing_to(bus);
+    Ok(match cfg.database().map_err(anyhow::Error::msg)? {
+        Database::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(
+            &path,
+            committed,
+            cfg.sqlite_busy_timeout,
+        )?),
+        Database::Postgres(url) => Arc::new(postgres::PostgresStore::open(&url, committed).await?),
+    })
+}
+
+#[derive(Clone)]
 pub struct NewJob {
     pub title: String,
     pub labels: HashMap<String, String>,
     pub request_id: String,
 }
 
+#[derive(Clone)]
 pub struct JobPatch {
     pub job_id: String,
     pub status: Option<JobStatus>,
@@ -124,6 +164,7 @@ pub struct JobPatch {
     pub expected_version: u64,
 }
 
+#[derive(Clone)]
 pub struct NewNotification {
     pub user_id: String,
     pub title: String,
@@ -138,8 +179,8 @@ pub struct NewEntityChange {
     pub org: String,
     pub actor: String,
     pub change: EntityChanged,
-    /// Namespace of `request_id`: `publish` (the RPC's request ids) or `outbox` (row keys).
-    pub request_kind: &'static str,
+    /// Namespace of `request_id`: the RPC's request ids or outbox row keys.
+    pub request_kind: model::RequestKind,
     /// Idempotency key; empty = none.
     pub request_id: String,
 }

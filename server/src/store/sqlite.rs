@@ -2,7 +2,7 @@
 //!
 //! All writes go through one writer thread that group-commits: it takes every write waiting in its
 //! bounded queue, runs each inside its own SAVEPOINT of one transaction (a failing write rolls back
-//! alone), commits once, then publishes the committed events on the Bus in seq order and answers
+//! alone), commits once, then hands the committed events on in seq order (`Committed`) and answers
 //! the callers. A batch whose transaction cannot begin or commit applies and publishes nothing. The
 //! writer's last transaction outcome (refreshed by a lock-only probe when idle) is the store's
 //! health. Reads run on a small pool of read connections (WAL readers never block the writer).
@@ -17,19 +17,22 @@ use std::{
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use orgpulse::proto::{EventKind, Job, JobStatus, Notification, event::Payload};
+use orgpulse::proto::{EventKind, Job, Notification, event::Payload};
 use parking_lot::Mutex;
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    CommittedEvent, IDEMPOTENCY_WINDOW, JobPage, JobPatch, LogBounds, LogRead, NewEntityChange,
-    NewJob, NewNotification, NotificationPage, Result, Store, StoreError, apply_patch,
-    encode_event, entity_audience, job_deleted, millis, payload_kind, remembered_seq,
-    remembered_seq_data, timestamp,
+    Committed, CommittedEvent, JobPage, JobPatch, LogBounds, LogRead, NewEntityChange, NewJob,
+    NewNotification, NotificationPage, Result, Store, StoreError, apply_patch, encode_event,
+    entity_audience, job_deleted, millis,
+    model::{
+        self, RequestKind, RetentionSearch, WriterGone, WriterHealth, durable_kind, writer_stopped,
+    },
+    payload_entity_type, remembered_seq, remembered_seq_data,
 };
-use crate::{bus::Bus, cursor::org_epoch};
+use crate::cursor::org_epoch;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -110,37 +113,6 @@ struct Readers {
     idle: Mutex<Vec<Connection>>,
 }
 
-/// Why the writer cannot write, from its last transaction; `None` = it can.
-#[derive(Default)]
-struct WriterHealth(Mutex<Option<String>>);
-
-impl WriterHealth {
-    fn record(&self, outcome: &Result<()>) {
-        let failure = outcome.as_ref().err().map(ToString::to_string);
-        let mut last = self.0.lock();
-        if *last != failure {
-            match &failure {
-                Some(why) => tracing::error!(reason = why, "store cannot write"),
-                None => tracing::info!("store can write again"),
-            }
-            *last = failure;
-        }
-    }
-}
-
-/// Marks the store unwritable when the writer thread ends, however it ends (panics included).
-struct WriterGone(Arc<WriterHealth>);
-
-impl Drop for WriterGone {
-    fn drop(&mut self) {
-        self.0.record(&Err(writer_stopped()));
-    }
-}
-
-fn writer_stopped() -> StoreError {
-    StoreError::Unavailable("store writer stopped".into())
-}
-
 /// Appends events to org logs inside the current write, collecting them for publication.
 pub struct Appender {
     db_epoch: u64,
@@ -157,8 +129,7 @@ impl Appender {
         audience: Option<&str>,
         payload: Payload,
     ) -> Result<u64> {
-        let kind = payload_kind(&payload)
-            .ok_or_else(|| StoreError::Internal("an ephemeral event cannot be appended".into()))?;
+        let kind = durable_kind(&payload)?;
         let seq: u64 = first_row(
             conn,
             "INSERT INTO org_log (org_id, last_seq) VALUES (?1, 1)
@@ -168,10 +139,7 @@ impl Appender {
             |r| r.get(0),
         )?
         .ok_or_else(|| StoreError::Internal("org_log upsert returned no row".into()))?;
-        let entity_type = match &payload {
-            Payload::EntityChanged(e) => Some(e.entity_type.as_str().into()),
-            _ => None,
-        };
+        let entity_type = payload_entity_type(&payload);
         let bytes = encode_event(
             org_epoch(self.db_epoch, org),
             org,
@@ -255,7 +223,7 @@ fn open(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Connection> {
 impl SqliteStore {
     /// Opens (creating when missing) the database at `path` and starts its writer thread. A write
     /// waits up to `busy_timeout` for a lock another process holds.
-    pub fn open(path: &Path, bus: Arc<dyn Bus>, busy_timeout: Duration) -> anyhow::Result<Self> {
+    pub fn open(path: &Path, committed: Committed, busy_timeout: Duration) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
@@ -275,10 +243,10 @@ impl SqliteStore {
             .parse()?;
         let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE);
         let health = Arc::new(WriterHealth::default());
-        let gone = WriterGone(health.clone());
+        let gone = WriterGone::new(health.clone());
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || write_loop(conn, rx, bus, db_epoch, gone))?;
+            .spawn(move || write_loop(conn, rx, committed, db_epoch, gone))?;
         Ok(SqliteStore {
             writer: tx,
             readers: Arc::new(Readers {
@@ -341,11 +309,11 @@ impl SqliteStore {
 fn write_loop(
     conn: Connection,
     rx: mpsc::Receiver<WriteOp>,
-    bus: Arc<dyn Bus>,
+    committed: Committed,
     db_epoch: u64,
     gone: WriterGone,
 ) {
-    let health = &gone.0;
+    let health = gone.health();
     // Whether the last COMMIT carried more than one write: writers are concurrent.
     let mut concurrent = false;
     loop {
@@ -414,7 +382,7 @@ fn write_loop(
         }
         health.record(&result);
         for ev in app.events {
-            bus.publish(ev);
+            committed(ev);
         }
         for finish in finishes {
             finish(result.clone());
@@ -426,29 +394,45 @@ fn write_loop(
 fn remembered(
     conn: &Connection,
     org: &str,
-    kind: &str,
+    kind: RequestKind,
     request_id: &str,
 ) -> Result<Option<Vec<u8>>> {
-    if request_id.is_empty() {
+    if !model::is_idempotent(request_id) {
         return Ok(None);
     }
-    let since = millis(SystemTime::now() - IDEMPOTENCY_WINDOW);
     first_row(
         conn,
         "SELECT data FROM requests WHERE org_id = ?1 AND kind = ?2 AND request_id = ?3 AND created_ms >= ?4",
-        params![org, kind, request_id, since],
+        params![
+            org,
+            kind.as_str(),
+            request_id,
+            model::requests_valid_since(SystemTime::now())
+        ],
         |r| r.get(0),
     )
 }
 
-fn remember(conn: &Connection, org: &str, kind: &str, request_id: &str, data: &[u8]) -> Result<()> {
-    if request_id.is_empty() {
+fn remember(
+    conn: &Connection,
+    org: &str,
+    kind: RequestKind,
+    request_id: &str,
+    data: &[u8],
+) -> Result<()> {
+    if !model::is_idempotent(request_id) {
         return Ok(());
     }
     exec(
         conn,
         "INSERT OR REPLACE INTO requests (org_id, kind, request_id, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![org, kind, request_id, millis(SystemTime::now()), data],
+        params![
+            org,
+            kind.as_str(),
+            request_id,
+            millis(SystemTime::now()),
+            data
+        ],
     )?;
     Ok(())
 }
@@ -510,26 +494,19 @@ impl Store for SqliteStore {
     async fn create_job(&self, org: &str, actor: &str, new: NewJob) -> Result<Job> {
         let (org, actor) = (org.to_string(), actor.to_string());
         self.write(move |conn, app| {
-            if let Some(d) = remembered(conn, &org, "job", &new.request_id)? {
+            let request_id = new.request_id.clone();
+            if let Some(d) = remembered(conn, &org, RequestKind::Job, &request_id)? {
                 return decode(&d);
             }
-            let now = app.now;
-            let mut job = Job {
-                id: ulid::Ulid::new().to_string(),
-                org_id: org.clone(),
-                title: new.title,
-                progress: 0,
-                labels: new.labels,
-                created_by: actor.clone(),
-                updated_by: actor.clone(),
-                created_at: Some(timestamp(now)),
-                updated_at: Some(timestamp(now)),
-                version: 1,
-                ..Default::default()
-            };
-            job.set_status(JobStatus::Queued);
+            let job = model::new_job(&org, &actor, new, app.now);
             save_job(conn, &job)?;
-            remember(conn, &org, "job", &new.request_id, &job.encode_to_vec())?;
+            remember(
+                conn,
+                &org,
+                RequestKind::Job,
+                &request_id,
+                &job.encode_to_vec(),
+            )?;
             app.append(conn, &org, &actor, None, Payload::JobCreated(job.clone()))?;
             Ok(job)
         })
@@ -562,20 +539,17 @@ impl Store for SqliteStore {
                 "SELECT data FROM jobs WHERE org_id = ?1 AND id < ?2 {filter} ORDER BY id DESC LIMIT ?3"
             );
             let mut st = tx.prepare_cached(&sql).map_err(db)?;
-            let after = after.unwrap_or_else(|| "~".into());
             let rows = st
-                .query_map(params![org, after, limit as i64 + 1], |r| r.get::<_, Vec<u8>>(0))
+                .query_map(
+                    params![org, model::page_start(after), limit as i64 + 1],
+                    |r| r.get::<_, Vec<u8>>(0),
+                )
                 .map_err(db)?;
-            let mut jobs = Vec::with_capacity(limit);
+            let mut jobs = Vec::with_capacity(limit + 1);
             for row in rows {
                 jobs.push(decode::<Job>(&row.map_err(db)?)?);
             }
-            let next = if jobs.len() > limit {
-                jobs.truncate(limit);
-                jobs.last().map(|j| j.id.clone())
-            } else {
-                None
-            };
+            let (jobs, next) = model::into_page(jobs, limit, |j| &j.id);
             Ok(JobPage { jobs, next, head })
         })
         .await
@@ -619,33 +593,24 @@ impl Store for SqliteStore {
     ) -> Result<Notification> {
         let (org, actor) = (org.to_string(), actor.to_string());
         self.write(move |conn, app| {
-            if let Some(d) = remembered(conn, &org, "notification", &new.request_id)? {
+            let request_id = new.request_id.clone();
+            let kind = RequestKind::Notification;
+            if let Some(d) = remembered(conn, &org, kind, &request_id)? {
                 return decode(&d);
             }
-            let n = Notification {
-                id: ulid::Ulid::new().to_string(),
-                org_id: org.clone(),
-                user_id: new.user_id,
-                title: new.title,
-                body: new.body,
-                severity: new.severity,
-                created_by: actor.clone(),
-                created_at: Some(timestamp(app.now)),
-                read: false,
-            };
+            let n = model::new_notification(&org, &actor, new, app.now);
             let data = n.encode_to_vec();
             conn.execute(
                 "INSERT INTO notifications (org_id, id, user_id, data) VALUES (?1, ?2, ?3, ?4)",
                 params![org, n.id, n.user_id, data],
             )
             .map_err(db)?;
-            remember(conn, &org, "notification", &new.request_id, &data)?;
-            let audience = (!n.user_id.is_empty()).then_some(n.user_id.as_str());
+            remember(conn, &org, kind, &request_id, &data)?;
             app.append(
                 conn,
                 &org,
                 &actor,
-                audience,
+                model::audience(&n),
                 Payload::NotificationNew(n.clone()),
             )?;
             Ok(n)
@@ -676,25 +641,20 @@ impl Store for SqliteStore {
                      ORDER BY id DESC LIMIT ?5",
                 )
                 .map_err(db)?;
-            let after = after.unwrap_or_else(|| "~".into());
+            let after = model::page_start(after);
             let rows = st
                 .query_map(params![org, user, after, unread_only, limit as i64 + 1], |r| {
                     Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, bool>(1)?))
                 })
                 .map_err(db)?;
-            let mut notifications = Vec::with_capacity(limit);
+            let mut notifications = Vec::with_capacity(limit + 1);
             for row in rows {
                 let (data, read) = row.map_err(db)?;
                 let mut n: Notification = decode(&data)?;
                 n.read = read;
                 notifications.push(n);
             }
-            let next = if notifications.len() > limit {
-                notifications.truncate(limit);
-                notifications.last().map(|n| n.id.clone())
-            } else {
-                None
-            };
+            let (notifications, next) = model::into_page(notifications, limit, |n| &n.id);
             Ok(NotificationPage { notifications, next, unread })
         })
         .await
@@ -864,7 +824,7 @@ impl Store for SqliteStore {
                 floor = to;
             }
         }
-        let requests_cutoff = millis(SystemTime::now() - IDEMPOTENCY_WINDOW);
+        let requests_cutoff = model::requests_valid_since(SystemTime::now());
         loop {
             let deleted = self
                 .write(move |conn, _| {
@@ -884,37 +844,23 @@ impl Store for SqliteStore {
     }
 
     fn health(&self) -> std::result::Result<(), String> {
-        match &*self.health.0.lock() {
-            None => Ok(()),
-            Some(why) => Err(why.clone()),
-        }
+        self.health.state()
     }
 }
 
 /// The last seq of `org`'s retained log (`b.floor+1 ..= b.head`) committed before `cutoff`, or
-/// `b.floor` when there is none: a binary search over seq, since commit time grows with seq.
+/// `b.floor` when there is none (the model's search over seq, probing this file's rows).
 fn last_older_than(conn: &Connection, org: &str, b: LogBounds, cutoff: i64) -> Result<u64> {
-    let time_of = |seq: u64| {
-        first_row(
+    let mut search = RetentionSearch::new(b, cutoff);
+    while let Some(seq) = search.probe() {
+        search.observe(first_row(
             conn,
             "SELECT created_ms FROM events WHERE org_id = ?1 AND seq = ?2",
             params![org, seq],
             |r| r.get::<_, i64>(0),
-        )
-    };
-    // Most orgs have nothing to trim: one lookup says so.
-    if b.head == b.floor || time_of(b.floor + 1)?.is_none_or(|t| t >= cutoff) {
-        return Ok(b.floor);
+        )?);
     }
-    let (mut lo, mut hi) = (b.floor + 1, b.head);
-    while lo < hi {
-        let mid = lo + (hi - lo).div_ceil(2);
-        match time_of(mid)? {
-            Some(t) if t < cutoff => lo = mid,
-            _ => hi = mid - 1,
-        }
-    }
-    Ok(lo)
+    Ok(search.result())
 }
 
 #[cfg(test)]
@@ -924,26 +870,11 @@ mod tests {
     use futures::FutureExt;
 
     use super::*;
-    use crate::hub::Hub;
-
-    /// Counts what the store publishes.
-    #[derive(Default)]
-    struct CountingBus(AtomicUsize);
-
-    impl Bus for CountingBus {
-        fn publish(&self, _: CommittedEvent) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-        fn attach(&self, _: Hub) {}
-        fn lossy(&self) -> bool {
-            false
-        }
-    }
-
+    /// A store whose committed events are counted; the count, and the file.
     fn temp_store(
         tag: &str,
         busy: Duration,
-    ) -> (SqliteStore, Arc<CountingBus>, std::path::PathBuf) {
+    ) -> (SqliteStore, Arc<AtomicUsize>, std::path::PathBuf) {
         let path = std::env::temp_dir()
             .join(format!(
                 "orgpulse-sqlite-{tag}-{}-{}",
@@ -951,10 +882,14 @@ mod tests {
                 rand::random::<u32>()
             ))
             .join("db.sqlite");
-        let bus = Arc::new(CountingBus::default());
+        let count = Arc::new(AtomicUsize::new(0));
+        let counter = count.clone();
+        let committed: Committed = Arc::new(move |_| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
         (
-            SqliteStore::open(&path, bus.clone(), busy).unwrap(),
-            bus,
+            SqliteStore::open(&path, committed, busy).unwrap(),
+            count,
             path,
         )
     }
@@ -1078,7 +1013,7 @@ mod tests {
         // What was applied is exactly what was published: none of the failed batches' events.
         let head = bounds(&other, "o").unwrap().head;
         assert!(head >= 2);
-        assert_eq!(bus.0.load(Ordering::Relaxed) as u64, head);
+        assert_eq!(bus.load(Ordering::Relaxed) as u64, head);
     }
 
     #[test]
@@ -1094,22 +1029,11 @@ mod tests {
             )
             .unwrap();
         }
+        // The search itself is the model's (tested there); this checks the probes read the rows.
         let b = LogBounds { floor: 3, head: 13 };
-        for (cutoff, want) in [
-            (0, 3),
-            (40, 3),
-            (41, 4),
-            (85, 8),
-            (130, 12),
-            (131, 13),
-            (1000, 13),
-        ] {
-            assert_eq!(
-                last_older_than(&conn, "o", b, cutoff).unwrap(),
-                want,
-                "cutoff {cutoff}"
-            );
-        }
+        assert_eq!(last_older_than(&conn, "o", b, 40).unwrap(), 3);
+        assert_eq!(last_older_than(&conn, "o", b, 85).unwrap(), 8);
+        assert_eq!(last_older_than(&conn, "o", b, 1000).unwrap(), 13);
         let empty = LogBounds {
             floor: 13,
             head: 13,
