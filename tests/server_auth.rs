@@ -104,7 +104,7 @@ async fn rs256_key_refuses_algorithm_confusion() {
             "--listen".into(),
             "127.0.0.1:0".into(),
             "--database".into(),
-            format!("sqlite://{}/orgpulse.db", data.0.display()),
+            database_url(&data.0),
             "--jwt-public-key".into(),
             public.display().to_string(),
         ],

@@ -37,7 +37,7 @@ async fn server_with(dir: &TempDir, key_args: &[String]) -> TestServer {
         "--listen".to_string(),
         "127.0.0.1:0".into(),
         "--database".into(),
-        format!("sqlite://{}/orgpulse.db", dir.0.display()),
+        database_url(&dir.0),
     ];
     args.extend(key_args.iter().cloned());
     TestServer::spawn(args, dir.0.clone()).await

@@ -50,7 +50,7 @@ async fn grpc_over_tls() {
             "--listen",
             "127.0.0.1:0",
             "--database",
-            &format!("sqlite://{}/orgpulse.db", dir.0.display()),
+            &database_url(&dir.0),
             "--jwt-secret-file",
             &dir.0.join("jwt-secret").display().to_string(),
             "--tls-cert",

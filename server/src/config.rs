@@ -12,7 +12,8 @@ pub struct Config {
     #[arg(long, env = "ORGPULSE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Database URL: `sqlite://PATH` (created when missing).
+    /// Database URL: `sqlite://PATH` (created when missing) or `postgres://USER@HOST:PORT/DB`
+    /// (`postgresql://` too; the schema is migrated at start; several nodes may share it).
     #[arg(
         long,
         env = "ORGPULSE_DATABASE",
@@ -88,7 +89,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_user: u32,
 
-    /// Development mode: create and keep an HS256 secret in the data directory and print tokens.
+    /// Development mode: create and keep an HS256 secret in the data directory (the SQLite file's
+    /// directory; `./orgpulse-data` with PostgreSQL) and print tokens.
     #[arg(long, env = "ORGPULSE_DEV")]
     pub dev: bool,
 
@@ -119,22 +121,72 @@ fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 
+/// The store `--database` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// An SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection URL.
+    Postgres(String),
+}
+
 impl Config {
-    /// The SQLite file named by `--database`.
-    pub fn sqlite_path(&self) -> Result<PathBuf, String> {
-        let path = self
-            .database
+    /// The store named by `--database`.
+    pub fn database(&self) -> Result<Database, String> {
+        let url = self.database.as_str();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Database::Postgres(url.to_string()));
+        }
+        let path = url
             .strip_prefix("sqlite://")
-            .or_else(|| self.database.strip_prefix("sqlite:"))
+            .or_else(|| url.strip_prefix("sqlite:"))
             .ok_or_else(|| {
                 format!(
-                    "unsupported --database {:?}: expected sqlite://PATH",
-                    self.database
+                    "unsupported --database {url:?}: expected sqlite://PATH or postgres://USER@HOST/DB"
                 )
             })?;
         if path.is_empty() {
             return Err("--database sqlite:// needs a file path".into());
         }
-        Ok(PathBuf::from(path))
+        Ok(Database::Sqlite(PathBuf::from(path)))
+    }
+
+    /// Where `--dev` keeps its secret: beside the SQLite file, or `./orgpulse-data` with a
+    /// database elsewhere.
+    pub fn data_dir(&self) -> Result<PathBuf, String> {
+        Ok(match self.database()? {
+            Database::Sqlite(path) => path
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .to_path_buf(),
+            Database::Postgres(_) => PathBuf::from("./orgpulse-data"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn database(url: &str) -> Result<Database, String> {
+        Config::parse_from(["orgpulse-server", "--database", url]).database()
+    }
+
+    #[test]
+    fn database_urls_choose_the_engine() {
+        assert_eq!(
+            database("sqlite:///var/lib/o.db"),
+            Ok(Database::Sqlite("/var/lib/o.db".into()))
+        );
+        assert_eq!(database("sqlite:o.db"), Ok(Database::Sqlite("o.db".into())));
+        for pg in ["postgres://u@h:5432/db", "postgresql://u@h/db"] {
+            assert_eq!(database(pg), Ok(Database::Postgres(pg.into())));
+        }
+        assert!(database("sqlite://").is_err());
+        assert!(
+            database("mysql://h/db")
+                .unwrap_err()
+                .contains("postgres://")
+        );
     }
 }

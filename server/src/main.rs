@@ -47,11 +47,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         None => None,
     };
     let has_key = secret.is_some() || cfg.jwt_public_key.is_some() || cfg.jwks_file.is_some();
-    let data_dir = cfg.sqlite_path().map_err(anyhow::Error::msg)?;
-    let data_dir = data_dir
-        .parent()
-        .unwrap_or(std::path::Path::new("."))
-        .to_path_buf();
+    let data_dir = cfg.data_dir().map_err(anyhow::Error::msg)?;
     if !has_key {
         anyhow::ensure!(cfg.dev, NO_KEY);
         secret = Some(dev::dev_secret(&data_dir)?);

@@ -23,7 +23,7 @@ use crate::{
     hub::Hub,
     presence::MemoryPresence,
     service::Ctx,
-    store::{Store, sqlite::SqliteStore},
+    store::Store,
 };
 
 /// How long in-flight calls get to finish after the shutdown signal.
@@ -38,11 +38,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::default());
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
-        &cfg.sqlite_path().map_err(anyhow::Error::msg)?,
-        bus.clone(),
-        cfg.sqlite_busy_timeout,
-    )?);
+    let database = cfg.database().map_err(anyhow::Error::msg)?;
+    let store = crate::store::open(&database, bus.clone(), cfg.sqlite_busy_timeout).await?;
     let hub = Hub::new(store.clone(), cfg.subscriber_queue, &*bus);
     bus.attach(hub.clone());
     let presence = MemoryPresence::new(hub.clone(), cfg.presence_grace);

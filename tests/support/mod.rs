@@ -1,5 +1,10 @@
 //! Test support shared by the end-to-end tests: starts the real `orgpulse-server` binary on an
-//! ephemeral port with a fresh SQLite file and HS256 secret, mints tokens, and opens gRPC clients.
+//! ephemeral port with a fresh store and HS256 secret, mints tokens, and opens gRPC clients.
+//!
+//! The store is a SQLite file in the server's data directory, or with
+//! `ORGPULSE_TEST_STORE=postgres` a fresh PostgreSQL database `orgpulse_test_<random>` on the
+//! server at `ORGPULSE_TEST_POSTGRES` (default the local one), named in the data directory (so a
+//! restart on the same directory keeps the data) and dropped with it. The same suite runs on both.
 #![allow(dead_code)]
 
 use std::{
@@ -59,8 +64,119 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        if let Some(url) = recorded_database(&self.0) {
+            drop_database(&url);
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// The file in a data directory that names its PostgreSQL database.
+const DATABASE_URL_FILE: &str = "database-url";
+
+/// Whether this run's servers use PostgreSQL (`ORGPULSE_TEST_STORE=postgres`) or SQLite (unset or
+/// `sqlite`).
+pub fn on_postgres() -> bool {
+    match std::env::var("ORGPULSE_TEST_STORE").as_deref() {
+        Err(_) | Ok("") | Ok("sqlite") => false,
+        Ok("postgres") => true,
+        Ok(other) => panic!("ORGPULSE_TEST_STORE={other:?}: expected sqlite or postgres"),
+    }
+}
+
+/// For a test that only makes sense on SQLite: true (after saying why it is skipped) on PostgreSQL.
+pub fn skip_on_postgres(why: &str) -> bool {
+    let skip = on_postgres();
+    if skip {
+        eprintln!("skipped with ORGPULSE_TEST_STORE=postgres: {why}");
+    }
+    skip
+}
+
+/// The `--database` of the data directory `dir`: its SQLite file, or on PostgreSQL its database,
+/// created on first use.
+pub fn database_url(dir: &Path) -> String {
+    if !on_postgres() {
+        return format!("sqlite://{}", dir.join("orgpulse.db").display());
+    }
+    if let Some(url) = recorded_database(dir) {
+        return url;
+    }
+    let name = format!("orgpulse_test_{:016x}", rand::random::<u64>());
+    let admin = admin_url();
+    let create = format!("CREATE DATABASE {name}");
+    on_admin_connection(move |c| async move { c.batch_execute(&create).await });
+    let url = with_database(&admin, &name);
+    std::fs::write(dir.join(DATABASE_URL_FILE), &url).unwrap();
+    url
+}
+
+/// `url` with database `name` in place of its own (query options kept).
+fn with_database(url: &str, name: &str) -> String {
+    let (base, tail) = url.rsplit_once('/').expect("URL with a database");
+    match tail.split_once('?') {
+        Some((_, query)) => format!("{base}/{name}?{query}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+/// The PostgreSQL server tests create their databases on (its `test` database).
+fn admin_url() -> String {
+    std::env::var("ORGPULSE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn recorded_database(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join(DATABASE_URL_FILE)).ok()
+}
+
+fn drop_database(url: &str) {
+    let name = url.rsplit_once('/').expect("URL with a database").1;
+    let name = name.split('?').next().unwrap_or(name).to_string();
+    on_admin_connection(move |c| async move {
+        c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+    });
+}
+
+/// Runs `f` on a connection to the database `url`, on a thread of its own (callable from sync and
+/// async code alike); panics when the database cannot be reached.
+fn on_connection<T, F, Fut>(url: String, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(tokio_postgres::Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "ORGPULSE_TEST_STORE=postgres, but PostgreSQL at {url} is unreachable: {e}"
+                    )
+                });
+            tokio::spawn(conn);
+            f(client)
+                .await
+                .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"))
+        })
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+fn on_admin_connection<T, F, Fut>(f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(tokio_postgres::Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    on_connection(admin_url(), f)
 }
 
 /// A running `orgpulse-server` child process.
@@ -124,7 +240,7 @@ impl TestServer {
             "--listen".to_string(),
             opts.listen.unwrap_or_else(|| "127.0.0.1:0".into()),
             "--database".into(),
-            format!("sqlite://{}", dir.join("orgpulse.db").display()),
+            database_url(&dir),
             "--jwt-secret-file".into(),
             secret.display().to_string(),
         ];
@@ -362,9 +478,25 @@ pub fn token_ttl(org: &str, user: &str, role: &str, ttl_secs: u64) -> String {
     })
 }
 
-/// Every durable event in `org`'s log, read straight from the server's SQLite file: (seq, kind,
-/// audience). Tests compare what subscribers received against this.
+/// Every durable event in `org`'s log, read straight from the `events` table of the server with
+/// data directory `dir` (SQLite or PostgreSQL): (seq, kind, audience). Tests compare what
+/// subscribers received against this.
 pub fn log_of(dir: &Path, org: &str) -> Vec<(u64, i32, Option<String>)> {
+    if let Some(url) = recorded_database(dir) {
+        let org = org.to_string();
+        return on_connection(url, move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT seq, kind, audience FROM events WHERE org_id = $1 ORDER BY seq",
+                    &[&org],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get::<_, i64>(0) as u64, r.get(1), r.get(2)))
+                .collect())
+        });
+    }
     let conn = rusqlite::Connection::open(dir.join("orgpulse.db")).expect("open db");
     let mut st = conn
         .prepare("SELECT seq, kind, audience FROM events WHERE org_id = ?1 ORDER BY seq")

@@ -78,10 +78,13 @@ impl Target {
             c.arg("-c").arg(cpus).arg(bin);
             c
         };
+        // A `--server-arg=--database=postgres://...` replaces the fresh SQLite file.
+        if !extra.iter().any(|a| a.starts_with("--database")) {
+            cmd.arg("--database")
+                .arg(format!("sqlite://{}", dir.join("orgpulse.db").display()));
+        }
         cmd.arg("--listen")
             .arg("127.0.0.1:0")
-            .arg("--database")
-            .arg(format!("sqlite://{}", dir.join("orgpulse.db").display()))
             .arg("--jwt-secret-file")
             .arg(&secret_file)
             .args(extra)

@@ -5,6 +5,8 @@
 //! gap). After commit the engine publishes the committed events on the Bus in seq order. The rules
 //! that do not depend on the engine (job state machine, event encoding) live here; each engine file
 //! does only the I/O.
+pub mod model;
+pub mod postgres;
 pub mod sqlite;
 
 use std::{collections::HashMap, sync::Arc, time::SystemTime};
@@ -15,7 +17,7 @@ use orgpulse::proto::{Event, EventKind, Job, JobDeleted, JobStatus, Notification
 use prost::Message;
 use tonic::Status;
 
-use crate::cursor::Cursor;
+use crate::{bus::Bus, config::Database, cursor::Cursor};
 
 /// A durable event as committed: encoded once, shared by every subscriber it goes to.
 #[derive(Debug, Clone)]
@@ -39,6 +41,9 @@ pub enum StoreError {
     Aborted(String),
     /// The store cannot write now (its writer failed, stopped or is overloaded): retry later.
     #[error("{0}")]
+    InvalidArgument(String),
+    /// The database cannot be reached now; the caller may retry.
+    #[error("{0}")]
     Unavailable(String),
     #[error("storage error: {0}")]
     Internal(String),
@@ -50,7 +55,11 @@ impl From<StoreError> for Status {
             StoreError::NotFound(m) => Status::not_found(m),
             StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
             StoreError::Aborted(m) => Status::aborted(m),
-            StoreError::Unavailable(m) => Status::unavailable(m),
+            StoreError::InvalidArgument(m) => Status::invalid_argument(m),
+            StoreError::Unavailable(m) => {
+                tracing::warn!(error = %m, "store unavailable");
+                Status::unavailable(m)
+            }
             StoreError::Internal(m) => {
                 tracing::error!(error = %m, "storage error");
                 Status::internal("storage error")
@@ -61,12 +70,28 @@ impl From<StoreError> for Status {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// Opens the store `database` names: the engine is chosen here and nowhere else.
+pub async fn open(
+    database: &Database,
+    bus: Arc<dyn Bus>,
+    sqlite_busy_timeout: std::time::Duration,
+) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match database {
+        Database::Sqlite(path) => {
+            Arc::new(sqlite::SqliteStore::open(path, bus, sqlite_busy_timeout)?)
+        }
+        Database::Postgres(url) => Arc::new(postgres::PostgresStore::open(url, bus).await?),
+    })
+}
+
+#[derive(Clone)]
 pub struct NewJob {
     pub title: String,
     pub labels: HashMap<String, String>,
     pub request_id: String,
 }
 
+#[derive(Clone)]
 pub struct JobPatch {
     pub job_id: String,
     pub status: Option<JobStatus>,
@@ -76,6 +101,7 @@ pub struct JobPatch {
     pub expected_version: u64,
 }
 
+#[derive(Clone)]
 pub struct NewNotification {
     pub user_id: String,
     pub title: String,

@@ -1,0 +1,208 @@
+//! The engine-independent rules of the Store, written once above the engines: how a new Job and
+//! Notification are built, who may see a notification, the idempotency policy, paging, and the
+//! search for the retention boundary. An engine file holds SQL and connection handling only.
+use std::time::SystemTime;
+
+use orgpulse::proto::{Job, JobStatus, Notification};
+
+use super::{IDEMPOTENCY_WINDOW, LogBounds, NewJob, NewNotification, millis, timestamp};
+
+/// A new job as `actor` creates it in `org` at `now`: queued, version 1.
+pub fn new_job(org: &str, actor: &str, new: NewJob, now: SystemTime) -> Job {
+    let mut job = Job {
+        id: ulid::Ulid::new().to_string(),
+        org_id: org.to_string(),
+        title: new.title,
+        progress: 0,
+        labels: new.labels,
+        created_by: actor.to_string(),
+        updated_by: actor.to_string(),
+        created_at: Some(timestamp(now)),
+        updated_at: Some(timestamp(now)),
+        version: 1,
+        ..Default::default()
+    };
+    job.set_status(JobStatus::Queued);
+    job
+}
+
+/// A new notification as `actor` sends it in `org` at `now`, unread.
+pub fn new_notification(
+    org: &str,
+    actor: &str,
+    new: NewNotification,
+    now: SystemTime,
+) -> Notification {
+    Notification {
+        id: ulid::Ulid::new().to_string(),
+        org_id: org.to_string(),
+        user_id: new.user_id,
+        title: new.title,
+        body: new.body,
+        severity: new.severity,
+        created_by: actor.to_string(),
+        created_at: Some(timestamp(now)),
+        read: false,
+    }
+}
+
+/// The one user a notification (and its event) is addressed to; `None` = everyone in the org.
+pub fn audience(n: &Notification) -> Option<&str> {
+    (!n.user_id.is_empty()).then_some(n.user_id.as_str())
+}
+
+/// What a `request_id` makes idempotent: the object a create stored under (org, kind, id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Job,
+    Notification,
+}
+
+impl RequestKind {
+    /// The key column's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Job => "job",
+            RequestKind::Notification => "notification",
+        }
+    }
+}
+
+/// Whether a create with `request_id` is idempotent at all (an empty id never is).
+pub fn is_idempotent(request_id: &str) -> bool {
+    !request_id.is_empty()
+}
+
+/// Stored requests committed at or after this instant (epoch ms) still answer a repeated create.
+pub fn requests_valid_since(now: SystemTime) -> i64 {
+    millis(now - IDEMPOTENCY_WINDOW)
+}
+
+/// Where a newest-first page starts: after the token's id, or above every id (ids are ULIDs,
+/// compared bytewise, and `~` sorts after each of their characters).
+pub fn page_start(after: Option<String>) -> String {
+    after.unwrap_or_else(|| "~".into())
+}
+
+/// Cuts `rows` (read with `limit + 1`) to one page; the token of the next page when there is one.
+pub fn into_page<T>(
+    mut rows: Vec<T>,
+    limit: usize,
+    id: impl Fn(&T) -> &str,
+) -> (Vec<T>, Option<String>) {
+    let next = if rows.len() > limit {
+        rows.truncate(limit);
+        rows.last().map(|r| id(r).to_string())
+    } else {
+        None
+    };
+    (rows, next)
+}
+
+/// The search for the last seq of a retained log committed before a cutoff: a binary search
+/// over seq (commit time grows with seq), driven by an engine that looks up the commit time of
+/// the seq [`RetentionSearch::probe`] names and reports it to [`RetentionSearch::observe`].
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionSearch {
+    lo: u64,
+    hi: u64,
+    cutoff: i64,
+    first_checked: bool,
+}
+
+impl RetentionSearch {
+    /// Searches `b.floor+1 ..= b.head` for events committed before `cutoff` (epoch ms).
+    pub fn new(b: LogBounds, cutoff: i64) -> Self {
+        RetentionSearch {
+            lo: b.floor,
+            hi: b.head,
+            cutoff,
+            first_checked: false,
+        }
+    }
+
+    /// The seq whose commit time is needed next; `None` when the search is over.
+    pub fn probe(&self) -> Option<u64> {
+        if !self.first_checked {
+            // Most orgs have nothing to trim: one lookup of the oldest retained event says so.
+            return (self.lo < self.hi).then_some(self.lo + 1);
+        }
+        (self.lo < self.hi).then(|| self.lo + (self.hi - self.lo).div_ceil(2))
+    }
+
+    /// The commit time (epoch ms) of the probed seq; `None` when that event is gone.
+    pub fn observe(&mut self, created_ms: Option<i64>) {
+        let Some(seq) = self.probe() else { return };
+        let older = created_ms.is_some_and(|t| t < self.cutoff);
+        if !self.first_checked {
+            self.first_checked = true;
+            if older {
+                self.lo = seq;
+            } else {
+                self.hi = self.lo;
+            }
+            return;
+        }
+        if older {
+            self.lo = seq;
+        } else {
+            self.hi = seq - 1;
+        }
+    }
+
+    /// The last seq committed before the cutoff, or the floor when there is none.
+    pub fn result(&self) -> u64 {
+        self.lo
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the search over a log whose seq `s` was committed at `s * 10` ms.
+    fn search(b: LogBounds, cutoff: i64) -> (u64, usize) {
+        let mut s = RetentionSearch::new(b, cutoff);
+        let mut lookups = 0;
+        while let Some(seq) = s.probe() {
+            lookups += 1;
+            let present = seq > b.floor && seq <= b.head;
+            s.observe(present.then_some(seq as i64 * 10));
+        }
+        (s.result(), lookups)
+    }
+
+    #[test]
+    fn retention_boundary_is_found_by_seq() {
+        let b = LogBounds { floor: 3, head: 13 };
+        for (cutoff, want) in [
+            (0, 3),
+            (40, 3),
+            (41, 4),
+            (85, 8),
+            (130, 12),
+            (131, 13),
+            (1000, 13),
+        ] {
+            assert_eq!(search(b, cutoff).0, want, "cutoff {cutoff}");
+        }
+        assert_eq!(search(b, 40), (3, 1), "nothing to trim costs one lookup");
+        let empty = LogBounds {
+            floor: 13,
+            head: 13,
+        };
+        assert_eq!(search(empty, 1000), (13, 0));
+    }
+
+    #[test]
+    fn pages_cut_at_the_limit() {
+        let ids = vec!["c", "b", "a"];
+        assert_eq!(
+            into_page(ids.clone(), 2, |s| s),
+            (vec!["c", "b"], Some("b".into()))
+        );
+        assert_eq!(into_page(ids, 3, |s| s), (vec!["c", "b", "a"], None));
+        assert_eq!(page_start(None), "~");
+        assert!("~" > "01J0ZZZZZZZZZZZZZZZZZZZZZZ");
+    }
+}

@@ -1,0 +1,1084 @@
+//! The cluster engine: PostgreSQL, shared by every node of a cluster.
+//!
+//! The schema is migrated at start (versioned in `schema_version`, applied in one transaction
+//! under an advisory lock, so nodes starting together migrate once). One log epoch per database
+//! (the `meta` table) makes a cursor valid on every node. Reads and retention run on a connection
+//! pool. A lost database answers UNAVAILABLE.
+//!
+//! Writes go through one writer task per node that group-commits: it takes every write waiting in
+//! its queue, runs them in one transaction, commits once, then publishes the committed events on
+//! the Bus in seq order. A transaction locks each org's counter row (`org_log`) before its first
+//! write to the org and raises it once before COMMIT; the seqs in between are handed out in
+//! memory. The row lock orders the commits of all nodes, so commit order is seq order, and a
+//! rollback leaves no gap. Round trips are what a write costs here, so a write's independent
+//! statements are pipelined, and the batch uses no savepoints: a write that fails before it wrote
+//! anything is simply skipped, and one that fails later (or any failed statement) rolls the batch
+//! back, after which each of its writes runs again alone in its own transaction.
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_postgres::{
+    GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use futures::future::BoxFuture;
+use orgpulse::proto::{EventKind, Job, Notification, event::Payload};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{NoTls, Row, types::ToSql};
+
+use super::{
+    CommittedEvent, JobPage, JobPatch, LogBounds, LogRead, NewJob, NewNotification,
+    NotificationPage, Result, Store, StoreError, apply_patch, encode_event, job_deleted, millis,
+    model::{self, RequestKind, RetentionSearch},
+    payload_kind,
+};
+use crate::{bus::Bus, cursor::org_epoch};
+
+/// Schema versions, applied in order; version N is `MIGRATIONS[N - 1]`. Never edit one that has
+/// shipped: add the next. Ids compare bytewise (`COLLATE "C"`), as the page tokens need.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE org_log (
+  org_id TEXT COLLATE \"C\" PRIMARY KEY,
+  last_seq BIGINT NOT NULL,
+  floor_seq BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE events (
+  org_id TEXT COLLATE \"C\" NOT NULL,
+  seq BIGINT NOT NULL,
+  kind INTEGER NOT NULL,
+  audience TEXT,
+  created_ms BIGINT NOT NULL,
+  data BYTEA NOT NULL,
+  PRIMARY KEY (org_id, seq)
+);
+CREATE TABLE jobs (
+  org_id TEXT COLLATE \"C\" NOT NULL,
+  id TEXT COLLATE \"C\" NOT NULL,
+  status INTEGER NOT NULL,
+  data BYTEA NOT NULL,
+  PRIMARY KEY (org_id, id)
+);
+CREATE TABLE notifications (
+  org_id TEXT COLLATE \"C\" NOT NULL,
+  id TEXT COLLATE \"C\" NOT NULL,
+  user_id TEXT NOT NULL,
+  data BYTEA NOT NULL,
+  PRIMARY KEY (org_id, id)
+);
+CREATE TABLE notification_reads (
+  org_id TEXT COLLATE \"C\" NOT NULL,
+  user_id TEXT NOT NULL,
+  notification_id TEXT COLLATE \"C\" NOT NULL,
+  PRIMARY KEY (org_id, user_id, notification_id)
+);
+CREATE TABLE requests (
+  org_id TEXT COLLATE \"C\" NOT NULL,
+  kind TEXT NOT NULL,
+  request_id TEXT NOT NULL,
+  created_ms BIGINT NOT NULL,
+  data BYTEA NOT NULL,
+  PRIMARY KEY (org_id, kind, request_id)
+);
+CREATE INDEX requests_by_time ON requests (created_ms);
+"];
+
+/// The advisory lock key that serializes migrations of one database (any constant; "orgpulse").
+const MIGRATION_LOCK: i64 = 0x6f72_6770_756c_7365;
+/// Most writes one transaction takes.
+const MAX_BATCH: usize = 256;
+/// Writes queued before callers wait for the writer.
+const QUEUE: usize = 4096;
+/// Connections: the writer's, readers', retention's.
+const POOL_SIZE: usize = 8;
+/// How long a call waits for a connection (or for the database to answer a connect) before it
+/// fails with UNAVAILABLE.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Events deleted per retention transaction.
+const TRIM_BATCH: u64 = 10_000;
+
+/// A queued write. `run` may be called more than once (the batch it was in rolled back): each run
+/// keeps its own result, `true` when it succeeded; `answer` sends the last one to the caller, or
+/// the commit's error. A write dropped unanswered answers UNAVAILABLE.
+struct Write {
+    run: Box<dyn for<'a> FnMut(&'a mut Tx) -> BoxFuture<'a, bool> + Send>,
+    answer: Box<dyn FnOnce(Result<()>) + Send>,
+}
+
+pub struct PostgresStore {
+    writer: mpsc::Sender<Write>,
+    pool: Pool,
+    db_epoch: u64,
+}
+
+/// The writer's open transaction: its connection, the org counters it holds, the events appended.
+pub struct Tx {
+    client: Object,
+    log: Log,
+    /// Whether the current write changed a row (a later failure then needs a rollback).
+    wrote: bool,
+    /// Whether a statement failed (PostgreSQL then refuses the rest of the transaction).
+    failed: bool,
+    /// Whether the connection's state is unknown (a COMMIT or ROLLBACK failed).
+    broken: bool,
+}
+
+/// The org logs a transaction appends to.
+pub struct Log {
+    db_epoch: u64,
+    now: SystemTime,
+    /// Per org locked in this transaction: its counter in the database, and the last seq handed out.
+    counters: HashMap<Arc<str>, (u64, u64)>,
+    events: Vec<CommittedEvent>,
+}
+
+impl Tx {
+    /// A statement of the current write; a changed row marks the write as having written.
+    async fn exec(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let n = exec(&self.client, sql, params).await;
+        self.note(n)
+    }
+
+    /// Records what a statement's outcome means for the batch.
+    fn note(&mut self, r: Result<u64>) -> Result<u64> {
+        match &r {
+            Ok(n) => self.wrote |= *n > 0,
+            Err(_) => self.failed = true,
+        }
+        r
+    }
+
+    /// A query of the current write (no row changes).
+    async fn first_row(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>> {
+        let r = first_row(&self.client, sql, params).await;
+        self.failed |= r.is_err();
+        r
+    }
+
+    /// Locks `org`'s counter row for the rest of the transaction (once per transaction).
+    async fn lock_org(&mut self, org: &str) -> Result<()> {
+        if self.log.counters.contains_key(org) {
+            return Ok(());
+        }
+        // Inserting the row when it is missing is harmless: an empty log has head 0 either way.
+        let last = self
+            .first_row(
+                "INSERT INTO org_log (org_id, last_seq) VALUES ($1, 0)
+                 ON CONFLICT (org_id) DO UPDATE SET last_seq = org_log.last_seq
+                 RETURNING last_seq",
+                &[&org],
+            )
+            .await?
+            .map(|r| r.get::<_, i64>(0) as u64)
+            .ok_or_else(|| StoreError::Internal("org_log upsert returned no row".into()))?;
+        self.log.counters.insert(org.into(), (last, last));
+        Ok(())
+    }
+
+    /// Appends an event to `org`'s log together with `change`, the write's entity statement (the
+    /// two are pipelined: one round trip).
+    async fn append_with(
+        &mut self,
+        change: Option<(&str, &[&(dyn ToSql + Sync)])>,
+        org: &str,
+        actor: &str,
+        audience: Option<&str>,
+        payload: Payload,
+    ) -> Result<u64> {
+        self.lock_org(org).await?;
+        let ev = self.log.next_event(org, actor, audience, payload);
+        let (seq, kind, created) = (ev.seq as i64, ev.kind as i32, millis(self.log.now));
+        let data = &ev.bytes[..];
+        let params: [&(dyn ToSql + Sync); 6] = [&org, &seq, &kind, &audience, &created, &data];
+        let insert_event = exec(
+            &self.client,
+            "INSERT INTO events (org_id, seq, kind, audience, created_ms, data)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &params,
+        );
+        let (changed, inserted) = match change {
+            Some((sql, params)) => {
+                let (c, i) = futures::join!(exec(&self.client, sql, params), insert_event);
+                (c, i)
+            }
+            None => (Ok(0), insert_event.await),
+        };
+        self.note(changed)?;
+        self.note(inserted)?;
+        let seq = ev.seq;
+        self.log.keep(ev);
+        Ok(seq)
+    }
+
+    /// Claims `request_id` for a create in this transaction: `Ok(None)` when it is new (or its
+    /// last use is past the idempotency window), else the object stored for it. A concurrent
+    /// create with the same id on another node waits here until that one commits.
+    async fn claim_request(
+        &mut self,
+        org: &str,
+        kind: RequestKind,
+        request_id: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        if !model::is_idempotent(request_id) {
+            return Ok(None);
+        }
+        let (now, since) = (
+            millis(self.log.now),
+            model::requests_valid_since(self.log.now),
+        );
+        let claimed = self
+            .exec(
+                "INSERT INTO requests (org_id, kind, request_id, created_ms, data)
+                 VALUES ($1, $2, $3, $4, '') ON CONFLICT (org_id, kind, request_id)
+                 DO UPDATE SET created_ms = EXCLUDED.created_ms, data = ''
+                 WHERE requests.created_ms < $5",
+                &[&org, &kind.as_str(), &request_id, &now, &since],
+            )
+            .await?;
+        if claimed > 0 {
+            return Ok(None);
+        }
+        let row = self
+            .first_row(
+                "SELECT data FROM requests WHERE org_id = $1 AND kind = $2 AND request_id = $3",
+                &[&org, &kind.as_str(), &request_id],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Stores the object a claimed `request_id` answers with from now on.
+    async fn remember(
+        &mut self,
+        org: &str,
+        kind: RequestKind,
+        request_id: &str,
+        data: &[u8],
+    ) -> Result<()> {
+        if model::is_idempotent(request_id) {
+            self.exec(
+                "UPDATE requests SET data = $4 WHERE org_id = $1 AND kind = $2 AND request_id = $3",
+                &[&org, &kind.as_str(), &request_id, &data],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Raises every counter this transaction advanced and commits, pipelined; the events are
+    /// committed when this returns Ok.
+    async fn commit(&mut self) -> Result<()> {
+        let raise = self
+            .client
+            .prepare_cached("UPDATE org_log SET last_seq = $2 WHERE org_id = $1")
+            .await
+            .map_err(db)?;
+        let raised: Vec<(&str, i64)> = self
+            .log
+            .counters
+            .iter()
+            .filter(|(_, (db, last))| last > db)
+            .map(|(org, (_, last))| (&**org, *last as i64))
+            .collect();
+        let params: Vec<[&(dyn ToSql + Sync); 2]> = raised
+            .iter()
+            .map(|(org, last)| [org as _, last as _])
+            .collect();
+        // Sent in this order, so COMMIT follows the updates. A failed update turns the COMMIT
+        // into a rollback, which PostgreSQL does not report as an error: check the updates.
+        let updates =
+            futures::future::join_all(params.iter().map(|p| self.client.execute(&raise, p)));
+        let (updates, committed) = futures::join!(updates, self.client.batch_execute("COMMIT"));
+        let result = updates
+            .into_iter()
+            .try_for_each(|u| u.map(drop))
+            .and(committed)
+            .map_err(db);
+        if result.is_err() {
+            self.log.reset();
+            self.broken = true;
+        }
+        result
+    }
+
+    /// Ends the transaction without keeping anything.
+    async fn rollback(&mut self) -> Result<()> {
+        self.log.reset();
+        let result = self.client.batch_execute("ROLLBACK").await.map_err(db);
+        self.broken |= result.is_err();
+        result
+    }
+
+    async fn begin(&mut self) -> Result<()> {
+        self.log.reset();
+        self.log.now = SystemTime::now();
+        self.failed = false;
+        self.client.batch_execute("BEGIN").await.map_err(db)
+    }
+}
+
+impl Log {
+    /// The next event of `org` (whose counter this transaction holds), not yet kept.
+    fn next_event(
+        &self,
+        org: &str,
+        actor: &str,
+        audience: Option<&str>,
+        payload: Payload,
+    ) -> CommittedEvent {
+        let seq = self.counters.get(org).map_or(0, |c| c.1) + 1;
+        // Only durable payloads are appended (the callers build jobs, notifications, entities).
+        let kind = payload_kind(&payload).unwrap_or(EventKind::Unspecified);
+        let bytes = encode_event(
+            org_epoch(self.db_epoch, org),
+            org,
+            seq,
+            actor,
+            self.now,
+            payload,
+        );
+        CommittedEvent {
+            org: org.into(),
+            seq,
+            kind,
+            audience: audience.map(Into::into),
+            bytes,
+        }
+    }
+
+    /// Keeps an event whose row was inserted: its seq is taken.
+    fn keep(&mut self, ev: CommittedEvent) {
+        if let Some(c) = self.counters.get_mut(&*ev.org) {
+            c.1 = ev.seq;
+        }
+        self.events.push(ev);
+    }
+
+    fn reset(&mut self) {
+        self.counters.clear();
+        self.events.clear();
+    }
+}
+
+/// Runs a statement prepared once per connection.
+async fn exec(c: &impl GenericClient, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+    let st = c.prepare_cached(sql).await.map_err(db)?;
+    c.execute(&st, params).await.map_err(db)
+}
+
+/// The first row of a query prepared once per connection, `None` when there is none.
+async fn first_row(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<Row>> {
+    let st = c.prepare_cached(sql).await.map_err(db)?;
+    c.query_opt(&st, params).await.map_err(db)
+}
+
+/// Every row of a query prepared once per connection.
+async fn rows(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>> {
+    let st = c.prepare_cached(sql).await.map_err(db)?;
+    c.query(&st, params).await.map_err(db)
+}
+
+/// A database error: UNAVAILABLE when the database cannot be reached or is going away (the
+/// caller may retry), INTERNAL otherwise.
+fn db(e: tokio_postgres::Error) -> StoreError {
+    let lost_connection = e.is_closed()
+        || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())
+        || e.code().is_some_and(|c| {
+            let class = &c.code()[..2];
+            // connection exception, insufficient resources, operator intervention (shutdown)
+            matches!(class, "08" | "53" | "57")
+        });
+    if lost_connection {
+        StoreError::Unavailable(format!("database unavailable: {}", explain(&e)))
+    } else {
+        StoreError::Internal(explain(&e))
+    }
+}
+
+/// An error with its causes (tokio-postgres keeps the detail, "connection refused" or the
+/// server's message, in the source), for one line of log or start-up failure.
+fn explain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
+fn pool_error(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => db(e),
+        e => StoreError::Unavailable(format!("database unavailable: {}", explain(&e))),
+    }
+}
+
+fn dropped_write() -> StoreError {
+    StoreError::Unavailable("database unavailable: the write was not attempted".into())
+}
+
+fn decode<M: Message + Default>(data: &[u8]) -> Result<M> {
+    M::decode(data).map_err(|e| StoreError::Internal(format!("corrupt row: {e}")))
+}
+
+/// `host:port/dbname` of a connection config, for messages (never the password).
+fn describe(cfg: &tokio_postgres::Config) -> String {
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}/{}", cfg.get_dbname().unwrap_or_default())
+}
+
+/// Brings the schema to the newest version and returns the database's log epoch.
+async fn migrate(client: &mut Object) -> std::result::Result<u64, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+           version INTEGER PRIMARY KEY,
+           applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )
+    .await?;
+    let current: i32 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
+        .await?
+        .get(0);
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&(version as i32 + 1)],
+        )
+        .await?;
+    }
+    let fresh = (rand::random::<u64>() >> 1).to_string();
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('epoch', $1) ON CONFLICT DO NOTHING",
+        &[&fresh],
+    )
+    .await?;
+    let epoch: String = tx
+        .query_one("SELECT value FROM meta WHERE key = 'epoch'", &[])
+        .await?
+        .get(0);
+    tx.commit().await?;
+    Ok(epoch.parse().unwrap_or_default())
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://...`), migrates its schema and starts the
+    /// writer. Fails with one line naming the database when it cannot be reached.
+    pub async fn open(url: &str, bus: Arc<dyn Bus>) -> anyhow::Result<Self> {
+        let mut cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--database {url:?} is not a PostgreSQL URL: {e}"))?;
+        cfg.connect_timeout(CONNECT_TIMEOUT);
+        if cfg.get_application_name().is_none() {
+            cfg.application_name("orgpulse");
+        }
+        let name = describe(&cfg);
+        let manager = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()?;
+        let mut client = pool.get().await.map_err(|e| {
+            let e = match e {
+                PoolError::Backend(e) => explain(&e),
+                e => explain(&e),
+            };
+            anyhow::anyhow!("cannot reach the PostgreSQL database {name}: {e}")
+        })?;
+        let db_epoch = migrate(&mut client).await.map_err(|e| {
+            anyhow::anyhow!("migrating the PostgreSQL database {name}: {}", explain(&e))
+        })?;
+        drop(client);
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(write_loop(pool.clone(), rx, bus, db_epoch));
+        Ok(PostgresStore {
+            writer: tx,
+            pool,
+            db_epoch,
+        })
+    }
+
+    /// Runs `f` as one write of the next group commit (possibly more than once, each time in a
+    /// fresh transaction: `f` must not consume what it captured).
+    async fn write<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: for<'a> Fn(&'a mut Tx) -> BoxFuture<'a, Result<R>> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let result = Arc::new(parking_lot::Mutex::new(None::<Result<R>>));
+        let kept = result.clone();
+        let write = Write {
+            run: Box::new(move |t| {
+                let run = f(t);
+                let result = result.clone();
+                Box::pin(async move {
+                    let r = run.await;
+                    let ok = r.is_ok();
+                    *result.lock() = Some(r);
+                    ok
+                })
+            }),
+            answer: Box::new(move |commit| {
+                let r = kept.lock().take().unwrap_or_else(|| Err(dropped_write()));
+                let _ = tx.send(commit.and(r));
+            }),
+        };
+        self.writer.send(write).await.map_err(|_| dropped_write())?;
+        rx.await.map_err(|_| dropped_write())?
+    }
+
+    /// A pooled connection for reads.
+    async fn conn(&self) -> Result<Object> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Deletes `org`'s events up to `upto` in bounded transactions, raising its floor with each.
+    async fn trim_org(&self, org: &str, mut floor: u64, upto: u64) -> Result<u64> {
+        let mut client = self.conn().await?;
+        let mut n = 0;
+        while floor < upto {
+            let to = upto.min(floor + TRIM_BATCH);
+            let tx = client.transaction().await.map_err(db)?;
+            n += exec(
+                &tx,
+                "DELETE FROM events WHERE org_id = $1 AND seq > $2 AND seq <= $3",
+                &[&org, &(floor as i64), &(to as i64)],
+            )
+            .await?;
+            exec(
+                &tx,
+                "UPDATE org_log SET floor_seq = GREATEST(floor_seq, $2) WHERE org_id = $1",
+                &[&org, &(to as i64)],
+            )
+            .await?;
+            tx.commit().await.map_err(db)?;
+            floor = to;
+        }
+        Ok(n)
+    }
+}
+
+async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<Write>, bus: Arc<dyn Bus>, db_epoch: u64) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let client = match pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Dropping the batch answers each of its callers UNAVAILABLE.
+                tracing::warn!(error = %e, writes = batch.len(), "no database connection for a write batch");
+                continue;
+            }
+        };
+        let mut tx = Tx {
+            client,
+            log: Log {
+                db_epoch,
+                now: SystemTime::now(),
+                counters: HashMap::new(),
+                events: Vec::new(),
+            },
+            wrote: false,
+            failed: false,
+            broken: false,
+        };
+        let together = run_together(&mut tx, &mut batch).await;
+        let results: Vec<(Write, Result<()>)> = match together {
+            Ok(()) => {
+                publish(&mut tx, &*bus);
+                batch.into_iter().map(|w| (w, Ok(()))).collect()
+            }
+            Err(_) if batch.len() > 1 => {
+                let mut results = Vec::with_capacity(batch.len());
+                for mut w in batch {
+                    let r = run_alone(&mut tx, &mut w).await;
+                    publish(&mut tx, &*bus);
+                    results.push((w, r));
+                }
+                results
+            }
+            Err(e) => batch.into_iter().map(|w| (w, Err(e.clone()))).collect(),
+        };
+        if tx.broken || tx.client.is_closed() {
+            // Never hand a connection in an unknown state back to the pool.
+            drop(Object::take(tx.client));
+        }
+        for (w, r) in results {
+            (w.answer)(r);
+        }
+    }
+}
+
+fn publish(tx: &mut Tx, bus: &dyn Bus) {
+    for ev in tx.log.events.drain(..) {
+        bus.publish(ev);
+    }
+}
+
+/// Runs the batch in one transaction and commits it. A write that failed before it changed a
+/// row is skipped (its caller gets its own error); any other failure rolls the whole batch back
+/// and is returned. A lone write's own failure is its answer, not the batch's.
+async fn run_together(tx: &mut Tx, batch: &mut [Write]) -> Result<()> {
+    tx.begin().await?;
+    for w in batch.iter_mut() {
+        tx.wrote = false;
+        let ok = (w.run)(tx).await;
+        if !ok && (tx.wrote || tx.failed) {
+            tx.rollback().await?;
+            return if batch.len() == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::Aborted("a write of the batch failed".into()))
+            };
+        }
+    }
+    tx.commit().await
+}
+
+/// Runs one write in a transaction of its own; the commit's outcome.
+async fn run_alone(tx: &mut Tx, w: &mut Write) -> Result<()> {
+    tx.begin().await?;
+    tx.wrote = false;
+    if (w.run)(tx).await {
+        tx.commit().await
+    } else {
+        tx.rollback().await
+    }
+}
+
+const INSERT_JOB: &str = "INSERT INTO jobs (org_id, id, status, data) VALUES ($1, $2, $3, $4)";
+
+fn job_not_found(id: &str) -> StoreError {
+    StoreError::NotFound(format!("job {id} not found"))
+}
+
+async fn unread_count(c: &impl GenericClient, org: &str, user: &str) -> Result<u32> {
+    let row = first_row(
+        c,
+        "SELECT COUNT(*) FROM notifications n WHERE n.org_id = $1 AND n.user_id IN ('', $2)
+         AND NOT EXISTS (SELECT 1 FROM notification_reads r
+                         WHERE r.org_id = $1 AND r.user_id = $2 AND r.notification_id = n.id)",
+        &[&org, &user],
+    )
+    .await?;
+    Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u32))
+}
+
+async fn bounds(c: &impl GenericClient, org: &str) -> Result<LogBounds> {
+    Ok(first_row(
+        c,
+        "SELECT floor_seq, last_seq FROM org_log WHERE org_id = $1",
+        &[&org],
+    )
+    .await?
+    .map(|r| LogBounds {
+        floor: r.get::<_, i64>(0) as u64,
+        head: r.get::<_, i64>(1) as u64,
+    })
+    .unwrap_or_default())
+}
+
+/// A read-only transaction that sees one snapshot for all its statements.
+async fn snapshot(client: &mut Object) -> Result<deadpool_postgres::Transaction<'_>> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(db)
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn org_epoch(&self, org: &str) -> u64 {
+        org_epoch(self.db_epoch, org)
+    }
+
+    async fn create_job(&self, org: &str, actor: &str, new: NewJob) -> Result<Job> {
+        let (org, actor) = (org.to_string(), actor.to_string());
+        self.write(move |tx| {
+            let (org, actor, new) = (org.clone(), actor.clone(), new.clone());
+            Box::pin(async move {
+                let request_id = new.request_id.clone();
+                if let Some(d) = tx
+                    .claim_request(&org, RequestKind::Job, &request_id)
+                    .await?
+                {
+                    return decode(&d);
+                }
+                let job = model::new_job(&org, &actor, new, tx.log.now);
+                let data = job.encode_to_vec();
+                tx.remember(&org, RequestKind::Job, &request_id, &data)
+                    .await?;
+                tx.append_with(
+                    Some((INSERT_JOB, &[&job.org_id, &job.id, &job.status, &data])),
+                    &org,
+                    &actor,
+                    None,
+                    Payload::JobCreated(job.clone()),
+                )
+                .await?;
+                Ok(job)
+            })
+        })
+        .await
+    }
+
+    async fn get_job(&self, org: &str, job_id: &str) -> Result<Job> {
+        match first_row(
+            &self.conn().await?,
+            "SELECT data FROM jobs WHERE org_id = $1 AND id = $2",
+            &[&org, &job_id],
+        )
+        .await?
+        {
+            Some(r) => decode(r.get(0)),
+            None => Err(job_not_found(job_id)),
+        }
+    }
+
+    async fn list_jobs(
+        &self,
+        org: &str,
+        statuses: Vec<i32>,
+        limit: usize,
+        after: Option<String>,
+    ) -> Result<JobPage> {
+        let mut client = self.conn().await?;
+        let tx = snapshot(&mut client).await?;
+        let head = bounds(&tx, org).await?.head;
+        let rows = rows(
+            &tx,
+            "SELECT data FROM jobs WHERE org_id = $1 AND id < $2
+             AND (cardinality($3::int4[]) = 0 OR status = ANY($3))
+             ORDER BY id DESC LIMIT $4",
+            &[
+                &org,
+                &model::page_start(after),
+                &statuses,
+                &(limit as i64 + 1),
+            ],
+        )
+        .await?;
+        tx.commit().await.map_err(db)?;
+        let jobs = rows
+            .iter()
+            .map(|r| decode::<Job>(r.get(0)))
+            .collect::<Result<Vec<_>>>()?;
+        let (jobs, next) = model::into_page(jobs, limit, |j| &j.id);
+        Ok(JobPage { jobs, next, head })
+    }
+
+    async fn update_job(&self, org: &str, actor: &str, patch: JobPatch) -> Result<Job> {
+        let (org, actor) = (org.to_string(), actor.to_string());
+        self.write(move |tx| {
+            let (org, actor, patch) = (org.clone(), actor.clone(), patch.clone());
+            Box::pin(async move {
+                // The counter first, then the job: every writer takes the locks in this order.
+                tx.lock_org(&org).await?;
+                let row = tx
+                    .first_row(
+                        "SELECT data FROM jobs WHERE org_id = $1 AND id = $2 FOR UPDATE",
+                        &[&org, &patch.job_id],
+                    )
+                    .await?;
+                let mut job: Job = match row {
+                    Some(r) => decode(r.get(0))?,
+                    None => return Err(job_not_found(&patch.job_id)),
+                };
+                apply_patch(&mut job, &patch, &actor, tx.log.now)?;
+                let data = job.encode_to_vec();
+                tx.append_with(
+                    Some((
+                        "UPDATE jobs SET status = $3, data = $4 WHERE org_id = $1 AND id = $2",
+                        &[&job.org_id, &job.id, &job.status, &data],
+                    )),
+                    &org,
+                    &actor,
+                    None,
+                    Payload::JobUpdated(job.clone()),
+                )
+                .await?;
+                Ok(job)
+            })
+        })
+        .await
+    }
+
+    async fn delete_job(&self, org: &str, actor: &str, job_id: &str) -> Result<()> {
+        let (org, actor, id) = (org.to_string(), actor.to_string(), job_id.to_string());
+        self.write(move |tx| {
+            let (org, actor, id) = (org.clone(), actor.clone(), id.clone());
+            Box::pin(async move {
+                tx.lock_org(&org).await?;
+                let n = tx
+                    .exec(
+                        "DELETE FROM jobs WHERE org_id = $1 AND id = $2",
+                        &[&org, &id],
+                    )
+                    .await?;
+                if n == 0 {
+                    return Err(job_not_found(&id));
+                }
+                tx.append_with(None, &org, &actor, None, job_deleted(&id))
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn send_notification(
+        &self,
+        org: &str,
+        actor: &str,
+        new: NewNotification,
+    ) -> Result<Notification> {
+        let (org, actor) = (org.to_string(), actor.to_string());
+        self.write(move |tx| {
+            let (org, actor, new) = (org.clone(), actor.clone(), new.clone());
+            Box::pin(async move {
+                let request_id = new.request_id.clone();
+                let kind = RequestKind::Notification;
+                if let Some(d) = tx.claim_request(&org, kind, &request_id).await? {
+                    return decode(&d);
+                }
+                let n = model::new_notification(&org, &actor, new, tx.log.now);
+                let data = n.encode_to_vec();
+                tx.remember(&org, kind, &request_id, &data).await?;
+                tx.append_with(
+                    Some((
+                        "INSERT INTO notifications (org_id, id, user_id, data) VALUES ($1, $2, $3, $4)",
+                        &[&n.org_id, &n.id, &n.user_id, &data],
+                    )),
+                    &org,
+                    &actor,
+                    model::audience(&n),
+                    Payload::NotificationNew(n.clone()),
+                )
+                .await?;
+                Ok(n)
+            })
+        })
+        .await
+    }
+
+    async fn list_notifications(
+        &self,
+        org: &str,
+        user: &str,
+        unread_only: bool,
+        limit: usize,
+        after: Option<String>,
+    ) -> Result<NotificationPage> {
+        let mut client = self.conn().await?;
+        let tx = snapshot(&mut client).await?;
+        let unread = unread_count(&tx, org, user).await?;
+        let rows = rows(
+            &tx,
+            "SELECT data, is_read FROM (
+               SELECT n.id, n.data, EXISTS (SELECT 1 FROM notification_reads r
+                 WHERE r.org_id = n.org_id AND r.user_id = $2 AND r.notification_id = n.id) AS is_read
+               FROM notifications n
+               WHERE n.org_id = $1 AND n.user_id IN ('', $2) AND n.id < $3) page
+             WHERE NOT ($4 AND is_read)
+             ORDER BY id DESC LIMIT $5",
+            &[
+                &org,
+                &user,
+                &model::page_start(after),
+                &unread_only,
+                &(limit as i64 + 1),
+            ],
+        )
+        .await?;
+        tx.commit().await.map_err(db)?;
+        let mut notifications = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let mut n: Notification = decode(r.get(0))?;
+            n.read = r.get(1);
+            notifications.push(n);
+        }
+        let (notifications, next) = model::into_page(notifications, limit, |n| &n.id);
+        Ok(NotificationPage {
+            notifications,
+            next,
+            unread,
+        })
+    }
+
+    async fn mark_read(&self, org: &str, user: &str, ids: Vec<String>) -> Result<u32> {
+        let (org, user) = (org.to_string(), user.to_string());
+        self.write(move |tx| {
+            let (org, user, ids) = (org.clone(), user.clone(), ids.clone());
+            Box::pin(async move {
+                for id in &ids {
+                    let visible = tx
+                        .first_row(
+                            "SELECT 1 FROM notifications
+                             WHERE org_id = $1 AND id = $2 AND user_id IN ('', $3)",
+                            &[&org, id, &user],
+                        )
+                        .await?
+                        .is_some();
+                    if !visible {
+                        return Err(StoreError::NotFound(format!("notification {id} not found")));
+                    }
+                    tx.exec(
+                        "INSERT INTO notification_reads (org_id, user_id, notification_id)
+                         VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                        &[&org, &user, id],
+                    )
+                    .await?;
+                }
+                let unread = unread_count(&tx.client, &org, &user).await;
+                tx.failed |= unread.is_err();
+                unread
+            })
+        })
+        .await
+    }
+
+    async fn bounds(&self, org: &str) -> Result<LogBounds> {
+        bounds(&self.conn().await?, org).await
+    }
+
+    async fn heads(&self, orgs: &[Arc<str>]) -> Result<Vec<(Arc<str>, u64)>> {
+        let names: Vec<&str> = orgs.iter().map(|o| &**o).collect();
+        let rows = rows(
+            &self.conn().await?,
+            "SELECT org_id, last_seq FROM org_log WHERE org_id = ANY($1) AND last_seq > 0",
+            &[&names],
+        )
+        .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let org: &str = r.get(0);
+                let org = orgs.iter().find(|o| &***o == org)?;
+                Some((org.clone(), r.get::<_, i64>(1) as u64))
+            })
+            .collect())
+    }
+
+    async fn read_after(&self, org: &str, after: u64, limit: usize) -> Result<LogRead> {
+        let mut client = self.conn().await?;
+        let tx = snapshot(&mut client).await?;
+        let log = bounds(&tx, org).await?;
+        let rows = rows(
+            &tx,
+            "SELECT seq, kind, audience, data FROM events
+             WHERE org_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            &[&org, &(after as i64), &(limit as i64)],
+        )
+        .await?;
+        tx.commit().await.map_err(db)?;
+        let org: Arc<str> = org.into();
+        let events = rows
+            .iter()
+            .map(|r| CommittedEvent {
+                org: org.clone(),
+                seq: r.get::<_, i64>(0) as u64,
+                kind: EventKind::try_from(r.get::<_, i32>(1)).unwrap_or(EventKind::Unspecified),
+                audience: r.get::<_, Option<String>>(2).map(Into::into),
+                bytes: Bytes::from(r.get::<_, Vec<u8>>(3)),
+            })
+            .collect();
+        Ok(LogRead::of(after, log, events))
+    }
+
+    /// Writes report an unreachable database themselves (UNAVAILABLE); this engine does not
+    /// track a writer state for /healthz yet.
+    fn health(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
+    async fn trim(&self, before: SystemTime) -> Result<u64> {
+        let cutoff = millis(before);
+        let logs = rows(
+            &self.conn().await?,
+            "SELECT org_id, floor_seq, last_seq FROM org_log WHERE last_seq > floor_seq",
+            &[],
+        )
+        .await?;
+        let mut n = 0;
+        for r in logs {
+            let org: String = r.get(0);
+            let b = LogBounds {
+                floor: r.get::<_, i64>(1) as u64,
+                head: r.get::<_, i64>(2) as u64,
+            };
+            let mut search = RetentionSearch::new(b, cutoff);
+            {
+                let client = self.conn().await?;
+                while let Some(seq) = search.probe() {
+                    let t = first_row(
+                        &client,
+                        "SELECT created_ms FROM events WHERE org_id = $1 AND seq = $2",
+                        &[&org, &(seq as i64)],
+                    )
+                    .await?;
+                    search.observe(t.map(|r| r.get(0)));
+                }
+            }
+            n += self.trim_org(&org, b.floor, search.result()).await?;
+        }
+        let valid_since = model::requests_valid_since(SystemTime::now());
+        let client = self.conn().await?;
+        while exec(
+            &client,
+            "DELETE FROM requests WHERE ctid IN
+               (SELECT ctid FROM requests WHERE created_ms < $1 LIMIT 10000)",
+            &[&valid_since],
+        )
+        .await?
+            == 10_000
+        {}
+        Ok(n)
+    }
+}
