@@ -31,13 +31,20 @@ impl Gauge {
     }
 }
 
-#[derive(Default)]
 pub struct Metrics {
     pub open_streams: Gauge,
     pub events_committed: Counter,
     pub events_delivered: Counter,
     pub slow_disconnects: Counter,
     pub polls: Counter,
+    /// Gaps in a room's seqs (the bus lost or reordered) filled from the Store.
+    pub gap_repairs: Counter,
+    /// Rooms behind their org's log head at a tail check, filled from the Store.
+    pub tail_repairs: Counter,
+    /// Bus messages dropped on this node (outbox full, publish failed, slow consumer).
+    pub bus_dropped: Counter,
+    /// This node's id and bus, set once at start (`/metrics` shows both).
+    pub node: std::sync::OnceLock<(String, std::sync::Arc<dyn crate::bus::Bus>)>,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -46,6 +53,10 @@ pub static METRICS: Metrics = Metrics {
     events_delivered: Counter(AtomicU64::new(0)),
     slow_disconnects: Counter(AtomicU64::new(0)),
     polls: Counter(AtomicU64::new(0)),
+    gap_repairs: Counter(AtomicU64::new(0)),
+    tail_repairs: Counter(AtomicU64::new(0)),
+    bus_dropped: Counter(AtomicU64::new(0)),
+    node: std::sync::OnceLock::new(),
 };
 
 /// Increments the open-streams gauge while alive.
@@ -126,6 +137,24 @@ pub fn render() -> String {
         m.polls.get().to_string(),
     );
     metric(
+        "orgpulse_gap_repairs_total",
+        "counter",
+        "Gaps in a room's events (lost or reordered on the bus) filled from the store.",
+        m.gap_repairs.get().to_string(),
+    );
+    metric(
+        "orgpulse_tail_repairs_total",
+        "counter",
+        "Rooms found behind their org's log head by a tail check, filled from the store.",
+        m.tail_repairs.get().to_string(),
+    );
+    metric(
+        "orgpulse_bus_dropped_total",
+        "counter",
+        "Bus messages dropped on this node (found in the store instead).",
+        m.bus_dropped.get().to_string(),
+    );
+    metric(
         "process_cpu_seconds_total",
         "counter",
         "User and system CPU time of the server process.",
@@ -137,5 +166,28 @@ pub fn render() -> String {
         "Resident set size.",
         rss.to_string(),
     );
+    if let Some((node, bus)) = m.node.get() {
+        let connected = bus.connected();
+        metric(
+            "orgpulse_bus_connected",
+            "gauge",
+            "Whether events from other nodes arrive over the bus (1) or only from the store (0, degraded).",
+            u8::from(connected).to_string(),
+        );
+        let state = if connected { "connected" } else { "degraded" };
+        let _ = write!(
+            out,
+            "# HELP orgpulse_node_info This node's id and bus state.\n# TYPE orgpulse_node_info gauge\n\
+             orgpulse_node_info{{node_id=\"{}\",bus_state=\"{state}\"}} 1\n",
+            label_value(node)
+        );
+    }
     out
+}
+
+/// `v` escaped for a Prometheus label value.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -18,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::Authenticator,
-    bus::{Bus, MemoryBus},
-    config::Config,
+    bus::{Bus, MemoryBus, nats::NatsBus},
+    config::{Config, Database},
     hub::Hub,
+    metrics::METRICS,
     presence::MemoryPresence,
     service::Ctx,
     store::Store,
@@ -37,11 +38,31 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::default());
     let database = cfg.database().map_err(anyhow::Error::msg)?;
+    let node_id = cfg
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("{:08x}", rand::random::<u32>()));
+    let nats = match &cfg.nats {
+        None => None,
+        Some(url) => {
+            anyhow::ensure!(
+                matches!(database, Database::Postgres(_)),
+                "--nats needs a store the nodes share: use --database postgres://... (an SQLite file belongs to one node)"
+            );
+            crate::bus::nats::check_prefix(&cfg.nats_subject_prefix)?;
+            Some(crate::bus::nats::connect(url, &node_id).await?)
+        }
+    };
+    let bus: Arc<dyn Bus> = match &nats {
+        Some(client) => Arc::new(NatsBus::new(client.clone(), &cfg.nats_subject_prefix)),
+        None => Arc::new(MemoryBus::default()),
+    };
     let store = crate::store::open(&database, bus.clone(), cfg.sqlite_busy_timeout).await?;
-    let hub = Hub::new(store.clone(), cfg.subscriber_queue, &*bus);
+    let hub = Hub::new(store.clone(), cfg.subscriber_queue, bus.clone());
     bus.attach(hub.clone());
+    let _ = METRICS.node.set((node_id.clone(), bus.clone()));
+    tracing::info!(node_id = %node_id, cluster = nats.is_some(), "engines ready");
     let presence = MemoryPresence::new(hub.clone(), cfg.presence_grace);
     let stop = CancellationToken::new();
     let ctx = Arc::new(Ctx {
