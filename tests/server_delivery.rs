@@ -1,5 +1,5 @@
 //! Delivery end to end: every durable event exactly once and in seq order, checked against the
-//! log in the server's SQLite file, across live streaming, resume, restart, resync, snapshots,
+//! log in the server's store, across live streaming, resume, restart, resync, snapshots,
 //! slow consumers and token expiry.
 mod support;
 

@@ -95,3 +95,28 @@ fn dev_mode_creates_a_secret_prints_tokens_and_keeps_the_secret() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn an_unreachable_postgresql_database_stops_the_start_with_one_line() {
+    let dir = std::env::temp_dir().join(format!("orgpulse-nopg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "a-secret-of-enough-length-0123456789").unwrap();
+    // Nothing listens on port 1.
+    let out = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--database"])
+        .arg("postgres://orgpulse@127.0.0.1:1/orgpulse")
+        .arg("--jwt-secret-file")
+        .arg(&secret)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot reach the PostgreSQL database 127.0.0.1:1/orgpulse")
+            && err.contains("refused"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

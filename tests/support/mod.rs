@@ -93,6 +93,17 @@ pub fn skip_on_postgres(why: &str) -> bool {
     skip
 }
 
+/// For a test of the PostgreSQL store alone: true (after saying why it is skipped) on SQLite.
+pub fn skip_unless_postgres() -> bool {
+    let skip = !on_postgres();
+    if skip {
+        eprintln!(
+            "skipped: a test of the PostgreSQL store; run it with ORGPULSE_TEST_STORE=postgres"
+        );
+    }
+    skip
+}
+
 /// The `--database` of the data directory `dir`: its SQLite file, or on PostgreSQL its database,
 /// created on first use.
 pub fn database_url(dir: &Path) -> String {
@@ -142,9 +153,19 @@ fn recorded_database(dir: &Path) -> Option<String> {
     std::fs::read_to_string(dir.join(DATABASE_URL_FILE)).ok()
 }
 
-fn drop_database(url: &str) {
+/// The name of the PostgreSQL database of data directory `dir`.
+pub fn database_name(dir: &Path) -> String {
+    let url = recorded_database(dir).expect("a data directory with a PostgreSQL database");
+    name_in(&url)
+}
+
+fn name_in(url: &str) -> String {
     let name = url.rsplit_once('/').expect("URL with a database").1;
-    let name = name.split('?').next().unwrap_or(name).to_string();
+    name.split('?').next().unwrap_or(name).to_string()
+}
+
+fn drop_database(url: &str) {
+    let name = name_in(url);
     on_admin_connection(move |c| async move {
         c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .await
@@ -182,7 +203,21 @@ where
     .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
-fn on_admin_connection<T, F, Fut>(f: F) -> T
+/// Runs `f` on a connection to the PostgreSQL database of data directory `dir`.
+pub fn on_database<T, F, Fut>(dir: &Path, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(tokio_postgres::Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    on_connection(
+        recorded_database(dir).expect("a data directory with a PostgreSQL database"),
+        f,
+    )
+}
+
+/// Runs `f` on a connection to the database the test databases are created from.
+pub fn on_admin_connection<T, F, Fut>(f: F) -> T
 where
     T: Send + 'static,
     F: FnOnce(tokio_postgres::Client) -> Fut + Send + 'static,

@@ -29,7 +29,7 @@ use futures::future::BoxFuture;
 use orgpulse::proto::{EventKind, Job, Notification, event::Payload};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::{NoTls, Row, types::ToSql};
+use tokio_postgres::{NoTls, Row, Statement, types::ToSql};
 
 use super::{
     CommittedEvent, JobPage, JobPatch, LogBounds, LogRead, NewJob, NewNotification,
@@ -102,11 +102,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events deleted per retention transaction.
 const TRIM_BATCH: u64 = 10_000;
 
+type RunWrite = dyn for<'a> FnMut(&'a mut Tx) -> BoxFuture<'a, bool> + Send;
+
 /// A queued write. `run` may be called more than once (the batch it was in rolled back): each run
 /// keeps its own result, `true` when it succeeded; `answer` sends the last one to the caller, or
 /// the commit's error. A write dropped unanswered answers UNAVAILABLE.
 struct Write {
-    run: Box<dyn for<'a> FnMut(&'a mut Tx) -> BoxFuture<'a, bool> + Send>,
+    run: Box<RunWrite>,
     answer: Box<dyn FnOnce(Result<()>) + Send>,
 }
 
@@ -116,16 +118,34 @@ pub struct PostgresStore {
     db_epoch: u64,
 }
 
-/// The writer's open transaction: its connection, the org counters it holds, the events appended.
+/// The writer's open transaction: its connection, the org counters it holds, the events appended,
+/// and the write statements not sent yet.
 pub struct Tx {
     client: Object,
     log: Log,
-    /// Whether the current write changed a row (a later failure then needs a rollback).
+    /// Write statements queued to go out with the next round trip.
+    pending: Vec<Deferred>,
+    /// Whether the current write changed (or queued a change of) a row: a later failure of the
+    /// write then needs a rollback.
     wrote: bool,
     /// Whether a statement failed (PostgreSQL then refuses the rest of the transaction).
     failed: bool,
     /// Whether the connection's state is unknown (a COMMIT or ROLLBACK failed).
     broken: bool,
+}
+
+/// A statement parameter owned by a queued statement.
+type Param = Box<dyn ToSql + Send + Sync>;
+
+/// Owned statement parameters.
+macro_rules! owned {
+    ($($p:expr),* $(,)?) => { vec![$(Box::new($p) as Param),*] };
+}
+
+/// A write statement queued in a transaction; its outcome is checked when it has been sent.
+struct Deferred {
+    sql: &'static str,
+    params: Vec<Param>,
 }
 
 /// The org logs a transaction appends to.
@@ -137,31 +157,59 @@ pub struct Log {
     events: Vec<CommittedEvent>,
 }
 
+const RAISE_COUNTER: &str = "UPDATE org_log SET last_seq = $2 WHERE org_id = $1";
+
 impl Tx {
-    /// A statement of the current write; a changed row marks the write as having written.
-    async fn exec(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        let n = exec(&self.client, sql, params).await;
-        self.note(n)
+    /// Queues a write: it goes out ahead of the next statement that needs an answer (a read, a
+    /// write whose count matters, or COMMIT), in the same round trip.
+    fn defer(&mut self, sql: &'static str, params: Vec<Param>) {
+        self.pending.push(Deferred { sql, params });
+        self.wrote = true;
     }
 
-    /// Records what a statement's outcome means for the batch.
-    fn note(&mut self, r: Result<u64>) -> Result<u64> {
-        match &r {
-            Ok(n) => self.wrote |= *n > 0,
-            Err(_) => self.failed = true,
+    /// The queued writes, each with its statement (prepared once per connection).
+    async fn take_pending(&mut self) -> Result<Vec<(Statement, Deferred)>> {
+        let pending = std::mem::take(&mut self.pending);
+        let mut out = Vec::with_capacity(pending.len());
+        for d in pending {
+            let st = self.client.prepare_cached(d.sql).await;
+            out.push((self.outcome(st)?, d));
         }
-        r
+        Ok(out)
     }
 
-    /// A query of the current write (no row changes).
-    async fn first_row(
+    /// What a statement's outcome means for the batch.
+    fn outcome<T>(&mut self, r: std::result::Result<T, tokio_postgres::Error>) -> Result<T> {
+        self.failed |= r.is_err();
+        r.map_err(db)
+    }
+
+    /// The rows of `sql`, sent right after the queued writes (one round trip for all).
+    async fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let writes = self.take_pending().await?;
+        let st = self.client.prepare_cached(sql).await;
+        let st = self.outcome(st)?;
+        let r = after(&self.client, &writes, self.client.query(&st, params)).await;
+        self.outcome(r)
+    }
+
+    async fn query_opt(
         &mut self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>> {
-        let r = first_row(&self.client, sql, params).await;
-        self.failed |= r.is_err();
-        r
+        Ok(self.query(sql, params).await?.into_iter().next())
+    }
+
+    /// A write whose count of changed rows the write needs now, sent right after the queued ones.
+    async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let writes = self.take_pending().await?;
+        let st = self.client.prepare_cached(sql).await;
+        let st = self.outcome(st)?;
+        let r = after(&self.client, &writes, self.client.execute(&st, params)).await;
+        let n = self.outcome(r)?;
+        self.wrote |= n > 0;
+        Ok(n)
     }
 
     /// Locks `org`'s counter row for the rest of the transaction (once per transaction).
@@ -171,7 +219,7 @@ impl Tx {
         }
         // Inserting the row when it is missing is harmless: an empty log has head 0 either way.
         let last = self
-            .first_row(
+            .query_opt(
                 "INSERT INTO org_log (org_id, last_seq) VALUES ($1, 0)
                  ON CONFLICT (org_id) DO UPDATE SET last_seq = org_log.last_seq
                  RETURNING last_seq",
@@ -184,11 +232,9 @@ impl Tx {
         Ok(())
     }
 
-    /// Appends an event to `org`'s log together with `change`, the write's entity statement (the
-    /// two are pipelined: one round trip).
-    async fn append_with(
+    /// Appends an event to `org`'s log with the org's next seq (queued like any write).
+    async fn append(
         &mut self,
-        change: Option<(&str, &[&(dyn ToSql + Sync)])>,
         org: &str,
         actor: &str,
         audience: Option<&str>,
@@ -196,24 +242,18 @@ impl Tx {
     ) -> Result<u64> {
         self.lock_org(org).await?;
         let ev = self.log.next_event(org, actor, audience, payload);
-        let (seq, kind, created) = (ev.seq as i64, ev.kind as i32, millis(self.log.now));
-        let data = &ev.bytes[..];
-        let params: [&(dyn ToSql + Sync); 6] = [&org, &seq, &kind, &audience, &created, &data];
-        let insert_event = exec(
-            &self.client,
+        self.defer(
             "INSERT INTO events (org_id, seq, kind, audience, created_ms, data)
              VALUES ($1, $2, $3, $4, $5, $6)",
-            &params,
+            owned![
+                org.to_string(),
+                ev.seq as i64,
+                ev.kind as i32,
+                audience.map(str::to_string),
+                millis(self.log.now),
+                ev.bytes.to_vec(),
+            ],
         );
-        let (changed, inserted) = match change {
-            Some((sql, params)) => {
-                let (c, i) = futures::join!(exec(&self.client, sql, params), insert_event);
-                (c, i)
-            }
-            None => (Ok(0), insert_event.await),
-        };
-        self.note(changed)?;
-        self.note(inserted)?;
         let seq = ev.seq;
         self.log.keep(ev);
         Ok(seq)
@@ -236,7 +276,7 @@ impl Tx {
             model::requests_valid_since(self.log.now),
         );
         let claimed = self
-            .exec(
+            .execute(
                 "INSERT INTO requests (org_id, kind, request_id, created_ms, data)
                  VALUES ($1, $2, $3, $4, '') ON CONFLICT (org_id, kind, request_id)
                  DO UPDATE SET created_ms = EXCLUDED.created_ms, data = ''
@@ -248,7 +288,7 @@ impl Tx {
             return Ok(None);
         }
         let row = self
-            .first_row(
+            .query_opt(
                 "SELECT data FROM requests WHERE org_id = $1 AND kind = $2 AND request_id = $3",
                 &[&org, &kind.as_str(), &request_id],
             )
@@ -257,73 +297,90 @@ impl Tx {
     }
 
     /// Stores the object a claimed `request_id` answers with from now on.
-    async fn remember(
-        &mut self,
-        org: &str,
-        kind: RequestKind,
-        request_id: &str,
-        data: &[u8],
-    ) -> Result<()> {
+    fn remember(&mut self, org: &str, kind: RequestKind, request_id: &str, data: &[u8]) {
         if model::is_idempotent(request_id) {
-            self.exec(
+            self.defer(
                 "UPDATE requests SET data = $4 WHERE org_id = $1 AND kind = $2 AND request_id = $3",
-                &[&org, &kind.as_str(), &request_id, &data],
-            )
-            .await?;
+                owned![
+                    org.to_string(),
+                    kind.as_str(),
+                    request_id.to_string(),
+                    data.to_vec()
+                ],
+            );
         }
-        Ok(())
     }
 
-    /// Raises every counter this transaction advanced and commits, pipelined; the events are
-    /// committed when this returns Ok.
+    /// Sends the queued writes and the raised counters, then COMMIT, in one round trip; the
+    /// events are committed when this returns Ok.
     async fn commit(&mut self) -> Result<()> {
-        let raise = self
-            .client
-            .prepare_cached("UPDATE org_log SET last_seq = $2 WHERE org_id = $1")
-            .await
-            .map_err(db)?;
-        let raised: Vec<(&str, i64)> = self
+        let raised: Vec<(String, i64)> = self
             .log
             .counters
             .iter()
             .filter(|(_, (db, last))| last > db)
-            .map(|(org, (_, last))| (&**org, *last as i64))
+            .map(|(org, (_, last))| (org.to_string(), *last as i64))
             .collect();
-        let params: Vec<[&(dyn ToSql + Sync); 2]> = raised
-            .iter()
-            .map(|(org, last)| [org as _, last as _])
-            .collect();
-        // Sent in this order, so COMMIT follows the updates. A failed update turns the COMMIT
-        // into a rollback, which PostgreSQL does not report as an error: check the updates.
-        let updates =
-            futures::future::join_all(params.iter().map(|p| self.client.execute(&raise, p)));
-        let (updates, committed) = futures::join!(updates, self.client.batch_execute("COMMIT"));
-        let result = updates
-            .into_iter()
-            .try_for_each(|u| u.map(drop))
-            .and(committed)
-            .map_err(db);
-        if result.is_err() {
-            self.log.reset();
-            self.broken = true;
+        for (org, last) in raised {
+            self.defer(RAISE_COUNTER, owned![org, last]);
         }
-        result
+        let writes = self.take_pending().await?;
+        let (sent, committed) = futures::join!(
+            send(&self.client, &writes),
+            self.client.batch_execute("COMMIT")
+        );
+        // A failed write turns COMMIT into a rollback, which PostgreSQL does not report as an
+        // error; a failed COMMIT leaves the outcome unknown.
+        self.broken = committed.is_err();
+        let r = sent.and(committed);
+        if r.is_err() {
+            self.log.reset();
+            self.failed = true;
+        }
+        r.map_err(db)
     }
 
     /// Ends the transaction without keeping anything.
     async fn rollback(&mut self) -> Result<()> {
         self.log.reset();
+        self.pending.clear();
         let result = self.client.batch_execute("ROLLBACK").await.map_err(db);
         self.broken |= result.is_err();
         result
     }
 
-    async fn begin(&mut self) -> Result<()> {
+    /// Starts a transaction (BEGIN goes out with the first statement that needs an answer).
+    fn begin(&mut self) {
         self.log.reset();
         self.log.now = SystemTime::now();
         self.failed = false;
-        self.client.batch_execute("BEGIN").await.map_err(db)
+        self.pending.clear();
+        self.pending.push(Deferred {
+            sql: "BEGIN",
+            params: Vec::new(),
+        });
     }
+}
+
+/// Sends `writes`, each when first polled (tokio-postgres sends a statement then), in order.
+fn send<'a>(
+    client: &'a Object,
+    writes: &'a [(Statement, Deferred)],
+) -> impl std::future::Future<Output = std::result::Result<(), tokio_postgres::Error>> + 'a {
+    let sent = futures::future::join_all(writes.iter().map(|(st, d)| {
+        client.execute_raw(st, d.params.iter().map(|p| &**p as &(dyn ToSql + Sync)))
+    }));
+    async move { sent.await.into_iter().try_for_each(|r| r.map(drop)) }
+}
+
+/// Sends `writes` and then `last` in one round trip; `last`'s outcome, or a failed write's.
+async fn after<T>(
+    client: &Object,
+    writes: &[(Statement, Deferred)],
+    last: impl std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+) -> std::result::Result<T, tokio_postgres::Error> {
+    let (sent, last) = futures::join!(send(client, writes), last);
+    sent.and(last)
 }
 
 impl Log {
@@ -427,11 +484,17 @@ fn explain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn pool_error(e: PoolError) -> StoreError {
+/// Why no connection could be had (connecting failed, timed out, or was refused).
+fn no_connection(e: PoolError) -> String {
     match e {
-        PoolError::Backend(e) => db(e),
-        e => StoreError::Unavailable(format!("database unavailable: {}", explain(&e))),
+        // Not the pool's "error occurred while creating a new object" but the cause.
+        PoolError::Backend(e) => explain(&e),
+        e => explain(&e),
     }
+}
+
+fn pool_error(e: PoolError) -> StoreError {
+    StoreError::Unavailable(format!("database unavailable: {}", no_connection(e)))
 }
 
 fn dropped_write() -> StoreError {
@@ -517,11 +580,10 @@ impl PostgresStore {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()?;
         let mut client = pool.get().await.map_err(|e| {
-            let e = match e {
-                PoolError::Backend(e) => explain(&e),
-                e => explain(&e),
-            };
-            anyhow::anyhow!("cannot reach the PostgreSQL database {name}: {e}")
+            anyhow::anyhow!(
+                "cannot reach the PostgreSQL database {name}: {}",
+                no_connection(e)
+            )
         })?;
         let db_epoch = migrate(&mut client).await.map_err(|e| {
             anyhow::anyhow!("migrating the PostgreSQL database {name}: {}", explain(&e))
@@ -610,7 +672,8 @@ async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<Write>, bus: Arc<dyn Bus>
             Ok(c) => c,
             Err(e) => {
                 // Dropping the batch answers each of its callers UNAVAILABLE.
-                tracing::warn!(error = %e, writes = batch.len(), "no database connection for a write batch");
+                let error = no_connection(e);
+                tracing::warn!(%error, writes = batch.len(), "no database connection for a write batch");
                 continue;
             }
         };
@@ -622,6 +685,7 @@ async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<Write>, bus: Arc<dyn Bus>
                 counters: HashMap::new(),
                 events: Vec::new(),
             },
+            pending: Vec::new(),
             wrote: false,
             failed: false,
             broken: false,
@@ -632,7 +696,9 @@ async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<Write>, bus: Arc<dyn Bus>
                 publish(&mut tx, &*bus);
                 batch.into_iter().map(|w| (w, Ok(()))).collect()
             }
-            Err(_) if batch.len() > 1 => {
+            // Rerun alone only when the batch surely rolled back (not when its COMMIT was lost
+            // with the connection: then it may have committed).
+            Err(_) if batch.len() > 1 && !tx.broken => {
                 let mut results = Vec::with_capacity(batch.len());
                 for mut w in batch {
                     let r = run_alone(&mut tx, &mut w).await;
@@ -663,7 +729,7 @@ fn publish(tx: &mut Tx, bus: &dyn Bus) {
 /// row is skipped (its caller gets its own error); any other failure rolls the whole batch back
 /// and is returned. A lone write's own failure is its answer, not the batch's.
 async fn run_together(tx: &mut Tx, batch: &mut [Write]) -> Result<()> {
-    tx.begin().await?;
+    tx.begin();
     for w in batch.iter_mut() {
         tx.wrote = false;
         let ok = (w.run)(tx).await;
@@ -681,7 +747,7 @@ async fn run_together(tx: &mut Tx, batch: &mut [Write]) -> Result<()> {
 
 /// Runs one write in a transaction of its own; the commit's outcome.
 async fn run_alone(tx: &mut Tx, w: &mut Write) -> Result<()> {
-    tx.begin().await?;
+    tx.begin();
     tx.wrote = false;
     if (w.run)(tx).await {
         tx.commit().await
@@ -690,23 +756,14 @@ async fn run_alone(tx: &mut Tx, w: &mut Write) -> Result<()> {
     }
 }
 
-const INSERT_JOB: &str = "INSERT INTO jobs (org_id, id, status, data) VALUES ($1, $2, $3, $4)";
-
 fn job_not_found(id: &str) -> StoreError {
     StoreError::NotFound(format!("job {id} not found"))
 }
 
-async fn unread_count(c: &impl GenericClient, org: &str, user: &str) -> Result<u32> {
-    let row = first_row(
-        c,
-        "SELECT COUNT(*) FROM notifications n WHERE n.org_id = $1 AND n.user_id IN ('', $2)
-         AND NOT EXISTS (SELECT 1 FROM notification_reads r
-                         WHERE r.org_id = $1 AND r.user_id = $2 AND r.notification_id = n.id)",
-        &[&org, &user],
-    )
-    .await?;
-    Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u32))
-}
+const UNREAD_COUNT: &str = "SELECT COUNT(*) FROM notifications n
+     WHERE n.org_id = $1 AND n.user_id IN ('', $2)
+     AND NOT EXISTS (SELECT 1 FROM notification_reads r
+                     WHERE r.org_id = $1 AND r.user_id = $2 AND r.notification_id = n.id)";
 
 async fn bounds(c: &impl GenericClient, org: &str) -> Result<LogBounds> {
     Ok(first_row(
@@ -753,16 +810,13 @@ impl Store for PostgresStore {
                 }
                 let job = model::new_job(&org, &actor, new, tx.log.now);
                 let data = job.encode_to_vec();
-                tx.remember(&org, RequestKind::Job, &request_id, &data)
+                tx.remember(&org, RequestKind::Job, &request_id, &data);
+                tx.defer(
+                    "INSERT INTO jobs (org_id, id, status, data) VALUES ($1, $2, $3, $4)",
+                    owned![job.org_id.clone(), job.id.clone(), job.status, data],
+                );
+                tx.append(&org, &actor, None, Payload::JobCreated(job.clone()))
                     .await?;
-                tx.append_with(
-                    Some((INSERT_JOB, &[&job.org_id, &job.id, &job.status, &data])),
-                    &org,
-                    &actor,
-                    None,
-                    Payload::JobCreated(job.clone()),
-                )
-                .await?;
                 Ok(job)
             })
         })
@@ -822,7 +876,7 @@ impl Store for PostgresStore {
                 // The counter first, then the job: every writer takes the locks in this order.
                 tx.lock_org(&org).await?;
                 let row = tx
-                    .first_row(
+                    .query_opt(
                         "SELECT data FROM jobs WHERE org_id = $1 AND id = $2 FOR UPDATE",
                         &[&org, &patch.job_id],
                     )
@@ -832,18 +886,17 @@ impl Store for PostgresStore {
                     None => return Err(job_not_found(&patch.job_id)),
                 };
                 apply_patch(&mut job, &patch, &actor, tx.log.now)?;
-                let data = job.encode_to_vec();
-                tx.append_with(
-                    Some((
-                        "UPDATE jobs SET status = $3, data = $4 WHERE org_id = $1 AND id = $2",
-                        &[&job.org_id, &job.id, &job.status, &data],
-                    )),
-                    &org,
-                    &actor,
-                    None,
-                    Payload::JobUpdated(job.clone()),
-                )
-                .await?;
+                tx.defer(
+                    "UPDATE jobs SET status = $3, data = $4 WHERE org_id = $1 AND id = $2",
+                    owned![
+                        job.org_id.clone(),
+                        job.id.clone(),
+                        job.status,
+                        job.encode_to_vec()
+                    ],
+                );
+                tx.append(&org, &actor, None, Payload::JobUpdated(job.clone()))
+                    .await?;
                 Ok(job)
             })
         })
@@ -857,7 +910,7 @@ impl Store for PostgresStore {
             Box::pin(async move {
                 tx.lock_org(&org).await?;
                 let n = tx
-                    .exec(
+                    .execute(
                         "DELETE FROM jobs WHERE org_id = $1 AND id = $2",
                         &[&org, &id],
                     )
@@ -865,8 +918,7 @@ impl Store for PostgresStore {
                 if n == 0 {
                     return Err(job_not_found(&id));
                 }
-                tx.append_with(None, &org, &actor, None, job_deleted(&id))
-                    .await?;
+                tx.append(&org, &actor, None, job_deleted(&id)).await?;
                 Ok(())
             })
         })
@@ -890,12 +942,12 @@ impl Store for PostgresStore {
                 }
                 let n = model::new_notification(&org, &actor, new, tx.log.now);
                 let data = n.encode_to_vec();
-                tx.remember(&org, kind, &request_id, &data).await?;
-                tx.append_with(
-                    Some((
-                        "INSERT INTO notifications (org_id, id, user_id, data) VALUES ($1, $2, $3, $4)",
-                        &[&n.org_id, &n.id, &n.user_id, &data],
-                    )),
+                tx.remember(&org, kind, &request_id, &data);
+                tx.defer(
+                    "INSERT INTO notifications (org_id, id, user_id, data) VALUES ($1, $2, $3, $4)",
+                    owned![n.org_id.clone(), n.id.clone(), n.user_id.clone(), data],
+                );
+                tx.append(
                     &org,
                     &actor,
                     model::audience(&n),
@@ -918,7 +970,9 @@ impl Store for PostgresStore {
     ) -> Result<NotificationPage> {
         let mut client = self.conn().await?;
         let tx = snapshot(&mut client).await?;
-        let unread = unread_count(&tx, org, user).await?;
+        let unread = first_row(&tx, UNREAD_COUNT, &[&org, &user])
+            .await?
+            .map_or(0, |r| r.get::<_, i64>(0) as u32);
         let rows = rows(
             &tx,
             "SELECT data, is_read FROM (
@@ -959,7 +1013,7 @@ impl Store for PostgresStore {
             Box::pin(async move {
                 for id in &ids {
                     let visible = tx
-                        .first_row(
+                        .query_opt(
                             "SELECT 1 FROM notifications
                              WHERE org_id = $1 AND id = $2 AND user_id IN ('', $3)",
                             &[&org, id, &user],
@@ -969,16 +1023,14 @@ impl Store for PostgresStore {
                     if !visible {
                         return Err(StoreError::NotFound(format!("notification {id} not found")));
                     }
-                    tx.exec(
+                    tx.defer(
                         "INSERT INTO notification_reads (org_id, user_id, notification_id)
                          VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                        &[&org, &user, id],
-                    )
-                    .await?;
+                        owned![org.clone(), user.clone(), id.clone()],
+                    );
                 }
-                let unread = unread_count(&tx.client, &org, &user).await;
-                tx.failed |= unread.is_err();
-                unread
+                let unread = tx.query_opt(UNREAD_COUNT, &[&org, &user]).await?;
+                Ok(unread.map_or(0, |r| r.get::<_, i64>(0) as u32))
             })
         })
         .await
