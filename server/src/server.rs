@@ -22,7 +22,7 @@ use crate::{
     config::{Config, Database},
     hub::Hub,
     metrics::METRICS,
-    presence::MemoryPresence,
+    presence::{MemoryPresence, Presence, nats::NatsPresence},
     service::Ctx,
     store::Store,
 };
@@ -63,8 +63,23 @@ pub async fn run(
     bus.attach(hub.clone());
     let _ = METRICS.node.set((node_id.clone(), bus.clone()));
     tracing::info!(node_id = %node_id, cluster = nats.is_some(), "engines ready");
-    let presence = MemoryPresence::new(hub.clone(), cfg.presence_grace);
     let stop = CancellationToken::new();
+    let presence: Arc<dyn Presence> = match nats {
+        Some(client) => {
+            NatsPresence::start(
+                client,
+                &cfg.nats_subject_prefix,
+                &node_id,
+                hub.clone(),
+                cfg.presence_grace,
+                cfg.presence_heartbeat,
+                cfg.presence_node_timeout,
+                stop.clone(),
+            )
+            .await?
+        }
+        None => MemoryPresence::new(hub.clone(), cfg.presence_grace),
+    };
     let ctx = Arc::new(Ctx {
         auth,
         store: store.clone(),
