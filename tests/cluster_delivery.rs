@@ -8,9 +8,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use cluster_support::{Cluster, NatsServer, services_or_skip};
-use orgpulse::proto::{ListJobsRequest, UpdateJobRequest, event::Payload};
+use orgpulse::proto::{UpdateJobRequest, event::Payload};
 use support::{
-    Sub, WAIT, assert_exactly_once, create_job, cursor_at, get_text, jobs_at, log_of, token,
+    Sub, WAIT, assert_exactly_once, create_job, cursor_at, get_text, jobs_at, log_of, snapshot,
+    token,
 };
 
 const ORG: &str = "cluster";
@@ -55,38 +56,49 @@ async fn snapshot_on_one_node_then_stream_on_another_loses_and_duplicates_nothin
     let cluster = Cluster::start(2, &[]).await;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let t = token(ORG, "alice", "admin");
+    for i in 0..20 {
+        create_job(a, &t, ORG, &format!("seed {i}")).await;
+    }
+    // Each writer creates a few jobs, then keeps updating them (the org stays within one
+    // snapshot page).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = vec![];
     for (w, node) in [a, b, a, b].into_iter().enumerate() {
         let (url, t, stop) = (node.url.clone(), t.clone(), stop.clone());
         writers.push(tokio::spawn(async move {
             let mut jobs = jobs_at(url, &t).await;
+            let mut mine = vec![];
             let mut n = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 100 {
-                let j = jobs
-                    .create_job(orgpulse::proto::CreateJobRequest {
-                        org_id: ORG.into(),
-                        title: format!("w{w}-{n}"),
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 300 {
+                if n < 5 {
+                    let j = jobs
+                        .create_job(orgpulse::proto::CreateJobRequest {
+                            org_id: ORG.into(),
+                            title: format!("w{w}-{n}"),
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    mine.push(j.id);
+                } else {
+                    jobs.update_job(UpdateJobRequest {
+                        job_id: mine[n as usize % mine.len()].clone(),
+                        progress: Some(n % 100),
                         ..Default::default()
                     })
                     .await
-                    .unwrap()
-                    .into_inner();
-                jobs.update_job(UpdateJobRequest {
-                    job_id: j.id,
-                    progress: Some(50),
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+                    .unwrap();
+                }
                 n += 1;
             }
         }));
     }
-    while log_of(cluster.db_dir(), ORG).len() < 60 {
+    while log_of(cluster.db_dir(), ORG).len() < 80 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let snap = one_page(a, &t).await;
+    let snap = snapshot(a, &t).await;
+    assert!(snap.next_page_token.is_empty(), "all jobs fit one page");
     let mut state: std::collections::BTreeMap<String, orgpulse::proto::Job> =
         snap.jobs.into_iter().map(|j| (j.id.clone(), j)).collect();
     let mut sub = Sub::open(b, &t, ORG, &snap.cursor, &[]).await.unwrap();
@@ -113,28 +125,10 @@ async fn snapshot_on_one_node_then_stream_on_another_loses_and_duplicates_nothin
             state.insert(j.id.clone(), j.clone());
         }
     }
-    let now = one_page(b, &t).await;
     let rebuilt: Vec<_> = state.into_values().collect();
-    let mut current = now.jobs;
+    let mut current = snapshot(b, &t).await.jobs;
     current.sort_by(|x, y| x.id.cmp(&y.id));
     assert_eq!(rebuilt, current, "snapshot + stream == current state");
-}
-
-/// The org's jobs as one `ListJobs` page (its `cursor` is the snapshot position).
-async fn one_page(node: &support::TestServer, t: &str) -> orgpulse::proto::ListJobsResponse {
-    let page = node
-        .jobs(t)
-        .await
-        .list_jobs(ListJobsRequest {
-            org_id: ORG.into(),
-            page_size: 500,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(page.next_page_token.is_empty(), "all jobs fit one page");
-    page
 }
 
 /// How long one write through `writer` takes to reach `sub` (on another node).

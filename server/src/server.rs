@@ -22,7 +22,10 @@ use crate::{
     config::{Config, Database},
     hub::Hub,
     metrics::METRICS,
-    presence::{MemoryPresence, Presence, nats::NatsPresence},
+    presence::{
+        MemoryPresence, Presence,
+        nats::{NatsPresence, Timing},
+    },
     service::Ctx,
     store::Store,
 };
@@ -71,9 +74,11 @@ pub async fn run(
                 &cfg.nats_subject_prefix,
                 &node_id,
                 hub.clone(),
-                cfg.presence_grace,
-                cfg.presence_heartbeat,
-                cfg.presence_node_timeout,
+                Timing {
+                    grace: cfg.presence_grace,
+                    heartbeat: cfg.presence_heartbeat,
+                    node_timeout: cfg.presence_node_timeout,
+                },
                 stop.clone(),
             )
             .await?

@@ -33,6 +33,17 @@ use super::{Announce, MemoryPresence, POLL_ONLINE, Presence, PresenceGuard};
 
 type Key = (String, String);
 
+/// The clocks of cluster presence.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long a user stays online after their last stream in the cluster closed.
+    pub grace: Duration,
+    /// How often a node sends its set when nothing changes.
+    pub heartbeat: Duration,
+    /// A node silent this long is down: its streams stop counting.
+    pub node_timeout: Duration,
+}
+
 /// What one node has for one user: open streams and how long their last poll keeps them online.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Held {
@@ -102,17 +113,14 @@ pub struct NatsPresence {
 }
 
 impl NatsPresence {
-    /// Cluster presence for node `node` on `client` under `prefix`; heartbeats every `heartbeat`,
-    /// a node silent for `node_timeout` is down. Runs until `stop`, then says it is leaving.
-    #[allow(clippy::too_many_arguments)]
+    /// Cluster presence for node `node` on `client` under `prefix`, with `timing`. Runs until
+    /// `stop`, then tells the other nodes it is leaving.
     pub async fn start(
         client: Client,
         prefix: &str,
         node: &str,
         announcer: impl Announce,
-        grace: Duration,
-        heartbeat: Duration,
-        node_timeout: Duration,
+        timing: Timing,
         stop: CancellationToken,
     ) -> anyhow::Result<Arc<NatsPresence>> {
         let subject = format!("{prefix}.presence");
@@ -122,13 +130,13 @@ impl NatsPresence {
             incarnation: rand::random(),
             subject,
             client,
-            merged: MemoryPresence::new(announcer, grace),
+            merged: MemoryPresence::new(announcer, timing.grace),
             state: Mutex::default(),
             changed: Notify::new(),
-            node_timeout,
+            node_timeout: timing.node_timeout,
         });
         tokio::spawn(presence.clone().receive(sub));
-        tokio::spawn(presence.clone().send_heartbeats(heartbeat, stop));
+        tokio::spawn(presence.clone().send_heartbeats(timing.heartbeat, stop));
         Ok(presence)
     }
 
