@@ -130,3 +130,52 @@ async fn a_user_on_two_nodes_is_one_member_and_goes_offline_once_when_both_die()
     assert_eq!(connections(c, "alice").await, 0);
     drop((on_a, on_b));
 }
+
+/// A node stopped with SIGTERM tells the others it is leaving: its users go offline after the
+/// grace period, not after the (here long) node timeout.
+#[tokio::test]
+async fn a_stopped_node_says_it_leaves_and_its_users_go_offline_after_the_grace() {
+    if !services_or_skip(false) {
+        return;
+    }
+    let flags = [
+        "--presence-grace",
+        "1s",
+        "--presence-heartbeat",
+        "200ms",
+        "--presence-node-timeout",
+        "60s",
+    ];
+    let mut cluster = Cluster::start(2, &flags).await;
+    let b = &cluster.nodes[1];
+    let mut observer = Sub::open(b, &token(ORG, "observer", "viewer"), ORG, "", &[3])
+        .await
+        .unwrap();
+    observer.caught_up().await;
+    assert_eq!(
+        next_presence(&mut observer).await,
+        (true, "observer".into())
+    );
+    let mut on_a = Sub::open(
+        &cluster.nodes[0],
+        &token(ORG, "alice", "member"),
+        ORG,
+        "",
+        &[1],
+    )
+    .await
+    .unwrap();
+    on_a.caught_up().await;
+    assert_eq!(next_presence(&mut observer).await, (true, "alice".into()));
+    until_connections(&cluster.nodes[1], "alice", 1).await;
+
+    let t0 = Instant::now();
+    cluster.nodes[0].terminate().await;
+    assert_eq!(next_presence(&mut observer).await, (false, "alice".into()));
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "offline {took:?} after SIGTERM: the node timeout, not a leave"
+    );
+    drop(on_a);
+}

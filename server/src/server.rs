@@ -2,7 +2,8 @@
 //!
 //! `run(config, listener, shutdown)`: opens the Store, starts the Hub, Bus and Presence, serves
 //! HTTP/1.1 and HTTP/2 (h2c) connections, trims the log on a timer, and on shutdown ends every open
-//! stream at once with UNAVAILABLE, lets in-flight calls finish, and returns within 2 s.
+//! stream at once with UNAVAILABLE, lets in-flight calls finish, tells the cluster it leaves, and
+//! returns within 2 s.
 use std::{future::Future, sync::Arc, time::Duration};
 
 use hyper_util::{
@@ -67,8 +68,8 @@ pub async fn run(
     let _ = METRICS.node.set((node_id.clone(), bus.clone()));
     tracing::info!(node_id = %node_id, cluster = nats.is_some(), "engines ready");
     let stop = CancellationToken::new();
-    let presence: Arc<dyn Presence> = match nats {
-        Some(client) => {
+    let cluster_presence = match nats {
+        Some(client) => Some(
             NatsPresence::start(
                 client,
                 &cfg.nats_subject_prefix,
@@ -81,8 +82,12 @@ pub async fn run(
                 },
                 stop.clone(),
             )
-            .await?
-        }
+            .await?,
+        ),
+        None => None,
+    };
+    let presence: Arc<dyn Presence> = match &cluster_presence {
+        Some(p) => p.clone(),
         None => MemoryPresence::new(hub.clone(), cfg.presence_grace),
     };
     let ctx = Arc::new(Ctx {
@@ -159,6 +164,9 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("some connections did not close within {DRAIN:?}");
+    }
+    if let Some(p) = cluster_presence {
+        p.leave().await;
     }
     Ok(())
 }

@@ -14,10 +14,14 @@
 //! as on one node. A user moving from a dying node to a live one within the grace period does not
 //! flicker: the dead node's streams stop counting after `node_timeout`, the grace starts then, and
 //! the live node's heartbeat (sent at once on the new stream) ends it. A node that was SIGKILLed
-//! has its users offline after `node_timeout` + one sweep + the grace period.
+//! has its users offline after `node_timeout` + one sweep + the grace period; one that is stopped
+//! says it leaves as the last step of its shutdown, and its users go offline after the grace.
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -32,6 +36,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Announce, MemoryPresence, POLL_ONLINE, Presence, PresenceGuard};
 
 type Key = (String, String);
+
+/// How long shutdown waits for NATS to take the leave message.
+const LEAVE_FLUSH: Duration = Duration::from_millis(400);
 
 /// The clocks of cluster presence.
 #[derive(Debug, Clone, Copy)]
@@ -110,11 +117,13 @@ pub struct NatsPresence {
     state: Mutex<State>,
     changed: Notify,
     node_timeout: Duration,
+    /// Set by `leave`: no more heartbeats.
+    left: AtomicBool,
 }
 
 impl NatsPresence {
-    /// Cluster presence for node `node` on `client` under `prefix`, with `timing`. Runs until
-    /// `stop`, then tells the other nodes it is leaving.
+    /// Cluster presence for node `node` on `client` under `prefix`, with `timing`. Heartbeats
+    /// until `stop`; `leave` then tells the other nodes.
     pub async fn start(
         client: Client,
         prefix: &str,
@@ -134,6 +143,7 @@ impl NatsPresence {
             state: Mutex::default(),
             changed: Notify::new(),
             node_timeout: timing.node_timeout,
+            left: AtomicBool::new(false),
         });
         tokio::spawn(presence.clone().receive(sub));
         tokio::spawn(presence.clone().send_heartbeats(timing.heartbeat, stop));
@@ -189,7 +199,23 @@ impl NatsPresence {
         }
     }
 
+    /// Tells the other nodes this one is leaving (its streams stop counting there at once) and
+    /// waits until NATS has it; no heartbeat goes out after it. Part of the shutdown.
+    pub async fn leave(&self) {
+        self.left.store(true, Ordering::SeqCst);
+        self.publish(&self.heartbeat(true)).await;
+        if tokio::time::timeout(LEAVE_FLUSH, self.client.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("presence: the leave message may not have reached NATS");
+        }
+    }
+
     async fn publish(&self, hb: &Heartbeat) {
+        if !hb.leaving && self.left.load(Ordering::SeqCst) {
+            return;
+        }
         let payload = serde_json::to_vec(hb).expect("a heartbeat serializes");
         if let Err(e) = self
             .client
@@ -201,16 +227,12 @@ impl NatsPresence {
     }
 
     /// Every `every` and soon after each local change: this node's set. Also drops the nodes not
-    /// heard from within `node_timeout`. At `stop`, says it is leaving.
+    /// heard from within `node_timeout`. Ends at `stop`.
     async fn send_heartbeats(self: Arc<Self>, every: Duration, stop: CancellationToken) {
         let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => {
-                    self.publish(&self.heartbeat(true)).await;
-                    let _ = self.client.flush().await;
-                    return;
-                }
+                _ = stop.cancelled() => return,
                 _ = tick.tick() => self.drop_silent_nodes(),
                 _ = self.changed.notified() => {
                     // Changes that come together go out together.
