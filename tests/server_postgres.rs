@@ -63,26 +63,6 @@ async fn two_nodes_on_one_database_migrate_once_share_the_log_and_its_cursors() 
     assert_exactly_once(&on_b.durable_seen(), &log, 1..=40, "alice", &[]);
 }
 
-/// Closes the test's database to new connections (`false`) and ends the server's, or opens it
-/// again (`true`).
-fn set_database_reachable(dir: &std::path::Path, reachable: bool) {
-    let name = database_name(dir);
-    on_admin_connection(move |c| async move {
-        c.batch_execute(&format!(
-            "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS {reachable}"
-        ))
-        .await?;
-        if !reachable {
-            c.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-                &[&name],
-            )
-            .await?;
-        }
-        Ok(())
-    })
-}
-
 #[tokio::test]
 async fn while_the_database_is_gone_calls_are_unavailable_and_streams_stay_open() {
     if skip_unless_postgres() {
@@ -95,7 +75,7 @@ async fn while_the_database_is_gone_calls_are_unavailable_and_streams_stay_open(
     create_job(&server, &admin, "", "before").await;
     sub.durable(1).await;
 
-    set_database_reachable(&server.dir, false);
+    let outage = StoreOutage::start(&server.dir);
     let mut jobs = server.jobs(&admin).await;
     for _ in 0..3 {
         let err = jobs
@@ -113,7 +93,7 @@ async fn while_the_database_is_gone_calls_are_unavailable_and_streams_stay_open(
         .expect_err("no database, no read");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
-    set_database_reachable(&server.dir, true);
+    drop(outage);
     create_job(&server, &admin, "", "after").await;
     // The same stream, still open, gets the write made after recovery.
     let got = sub.durable(2).await;

@@ -440,9 +440,9 @@ async fn health_reports_not_serving_while_the_store_cannot_write_and_recovers() 
     create_job(&server, &admin, "", "before").await;
     assert_eq!(healthz(&server).await, (200, "ok\n".into()));
     assert_eq!(grpc_health(&server).await, SERVING);
-    // Another process takes the database's write lock and keeps it.
-    let lock = rusqlite::Connection::open(server.dir.join("orgpulse.db")).unwrap();
-    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // Another process takes the database's write lock and keeps it (SQLite), or the database
+    // goes away (PostgreSQL).
+    let outage = StoreOutage::start(&server.dir);
     let err = server
         .jobs(&admin)
         .await
@@ -456,7 +456,7 @@ async fn health_reports_not_serving_while_the_store_cannot_write_and_recovers() 
     let why = health_becomes(&server, NOT_SERVING).await;
     assert!(why.contains("store cannot write"), "{why:?}");
     // Released: both answers recover without a write of ours, and writes work again.
-    lock.execute_batch("ROLLBACK").unwrap();
+    drop(outage);
     assert_eq!(health_becomes(&server, SERVING).await, "ok\n");
     create_job(&server, &admin, "", "after").await;
     let titles: Vec<String> = server

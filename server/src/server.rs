@@ -62,7 +62,7 @@ pub async fn run(
         Some(client) => Arc::new(NatsBus::new(client.clone(), &cfg.nats_subject_prefix)),
         None => Arc::new(MemoryBus::default()),
     };
-    let store = crate::store::open(&database, bus.clone(), cfg.sqlite_busy_timeout).await?;
+    let store = crate::store::open(&cfg, bus.clone()).await?;
     let hub = Hub::new(store.clone(), cfg.subscriber_queue, bus.clone());
     bus.attach(hub.clone());
     let _ = METRICS.node.set((node_id.clone(), bus.clone()));

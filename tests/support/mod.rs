@@ -154,7 +154,7 @@ fn recorded_database(dir: &Path) -> Option<String> {
 }
 
 /// The name of the PostgreSQL database of data directory `dir`.
-pub fn database_name(dir: &Path) -> String {
+fn database_name(dir: &Path) -> String {
     let url = recorded_database(dir).expect("a data directory with a PostgreSQL database");
     name_in(&url)
 }
@@ -216,8 +216,57 @@ where
     )
 }
 
+/// Makes the store of a server's data directory unable to write until dropped. SQLite: another
+/// connection holds the file's write lock. PostgreSQL: the database refuses new connections and
+/// the server's are ended (so reads fail too).
+pub enum StoreOutage {
+    Sqlite(rusqlite::Connection),
+    Postgres(String),
+}
+
+impl StoreOutage {
+    pub fn start(dir: &Path) -> StoreOutage {
+        if !on_postgres() {
+            let lock = rusqlite::Connection::open(dir.join("orgpulse.db")).unwrap();
+            lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+            return StoreOutage::Sqlite(lock);
+        }
+        let name = database_name(dir);
+        set_connections(&name, false);
+        StoreOutage::Postgres(name)
+    }
+}
+
+impl Drop for StoreOutage {
+    fn drop(&mut self) {
+        match self {
+            StoreOutage::Sqlite(lock) => lock.execute_batch("ROLLBACK").unwrap(),
+            StoreOutage::Postgres(name) => set_connections(name, true),
+        }
+    }
+}
+
+/// Lets database `name` take connections, or refuses them and ends the open ones.
+fn set_connections(name: &str, allowed: bool) {
+    let name = name.to_string();
+    on_admin_connection(move |c| async move {
+        c.batch_execute(&format!(
+            "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS {allowed}"
+        ))
+        .await?;
+        if !allowed {
+            c.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                &[&name],
+            )
+            .await?;
+        }
+        Ok(())
+    })
+}
+
 /// Runs `f` on a connection to the database the test databases are created from.
-pub fn on_admin_connection<T, F, Fut>(f: F) -> T
+fn on_admin_connection<T, F, Fut>(f: F) -> T
 where
     T: Send + 'static,
     F: FnOnce(tokio_postgres::Client) -> Fut + Send + 'static,

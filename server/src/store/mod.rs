@@ -17,7 +17,11 @@ use orgpulse::proto::{Event, EventKind, Job, JobDeleted, JobStatus, Notification
 use prost::Message;
 use tonic::Status;
 
-use crate::{bus::Bus, config::Database, cursor::Cursor};
+use crate::{
+    bus::Bus,
+    config::{Config, Database},
+    cursor::Cursor,
+};
 
 /// A durable event as committed: encoded once, shared by every subscriber it goes to.
 #[derive(Debug, Clone)]
@@ -41,9 +45,6 @@ pub enum StoreError {
     Aborted(String),
     /// The store cannot write now (its writer failed, stopped or is overloaded): retry later.
     #[error("{0}")]
-    InvalidArgument(String),
-    /// The database cannot be reached now; the caller may retry.
-    #[error("{0}")]
     Unavailable(String),
     #[error("storage error: {0}")]
     Internal(String),
@@ -55,11 +56,7 @@ impl From<StoreError> for Status {
             StoreError::NotFound(m) => Status::not_found(m),
             StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
             StoreError::Aborted(m) => Status::aborted(m),
-            StoreError::InvalidArgument(m) => Status::invalid_argument(m),
-            StoreError::Unavailable(m) => {
-                tracing::warn!(error = %m, "store unavailable");
-                Status::unavailable(m)
-            }
+            StoreError::Unavailable(m) => Status::unavailable(m),
             StoreError::Internal(m) => {
                 tracing::error!(error = %m, "storage error");
                 Status::internal("storage error")
@@ -71,16 +68,14 @@ impl From<StoreError> for Status {
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// Opens the store `database` names: the engine is chosen here and nowhere else.
-pub async fn open(
-    database: &Database,
-    bus: Arc<dyn Bus>,
-    sqlite_busy_timeout: std::time::Duration,
-) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(match database {
-        Database::Sqlite(path) => {
-            Arc::new(sqlite::SqliteStore::open(path, bus, sqlite_busy_timeout)?)
-        }
-        Database::Postgres(url) => Arc::new(postgres::PostgresStore::open(url, bus).await?),
+pub async fn open(cfg: &Config, bus: Arc<dyn Bus>) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match cfg.database().map_err(anyhow::Error::msg)? {
+        Database::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(
+            &path,
+            bus,
+            cfg.sqlite_busy_timeout,
+        )?),
+        Database::Postgres(url) => Arc::new(postgres::PostgresStore::open(&url, bus).await?),
     })
 }
 

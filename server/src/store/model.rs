@@ -1,11 +1,17 @@
 //! The engine-independent rules of the Store, written once above the engines: how a new Job and
-//! Notification are built, who may see a notification, the idempotency policy, paging, and the
-//! search for the retention boundary. An engine file holds SQL and connection handling only.
-use std::time::SystemTime;
+//! Notification are built, who may see a notification, the idempotency policy, paging, the
+//! search for the retention boundary, and how a writer's health is kept. An engine file holds SQL
+//! and connection handling only.
+use std::{sync::Arc, time::SystemTime};
 
-use orgpulse::proto::{Job, JobStatus, Notification};
+use orgpulse::proto::{EventKind, Job, JobStatus, Notification, event::Payload};
 
-use super::{IDEMPOTENCY_WINDOW, LogBounds, NewJob, NewNotification, millis, timestamp};
+use parking_lot::Mutex;
+
+use super::{
+    IDEMPOTENCY_WINDOW, LogBounds, NewJob, NewNotification, Result, StoreError, millis,
+    payload_kind, timestamp,
+};
 
 /// A new job as `actor` creates it in `org` at `now`: queued, version 1.
 pub fn new_job(org: &str, actor: &str, new: NewJob, now: SystemTime) -> Job {
@@ -49,6 +55,12 @@ pub fn new_notification(
 /// The one user a notification (and its event) is addressed to; `None` = everyone in the org.
 pub fn audience(n: &Notification) -> Option<&str> {
     (!n.user_id.is_empty()).then_some(n.user_id.as_str())
+}
+
+/// The kind of an event appended to a log; an ephemeral payload never is.
+pub fn durable_kind(payload: &Payload) -> Result<EventKind> {
+    payload_kind(payload)
+        .ok_or_else(|| StoreError::Internal("an ephemeral event cannot be appended".into()))
 }
 
 /// What a `request_id` makes idempotent: the object a create stored under (org, kind, id).
@@ -154,6 +166,55 @@ impl RetentionSearch {
     pub fn result(&self) -> u64 {
         self.lo
     }
+}
+
+/// Why the writer cannot write, from its last transaction; `None` = it can.
+#[derive(Default)]
+pub struct WriterHealth(Mutex<Option<String>>);
+
+impl WriterHealth {
+    pub fn record(&self, outcome: &Result<()>) {
+        let failure = outcome.as_ref().err().map(ToString::to_string);
+        let mut last = self.0.lock();
+        if *last != failure {
+            match &failure {
+                Some(why) => tracing::error!(reason = why, "store cannot write"),
+                None => tracing::info!("store can write again"),
+            }
+            *last = failure;
+        }
+    }
+
+    /// `Store::health`: whether the last transaction (or probe) could write.
+    pub fn state(&self) -> std::result::Result<(), String> {
+        match &*self.0.lock() {
+            None => Ok(()),
+            Some(why) => Err(why.clone()),
+        }
+    }
+}
+
+/// Marks the store unwritable when the writer ends, however it ends (panics included).
+pub struct WriterGone(Arc<WriterHealth>);
+
+impl WriterGone {
+    pub fn new(health: Arc<WriterHealth>) -> Self {
+        WriterGone(health)
+    }
+
+    pub fn health(&self) -> &WriterHealth {
+        &self.0
+    }
+}
+
+impl Drop for WriterGone {
+    fn drop(&mut self) {
+        self.0.record(&Err(writer_stopped()));
+    }
+}
+
+pub fn writer_stopped() -> StoreError {
+    StoreError::Unavailable("store writer stopped".into())
 }
 
 #[cfg(test)]

@@ -26,7 +26,9 @@ use tokio::sync::oneshot;
 use super::{
     CommittedEvent, IDEMPOTENCY_WINDOW, JobPage, JobPatch, LogBounds, LogRead, NewJob,
     NewNotification, NotificationPage, Result, Store, StoreError, apply_patch, encode_event,
-    job_deleted, millis, payload_kind, timestamp,
+    job_deleted, millis,
+    model::{WriterGone, WriterHealth, durable_kind, writer_stopped},
+    timestamp,
 };
 use crate::{bus::Bus, cursor::org_epoch};
 
@@ -109,37 +111,6 @@ struct Readers {
     idle: Mutex<Vec<Connection>>,
 }
 
-/// Why the writer cannot write, from its last transaction; `None` = it can.
-#[derive(Default)]
-struct WriterHealth(Mutex<Option<String>>);
-
-impl WriterHealth {
-    fn record(&self, outcome: &Result<()>) {
-        let failure = outcome.as_ref().err().map(ToString::to_string);
-        let mut last = self.0.lock();
-        if *last != failure {
-            match &failure {
-                Some(why) => tracing::error!(reason = why, "store cannot write"),
-                None => tracing::info!("store can write again"),
-            }
-            *last = failure;
-        }
-    }
-}
-
-/// Marks the store unwritable when the writer thread ends, however it ends (panics included).
-struct WriterGone(Arc<WriterHealth>);
-
-impl Drop for WriterGone {
-    fn drop(&mut self) {
-        self.0.record(&Err(writer_stopped()));
-    }
-}
-
-fn writer_stopped() -> StoreError {
-    StoreError::Unavailable("store writer stopped".into())
-}
-
 /// Appends events to org logs inside the current write, collecting them for publication.
 pub struct Appender {
     db_epoch: u64,
@@ -156,8 +127,7 @@ impl Appender {
         audience: Option<&str>,
         payload: Payload,
     ) -> Result<u64> {
-        let kind = payload_kind(&payload)
-            .ok_or_else(|| StoreError::Internal("an ephemeral event cannot be appended".into()))?;
+        let kind = durable_kind(&payload)?;
         let seq: u64 = first_row(
             conn,
             "INSERT INTO org_log (org_id, last_seq) VALUES (?1, 1)
@@ -269,7 +239,7 @@ impl SqliteStore {
             .parse()?;
         let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE);
         let health = Arc::new(WriterHealth::default());
-        let gone = WriterGone(health.clone());
+        let gone = WriterGone::new(health.clone());
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || write_loop(conn, rx, bus, db_epoch, gone))?;
@@ -339,7 +309,7 @@ fn write_loop(
     db_epoch: u64,
     gone: WriterGone,
 ) {
-    let health = &gone.0;
+    let health = gone.health();
     // Whether the last COMMIT carried more than one write: writers are concurrent.
     let mut concurrent = false;
     loop {
@@ -854,10 +824,7 @@ impl Store for SqliteStore {
     }
 
     fn health(&self) -> std::result::Result<(), String> {
-        match &*self.health.0.lock() {
-            None => Ok(()),
-            Some(why) => Err(why.clone()),
-        }
+        self.health.state()
     }
 }
 
