@@ -133,6 +133,28 @@ pub struct Config {
     #[arg(long, env = "ORGPULSE_DEV")]
     pub dev: bool,
 
+    /// NATS server URL (`nats://HOST:4222`): cluster mode. Committed events and presence are
+    /// shared with the other nodes on the same database through it. Needs a PostgreSQL store.
+    #[arg(long, env = "ORGPULSE_NATS")]
+    pub nats: Option<String>,
+
+    /// Prefix of this cluster's NATS subjects (several clusters may share one NATS server).
+    #[arg(long, env = "ORGPULSE_NATS_SUBJECT_PREFIX", default_value = "orgpulse")]
+    pub nats_subject_prefix: String,
+
+    /// This node's name in logs, `/metrics` and presence heartbeats (default: random).
+    #[arg(long, env = "ORGPULSE_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Cluster mode: how often a node tells the others which users it has streams for.
+    #[arg(long, env = "ORGPULSE_PRESENCE_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
+    pub presence_heartbeat: Duration,
+
+    /// Cluster mode: a node not heard from for this long is dead; its users' streams stop
+    /// counting (they go offline after the grace period unless they reconnected elsewhere).
+    #[arg(long, env = "ORGPULSE_PRESENCE_NODE_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub presence_node_timeout: Duration,
+
     /// Run a background workload in org `demo` (jobs progressing, notifications).
     #[arg(long, env = "ORGPULSE_DEMO")]
     pub demo: bool,

@@ -33,6 +33,9 @@ use crate::{
 /// How often the tail checker of a Hub on a lossy bus compares its rooms' last delivered seqs with
 /// their orgs' log heads.
 const TAIL_CHECK: Duration = Duration::from_secs(2);
+/// The tail check's interval while the bus is degraded (events from other nodes then arrive only
+/// through it).
+const TAIL_CHECK_DEGRADED: Duration = Duration::from_millis(200);
 /// Events read from the Store per page when repairing a gap.
 const REPAIR_PAGE: usize = 1000;
 
@@ -164,6 +167,7 @@ pub struct Hub {
 struct Inner {
     rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
     store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
     queue: usize,
 }
 
@@ -229,6 +233,7 @@ impl Drop for Registration {
         {
             rooms.remove(&self.room.org);
             self.room.closed.cancel();
+            self.hub.inner.bus.room_closed(&self.room.org);
         }
     }
 }
@@ -236,15 +241,17 @@ impl Drop for Registration {
 impl Hub {
     /// A Hub fed by `bus`; when the bus is lossy, with a tail checker that lives as long as the
     /// Hub.
-    pub fn new(store: Arc<dyn Store>, queue: usize, bus: &dyn Bus) -> Hub {
+    pub fn new(store: Arc<dyn Store>, queue: usize, bus: Arc<dyn Bus>) -> Hub {
+        let lossy = bus.lossy();
         let hub = Hub {
             inner: Arc::new(Inner {
                 rooms: Mutex::default(),
                 store,
+                bus,
                 queue: queue.max(1),
             }),
         };
-        if bus.lossy() {
+        if lossy {
             tokio::spawn(check_tails(Arc::downgrade(&hub.inner)));
         }
         hub
@@ -306,8 +313,10 @@ impl Hub {
 
     fn start_room(&self, org: &str, head: u64) -> Arc<Room> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let org: Arc<str> = org.into();
+        self.inner.bus.room_opened(&org);
         let room = Arc::new(Room {
-            org: org.into(),
+            org,
             delivered: AtomicU64::new(head),
             tx,
             subs: Mutex::default(),
@@ -325,6 +334,16 @@ impl Hub {
         }
     }
 
+    /// Looks up `org`'s log head now (as the tail checker does for all rooms) and has its room
+    /// repair up to it: for events the bus may have missed, e.g. before it subscribed.
+    pub async fn check_tail(&self, org: &Arc<str>) {
+        let room = self.inner.rooms.lock().get(org).cloned();
+        if let Some(room) = room {
+            let rooms = HashMap::from([(org.clone(), room)]);
+            send_heads(&self.inner, &rooms).await;
+        }
+    }
+
     /// An ephemeral event (presence) for every subscriber of `org` that asked for presence.
     pub fn deliver_ephemeral(&self, org: &str, bytes: Bytes) {
         let room = self.inner.rooms.lock().get(org).cloned();
@@ -336,29 +355,38 @@ impl Hub {
 
 /// Every `TAIL_CHECK`, while the Hub lives: one Store query for the heads of all rooms' orgs, and
 /// a `Head` message to each room that has not delivered up to its org's head.
+/// Runs every `TAIL_CHECK_DEGRADED` instead while the bus is not connected.
 async fn check_tails(hub: Weak<Inner>) {
-    let mut tick = tokio::time::interval(TAIL_CHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        let every = match hub.upgrade() {
+            Some(inner) if inner.bus.connected() => TAIL_CHECK,
+            Some(_) => TAIL_CHECK_DEGRADED,
+            None => return,
+        };
+        tokio::time::sleep(every).await;
         let Some(inner) = hub.upgrade() else { return };
         let rooms: HashMap<Arc<str>, Arc<Room>> = inner.rooms.lock().clone();
-        if rooms.is_empty() {
-            continue;
+        if !rooms.is_empty() {
+            send_heads(&inner, &rooms).await;
         }
-        let orgs: Vec<Arc<str>> = rooms.keys().cloned().collect();
-        match inner.store.heads(&orgs).await {
-            Ok(heads) => {
-                for (org, head) in heads {
-                    if let Some(room) = rooms.get(&org)
-                        && head > room.delivered.load(Ordering::Relaxed)
-                    {
-                        let _ = room.tx.send(RoomMsg::Head(head));
-                    }
+    }
+}
+
+/// One Store query for the heads of `rooms`' orgs, and a `Head` message to each room that has not
+/// delivered up to its org's head.
+async fn send_heads(inner: &Inner, rooms: &HashMap<Arc<str>, Arc<Room>>) {
+    let orgs: Vec<Arc<str>> = rooms.keys().cloned().collect();
+    match inner.store.heads(&orgs).await {
+        Ok(heads) => {
+            for (org, head) in heads {
+                if let Some(room) = rooms.get(&org)
+                    && head > room.delivered.load(Ordering::Relaxed)
+                {
+                    let _ = room.tx.send(RoomMsg::Head(head));
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "tail check failed; retrying on the next one"),
         }
+        Err(e) => tracing::warn!(error = %e, "tail check failed; retrying on the next one"),
     }
 }
 
@@ -381,6 +409,7 @@ async fn run_room(
                         // Lost on the bus: repair from the Store, which holds `ev` too. On
                         // failure nothing is delivered past the gap; the next event or tail
                         // check retries.
+                        METRICS.gap_repairs.inc();
                         last = repair(&room, &*store, last, ev.seq).await;
                     } else {
                         last = ev.seq;
@@ -390,6 +419,7 @@ async fn run_room(
                 Some(RoomMsg::Ephemeral(bytes)) => room.fan_out(Item { seq: 0, bytes }, |a| a.kinds.has(EventKind::Presence)),
                 Some(RoomMsg::Head(head)) => {
                     if head > last {
+                        METRICS.tail_repairs.inc();
                         last = repair(&room, &*store, last, head).await;
                     }
                 }
@@ -518,7 +548,7 @@ mod tests {
             )
             .unwrap(),
         );
-        let hub = Hub::new(store.clone(), 10_000, &*bus);
+        let hub = Hub::new(store.clone(), 10_000, bus.clone());
         (store, bus, hub)
     }
 
@@ -802,7 +832,7 @@ mod tests {
             lost: Mutex::default(),
         });
         let store = CountingStore::open(bus.clone());
-        let hub = Hub::new(store.clone(), 16, &*bus);
+        let hub = Hub::new(store.clone(), 16, bus.clone());
         bus.attach(hub.clone());
         let mut a = hub.register("org-a", everything()).await.unwrap();
         let mut b = hub.register("org-b", everything()).await.unwrap();
@@ -827,7 +857,7 @@ mod tests {
     async fn memory_bus_hub_runs_no_tail_query() {
         let bus = Arc::new(MemoryBus::default());
         let store = CountingStore::open(bus.clone());
-        let hub = Hub::new(store.clone(), 16, &*bus);
+        let hub = Hub::new(store.clone(), 16, bus.clone());
         bus.attach(hub.clone());
         let mut reg = hub.register("org-a", everything()).await.unwrap();
         write_events(&store, "org-a", 3).await;

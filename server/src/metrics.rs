@@ -34,7 +34,6 @@ impl Gauge {
     }
 }
 
-#[derive(Default)]
 pub struct Metrics {
     pub open_streams: Gauge,
     pub events_committed: Counter,
@@ -43,6 +42,14 @@ pub struct Metrics {
     pub polls: Counter,
     pub outbox_rows: Counter,
     pub outbox_rejected: Counter,
+    /// Gaps in a room's seqs (the bus lost or reordered) filled from the Store.
+    pub gap_repairs: Counter,
+    /// Rooms behind their org's log head at a tail check, filled from the Store.
+    pub tail_repairs: Counter,
+    /// Bus messages dropped on this node (outbox full, publish failed, slow consumer).
+    pub bus_dropped: Counter,
+    /// This node's id and bus, set once at start (`/metrics` shows both).
+    pub node: std::sync::OnceLock<(String, std::sync::Arc<dyn crate::bus::Bus>)>,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -53,6 +60,10 @@ pub static METRICS: Metrics = Metrics {
     polls: Counter(AtomicU64::new(0)),
     outbox_rows: Counter(AtomicU64::new(0)),
     outbox_rejected: Counter(AtomicU64::new(0)),
+    gap_repairs: Counter(AtomicU64::new(0)),
+    tail_repairs: Counter(AtomicU64::new(0)),
+    bus_dropped: Counter(AtomicU64::new(0)),
+    node: std::sync::OnceLock::new(),
 };
 
 /// Increments the open-streams gauge while alive.
@@ -145,6 +156,24 @@ pub fn render() -> String {
         m.outbox_rejected.get().to_string(),
     );
     metric(
+        "orgpulse_gap_repairs_total",
+        "counter",
+        "Gaps in a room's events (lost or reordered on the bus) filled from the store.",
+        m.gap_repairs.get().to_string(),
+    );
+    metric(
+        "orgpulse_tail_repairs_total",
+        "counter",
+        "Rooms found behind their org's log head by a tail check, filled from the store.",
+        m.tail_repairs.get().to_string(),
+    );
+    metric(
+        "orgpulse_bus_dropped_total",
+        "counter",
+        "Bus messages dropped on this node (found in the store instead).",
+        m.bus_dropped.get().to_string(),
+    );
+    metric(
         "process_cpu_seconds_total",
         "counter",
         "User and system CPU time of the server process.",
@@ -156,5 +185,28 @@ pub fn render() -> String {
         "Resident set size.",
         rss.to_string(),
     );
+    if let Some((node, bus)) = m.node.get() {
+        let connected = bus.connected();
+        metric(
+            "orgpulse_bus_connected",
+            "gauge",
+            "Whether events from other nodes arrive over the bus (1) or only from the store (0, degraded).",
+            u8::from(connected).to_string(),
+        );
+        let state = if connected { "connected" } else { "degraded" };
+        let _ = write!(
+            out,
+            "# HELP orgpulse_node_info This node's id and bus state.\n# TYPE orgpulse_node_info gauge\n\
+             orgpulse_node_info{{node_id=\"{}\",bus_state=\"{state}\"}} 1\n",
+            label_value(node)
+        );
+    }
     out
+}
+
+/// `v` escaped for a Prometheus label value.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -2,7 +2,8 @@
 //!
 //! `run(config, listener, shutdown)`: opens the Store, starts the Hub, Bus and Presence, serves
 //! HTTP/1.1 and HTTP/2 (h2c) connections, trims the log on a timer, and on shutdown ends every open
-//! stream at once with UNAVAILABLE, lets in-flight calls finish, and returns within 2 s.
+//! stream at once with UNAVAILABLE, lets in-flight calls finish, tells the cluster it leaves, and
+//! returns within 2 s.
 use std::{future::Future, sync::Arc, time::Duration};
 
 use hyper_util::{
@@ -18,10 +19,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::Authenticator,
-    bus::{Bus, MemoryBus},
-    config::Config,
+    bus::{Bus, MemoryBus, nats::NatsBus},
+    config::{Config, Database},
     hub::Hub,
-    presence::MemoryPresence,
+    metrics::METRICS,
+    presence::{
+        MemoryPresence, Presence,
+        nats::{NatsPresence, Timing},
+    },
     service::Ctx,
     store::Store,
 };
@@ -37,15 +42,57 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::default());
+    let database = cfg.database().map_err(anyhow::Error::msg)?;
+    let node_id = cfg
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("{:08x}", rand::random::<u32>()));
+    let nats = match &cfg.nats {
+        None => None,
+        Some(url) => {
+            anyhow::ensure!(
+                matches!(database, Database::Postgres(_)),
+                "--nats needs a store the nodes share: use --database postgres://... (an SQLite file belongs to one node)"
+            );
+            crate::bus::nats::check_prefix(&cfg.nats_subject_prefix)?;
+            Some(crate::bus::nats::connect(url, &node_id).await?)
+        }
+    };
+    let bus: Arc<dyn Bus> = match &nats {
+        Some(client) => Arc::new(NatsBus::new(client.clone(), &cfg.nats_subject_prefix)),
+        None => Arc::new(MemoryBus::default()),
+    };
     let store = crate::store::open(&cfg, bus.clone()).await?;
-    let hub = Hub::new(store.clone(), cfg.subscriber_queue, &*bus);
+    let hub = Hub::new(store.clone(), cfg.subscriber_queue, bus.clone());
     bus.attach(hub.clone());
-    let presence = MemoryPresence::new(hub.clone(), cfg.presence_grace);
+    let _ = METRICS.node.set((node_id.clone(), bus.clone()));
+    tracing::info!(node_id = %node_id, cluster = nats.is_some(), "engines ready");
     let stop = CancellationToken::new();
     if let Some(keys) = auth.remote_keys() {
         tokio::spawn(keys.clone().refresh_every(cfg.jwks_refresh, stop.clone()));
     }
+    let cluster_presence = match nats {
+        Some(client) => Some(
+            NatsPresence::start(
+                client,
+                &cfg.nats_subject_prefix,
+                &node_id,
+                hub.clone(),
+                Timing {
+                    grace: cfg.presence_grace,
+                    heartbeat: cfg.presence_heartbeat,
+                    node_timeout: cfg.presence_node_timeout,
+                },
+                stop.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let presence: Arc<dyn Presence> = match &cluster_presence {
+        Some(p) => p.clone(),
+        None => MemoryPresence::new(hub.clone(), cfg.presence_grace),
+    };
     let ctx = Arc::new(Ctx {
         auth,
         store: store.clone(),
@@ -128,6 +175,9 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("some connections did not close within {DRAIN:?}");
+    }
+    if let Some(p) = cluster_presence {
+        p.leave().await;
     }
     Ok(())
 }

@@ -110,12 +110,19 @@ pub fn skip_unless_postgres() -> bool {
 /// The `--database` of the data directory `dir`: its SQLite file, or on PostgreSQL its database,
 /// created on first use.
 pub fn database_url(dir: &Path) -> String {
-    if !on_postgres() {
-        return format!("sqlite://{}", dir.join("orgpulse.db").display());
-    }
     if let Some(url) = recorded_database(dir) {
         return url;
     }
+    if !on_postgres() {
+        return format!("sqlite://{}", dir.join("orgpulse.db").display());
+    }
+    new_postgres_database(dir)
+}
+
+/// Creates a fresh PostgreSQL database for the data directory `dir` (whatever
+/// `ORGPULSE_TEST_STORE` says) and records it there: servers started on `dir`, or on a directory
+/// given the same record with `share_database`, use it.
+pub fn new_postgres_database(dir: &Path) -> String {
     let name = format!("orgpulse_test_{:016x}", rand::random::<u64>());
     let admin = admin_url();
     let create = format!("CREATE DATABASE {name}");
@@ -138,6 +145,11 @@ fn with_database(url: &str, name: &str) -> String {
 fn admin_url() -> String {
     std::env::var("ORGPULSE_TEST_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Makes servers started on `other` use the database recorded for `dir` (cluster nodes).
+pub fn share_database(dir: &Path, other: &Path) {
+    std::fs::copy(dir.join(DATABASE_URL_FILE), other.join(DATABASE_URL_FILE)).unwrap();
 }
 
 fn recorded_database(dir: &Path) -> Option<String> {

@@ -1,81 +1,17 @@
-//! Presence: who in an org is online. A user is online while at least one of their Subscribe
-//! streams is open, or while they polled within the last 45 s. `user_online` is sent when they come
-//! online; `user_offline` only after the last stream closed and the grace period passed without a
-//! new one, so a reconnect does not flicker. The embedded engine keeps it in memory and announces
-//! each transition while it holds the state, so the announcements come in the order of the state.
+//! The embedded presence engine: one node's streams and polls, in memory, with the grace timers
+//! that take users offline. The cluster engine drives it with cluster-wide stream counts.
 use std::{
     collections::HashMap,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use orgpulse::proto::{Event, Member, PresenceChange, event::Payload};
+use orgpulse::proto::Member;
 use parking_lot::Mutex;
-use prost::Message;
 use tokio::time::Instant;
 
-use crate::{hub::Hub, store::timestamp};
-
-/// How long a Poll keeps its caller online.
-pub const POLL_ONLINE: Duration = Duration::from_secs(45);
-
-/// A presence transition of one user in one org.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
-    Online,
-    Offline,
-}
-
-/// Where presence transitions are announced: the Hub (the org's subscribers on this node) or, in a
-/// test, a recorder. Called with the presence state locked, in the order of the transitions, so it
-/// must not block and must not call back into presence.
-pub trait Announce: Send + Sync + 'static {
-    fn announce(&self, org: &str, user: &str, change: Change);
-}
-
-/// The Hub announces a transition as a `user_online` / `user_offline` event to the org's streams.
-impl Announce for Hub {
-    fn announce(&self, org: &str, user: &str, change: Change) {
-        let change_of = PresenceChange {
-            user_id: user.to_string(),
-        };
-        let ev = Event {
-            org_id: org.to_string(),
-            time: Some(timestamp(SystemTime::now())),
-            actor: user.to_string(),
-            payload: Some(match change {
-                Change::Online => Payload::UserOnline(change_of),
-                Change::Offline => Payload::UserOffline(change_of),
-            }),
-            ..Default::default()
-        };
-        self.deliver_ephemeral(org, ev.encode_to_vec().into());
-    }
-}
-
-pub trait Presence: Send + Sync + 'static {
-    /// A stream of `user` opened; it counts until the guard is dropped.
-    fn connect(self: Arc<Self>, org: &str, user: &str) -> PresenceGuard;
-    /// `user` polled just now.
-    fn polled(self: Arc<Self>, org: &str, user: &str);
-    /// The org's online members.
-    fn members(&self, org: &str) -> Vec<Member>;
-    /// A stream of `user` closed.
-    fn disconnect(self: Arc<Self>, org: &str, user: &str);
-}
-
-/// Keeps one stream counted as online while alive.
-pub struct PresenceGuard {
-    presence: Arc<dyn Presence>,
-    org: String,
-    user: String,
-}
-
-impl Drop for PresenceGuard {
-    fn drop(&mut self) {
-        self.presence.clone().disconnect(&self.org, &self.user);
-    }
-}
+use super::{Announce, Change, POLL_ONLINE, Presence, PresenceGuard};
+use crate::store::timestamp;
 
 struct Entry {
     streams: u32,
@@ -118,9 +54,23 @@ impl MemoryPresence {
     /// Applies `change` to `user`'s entry (created, and announced online, when new), then makes
     /// sure one timer watches for them going offline.
     fn update(self: &Arc<Self>, org: &str, user: &str, change: impl FnOnce(&mut Entry)) {
+        self.update_if(org, user, true, change)
+    }
+
+    /// `update`, except that an absent user stays absent unless `create`.
+    fn update_if(
+        self: &Arc<Self>,
+        org: &str,
+        user: &str,
+        create: bool,
+        change: impl FnOnce(&mut Entry),
+    ) {
         let key = (org.to_string(), user.to_string());
         let mut users = self.users.lock();
         let new = !users.contains_key(&key);
+        if new && !create {
+            return;
+        }
         let e = users.entry(key.clone()).or_insert(Entry {
             streams: 0,
             since: SystemTime::now(),
@@ -163,6 +113,30 @@ impl MemoryPresence {
             };
             tokio::time::sleep_until(at).await;
         }
+    }
+}
+
+impl MemoryPresence {
+    /// Sets `user`'s open streams to `streams` (counted elsewhere: the cluster's total) and
+    /// extends their poll deadline to `poll_until`; the same transitions and grace as `connect`
+    /// and `disconnect`. A user absent here with no stream and no poll stays absent.
+    pub fn set_streams(
+        self: &Arc<Self>,
+        org: &str,
+        user: &str,
+        streams: u32,
+        poll_until: Option<Instant>,
+    ) {
+        let online = streams > 0 || poll_until.is_some_and(|t| t > Instant::now());
+        self.update_if(org, user, online, |e| {
+            if streams == 0 && e.streams > 0 {
+                e.closed_at = Some(Instant::now());
+            } else if streams > 0 {
+                e.closed_at = None;
+            }
+            e.streams = streams;
+            e.poll_until = e.poll_until.max(poll_until);
+        });
     }
 }
 

@@ -1,0 +1,32 @@
+//! The Bus carries committed events to every node's Hub. It is a fast path, not the truth: it may
+//! lose, duplicate or reorder, and the Hub repairs that from the Store. The embedded engine
+//! (`memory`) is a direct in-process hand-off, which loses nothing; the cluster engine (`nats`)
+//! can lose, says so with `lossy`, and the Hub then checks its rooms' tails against the Store.
+pub mod memory;
+pub mod nats;
+
+use std::sync::Arc;
+
+pub use memory::MemoryBus;
+
+use crate::{hub::Hub, store::CommittedEvent};
+
+pub trait Bus: Send + Sync + 'static {
+    /// Sends a just-committed event to every node (this one included). Never blocks.
+    fn publish(&self, ev: CommittedEvent);
+    /// Starts delivering published events to `hub`.
+    fn attach(&self, hub: Hub);
+    /// Whether a published event can fail to reach a node's Hub (then the Hub must look for it
+    /// in the Store, since no later event may come to reveal the gap).
+    fn lossy(&self) -> bool;
+    /// This node's Hub opened a room for `org`: from now on deliver `org`'s events to it. Called
+    /// with the Hub's rooms locked, so it must not block.
+    fn room_opened(&self, _org: &Arc<str>) {}
+    /// The Hub closed `org`'s last room: its events are no longer needed here. Same rules.
+    fn room_closed(&self, _org: &Arc<str>) {}
+    /// Whether events from other nodes reach this one now (false: degraded, the Hub finds them in
+    /// the Store on its tail checks, which it then runs more often).
+    fn connected(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,181 @@
+//! End-to-end cluster presence: three real nodes on one PostgreSQL database and NATS, with a
+//! short grace, heartbeat and node timeout. A user with streams on two nodes is one member with
+//! two connections on every node; SIGKILL of one of them keeps them online via the other, with no
+//! flicker; SIGKILL of the other takes them offline exactly once, within 30 s plus the grace.
+mod cluster_support;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use cluster_support::{Cluster, services_or_skip};
+use orgpulse::proto::event::Payload;
+use support::{Sub, TestServer, WAIT, online, token};
+
+const ORG: &str = "cluster";
+const GRACE: Duration = Duration::from_secs(1);
+const NODE_TIMEOUT: Duration = Duration::from_secs(1);
+const FLAGS: &[&str] = &[
+    "--presence-grace",
+    "1s",
+    "--presence-heartbeat",
+    "200ms",
+    "--presence-node-timeout",
+    "1s",
+];
+
+fn presence(e: &orgpulse::proto::Event) -> Option<(bool, String)> {
+    match &e.payload {
+        Some(Payload::UserOnline(p)) => Some((true, p.user_id.clone())),
+        Some(Payload::UserOffline(p)) => Some((false, p.user_id.clone())),
+        _ => None,
+    }
+}
+
+async fn next_presence(sub: &mut Sub) -> (bool, String) {
+    presence(&sub.until(|e| presence(e).is_some()).await).unwrap()
+}
+
+/// Alice's connections in `ListOnline` on `node` (0: not listed).
+async fn connections(node: &TestServer, who: &str) -> u32 {
+    online(node, &token(ORG, "observer", "viewer"))
+        .await
+        .iter()
+        .find(|m| m.user_id == who)
+        .map_or(0, |m| m.connections)
+}
+
+/// Waits until `node` lists `who` with `n` connections.
+async fn until_connections(node: &TestServer, who: &str, n: u32) {
+    let deadline = Instant::now() + WAIT;
+    while connections(node, who).await != n {
+        assert!(
+            Instant::now() < deadline,
+            "{} never listed {who} with {n} connections",
+            node.addr
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_user_on_two_nodes_is_one_member_and_goes_offline_once_when_both_die() {
+    if !services_or_skip(false) {
+        return;
+    }
+    let mut cluster = Cluster::start(3, FLAGS).await;
+    let observer_t = token(ORG, "observer", "viewer");
+    let alice_t = token(ORG, "alice", "member");
+    let c = &cluster.nodes[2];
+    let mut observer = Sub::open(c, &observer_t, ORG, "", &[3]).await.unwrap();
+    observer.caught_up().await;
+    assert_eq!(
+        next_presence(&mut observer).await,
+        (true, "observer".into())
+    );
+
+    let mut on_a = Sub::open(&cluster.nodes[0], &alice_t, ORG, "", &[1])
+        .await
+        .unwrap();
+    on_a.caught_up().await;
+    let mut on_b = Sub::open(&cluster.nodes[1], &alice_t, ORG, "", &[1])
+        .await
+        .unwrap();
+    on_b.caught_up().await;
+    assert_eq!(next_presence(&mut observer).await, (true, "alice".into()));
+    for node in &cluster.nodes {
+        until_connections(node, "alice", 2).await;
+    }
+
+    // A dies: alice stays online through B, without an offline/online flicker.
+    cluster.nodes[0].kill().await;
+    for node in &cluster.nodes[1..] {
+        until_connections(node, "alice", 1).await;
+    }
+    tokio::time::sleep(GRACE + Duration::from_millis(500)).await;
+    let c = &cluster.nodes[2];
+    let mut carol = Sub::open(c, &token(ORG, "carol", "viewer"), ORG, "", &[1])
+        .await
+        .unwrap();
+    carol.caught_up().await;
+    assert_eq!(
+        next_presence(&mut observer).await,
+        (true, "carol".into()),
+        "alice flickered when A died"
+    );
+    assert_eq!(connections(&cluster.nodes[1], "alice").await, 1);
+
+    // B dies too: alice goes offline, once, within the node timeout plus the grace.
+    let t0 = Instant::now();
+    cluster.nodes[1].kill().await;
+    assert_eq!(next_presence(&mut observer).await, (false, "alice".into()));
+    let took = t0.elapsed();
+    eprintln!(
+        "offline {took:?} after the last node died (timeout {NODE_TIMEOUT:?}, grace {GRACE:?})"
+    );
+    assert!(took < Duration::from_secs(30) + GRACE, "{took:?}");
+    assert!(
+        took >= GRACE,
+        "offline before the grace period passed: {took:?}"
+    );
+    let c = &cluster.nodes[2];
+    let mut dave = Sub::open(c, &token(ORG, "dave", "viewer"), ORG, "", &[1])
+        .await
+        .unwrap();
+    dave.caught_up().await;
+    assert_eq!(
+        next_presence(&mut observer).await,
+        (true, "dave".into()),
+        "a second announcement for alice"
+    );
+    assert_eq!(connections(c, "alice").await, 0);
+    drop((on_a, on_b));
+}
+
+/// A node stopped with SIGTERM tells the others it is leaving: its users go offline after the
+/// grace period, not after the (here long) node timeout.
+#[tokio::test]
+async fn a_stopped_node_says_it_leaves_and_its_users_go_offline_after_the_grace() {
+    if !services_or_skip(false) {
+        return;
+    }
+    let flags = [
+        "--presence-grace",
+        "1s",
+        "--presence-heartbeat",
+        "200ms",
+        "--presence-node-timeout",
+        "60s",
+    ];
+    let mut cluster = Cluster::start(2, &flags).await;
+    let b = &cluster.nodes[1];
+    let mut observer = Sub::open(b, &token(ORG, "observer", "viewer"), ORG, "", &[3])
+        .await
+        .unwrap();
+    observer.caught_up().await;
+    assert_eq!(
+        next_presence(&mut observer).await,
+        (true, "observer".into())
+    );
+    let mut on_a = Sub::open(
+        &cluster.nodes[0],
+        &token(ORG, "alice", "member"),
+        ORG,
+        "",
+        &[1],
+    )
+    .await
+    .unwrap();
+    on_a.caught_up().await;
+    assert_eq!(next_presence(&mut observer).await, (true, "alice".into()));
+    until_connections(&cluster.nodes[1], "alice", 1).await;
+
+    let t0 = Instant::now();
+    cluster.nodes[0].terminate().await;
+    assert_eq!(next_presence(&mut observer).await, (false, "alice".into()));
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "offline {took:?} after SIGTERM: the node timeout, not a leave"
+    );
+    drop(on_a);
+}
