@@ -1,20 +1,25 @@
-//! Browser end-to-end tests of the dashboard (issue 4): the real `orgpulse-server`, Debian's
-//! Chromium driven through playwright-core (`support::browser`), and native gRPC writes whose
-//! effect the page must show, bounded in time. Under `CI=true` a missing Chromium or the
+//! Browser end-to-end tests of the dashboard (issues 4 and 10): the real `orgpulse-server`, Debian's
+//! Chromium driven through playwright-core (`support::browser`), and native gRPC writes or outbox
+//! rows committed in a PostgreSQL database of the test's own, whose effect the page must show,
+//! bounded in time. Under `CI=true` a missing Chromium or the
 //! workspace's `node_modules` fails the test; elsewhere it is skipped with the reason printed.
 
 mod support;
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use orgpulse::proto::{
-    CreateJobRequest, DeleteJobRequest, GetJobRequest, Job, JobStatus, ListJobsRequest,
+    CreateJobRequest, DeleteJobRequest, EventKind, GetJobRequest, Job, JobStatus, ListJobsRequest,
     ListNotificationsRequest, ListOnlineRequest, SendNotificationRequest, Severity,
     UpdateJobRequest,
 };
 use serde_json::{Value, json};
 use support::browser::{Browser, SERIAL, prerequisites};
-use support::{ServerOpts, TestServer, token};
+use support::pg::Db;
+use support::{ServerOpts, TestServer, log_of, token};
 
 /// The server's heartbeat in these tests; the page is told the same with `?heartbeat=`.
 const HEARTBEAT_SECS: u64 = 2;
@@ -78,6 +83,32 @@ impl Browser {
         self.wait_for(page, &sel, "attached", within).await;
     }
 
+    /// Waits for the ticker line of `entity` (type, id, action) and returns its text.
+    async fn wait_ticker_line(
+        &mut self,
+        page: &str,
+        entity: [&str; 3],
+        within: Duration,
+    ) -> String {
+        let js = r#"([type, id, action]) => document.querySelector(`[data-testid="ticker-item"]`
+            + `[data-entity-type="${type}"][data-entity-id="${id}"][data-action="${action}"]`)?.textContent"#;
+        let text = self.wait_until(page, js, json!(entity), within).await;
+        text.as_str().unwrap().to_string()
+    }
+
+    /// Waits until the live-entities row of (type, id) says `action`.
+    async fn wait_entity(&mut self, page: &str, [kind, id, action]: [&str; 3], within: Duration) {
+        let sel = format!(r#"{}[data-action="{action}"]"#, entity_row(kind, id));
+        self.wait_for(page, &sel, "attached", within).await;
+    }
+
+    /// "type/id" of the live-entities rows and the entity ticker lines, in page order.
+    async fn entities_shown(&mut self, page: &str) -> (Vec<String>, Vec<String>) {
+        let js = r#"() => ['[data-testid="entity-row"]', '[data-testid="ticker-item"][data-kind="entityChanged"]']
+            .map((sel) => [...document.querySelectorAll(sel)].map((e) => `${e.dataset.entityType}/${e.dataset.entityId}`))"#;
+        serde_json::from_value(self.eval(page, js, Value::Null).await).unwrap()
+    }
+
     /// The job ids of the table's rows, in page order (duplicates kept).
     async fn row_ids(&mut self, page: &str) -> Vec<String> {
         let js = r#"() => [...document.querySelectorAll('[data-testid="job-row"]')].map((r) => r.dataset.jobId)"#;
@@ -87,6 +118,10 @@ impl Browser {
 
 fn row(id: &str) -> String {
     format!(r#"[data-testid="job-row"][data-job-id="{id}"]"#)
+}
+
+fn entity_row(kind: &str, id: &str) -> String {
+    format!(r#"[data-testid="entity-row"][data-entity-type="{kind}"][data-entity-id="{id}"]"#)
 }
 
 /// The dashboard of `base` (the server or a proxy in front of it) for `token`.
@@ -508,5 +543,166 @@ async fn dashboard_falls_back_to_polling() {
         .await;
     b.wait_badge("refused", "live", SETTLE).await;
     changes_show_up(&mut b, "refused", &s, &w, LIVE).await;
+    b.quit().await;
+}
+
+/// Commits one outbox row for org acme in a transaction of its own, as the product would with
+/// its own change; `user` None = the whole org.
+async fn commit_outbox_row(
+    product: &mut tokio_postgres::Client,
+    [kind, id, action]: [&str; 3],
+    data: Value,
+    actor: &str,
+    user: Option<&str>,
+) {
+    let tx = product.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO orgpulse_outbox (org_id, entity_type, entity_id, action, data, actor, user_id)
+         VALUES ('acme', $1, $2, $3, $4::text::jsonb, $5, $6)",
+        &[&kind, &id, &action, &data.to_string(), &actor, &user],
+    )
+    .await
+    .expect("INSERT INTO orgpulse_outbox");
+    tx.commit().await.expect("COMMIT");
+}
+
+#[tokio::test]
+async fn dashboard_shows_entity_events_from_the_outbox() {
+    let Some(chromium) = prerequisites("the dashboard browser test") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let db = Db::create().await;
+    let mut extra_args = server_args();
+    extra_args.extend(["--outbox".to_string(), db.url()]);
+    let s = TestServer::start_with(ServerOpts {
+        extra_args,
+        ..Default::default()
+    })
+    .await;
+    let mut product = db.client().await;
+    let mut b = Browser::launch(&chromium).await;
+    let alice = token("acme", "alice", "member");
+    b.open("alice", &page_url(&s.url, "", &alice)).await;
+    b.wait_badge("alice", "live", SETTLE).await;
+    let empty = r#"[data-testid="entities-empty"]:not([hidden])"#;
+    assert!(b.has("alice", empty).await, "empty state shown");
+
+    // a committed row shows in the ticker ("actor: type id action") and in the panel within 1 s
+    let created = ["invoice", "inv_1", "created"];
+    let start = Instant::now();
+    commit_outbox_row(&mut product, created, json!({"amount": 12}), "alice", None).await;
+    let line = b.wait_ticker_line("alice", created, LIVE).await;
+    b.wait_entity("alice", created, LIVE).await;
+    eprintln!("outbox COMMIT -> ticker and panel: {:?}", start.elapsed());
+    assert!(line.contains("alice: invoice inv_1 created"), "{line:?}");
+
+    // a second change of the same entity updates its row in place
+    let mark = r#"(sel) => { document.querySelector(sel).__first = true; }"#;
+    b.eval("alice", mark, json!(entity_row("invoice", "inv_1")))
+        .await;
+    let paid = ["invoice", "inv_1", "paid"];
+    let start = Instant::now();
+    let data = json!({"amount": 12, "status": "paid"});
+    commit_outbox_row(&mut product, paid, data, "bob", None).await;
+    b.wait_entity("alice", paid, LIVE).await;
+    eprintln!("second row -> row updated: {:?}", start.elapsed());
+    let js = r#"(sel) => [...document.querySelectorAll(sel)].map((r) => ({
+        first: r.__first === true,
+        data: r.querySelector('[data-testid="entity-data"]').textContent,
+        by: r.children[4].textContent,
+    }))"#;
+    let rows = b
+        .eval("alice", js, json!(entity_row("invoice", "inv_1")))
+        .await;
+    let want = json!([{"first": true, "data": r#"{"amount":12,"status":"paid"}"#, "by": "bob"}]);
+    assert_eq!(rows, want, "one row for invoice inv_1, the same element");
+    let line = b.wait_ticker_line("alice", paid, LIVE).await;
+    assert!(line.contains("bob: invoice inv_1 paid"), "{line:?}");
+
+    // a row for another user never shows; one for alice after it does (events arrive in seq
+    // order: once the later one shows, the earlier would have too)
+    let bobs = ["invoice", "inv_2", "created"];
+    commit_outbox_row(&mut product, bobs, json!({}), "boss", Some("bob")).await;
+    let hers = ["project", "prj_1", "created"];
+    commit_outbox_row(
+        &mut product,
+        hers,
+        json!({"name": "x"}),
+        "boss",
+        Some("alice"),
+    )
+    .await;
+    b.wait_entity("alice", hers, LIVE).await;
+    let (panel, ticker) = b.entities_shown("alice").await;
+    assert_eq!(
+        panel,
+        ["project/prj_1", "invoice/inv_1"],
+        "panel, newest first"
+    );
+    assert_eq!(
+        ticker,
+        ["project/prj_1", "invoice/inv_1", "invoice/inv_1"],
+        "ticker"
+    );
+
+    // the page's entity lines are exactly the log's entity events alice may see, in seq order
+    let js = r#"() => [...document.querySelectorAll('[data-testid="ticker-item"][data-kind="entityChanged"]')]
+        .map((li) => Number(li.dataset.seq)).reverse()"#;
+    let shown: Vec<u64> = serde_json::from_value(b.eval("alice", js, Value::Null).await).unwrap();
+    let visible: Vec<u64> = log_of(&s.dir, "acme")
+        .into_iter()
+        .filter(|(_, kind, aud)| {
+            *kind == EventKind::Entity as i32 && aud.as_deref().is_none_or(|a| a == "alice")
+        })
+        .map(|(seq, _, _)| seq)
+        .collect();
+    assert_eq!(
+        shown, visible,
+        "page's entity seqs (left) != the log's (right)"
+    );
+    assert_eq!(visible.len(), 3);
+
+    // the type filter narrows the panel and the ticker (no job lines), also for changes after it
+    let job = Writer::admin("acme").create(&s, "not an entity").await;
+    b.wait_row("alice", &job.id, LIVE).await;
+    let filter = "[data-testid=entity-type-filter]";
+    b.select("alice", filter, "invoice").await;
+    commit_outbox_row(
+        &mut product,
+        ["project", "prj_2", "created"],
+        json!({}),
+        "boss",
+        None,
+    )
+    .await;
+    let inv3 = ["invoice", "inv_3", "created"];
+    commit_outbox_row(&mut product, inv3, json!({}), "boss", None).await;
+    b.wait_entity("alice", inv3, LIVE).await;
+    let (panel, ticker) = b.entities_shown("alice").await;
+    assert_eq!(panel, ["invoice/inv_3", "invoice/inv_1"]);
+    assert_eq!(ticker, ["invoice/inv_3", "invoice/inv_1", "invoice/inv_1"]);
+    let jobs_line = r#"[data-testid="ticker-item"]:not([data-kind="entityChanged"])"#;
+    assert!(
+        !b.has("alice", jobs_line).await,
+        "other lines shown while narrowed"
+    );
+    b.select("alice", filter, "").await;
+    b.wait_for("alice", &entity_row("project", "prj_2"), "attached", LIVE)
+        .await;
+    let (panel, _) = b.entities_shown("alice").await;
+    assert_eq!(
+        panel,
+        [
+            "invoice/inv_3",
+            "project/prj_2",
+            "project/prj_1",
+            "invoice/inv_1"
+        ]
+    );
+    let shot = format!("{}/dashboard-entities.png", env!("CARGO_TARGET_TMPDIR"));
+    b.must(json!({"cmd": "screenshot", "page": "alice", "path": shot}))
+        .await;
+    eprintln!("dashboard screenshot: {shot}");
     b.quit().await;
 }

@@ -166,6 +166,12 @@ impl Browser {
             .await;
     }
 
+    /// Chooses the option with `value` in the `<select>` at `selector`, as a user would.
+    pub async fn select(&mut self, page: &str, selector: &str, value: &str) {
+        self.must(json!({"cmd": "select", "page": page, "selector": selector, "value": value}))
+            .await;
+    }
+
     pub async fn has(&mut self, page: &str, selector: &str) -> bool {
         self.eval(
             page,

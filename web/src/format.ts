@@ -1,4 +1,4 @@
-// Small display helpers: enum names, relative times, timestamps.
+// Small display helpers: enum names, relative times, timestamps, compact JSON.
 
 import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
 import { JobStatus, Severity } from "@orgpulse/client";
@@ -22,3 +22,9 @@ export function ago(ms: number, now = Date.now()): string {
 }
 
 export const clock = (ms: number): string => new Date(ms || Date.now()).toLocaleTimeString([], { hour12: false });
+
+/** `{"amount":12,"status":"paid"}`, cut to `max` characters with an ellipsis. */
+export function compactJson(value: unknown, max = 120): string {
+  const text = JSON.stringify(value) ?? "";
+  return text.length <= max ? text : `${text.slice(0, max - 1)}…`;
+}

@@ -1,5 +1,6 @@
-// Entry point of the dashboard: picks up the token, wires the forms, and runs one Live (snapshot
-// plus the SDK's subscription) per identity, re-rendering after each batch of changes.
+// Entry point of the dashboard: picks up the token, wires the forms and the entity-type filter,
+// and runs one Live (snapshot plus the SDK's subscription) per identity, re-rendering after each
+// batch of changes.
 
 import { Code, ConnectError, type Event, OrgpulseClient } from "@orgpulse/client";
 import { readConfig } from "./config";
@@ -48,7 +49,11 @@ function render(highlight: boolean): void {
   view.renderJobs(state, highlight);
   view.renderNotifications(state, canMarkRead(me), (id) => void markRead([id]));
   view.renderOnline(state, me.user);
-  view.renderTicker(state);
+  view.renderEntityFilter(state);
+  const entityType = view.entityTypeFilter();
+  view.renderEntities(state, entityType, highlight);
+  view.renderTicker(state, entityType);
+  view.$("ticker-filter").textContent = entityType ? `${entityType} only` : "";
   for (const id of newNotifications) view.highlightNotification(id);
   newNotifications = [];
 }
@@ -173,6 +178,8 @@ view.$("mark-all-read").addEventListener("click", () => {
   const ids = state.notifications.filter((n) => !n.read).map((n) => n.id);
   if (ids.length) void markRead(ids);
 });
+
+view.$("entity-type-filter").addEventListener("change", () => scheduleRender(false));
 
 view.$("token-form").addEventListener("submit", (e) => {
   e.preventDefault();

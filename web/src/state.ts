@@ -1,16 +1,37 @@
-// What the page knows about its org: jobs, the user's notifications, who is online and the recent
-// events, plus the rules that keep it exact while events arrive (durable events dedupe by seq, a
-// job never goes back to an older version, a notification is counted once).
+// What the page knows about its org: jobs, the user's notifications, who is online, the recent
+// events and the latest state of each of the product's entities it has seen, plus the rules that
+// keep it exact while events arrive (durable events dedupe by seq, a job never goes back to an
+// older version, a notification is counted once, an entity keeps only its latest change).
 
+import type { JsonObject } from "@bufbuild/protobuf";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import type { Event, Job, Notification } from "@orgpulse/client";
 
-const TICKER_LENGTH = 25;
+/** Ticker lines shown. */
+export const TICKER_LENGTH = 25;
+/** Ticker lines kept, so that narrowed to one entity type the ticker still has lines to show. */
+const TICKER_HISTORY = 200;
+/** Entities kept in the live-entities panel; the least recently changed go first. */
+export const ENTITY_ROWS = 200;
 
 /** A ticker line: the event, and for a deletion the title the job had. */
 export interface TickerItem {
   ev: Event;
   deletedTitle?: string;
+}
+
+/** The latest change seen of one (entity type, entity id). */
+export interface EntityRow {
+  /** `type` NUL `id`: unique per entity. */
+  key: string;
+  entityType: string;
+  entityId: string;
+  action: string;
+  data: JsonObject;
+  actor: string;
+  time: Timestamp | undefined;
+  /** Grows with every change the page applies (unlike seq, also across log epochs). */
+  revision: number;
 }
 
 export interface Snapshot {
@@ -29,6 +50,14 @@ export class State {
   online = new Map<string, Timestamp | undefined>();
   /** Newest first; durable and presence events only. */
   ticker: TickerItem[] = [];
+  /**
+   * Latest change per entity, least recently changed first (Map order). Entities have no
+   * snapshot (the events are the record): this is what the page has seen, kept across resyncs.
+   */
+  entities = new Map<string, EntityRow>();
+  /** Every entity type seen, for the filter. */
+  entityTypes = new Set<string>();
+  private revisions = 0;
   /** Highest durable seq applied since the last snapshot. */
   private lastSeq = 0n;
 
@@ -70,12 +99,43 @@ export class State {
       case "userOffline":
         this.online.delete(p.value.userId);
         break;
+      case "entityChanged": {
+        const c = p.value;
+        const key = `${c.entityType}\u0000${c.entityId}`;
+        this.entities.delete(key); // re-inserted last: the most recently changed
+        this.entities.set(key, {
+          key,
+          entityType: c.entityType,
+          entityId: c.entityId,
+          action: c.action,
+          data: c.data ?? {},
+          actor: ev.actor,
+          time: ev.time,
+          revision: ++this.revisions,
+        });
+        if (this.entities.size > ENTITY_ROWS) this.entities.delete(this.entities.keys().next().value as string);
+        this.entityTypes.add(c.entityType);
+        break;
+      }
       default:
         return false; // heartbeat, caught_up, resync: connection matters, handled by Sync
     }
     this.ticker.unshift({ ev, deletedTitle });
-    this.ticker.length = Math.min(this.ticker.length, TICKER_LENGTH);
+    this.ticker.length = Math.min(this.ticker.length, TICKER_HISTORY);
     return true;
+  }
+
+  /** The ticker lines to show, newest first: of one entity type only when `entityType` is set. */
+  tickerOf(entityType: string): TickerItem[] {
+    const of = entityType
+      ? this.ticker.filter(({ ev }) => ev.payload.case === "entityChanged" && ev.payload.value.entityType === entityType)
+      : this.ticker;
+    return of.slice(0, TICKER_LENGTH);
+  }
+
+  /** The entities to list, most recently changed first: of one type only when `entityType` is set. */
+  entitiesOf(entityType: string): EntityRow[] {
+    return [...this.entities.values()].reverse().filter((e) => !entityType || e.entityType === entityType);
   }
 
   /** A job the page itself created or changed (from the RPC answer); same version rule. */

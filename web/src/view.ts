@@ -2,9 +2,9 @@
 // so a live change touches one row and gets a brief highlight; user text only ever goes through
 // textContent.
 
-import type { ConnectionState, Job, Notification } from "@orgpulse/client";
-import { ago, clock, millis, severityName, statusName } from "./format";
-import type { State, TickerItem } from "./state";
+import type { ConnectionState, Event, Job, Notification } from "@orgpulse/client";
+import { ago, clock, compactJson, millis, severityName, statusName } from "./format";
+import type { EntityRow, State, TickerItem } from "./state";
 
 export const $ = <T extends HTMLElement = HTMLElement>(id: string): T => {
   const el = document.getElementById(id);
@@ -68,23 +68,31 @@ function jobCells(job: Job): HTMLElement[] {
   ];
 }
 
-/** Makes the table match state.jobs (newest first), touching only rows whose version changed. */
-export function renderJobs(state: State, highlight: boolean): void {
-  const body = $("jobs");
+/**
+ * Makes `body`'s rows match `items`, in order, keyed by `data-key`: a row is created or rebuilt
+ * (and flashed when `highlight`) only when its version changed. Returns the rows no item wants.
+ */
+function syncRows<T>(
+  body: HTMLElement,
+  items: T[],
+  key: (item: T) => string,
+  version: (item: T) => string,
+  build: (row: HTMLTableRowElement, item: T) => void,
+  highlight: boolean,
+): HTMLTableRowElement[] {
   const existing = new Map<string, HTMLTableRowElement>();
-  for (const row of body.querySelectorAll<HTMLTableRowElement>("tr[data-job-id]")) {
-    existing.set(row.dataset.jobId ?? "", row);
+  for (const row of body.querySelectorAll<HTMLTableRowElement>(":scope > tr[data-key]")) {
+    existing.set(row.dataset.key ?? "", row);
   }
-  const jobs = [...state.jobs.values()].sort((a, b) => (a.id < b.id ? 1 : a.id > b.id ? -1 : 0));
   let prev: HTMLTableRowElement | null = null;
-  for (const job of jobs) {
-    let row = existing.get(job.id);
-    existing.delete(job.id);
-    if (!row || row.dataset.version !== String(job.version)) {
-      const fresh = row ?? el("tr", { "data-testid": "job-row", "data-job-id": job.id });
-      fresh.dataset.version = String(job.version);
-      fresh.dataset.status = statusName(job.status);
-      fresh.replaceChildren(...jobCells(job));
+  for (const item of items) {
+    const k = key(item);
+    let row = existing.get(k);
+    existing.delete(k);
+    if (!row || row.dataset.version !== version(item)) {
+      const fresh = row ?? el("tr", { "data-key": k });
+      fresh.dataset.version = version(item);
+      build(fresh, item);
       if (highlight) flash(fresh);
       row = fresh;
     }
@@ -92,19 +100,88 @@ export function renderJobs(state: State, highlight: boolean): void {
     if (want !== row) body.insertBefore(row, want);
     prev = row;
   }
-  for (const gone of existing.values()) {
+  return [...existing.values()];
+}
+
+/** Makes the table match state.jobs (newest first), touching only rows whose version changed. */
+export function renderJobs(state: State, highlight: boolean): void {
+  const body = $("jobs");
+  const jobs = [...state.jobs.values()].sort((a, b) => (a.id < b.id ? 1 : a.id > b.id ? -1 : 0));
+  const gone = syncRows(
+    body,
+    jobs,
+    (job) => job.id,
+    (job) => String(job.version),
+    (row, job) => {
+      row.dataset.testid = "job-row";
+      row.dataset.jobId = job.id;
+      row.dataset.status = statusName(job.status);
+      row.replaceChildren(...jobCells(job));
+    },
+    highlight,
+  );
+  for (const row of gone) {
     if (!highlight) {
-      gone.remove();
+      row.remove();
       continue;
     }
     // fade out, but stop being a job row at once: tests and readers see the truth immediately
-    gone.removeAttribute("data-testid");
-    gone.removeAttribute("data-job-id");
-    gone.classList.add("leaving");
-    setTimeout(() => gone.remove(), 600);
+    row.removeAttribute("data-testid");
+    row.removeAttribute("data-job-id");
+    row.removeAttribute("data-key");
+    row.classList.add("leaving");
+    setTimeout(() => row.remove(), 600);
   }
   $("job-count").textContent = String(jobs.length);
   $("jobs-empty").hidden = jobs.length > 0;
+}
+
+/** The entity-type filter's current choice; "" = every type. */
+export const entityTypeFilter = (): string => $<HTMLSelectElement>("entity-type-filter").value;
+
+/** Offers every entity type seen so far, keeping the current choice. */
+export function renderEntityFilter(state: State): void {
+  const select = $<HTMLSelectElement>("entity-type-filter");
+  const types = [...state.entityTypes].sort();
+  if (select.options.length === types.length + 1) return; // types are only ever added
+  const chosen = select.value;
+  select.replaceChildren(el("option", { value: "" }, "All types"), ...types.map((t) => el("option", { value: t }, t)));
+  select.value = chosen;
+  select.hidden = types.length === 0;
+}
+
+function entityCells(e: EntityRow): HTMLElement[] {
+  const data = compactJson(e.data);
+  return [
+    el("td", { class: "mono" }, e.entityType),
+    el("td", { class: "mono" }, e.entityId),
+    el("td", {}, el("span", { class: "action", "data-testid": "entity-action" }, e.action)),
+    el("td", { class: "mono data", title: JSON.stringify(e.data, null, 2), "data-testid": "entity-data" }, data),
+    el("td", {}, e.actor),
+    el("td", {}, since(millis(e.time))),
+  ];
+}
+
+/** Makes the live-entities table match the entities of the chosen type, most recently changed first. */
+export function renderEntities(state: State, entityType: string, highlight: boolean): void {
+  const rows = state.entitiesOf(entityType);
+  const gone = syncRows(
+    $("entities"),
+    rows,
+    (e) => e.key,
+    (e) => String(e.revision),
+    (row, e) => {
+      row.dataset.testid = "entity-row";
+      row.dataset.entityType = e.entityType;
+      row.dataset.entityId = e.entityId;
+      row.dataset.action = e.action;
+      row.replaceChildren(...entityCells(e));
+    },
+    highlight,
+  );
+  for (const row of gone) row.remove();
+  $("entity-count").textContent = String(rows.length);
+  $("entities-empty").hidden = rows.length > 0;
 }
 
 export function renderNotifications(state: State, canMarkRead: boolean, onRead: (id: string) => void): void {
@@ -171,22 +248,43 @@ function describe({ ev, deletedTitle }: TickerItem): string {
       return `${p.value.userId} came online`;
     case "userOffline":
       return `${p.value.userId} went offline`;
+    case "entityChanged":
+      return `${p.value.entityType} ${p.value.entityId} ${p.value.action}`;
     default:
       return p.case ?? "event";
   }
 }
 
-export function renderTicker(state: State): void {
-  const items = state.ticker.map((item) => {
-    const ev = item.ev;
-    return el(
+/** Extra test hooks of a ticker line: its seq, and for an entity event what changed. */
+function tickerHooks(ev: Event): Record<string, string> {
+  const hooks: Record<string, string> = { "data-testid": "ticker-item", "data-kind": ev.payload.case ?? "" };
+  if (ev.seq > 0n) hooks["data-seq"] = String(ev.seq);
+  if (ev.payload.case === "entityChanged") {
+    const c = ev.payload.value;
+    Object.assign(hooks, { "data-entity-type": c.entityType, "data-entity-id": c.entityId, "data-action": c.action });
+  }
+  return hooks;
+}
+
+/** The actor of a line ("alice: invoice inv_1 paid"); presence lines name their user themselves. */
+function actorOf(ev: Event): string {
+  if (!ev.actor || ev.payload.case?.startsWith("user")) return "";
+  return ev.payload.case === "entityChanged" ? `${ev.actor}:` : ev.actor;
+}
+
+export function renderTicker(state: State, entityType: string): void {
+  // the spaces between the parts keep textContent readable; flex layout does not show them
+  const items = state.tickerOf(entityType).map((item) =>
+    el(
       "li",
-      { "data-testid": "ticker-item", "data-kind": ev.payload.case ?? "" },
-      el("span", { class: "when" }, clock(millis(ev.time))),
-      el("span", { class: "actor" }, ev.actor && !ev.payload.case?.startsWith("user") ? ev.actor : ""),
+      tickerHooks(item.ev),
+      el("span", { class: "when" }, clock(millis(item.ev.time))),
+      " ",
+      el("span", { class: "actor" }, actorOf(item.ev)),
+      " ",
       describe(item),
-    );
-  });
+    ),
+  );
   $("ticker").replaceChildren(...items);
   $("ticker-empty").hidden = items.length > 0;
 }

@@ -69,6 +69,10 @@ const commands = {
   async click({ page: name, selector, timeout = 5_000 }) {
     await page(name).page.click(selector, { timeout });
   },
+  /** Chooses the option with `value` in the <select> at `selector`, as a user would. */
+  async select({ page: name, selector, value, timeout = 5_000 }) {
+    await page(name).page.selectOption(selector, value, { timeout });
+  },
   async screenshot({ page: name, path }) {
     await page(name).page.screenshot({ path, fullPage: true, animations: "disabled" });
   },

@@ -1,5 +1,5 @@
-// Unit tests of the page's pure logic (State's dedupe and version rules, token decoding, URL
-// settings), run with node's test runner on an esbuild bundle of the TypeScript sources.
+// Unit tests of the page's pure logic (State's dedupe and version rules, the live-entities panel
+// and the entity-type filter, token decoding, URL settings, compact JSON), run with node's test runner on an esbuild bundle of the TypeScript sources.
 import assert from "node:assert/strict";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -10,7 +10,7 @@ import { build } from "esbuild";
 
 const dir = mkdtempSync(join(tmpdir(), "orgpulse-web-unit-"));
 after(() => rmSync(dir, { recursive: true, force: true }));
-const modules = ["./src/state", "./src/token", "./src/config", "@orgpulse/client"];
+const modules = ["./src/state", "./src/token", "./src/config", "./src/format", "@orgpulse/client"];
 const contents = modules.map((m) => `export * from "${m}";`).join("\n");
 await build({
   stdin: { contents, resolveDir: process.cwd(), loader: "ts" },
@@ -83,11 +83,76 @@ test("a new snapshot starts seq over (a new log epoch may reuse numbers)", () =>
   assert.equal(s.apply(ev(1, "jobCreated", job("c", 1))), true);
 });
 
-test("the ticker keeps the most recent events only", () => {
+test("the ticker shows the most recent events only", () => {
   const s = fresh();
   for (let i = 1; i <= 40; i++) s.apply(ev(i, "jobUpdated", job("a", i + 1)));
-  assert.equal(s.ticker.length, 25);
-  assert.equal(s.ticker[0].ev.seq, 40n);
+  const shown = s.tickerOf("");
+  assert.equal(shown.length, m.TICKER_LENGTH);
+  assert.equal(shown[0].ev.seq, 40n);
+});
+
+const change = (seq, entityType, entityId, action, data = {}, actor = "alice") => {
+  const e = ev(seq, "entityChanged", m.create(m.EntityChangedSchema, { entityType, entityId, action, data }));
+  e.actor = actor;
+  return e;
+};
+const keys = (rows) => rows.map((r) => `${r.entityType}/${r.entityId}`);
+
+test("live entities: the latest change per (type, id), most recently changed first", () => {
+  const s = fresh();
+  s.apply(change(1, "invoice", "inv_1", "created", { amount: 12 }));
+  s.apply(change(2, "project", "inv_1", "created")); // same id, other type: another entity
+  s.apply(change(3, "invoice", "inv_2", "created"));
+  s.apply(change(4, "invoice", "inv_1", "paid", { amount: 12, status: "paid" }, "bob"));
+  assert.equal(s.apply(change(4, "invoice", "inv_1", "paid")), false, "a duplicate seq changes nothing");
+  const rows = s.entitiesOf("");
+  assert.deepEqual(keys(rows), ["invoice/inv_1", "invoice/inv_2", "project/inv_1"]);
+  assert.deepEqual([rows[0].action, rows[0].actor, rows[0].data], ["paid", "bob", { amount: 12, status: "paid" }]);
+  assert.ok(rows[0].revision > rows[1].revision);
+  assert.deepEqual([...s.entityTypes].sort(), ["invoice", "project"]);
+});
+
+test("live entities: bounded, the least recently changed leave first", () => {
+  const s = fresh();
+  for (let i = 0; i < m.ENTITY_ROWS + 5; i++) s.apply(change(i + 1, "invoice", `inv_${i}`, "created"));
+  assert.ok(!s.entities.has("invoice\u0000inv_4") && s.entities.has("invoice\u0000inv_5"));
+  s.apply(change(m.ENTITY_ROWS + 6, "invoice", "inv_5", "paid")); // the oldest, changed again: stays
+  s.apply(change(m.ENTITY_ROWS + 7, "invoice", "inv_new", "created"));
+  const rows = s.entitiesOf("");
+  assert.equal(rows.length, m.ENTITY_ROWS);
+  assert.deepEqual(keys(rows.slice(0, 2)), ["invoice/inv_new", "invoice/inv_5"]);
+  assert.ok(!s.entities.has("invoice\u0000inv_6"), "the least recently changed one left instead");
+  assert.ok(s.entities.has("invoice\u0000inv_7"));
+});
+
+test("the entity-type filter narrows the panel and the ticker, which keeps enough history", () => {
+  const s = fresh();
+  s.apply(change(1, "invoice", "inv_1", "created"));
+  s.apply(change(2, "project", "prj_1", "created"));
+  for (let i = 3; i <= 60; i++) s.apply(ev(i, "jobUpdated", job("a", i)));
+  assert.deepEqual(keys(s.entitiesOf("project")), ["project/prj_1"]);
+  const invoices = s.tickerOf("invoice");
+  assert.deepEqual(invoices.map((t) => t.ev.seq), [1n], "older than the last 25 lines, still there");
+  assert.equal(s.tickerOf("").length, m.TICKER_LENGTH);
+  assert.deepEqual(s.tickerOf("comment"), []);
+});
+
+test("entities survive a new snapshot: there is none for them, the events are the record", () => {
+  const s = fresh();
+  s.apply(change(7, "invoice", "inv_1", "created"));
+  const before = s.entities.get("invoice\u0000inv_1").revision;
+  s.reset({ jobs: [], notifications: [], unread: 0, online: new Map() });
+  s.apply(change(7, "invoice", "inv_1", "paid")); // a new epoch may reuse seq 7
+  const row = s.entities.get("invoice\u0000inv_1");
+  assert.equal(row.action, "paid");
+  assert.ok(row.revision > before, "the revision grows even when seq does not");
+});
+
+test("compact JSON is cut with an ellipsis", () => {
+  assert.equal(m.compactJson({ amount: 12 }), '{"amount":12}');
+  const long = m.compactJson({ note: "x".repeat(500) }, 20);
+  assert.equal(long.length, 20);
+  assert.ok(long.endsWith("…"));
 });
 
 const jwt = (claims) =>
