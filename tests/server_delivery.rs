@@ -202,7 +202,10 @@ async fn stale_or_foreign_cursors_get_resync_and_malformed_is_invalid() {
 #[tokio::test]
 async fn retention_trimming_a_paused_replay_yields_resync_not_a_gap() {
     use futures::StreamExt;
-    let server = TestServer::start_args(&["--retention", "10s"]).await;
+    // Retention long enough that writing the events below cannot outlast it on a loaded machine
+    // (they must all be in the log when the replay starts).
+    let retention = std::time::Duration::from_secs(30);
+    let server = TestServer::start_args(&["--retention", "30s"]).await;
     let t = token(ORG, "alice", "admin");
     let start = snapshot(&server, &t).await.cursor;
     // 3000 events (~500 KB): several replay pages, far more than the windows below hold.
@@ -235,7 +238,7 @@ async fn retention_trimming_a_paused_replay_yields_resync_not_a_gap() {
     let mut sub = Sub::open_on(channel, &t, "", &start, &[]).await.unwrap();
     assert_eq!(sub.next().await.unwrap().seq, 1, "the cursor was served");
     // Meanwhile retention trims the whole log.
-    let deadline = std::time::Instant::now() + WAIT;
+    let deadline = std::time::Instant::now() + retention + WAIT;
     while !log_of(&server.dir, ORG).is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
