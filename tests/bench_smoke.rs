@@ -1,12 +1,14 @@
 //! Smoke run of `orgpulse bench` at tiny sizes, so the benchmark cannot rot: the real CLI starts
 //! the real server (and, in the second case, targets one started by the test harness) and must
-//! print one JSON line with every delivery (or, for `orgs`, every idle stream) accounted for. The full runs are in BENCHMARKS.md.
+//! print one JSON line with every delivery (or, for `orgs`, every idle stream) accounted for; the
+//! `outbox` run commits rows in a PostgreSQL database of its own on 127.0.0.1:5432 and drops it.
+//! The full runs are in BENCHMARKS.md.
 mod support;
 
 use std::{process::Stdio, time::Duration};
 
 use serde_json::Value;
-use support::{SECRET, TestServer, workspace_bin};
+use support::{SECRET, TestServer, pg, workspace_bin};
 use tokio::process::Command;
 
 /// Runs `orgpulse bench ARGS` unpinned with short bounds; returns its one JSON line.
@@ -123,4 +125,48 @@ async fn idle_orgs_run_keeps_every_stream_open() {
         "{v}"
     );
     assert!(number(&v["serverRssMB"], "afterIdle") > 0.0);
+}
+
+#[tokio::test]
+async fn outbox_run_delivers_every_committed_row_through_notify() {
+    let server = workspace_bin("orgpulse-server");
+    let v = bench(&[
+        "--scenario",
+        "outbox",
+        "--subscribers",
+        "3",
+        "--events",
+        "30",
+        "--rate",
+        "100",
+        "--server-bin",
+        server.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["connected"], 3);
+    assert_eq!(v["deliveriesExpected"], 90);
+    assert_eq!(v["deliveriesReceived"], 90);
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["outOfOrder"], 0);
+    assert_eq!(v["rejectedRows"], 0);
+    // The server polls only every 10 s, and the run gives up after 5 s without a delivery: every
+    // row came through the NOTIFY wake-up.
+    assert_eq!(v["outboxPoll"], "10s");
+    for q in ["p50", "p90", "p99", "max"] {
+        let ms = v["latencyMs"][q].as_f64().expect("latency quantile");
+        assert!((0.0..5_000.0).contains(&ms), "{q} = {ms} ms");
+    }
+    let name = v["outboxDatabase"].as_str().expect("outboxDatabase");
+    assert!(name.starts_with("orgpulse_bench_"), "{name}");
+    let left: i64 = pg::connect("postgres://postgres@127.0.0.1:5432/test")
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the bench dropped its database {name}");
 }

@@ -3,9 +3,11 @@
 //! caught up, publishes E job updates through the public API, and prints one JSON line: deliveries
 //! expected/received, throughput, commit→receipt latency, server CPU per delivery and RSS per
 //! connection. Any loss, reordering or broken stream makes the exit code non-zero. The `orgs`
-//! scenario (orgs.rs) instead measures what many idle orgs cost the server.
+//! scenario (orgs.rs) instead measures what many idle orgs cost the server; the `outbox` scenario
+//! (outbox.rs) publishes by committing outbox rows in PostgreSQL instead of calling the API.
 mod histogram;
 mod orgs;
+mod outbox;
 mod server;
 mod subscriber;
 mod writer;
@@ -18,7 +20,7 @@ use serde_json::{Value, json};
 
 use crate::{error::CliError, mint::mint};
 use server::{Target, Usage, fail};
-use subscriber::{Dial, Subscriber, Tally};
+use subscriber::{Counted, Dial, Subscriber, Tally};
 use writer::{Published, Writer};
 
 /// A named benchmark shape (sizes match the socket.io peer's run.sh where it has one).
@@ -41,6 +43,9 @@ pub enum Scenario {
     /// 5,000 orgs (--orgs) with one idle subscriber each, over shared HTTP/2 connections: server
     /// CPU while nothing is published (--seconds).
     Orgs,
+    /// 100 subscribers, 1,000 outbox rows committed at 200/s (one per transaction) in a PostgreSQL
+    /// database of its own (--pg-admin-url): COMMIT→receipt latency through NOTIFY.
+    Outbox,
 }
 
 struct Shape {
@@ -62,6 +67,7 @@ impl Scenario {
             Scenario::Catchup => (1, 100_000, 0.0, 8, 0),
             Scenario::Scale => (20_000, 10, 0.0, 1, 3000),
             Scenario::Orgs => (5_000, 0, 0.0, 1, 3000),
+            Scenario::Outbox => (100, 1_000, 200.0, 1, 1000),
         };
         Shape {
             subscribers,
@@ -132,6 +138,10 @@ pub struct BenchArgs {
     /// Organization to use.
     #[arg(long, default_value = "bench")]
     pub org: String,
+    /// outbox: the PostgreSQL server (any existing database on it) where the scenario creates and
+    /// finally drops a database of its own.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    pub pg_admin_url: String,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -155,16 +165,25 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
     server::raise_nofile(sockets as u64 + 64)?;
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     server::pin_self(&args.client_cpus)?;
-    let target = match &args.secret_file {
-        Some(secret) => Target::attach(url, secret)?,
-        None => Target::start(&server_bin(&args), &args.server_cpus, &args.server_args).await?,
+    let outbox_db = match args.scenario {
+        Scenario::Outbox if args.secret_file.is_some() => {
+            return Err(CliError::usage(
+                "--scenario outbox starts its own server (with --outbox): drop --secret-file",
+            ));
+        }
+        Scenario::Outbox => Some(outbox::Database::create(&args.pg_admin_url).await?),
+        _ => None,
     };
-    let result = match args.scenario {
-        Scenario::Orgs => orgs::measure(&args, &shape, &target).await,
-        _ => measure(&args, &shape, &target).await,
+    let result = start_and_measure(&args, &shape, url, outbox_db.as_ref()).await;
+    let (outbox_database, dropped) = match outbox_db {
+        Some(db) => (Some(db.name.clone()), db.drop().await),
+        None => (None, Ok(())),
     };
-    target.stop().await;
     let mut out = result?;
+    dropped?;
+    if let Some(name) = outbox_database {
+        out["outboxDatabase"] = name.into();
+    }
     let ok = out["lost"] == 0
         && out["outOfOrder"] == 0
         && out["brokenStreams"] == 0
@@ -192,6 +211,51 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
     }
 }
 
+/// Attaches to or starts the server (consuming `outbox` when given), measures, stops it.
+async fn start_and_measure(
+    args: &BenchArgs,
+    shape: &Shape,
+    url: &str,
+    outbox: Option<&outbox::Database>,
+) -> Result<Value, CliError> {
+    let target = match &args.secret_file {
+        Some(secret) => Target::attach(url, secret)?,
+        None => {
+            let mut extra = outbox.map(|db| db.server_args()).unwrap_or_default();
+            extra.extend(args.server_args.iter().cloned());
+            Target::start(&server_bin(args), &args.server_cpus, &extra).await?
+        }
+    };
+    let result = match args.scenario {
+        Scenario::Orgs => orgs::measure(args, shape, &target).await,
+        _ => measure(args, shape, &target, outbox).await,
+    };
+    target.stop().await;
+    result
+}
+
+/// What makes the events: job updates through the API, or outbox rows committed in PostgreSQL.
+enum Publisher {
+    Jobs(Vec<Writer>),
+    Outbox(outbox::Inserter),
+}
+
+impl Publisher {
+    fn counted(&self) -> Counted {
+        match self {
+            Publisher::Jobs(_) => Counted::Jobs,
+            Publisher::Outbox(inserter) => Counted::OutboxRows(inserter.commits()),
+        }
+    }
+
+    async fn publish(&mut self, total: u64, rate: f64) -> Result<Published, CliError> {
+        match self {
+            Publisher::Jobs(writers) => writer::publish(writers, total, rate).await,
+            Publisher::Outbox(inserter) => inserter.publish(total, rate).await,
+        }
+    }
+}
+
 fn server_bin(args: &BenchArgs) -> PathBuf {
     if let Some(p) = &args.server_bin {
         return p.clone();
@@ -211,7 +275,12 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result<Value, CliError> {
+async fn measure(
+    args: &BenchArgs,
+    shape: &Shape,
+    target: &Target,
+    outbox: Option<&outbox::Database>,
+) -> Result<Value, CliError> {
     let url = target.url();
     let token = |user: &str, role: &str| {
         mint(
@@ -222,11 +291,19 @@ async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result<Val
             Duration::from_secs(3600),
         )
     };
-    let mut writers = Vec::new();
-    for n in 0..shape.writers {
-        writers
-            .push(Writer::new(&url, &token(&format!("writer{n}"), "member")?, &args.org, n).await?);
-    }
+    let mut publisher = match outbox {
+        Some(db) => {
+            Publisher::Outbox(outbox::Inserter::connect(db, &args.org, shape.events).await?)
+        }
+        None => {
+            let mut writers = Vec::new();
+            for n in 0..shape.writers {
+                let writer_token = token(&format!("writer{n}"), "member")?;
+                writers.push(Writer::new(&url, &writer_token, &args.org, n).await?);
+            }
+            Publisher::Jobs(writers)
+        }
+    };
     let mut out = json!({
         "label": format!("{:?}", args.scenario).to_lowercase(),
         "server": if args.secret_file.is_some() { url.clone() } else { "started".into() },
@@ -237,9 +314,9 @@ async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result<Val
     });
     // catchup: write the backlog first, then subscribe from before it.
     let mut after_cursor = String::new();
-    if args.scenario == Scenario::Catchup {
+    if let (Scenario::Catchup, Publisher::Jobs(writers)) = (args.scenario, &publisher) {
         after_cursor = writers[0].cursor().await?;
-        let backlog = timed(args, writer::publish(&writers, shape.events, shape.rate)).await?;
+        let backlog = timed(args, writer::publish(writers, shape.events, shape.rate)).await?;
         out["backlogWritesPerSec"] = per_sec(backlog.writes, backlog.elapsed).into();
     }
     let tally = Tally::new();
@@ -253,6 +330,7 @@ async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result<Val
     let tokens: Vec<String> = (0..shape.subscribers)
         .map(|i| token(&format!("sub{i}"), "viewer"))
         .collect::<Result<_, _>>()?;
+    let counted = publisher.counted();
     let opened: Vec<Result<Subscriber, String>> = timed(args, async {
         Ok(futures::stream::iter(tokens.iter().enumerate())
             .map(|(i, tok)| {
@@ -261,6 +339,7 @@ async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result<Val
                     token: tok,
                     org: &args.org,
                     after_cursor: after_cursor.clone(),
+                    counted: counted.clone(),
                 };
                 let tally = &tally;
                 async move {
@@ -307,10 +386,13 @@ async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result<Val
     } else if shape.events > 0 {
         let expected = shape.events * connected;
         let t0 = subscriber::now_us();
-        let published = timed(args, writer::publish(&writers, shape.events, shape.rate)).await?;
+        let published = timed(args, publisher.publish(shape.events, shape.rate)).await?;
         subscriber::wait_for(&tally, expected, args.stall, args.phase_timeout).await;
         let after = target.usage().await?;
         let received = tally.received.load(Relaxed);
+        if let Publisher::Outbox(inserter) = &publisher {
+            inserter.report(&tally, &mut out).await?;
+        }
         deliveries(
             &mut out,
             &published,

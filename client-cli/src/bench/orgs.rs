@@ -12,7 +12,7 @@ use super::{BenchArgs, Shape, mb, round2, timed};
 use crate::{
     bench::{
         server::{self, Target},
-        subscriber::{self, Dial, Subscriber, Tally},
+        subscriber::{self, Counted, Dial, Subscriber, Tally},
     },
     error::CliError,
     mint::mint,
@@ -62,6 +62,7 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
                     token,
                     org,
                     after_cursor: String::new(),
+                    counted: Counted::Jobs,
                 };
                 Subscriber::open(conns[i / STREAMS_PER_CONNECTION].clone(), dial, &tally)
             })

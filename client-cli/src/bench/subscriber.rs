@@ -1,7 +1,8 @@
 //! A bench subscriber: one `Subscribe` stream on an HTTP/2 connection (its own, or one shared by
 //! many streams), spoken directly over `h2` (a tonic channel per connection would cost the client
-//! more memory than the server), from a chosen 127.0.0.x source address. Every `job_updated` is counted, checked for seq order and
-//! its commit→receipt latency (`Event.time` vs. the wall clock of this host) recorded.
+//! more memory than the server), from a chosen 127.0.0.x source address. Every counted event (a
+//! `job_updated`, or in the outbox scenario an outbox row's `entity_changed`) is checked for order
+//! and its commit→receipt latency (the commit time vs. the wall clock of this host) recorded.
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{
@@ -17,7 +18,7 @@ use orgpulse::proto::{Event, EventKind, OrgFilter, event::Payload};
 use prost::Message;
 use tokio::net::TcpSocket;
 
-use super::histogram::Histogram;
+use super::{histogram::Histogram, outbox};
 
 /// What all subscribers add up, shared by their tasks.
 pub struct Tally {
@@ -28,6 +29,9 @@ pub struct Tally {
     /// Wall clock (µs since the epoch) of the latest receipt.
     pub last_us: AtomicU64,
     pub latency: Mutex<Histogram>,
+    /// Outbox rows received before their inserter saw the COMMIT return: (row, receipt µs), for
+    /// the latency once the commit time is known.
+    pub early: Mutex<Vec<(usize, u64)>>,
     pub first_error: Mutex<Option<String>>,
 }
 
@@ -39,11 +43,12 @@ impl Tally {
             broken: AtomicU64::new(0),
             last_us: AtomicU64::new(0),
             latency: Mutex::new(Histogram::new()),
+            early: Mutex::new(Vec::new()),
             first_error: Mutex::new(None),
         })
     }
 
-    fn error(&self, e: String) {
+    pub fn error(&self, e: String) {
         self.first_error.lock().unwrap().get_or_insert(e);
     }
 }
@@ -55,21 +60,50 @@ pub fn now_us() -> u64 {
         .as_micros() as u64
 }
 
+/// Which events a subscriber counts, and where each one's commit time comes from.
+#[derive(Clone)]
+pub enum Counted {
+    /// `job_updated`, committed at its `Event.time` (set by the store at commit).
+    Jobs,
+    /// The outbox rows' `entity_changed` (entity id = row number), committed when the inserter
+    /// saw its COMMIT return.
+    OutboxRows(Arc<outbox::CommitTimes>),
+}
+
+impl Counted {
+    fn filter(&self, org: &str, after_cursor: String) -> OrgFilter {
+        let (kind, entity_types) = match self {
+            Counted::Jobs => (EventKind::Job, vec![]),
+            Counted::OutboxRows(_) => (EventKind::Entity, vec![outbox::ENTITY_TYPE.to_string()]),
+        };
+        OrgFilter {
+            org_id: org.to_string(),
+            kinds: vec![kind as i32],
+            after_cursor,
+            entity_types,
+        }
+    }
+}
+
 /// An open stream past its `caught_up`.
 pub struct Subscriber {
     body: RecvStream,
     buf: BytesMut,
+    counted: Counted,
     last_seq: u64,
-    /// `job_updated` events that arrived before `caught_up` (a replay).
+    /// The outbox row received last.
+    last_row: Option<usize>,
+    /// Counted events that arrived before `caught_up` (a replay).
     pub replayed: u64,
 }
 
-/// Where and as whom to subscribe.
+/// Where, as whom and for what to subscribe.
 pub struct Dial<'a> {
     pub server: SocketAddr,
     pub token: &'a str,
     pub org: &'a str,
     pub after_cursor: String,
+    pub counted: Counted,
 }
 
 /// An HTTP/2 connection from `source` to `server`, driven by its own task until it closes. Streams
@@ -96,7 +130,7 @@ pub async fn connect(server: SocketAddr, source: IpAddr) -> Result<SendRequest<B
 }
 
 impl Subscriber {
-    /// Subscribes to the org's job events on `conn` and reads up to `caught_up`.
+    /// Subscribes to the org's counted events on `conn` and reads up to `caught_up`.
     pub async fn open(
         conn: SendRequest<Bytes>,
         d: Dial<'_>,
@@ -115,12 +149,7 @@ impl Subscriber {
         let (resp, mut out) = send
             .send_request(req, false)
             .map_err(|e| format!("Subscribe: {e}"))?;
-        let filter = OrgFilter {
-            org_id: d.org.to_string(),
-            kinds: vec![EventKind::Job as i32],
-            after_cursor: d.after_cursor,
-            ..Default::default()
-        };
+        let filter = d.counted.filter(d.org, d.after_cursor);
         let mut msg = BytesMut::with_capacity(5 + filter.encoded_len());
         msg.put_u8(0);
         msg.put_u32(filter.encoded_len() as u32);
@@ -135,7 +164,9 @@ impl Subscriber {
         let mut sub = Subscriber {
             body: resp.into_body(),
             buf: BytesMut::new(),
+            counted: d.counted,
             last_seq: 0,
+            last_row: None,
             replayed: 0,
         };
         loop {
@@ -175,18 +206,35 @@ impl Subscriber {
         }
     }
 
-    /// Counts a `job_updated`: order, latency, totals. False for any other event.
+    /// Counts a counted event: order, latency, totals. False for any other event.
     fn count(&mut self, ev: &Event, tally: &Tally) -> bool {
-        if !matches!(ev.payload, Some(Payload::JobUpdated(_))) {
-            return false;
-        }
         let now = now_us();
-        if ev.seq <= self.last_seq {
+        let mut in_order = ev.seq > self.last_seq;
+        let committed_us = match (&self.counted, &ev.payload) {
+            (Counted::Jobs, Some(Payload::JobUpdated(_))) => ev
+                .time
+                .as_ref()
+                .map(|t| t.seconds as u64 * 1_000_000 + t.nanos as u64 / 1000),
+            (Counted::OutboxRows(commits), Some(Payload::EntityChanged(e))) => {
+                let Ok(row) = e.entity_id.parse::<usize>() else {
+                    tally.error(format!("outbox event with entity id {:?}", e.entity_id));
+                    return false;
+                };
+                in_order &= self.last_row.is_none_or(|last| row > last);
+                self.last_row = Some(row);
+                let committed = commits.get(row);
+                if committed.is_none() {
+                    tally.early.lock().unwrap().push((row, now));
+                }
+                committed
+            }
+            _ => return false,
+        };
+        if !in_order {
             tally.out_of_order.fetch_add(1, Relaxed);
         }
         self.last_seq = ev.seq;
-        if let Some(t) = &ev.time {
-            let sent = t.seconds as u64 * 1_000_000 + t.nanos as u64 / 1000;
+        if let Some(sent) = committed_us {
             tally
                 .latency
                 .lock()
