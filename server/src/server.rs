@@ -66,7 +66,7 @@ pub async fn run(
     let hub = Hub::new(store.clone(), cfg.subscriber_queue, bus.clone());
     bus.attach(hub.clone());
     let _ = METRICS.node.set((node_id.clone(), bus.clone()));
-    tracing::info!(node_id = %node_id, cluster = nats.is_some(), "engines ready");
+    let cluster = nats.is_some();
     let stop = CancellationToken::new();
     if let Some(keys) = auth.remote_keys() {
         tokio::spawn(keys.clone().refresh_every(cfg.jwks_refresh, stop.clone()));
@@ -134,6 +134,8 @@ pub async fn run(
     };
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
+    // Logged once everything has started, so a start-up failure is still the one line it prints.
+    tracing::info!(node_id = %node_id, cluster, "engines ready");
     // Tests and scripts wait for this exact line.
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("listening on {scheme}://{}", listener.local_addr()?);
