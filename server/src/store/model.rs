@@ -223,6 +223,11 @@ pub fn writer_stopped() -> StoreError {
     StoreError::Unavailable("store writer stopped".into())
 }
 
+/// The error for a job that is not in the org (API.md: existence is not leaked across orgs).
+pub fn job_not_found(id: &str) -> StoreError {
+    StoreError::NotFound(format!("job {id} not found"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

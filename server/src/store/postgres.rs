@@ -815,10 +815,6 @@ async fn run_alone(tx: &mut Tx, w: &mut Write) -> Result<()> {
     }
 }
 
-fn job_not_found(id: &str) -> StoreError {
-    StoreError::NotFound(format!("job {id} not found"))
-}
-
 const UNREAD_COUNT: &str = "SELECT COUNT(*) FROM notifications n
      WHERE n.org_id = $1 AND n.user_id IN ('', $2)
      AND NOT EXISTS (SELECT 1 FROM notification_reads r
@@ -891,7 +887,7 @@ impl Store for PostgresStore {
         .await?
         {
             Some(r) => decode(r.get(0)),
-            None => Err(job_not_found(job_id)),
+            None => Err(model::job_not_found(job_id)),
         }
     }
 
@@ -942,7 +938,7 @@ impl Store for PostgresStore {
                     .await?;
                 let mut job: Job = match row {
                     Some(r) => decode(r.get(0))?,
-                    None => return Err(job_not_found(&patch.job_id)),
+                    None => return Err(model::job_not_found(&patch.job_id)),
                 };
                 apply_patch(&mut job, &patch, &actor, tx.log.now)?;
                 tx.defer(
@@ -975,7 +971,7 @@ impl Store for PostgresStore {
                     )
                     .await?;
                 if n == 0 {
-                    return Err(job_not_found(&id));
+                    return Err(model::job_not_found(&id));
                 }
                 tx.append(&org, &actor, None, job_deleted(&id)).await?;
                 Ok(())

@@ -446,7 +446,7 @@ fn load_job(conn: &Connection, org: &str, id: &str) -> Result<Job> {
     )?;
     match data {
         Some(d) => decode(&d),
-        None => Err(StoreError::NotFound(format!("job {id} not found"))),
+        None => Err(model::job_not_found(id)),
     }
 }
 
@@ -577,7 +577,7 @@ impl Store for SqliteStore {
                 )
                 .map_err(db)?;
             if n == 0 {
-                return Err(StoreError::NotFound(format!("job {id} not found")));
+                return Err(model::job_not_found(&id));
             }
             app.append(conn, &org, &actor, None, job_deleted(&id))?;
             Ok(())
