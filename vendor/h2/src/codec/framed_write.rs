@@ -52,6 +52,10 @@ struct Encoder<B> {
 
     /// Min buffer required to attempt to write a frame
     min_buffer_capacity: usize,
+
+    /// Capacity to allocate when the next frame is buffered: what the last flush needed
+    /// (at least `INITIAL_BUFFER_CAPACITY`, at most `DEFAULT_BUFFER_CAPACITY`).
+    next_capacity: usize,
 }
 
 #[derive(Debug)]
@@ -65,6 +69,13 @@ enum Next<B> {
 /// The minimum MAX_FRAME_SIZE is 16kb, so always be able to send a HEADERS
 /// frame that big.
 const DEFAULT_BUFFER_CAPACITY: usize = 16 * 1_024;
+
+/// Allocate at least this much when a frame is buffered into an empty buffer.
+///
+/// The buffer is released after every complete flush, so an idle connection holds
+/// no write buffer at all; it grows on demand up to (a little beyond)
+/// `DEFAULT_BUFFER_CAPACITY`, which stays the most that is buffered before a flush.
+const INITIAL_BUFFER_CAPACITY: usize = 1_024;
 
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
 /// will never advertise a max frame size less than this (well, the spec says
@@ -93,12 +104,13 @@ where
             final_flush_done: false,
             encoder: Encoder {
                 hpack: hpack::Encoder::default(),
-                buf: Cursor::new(BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY)),
+                buf: Cursor::new(BytesMut::new()),
                 next: None,
                 last_data_frame: None,
                 max_frame_size: frame::DEFAULT_MAX_FRAME_SIZE,
                 chain_threshold,
                 min_buffer_capacity: chain_threshold + frame::HEADER_LEN,
+                next_capacity: INITIAL_BUFFER_CAPACITY,
             },
         }
     }
@@ -197,9 +209,14 @@ where
     B: Buf,
 {
     fn unset_frame(&mut self) -> ControlFlow {
-        // Clear internal buffer
-        self.buf.set_position(0);
-        self.buf.get_mut().clear();
+        // Release the internal buffer: an idle connection keeps none. The next frame
+        // allocates what this flush needed.
+        self.next_capacity = self
+            .buf
+            .get_ref()
+            .len()
+            .clamp(INITIAL_BUFFER_CAPACITY, DEFAULT_BUFFER_CAPACITY);
+        self.buf = Cursor::new(BytesMut::new());
 
         // The data frame has been written, so unset it
         match self.next.take() {
@@ -223,6 +240,9 @@ where
     fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
         // Ensure that we have enough capacity to accept the write.
         assert!(self.has_capacity());
+        if self.buf.get_ref().capacity() == 0 {
+            self.buf.get_mut().reserve(self.next_capacity);
+        }
         let span = tracing::trace_span!("FramedWrite::buffer", frame = ?item);
         let _e = span.enter();
 
@@ -307,8 +327,10 @@ where
     }
 
     fn has_capacity(&self) -> bool {
+        // The buffer grows on demand: what limits it is DEFAULT_BUFFER_CAPACITY, not
+        // what happens to be allocated.
         self.next.is_none()
-            && (self.buf.get_ref().capacity() - self.buf.get_ref().len()
+            && (DEFAULT_BUFFER_CAPACITY.saturating_sub(self.buf.get_ref().len())
                 >= self.min_buffer_capacity)
     }
 

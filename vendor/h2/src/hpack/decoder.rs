@@ -158,7 +158,10 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // Grown by the first Huffman-coded string: its decoded strings are split off
+            // and shared by the header values, so a fixed 4 KiB buffer would stay alive as
+            // long as any request's headers do.
+            buffer: BytesMut::new(),
         }
     }
 
