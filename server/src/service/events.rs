@@ -3,7 +3,8 @@
 //! (in `publish`).
 //!
 //! The service is written out by hand rather than generated so that `Subscribe` can send the
-//! Hub's pre-encoded event bytes as they are: an event is encoded once, not once per subscriber.
+//! Hub's pre-encoded event bytes as they are (through `stream_body`): an event is encoded once,
+//! not once per subscriber.
 use std::{
     convert::Infallible,
     sync::Arc,
@@ -11,8 +12,8 @@ use std::{
     time::Duration,
 };
 
-use bytes::{BufMut, Bytes};
-use futures::{Stream, future::BoxFuture, stream::BoxStream};
+use bytes::Bytes;
+use futures::{Stream, future::BoxFuture};
 use orgpulse::proto::{
     CaughtUp, Event, Heartbeat, ListOnlineRequest, ListOnlineResponse, OrgFilter, PollRequest,
     PollResponse, Resync, event::Payload,
@@ -21,12 +22,15 @@ use prost::Message;
 use tokio::time::Instant;
 use tonic::{
     Request, Response, Status,
-    codec::{BufferSettings, Codec, EncodeBuf, Encoder},
+    codec::Codec,
     server::{Grpc, NamedService},
 };
-use tonic_prost::{ProstCodec, ProstDecoder};
+use tonic_prost::ProstCodec;
 
-use super::Ctx;
+use super::{
+    Ctx,
+    stream_body::{EventStream, server_streaming},
+};
 use crate::{
     auth::{self, Need},
     cursor::Cursor,
@@ -53,8 +57,6 @@ impl NamedService for EventServer {
     const NAME: &'static str = "orgpulse.v1.EventService";
 }
 
-type EventStream = BoxStream<'static, Result<Bytes, Status>>;
-
 impl<B> tower::Service<http::Request<B>> for EventServer
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -72,10 +74,7 @@ where
         let ctx = self.0.clone();
         match req.uri().path() {
             "/orgpulse.v1.EventService/Subscribe" => Box::pin(async move {
-                let svc = tower::service_fn(move |r| subscribe(ctx.clone(), r));
-                Ok(limits(Grpc::new(PreEncoded))
-                    .server_streaming(svc, req)
-                    .await)
+                Ok(server_streaming(req, MAX_REQUEST, |r| subscribe(ctx, r)).await)
             }),
             "/orgpulse.v1.EventService/Poll" => Box::pin(async move {
                 let svc = tower::service_fn(move |r| poll(ctx.clone(), r));
@@ -102,43 +101,6 @@ where
 
 fn limits<C: Codec>(g: Grpc<C>) -> Grpc<C> {
     g.apply_max_message_size_config(Some(MAX_REQUEST), None)
-}
-
-/// Decodes `OrgFilter`; encodes already-encoded `Event` bytes by copying them.
-#[derive(Default)]
-struct PreEncoded;
-
-struct BytesEncoder;
-
-impl Encoder for BytesEncoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-
-    /// A stream's write buffer starts at 1 KiB instead of tonic's 8 KiB: most streams are idle
-    /// and events are ~200 bytes; it grows while a burst is coalesced (up to the 32 KiB yield).
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(1024, 32 * 1024)
-    }
-}
-
-impl Codec for PreEncoded {
-    type Encode = Bytes;
-    type Decode = OrgFilter;
-    type Encoder = BytesEncoder;
-    type Decoder = ProstDecoder<OrgFilter>;
-
-    fn encoder(&mut self) -> BytesEncoder {
-        BytesEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<OrgFilter, OrgFilter>::default().decoder()
-    }
 }
 
 fn parse_cursor(s: &str) -> Result<Option<Cursor>, Status> {

@@ -4,6 +4,7 @@ pub mod events;
 pub mod jobs;
 pub mod notifications;
 pub mod publish;
+pub mod stream_body;
 
 use std::{sync::Arc, time::Duration};
 
