@@ -9,6 +9,8 @@
 //! nothing, so a Hub on it runs no checker and an idle room costs nothing. Fan-out shares the event's encoded bytes; per subscriber
 //! it is a filter check and a push onto that subscriber's bounded queue. A full queue never waits:
 //! the subscriber is cut off (its stream ends with a resumable error) and everyone else goes on.
+mod queue;
+
 use std::{
     collections::HashMap,
     sync::{
@@ -189,7 +191,7 @@ struct Subs {
 struct Sub {
     id: u64,
     audience: Audience,
-    tx: mpsc::Sender<Item>,
+    tx: queue::Sender<Item>,
     cut: Arc<CutFlag>,
 }
 
@@ -202,7 +204,7 @@ enum RoomMsg {
 
 /// A subscriber's place in a room. Dropping it leaves the room.
 pub struct Registration {
-    pub rx: mpsc::Receiver<Item>,
+    pub rx: queue::Receiver<Item>,
     cut: Arc<CutFlag>,
     id: u64,
     room: Arc<Room>,
@@ -285,7 +287,7 @@ impl Hub {
                 .get(org)
                 .is_some_and(|r| Arc::ptr_eq(r, &room))
                 .then(|| {
-                    let (tx, rx) = mpsc::channel(self.inner.queue);
+                    let (tx, rx) = queue::channel(self.inner.queue);
                     let cut = Arc::new(CutFlag::default());
                     let mut subs = room.subs.lock();
                     let id = subs.next_id;
@@ -482,12 +484,12 @@ impl Room {
             }
             match s.tx.try_send(item.clone()) {
                 Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(queue::TrySendError::Full) => {
                     s.cut.set(Cut::Slow);
                     METRICS.slow_disconnects.inc();
                     false
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(queue::TrySendError::Closed) => false,
             }
         });
     }
@@ -778,7 +780,7 @@ mod tests {
         assert_eq!(seqs_until(&mut a, 40).await, want);
         assert_eq!(seqs_until(&mut b, 40).await, want);
         // Nothing more: the duplicates after 40 were dropped.
-        assert!(a.rx.try_recv().is_err() && b.rx.try_recv().is_err());
+        assert!(a.rx.try_recv().is_none() && b.rx.try_recv().is_none());
     }
 
     #[tokio::test]
@@ -803,7 +805,7 @@ mod tests {
             subs: Mutex::default(),
             closed: CancellationToken::new(),
         };
-        let (sub_tx, mut rx) = mpsc::channel(16);
+        let (sub_tx, mut rx) = queue::channel(16);
         let cut = Arc::new(CutFlag::default());
         room.subs.lock().list.push(Sub {
             id: 0,
@@ -844,7 +846,7 @@ mod tests {
         assert_eq!(receive(&mut a, 3).await, [1, 2, 3]);
         assert_eq!(receive(&mut b, 3).await, [1, 2, 3]);
         tokio::time::sleep(5 * TAIL_CHECK).await;
-        assert!(a.rx.try_recv().is_err() && b.rx.try_recv().is_err());
+        assert!(a.rx.try_recv().is_none() && b.rx.try_recv().is_none());
         assert_eq!(*bus.lost.lock(), [("org-a".into(), 3), ("org-b".into(), 3)]);
         // One query per check for both rooms, none per room (bounds only when a room opens).
         let heads = store.heads_calls.lock().clone();
@@ -864,7 +866,7 @@ mod tests {
         assert_eq!(receive(&mut reg, 3).await, [1, 2, 3]);
 
         tokio::time::sleep(10 * TAIL_CHECK).await;
-        assert!(reg.rx.try_recv().is_err());
+        assert!(reg.rx.try_recv().is_none());
         assert!(store.heads_calls.lock().is_empty());
         // The one head read that opened the room.
         assert_eq!(*store.bounds_calls.lock(), 1);

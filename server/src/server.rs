@@ -158,11 +158,18 @@ pub async fn run(
         tokio::spawn(async move {
             let served = match tls {
                 None => serve_connection(&http, watcher, tcp, app).await,
-                Some(tls) => match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve_connection(&http, watcher, stream, app).await,
-                    Ok(Err(e)) => Err(e.into()),
-                    Err(_) => Err("TLS handshake timed out".into()),
-                },
+                // Boxed: a task is as large as its largest state, and the TLS one (handshake,
+                // session, buffers) would otherwise be paid by every plain connection too.
+                Some(tls) => {
+                    Box::pin(async move {
+                        match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(tcp)).await {
+                            Ok(Ok(stream)) => serve_connection(&http, watcher, stream, app).await,
+                            Ok(Err(e)) => Err(e.into()),
+                            Err(_) => Err("TLS handshake timed out".into()),
+                        }
+                    })
+                    .await
+                }
             };
             if let Err(e) = served {
                 tracing::debug!(error = %e, "connection ended with an error");

@@ -243,7 +243,7 @@ fn subscription(
             let queued = if ctx.shutdown.is_cancelled() || expiry.is_elapsed() {
                 None
             } else {
-                reg.rx.try_recv().ok()
+                reg.rx.try_recv()
             };
             let wake = match queued {
                 Some(item) => Wake::Item(Some(item)),
@@ -392,7 +392,7 @@ async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollR
             break;
         }
         // Drain what queued up; the Store read above picks the events up in order.
-        while reg.rx.try_recv().is_ok() {}
+        while reg.rx.try_recv().is_some() {}
     }
     let cursor = Cursor { epoch, seq: pos }.encode();
     Ok(Response::new(PollResponse {

@@ -35,6 +35,15 @@ impl<T> Buffer<T> {
     }
 }
 
+/// Makes room for one more value in `slab`: one slot at first, then doubling. (`Vec` starts at
+/// four slots, which for h2's streams and frames is a kilobyte or more that a connection with one
+/// open stream never uses.)
+pub(crate) fn reserve_one<T>(slab: &mut Slab<T>) {
+    if slab.len() == slab.capacity() {
+        slab.reserve_exact(slab.capacity().max(1));
+    }
+}
+
 impl Deque {
     pub fn new() -> Self {
         Deque { indices: None }
@@ -45,6 +54,7 @@ impl Deque {
     }
 
     pub fn push_back<T>(&mut self, buf: &mut Buffer<T>, value: T) {
+        reserve_one(&mut buf.slab);
         let key = buf.slab.insert(Slot { value, next: None });
 
         match self.indices {
@@ -62,6 +72,7 @@ impl Deque {
     }
 
     pub fn push_front<T>(&mut self, buf: &mut Buffer<T>, value: T) {
+        reserve_one(&mut buf.slab);
         let key = buf.slab.insert(Slot { value, next: None });
 
         match self.indices {
@@ -82,6 +93,11 @@ impl Deque {
         match self.indices {
             Some(mut idxs) => {
                 let mut slot = buf.slab.remove(idxs.head);
+                if buf.slab.is_empty() {
+                    // No deque holds a key any more: a connection with nothing queued keeps
+                    // no frame slots.
+                    buf.slab = Slab::new();
+                }
 
                 if idxs.head == idxs.tail {
                     assert!(slot.next.is_none());
