@@ -540,28 +540,7 @@ async fn org_and_roles_claims_at_configured_paths() {
 #[tokio::test]
 async fn jwks_url_over_https() {
     let keys = TempDir::new("jwks-https");
-    let (cert, key) = (keys.0.join("idp.pem"), keys.0.join("idp.key"));
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl")
-        .success();
-    assert!(ok, "openssl made no certificate");
+    let (cert, key) = self_signed_cert(&keys.0);
     let (p1, k1) = ed25519_jwk(&keys.0, "k1");
     let provider = Provider::start_tls(&[&k1], &cert, &key).await;
     assert!(provider.url.starts_with("https://"));

@@ -2,8 +2,6 @@
 //! events; a plaintext client gets nowhere.
 mod support;
 
-use std::process::{Command, Stdio};
-
 use orgpulse::proto::{
     CreateJobRequest, OrgFilter, event::Payload, event_service_client::EventServiceClient,
     job_service_client::JobServiceClient,
@@ -14,36 +12,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 #[tokio::test]
 async fn grpc_over_tls() {
     let dir = TempDir::new("tls");
-    let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl")
-        .success();
-    assert!(ok, "openssl made no certificate");
+    let (cert, key) = self_signed_cert(&dir.0);
     std::fs::write(dir.0.join("jwt-secret"), SECRET).unwrap();
     let server = TestServer::spawn(
         [

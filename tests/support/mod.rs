@@ -107,6 +107,34 @@ pub fn skip_unless_postgres() -> bool {
     skip
 }
 
+/// A self-signed certificate for `localhost` and 127.0.0.1 (made by `openssl`) and its key, in
+/// `dir`: `(cert.pem, key.pem)`. Servers use it with `--tls-cert`; clients trust it as a root.
+pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl")
+        .success();
+    assert!(ok, "openssl made no certificate");
+    (cert, key)
+}
+
 /// The `--database` of the data directory `dir`: its SQLite file, or on PostgreSQL its database,
 /// created on first use.
 pub fn database_url(dir: &Path) -> String {
