@@ -13,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::{Stream, future::BoxFuture};
+use futures::{Stream, StreamExt, future::BoxFuture};
 use orgpulse::proto::{
     CaughtUp, Event, Heartbeat, ListOnlineRequest, ListOnlineResponse, OrgFilter, PollRequest,
     PollResponse, Resync, event::Payload,
@@ -191,36 +191,11 @@ fn subscription(
             _ => (store.bounds(&org).await?.head, from.is_some()),
         };
         if from.is_some() && !resync {
-            'replay: loop {
-                loop {
-                    let page = match store.read_after(&org, pos, REPLAY_PAGE).await? {
-                        LogRead::Events(page) => page,
-                        // Trimmed past `pos` (before or during the replay): what was sent is
-                        // seamless; the rest is a resync to the head, then live from there.
-                        LogRead::Unreachable(bounds) => {
-                            pos = bounds.head;
-                            resync = true;
-                            break 'replay;
-                        }
-                    };
-                    let full = page.len() == REPLAY_PAGE;
-                    for ev in page {
-                        pos = ev.seq;
-                        if audience.sees(&ev) {
-                            METRICS.events_delivered.inc();
-                            log.sent += 1;
-                            yield ev.bytes;
-                        }
-                    }
-                    if !full {
-                        break;
-                    }
-                }
-                // Cut off while replaying (live events piled up): join again, replay the rest.
-                if !reg.was_cut() {
-                    break;
-                }
-                reg = ctx.hub.register(&org, audience.clone()).await?;
+            // The replay is a boxed stream of its own, freed when it ends: its pages and
+            // iterators would otherwise be part of every live stream's state.
+            let mut replay = Box::pin(replay(&ctx, &org, &audience, &mut reg, &mut pos, &mut resync, &mut log));
+            while let Some(bytes) = replay.next().await {
+                yield bytes?;
             }
         }
         if resync {
@@ -229,18 +204,19 @@ fn subscription(
         }
         yield control(&org, epoch, pos, Payload::CaughtUp(CaughtUp {}));
         // The wake-up futures live as long as the stream: building them per event (a timer
-        // entry, a cancellation waiter) cost more than the delivery itself. The idle timer is
-        // only moved when it fires, so a send is a clock read, not a timer-wheel update.
+        // entry, a cancellation waiter) cost more than the delivery itself. One timer serves both
+        // the token's expiry and the idle heartbeat (a timer is ~110 bytes of every idle
+        // stream): it is set to the earlier of the two and only moved when it fires, so a send
+        // is a clock read, not a timer-wheel update.
         let shutdown = ctx.shutdown.cancelled();
-        let expiry = tokio::time::sleep_until(expires);
-        let idle = tokio::time::sleep(ctx.heartbeat);
-        tokio::pin!(shutdown, expiry, idle);
+        let timer = tokio::time::sleep_until(expires.min(Instant::now() + ctx.heartbeat));
+        tokio::pin!(shutdown, timer);
         let mut last_sent = Instant::now();
         loop {
-            // An event already queued is taken without a select over all four (polling the timers
-            // and the shutdown signal costs more than the delivery); shutdown and expiry still
-            // come first.
-            let queued = if ctx.shutdown.is_cancelled() || expiry.is_elapsed() {
+            // An event already queued is taken without a select (polling the timer and the
+            // shutdown signal costs more than the delivery); shutdown and a fired timer (expiry
+            // first) still come first.
+            let queued = if ctx.shutdown.is_cancelled() || timer.is_elapsed() {
                 None
             } else {
                 reg.rx.try_recv()
@@ -250,16 +226,19 @@ fn subscription(
                 None => tokio::select! {
                     biased;
                     _ = &mut shutdown => Wake::Shutdown,
-                    _ = &mut expiry => Wake::Expired,
-                    item = reg.rx.recv() => Wake::Item(item),
-                    _ = &mut idle => {
+                    _ = &mut timer => {
+                        let now = Instant::now();
                         let due = last_sent + ctx.heartbeat;
-                        if Instant::now() < due {
-                            idle.as_mut().reset(due);
+                        if now >= expires {
+                            Wake::Expired
+                        } else if now < due {
+                            timer.as_mut().reset(due.min(expires));
                             continue;
+                        } else {
+                            Wake::Heartbeat
                         }
-                        Wake::Heartbeat
                     }
+                    item = reg.rx.recv() => Wake::Item(item),
                 },
             };
             match wake {
@@ -297,9 +276,56 @@ fn subscription(
                 }
             }
             last_sent = Instant::now();
-            if idle.is_elapsed() {
-                idle.as_mut().reset(last_sent + ctx.heartbeat);
+            if timer.is_elapsed() {
+                timer.as_mut().reset((last_sent + ctx.heartbeat).min(expires));
             }
+        }
+    }
+}
+
+/// Replays the log after `pos` to a stream, page by page, advancing `pos`; sets `resync` when
+/// the log no longer reaches back to it. A stream cut off while replaying (live events piled up)
+/// joins its room again and replays the rest.
+fn replay<'a>(
+    ctx: &'a Ctx,
+    org: &'a str,
+    audience: &'a Audience,
+    reg: &'a mut crate::hub::Registration,
+    pos: &'a mut u64,
+    resync: &'a mut bool,
+    log: &'a mut StreamLog,
+) -> impl Stream<Item = Result<Bytes, Status>> + Send + 'a {
+    async_stream::try_stream! {
+        'replay: loop {
+            loop {
+                let page = match ctx.store.read_after(org, *pos, REPLAY_PAGE).await? {
+                    LogRead::Events(page) => page,
+                    // Trimmed past `pos` (before or during the replay): what was sent is
+                    // seamless; the rest is a resync to the head, then live from there.
+                    LogRead::Unreachable(bounds) => {
+                        *pos = bounds.head;
+                        *resync = true;
+                        break 'replay;
+                    }
+                };
+                let full = page.len() == REPLAY_PAGE;
+                for ev in page {
+                    *pos = ev.seq;
+                    if audience.sees(&ev) {
+                        METRICS.events_delivered.inc();
+                        log.sent += 1;
+                        yield ev.bytes;
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
+            // Cut off while replaying (live events piled up): join again, replay the rest.
+            if !reg.was_cut() {
+                break;
+            }
+            *reg = ctx.hub.register(org, audience.clone()).await?;
         }
     }
 }
