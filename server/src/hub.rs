@@ -15,7 +15,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Weak,
-        atomic::{AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -56,6 +56,8 @@ pub enum Cut {
     Slow = 1,
     /// The room could not deliver events the log no longer holds; resuming answers `resync`.
     Behind = 2,
+    /// The server is shutting down ([`Hub::shut_down`]).
+    Shutdown = 3,
 }
 
 /// A subscriber's cut flag: 0 while it is not cut, else a `Cut`.
@@ -71,6 +73,7 @@ impl CutFlag {
         match self.0.load(Ordering::Relaxed) {
             1 => Some(Cut::Slow),
             2 => Some(Cut::Behind),
+            3 => Some(Cut::Shutdown),
             _ => None,
         }
     }
@@ -168,6 +171,8 @@ pub struct Hub {
 
 struct Inner {
     rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
+    /// Set by `shut_down`: every subscriber, present or joining, is cut with `Cut::Shutdown`.
+    shut: AtomicBool,
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
     queue: usize,
@@ -248,6 +253,7 @@ impl Hub {
         let hub = Hub {
             inner: Arc::new(Inner {
                 rooms: Mutex::default(),
+                shut: AtomicBool::new(false),
                 store,
                 bus,
                 queue: queue.max(1),
@@ -292,12 +298,17 @@ impl Hub {
                     let mut subs = room.subs.lock();
                     let id = subs.next_id;
                     subs.next_id += 1;
-                    subs.list.push(Sub {
-                        id,
-                        audience: audience.clone(),
-                        tx,
-                        cut: cut.clone(),
-                    });
+                    if self.inner.shut.load(Ordering::SeqCst) {
+                        // Joining after the shutdown: ended at once (its sender dropped here).
+                        cut.set(Cut::Shutdown);
+                    } else {
+                        subs.list.push(Sub {
+                            id,
+                            audience: audience.clone(),
+                            tx,
+                            cut: cut.clone(),
+                        });
+                    }
                     (rx, cut, id)
                 })
         };
@@ -311,6 +322,17 @@ impl Hub {
             room,
             hub: self.clone(),
         })
+    }
+
+    /// Ends every subscriber's queue, now and for anyone joining later, with `Cut::Shutdown`:
+    /// each stream sends what is already queued, then ends resumably. (One pass at shutdown
+    /// instead of every stream watching a cancellation signal on every wake-up.)
+    pub fn shut_down(&self) {
+        self.inner.shut.store(true, Ordering::SeqCst);
+        let rooms: Vec<Arc<Room>> = self.inner.rooms.lock().values().cloned().collect();
+        for room in rooms {
+            room.cut_all(Cut::Shutdown);
+        }
     }
 
     fn start_room(&self, org: &str, head: u64) -> Arc<Room> {
@@ -448,7 +470,7 @@ async fn repair(room: &Room, store: &dyn Store, mut last: u64, upto: u64) -> u64
             Ok(LogRead::Events(_)) => break,
             Ok(LogRead::Unreachable(bounds)) => {
                 tracing::warn!(org = %room.org, last, floor = bounds.floor, "the log no longer reaches this room's position; its streams must resync");
-                room.cut_all();
+                room.cut_all(Cut::Behind);
                 return last.max(bounds.head);
             }
             Err(e) => {
@@ -461,10 +483,10 @@ async fn repair(room: &Room, store: &dyn Store, mut last: u64, upto: u64) -> u64
 }
 
 impl Room {
-    /// Ends every subscriber's stream resumably: the room fell behind the retained log.
-    fn cut_all(&self) {
+    /// Ends every subscriber's stream resumably, for `why`.
+    fn cut_all(&self, why: Cut) {
         for s in self.subs.lock().list.drain(..) {
-            s.cut.set(Cut::Behind);
+            s.cut.set(why);
         }
     }
 

@@ -178,6 +178,7 @@ pub async fn run(
     }
     tracing::info!("shutting down: ending streams, finishing in-flight calls");
     stop.cancel();
+    ctx.hub.shut_down();
     drop(listener);
     if tokio::time::timeout(DRAIN, graceful.shutdown())
         .await

@@ -167,7 +167,6 @@ enum Wake {
     Item(Option<crate::hub::Item>),
     Heartbeat,
     Expired,
-    Shutdown,
 }
 
 fn subscription(
@@ -204,19 +203,17 @@ fn subscription(
         }
         yield control(&org, epoch, pos, Payload::CaughtUp(CaughtUp {}));
         // The wake-up futures live as long as the stream: building them per event (a timer
-        // entry, a cancellation waiter) cost more than the delivery itself. One timer serves both
-        // the token's expiry and the idle heartbeat (a timer is ~110 bytes of every idle
-        // stream): it is set to the earlier of the two and only moved when it fires, so a send
-        // is a clock read, not a timer-wheel update.
-        let shutdown = ctx.shutdown.cancelled();
+        // entry) cost more than the delivery itself. One timer serves both the token's expiry
+        // and the idle heartbeat (a timer is ~110 bytes of every idle stream): it is set to the
+        // earlier of the two and only moved when it fires, so a send is a clock read, not a
+        // timer-wheel update. Shutdown needs no waiter: the hub ends the queue (Cut::Shutdown).
         let timer = tokio::time::sleep_until(expires.min(Instant::now() + ctx.heartbeat));
-        tokio::pin!(shutdown, timer);
+        tokio::pin!(timer);
         let mut last_sent = Instant::now();
         loop {
-            // An event already queued is taken without a select (polling the timer and the
-            // shutdown signal costs more than the delivery); shutdown and a fired timer (expiry
-            // first) still come first.
-            let queued = if ctx.shutdown.is_cancelled() || timer.is_elapsed() {
+            // An event already queued is taken without a select (polling the timer costs more
+            // than the delivery); a fired timer (expiry first) still comes first.
+            let queued = if timer.is_elapsed() {
                 None
             } else {
                 reg.rx.try_recv()
@@ -225,7 +222,6 @@ fn subscription(
                 Some(item) => Wake::Item(Some(item)),
                 None => tokio::select! {
                     biased;
-                    _ = &mut shutdown => Wake::Shutdown,
                     _ = &mut timer => {
                         let now = Instant::now();
                         let due = last_sent + ctx.heartbeat;
@@ -258,6 +254,10 @@ fn subscription(
                             log.end = "behind the retained log";
                             "this stream fell behind the retained log; resume from your cursor"
                         }
+                        Some(Cut::Shutdown) => {
+                            log.end = "server shutting down";
+                            "server shutting down; reconnect with your cursor"
+                        }
                         _ => {
                             log.end = "too slow";
                             "subscriber too slow; resume from your cursor"
@@ -269,10 +269,6 @@ fn subscription(
                 Wake::Expired => {
                     log.end = "token expired";
                     Err(auth::token_expired())?;
-                }
-                Wake::Shutdown => {
-                    log.end = "server shutting down";
-                    Err(Status::unavailable("server shutting down; reconnect with your cursor"))?;
                 }
             }
             last_sent = Instant::now();
