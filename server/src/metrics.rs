@@ -103,7 +103,8 @@ pub fn process_usage() -> (f64, u64) {
     (cpu, rss)
 }
 
-pub fn render() -> String {
+/// The metrics, with the store's connection pool when it has one.
+pub fn render(pool: Option<crate::store::PoolStats>) -> String {
     let m = &METRICS;
     let (cpu, rss) = process_usage();
     let mut out = String::new();
@@ -185,6 +186,37 @@ pub fn render() -> String {
         "Resident set size.",
         rss.to_string(),
     );
+    if let Some(pool) = pool {
+        for (name, help, value) in [
+            (
+                "max_connections",
+                "Most connections the store's pool opens.",
+                pool.max_size,
+            ),
+            (
+                "connections",
+                "Connections the store's pool holds open.",
+                pool.size,
+            ),
+            (
+                "available",
+                "Open connections idle in the store's pool.",
+                pool.available,
+            ),
+            (
+                "waiting",
+                "Calls waiting for a connection from the store's pool.",
+                pool.waiting,
+            ),
+        ] {
+            metric(
+                &format!("orgpulse_store_pool_{name}"),
+                "gauge",
+                help,
+                value.to_string(),
+            );
+        }
+    }
     if let Some((node, bus)) = m.node.get() {
         let connected = bus.connected();
         metric(

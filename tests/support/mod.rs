@@ -258,14 +258,26 @@ fn set_connections(name: &str, allowed: bool) {
         ))
         .await?;
         if !allowed {
-            c.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-                &[&name],
-            )
-            .await?;
+            terminate(&c, &name).await?;
         }
         Ok(())
     })
+}
+
+/// Ends every connection to the PostgreSQL database of data directory `dir` (the server's pool
+/// and writer) but this one; returns how many.
+pub fn terminate_backends(dir: &Path) -> u64 {
+    let name = database_name(dir);
+    on_admin_connection(move |c| async move { terminate(&c, &name).await })
+}
+
+async fn terminate(c: &tokio_postgres::Client, name: &str) -> Result<u64, tokio_postgres::Error> {
+    c.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+        &[&name],
+    )
+    .await
 }
 
 /// Runs `f` on a connection to the database the test databases are created from.

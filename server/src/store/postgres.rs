@@ -33,8 +33,8 @@ use tokio_postgres::{NoTls, Row, Statement, types::ToSql};
 
 use super::{
     Committed, CommittedEvent, JobPage, JobPatch, LogBounds, LogRead, NewEntityChange, NewJob,
-    NewNotification, NotificationPage, Result, Store, StoreError, apply_patch, encode_event,
-    entity_audience, job_deleted, millis,
+    NewNotification, NotificationPage, PoolStats, Result, Store, StoreError, apply_patch,
+    encode_event, entity_audience, job_deleted, millis,
     model::{self, RequestKind, RetentionSearch, WriterGone, WriterHealth},
     payload_entity_type, remembered_seq, remembered_seq_data,
 };
@@ -1223,5 +1223,15 @@ impl Store for PostgresStore {
 
     fn health(&self) -> std::result::Result<(), String> {
         self.health.state()
+    }
+
+    fn pool_stats(&self) -> Option<PoolStats> {
+        let s = self.pool.status();
+        Some(PoolStats {
+            max_size: s.max_size,
+            size: s.size,
+            available: s.available,
+            waiting: s.waiting,
+        })
     }
 }
