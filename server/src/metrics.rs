@@ -37,6 +37,8 @@ impl Gauge {
 pub struct Metrics {
     pub open_streams: Gauge,
     pub events_committed: Counter,
+    /// Write transactions the store committed (a group commit carries many writes).
+    pub store_commits: Counter,
     pub events_delivered: Counter,
     pub slow_disconnects: Counter,
     pub polls: Counter,
@@ -55,6 +57,7 @@ pub struct Metrics {
 pub static METRICS: Metrics = Metrics {
     open_streams: Gauge(AtomicI64::new(0)),
     events_committed: Counter(AtomicU64::new(0)),
+    store_commits: Counter(AtomicU64::new(0)),
     events_delivered: Counter(AtomicU64::new(0)),
     slow_disconnects: Counter(AtomicU64::new(0)),
     polls: Counter(AtomicU64::new(0)),
@@ -125,6 +128,12 @@ pub fn render(pool: Option<crate::store::PoolStats>) -> String {
         "counter",
         "Durable events committed by this node.",
         m.events_committed.get().to_string(),
+    );
+    metric(
+        "orgpulse_store_commits_total",
+        "counter",
+        "Write transactions the store committed on this node (each carries one or more writes).",
+        m.store_commits.get().to_string(),
     );
     metric(
         "orgpulse_events_delivered_total",

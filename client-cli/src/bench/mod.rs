@@ -531,6 +531,13 @@ fn deliveries(
     let cpu = cpu1.cpu_s - cpu0.cpu_s;
     out["publishMs"] = (published.elapsed.as_millis() as u64).into();
     out["writesPerSec"] = per_sec(published.writes, published.elapsed).into();
+    let commits = cpu1.commits.saturating_sub(cpu0.commits);
+    out["storeCommits"] = commits.into();
+    out["writesPerCommit"] = if commits > 0 {
+        round2(published.writes as f64 / commits as f64).into()
+    } else {
+        Value::Null
+    };
     out["wallMs"] = (wall.as_millis() as u64).into();
     out["deliveriesPerSec"] = per_sec(received, wall).into();
     out["latencyMs"] = tally.latency.lock().unwrap().summary_ms();

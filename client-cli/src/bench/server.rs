@@ -32,6 +32,8 @@ pub struct Usage {
     pub cpu_s: f64,
     pub rss: u64,
     pub open_streams: u64,
+    /// Write transactions its store committed.
+    pub commits: u64,
 }
 
 pub fn fail(msg: impl Into<String>) -> CliError {
@@ -165,6 +167,7 @@ impl Target {
             cpu_s: value("process_cpu_seconds_total")?,
             rss: value("process_resident_memory_bytes")? as u64,
             open_streams: value("orgpulse_open_streams")? as u64,
+            commits: value("orgpulse_store_commits_total")? as u64,
         })
     }
 
@@ -177,6 +180,7 @@ impl Target {
             sum.cpu_s += u.cpu_s;
             sum.rss += u.rss;
             sum.open_streams += u.open_streams;
+            sum.commits += u.commits;
             streams.push(u.open_streams);
         }
         Ok((sum, streams))

@@ -339,7 +339,9 @@ impl Tx {
         // error; a failed COMMIT leaves the outcome unknown.
         self.broken = committed.is_err();
         let r = sent.and(committed);
-        if r.is_err() {
+        if r.is_ok() {
+            crate::metrics::METRICS.store_commits.inc();
+        } else {
             self.log.reset();
             self.failed = true;
         }
