@@ -149,7 +149,7 @@ pub struct BenchArgs {
     /// and --nodes create and finally drop a database of their own.
     #[arg(
         long,
-        alias = "pg-url",
+        visible_alias = "pg-url",
         default_value = "postgres://postgres@127.0.0.1:5432/test"
     )]
     pub pg_admin_url: String,
