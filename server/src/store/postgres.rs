@@ -679,8 +679,9 @@ async fn write_loop(
     gone: WriterGone,
 ) {
     let health = gone.health();
-    // Writes the last transaction carried.
-    let mut last_batch = 1;
+    // Writers in flight when the last transaction ended: the writes it carried (their callers
+    // are about to write again) plus those that queued while it ran.
+    let mut cohort = 1;
     loop {
         let first = match tokio::time::timeout(PROBE_IDLE, rx.recv()).await {
             Ok(Some(w)) => w,
@@ -703,10 +704,9 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        // A COMMIT costs a WAL flush whatever it carries. The callers answered by the last one
-        // are about to write again: wait briefly for as many writes as it carried, or 8 writers
-        // split into two alternating batches of 4 and each flush carries half of what it could.
-        let cohort = last_batch.min(MAX_BATCH);
+        // A COMMIT costs a WAL flush whatever it carries: wait briefly for the whole cohort, or
+        // 8 writers split into two alternating batches of 4 (those answered, those that queued
+        // meanwhile) and each flush carries half of what it could.
         if batch.len() < cohort {
             let until = tokio::time::Instant::now() + LINGER;
             while batch.len() < cohort {
@@ -716,7 +716,7 @@ async fn write_loop(
                 }
             }
         }
-        last_batch = batch.len();
+        let carried = batch.len();
         let client = match pool.get().await {
             Ok(c) => c,
             Err(e) => {
@@ -768,6 +768,7 @@ async fn write_loop(
             // Never hand a connection in an unknown state back to the pool.
             drop(Object::take(tx.client));
         }
+        cohort = (carried + rx.len()).min(MAX_BATCH);
         for (w, r) in results {
             (w.answer)(r);
         }
