@@ -284,6 +284,11 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the store can write now, from its writer's last transaction (cheap, writes
     /// nothing); `Err` says why not.
     fn health(&self) -> std::result::Result<(), String>;
+    /// The PostgreSQL engine, for the outbox when its table lives in the same database (then a
+    /// pass commits with its events); `None` for the others.
+    fn postgres(&self) -> Option<&postgres::PostgresStore> {
+        None
+    }
 }
 
 /// What the `requests` table keeps for an entity change's key: the seq it got.
