@@ -4,7 +4,7 @@
 //! to `<table>_rejected` with their error, NOTIFY wakes the consumer within milliseconds and a
 //! lost connection is reopened by itself. With the store in the outbox's own database a pass and
 //! its events commit in one transaction: no snapshot ever sees a row both in the outbox and in the
-//! log; the SIGKILL and two-node tests run in both modes.
+//! log; the SIGKILL, two-node and NOTIFY tests run in both modes.
 mod support;
 
 use std::{
@@ -444,9 +444,18 @@ async fn invalid_rows_move_to_rejected_with_their_error_and_never_block_the_queu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_the_consumer_and_a_lost_connection_is_reopened() {
+    notify_wakes_the_consumer(StoreIn::OwnDatabase).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_the_consumer_and_a_lost_connection_is_reopened_in_the_store_database() {
+    notify_wakes_the_consumer(StoreIn::OutboxDatabase).await;
+}
+
+async fn notify_wakes_the_consumer(store: StoreIn) {
     let db = Db::create().await;
     // Polling every hour: only a NOTIFY can make a row arrive quickly.
-    let server = outbox_server(&db, &["--outbox-poll", "1h"]).await;
+    let server = outbox_server_in(&db, store, &["--outbox-poll", "1h"]).await;
     let viewer = token("acme", "alice", "viewer");
     let mut sub = Sub::open(&server, &viewer, "acme", "", &[ENTITY])
         .await
@@ -478,7 +487,7 @@ async fn notify_wakes_the_consumer_and_a_lost_connection_is_reopened() {
     let (first, after_reconnect) = (latencies[0], latencies[15]);
     latencies.sort();
     eprintln!(
-        "outbox commit -> event: p50 {:?}, max {:?}; first {first:?}, after a reconnect {after_reconnect:?}",
+        "{store:?}: outbox commit -> event: p50 {:?}, max {:?}; first {first:?}, after a reconnect {after_reconnect:?}",
         latencies[latencies.len() / 2],
         latencies.last().unwrap()
     );

@@ -53,8 +53,6 @@ pub struct OutboxConfig {
 /// The consumer of one outbox table.
 struct Consumer {
     pg: tokio_postgres::Config,
-    /// `host:port/db`, for messages (never the password).
-    name: String,
     table: Arc<Table>,
     poll: Duration,
     store: Arc<dyn Store>,
@@ -64,7 +62,7 @@ struct Consumer {
 
 /// What a pass needs of the table: its statements and how its rows become changes.
 struct Table {
-    /// The consumer's `name`, for messages.
+    /// `host:port/db`, for messages (never the password).
     outbox: String,
     sql: Sql,
     /// Prefix of the rows' idempotency keys: the table's oid, so a table dropped and created
@@ -161,12 +159,11 @@ pub async fn start(
     );
     let consumer = Consumer {
         table: Arc::new(Table {
-            outbox: name.clone(),
+            outbox: name,
             sql,
             key_prefix,
         }),
         pg,
-        name,
         poll: cfg.poll,
         store,
         same_database,
@@ -303,12 +300,12 @@ impl Consumer {
                 Some(s) => s,
                 None => match Session::open(&self.pg, &self.table.sql.table).await {
                     Ok(s) => {
-                        tracing::info!(outbox = self.name, "outbox connection reopened");
+                        tracing::info!(outbox = self.table.outbox, "outbox connection reopened");
                         s
                     }
                     Err(e) => {
                         tracing::warn!(
-                            outbox = self.name,
+                            outbox = self.table.outbox,
                             error = chain(&e),
                             "outbox: cannot connect; retrying"
                         );
@@ -330,7 +327,7 @@ impl Consumer {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(outbox = self.name, error = %e, "outbox pass failed; retrying");
+                    tracing::warn!(outbox = self.table.outbox, error = %e, "outbox pass failed; retrying");
                     if pause(&stop, backoff).await {
                         return;
                     }
