@@ -322,6 +322,9 @@ pub struct ServerOpts {
     pub listen: Option<String>,
     /// Keep the server's stderr (still forwarded to the test's stderr) for `stop_and_read_stderr`.
     pub capture_stderr: bool,
+    /// A PostgreSQL database (URL) the store uses instead of one of its own; recorded in the data
+    /// directory, so restarts keep it.
+    pub database: Option<String>,
 }
 
 impl TestServer {
@@ -345,6 +348,9 @@ impl TestServer {
                 (t.0.clone(), Some(t))
             }
         };
+        if let Some(url) = &opts.database {
+            std::fs::write(dir.join(DATABASE_URL_FILE), url).unwrap();
+        }
         let secret = dir.join("jwt-secret");
         if !secret.exists() {
             std::fs::write(&secret, format!("{SECRET}\n")).unwrap();

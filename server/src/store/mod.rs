@@ -288,6 +288,11 @@ pub trait Store: Send + Sync + 'static {
     fn pool_stats(&self) -> Option<PoolStats> {
         None
     }
+    /// The PostgreSQL engine, for the outbox when its table lives in the same database (then a
+    /// pass commits with its events); `None` for the others.
+    fn postgres(&self) -> Option<&postgres::PostgresStore> {
+        None
+    }
 }
 
 /// A store's connection pool now.

@@ -191,7 +191,11 @@ impl Tx {
     }
 
     /// The rows of `sql`, sent right after the queued writes (one round trip for all).
-    async fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+    pub(crate) async fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
         let writes = self.take_pending().await?;
         let st = self.client.prepare_cached(sql).await;
         let st = self.outcome(st)?;
@@ -208,7 +212,11 @@ impl Tx {
     }
 
     /// A write whose count of changed rows the write needs now, sent right after the queued ones.
-    async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+    pub(crate) async fn execute(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64> {
         let writes = self.take_pending().await?;
         let st = self.client.prepare_cached(sql).await;
         let st = self.outcome(st)?;
@@ -300,6 +308,41 @@ impl Tx {
             )
             .await?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// The entity changes of [`Store::append_entity_changes`], in this transaction: each change's
+    /// seq. Its events are published when the transaction commits, with the others'.
+    pub(crate) async fn append_entity_changes(
+        &mut self,
+        changes: Vec<NewEntityChange>,
+    ) -> Result<Vec<u64>> {
+        let mut seqs = Vec::with_capacity(changes.len());
+        for c in changes {
+            if let Some(d) = self
+                .claim_request(&c.org, c.request_kind, &c.request_id)
+                .await?
+            {
+                seqs.push(remembered_seq(&d)?);
+                continue;
+            }
+            let audience = entity_audience(&c.change).map(str::to_string);
+            let seq = self
+                .append(
+                    &c.org,
+                    &c.actor,
+                    audience.as_deref(),
+                    Payload::EntityChanged(c.change),
+                )
+                .await?;
+            self.remember(
+                &c.org,
+                c.request_kind,
+                &c.request_id,
+                &remembered_seq_data(seq),
+            );
+            seqs.push(seq);
+        }
+        Ok(seqs)
     }
 
     /// Stores the object a claimed `request_id` answers with from now on.
@@ -611,8 +654,9 @@ impl PostgresStore {
     }
 
     /// Runs `f` as one write of the next group commit (possibly more than once, each time in a
-    /// fresh transaction: `f` must not consume what it captured).
-    async fn write<R, F>(&self, f: F) -> Result<R>
+    /// fresh transaction: `f` must not consume what it captured). The outbox runs its passes here
+    /// when its table is in this database, so a pass and its events commit together.
+    pub(crate) async fn write<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
         F: for<'a> Fn(&'a mut Tx) -> BoxFuture<'a, Result<R>> + Send + 'static,
@@ -641,7 +685,7 @@ impl PostgresStore {
     }
 
     /// A pooled connection for reads.
-    async fn conn(&self) -> Result<Object> {
+    pub(crate) async fn conn(&self) -> Result<Object> {
         self.pool.get().await.map_err(pool_error)
     }
 
@@ -1019,39 +1063,8 @@ impl Store for PostgresStore {
     }
 
     async fn append_entity_changes(&self, changes: Vec<NewEntityChange>) -> Result<Vec<u64>> {
-        self.write(move |tx| {
-            let changes = changes.clone();
-            Box::pin(async move {
-                let mut seqs = Vec::with_capacity(changes.len());
-                for c in changes {
-                    if let Some(d) = tx
-                        .claim_request(&c.org, c.request_kind, &c.request_id)
-                        .await?
-                    {
-                        seqs.push(remembered_seq(&d)?);
-                        continue;
-                    }
-                    let audience = entity_audience(&c.change).map(str::to_string);
-                    let seq = tx
-                        .append(
-                            &c.org,
-                            &c.actor,
-                            audience.as_deref(),
-                            Payload::EntityChanged(c.change),
-                        )
-                        .await?;
-                    tx.remember(
-                        &c.org,
-                        c.request_kind,
-                        &c.request_id,
-                        &remembered_seq_data(seq),
-                    );
-                    seqs.push(seq);
-                }
-                Ok(seqs)
-            })
-        })
-        .await
+        self.write(move |tx| Box::pin(tx.append_entity_changes(changes.clone())))
+            .await
     }
 
     async fn list_notifications(
@@ -1236,5 +1249,9 @@ impl Store for PostgresStore {
             available: s.available,
             waiting: s.waiting,
         })
+    }
+
+    fn postgres(&self) -> Option<&PostgresStore> {
+        Some(self)
     }
 }
