@@ -1,8 +1,10 @@
 //! Smoke run of `orgpulse bench` at tiny sizes, so the benchmark cannot rot: the real CLI starts
 //! the real server (and, in the second case, targets one started by the test harness) and must
 //! print one JSON line with every delivery (or, for `orgs`, every idle stream) accounted for; the
-//! `outbox` run commits rows in a PostgreSQL database of its own on 127.0.0.1:5432 and drops it.
+//! `outbox` run commits rows in a PostgreSQL database of its own on 127.0.0.1:5432 and drops it;
+//! the `--nodes 2` run starts a cluster on such a database and the machine's NATS.
 //! The full runs are in BENCHMARKS.md.
+mod cluster_support;
 mod support;
 
 use std::{process::Stdio, time::Duration};
@@ -34,6 +36,24 @@ async fn bench(args: &[&str]) -> Value {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 1, "one JSON line expected: {stdout}");
     serde_json::from_str(lines[0]).expect("valid JSON")
+}
+
+/// The bench database named in `v[field]` is gone.
+async fn assert_dropped(v: &Value, field: &str) {
+    let name = v[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {field} in {v}"));
+    assert!(name.starts_with("orgpulse_bench_"), "{name}");
+    let left: i64 = pg::connect("postgres://postgres@127.0.0.1:5432/test")
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the bench dropped its database {name}");
 }
 
 fn number(v: &Value, field: &str) -> f64 {
@@ -157,16 +177,46 @@ async fn outbox_run_delivers_every_committed_row_through_notify() {
         let ms = v["latencyMs"][q].as_f64().expect("latency quantile");
         assert!((0.0..5_000.0).contains(&ms), "{q} = {ms} ms");
     }
-    let name = v["outboxDatabase"].as_str().expect("outboxDatabase");
-    assert!(name.starts_with("orgpulse_bench_"), "{name}");
-    let left: i64 = pg::connect("postgres://postgres@127.0.0.1:5432/test")
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_database WHERE datname = $1",
-            &[&name],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 0, "the bench dropped its database {name}");
+    assert_dropped(&v, "outboxDatabase").await;
+}
+
+#[tokio::test]
+async fn two_node_run_delivers_across_nodes() {
+    if !cluster_support::services_or_skip(false) {
+        return;
+    }
+    let server = workspace_bin("orgpulse-server");
+    let v = bench(&[
+        "--scenario",
+        "e",
+        "--nodes",
+        "2",
+        "--subscribers",
+        "6",
+        "--events",
+        "40",
+        "--rate",
+        "200",
+        "--server-bin",
+        server.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["nodes"], 2);
+    assert_eq!(v["writers"], 2, "a writer on each node: {v}");
+    assert_eq!(v["connected"], 6);
+    assert_eq!(v["streamsPerNode"], serde_json::json!([3, 3]), "{v}");
+    assert_eq!(v["deliveriesExpected"], 240);
+    assert_eq!(v["deliveriesReceived"], 240);
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["outOfOrder"], 0);
+    // Each subscriber gets half of the events from the other node's writer.
+    assert_eq!(v["crossNodeDeliveries"], 120, "{v}");
+    for q in ["p50", "p99", "max"] {
+        let ms = v["crossNodeLatencyMs"][q]
+            .as_f64()
+            .expect("cross-node quantile");
+        assert!((0.0..5_000.0).contains(&ms), "{q} = {ms} ms");
+    }
+    assert_dropped(&v, "storeDatabase").await;
 }

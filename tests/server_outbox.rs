@@ -2,7 +2,9 @@
 //! its own: every committed row becomes exactly one event (across SIGKILLs, with concurrent
 //! product transactions, some rolled back), two nodes never deliver a row twice, invalid rows move
 //! to `<table>_rejected` with their error, NOTIFY wakes the consumer within milliseconds and a
-//! lost connection is reopened by itself.
+//! lost connection is reopened by itself. With the store in the outbox's own database a pass and
+//! its events commit in one transaction: no snapshot ever sees a row both in the outbox and in the
+//! log; the SIGKILL, two-node and NOTIFY tests run in both modes.
 mod support;
 
 use std::{
@@ -27,11 +29,40 @@ async fn pending(client: &Client) -> i64 {
         .get(0)
 }
 
+/// Where the server's store is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum StoreIn {
+    /// A store of its own (SQLite, or with `ORGPULSE_TEST_STORE=postgres` a PostgreSQL database
+    /// of its own): the events commit before the pass.
+    OwnDatabase,
+    /// `--database` is the outbox's database: a pass and its events are one transaction.
+    OutboxDatabase,
+}
+
 async fn outbox_server(db: &Db, extra: &[&str]) -> TestServer {
+    outbox_server_in(db, StoreIn::OwnDatabase, extra).await
+}
+
+async fn outbox_server_in(db: &Db, store: StoreIn, extra: &[&str]) -> TestServer {
     let url = db.url();
-    let mut args = vec!["--outbox", url.as_str()];
-    args.extend_from_slice(extra);
-    TestServer::start_args(&args).await
+    let mut extra_args = vec!["--outbox".to_string(), url.clone()];
+    extra_args.extend(extra.iter().map(|s| s.to_string()));
+    TestServer::start_with(ServerOpts {
+        extra_args,
+        // Spelled another way: the server compares the databases, not the URLs.
+        database: (store == StoreIn::OutboxDatabase)
+            .then(|| url.replace("@127.0.0.1:", "@localhost:")),
+        ..Default::default()
+    })
+    .await
+}
+
+/// The nodes whose logs are distinct: one log for all when they share the outbox's database.
+fn distinct_logs<'a>(store: StoreIn, nodes: &[&'a TestServer]) -> Vec<&'a TestServer> {
+    match store {
+        StoreIn::OwnDatabase => nodes.to_vec(),
+        StoreIn::OutboxDatabase => nodes[..1].to_vec(),
+    }
 }
 
 /// Waits (bounded by WAIT) until `done` holds, checking every 20 ms: for conditions outside
@@ -64,11 +95,10 @@ async fn insert(client: &mut Client, ids: &[String], rollback: bool) {
     }
 }
 
-/// Every durable event of `org` on `server`, replayed from the start of the log by Poll.
-async fn replay(server: &TestServer, org: &str) -> Vec<Event> {
-    let service = token("", "tester", "service");
+/// A cursor at the start of `org`'s log on `server`.
+async fn log_start(server: &TestServer, org: &str) -> String {
     let head = server
-        .jobs(&service)
+        .jobs(&token("", "tester", "service"))
         .await
         .list_jobs(orgpulse::proto::ListJobsRequest {
             org_id: org.into(),
@@ -78,7 +108,13 @@ async fn replay(server: &TestServer, org: &str) -> Vec<Event> {
         .unwrap()
         .into_inner()
         .cursor;
-    let mut cursor = cursor_at(&head, 0);
+    cursor_at(&head, 0)
+}
+
+/// Every durable event of `org` on `server`, replayed from the start of the log by Poll.
+async fn replay(server: &TestServer, org: &str) -> Vec<Event> {
+    let service = token("", "tester", "service");
+    let mut cursor = log_start(server, org).await;
     let mut events = Vec::new();
     loop {
         let page = server
@@ -123,8 +159,17 @@ async fn delivered(server: &TestServer) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_committed_row_becomes_exactly_one_event_across_sigkills() {
+    exactly_once_across_sigkills(StoreIn::OwnDatabase).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_committed_row_becomes_exactly_one_event_across_sigkills_in_the_store_database() {
+    exactly_once_across_sigkills(StoreIn::OutboxDatabase).await;
+}
+
+async fn exactly_once_across_sigkills(store: StoreIn) {
     let db = Db::create().await;
-    let mut server = outbox_server(&db, &["--outbox-poll", "100ms"]).await;
+    let mut server = outbox_server_in(&db, store, &["--outbox-poll", "100ms"]).await;
     let (progress, mut committed_so_far) = tokio::sync::watch::channel(0usize);
     let progress = Arc::new(progress);
     let mut producers = Vec::new();
@@ -190,9 +235,19 @@ async fn every_committed_row_becomes_exactly_one_event_across_sigkills() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_outbox_never_deliver_a_row_twice() {
+    two_nodes_never_deliver_a_row_twice(StoreIn::OwnDatabase).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_outbox_never_deliver_a_row_twice_in_the_store_database() {
+    two_nodes_never_deliver_a_row_twice(StoreIn::OutboxDatabase).await;
+}
+
+async fn two_nodes_never_deliver_a_row_twice(store: StoreIn) {
     let db = Db::create().await;
-    let a = outbox_server(&db, &["--outbox-poll", "50ms"]).await;
-    let b = outbox_server(&db, &["--outbox-poll", "50ms"]).await;
+    let a = outbox_server_in(&db, store, &["--outbox-poll", "50ms"]).await;
+    let b = outbox_server_in(&db, store, &["--outbox-poll", "50ms"]).await;
+    let logs = distinct_logs(store, &[&a, &b]);
     let mut all = BTreeSet::new();
     let mut client = db.client().await;
     for t in 0..60 {
@@ -202,15 +257,74 @@ async fn two_nodes_on_one_outbox_never_deliver_a_row_twice() {
     }
     wait_until("both nodes together delivered every row", || async {
         pending(&client).await == 0
-            && log_of(&a.dir, "acme").len() + log_of(&b.dir, "acme").len() >= all.len()
+            && logs
+                .iter()
+                .map(|n| log_of(&n.dir, "acme").len())
+                .sum::<usize>()
+                >= all.len()
     })
     .await;
-    let (on_a, on_b) = (delivered(&a).await, delivered(&b).await);
-    eprintln!("node a delivered {}, node b {}", on_a.len(), on_b.len());
-    let mut union: Vec<String> = on_a.iter().chain(&on_b).cloned().collect();
+    let mut union = Vec::new();
+    for node in &logs {
+        let ids = delivered(node).await;
+        eprintln!("{store:?}: a log holds {}", ids.len());
+        union.extend(ids);
+    }
     union.sort();
     let distinct: Vec<String> = all.into_iter().collect();
     assert_eq!(union, distinct, "every row once, on one node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_store_database_no_snapshot_sees_a_row_both_pending_and_delivered() {
+    const N: usize = 2000;
+    let db = Db::create().await;
+    // A first start creates the outbox table and the store's schema; the rows wait for the next.
+    let mut server = outbox_server_in(&db, StoreIn::OutboxDatabase, &[]).await;
+    server.terminate().await;
+    let mut client = db.client().await;
+    let ids: Vec<String> = (0..N).map(|k| format!("a{k:04}")).collect();
+    for chunk in ids.chunks(50) {
+        insert(&mut client, chunk, false).await;
+    }
+    server.restart().await;
+    // One statement, so one snapshot: a row is either still pending or its event is in the log.
+    let (mut samples, mut midway) = (0, 0);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM orgpulse_outbox),
+                        (SELECT count(*) FROM events WHERE org_id = 'acme' AND kind = $1)",
+                &[&ENTITY],
+            )
+            .await
+            .unwrap();
+        let (pending, logged): (i64, i64) = (row.get(0), row.get(1));
+        samples += 1;
+        assert_eq!(
+            pending + logged,
+            N as i64,
+            "sample {samples}: {pending} rows pending and {logged} events"
+        );
+        if pending == 0 {
+            break;
+        }
+        midway += usize::from(logged > 0);
+        assert!(Instant::now() < deadline, "the outbox did not drain");
+    }
+    eprintln!("{samples} snapshots, {midway} of them mid-drain, all adding up to {N}");
+    assert!(midway > 0, "no snapshot caught the drain midway");
+    let viewer = token("acme", "alice", "viewer");
+    let from = log_start(&server, "acme").await;
+    let mut sub = Sub::open(&server, &viewer, "acme", &from, &[ENTITY])
+        .await
+        .unwrap();
+    let events = sub.durable(N).await;
+    let log = log_of(&server.dir, "acme");
+    assert_exactly_once(&events, &log, 1..=N as u64, "alice", &[ENTITY]);
+    let got: Vec<String> = events.iter().map(entity_id).collect();
+    assert_eq!(got, ids, "every row once, in the outbox's order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,9 +444,18 @@ async fn invalid_rows_move_to_rejected_with_their_error_and_never_block_the_queu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_the_consumer_and_a_lost_connection_is_reopened() {
+    notify_wakes_the_consumer(StoreIn::OwnDatabase).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_the_consumer_and_a_lost_connection_is_reopened_in_the_store_database() {
+    notify_wakes_the_consumer(StoreIn::OutboxDatabase).await;
+}
+
+async fn notify_wakes_the_consumer(store: StoreIn) {
     let db = Db::create().await;
     // Polling every hour: only a NOTIFY can make a row arrive quickly.
-    let server = outbox_server(&db, &["--outbox-poll", "1h"]).await;
+    let server = outbox_server_in(&db, store, &["--outbox-poll", "1h"]).await;
     let viewer = token("acme", "alice", "viewer");
     let mut sub = Sub::open(&server, &viewer, "acme", "", &[ENTITY])
         .await
@@ -361,10 +484,10 @@ async fn notify_wakes_the_consumer_and_a_lost_connection_is_reopened() {
         latencies.push(t0.elapsed());
         assert_eq!(entity_id(&ev), format!("n{i}"));
     }
-    let after_reconnect = latencies[15];
+    let (first, after_reconnect) = (latencies[0], latencies[15]);
     latencies.sort();
     eprintln!(
-        "outbox commit -> event: p50 {:?}, max {:?}; after a reconnect {after_reconnect:?}",
+        "{store:?}: outbox commit -> event: p50 {:?}, max {:?}; first {first:?}, after a reconnect {after_reconnect:?}",
         latencies[latencies.len() / 2],
         latencies.last().unwrap()
     );

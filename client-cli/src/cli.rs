@@ -137,6 +137,8 @@ Examples:
   orgpulse bench --scenario a                     # start a pinned server, 1,000 subs x 1,000 events
   orgpulse bench --scenario e --server-cpus '' --client-cpus ''
   orgpulse bench --scenario b --server http://127.0.0.1:8080 --secret-file ./jwt-secret
+  orgpulse bench --scenario ingest --subscribers 0 --postgres   # on a PostgreSQL database of its own
+  orgpulse bench --scenario e --nodes 2           # two nodes on PostgreSQL + NATS: cross-node latency
 
 Scenarios and the comparison with socket.io: BENCHMARKS.md. Exit code 1 on any loss.")]
     Bench(crate::bench::BenchArgs),

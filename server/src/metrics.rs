@@ -37,6 +37,8 @@ impl Gauge {
 pub struct Metrics {
     pub open_streams: Gauge,
     pub events_committed: Counter,
+    /// Write transactions the store committed (a group commit carries many writes).
+    pub store_commits: Counter,
     pub events_delivered: Counter,
     pub slow_disconnects: Counter,
     pub polls: Counter,
@@ -55,6 +57,7 @@ pub struct Metrics {
 pub static METRICS: Metrics = Metrics {
     open_streams: Gauge(AtomicI64::new(0)),
     events_committed: Counter(AtomicU64::new(0)),
+    store_commits: Counter(AtomicU64::new(0)),
     events_delivered: Counter(AtomicU64::new(0)),
     slow_disconnects: Counter(AtomicU64::new(0)),
     polls: Counter(AtomicU64::new(0)),
@@ -103,7 +106,8 @@ pub fn process_usage() -> (f64, u64) {
     (cpu, rss)
 }
 
-pub fn render() -> String {
+/// The metrics, with the store's connection pool when it has one.
+pub fn render(pool: Option<crate::store::PoolStats>) -> String {
     let m = &METRICS;
     let (cpu, rss) = process_usage();
     let mut out = String::new();
@@ -124,6 +128,12 @@ pub fn render() -> String {
         "counter",
         "Durable events committed by this node.",
         m.events_committed.get().to_string(),
+    );
+    metric(
+        "orgpulse_store_commits_total",
+        "counter",
+        "Write transactions the store committed on this node (each carries one or more writes).",
+        m.store_commits.get().to_string(),
     );
     metric(
         "orgpulse_events_delivered_total",
@@ -185,6 +195,37 @@ pub fn render() -> String {
         "Resident set size.",
         rss.to_string(),
     );
+    if let Some(pool) = pool {
+        for (name, help, value) in [
+            (
+                "max_connections",
+                "Most connections the store's pool opens.",
+                pool.max_size,
+            ),
+            (
+                "connections",
+                "Connections the store's pool holds open.",
+                pool.size,
+            ),
+            (
+                "available",
+                "Open connections idle in the store's pool.",
+                pool.available,
+            ),
+            (
+                "waiting",
+                "Calls waiting for a connection from the store's pool.",
+                pool.waiting,
+            ),
+        ] {
+            metric(
+                &format!("orgpulse_store_pool_{name}"),
+                "gauge",
+                help,
+                value.to_string(),
+            );
+        }
+    }
     if let Some((node, bus)) = m.node.get() {
         let connected = bus.connected();
         metric(

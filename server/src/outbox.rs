@@ -2,25 +2,37 @@
 //! in the same transaction as its own change, and orgpulse turns every committed row into exactly
 //! one `entity_changed` event, then deletes the row.
 //!
-//! Creates the table, `<table>_rejected` and an `AFTER INSERT` NOTIFY trigger when missing. Each
-//! pass is one PostgreSQL transaction: it takes the table's advisory lock (so the rows of an org
-//! become events in id order even with several nodes), reads up to [`BATCH`] committed rows in id
-//! order `FOR UPDATE SKIP LOCKED`, appends the valid ones to the Store with the row's key as
-//! idempotency key (a pass that dies between the append and the COMMIT is redone without a second
-//! event), moves the invalid ones to `<table>_rejected` with the reason, deletes them all and
-//! commits. Passes run on every NOTIFY and at least every `--outbox-poll`; a lost connection is
-//! reopened with backoff.
+//! Creates the table, `<table>_rejected` and an `AFTER INSERT` NOTIFY trigger when missing. A pass
+//! takes the table's advisory lock (so the rows of an org become events in id order even with
+//! several nodes), reads up to [`BATCH`] committed rows in id order `FOR UPDATE SKIP LOCKED`,
+//! appends the valid ones to the Store with the row's key as idempotency key, moves the invalid
+//! ones to `<table>_rejected` with the reason, deletes them all and commits. Where that runs is
+//! chosen at start, by comparing the server (`system_identifier`) and database (oid) of both
+//! connections:
+//!
+//! - same database (`--database` is the PostgreSQL database of `--outbox`): the whole pass is one
+//!   write of the store's writer, so one transaction holds the reads, the events, the rejected
+//!   rows and the deletes; the writer publishes the events after its COMMIT. A crash leaves all of
+//!   it or none. The idempotency key is kept (one statement per row): the appends are the store's
+//!   own, unchanged.
+//! - otherwise (another database, or SQLite): the pass is a transaction on the outbox connection
+//!   and the append commits first in the store; a pass that dies between the two is redone, and
+//!   the row keys make the redo add no second event.
+//!
+//! Passes run on every NOTIFY and at least every `--outbox-poll`; a lost connection is reopened
+//! with backoff.
 use std::{sync::Arc, time::Duration};
 
+use async_trait::async_trait;
 use futures::StreamExt;
 use orgpulse::proto::EntityChanged;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Row, types::ToSql};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::METRICS,
-    store::{NewEntityChange, Store, model::RequestKind},
+    store::{self, NewEntityChange, Store, StoreError, model::RequestKind, postgres},
     validate,
 };
 
@@ -41,14 +53,36 @@ pub struct OutboxConfig {
 /// The consumer of one outbox table.
 struct Consumer {
     pg: tokio_postgres::Config,
+    table: Arc<Table>,
+    poll: Duration,
+    store: Arc<dyn Store>,
+    /// Whether the table is in the store's database: then a pass is one of the store's writes.
+    same_database: bool,
+}
+
+/// What a pass needs of the table: its statements and how its rows become changes.
+struct Table {
     /// `host:port/db`, for messages (never the password).
-    name: String,
+    outbox: String,
     sql: Sql,
     /// Prefix of the rows' idempotency keys: the table's oid, so a table dropped and created
     /// again (ids restarting at 1) never matches the keys of the old one.
     key_prefix: String,
-    poll: Duration,
-    store: Arc<dyn Store>,
+}
+
+/// The transaction a pass runs in: its own on the outbox connection, or the store writer's.
+#[async_trait]
+trait PassTx: Send {
+    async fn rows(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> store::Result<Vec<Row>>;
+    async fn exec(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> store::Result<u64>;
+    /// Appends the events of `changes`; they are published once they are committed.
+    async fn append(&mut self, changes: Vec<NewEntityChange>) -> store::Result<()>;
+}
+
+/// A transaction on the outbox connection; the Store commits the appends on its own.
+struct OwnTx<'a> {
+    client: &'a Client,
+    store: &'a dyn Store,
 }
 
 /// The statements of one table.
@@ -105,17 +139,48 @@ pub async fn start(
             )
         })?;
     }
-    tracing::info!(outbox = name, table = sql.table, "consuming the outbox");
+    let same_database = match store.postgres() {
+        Some(db) => same_database(&session.client, db).await.unwrap_or_else(|e| {
+            tracing::warn!(outbox = name, error = %e, "outbox: cannot tell whether it is the store's database; assuming not");
+            false
+        }),
+        None => false,
+    };
+    let mode = if same_database {
+        "the store's database: each pass commits with its events in one transaction"
+    } else {
+        "not the store's database: events commit first, keyed by row, then the pass"
+    };
+    tracing::info!(
+        outbox = name,
+        table = sql.table,
+        mode,
+        "consuming the outbox"
+    );
     let consumer = Consumer {
+        table: Arc::new(Table {
+            outbox: name,
+            sql,
+            key_prefix,
+        }),
         pg,
-        name,
-        sql,
-        key_prefix,
         poll: cfg.poll,
         store,
+        same_database,
     };
     tokio::spawn(consumer.run(session, stop));
     Ok(())
+}
+
+/// Whether `outbox` is connected to the store's database: the same server (its
+/// `system_identifier`, whatever address or spelling reached it) and the same database (its oid).
+async fn same_database(outbox: &Client, store: &postgres::PostgresStore) -> anyhow::Result<bool> {
+    const WHICH: &str = "SELECT system_identifier::text || '/' || d.oid::text
+         FROM pg_control_system(), pg_database d WHERE d.datname = current_database()";
+    let store_client = store.conn().await?;
+    let theirs: String = store_client.query_one(WHICH, &[]).await.map_err(pg)?.get(0);
+    let ours: String = outbox.query_one(WHICH, &[]).await.map_err(pg)?.get(0);
+    Ok(ours == theirs)
 }
 
 /// A plain lower-case identifier short enough for its `_rejected` and `_notify` companions.
@@ -233,14 +298,14 @@ impl Consumer {
         loop {
             let current = match session.take() {
                 Some(s) => s,
-                None => match Session::open(&self.pg, &self.sql.table).await {
+                None => match Session::open(&self.pg, &self.table.sql.table).await {
                     Ok(s) => {
-                        tracing::info!(outbox = self.name, "outbox connection reopened");
+                        tracing::info!(outbox = self.table.outbox, "outbox connection reopened");
                         s
                     }
                     Err(e) => {
                         tracing::warn!(
-                            outbox = self.name,
+                            outbox = self.table.outbox,
                             error = chain(&e),
                             "outbox: cannot connect; retrying"
                         );
@@ -262,7 +327,7 @@ impl Consumer {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(outbox = self.name, error = %e, "outbox pass failed; retrying");
+                    tracing::warn!(outbox = self.table.outbox, error = %e, "outbox pass failed; retrying");
                     if pause(&stop, backoff).await {
                         return;
                     }
@@ -284,30 +349,53 @@ impl Consumer {
     /// One transaction: up to BATCH rows become events (or rejected rows) and are deleted.
     /// Returns the rows taken.
     async fn pass(&self, client: &Client) -> anyhow::Result<usize> {
-        client.batch_execute("BEGIN").await.map_err(pg)?;
-        let taken = self.pass_in_transaction(client).await;
-        let end = if taken.is_ok() { "COMMIT" } else { "ROLLBACK" };
-        let ended = client.batch_execute(end).await.map_err(pg);
-        let (taken, rejected) = taken?;
-        ended?;
+        let (taken, rejected) = match self.store.postgres().filter(|_| self.same_database) {
+            Some(db) => {
+                let table = self.table.clone();
+                db.write(move |tx| {
+                    let table = table.clone();
+                    Box::pin(async move { table.take(tx).await })
+                })
+                .await?
+            }
+            None => self.pass_on(client).await?,
+        };
         METRICS.outbox_rows.add(taken as u64);
         METRICS.outbox_rejected.add(rejected);
         Ok(taken)
     }
 
-    /// Returns the rows taken and how many of them were rejected.
-    async fn pass_in_transaction(&self, client: &Client) -> anyhow::Result<(usize, u64)> {
-        let locked: bool = client
-            .query_one(&self.sql.lock, &[])
-            .await
-            .map_err(pg)?
-            .get(0);
+    /// A pass in a transaction of its own on the outbox connection.
+    async fn pass_on(&self, client: &Client) -> anyhow::Result<(usize, u64)> {
+        client.batch_execute("BEGIN").await.map_err(pg)?;
+        let mut tx = OwnTx {
+            client,
+            store: &*self.store,
+        };
+        let taken = self.table.take(&mut tx).await;
+        let end = if taken.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        let ended = client.batch_execute(end).await.map_err(pg);
+        let taken = taken?;
+        ended?;
+        Ok(taken)
+    }
+}
+
+impl Table {
+    /// Up to BATCH rows become events (or rejected rows) and are deleted in `tx`. Returns the rows
+    /// taken and how many of them were rejected.
+    async fn take(&self, tx: &mut impl PassTx) -> store::Result<(usize, u64)> {
+        let locked: bool = tx
+            .rows(&self.sql.lock, &[])
+            .await?
+            .first()
+            .is_some_and(|r| r.get(0));
         if !locked {
             // Another node is on it; its COMMIT will not notify, so the poll picks up what it
             // leaves.
             return Ok((0, 0));
         }
-        let rows = client.query(&self.sql.select, &[]).await.map_err(pg)?;
+        let rows = tx.rows(&self.sql.select, &[]).await?;
         let mut rejected = 0;
         let mut ids = Vec::with_capacity(rows.len());
         let mut changes = Vec::with_capacity(rows.len());
@@ -317,23 +405,17 @@ impl Consumer {
             match self.change_of(id, row) {
                 Ok(change) => changes.push(change),
                 Err(why) => {
-                    tracing::warn!(outbox = self.name, id, error = why, "outbox row rejected");
-                    client
-                        .execute(&self.sql.reject, &[&id, &why])
-                        .await
-                        .map_err(pg)?;
+                    tracing::warn!(outbox = self.outbox, id, error = why, "outbox row rejected");
+                    tx.exec(&self.sql.reject, &[&id, &why]).await?;
                     rejected += 1;
                 }
             }
         }
         if !changes.is_empty() {
-            self.store.append_entity_changes(changes).await?;
+            tx.append(changes).await?;
         }
         if !ids.is_empty() {
-            client
-                .execute(&self.sql.delete, &[&ids])
-                .await
-                .map_err(pg)?;
+            tx.exec(&self.sql.delete, &[&ids]).await?;
         }
         Ok((rows.len(), rejected))
     }
@@ -377,6 +459,36 @@ impl Consumer {
     }
 }
 
+#[async_trait]
+impl PassTx for OwnTx<'_> {
+    async fn rows(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> store::Result<Vec<Row>> {
+        self.client.query(sql, params).await.map_err(internal)
+    }
+
+    async fn exec(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> store::Result<u64> {
+        self.client.execute(sql, params).await.map_err(internal)
+    }
+
+    async fn append(&mut self, changes: Vec<NewEntityChange>) -> store::Result<()> {
+        self.store.append_entity_changes(changes).await.map(drop)
+    }
+}
+
+#[async_trait]
+impl PassTx for postgres::Tx {
+    async fn rows(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> store::Result<Vec<Row>> {
+        self.query(sql, params).await
+    }
+
+    async fn exec(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> store::Result<u64> {
+        self.execute(sql, params).await
+    }
+
+    async fn append(&mut self, changes: Vec<NewEntityChange>) -> store::Result<()> {
+        self.append_entity_changes(changes).await.map(drop)
+    }
+}
+
 /// Waits `delay` unless `stop` comes first (then true).
 async fn pause(stop: &CancellationToken, delay: Duration) -> bool {
     tokio::select! {
@@ -387,6 +499,10 @@ async fn pause(stop: &CancellationToken, delay: Duration) -> bool {
 
 fn pg(e: tokio_postgres::Error) -> anyhow::Error {
     anyhow::anyhow!("{}", chain(&e))
+}
+
+fn internal(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Internal(chain(&e))
 }
 
 /// An error with its causes (tokio-postgres keeps "connection refused" and the server's message

@@ -84,7 +84,7 @@ pub async fn router(ctx: Arc<Ctx>, cors_origins: &[String]) -> anyhow::Result<Ro
             get(|| asset("text/css; charset=utf-8", APP_CSS)),
         )
         .route("/healthz", get(healthz).with_state(ctx.clone()))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics).with_state(ctx.clone()))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") });
     Ok(match cors(cors_origins)? {
         Some(layer) => app.layer(layer),
@@ -140,13 +140,13 @@ async fn follow_store_health(ctx: Arc<Ctx>, health: tonic_health::server::Health
     }
 }
 
-async fn metrics() -> impl IntoResponse {
+async fn metrics(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render(),
+        crate::metrics::render(ctx.store.pool_stats()),
     )
 }
 

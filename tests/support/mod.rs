@@ -286,14 +286,26 @@ fn set_connections(name: &str, allowed: bool) {
         ))
         .await?;
         if !allowed {
-            c.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-                &[&name],
-            )
-            .await?;
+            terminate(&c, &name).await?;
         }
         Ok(())
     })
+}
+
+/// Ends every connection to the PostgreSQL database of data directory `dir` (the server's pool
+/// and writer) but this one; returns how many.
+pub fn terminate_backends(dir: &Path) -> u64 {
+    let name = database_name(dir);
+    on_admin_connection(move |c| async move { terminate(&c, &name).await })
+}
+
+async fn terminate(c: &tokio_postgres::Client, name: &str) -> Result<u64, tokio_postgres::Error> {
+    c.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+        &[&name],
+    )
+    .await
 }
 
 /// Runs `f` on a connection to the database the test databases are created from.
@@ -338,6 +350,9 @@ pub struct ServerOpts {
     pub listen: Option<String>,
     /// Keep the server's stderr (still forwarded to the test's stderr) for `stop_and_read_stderr`.
     pub capture_stderr: bool,
+    /// A PostgreSQL database (URL) the store uses instead of one of its own; recorded in the data
+    /// directory, so restarts keep it.
+    pub database: Option<String>,
 }
 
 impl TestServer {
@@ -361,6 +376,9 @@ impl TestServer {
                 (t.0.clone(), Some(t))
             }
         };
+        if let Some(url) = &opts.database {
+            std::fs::write(dir.join(DATABASE_URL_FILE), url).unwrap();
+        }
         let secret = dir.join("jwt-secret");
         if !secret.exists() {
             std::fs::write(&secret, format!("{SECRET}\n")).unwrap();

@@ -48,6 +48,11 @@ impl Histogram {
         self.max = self.max.max(us);
     }
 
+    /// How many values were recorded.
+    pub fn count(&self) -> u64 {
+        self.n
+    }
+
     /// The value at quantile `q` (0..=1), in µs; 0 when empty.
     pub fn quantile(&self, q: f64) -> u64 {
         let rank = ((q * self.n as f64).ceil() as u64).max(1);

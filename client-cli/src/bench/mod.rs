@@ -5,6 +5,10 @@
 //! connection. Any loss, reordering or broken stream makes the exit code non-zero. The `orgs`
 //! scenario (orgs.rs) instead measures what many idle orgs cost the server; the `outbox` scenario
 //! (outbox.rs) publishes by committing outbox rows in PostgreSQL instead of calling the API.
+//! `--nodes N` starts a cluster instead (N nodes on a PostgreSQL database of the bench's own and
+//! one NATS server): subscribers and writers alternate over the nodes, and the deliveries written
+//! through another node than the subscriber's get a latency histogram of their own.
+mod database;
 mod histogram;
 mod orgs;
 mod outbox;
@@ -12,15 +16,18 @@ mod server;
 mod subscriber;
 mod writer;
 
-use std::{path::PathBuf, sync::atomic::Ordering::Relaxed, time::Duration};
+use std::{
+    collections::HashMap, path::PathBuf, sync::Arc, sync::atomic::Ordering::Relaxed, time::Duration,
+};
 
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::{error::CliError, mint::mint};
+use database::Database;
 use server::{Target, Usage, fail};
-use subscriber::{Counted, Dial, Subscriber, Tally};
+use subscriber::{Counted, Dial, Placement, Subscriber, Tally};
 use writer::{Published, Writer};
 
 /// A named benchmark shape (sizes match the socket.io peer's run.sh where it has one).
@@ -138,10 +145,25 @@ pub struct BenchArgs {
     /// Organization to use.
     #[arg(long, default_value = "bench")]
     pub org: String,
-    /// outbox: the PostgreSQL server (any existing database on it) where the scenario creates and
-    /// finally drops a database of its own.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    /// The PostgreSQL server (any existing database on it) where the outbox scenario, --postgres
+    /// and --nodes create and finally drop a database of their own.
+    #[arg(
+        long,
+        visible_alias = "pg-url",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
     pub pg_admin_url: String,
+    /// Start this many server nodes (a cluster when more than one: they share a PostgreSQL
+    /// database of the bench's own, one NATS server and one secret, all pinned to --server-cpus).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub nodes: u16,
+    /// Run the started server on a PostgreSQL database of the bench's own instead of SQLite
+    /// (implied by --nodes 2 or more).
+    #[arg(long)]
+    pub postgres: bool,
+    /// The NATS server of the --nodes cluster (each run uses a subject prefix of its own).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -154,7 +176,9 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
     shape.subscribers = args.orgs.or(args.subscribers).unwrap_or(shape.subscribers);
     shape.events = args.events.unwrap_or(shape.events);
     shape.rate = args.rate.unwrap_or(shape.rate);
-    shape.writers = args.writers.unwrap_or(shape.writers).max(1);
+    // A cluster has a writer on each node at least.
+    let writers = shape.writers.max(args.nodes.into());
+    shape.writers = args.writers.unwrap_or(writers).max(1);
     shape.settle = args.settle.unwrap_or(shape.settle);
     // One socket per subscriber (orgs: per shared connection) here and in a started server (which
     // inherits the limit), plus a few dozen for writers, the database and stdio.
@@ -165,24 +189,41 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
     server::raise_nofile(sockets as u64 + 64)?;
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     server::pin_self(&args.client_cpus)?;
+    let store_on_postgres = args.postgres || args.nodes > 1;
+    if args.secret_file.is_some() && (args.scenario == Scenario::Outbox || store_on_postgres) {
+        return Err(CliError::usage(
+            "--scenario outbox, --postgres and --nodes start their own servers: drop --secret-file",
+        ));
+    }
+    if args.nodes > 1 && matches!(args.scenario, Scenario::Orgs | Scenario::Outbox) {
+        return Err(CliError::usage(
+            "--nodes: the orgs and outbox scenarios run on one node",
+        ));
+    }
     let outbox_db = match args.scenario {
-        Scenario::Outbox if args.secret_file.is_some() => {
-            return Err(CliError::usage(
-                "--scenario outbox starts its own server (with --outbox): drop --secret-file",
-            ));
-        }
-        Scenario::Outbox => Some(outbox::Database::create(&args.pg_admin_url).await?),
+        Scenario::Outbox => Some(Database::create(&args.pg_admin_url).await?),
         _ => None,
     };
-    let result = start_and_measure(&args, &shape, url, outbox_db.as_ref()).await;
-    let (outbox_database, dropped) = match outbox_db {
-        Some(db) => (Some(db.name.clone()), db.drop().await),
-        None => (None, Ok(())),
+    let store_db = match store_on_postgres {
+        true => Database::create(&args.pg_admin_url).await.map(Some),
+        false => Ok(None),
     };
+    let result = match &store_db {
+        Ok(store) => {
+            start_and_measure(&args, &shape, url, outbox_db.as_ref(), store.as_ref()).await
+        }
+        Err(_) => Ok(Value::Null),
+    };
+    let mut dropped = Vec::new();
+    for (field, db) in [("outboxDatabase", outbox_db), ("storeDatabase", store_db?)] {
+        if let Some(db) = db {
+            dropped.push((field, db.name.clone(), db.drop().await));
+        }
+    }
     let mut out = result?;
-    dropped?;
-    if let Some(name) = outbox_database {
-        out["outboxDatabase"] = name.into();
+    for (field, name, result) in dropped {
+        result?;
+        out[field] = name.into();
     }
     let ok = out["lost"] == 0
         && out["outOfOrder"] == 0
@@ -211,27 +252,60 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
     }
 }
 
-/// Attaches to or starts the server (consuming `outbox` when given), measures, stops it.
+/// Attaches to or starts the server or nodes (consuming `outbox` when given, storing in `store`
+/// when given), measures, stops them.
 async fn start_and_measure(
     args: &BenchArgs,
     shape: &Shape,
     url: &str,
-    outbox: Option<&outbox::Database>,
+    outbox: Option<&Database>,
+    store: Option<&Database>,
 ) -> Result<Value, CliError> {
-    let target = match &args.secret_file {
-        Some(secret) => Target::attach(url, secret)?,
-        None => {
-            let mut extra = outbox.map(|db| db.server_args()).unwrap_or_default();
-            extra.extend(args.server_args.iter().cloned());
-            Target::start(&server_bin(args), &args.server_cpus, &extra).await?
+    let mut nodes = Vec::new();
+    let started = match &args.secret_file {
+        Some(secret) => Target::attach(url, secret).map(|t| nodes.push(t)),
+        None => start_nodes(args, outbox, store, &mut nodes).await,
+    };
+    let result = match (started, args.scenario) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Scenario::Orgs) => orgs::measure(args, shape, &nodes[0]).await,
+        (Ok(()), _) => measure(args, shape, &nodes, outbox).await,
+    };
+    for node in nodes {
+        node.stop().await;
+    }
+    let mut out = result?;
+    out["nodes"] = args.nodes.into();
+    Ok(out)
+}
+
+/// Starts --nodes servers into `nodes`: node 0 with a fresh secret, the others with the same one;
+/// more than one node is a cluster on `store` and --nats under a subject prefix of this run's own.
+async fn start_nodes(
+    args: &BenchArgs,
+    outbox: Option<&Database>,
+    store: Option<&Database>,
+    nodes: &mut Vec<Target>,
+) -> Result<(), CliError> {
+    let prefix = format!("orgpulse-bench-{:016x}", rand::random::<u64>());
+    for i in 0..args.nodes {
+        let mut extra = outbox.map(outbox::server_args).unwrap_or_default();
+        if let Some(db) = store {
+            extra.push(format!("--database={}", db.url));
         }
-    };
-    let result = match args.scenario {
-        Scenario::Orgs => orgs::measure(args, shape, &target).await,
-        _ => measure(args, shape, &target, outbox).await,
-    };
-    target.stop().await;
-    result
+        if args.nodes > 1 {
+            extra.extend([
+                format!("--nats={}", args.nats),
+                format!("--nats-subject-prefix={prefix}"),
+                format!("--node-id=node{i}"),
+            ]);
+        }
+        extra.extend(args.server_args.iter().cloned());
+        let secret = nodes.first().map(|n: &Target| n.secret_file.clone());
+        let bin = server_bin(args);
+        nodes.push(Target::start(&bin, &args.server_cpus, &extra, secret.as_deref()).await?);
+    }
+    Ok(())
 }
 
 /// What makes the events: job updates through the API, or outbox rows committed in PostgreSQL.
@@ -278,19 +352,21 @@ fn round2(x: f64) -> f64 {
 async fn measure(
     args: &BenchArgs,
     shape: &Shape,
-    target: &Target,
-    outbox: Option<&outbox::Database>,
+    nodes: &[Target],
+    outbox: Option<&Database>,
 ) -> Result<Value, CliError> {
-    let url = target.url();
+    let url = nodes[0].url();
     let token = |user: &str, role: &str| {
         mint(
-            &target.secret_file,
+            &nodes[0].secret_file,
             Some(&args.org),
             user,
             vec![role.into()],
             Duration::from_secs(3600),
         )
     };
+    // Writer n is on node n % nodes, and so is subscriber n.
+    let mut writer_nodes = HashMap::new();
     let mut publisher = match outbox {
         Some(db) => {
             Publisher::Outbox(outbox::Inserter::connect(db, &args.org, shape.events).await?)
@@ -299,11 +375,15 @@ async fn measure(
             let mut writers = Vec::new();
             for n in 0..shape.writers {
                 let writer_token = token(&format!("writer{n}"), "member")?;
-                writers.push(Writer::new(&url, &writer_token, &args.org, n).await?);
+                let node = n % nodes.len();
+                let w = Writer::new(&nodes[node].url(), &writer_token, &args.org, n).await?;
+                writer_nodes.insert(w.job_id.clone(), node);
+                writers.push(w);
             }
             Publisher::Jobs(writers)
         }
     };
+    let writer_nodes = Arc::new(writer_nodes);
     let mut out = json!({
         "label": format!("{:?}", args.scenario).to_lowercase(),
         "server": if args.secret_file.is_some() { url.clone() } else { "started".into() },
@@ -320,7 +400,7 @@ async fn measure(
         out["backlogWritesPerSec"] = per_sec(backlog.writes, backlog.elapsed).into();
     }
     let tally = Tally::new();
-    let before = target.usage().await?;
+    let (before, _) = Target::usage_of(nodes).await?;
     let client_cpu0 = server::self_cpu_s();
     let t_connect = std::time::Instant::now();
     let sources = args
@@ -334,17 +414,22 @@ async fn measure(
     let opened: Vec<Result<Subscriber, String>> = timed(args, async {
         Ok(futures::stream::iter(tokens.iter().enumerate())
             .map(|(i, tok)| {
+                let node = i % nodes.len();
                 let dial = Dial {
-                    server: target.addr,
+                    server: nodes[node].addr,
                     token: tok,
                     org: &args.org,
                     after_cursor: after_cursor.clone(),
                     counted: counted.clone(),
+                    placement: Placement {
+                        node,
+                        writer_nodes: writer_nodes.clone(),
+                    },
                 };
                 let tally = &tally;
                 async move {
-                    let conn =
-                        subscriber::connect(target.addr, subscriber::source(i, sources)).await?;
+                    let source = subscriber::source(i, sources);
+                    let conn = subscriber::connect(dial.server, source).await?;
                     Subscriber::open(conn, dial, tally).await
                 }
             })
@@ -374,7 +459,8 @@ async fn measure(
     out["connectWallMs"] = (connect_elapsed.as_millis() as u64).into();
     out["sourceAddrs"] = sources.into();
     tokio::time::sleep(shape.settle).await;
-    let after_connect = target.usage().await?;
+    let (after_connect, streams) = Target::usage_of(nodes).await?;
+    out["streamsPerNode"] = streams.into();
 
     let (expected, received, last) = if args.scenario == Scenario::Catchup {
         // The subscriber's open() read the whole backlog up to caught_up.
@@ -388,7 +474,7 @@ async fn measure(
         let t0 = subscriber::now_us();
         let published = timed(args, publisher.publish(shape.events, shape.rate)).await?;
         subscriber::wait_for(&tally, expected, args.stall, args.phase_timeout).await;
-        let after = target.usage().await?;
+        let (after, _) = Target::usage_of(nodes).await?;
         let received = tally.received.load(Relaxed);
         if let Publisher::Outbox(inserter) = &publisher {
             inserter.report(&tally, &mut out).await?;
@@ -445,9 +531,19 @@ fn deliveries(
     let cpu = cpu1.cpu_s - cpu0.cpu_s;
     out["publishMs"] = (published.elapsed.as_millis() as u64).into();
     out["writesPerSec"] = per_sec(published.writes, published.elapsed).into();
+    let commits = cpu1.commits.saturating_sub(cpu0.commits);
+    out["storeCommits"] = commits.into();
+    out["writesPerCommit"] = if commits > 0 {
+        round2(published.writes as f64 / commits as f64).into()
+    } else {
+        Value::Null
+    };
     out["wallMs"] = (wall.as_millis() as u64).into();
     out["deliveriesPerSec"] = per_sec(received, wall).into();
     out["latencyMs"] = tally.latency.lock().unwrap().summary_ms();
+    let cross_node = tally.cross_node.lock().unwrap();
+    out["crossNodeDeliveries"] = cross_node.count().into();
+    out["crossNodeLatencyMs"] = cross_node.summary_ms();
     out["serverCpuS"] = round2(cpu).into();
     out["serverCpuUsPerDelivery"] = us_per(cpu, received);
 }

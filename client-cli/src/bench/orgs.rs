@@ -12,7 +12,7 @@ use super::{BenchArgs, Shape, mb, round2, timed};
 use crate::{
     bench::{
         server::{self, Target},
-        subscriber::{self, Counted, Dial, Subscriber, Tally},
+        subscriber::{self, Counted, Dial, Placement, Subscriber, Tally},
     },
     error::CliError,
     mint::mint,
@@ -63,6 +63,7 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
                     org,
                     after_cursor: String::new(),
                     counted: Counted::Jobs,
+                    placement: Placement::default(),
                 };
                 Subscriber::open(conns[i / STREAMS_PER_CONNECTION].clone(), dial, &tally)
             })

@@ -13,10 +13,10 @@ use std::{
 
 use serde_json::Value;
 use tokio::time::Instant;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 use super::{
-    server::fail,
+    database::{Database, connect, sql_error},
     subscriber::{Tally, now_us},
     writer::Published,
 };
@@ -28,66 +28,12 @@ pub const POLL: &str = "10s";
 /// The entity type of the bench rows (the subscribers filter on it).
 pub const ENTITY_TYPE: &str = "bench_row";
 
-/// The bench's own database on the PostgreSQL server of the admin URL.
-pub struct Database {
-    admin_url: String,
-    pub name: String,
-    url: String,
-}
-
-async fn connect(url: &str) -> Result<Client, CliError> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(|e| fail(format!("connecting to PostgreSQL {url}: {e}")))?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
-fn sql_error(what: &str) -> impl Fn(tokio_postgres::Error) -> CliError + '_ {
-    move |e| fail(format!("{what}: {e}"))
-}
-
-impl Database {
-    /// `CREATE DATABASE orgpulse_bench_<random>` through `admin_url`
-    /// (`postgres://USER@HOST:PORT/DB`, any existing DB).
-    pub async fn create(admin_url: &str) -> Result<Database, CliError> {
-        let (server, _) = admin_url.rsplit_once('/').ok_or_else(|| {
-            CliError::usage(format!(
-                "--pg-admin-url {admin_url:?}: expected postgres://USER@HOST:PORT/DB"
-            ))
-        })?;
-        let name = format!("orgpulse_bench_{:016x}", rand::random::<u64>());
-        connect(admin_url)
-            .await?
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .map_err(sql_error("CREATE DATABASE"))?;
-        Ok(Database {
-            admin_url: admin_url.to_string(),
-            url: format!("{server}/{name}"),
-            name,
-        })
-    }
-
-    /// The flags that make the started server consume this database's outbox.
-    pub fn server_args(&self) -> Vec<String> {
-        vec![
-            format!("--outbox={}", self.url),
-            format!("--outbox-poll={POLL}"),
-        ]
-    }
-
-    /// Drops the database and whatever is still connected to it.
-    pub async fn drop(self) -> Result<(), CliError> {
-        connect(&self.admin_url)
-            .await?
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await
-            .map_err(sql_error("DROP DATABASE"))
-    }
+/// The flags that make the started server consume `db`'s outbox.
+pub fn server_args(db: &Database) -> Vec<String> {
+    vec![
+        format!("--outbox={}", db.url),
+        format!("--outbox-poll={POLL}"),
+    ]
 }
 
 /// When each row's COMMIT returned to the inserter (µs since the epoch; 0 = not yet).

@@ -1,6 +1,7 @@
 //! The server under test: either started here (fresh data directory and HS256 secret, pinned
-//! with `taskset` like the socket.io peer, stopped at the end) or an already running one. Its CPU
-//! time and resident memory are read from its own `/metrics`, so both cases measure alike.
+//! with `taskset` like the socket.io peer, stopped at the end) or an already running one; in
+//! cluster mode several started nodes sharing one secret. Its CPU time and resident memory are
+//! read from its own `/metrics`, so both cases measure alike.
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -25,12 +26,14 @@ pub struct Target {
 }
 
 /// Process-wide CPU seconds (user+system) and resident bytes of the server, and its open
-/// `Subscribe` streams.
-#[derive(Clone, Copy, Debug)]
+/// `Subscribe` streams (of all nodes: their sum).
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Usage {
     pub cpu_s: f64,
     pub rss: u64,
     pub open_streams: u64,
+    /// Write transactions its store committed.
+    pub commits: u64,
 }
 
 pub fn fail(msg: impl Into<String>) -> CliError {
@@ -59,18 +62,30 @@ impl Target {
         })
     }
 
-    /// Starts `bin` on 127.0.0.1 with a fresh data directory and secret, pinned to `cpus`
-    /// (empty: not pinned), and waits for its `listening on` line.
-    pub async fn start(bin: &Path, cpus: &str, extra: &[String]) -> Result<Target, CliError> {
+    /// Starts `bin` on 127.0.0.1 with a fresh data directory and the secret in `secret_file`
+    /// (None: a fresh one), pinned to `cpus` (empty: not pinned), and waits for its
+    /// `listening on` line.
+    pub async fn start(
+        bin: &Path,
+        cpus: &str,
+        extra: &[String],
+        secret_file: Option<&Path>,
+    ) -> Result<Target, CliError> {
         let dir = std::env::temp_dir().join(format!(
             "orgpulse-bench-{}-{:x}",
             std::process::id(),
             rand_suffix()
         ));
         std::fs::create_dir_all(&dir).map_err(CliError::io(dir.display()))?;
-        let secret_file = dir.join("jwt-secret");
-        std::fs::write(&secret_file, format!("bench-{:032x}\n", rand_suffix()))
-            .map_err(CliError::io(secret_file.display()))?;
+        let secret_file = match secret_file {
+            Some(f) => f.to_path_buf(),
+            None => {
+                let f = dir.join("jwt-secret");
+                std::fs::write(&f, format!("bench-{:032x}\n", rand_suffix()))
+                    .map_err(CliError::io(f.display()))?;
+                f
+            }
+        };
         let mut cmd = if cpus.is_empty() {
             Command::new(bin)
         } else {
@@ -152,7 +167,23 @@ impl Target {
             cpu_s: value("process_cpu_seconds_total")?,
             rss: value("process_resident_memory_bytes")? as u64,
             open_streams: value("orgpulse_open_streams")? as u64,
+            commits: value("orgpulse_store_commits_total")? as u64,
         })
+    }
+
+    /// The sum of the nodes' usage, and each one's open streams.
+    pub async fn usage_of(nodes: &[Target]) -> Result<(Usage, Vec<u64>), CliError> {
+        let mut sum = Usage::default();
+        let mut streams = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            let u = node.usage().await?;
+            sum.cpu_s += u.cpu_s;
+            sum.rss += u.rss;
+            sum.open_streams += u.open_streams;
+            sum.commits += u.commits;
+            streams.push(u.open_streams);
+        }
+        Ok((sum, streams))
     }
 
     /// Stops a server started here (SIGTERM, then SIGKILL after 5 s) and removes its data.

@@ -2,8 +2,11 @@
 //! many streams), spoken directly over `h2` (a tonic channel per connection would cost the client
 //! more memory than the server), from a chosen 127.0.0.x source address. Every counted event (a
 //! `job_updated`, or in the outbox scenario an outbox row's `entity_changed`) is checked for order
-//! and its commit→receipt latency (the commit time vs. the wall clock of this host) recorded.
+//! and its commit→receipt latency (the commit time vs. the wall clock of this host) recorded; with
+//! several nodes, the latency of the events written through another node than the subscriber's
+//! is recorded again on its own (cross-node).
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
@@ -29,6 +32,8 @@ pub struct Tally {
     /// Wall clock (µs since the epoch) of the latest receipt.
     pub last_us: AtomicU64,
     pub latency: Mutex<Histogram>,
+    /// The latency of the deliveries whose writer's node is not the subscriber's.
+    pub cross_node: Mutex<Histogram>,
     /// Outbox rows received before their inserter saw the COMMIT return: (row, receipt µs), for
     /// the latency once the commit time is known.
     pub early: Mutex<Vec<(usize, u64)>>,
@@ -43,6 +48,7 @@ impl Tally {
             broken: AtomicU64::new(0),
             last_us: AtomicU64::new(0),
             latency: Mutex::new(Histogram::new()),
+            cross_node: Mutex::new(Histogram::new()),
             early: Mutex::new(Vec::new()),
             first_error: Mutex::new(None),
         })
@@ -85,11 +91,26 @@ impl Counted {
     }
 }
 
+/// Which node a subscriber is on, and which node wrote each job (by job id).
+#[derive(Clone, Default)]
+pub struct Placement {
+    pub node: usize,
+    pub writer_nodes: Arc<HashMap<String, usize>>,
+}
+
+impl Placement {
+    /// Whether `job` was written through another node than this subscriber's.
+    fn cross_node(&self, job: &str) -> bool {
+        self.writer_nodes.get(job).is_some_and(|&n| n != self.node)
+    }
+}
+
 /// An open stream past its `caught_up`.
 pub struct Subscriber {
     body: RecvStream,
     buf: BytesMut,
     counted: Counted,
+    placement: Placement,
     last_seq: u64,
     /// The outbox row received last.
     last_row: Option<usize>,
@@ -104,6 +125,7 @@ pub struct Dial<'a> {
     pub org: &'a str,
     pub after_cursor: String,
     pub counted: Counted,
+    pub placement: Placement,
 }
 
 /// An HTTP/2 connection from `source` to `server`, driven by its own task until it closes. Streams
@@ -165,6 +187,7 @@ impl Subscriber {
             body: resp.into_body(),
             buf: BytesMut::new(),
             counted: d.counted,
+            placement: d.placement,
             last_seq: 0,
             last_row: None,
             replayed: 0,
@@ -210,11 +233,14 @@ impl Subscriber {
     fn count(&mut self, ev: &Event, tally: &Tally) -> bool {
         let now = now_us();
         let mut in_order = ev.seq > self.last_seq;
+        let mut cross_node = false;
         let committed_us = match (&self.counted, &ev.payload) {
-            (Counted::Jobs, Some(Payload::JobUpdated(_))) => ev
-                .time
-                .as_ref()
-                .map(|t| t.seconds as u64 * 1_000_000 + t.nanos as u64 / 1000),
+            (Counted::Jobs, Some(Payload::JobUpdated(job))) => {
+                cross_node = self.placement.cross_node(&job.id);
+                ev.time
+                    .as_ref()
+                    .map(|t| t.seconds as u64 * 1_000_000 + t.nanos as u64 / 1000)
+            }
             (Counted::OutboxRows(commits), Some(Payload::EntityChanged(e))) => {
                 let Ok(row) = e.entity_id.parse::<usize>() else {
                     tally.error(format!("outbox event with entity id {:?}", e.entity_id));
@@ -235,11 +261,11 @@ impl Subscriber {
         }
         self.last_seq = ev.seq;
         if let Some(sent) = committed_us {
-            tally
-                .latency
-                .lock()
-                .unwrap()
-                .record(now.saturating_sub(sent));
+            let us = now.saturating_sub(sent);
+            tally.latency.lock().unwrap().record(us);
+            if cross_node {
+                tally.cross_node.lock().unwrap().record(us);
+            }
         }
         tally.last_us.fetch_max(now, Relaxed);
         tally.received.fetch_add(1, Relaxed);

@@ -14,7 +14,7 @@ use crate::error::CliError;
 pub struct Writer {
     client: Client,
     org: String,
-    job_id: String,
+    pub job_id: String,
 }
 
 /// How a publishing run went.

@@ -284,6 +284,28 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the store can write now, from its writer's last transaction (cheap, writes
     /// nothing); `Err` says why not.
     fn health(&self) -> std::result::Result<(), String>;
+    /// The connection pool's state, for `/metrics` (None: the engine has no pool).
+    fn pool_stats(&self) -> Option<PoolStats> {
+        None
+    }
+    /// The PostgreSQL engine, for the outbox when its table lives in the same database (then a
+    /// pass commits with its events); `None` for the others.
+    fn postgres(&self) -> Option<&postgres::PostgresStore> {
+        None
+    }
+}
+
+/// A store's connection pool now.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PoolStats {
+    /// Most connections it opens.
+    pub max_size: usize,
+    /// Connections open.
+    pub size: usize,
+    /// Open connections idle in the pool.
+    pub available: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
 }
 
 /// What the `requests` table keeps for an entity change's key: the seq it got.

@@ -33,8 +33,8 @@ use tokio_postgres::{NoTls, Row, Statement, types::ToSql};
 
 use super::{
     Committed, CommittedEvent, JobPage, JobPatch, LogBounds, LogRead, NewEntityChange, NewJob,
-    NewNotification, NotificationPage, Result, Store, StoreError, apply_patch, encode_event,
-    entity_audience, job_deleted, millis,
+    NewNotification, NotificationPage, PoolStats, Result, Store, StoreError, apply_patch,
+    encode_event, entity_audience, job_deleted, millis,
     model::{self, RequestKind, RetentionSearch, WriterGone, WriterHealth},
     payload_entity_type, remembered_seq, remembered_seq_data,
 };
@@ -191,7 +191,11 @@ impl Tx {
     }
 
     /// The rows of `sql`, sent right after the queued writes (one round trip for all).
-    async fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+    pub(crate) async fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
         let writes = self.take_pending().await?;
         let st = self.client.prepare_cached(sql).await;
         let st = self.outcome(st)?;
@@ -208,7 +212,11 @@ impl Tx {
     }
 
     /// A write whose count of changed rows the write needs now, sent right after the queued ones.
-    async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+    pub(crate) async fn execute(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64> {
         let writes = self.take_pending().await?;
         let st = self.client.prepare_cached(sql).await;
         let st = self.outcome(st)?;
@@ -302,6 +310,41 @@ impl Tx {
         Ok(row.map(|r| r.get(0)))
     }
 
+    /// The entity changes of [`Store::append_entity_changes`], in this transaction: each change's
+    /// seq. Its events are published when the transaction commits, with the others'.
+    pub(crate) async fn append_entity_changes(
+        &mut self,
+        changes: Vec<NewEntityChange>,
+    ) -> Result<Vec<u64>> {
+        let mut seqs = Vec::with_capacity(changes.len());
+        for c in changes {
+            if let Some(d) = self
+                .claim_request(&c.org, c.request_kind, &c.request_id)
+                .await?
+            {
+                seqs.push(remembered_seq(&d)?);
+                continue;
+            }
+            let audience = entity_audience(&c.change).map(str::to_string);
+            let seq = self
+                .append(
+                    &c.org,
+                    &c.actor,
+                    audience.as_deref(),
+                    Payload::EntityChanged(c.change),
+                )
+                .await?;
+            self.remember(
+                &c.org,
+                c.request_kind,
+                &c.request_id,
+                &remembered_seq_data(seq),
+            );
+            seqs.push(seq);
+        }
+        Ok(seqs)
+    }
+
     /// Stores the object a claimed `request_id` answers with from now on.
     fn remember(&mut self, org: &str, kind: RequestKind, request_id: &str, data: &[u8]) {
         if model::is_idempotent(request_id) {
@@ -339,7 +382,9 @@ impl Tx {
         // error; a failed COMMIT leaves the outcome unknown.
         self.broken = committed.is_err();
         let r = sent.and(committed);
-        if r.is_err() {
+        if r.is_ok() {
+            crate::metrics::METRICS.store_commits.inc();
+        } else {
             self.log.reset();
             self.failed = true;
         }
@@ -609,8 +654,9 @@ impl PostgresStore {
     }
 
     /// Runs `f` as one write of the next group commit (possibly more than once, each time in a
-    /// fresh transaction: `f` must not consume what it captured).
-    async fn write<R, F>(&self, f: F) -> Result<R>
+    /// fresh transaction: `f` must not consume what it captured). The outbox runs its passes here
+    /// when its table is in this database, so a pass and its events commit together.
+    pub(crate) async fn write<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
         F: for<'a> Fn(&'a mut Tx) -> BoxFuture<'a, Result<R>> + Send + 'static,
@@ -639,7 +685,7 @@ impl PostgresStore {
     }
 
     /// A pooled connection for reads.
-    async fn conn(&self) -> Result<Object> {
+    pub(crate) async fn conn(&self) -> Result<Object> {
         self.pool.get().await.map_err(pool_error)
     }
 
@@ -677,8 +723,9 @@ async fn write_loop(
     gone: WriterGone,
 ) {
     let health = gone.health();
-    // Writes the last transaction carried.
-    let mut last_batch = 1;
+    // Writers in flight when the last transaction ended: the writes it carried (their callers
+    // are about to write again) plus those that queued while it ran.
+    let mut cohort = 1;
     loop {
         let first = match tokio::time::timeout(PROBE_IDLE, rx.recv()).await {
             Ok(Some(w)) => w,
@@ -701,10 +748,9 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        // A COMMIT costs a WAL flush whatever it carries. The callers answered by the last one
-        // are about to write again: wait briefly for as many writes as it carried, or 8 writers
-        // split into two alternating batches of 4 and each flush carries half of what it could.
-        let cohort = last_batch.min(MAX_BATCH);
+        // A COMMIT costs a WAL flush whatever it carries: wait briefly for the whole cohort, or
+        // 8 writers split into two alternating batches of 4 (those answered, those that queued
+        // meanwhile) and each flush carries half of what it could.
         if batch.len() < cohort {
             let until = tokio::time::Instant::now() + LINGER;
             while batch.len() < cohort {
@@ -714,7 +760,7 @@ async fn write_loop(
                 }
             }
         }
-        last_batch = batch.len();
+        let carried = batch.len();
         let client = match pool.get().await {
             Ok(c) => c,
             Err(e) => {
@@ -766,6 +812,7 @@ async fn write_loop(
             // Never hand a connection in an unknown state back to the pool.
             drop(Object::take(tx.client));
         }
+        cohort = (carried + rx.len()).min(MAX_BATCH);
         for (w, r) in results {
             (w.answer)(r);
         }
@@ -1016,39 +1063,8 @@ impl Store for PostgresStore {
     }
 
     async fn append_entity_changes(&self, changes: Vec<NewEntityChange>) -> Result<Vec<u64>> {
-        self.write(move |tx| {
-            let changes = changes.clone();
-            Box::pin(async move {
-                let mut seqs = Vec::with_capacity(changes.len());
-                for c in changes {
-                    if let Some(d) = tx
-                        .claim_request(&c.org, c.request_kind, &c.request_id)
-                        .await?
-                    {
-                        seqs.push(remembered_seq(&d)?);
-                        continue;
-                    }
-                    let audience = entity_audience(&c.change).map(str::to_string);
-                    let seq = tx
-                        .append(
-                            &c.org,
-                            &c.actor,
-                            audience.as_deref(),
-                            Payload::EntityChanged(c.change),
-                        )
-                        .await?;
-                    tx.remember(
-                        &c.org,
-                        c.request_kind,
-                        &c.request_id,
-                        &remembered_seq_data(seq),
-                    );
-                    seqs.push(seq);
-                }
-                Ok(seqs)
-            })
-        })
-        .await
+        self.write(move |tx| Box::pin(tx.append_entity_changes(changes.clone())))
+            .await
     }
 
     async fn list_notifications(
@@ -1223,5 +1239,19 @@ impl Store for PostgresStore {
 
     fn health(&self) -> std::result::Result<(), String> {
         self.health.state()
+    }
+
+    fn pool_stats(&self) -> Option<PoolStats> {
+        let s = self.pool.status();
+        Some(PoolStats {
+            max_size: s.max_size,
+            size: s.size,
+            available: s.available,
+            waiting: s.waiting,
+        })
+    }
+
+    fn postgres(&self) -> Option<&PostgresStore> {
+        Some(self)
     }
 }

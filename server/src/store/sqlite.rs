@@ -372,7 +372,9 @@ fn write_loop(
             }
         }
         result = result.and_then(|()| control(&conn, "COMMIT"));
-        if result.is_err() {
+        if result.is_ok() {
+            crate::metrics::METRICS.store_commits.inc();
+        } else {
             // Nothing of the batch stays applied (a failed COMMIT may leave the transaction
             // open) and nothing is published.
             if !conn.is_autocommit() {
