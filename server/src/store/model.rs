@@ -215,7 +215,13 @@ impl WriterGone {
 
 impl Drop for WriterGone {
     fn drop(&mut self) {
-        self.0.record(&Err(writer_stopped()));
+        if std::thread::panicking() {
+            self.0.record(&Err(writer_stopped()));
+        } else {
+            // The store was dropped (shutdown): the same state, without an error in the log.
+            tracing::debug!("store writer stopped");
+            *self.0.0.lock() = Some(writer_stopped().to_string());
+        }
     }
 }
 
