@@ -115,7 +115,13 @@ type RunWrite = dyn for<'a> FnMut(&'a mut Tx) -> BoxFuture<'a, bool> + Send;
 struct Write {
     run: Box<RunWrite>,
     answer: Box<dyn FnOnce(Result<()>) + Send>,
+    /// The job row (org, id) this write reads `FOR UPDATE` first, if any: a batch reads all of
+    /// them in one round trip before its writes run (`Tx::prefetch_jobs`).
+    job: Option<JobKey>,
 }
+
+/// A job row: (org, job id).
+type JobKey = (String, String);
 
 pub struct PostgresStore {
     writer: mpsc::Sender<Write>,
@@ -138,6 +144,9 @@ pub struct Tx {
     failed: bool,
     /// Whether the connection's state is unknown (a COMMIT or ROLLBACK failed).
     broken: bool,
+    /// Job rows read `FOR UPDATE` for the batch's writes ahead of them (None = no such job),
+    /// each taken by the first write that asks; a write that deletes a job forgets it.
+    jobs: HashMap<JobKey, Option<Vec<u8>>>,
 }
 
 /// A statement parameter owned by a queued statement.
@@ -164,6 +173,13 @@ pub struct Log {
 }
 
 const RAISE_COUNTER: &str = "UPDATE org_log SET last_seq = $2 WHERE org_id = $1";
+/// Locks an org's counter row (creating it when missing: an empty log has head 0 either way).
+const LOCK_ORG: &str = "INSERT INTO org_log (org_id, last_seq) VALUES ($1, 0)
+     ON CONFLICT (org_id) DO UPDATE SET last_seq = org_log.last_seq
+     RETURNING last_seq";
+/// A batch's job rows of one org, locked.
+const PREFETCH_JOBS: &str =
+    "SELECT id, data FROM jobs WHERE org_id = $1 AND id = ANY($2) ORDER BY id FOR UPDATE";
 
 impl Tx {
     /// Queues a write: it goes out ahead of the next statement that needs an answer (a read, a
@@ -232,18 +248,77 @@ impl Tx {
             return Ok(());
         }
         // Inserting the row when it is missing is harmless: an empty log has head 0 either way.
-        let last = self
-            .query_opt(
-                "INSERT INTO org_log (org_id, last_seq) VALUES ($1, 0)
-                 ON CONFLICT (org_id) DO UPDATE SET last_seq = org_log.last_seq
-                 RETURNING last_seq",
-                &[&org],
-            )
-            .await?
+        let last = self.query_opt(LOCK_ORG, &[&org]).await?;
+        self.hold_counter(org, last)
+    }
+
+    /// Records `org`'s counter row, as `LOCK_ORG` returned it.
+    fn hold_counter(&mut self, org: &str, row: Option<Row>) -> Result<()> {
+        let last = row
             .map(|r| r.get::<_, i64>(0) as u64)
             .ok_or_else(|| StoreError::Internal("org_log upsert returned no row".into()))?;
         self.log.counters.insert(org.into(), (last, last));
         Ok(())
+    }
+
+    /// Reads the job rows of a batch's writes `FOR UPDATE` in one round trip (with BEGIN and the
+    /// counters of their orgs, locked first and in org order, as every writer takes them), so
+    /// the writes do not each wait for their own read.
+    async fn prefetch_jobs(&mut self, keys: Vec<JobKey>) -> Result<()> {
+        let mut by_org: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (org, id) in keys {
+            by_org.entry(org).or_default().push(id);
+        }
+        let by_org: Vec<(String, Vec<String>)> = by_org
+            .into_iter()
+            .filter(|(org, _)| !self.log.counters.contains_key(org.as_str()))
+            .collect();
+        let writes = self.take_pending().await?;
+        let lock = self.client.prepare_cached(LOCK_ORG).await;
+        let lock = self.outcome(lock)?;
+        let read = self.client.prepare_cached(PREFETCH_JOBS).await;
+        let read = self.outcome(read)?;
+        let client = &self.client;
+        let reads = futures::future::join_all(by_org.iter().map(|(org, ids)| {
+            let (lock, read) = (&lock, &read);
+            async move {
+                let lock_params: [&(dyn ToSql + Sync); 1] = [org];
+                let read_params: [&(dyn ToSql + Sync); 2] = [org, ids];
+                futures::join!(
+                    client.query_opt(lock, &lock_params),
+                    client.query(read, &read_params)
+                )
+            }
+        }));
+        let (sent, reads) = futures::join!(send(client, &writes), reads);
+        let sent = self.outcome(sent);
+        sent?;
+        for ((org, ids), (counter, rows)) in by_org.into_iter().zip(reads) {
+            let counter = self.outcome(counter)?;
+            let rows = self.outcome(rows)?;
+            self.hold_counter(&org, counter)?;
+            for id in ids {
+                self.jobs.insert((org.clone(), id), None);
+            }
+            for r in rows {
+                self.jobs.insert((org.clone(), r.get(0)), Some(r.get(1)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The job's row `FOR UPDATE`: read ahead by the batch, or now.
+    async fn job_for_update(&mut self, org: &str, id: &str) -> Result<Option<Vec<u8>>> {
+        if let Some(data) = self.jobs.remove(&(org.to_string(), id.to_string())) {
+            return Ok(data);
+        }
+        let row = self
+            .query_opt(
+                "SELECT data FROM jobs WHERE org_id = $1 AND id = $2 FOR UPDATE",
+                &[&org, &id],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     /// Appends an event to `org`'s log with the org's next seq (queued like any write).
@@ -393,6 +468,7 @@ impl Tx {
 
     /// Ends the transaction without keeping anything.
     async fn rollback(&mut self) -> Result<()> {
+        self.jobs.clear();
         self.log.reset();
         self.pending.clear();
         let result = self.client.batch_execute("ROLLBACK").await.map_err(db);
@@ -402,6 +478,7 @@ impl Tx {
 
     /// Starts a transaction (BEGIN goes out with the first statement that needs an answer).
     fn begin(&mut self) {
+        self.jobs.clear();
         self.log.reset();
         self.log.now = SystemTime::now();
         self.failed = false;
@@ -661,6 +738,16 @@ impl PostgresStore {
         R: Send + 'static,
         F: for<'a> Fn(&'a mut Tx) -> BoxFuture<'a, Result<R>> + Send + 'static,
     {
+        self.write_reading(None, f).await
+    }
+
+    /// `write`, for a write that first reads the row of `job` `FOR UPDATE`: its batch reads
+    /// it ahead, together with the other writes' rows.
+    async fn write_reading<R, F>(&self, job: Option<JobKey>, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: for<'a> Fn(&'a mut Tx) -> BoxFuture<'a, Result<R>> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         let result = Arc::new(parking_lot::Mutex::new(None::<Result<R>>));
         let kept = result.clone();
@@ -679,6 +766,7 @@ impl PostgresStore {
                 let r = kept.lock().take().unwrap_or_else(|| Err(dropped_write()));
                 let _ = tx.send(commit.and(r));
             }),
+            job,
         };
         self.writer.send(write).await.map_err(|_| dropped_write())?;
         rx.await.map_err(|_| dropped_write())?
@@ -783,6 +871,7 @@ async fn write_loop(
             wrote: false,
             failed: false,
             broken: false,
+            jobs: HashMap::new(),
         };
         let together = run_together(&mut tx, &mut batch).await;
         // A batch that failed for one write's sake says nothing about the database.
@@ -836,6 +925,10 @@ fn publish(tx: &mut Tx, committed: &Committed) {
 /// and is returned. A lone write's own failure is its answer, not the batch's.
 async fn run_together(tx: &mut Tx, batch: &mut [Write]) -> Result<()> {
     tx.begin();
+    let jobs: Vec<JobKey> = batch.iter().filter_map(|w| w.job.clone()).collect();
+    if jobs.len() > 1 {
+        tx.prefetch_jobs(jobs).await?;
+    }
     for w in batch.iter_mut() {
         tx.wrote = false;
         let ok = (w.run)(tx).await;
@@ -972,19 +1065,14 @@ impl Store for PostgresStore {
 
     async fn update_job(&self, org: &str, actor: &str, patch: JobPatch) -> Result<Job> {
         let (org, actor) = (org.to_string(), actor.to_string());
-        self.write(move |tx| {
+        let row = Some((org.clone(), patch.job_id.clone()));
+        self.write_reading(row, move |tx| {
             let (org, actor, patch) = (org.clone(), actor.clone(), patch.clone());
             Box::pin(async move {
                 // The counter first, then the job: every writer takes the locks in this order.
                 tx.lock_org(&org).await?;
-                let row = tx
-                    .query_opt(
-                        "SELECT data FROM jobs WHERE org_id = $1 AND id = $2 FOR UPDATE",
-                        &[&org, &patch.job_id],
-                    )
-                    .await?;
-                let mut job: Job = match row {
-                    Some(r) => decode(r.get(0))?,
+                let mut job: Job = match tx.job_for_update(&org, &patch.job_id).await? {
+                    Some(data) => decode(&data)?,
                     None => return Err(model::job_not_found(&patch.job_id)),
                 };
                 apply_patch(&mut job, &patch, &actor, tx.log.now)?;
@@ -1011,6 +1099,7 @@ impl Store for PostgresStore {
             let (org, actor, id) = (org.clone(), actor.clone(), id.clone());
             Box::pin(async move {
                 tx.lock_org(&org).await?;
+                tx.jobs.remove(&(org.clone(), id.clone()));
                 let n = tx
                     .execute(
                         "DELETE FROM jobs WHERE org_id = $1 AND id = $2",
