@@ -104,6 +104,12 @@ const POOL_SIZE: usize = 8;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the writer may sit idle before it probes that the database still answers.
 const PROBE_IDLE: Duration = Duration::from_secs(1);
+/// Session limits on every connection of this node, so that a stuck peer costs the others bounded
+/// time (docs/design.md "Limits at the door"): a node paused or cut off inside a transaction loses
+/// it (and the org counter locks it holds) after 1 s without a statement (this node never waits
+/// for anything but its own CPU inside a transaction), and a statement that waits more than 2 s for
+/// a lock another session holds fails (UNAVAILABLE, the caller retries) instead of stalling.
+const SESSION_LIMITS: &str = "-c lock_timeout=2000 -c idle_in_transaction_session_timeout=1000";
 /// Events deleted per retention transaction.
 const TRIM_BATCH: u64 = 10_000;
 
@@ -591,8 +597,12 @@ fn db(e: tokio_postgres::Error) -> StoreError {
             // connection exception, insufficient resources, operator intervention (shutdown)
             matches!(class, "08" | "53" | "57")
         });
+    // lock_not_available: another session held a lock past SESSION_LIMITS' lock_timeout.
+    let lock_timeout = e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
     if lost_connection {
         StoreError::Unavailable(format!("database unavailable: {}", explain(&e)))
+    } else if lock_timeout {
+        StoreError::Unavailable(format!("database busy, retry: {}", explain(&e)))
     } else {
         StoreError::Internal(explain(&e))
     }
@@ -648,6 +658,8 @@ fn describe(cfg: &tokio_postgres::Config) -> String {
 /// Brings the schema to the newest version and returns the database's log epoch.
 async fn migrate(client: &mut Object) -> std::result::Result<u64, tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    // Nodes starting together wait here for the one that migrates, however long it takes.
+    tx.batch_execute("SET LOCAL lock_timeout = 0").await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
     tx.batch_execute(
@@ -690,6 +702,11 @@ impl PostgresStore {
             .parse()
             .map_err(|e| anyhow::anyhow!("--database {url:?} is not a PostgreSQL URL: {e}"))?;
         cfg.connect_timeout(CONNECT_TIMEOUT);
+        let options = match cfg.get_options() {
+            Some(theirs) => format!("{theirs} {SESSION_LIMITS}"),
+            None => SESSION_LIMITS.to_string(),
+        };
+        cfg.options(&options);
         if cfg.get_application_name().is_none() {
             cfg.application_name("orgpulse");
         }
@@ -885,8 +902,11 @@ async fn write_loop(
                 batch.into_iter().map(|w| (w, Ok(()))).collect()
             }
             // Rerun alone only when the batch surely rolled back (not when its COMMIT was lost
-            // with the connection: then it may have committed).
-            Err(_) if batch.len() > 1 && !tx.broken => {
+            // with the connection: then it may have committed), and only for a write's own
+            // failure: after a lock timeout each rerun would wait as long again.
+            Err(ref e)
+                if batch.len() > 1 && !tx.broken && !matches!(e, StoreError::Unavailable(_)) =>
+            {
                 let mut results = Vec::with_capacity(batch.len());
                 for mut w in batch {
                     let r = run_alone(&mut tx, &mut w).await;
