@@ -529,6 +529,15 @@ impl TestServer {
         self.child.id().expect("running")
     }
 
+    /// SIGSTOP: the process hangs with its sockets open (the kernel still completes TCP
+    /// handshakes on its listener). It runs again (SIGCONT) when the returned guard is dropped,
+    /// also when the test panics.
+    pub fn pause(&self) -> Paused {
+        let pid = self.pid() as i32;
+        unsafe_kill(pid, 19);
+        Paused(pid)
+    }
+
     pub async fn channel(&self) -> Channel {
         Endpoint::from_shared(self.url.clone())
             .unwrap()
@@ -567,6 +576,15 @@ pub async fn jobs_at(
         .await
         .expect("connect");
     JobServiceClient::with_interceptor(channel, Auth::new(token))
+}
+
+/// A SIGSTOPped server (see [`TestServer::pause`]); dropping it sends SIGCONT.
+pub struct Paused(i32);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        unsafe_kill(self.0, 18);
+    }
 }
 
 fn unsafe_kill(pid: i32, sig: i32) {
