@@ -190,8 +190,12 @@ pub async fn run(
                 }
             };
             let served = tokio::select! {
-                served = serve => served,
+                // The door first: its deadline is then set before HTTP/1.1's header read
+                // timeout, and it is the one that closes (and counts) a connection without a
+                // head.
+                biased;
                 why = door.closed_at_the_door() => Err(why.into()),
+                served = serve => served,
             };
             if let Err(e) = served {
                 tracing::debug!(error = %e, "connection ended with an error");
