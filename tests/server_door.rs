@@ -219,6 +219,7 @@ async fn idle_and_half_preface_sockets_are_closed_within_10_to_12_s() {
         b"POST /orgpulse.v1.JobService/ListJobs HTTP/1.1\r\n",
     ];
     let mut sockets = Vec::new();
+    let mut closes = Vec::new();
     for first in openings {
         for _ in 0..10 {
             sockets.push((
@@ -240,7 +241,13 @@ async fn idle_and_half_preface_sockets_are_closed_within_10_to_12_s() {
             "a socket that sent {:?} was closed after {after:?}",
             String::from_utf8_lossy(first)
         );
+        closes.push(after);
     }
+    eprintln!(
+        "40 sockets without a request head closed after {:?} to {:?}",
+        closes.iter().min().unwrap(),
+        closes.iter().max().unwrap()
+    );
     let mut early = early;
     early
         .list_jobs(orgpulse::proto::ListJobsRequest::default())
@@ -277,6 +284,10 @@ async fn under_a_1024_descriptor_limit_1100_idle_sockets_do_not_keep_real_calls_
     let evicted = metric(&server, "orgpulse_connections_evicted_total").await;
     assert!(evicted >= 1100 - max, "{evicted} evicted, cap {max}");
     assert_eq!(metric(&server, "orgpulse_accept_errors_total").await, 0);
+    eprintln!(
+        "1,024 descriptors, 1,100 idle sockets: a real call took {took:?}; \
+         cap {max} connections, {evicted} evicted"
+    );
     drop(idle);
     let mut server = server;
     let logs = server.stop_and_read_stderr().await;

@@ -237,7 +237,8 @@ async fn rpc_log(req: Request, next: Next) -> Response {
     let message = headers
         .get("grpc-message")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+        .unwrap_or("")
+        .to_string();
     let framing = FRAMING_ERRORS.iter().any(|m| message.starts_with(m));
     let malformed = code == tonic::Code::Internal as i32
         && (framing
@@ -268,7 +269,7 @@ async fn rpc_log(req: Request, next: Next) -> Response {
         if malformed {
             METRICS.malformed_requests.inc();
             MALFORMED.log(|suppressed| {
-                tracing::warn!(status = ?status, suppressed, "malformed request");
+                tracing::warn!(status = ?status, message, suppressed, "malformed request");
             });
         } else if matches!(status, tonic::Code::Internal | tonic::Code::Unknown) {
             RPC_FAILED.log(|suppressed| {
