@@ -22,10 +22,7 @@ impl NotificationService for Notifications {
         &self,
         req: Request<SendNotificationRequest>,
     ) -> Result<Response<Notification>, Status> {
-        let (claims, org) = self
-            .0
-            .authorize(&req, &req.get_ref().org_id, Need::Admin)
-            .await?;
+        let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Admin)?;
         let r = req.into_inner();
         if !r.user_id.is_empty() {
             validate::id("user_id", &r.user_id)?;
@@ -62,10 +59,7 @@ impl NotificationService for Notifications {
         &self,
         req: Request<ListNotificationsRequest>,
     ) -> Result<Response<ListNotificationsResponse>, Status> {
-        let (claims, org) = self
-            .0
-            .authorize(&req, &req.get_ref().org_id, Need::Read)
-            .await?;
+        let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Read)?;
         let r = req.into_inner();
         let limit = validate::page_size(r.page_size)?;
         let after = page_token(&r.page_token)?;
@@ -85,10 +79,7 @@ impl NotificationService for Notifications {
         &self,
         req: Request<MarkReadRequest>,
     ) -> Result<Response<MarkReadResponse>, Status> {
-        let (claims, org) = self
-            .0
-            .authorize(&req, &req.get_ref().org_id, Need::Write)
-            .await?;
+        let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Write)?;
         let r = req.into_inner();
         if r.notification_ids.len() > MAX_MARK {
             return Err(Status::invalid_argument(format!(
