@@ -5,7 +5,8 @@
 //! alone), commits once, then hands the committed events on in seq order (`Committed`) and answers
 //! the callers. A batch whose transaction cannot begin or commit applies and publishes nothing. The
 //! writer's last transaction outcome (refreshed by a lock-only probe when idle) is the store's
-//! health. Reads run on a small pool of read connections (WAL readers never block the writer).
+//! health. Reads run on READERS reader threads, each with its own connection (WAL readers never
+//! block the writer); reads beyond them wait in a queue, holding neither a thread nor a connection.
 use std::{
     path::Path,
     sync::{
@@ -87,6 +88,9 @@ type Finish = Box<dyn FnOnce(Result<()>) + Send>;
 /// A write: given the open transaction, runs inside its own savepoint and says `true` when it
 /// succeeded and should be kept; given `None` (the transaction could not be had) it runs nothing.
 type WriteOp = Box<dyn FnOnce(Option<(&Connection, &mut Appender)>) -> (bool, Finish) + Send>;
+/// A read: given a reader's connection (or why it could not be opened), runs and answers its
+/// caller.
+type ReadOp = Box<dyn FnOnce(Result<&Connection>) + Send>;
 
 /// Most writes one transaction takes.
 const MAX_BATCH: usize = 512;
@@ -97,20 +101,14 @@ const WRITE_QUEUE: usize = 16 * MAX_BATCH;
 const PROBE_IDLE: Duration = Duration::from_secs(1);
 /// Log rows (or idempotency keys) one retention write deletes: trimming is many short writes.
 const TRIM_BATCH: u64 = 1000;
-/// Read connections kept open.
+/// Reader threads, each with one connection: the most reads that run at once.
 const READERS: usize = 4;
 
 pub struct SqliteStore {
     writer: mpsc::SyncSender<WriteOp>,
-    readers: Arc<Readers>,
+    readers: mpsc::Sender<ReadOp>,
     health: Arc<WriterHealth>,
     db_epoch: u64,
-}
-
-struct Readers {
-    path: std::path::PathBuf,
-    busy_timeout: Duration,
-    idle: Mutex<Vec<Connection>>,
 }
 
 /// Appends events to org logs inside the current write, collecting them for publication.
@@ -247,13 +245,17 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || write_loop(conn, rx, committed, db_epoch, gone))?;
+        let (readers, reads) = mpsc::channel();
+        let reads = Arc::new(Mutex::new(reads));
+        for i in 0..READERS {
+            let (reads, path) = (reads.clone(), path.to_path_buf());
+            std::thread::Builder::new()
+                .name(format!("sqlite-reader-{i}"))
+                .spawn(move || read_loop(&path, busy_timeout, &reads))?;
+        }
         Ok(SqliteStore {
             writer: tx,
-            readers: Arc::new(Readers {
-                path: path.to_path_buf(),
-                busy_timeout,
-                idle: Mutex::new(Vec::new()),
-            }),
+            readers,
             health,
             db_epoch,
         })
@@ -283,26 +285,38 @@ impl SqliteStore {
         rx.await.map_err(|_| writer_stopped())?
     }
 
-    /// Runs `f` on a read connection, off the async threads.
+    /// Runs `f` on a reader thread's connection, off the async threads, once a reader is free.
     async fn read<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
     ) -> Result<R> {
-        let readers = self.readers.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = match readers.idle.lock().pop() {
-                Some(c) => c,
-                None => open(&readers.path, readers.busy_timeout).map_err(db)?,
-            };
-            let r = f(&conn);
-            let mut idle = readers.idle.lock();
-            if idle.len() < READERS {
-                idle.push(conn);
-            }
-            r
-        })
-        .await
-        .map_err(|e| StoreError::Internal(format!("read task: {e}")))?
+        let stopped = || StoreError::Unavailable("store readers stopped".into());
+        let (tx, rx) = oneshot::channel();
+        let op: ReadOp = Box::new(move |conn| {
+            let _ = tx.send(conn.and_then(f));
+        });
+        self.readers.send(op).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+/// A reader thread: runs the queued reads one at a time on its connection (opened at its first
+/// read, again after a failure to open) until the store is dropped.
+fn read_loop(path: &Path, busy_timeout: Duration, reads: &Mutex<mpsc::Receiver<ReadOp>>) {
+    let mut conn = None;
+    loop {
+        let Ok(op) = reads.lock().recv() else { return };
+        if conn.is_none() {
+            conn = open(path, busy_timeout)
+                .map_err(|e| tracing::warn!(error = %e, "sqlite: cannot open a read connection"))
+                .ok();
+        }
+        match &conn {
+            Some(c) => op(Ok(c)),
+            None => op(Err(StoreError::Unavailable(
+                "cannot open a read connection to the database".into(),
+            ))),
+        }
     }
 }
 
