@@ -128,6 +128,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_user: u32,
 
+    /// `Poll` calls one user (same `sub` and org) may have waiting at once on this node; the next
+    /// one gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ORGPULSE_MAX_POLLS_PER_USER", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_polls_per_user: u32,
+
     /// Development mode: create and keep an HS256 secret in the data directory (the SQLite file's
     /// directory; `./orgpulse-data` with PostgreSQL) and print tokens.
     #[arg(long, env = "ORGPULSE_DEV")]
