@@ -371,3 +371,51 @@ async fn sdk_in_node_writes_jobs_and_receives_each_event_once() {
     assert_eq!(log.len(), 5, "one create and four updates");
     assert_exactly_once(&received, &log, 1..=5, "worker", &[]);
 }
+
+/// API.md "Input limits": the SDK's `publish` of `data` nested 33 levels is refused
+/// (INVALID_ARGUMENT naming the limit); 32 levels (the most the server takes) reach the SDK
+/// intact in Node, both by a stream and by polling (`forcePoll`).
+#[tokio::test]
+async fn sdk_in_node_receives_32_levels_of_data_by_stream_and_by_poll() {
+    if prerequisites("the SDK Node test").is_none() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let s = start_server().await;
+    let out = tokio::process::Command::new("node")
+        .arg("e2e/node-deep.mjs")
+        .current_dir(web_dir().join("../clients/web"))
+        .env("ORGPULSE_URL", &s.url)
+        .env("ORGPULSE_TOKEN", token(ORG, "ada", "admin"))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(SETTLE, out)
+        .await
+        .expect("node e2e/node-deep.mjs ended")
+        .expect("node e2e/node-deep.mjs");
+    assert!(
+        out.status.success(),
+        "node deep: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    let mut deepest = json!(1);
+    for _ in 0..32 {
+        deepest = json!({ "a": deepest });
+    }
+    assert_eq!(v["refused"]["code"], 3, "INVALID_ARGUMENT: {v}");
+    assert_eq!(
+        v["refused"]["message"],
+        "data nests deeper than 32 levels; at most 32 allowed"
+    );
+    let log = log_of(&s.dir, ORG);
+    assert_eq!(log.len(), 1, "one entity change");
+    for how in ["stream", "poll"] {
+        let received = [Event {
+            seq: v[how]["seq"].as_u64().expect("a seq"),
+            ..Default::default()
+        }];
+        assert_exactly_once(&received, &log, 1..=1, "ada", &[]);
+        assert_eq!(v[how]["data"], deepest, "by {how}");
+    }
+}
