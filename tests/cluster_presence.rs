@@ -37,6 +37,19 @@ async fn next_presence(sub: &mut Sub) -> (bool, String) {
     presence(&sub.until(|e| presence(e).is_some()).await).unwrap()
 }
 
+/// A presence subscriber on `node` that has seen itself come online.
+async fn observer_on(node: &TestServer) -> Sub {
+    let mut observer = Sub::open(node, &token(ORG, "observer", "viewer"), ORG, "", &[3])
+        .await
+        .unwrap();
+    observer.caught_up().await;
+    assert_eq!(
+        next_presence(&mut observer).await,
+        (true, "observer".into())
+    );
+    observer
+}
+
 /// Alice's connections in `ListOnline` on `node` (0: not listed).
 async fn connections(node: &TestServer, who: &str) -> u32 {
     online(node, &token(ORG, "observer", "viewer"))
@@ -65,15 +78,8 @@ async fn a_user_on_two_nodes_is_one_member_and_goes_offline_once_when_both_die()
         return;
     }
     let mut cluster = Cluster::start(3, FLAGS).await;
-    let observer_t = token(ORG, "observer", "viewer");
     let alice_t = token(ORG, "alice", "member");
-    let c = &cluster.nodes[2];
-    let mut observer = Sub::open(c, &observer_t, ORG, "", &[3]).await.unwrap();
-    observer.caught_up().await;
-    assert_eq!(
-        next_presence(&mut observer).await,
-        (true, "observer".into())
-    );
+    let mut observer = observer_on(&cluster.nodes[2]).await;
 
     let mut on_a = Sub::open(&cluster.nodes[0], &alice_t, ORG, "", &[1])
         .await
@@ -149,15 +155,7 @@ async fn a_stopped_node_says_it_leaves_and_its_users_go_offline_after_the_grace(
         "60s",
     ];
     let mut cluster = Cluster::start(2, &flags).await;
-    let b = &cluster.nodes[1];
-    let mut observer = Sub::open(b, &token(ORG, "observer", "viewer"), ORG, "", &[3])
-        .await
-        .unwrap();
-    observer.caught_up().await;
-    assert_eq!(
-        next_presence(&mut observer).await,
-        (true, "observer".into())
-    );
+    let mut observer = observer_on(&cluster.nodes[1]).await;
     let mut on_a = Sub::open(
         &cluster.nodes[0],
         &token(ORG, "alice", "member"),
@@ -193,15 +191,7 @@ async fn a_poll_waiting_on_one_node_keeps_its_user_online_and_offline_within_gra
     const POLL_ONLINE: Duration = Duration::from_secs(5);
     const HEARTBEAT: Duration = Duration::from_millis(200);
     let cluster = Cluster::start(3, FLAGS).await;
-    let c = &cluster.nodes[2];
-    let mut observer = Sub::open(c, &token(ORG, "observer", "viewer"), ORG, "", &[3])
-        .await
-        .unwrap();
-    observer.caught_up().await;
-    assert_eq!(
-        next_presence(&mut observer).await,
-        (true, "observer".into())
-    );
+    let mut observer = observer_on(&cluster.nodes[2]).await;
     let paula = token(ORG, "paula", "viewer");
     let a = &cluster.nodes[0];
     let head = snapshot(a, &paula).await.cursor;
