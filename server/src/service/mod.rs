@@ -16,7 +16,7 @@ use crate::{
     hub::Hub,
     presence::Presence,
     store::Store,
-    stream_limit::StreamSlots,
+    user_slots::UserSlots,
 };
 
 /// What every service needs.
@@ -27,7 +27,9 @@ pub struct Ctx {
     pub presence: Arc<dyn Presence>,
     pub heartbeat: Duration,
     /// Open `Subscribe` streams per user, against `--max-streams-per-user`.
-    pub streams: StreamSlots,
+    pub streams: UserSlots,
+    /// Waiting `Poll` calls per user, against `--max-polls-per-user`.
+    pub polls: UserSlots,
     /// Cancelled when the server shuts down: every open stream ends at once.
     pub shutdown: CancellationToken,
 }
