@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    bus::Bus,
+    bus::{Bus, Deliver},
     metrics::METRICS,
     store::{CommittedEvent, LogRead, Store},
 };
@@ -169,8 +169,37 @@ pub struct Hub {
     inner: Arc<Inner>,
 }
 
+/// This node's rooms by org: where the Bus delivers (`bus::Deliver`). Made before the Bus and
+/// the Hub, which both hold it, so the wiring runs one way: rooms -> bus -> store -> hub.
+#[derive(Default)]
+pub struct Rooms(Mutex<HashMap<Arc<str>, Arc<Room>>>);
+
+impl Rooms {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<Arc<str>, Arc<Room>>> {
+        self.0.lock()
+    }
+
+    fn send(&self, org: &str, msg: RoomMsg) {
+        let room = self.lock().get(org).cloned();
+        if let Some(room) = room {
+            let _ = room.tx.send(msg);
+        }
+    }
+}
+
+impl Deliver for Rooms {
+    fn deliver(&self, ev: CommittedEvent) {
+        let org = ev.org.clone();
+        self.send(&org, RoomMsg::Durable(ev));
+    }
+
+    fn subscribed(&self, org: &Arc<str>) {
+        self.send(org, RoomMsg::Subscribed);
+    }
+}
+
 struct Inner {
-    rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
+    rooms: Arc<Rooms>,
     /// Set by `shut_down`: every subscriber, present or joining, is cut with `Cut::Shutdown`.
     shut: AtomicBool,
     store: Arc<dyn Store>,
@@ -205,6 +234,8 @@ enum RoomMsg {
     Ephemeral(Bytes),
     /// The org's log reaches at least this seq (from the tail checker).
     Head(u64),
+    /// The bus now carries the org's events: look up the log's head, for events it missed.
+    Subscribed,
 }
 
 /// A subscriber's place in a room. Dropping it leaves the room.
@@ -246,13 +277,13 @@ impl Drop for Registration {
 }
 
 impl Hub {
-    /// A Hub fed by `bus`; when the bus is lossy, with a tail checker that lives as long as the
-    /// Hub.
-    pub fn new(store: Arc<dyn Store>, queue: usize, bus: Arc<dyn Bus>) -> Hub {
+    /// A Hub of `rooms`, which `bus` feeds; when the bus is lossy, with a tail checker that lives
+    /// as long as the Hub.
+    pub fn new(rooms: Arc<Rooms>, store: Arc<dyn Store>, queue: usize, bus: Arc<dyn Bus>) -> Hub {
         let lossy = bus.lossy();
         let hub = Hub {
             inner: Arc::new(Inner {
-                rooms: Mutex::default(),
+                rooms,
                 shut: AtomicBool::new(false),
                 store,
                 bus,
@@ -350,30 +381,9 @@ impl Hub {
         room
     }
 
-    /// A committed event from the bus.
-    pub fn deliver(&self, ev: CommittedEvent) {
-        let room = self.inner.rooms.lock().get(&ev.org).cloned();
-        if let Some(room) = room {
-            let _ = room.tx.send(RoomMsg::Durable(ev));
-        }
-    }
-
-    /// Looks up `org`'s log head now (as the tail checker does for all rooms) and has its room
-    /// repair up to it: for events the bus may have missed, e.g. before it subscribed.
-    pub async fn check_tail(&self, org: &Arc<str>) {
-        let room = self.inner.rooms.lock().get(org).cloned();
-        if let Some(room) = room {
-            let rooms = HashMap::from([(org.clone(), room)]);
-            send_heads(&self.inner, &rooms).await;
-        }
-    }
-
     /// An ephemeral event (presence) for every subscriber of `org` that asked for presence.
     pub fn deliver_ephemeral(&self, org: &str, bytes: Bytes) {
-        let room = self.inner.rooms.lock().get(org).cloned();
-        if let Some(room) = room {
-            let _ = room.tx.send(RoomMsg::Ephemeral(bytes));
-        }
+        self.inner.rooms.send(org, RoomMsg::Ephemeral(bytes));
     }
 }
 
@@ -441,16 +451,24 @@ async fn run_room(
                     }
                 }
                 Some(RoomMsg::Ephemeral(bytes)) => room.fan_out(Item { seq: 0, bytes }, |a| a.kinds.has(EventKind::Presence)),
-                Some(RoomMsg::Head(head)) => {
-                    if head > last {
-                        METRICS.tail_repairs.inc();
-                        last = repair(&room, &*store, last, head).await;
-                    }
-                }
+                Some(RoomMsg::Head(head)) => last = catch_up(&room, &*store, last, head).await,
+                Some(RoomMsg::Subscribed) => match store.bounds(&room.org).await {
+                    Ok(b) => last = catch_up(&room, &*store, last, b.head).await,
+                    Err(e) => tracing::warn!(org = %room.org, error = %e, "tail check failed; retrying on the next one"),
+                },
             },
         }
         room.delivered.store(last, Ordering::Relaxed);
     }
+}
+
+/// A tail check found the org's log at `head`: repairs up to it when the room is behind.
+async fn catch_up(room: &Room, store: &dyn Store, last: u64, head: u64) -> u64 {
+    if head <= last {
+        return last;
+    }
+    METRICS.tail_repairs.inc();
+    repair(room, store, last, head).await
 }
 
 /// Delivers the org's events `last+1 ..= upto` from the Store; returns the new last delivered seq.
@@ -519,11 +537,7 @@ impl Room {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        collections::HashMap,
-        sync::{Arc, OnceLock},
-        time::SystemTime,
-    };
+    use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
     use async_trait::async_trait;
     use orgpulse::proto::{Job, Notification};
@@ -534,7 +548,7 @@ mod tests {
         bus::{Bus, MemoryBus},
         store::{
             JobPage, JobPatch, LogBounds, LogRead, NewJob, NewNotification, NotificationPage,
-            Result, publishing_to, sqlite::SqliteStore,
+            Result, sqlite::SqliteStore,
         },
     };
 
@@ -546,7 +560,6 @@ mod tests {
         fn publish(&self, ev: CommittedEvent) {
             self.0.lock().push(ev);
         }
-        fn attach(&self, _: Hub) {}
         /// The test plays the losses itself, through the rooms' gap repair.
         fn lossy(&self) -> bool {
             false
@@ -567,12 +580,12 @@ mod tests {
         let store = Arc::new(
             SqliteStore::open(
                 &temp_db(tag),
-                publishing_to(bus.clone()),
+                crate::bus::committed_to(bus.clone()),
                 Duration::from_secs(10),
             )
             .unwrap(),
         );
-        let hub = Hub::new(store.clone(), 10_000, bus.clone());
+        let hub = Hub::new(Arc::default(), store.clone(), 10_000, bus.clone());
         (store, bus, hub)
     }
 
@@ -598,7 +611,7 @@ mod tests {
     /// A bus that loses every event with seq `lost_seq` (for each org) and hands the rest to the
     /// Hub.
     struct LossyBus {
-        hub: OnceLock<Hub>,
+        rooms: Arc<Rooms>,
         lost_seq: u64,
         lost: Mutex<Vec<(Arc<str>, u64)>>,
     }
@@ -607,12 +620,9 @@ mod tests {
         fn publish(&self, ev: CommittedEvent) {
             if ev.seq == self.lost_seq {
                 self.lost.lock().push((ev.org.clone(), ev.seq));
-            } else if let Some(hub) = self.hub.get() {
-                hub.deliver(ev);
+            } else {
+                self.rooms.deliver(ev);
             }
-        }
-        fn attach(&self, hub: Hub) {
-            let _ = self.hub.set(hub);
         }
         fn lossy(&self) -> bool {
             true
@@ -638,7 +648,7 @@ mod tests {
             Arc::new(CountingStore {
                 inner: SqliteStore::open(
                     &dir.join("hub.db"),
-                    publishing_to(bus),
+                    crate::bus::committed_to(bus),
                     Duration::from_secs(10),
                 )
                 .unwrap(),
@@ -796,7 +806,7 @@ mod tests {
             }
         }
         for ev in script {
-            hub.deliver(ev);
+            hub.inner.rooms.deliver(ev);
         }
         let want: Vec<u64> = (1..=40).collect();
         assert_eq!(seqs_until(&mut a, 40).await, want);
@@ -850,14 +860,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn lossy_bus_lost_last_events_come_from_one_batched_tail_check() {
+        let rooms = Arc::new(Rooms::default());
         let bus = Arc::new(LossyBus {
-            hub: OnceLock::new(),
+            rooms: rooms.clone(),
             lost_seq: 3,
             lost: Mutex::default(),
         });
         let store = CountingStore::open(bus.clone());
-        let hub = Hub::new(store.clone(), 16, bus.clone());
-        bus.attach(hub.clone());
+        let hub = Hub::new(rooms, store.clone(), 16, bus.clone());
         let mut a = hub.register("org-a", everything()).await.unwrap();
         let mut b = hub.register("org-b", everything()).await.unwrap();
         write_events(&store, "org-a", 3).await;
@@ -879,10 +889,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn memory_bus_hub_runs_no_tail_query() {
-        let bus = Arc::new(MemoryBus::default());
+        let rooms = Arc::new(Rooms::default());
+        let bus = Arc::new(MemoryBus::new(rooms.clone()));
         let store = CountingStore::open(bus.clone());
-        let hub = Hub::new(store.clone(), 16, bus.clone());
-        bus.attach(hub.clone());
+        let hub = Hub::new(rooms, store.clone(), 16, bus.clone());
         let mut reg = hub.register("org-a", everything()).await.unwrap();
         write_events(&store, "org-a", 3).await;
         assert_eq!(receive(&mut reg, 3).await, [1, 2, 3]);

@@ -21,8 +21,7 @@ use crate::{
     auth::Authenticator,
     bus::{Bus, MemoryBus, nats::NatsBus},
     config::{Config, Database},
-    hub::Hub,
-    metrics::METRICS,
+    hub::{Hub, Rooms},
     presence::{
         MemoryPresence, Presence,
         nats::{NatsPresence, Timing},
@@ -58,14 +57,18 @@ pub async fn run(
             Some(crate::bus::nats::connect(url, &node_id).await?)
         }
     };
+    // One way: the rooms the Bus delivers to, the Bus, the Store publishing on it, the Hub.
+    let rooms = Arc::new(Rooms::default());
     let bus: Arc<dyn Bus> = match &nats {
-        Some(client) => Arc::new(NatsBus::new(client.clone(), &cfg.nats_subject_prefix)),
-        None => Arc::new(MemoryBus::default()),
+        Some(client) => Arc::new(NatsBus::new(
+            client.clone(),
+            &cfg.nats_subject_prefix,
+            rooms.clone(),
+        )),
+        None => Arc::new(MemoryBus::new(rooms.clone())),
     };
-    let store = crate::store::open(&cfg, bus.clone()).await?;
-    let hub = Hub::new(store.clone(), cfg.subscriber_queue, bus.clone());
-    bus.attach(hub.clone());
-    let _ = METRICS.node.set((node_id.clone(), bus.clone()));
+    let store = crate::store::open(&cfg, crate::bus::committed_to(bus.clone())).await?;
+    let hub = Hub::new(rooms, store.clone(), cfg.subscriber_queue, bus.clone());
     let cluster = nats.is_some();
     let stop = CancellationToken::new();
     if let Some(keys) = auth.remote_keys() {
@@ -98,6 +101,8 @@ pub async fn run(
         store: store.clone(),
         hub,
         presence,
+        node_id: node_id.clone(),
+        bus,
         heartbeat: cfg.heartbeat_interval,
         streams: crate::stream_limit::StreamSlots::new(cfg.max_streams_per_user),
         shutdown: stop.clone(),

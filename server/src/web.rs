@@ -146,7 +146,13 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render(ctx.store.pool_stats()),
+        crate::metrics::render(
+            ctx.store.pool_stats(),
+            crate::metrics::NodeState {
+                id: &ctx.node_id,
+                bus_connected: ctx.bus.connected(),
+            },
+        ),
     )
 }
 

@@ -13,6 +13,7 @@ use tonic::{Request, Status};
 
 use crate::{
     auth::{Authenticator, Claims, Need},
+    bus::Bus,
     hub::Hub,
     presence::Presence,
     store::Store,
@@ -25,6 +26,9 @@ pub struct Ctx {
     pub store: Arc<dyn Store>,
     pub hub: Hub,
     pub presence: Arc<dyn Presence>,
+    /// This node's id and its bus, for `/metrics`.
+    pub node_id: String,
+    pub bus: Arc<dyn Bus>,
     pub heartbeat: Duration,
     /// Open `Subscribe` streams per user, against `--max-streams-per-user`.
     pub streams: StreamSlots,

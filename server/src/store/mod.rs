@@ -21,9 +21,9 @@ use prost::Message;
 use tonic::Status;
 
 use crate::{
-    bus::Bus,
     config::{Config, Database},
     cursor::Cursor,
+    metrics::PoolStats,
 };
 
 /// A durable event as committed: encoded once, shared by every subscriber it goes to.
@@ -128,15 +128,9 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// org). Called from the engine's writer, so the order holds without the publisher re-sorting.
 pub type Committed = Arc<dyn Fn(CommittedEvent) + Send + Sync>;
 
-/// Committed events go out on `bus`.
-pub fn publishing_to(bus: Arc<dyn Bus>) -> Committed {
-    Arc::new(move |ev| bus.publish(ev))
-}
-
 /// Opens the store `--database` names (the engine is chosen here and nowhere else); its committed
-/// events are published on `bus`.
-pub async fn open(cfg: &Config, bus: Arc<dyn Bus>) -> anyhow::Result<Arc<dyn Store>> {
-    let committed = publishing_to(bus);
+/// events go to `committed`.
+pub async fn open(cfg: &Config, committed: Committed) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match cfg.database().map_err(anyhow::Error::msg)? {
         Database::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(
             &path,
@@ -293,19 +287,6 @@ pub trait Store: Send + Sync + 'static {
     fn postgres(&self) -> Option<&postgres::PostgresStore> {
         None
     }
-}
-
-/// A store's connection pool now.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PoolStats {
-    /// Most connections it opens.
-    pub max_size: usize,
-    /// Connections open.
-    pub size: usize,
-    /// Open connections idle in the pool.
-    pub available: usize,
-    /// Callers waiting for a connection.
-    pub waiting: usize,
 }
 
 /// What the `requests` table keeps for an entity change's key: the seq it got.
