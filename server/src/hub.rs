@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     bus::{Bus, Deliver},
     metrics::METRICS,
-    store::{CommittedEvent, LogRead, Store},
+    store::{CommittedEvent, Log, LogRead},
 };
 
 /// How often the tail checker of a Hub on a lossy bus compares its rooms' last delivered seqs with
@@ -202,7 +202,7 @@ struct Inner {
     rooms: Arc<Rooms>,
     /// Set by `shut_down`: every subscriber, present or joining, is cut with `Cut::Shutdown`.
     shut: AtomicBool,
-    store: Arc<dyn Store>,
+    store: Arc<dyn Log>,
     bus: Arc<dyn Bus>,
     queue: usize,
 }
@@ -279,7 +279,7 @@ impl Drop for Registration {
 impl Hub {
     /// A Hub of `rooms`, which `bus` feeds; when the bus is lossy, with a tail checker that lives
     /// as long as the Hub.
-    pub fn new(rooms: Arc<Rooms>, store: Arc<dyn Store>, queue: usize, bus: Arc<dyn Bus>) -> Hub {
+    pub fn new(rooms: Arc<Rooms>, store: Arc<dyn Log>, queue: usize, bus: Arc<dyn Bus>) -> Hub {
         let lossy = bus.lossy();
         let hub = Hub {
             inner: Arc::new(Inner {
@@ -428,7 +428,7 @@ async fn run_room(
     room: Arc<Room>,
     mut rx: mpsc::UnboundedReceiver<RoomMsg>,
     mut last: u64,
-    store: Arc<dyn Store>,
+    store: Arc<dyn Log>,
 ) {
     loop {
         tokio::select! {
@@ -463,7 +463,7 @@ async fn run_room(
 }
 
 /// A tail check found the org's log at `head`: repairs up to it when the room is behind.
-async fn catch_up(room: &Room, store: &dyn Store, last: u64, head: u64) -> u64 {
+async fn catch_up(room: &Room, store: &dyn Log, last: u64, head: u64) -> u64 {
     if head <= last {
         return last;
     }
@@ -476,7 +476,7 @@ async fn catch_up(room: &Room, store: &dyn Store, last: u64, head: u64) -> u64 {
 /// never be delivered, so every subscriber is ended resumably (its client resumes with its cursor
 /// and Subscribe answers `resync`, the one path that explains a gap) and the room goes on from
 /// the log's head.
-async fn repair(room: &Room, store: &dyn Store, mut last: u64, upto: u64) -> u64 {
+async fn repair(room: &Room, store: &dyn Log, mut last: u64, upto: u64) -> u64 {
     while last < upto {
         match store.read_after(&room.org, last, REPAIR_PAGE).await {
             Ok(LogRead::Events(page)) if !page.is_empty() => {
@@ -540,16 +540,12 @@ mod tests {
     use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
     use async_trait::async_trait;
-    use orgpulse::proto::{Job, Notification};
     use parking_lot::Mutex;
 
     use super::*;
     use crate::{
         bus::{Bus, MemoryBus},
-        store::{
-            JobPage, JobPatch, LogBounds, LogRead, NewJob, NewNotification, NotificationPage,
-            Result, sqlite::SqliteStore,
-        },
+        store::{Entities, LogBounds, LogRead, NewJob, Result, sqlite::SqliteStore},
     };
 
     /// A bus that hands nothing on by itself: the test delivers what it recorded, in any order.
@@ -589,14 +585,15 @@ mod tests {
         (store, bus, hub)
     }
 
-    async fn commit_jobs(store: &SqliteStore, n: usize) {
+    async fn commit_jobs(store: &Arc<SqliteStore>, n: usize) {
+        let entities = Entities::new(store.clone());
         for i in 0..n {
             let new = NewJob {
                 title: format!("job {i}"),
                 labels: Default::default(),
                 request_id: String::new(),
             };
-            store.create_job("o", "u", new).await.unwrap();
+            entities.create_job("o", "u", new).await.unwrap();
         }
     }
 
@@ -632,7 +629,7 @@ mod tests {
     /// The SQLite store, counting the log-head queries made of it: `bounds` calls, and the orgs
     /// asked for in each `heads` call.
     struct CountingStore {
-        inner: SqliteStore,
+        inner: Arc<SqliteStore>,
         dir: std::path::PathBuf,
         bounds_calls: Mutex<u64>,
         heads_calls: Mutex<Vec<usize>>,
@@ -646,12 +643,14 @@ mod tests {
                 rand::random::<u64>()
             ));
             Arc::new(CountingStore {
-                inner: SqliteStore::open(
-                    &dir.join("hub.db"),
-                    crate::bus::committed_to(bus),
-                    Duration::from_secs(10),
-                )
-                .unwrap(),
+                inner: Arc::new(
+                    SqliteStore::open(
+                        &dir.join("hub.db"),
+                        crate::bus::committed_to(bus),
+                        Duration::from_secs(10),
+                    )
+                    .unwrap(),
+                ),
                 dir,
                 bounds_calls: Mutex::new(0),
                 heads_calls: Mutex::new(Vec::new()),
@@ -666,59 +665,9 @@ mod tests {
     }
 
     #[async_trait]
-    impl Store for CountingStore {
+    impl Log for CountingStore {
         fn org_epoch(&self, org: &str) -> u64 {
             self.inner.org_epoch(org)
-        }
-        async fn create_job(&self, org: &str, actor: &str, new: NewJob) -> Result<Job> {
-            self.inner.create_job(org, actor, new).await
-        }
-        async fn get_job(&self, org: &str, job_id: &str) -> Result<Job> {
-            self.inner.get_job(org, job_id).await
-        }
-        async fn list_jobs(
-            &self,
-            org: &str,
-            statuses: Vec<i32>,
-            limit: usize,
-            after: Option<String>,
-        ) -> Result<JobPage> {
-            self.inner.list_jobs(org, statuses, limit, after).await
-        }
-        async fn update_job(&self, org: &str, actor: &str, patch: JobPatch) -> Result<Job> {
-            self.inner.update_job(org, actor, patch).await
-        }
-        async fn delete_job(&self, org: &str, actor: &str, job_id: &str) -> Result<()> {
-            self.inner.delete_job(org, actor, job_id).await
-        }
-        async fn send_notification(
-            &self,
-            org: &str,
-            actor: &str,
-            new: NewNotification,
-        ) -> Result<Notification> {
-            self.inner.send_notification(org, actor, new).await
-        }
-        async fn list_notifications(
-            &self,
-            org: &str,
-            user: &str,
-            unread_only: bool,
-            limit: usize,
-            after: Option<String>,
-        ) -> Result<NotificationPage> {
-            self.inner
-                .list_notifications(org, user, unread_only, limit, after)
-                .await
-        }
-        async fn mark_read(&self, org: &str, user: &str, ids: Vec<String>) -> Result<u32> {
-            self.inner.mark_read(org, user, ids).await
-        }
-        async fn append_entity_changes(
-            &self,
-            changes: Vec<crate::store::NewEntityChange>,
-        ) -> Result<Vec<u64>> {
-            self.inner.append_entity_changes(changes).await
         }
         async fn bounds(&self, org: &str) -> Result<LogBounds> {
             *self.bounds_calls.lock() += 1;
@@ -733,9 +682,6 @@ mod tests {
         }
         async fn trim(&self, before: SystemTime) -> Result<u64> {
             self.inner.trim(before).await
-        }
-        fn health(&self) -> std::result::Result<(), String> {
-            self.inner.health()
         }
     }
 
@@ -761,13 +707,14 @@ mod tests {
 
     /// Commits `n` job creations in `org`, one event each.
     async fn write_events(store: &CountingStore, org: &str, n: usize) {
+        let entities = Entities::new(store.inner.clone());
         for i in 0..n {
             let new = NewJob {
                 title: format!("job {i}"),
                 labels: HashMap::new(),
                 request_id: String::new(),
             };
-            store.create_job(org, "writer", new).await.unwrap();
+            entities.create_job(org, "writer", new).await.unwrap();
         }
     }
 

@@ -27,7 +27,7 @@ use crate::{
         nats::{NatsPresence, Timing},
     },
     service::Ctx,
-    store::Store,
+    store::Log,
 };
 
 /// How long in-flight calls get to finish after the shutdown signal.
@@ -68,7 +68,7 @@ pub async fn run(
         None => Arc::new(MemoryBus::new(rooms.clone())),
     };
     let store = crate::store::open(&cfg, crate::bus::committed_to(bus.clone())).await?;
-    let hub = Hub::new(rooms, store.clone(), cfg.subscriber_queue, bus.clone());
+    let hub = Hub::new(rooms, store.log.clone(), cfg.subscriber_queue, bus.clone());
     let cluster = nats.is_some();
     let stop = CancellationToken::new();
     if let Some(keys) = auth.remote_keys() {
@@ -113,12 +113,15 @@ pub async fn run(
             table: cfg.outbox_table.clone(),
             poll: cfg.outbox_poll,
         };
-        crate::outbox::start(outbox, store.clone(), stop.clone()).await?;
+        crate::outbox::start(outbox, &store, stop.clone()).await?;
     }
     let app = crate::web::router(ctx.clone(), &cfg.cors_origins).await?;
-    tokio::spawn(trim_log(store.clone(), cfg.retention, stop.clone()));
+    tokio::spawn(trim_log(store.log.clone(), cfg.retention, stop.clone()));
     if cfg.demo {
-        tokio::spawn(crate::dev::demo_workload(store.clone(), stop.clone()));
+        tokio::spawn(crate::dev::demo_workload(
+            store.entities.clone(),
+            stop.clone(),
+        ));
     }
 
     let mut http = auto::Builder::new(TokioExecutor::new());
@@ -213,7 +216,7 @@ where
 }
 
 /// Drops events older than `retention`, on a timer proportional to it.
-async fn trim_log(store: Arc<dyn Store>, retention: Duration, stop: CancellationToken) {
+async fn trim_log(store: Arc<dyn Log>, retention: Duration, stop: CancellationToken) {
     let every = (retention / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
     loop {
         if let Some(before) = std::time::SystemTime::now().checked_sub(retention) {

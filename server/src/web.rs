@@ -104,7 +104,7 @@ async fn asset(content_type: &'static str, body: &'static [u8]) -> impl IntoResp
 
 /// `ok`, or 503 with the reason the store cannot write.
 async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
-    match ctx.store.health() {
+    match ctx.store.status.health() {
         Ok(()) => "ok\n".into_response(),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }
@@ -127,7 +127,7 @@ async fn follow_store_health(ctx: Arc<Ctx>, health: tonic_health::server::Health
             _ = ctx.shutdown.cancelled() => return,
             _ = tokio::time::sleep(HEALTH_EVERY) => {}
         }
-        let now = ctx.store.health().is_ok();
+        let now = ctx.store.status.health().is_ok();
         if now != serving {
             serving = now;
             let status = if now {
@@ -147,7 +147,7 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         crate::metrics::render(
-            ctx.store.pool_stats(),
+            ctx.store.status.pool_stats(),
             crate::metrics::NodeState {
                 id: &ctx.node_id,
                 bus_connected: ctx.bus.connected(),

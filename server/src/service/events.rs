@@ -182,7 +182,7 @@ fn subscription(
         let _gauge = StreamGauge::open();
         let _held = held;
         let mut log = StreamLog { org: org.clone(), user: audience.user.clone(), sent: 0, end: "client went away" };
-        let store = ctx.store.clone();
+        let store = ctx.store.log.clone();
         let epoch = store.org_epoch(&org);
         // Position: the last seq this subscriber has seen or skipped.
         let (mut pos, mut resync) = match from {
@@ -294,7 +294,7 @@ fn replay<'a>(
     async_stream::try_stream! {
         'replay: loop {
             loop {
-                let page = match ctx.store.read_after(org, *pos, REPLAY_PAGE).await? {
+                let page = match ctx.store.log.read_after(org, *pos, REPLAY_PAGE).await? {
                     LogRead::Events(page) => page,
                     // Trimmed past `pos` (before or during the replay): what was sent is
                     // seamless; the rest is a resync to the head, then live from there.
@@ -362,7 +362,7 @@ async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollR
     };
     // Join the room before reading, so an event committed after the read wakes us.
     let mut reg = ctx.hub.register(&org, audience.clone()).await?;
-    let store = &ctx.store;
+    let store = &ctx.store.log;
     let epoch = store.org_epoch(&org);
     let resync_at = |head| {
         Response::new(PollResponse {

@@ -62,7 +62,11 @@ impl JobService for Jobs {
             request_id: r.request_id,
         };
         Ok(Response::new(
-            self.0.store.create_job(&org, &claims.user, new).await?,
+            self.0
+                .store
+                .entities
+                .create_job(&org, &claims.user, new)
+                .await?,
         ))
     }
 
@@ -73,7 +77,11 @@ impl JobService for Jobs {
             .await?;
         validate::object_id("job_id", &req.get_ref().job_id)?;
         Ok(Response::new(
-            self.0.store.get_job(&org, &req.get_ref().job_id).await?,
+            self.0
+                .store
+                .entities
+                .get_job(&org, &req.get_ref().job_id)
+                .await?,
         ))
     }
 
@@ -89,9 +97,14 @@ impl JobService for Jobs {
         let statuses = status_filter(&r.statuses)?;
         let limit = validate::page_size(r.page_size)?;
         let after = page_token(&r.page_token)?;
-        let page = self.0.store.list_jobs(&org, statuses, limit, after).await?;
+        let page = self
+            .0
+            .store
+            .entities
+            .list_jobs(&org, statuses, limit, after)
+            .await?;
         let cursor = Cursor {
-            epoch: self.0.store.org_epoch(&org),
+            epoch: self.0.store.log.org_epoch(&org),
             seq: page.head,
         }
         .encode();
@@ -130,7 +143,11 @@ impl JobService for Jobs {
             expected_version: r.expected_version,
         };
         Ok(Response::new(
-            self.0.store.update_job(&org, &claims.user, patch).await?,
+            self.0
+                .store
+                .entities
+                .update_job(&org, &claims.user, patch)
+                .await?,
         ))
     }
 
@@ -145,6 +162,7 @@ impl JobService for Jobs {
         validate::object_id("job_id", &req.get_ref().job_id)?;
         self.0
             .store
+            .entities
             .delete_job(&org, &claims.user, &req.get_ref().job_id)
             .await?;
         Ok(Response::new(DeleteJobResponse {}))

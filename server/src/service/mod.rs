@@ -16,14 +16,14 @@ use crate::{
     bus::Bus,
     hub::Hub,
     presence::Presence,
-    store::Store,
+    store::{Store, StoreError},
     stream_limit::StreamSlots,
 };
 
 /// What every service needs.
 pub struct Ctx {
     pub auth: Authenticator,
-    pub store: Arc<dyn Store>,
+    pub store: Store,
     pub hub: Hub,
     pub presence: Arc<dyn Presence>,
     /// This node's id and its bus, for `/metrics`.
@@ -63,4 +63,20 @@ pub fn page_token(token: &str) -> Result<Option<String>, Status> {
     crate::validate::object_id("page_token", token)
         .map_err(|_| Status::invalid_argument("page_token is not one this server returned"))?;
     Ok(Some(token.to_string()))
+}
+
+/// The gRPC status of a store error (the store speaks its own; only the services speak gRPC).
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        match e {
+            StoreError::NotFound(m) => Status::not_found(m),
+            StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
+            StoreError::Aborted(m) => Status::aborted(m),
+            StoreError::Unavailable(m) => Status::unavailable(m),
+            StoreError::Internal(m) => {
+                tracing::error!(error = %m, "storage error");
+                Status::internal("storage error")
+            }
+        }
+    }
 }

@@ -53,6 +53,7 @@ impl NotificationService for Notifications {
         Ok(Response::new(
             self.0
                 .store
+                .entities
                 .send_notification(&org, &claims.user, new)
                 .await?,
         ))
@@ -72,6 +73,7 @@ impl NotificationService for Notifications {
         let page = self
             .0
             .store
+            .entities
             .list_notifications(&org, &claims.user, r.unread_only, limit, after)
             .await?;
         Ok(Response::new(ListNotificationsResponse {
@@ -101,6 +103,7 @@ impl NotificationService for Notifications {
         let unread = self
             .0
             .store
+            .entities
             .mark_read(&org, &claims.user, r.notification_ids)
             .await?;
         Ok(Response::new(MarkReadResponse {
