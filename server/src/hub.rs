@@ -30,6 +30,7 @@ use crate::{
     bus::{Bus, Deliver},
     metrics::METRICS,
     store::{CommittedEvent, Log, LogRead},
+    validate::{Invalid, MAX_ENTITY_TYPES},
 };
 
 /// How often the tail checker of a Hub on a lossy bus compares its rooms' last delivered seqs with
@@ -84,7 +85,7 @@ impl CutFlag {
 pub struct Kinds(u8);
 
 impl Kinds {
-    pub fn from_request(kinds: &[i32]) -> Result<Kinds, tonic::Status> {
+    pub fn from_request(kinds: &[i32]) -> Result<Kinds, Invalid> {
         if kinds.is_empty() {
             return Ok(Kinds(u8::MAX));
         }
@@ -92,9 +93,7 @@ impl Kinds {
         for k in kinds {
             match EventKind::try_from(*k) {
                 Ok(EventKind::Unspecified) | Err(_) => {
-                    return Err(tonic::Status::invalid_argument(format!(
-                        "unknown event kind {k}"
-                    )));
+                    return Err(Invalid::new(format!("unknown event kind {k}")));
                 }
                 Ok(kind) => bits |= 1 << kind as u8,
             }
@@ -112,16 +111,13 @@ impl Kinds {
 #[derive(Debug, Clone, Default)]
 pub struct EntityTypes(Option<Arc<[Box<str>]>>);
 
-/// Most entity types one subscription may name.
-pub const MAX_ENTITY_TYPES: usize = 100;
-
 impl EntityTypes {
-    pub fn from_request(types: &[String]) -> Result<EntityTypes, tonic::Status> {
+    pub fn from_request(types: &[String]) -> Result<EntityTypes, Invalid> {
         if types.is_empty() {
             return Ok(EntityTypes(None));
         }
         if types.len() > MAX_ENTITY_TYPES {
-            return Err(tonic::Status::invalid_argument(format!(
+            return Err(Invalid::new(format!(
                 "entity_types names {} types; at most {MAX_ENTITY_TYPES} allowed",
                 types.len()
             )));

@@ -426,7 +426,7 @@ impl Table {
                 .ok_or_else(|| format!("{column} is required"))
         };
         let org = text(1, "org_id")?;
-        validate::id("org_id", &org).map_err(|s| s.message().to_string())?;
+        validate::id("org_id", &org).map_err(|e| e.to_string())?;
         let data = match text(5, "data")?.as_str() {
             "" => None,
             json => match serde_json::from_str(json) {
@@ -442,11 +442,11 @@ impl Table {
             data,
             user_id: row.get::<_, Option<String>>(6).unwrap_or_default(),
         };
-        validate::entity_change(&change).map_err(|s| s.message().to_string())?;
+        validate::entity_change(&change).map_err(|e| e.to_string())?;
         let actor = row
             .get::<_, Option<String>>(7)
             .unwrap_or_else(|| DEFAULT_ACTOR.into());
-        validate::id("actor", &actor).map_err(|s| s.message().to_string())?;
+        validate::id("actor", &actor).map_err(|e| e.to_string())?;
         Ok(NewEntityChange {
             org,
             actor,

@@ -22,11 +22,9 @@ use tonic::service::Routes;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::Instrument;
 
-use crate::service::{
-    Ctx,
-    events::{EventServer, MAX_REQUEST},
-    jobs::Jobs,
-    notifications::Notifications,
+use crate::{
+    service::{Ctx, events::EventServer, jobs::Jobs, notifications::Notifications},
+    validate::MAX_REQUEST,
 };
 
 const INDEX_HTML: &[u8] = include_bytes!("../../web/dist/index.html");

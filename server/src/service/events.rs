@@ -39,15 +39,11 @@ use crate::{
     presence::PresenceGuard,
     store::{LogRead, timestamp},
     stream_limit::StreamSlot,
+    validate::{DEFAULT_POLL_EVENTS, MAX_POLL_EVENTS, MAX_POLL_WAIT_MS, MAX_REQUEST},
 };
 
-/// Largest request message accepted (docs/api.md: larger is RESOURCE_EXHAUSTED).
-pub const MAX_REQUEST: usize = 1024 * 1024;
 /// Events read from the Store per page while replaying.
 const REPLAY_PAGE: usize = 1000;
-const MAX_POLL_EVENTS: u32 = 1000;
-const DEFAULT_POLL_EVENTS: u32 = 100;
-const MAX_POLL_WAIT_MS: u32 = 30_000;
 
 /// The tower service for `orgpulse.v1.EventService`.
 #[derive(Clone)]

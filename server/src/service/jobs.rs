@@ -12,7 +12,9 @@ use crate::{
     auth::Need,
     cursor::Cursor,
     store::{JobPatch, NewJob},
-    validate,
+    validate::{
+        self, MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, MAX_MESSAGE, MAX_PROGRESS, MAX_TITLE,
+    },
 };
 
 pub struct Jobs(pub Arc<Ctx>);
@@ -47,13 +49,15 @@ impl JobService for Jobs {
             .authorize(&req, &req.get_ref().org_id, Need::Write)
             .await?;
         let r = req.into_inner();
-        validate::text("title", &r.title, 1, 200)?;
-        if r.labels.len() > 32 {
-            return Err(Status::invalid_argument("at most 32 labels are allowed"));
+        validate::text("title", &r.title, 1, MAX_TITLE)?;
+        if r.labels.len() > MAX_LABELS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_LABELS} labels are allowed"
+            )));
         }
         for (k, v) in &r.labels {
-            validate::text("label key", k, 1, 64)?;
-            validate::text("label value", v, 0, 256)?;
+            validate::text("label key", k, 1, MAX_LABEL_KEY)?;
+            validate::text("label value", v, 0, MAX_LABEL_VALUE)?;
         }
         validate::request_id(&r.request_id)?;
         let new = NewJob {
@@ -123,16 +127,16 @@ impl JobService for Jobs {
         let r = req.into_inner();
         validate::object_id("job_id", &r.job_id)?;
         let new_status = r.status.map(|s| status("status", s)).transpose()?;
-        if r.progress.is_some_and(|p| p > 100) {
-            return Err(Status::invalid_argument(
-                "progress must be between 0 and 100",
-            ));
+        if r.progress.is_some_and(|p| p > MAX_PROGRESS) {
+            return Err(Status::invalid_argument(format!(
+                "progress must be between 0 and {MAX_PROGRESS}"
+            )));
         }
         if let Some(t) = &r.title {
-            validate::text("title", t, 1, 200)?;
+            validate::text("title", t, 1, MAX_TITLE)?;
         }
         if let Some(m) = &r.message {
-            validate::text("message", m, 0, 1000)?;
+            validate::text("message", m, 0, MAX_MESSAGE)?;
         }
         let patch = JobPatch {
             job_id: r.job_id,

@@ -1,5 +1,6 @@
-//! The gRPC service implementations. They are thin: validate -> authorize -> Store (which commits
-//! and publishes) -> answer. Delivery lives in the Hub and in `events`.
+//! The gRPC service implementations. They are thin: authorize -> validate -> Store (which commits
+//! and publishes) -> answer. Delivery lives in the Hub and in `events`. The one place where store
+//! and validation errors become gRPC statuses.
 pub mod events;
 pub mod jobs;
 pub mod notifications;
@@ -18,6 +19,7 @@ use crate::{
     presence::Presence,
     store::{Store, StoreError},
     stream_limit::StreamSlots,
+    validate::Invalid,
 };
 
 /// What every service needs.
@@ -32,7 +34,8 @@ pub struct Ctx {
     pub heartbeat: Duration,
     /// Open `Subscribe` streams per user, against `--max-streams-per-user`.
     pub streams: StreamSlots,
-    /// Cancelled when the server shuts down: every open stream ends at once.
+    /// Cancelled when the server shuts down: a waiting Poll answers at once and background loops
+    /// stop (open streams are ended by `Hub::shut_down`).
     pub shutdown: CancellationToken,
 }
 
@@ -78,5 +81,12 @@ impl From<StoreError> for Status {
                 Status::internal("storage error")
             }
         }
+    }
+}
+
+/// Input that breaks a rule of docs/api.md is INVALID_ARGUMENT.
+impl From<Invalid> for Status {
+    fn from(e: Invalid) -> Status {
+        Status::invalid_argument(e.0)
     }
 }
