@@ -13,7 +13,9 @@ use std::{
 
 use tokio::process::{Child, Command};
 
-use crate::support::{ServerOpts, TempDir, TestServer, new_postgres_database, share_database};
+use crate::support::{
+    ServerOpts, TempDir, TestServer, name_connections, new_postgres_database, share_database,
+};
 
 const POSTGRES: &str = "127.0.0.1:5432";
 const MACHINE_NATS: &str = "127.0.0.1:4222";
@@ -131,6 +133,8 @@ impl Cluster {
         for i in 0..n {
             let dir = TempDir::new("cluster-node");
             share_database(&cluster.db.0, &dir.0);
+            // In pg_stat_activity as `orgpulse-node0`, ...: a test can see what a node holds.
+            name_connections(&dir.0, &format!("orgpulse-node{i}"));
             let mut args: Vec<String> = [
                 "--nats",
                 nats,

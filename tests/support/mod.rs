@@ -180,6 +180,17 @@ pub fn share_database(dir: &Path, other: &Path) {
     std::fs::copy(dir.join(DATABASE_URL_FILE), other.join(DATABASE_URL_FILE)).unwrap();
 }
 
+/// Makes the connections of servers started on `dir` show as `name` in `pg_stat_activity`.
+pub fn name_connections(dir: &Path, name: &str) {
+    let url = recorded_database(dir).expect("a data directory with a PostgreSQL database");
+    let sep = if url.contains('?') { '&' } else { '?' };
+    std::fs::write(
+        dir.join(DATABASE_URL_FILE),
+        format!("{url}{sep}application_name={name}"),
+    )
+    .unwrap();
+}
+
 fn recorded_database(dir: &Path) -> Option<String> {
     std::fs::read_to_string(dir.join(DATABASE_URL_FILE)).ok()
 }

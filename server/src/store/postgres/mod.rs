@@ -39,6 +39,12 @@ const POOL_SIZE: usize = 8;
 /// How long a call waits for a connection (or for the database to answer a connect) before it
 /// fails with UNAVAILABLE.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Session limits on every connection of this node, so that a stuck peer costs the others bounded
+/// time (docs/design.md "Limits at the door"): a node paused or cut off inside a transaction loses
+/// it (and the org counter locks it holds) after 1 s without a statement (this node never waits
+/// for anything but its own CPU inside a transaction), and a statement that waits more than 2 s for
+/// a lock another session holds fails (UNAVAILABLE, the caller retries) instead of stalling.
+const SESSION_LIMITS: &str = "-c lock_timeout=2000 -c idle_in_transaction_session_timeout=1000";
 /// Events deleted per retention transaction.
 const TRIM_BATCH: u64 = 10_000;
 
@@ -323,8 +329,12 @@ fn db(e: tokio_postgres::Error) -> StoreError {
             // connection exception, insufficient resources, operator intervention (shutdown)
             matches!(class, "08" | "53" | "57")
         });
+    // lock_not_available: another session held a lock past SESSION_LIMITS' lock_timeout.
+    let lock_timeout = e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
     if lost_connection {
         StoreError::Unavailable(format!("database unavailable: {}", explain(&e)))
+    } else if lock_timeout {
+        StoreError::Unavailable(format!("database busy, retry: {}", explain(&e)))
     } else {
         StoreError::Internal(explain(&e))
     }
@@ -377,6 +387,11 @@ impl PostgresStore {
             .parse()
             .map_err(|e| anyhow::anyhow!("--database {url:?} is not a PostgreSQL URL: {e}"))?;
         cfg.connect_timeout(CONNECT_TIMEOUT);
+        let options = match cfg.get_options() {
+            Some(theirs) => format!("{theirs} {SESSION_LIMITS}"),
+            None => SESSION_LIMITS.to_string(),
+        };
+        cfg.options(&options);
         if cfg.get_application_name().is_none() {
             cfg.application_name("orgpulse");
         }

@@ -59,6 +59,8 @@ pub(super) async fn migrate(
     client: &mut Object,
 ) -> std::result::Result<u64, tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    // Nodes starting together wait here for the one that migrates, however long it takes.
+    tx.batch_execute("SET LOCAL lock_timeout = 0").await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
     tx.batch_execute(

@@ -114,8 +114,11 @@ pub(super) async fn write_loop(
                 batch.into_iter().map(|w| (w, Ok(()))).collect()
             }
             // Rerun alone only when the batch surely rolled back (not when its COMMIT was lost
-            // with the connection: then it may have committed).
-            Err(_) if batch.len() > 1 && !tx.broken => {
+            // with the connection: then it may have committed), and only for a write's own
+            // failure: after a lock timeout each rerun would wait as long again.
+            Err(ref e)
+                if batch.len() > 1 && !tx.broken && !matches!(e, StoreError::Unavailable(_)) =>
+            {
                 let mut results = Vec::with_capacity(batch.len());
                 for mut w in batch {
                     let r = run_alone(&mut tx, &mut w).await;
