@@ -2,10 +2,11 @@
 //!
 //! Every write is ONE transaction: the entity change plus the event appended to the org's log with
 //! the org's next `seq` (a per-org counter row, so commit order is seq order and a rollback leaves no
-//! gap). After each COMMIT the engine hands the committed events, in seq order, to the layer above
-//! (`Committed`), which publishes them on the Bus: no engine knows the Bus. The rules that do not
-//! depend on the engine live here and in `model`; each engine file holds SQL and connection
-//! handling only.
+//! gap). After each COMMIT the engine hands the committed events, in seq order, to the callback it
+//! was opened with (`Committed`; `server.rs` points it at the Bus): no engine knows the Bus. Its
+//! users see it through the part each needs ([`Store`]: `log`, `entities`, `status`). The rules
+//! that do not depend on the engine live here and in `model`, the write operations in `ops`; each
+//! engine folder holds SQL and connection handling only.
 pub mod model;
 pub mod ops;
 pub mod postgres;

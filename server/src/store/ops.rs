@@ -411,3 +411,33 @@ async fn remember(tx: &mut dyn WriteTx, key: RequestKey<'_>, data: &[u8]) -> Res
 pub fn decode<M: Message + Default>(data: &[u8]) -> Result<M> {
     M::decode(data).map_err(|e| StoreError::Internal(format!("corrupt row: {e}")))
 }
+
+#[cfg(test)]
+pub mod testing {
+    //! What the engines' writer tests share.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A write that appends one event to `org`, counting its runs in `runs`; it fails after
+    /// appending when `fail` says so (then it wrote: its batch must not keep it).
+    pub fn appending<T: WriteTx + 'static>(
+        org: &'static str,
+        fail: bool,
+        runs: Arc<AtomicUsize>,
+    ) -> (Write<T>, impl Future<Output = Result<u64>> + Send + 'static) {
+        Write::new(None, move |tx: &mut T| -> BoxFuture<'_, Result<u64>> {
+            let runs = runs.clone();
+            Box::pin(async move {
+                runs.fetch_add(1, Ordering::Relaxed);
+                let seq = tx
+                    .append(NewEvent::to_all(org, "u", job_deleted("x")))
+                    .await?;
+                if fail {
+                    return Err(StoreError::Aborted("this write fails".into()));
+                }
+                Ok(seq)
+            })
+        })
+    }
+}

@@ -194,13 +194,11 @@ mod tests {
         atomic::{AtomicUsize, Ordering},
     };
 
-    use futures::future::BoxFuture;
     use parking_lot::Mutex;
 
     use super::*;
     use crate::store::{
-        CommittedEvent, Entities, JobPatch, NewJob, job_deleted,
-        ops::{NewEvent, WriteTx},
+        CommittedEvent, Entities, JobPatch, NewJob, ops::testing::appending,
         postgres::PostgresStore,
     };
 
@@ -261,36 +259,15 @@ mod tests {
         Some((Arc::new(store), published))
     }
 
-    /// A write that appends one event to org `o`, counting its runs; it fails after appending
-    /// when `fail` says so (then it wrote: its batch must roll back).
-    fn append(
-        fail: bool,
-        runs: Arc<AtomicUsize>,
-    ) -> (Write<Tx>, impl Future<Output = Result<u64>>) {
-        Write::new(None, move |tx: &mut Tx| -> BoxFuture<'_, Result<u64>> {
-            let runs = runs.clone();
-            Box::pin(async move {
-                runs.fetch_add(1, Ordering::Relaxed);
-                let seq = tx
-                    .append(NewEvent::to_all("o", "u", job_deleted("x")))
-                    .await?;
-                if fail {
-                    return Err(StoreError::Aborted("this write fails".into()));
-                }
-                Ok(seq)
-            })
-        })
-    }
-
     #[tokio::test]
     async fn a_batch_rolled_back_for_one_write_reruns_each_write_alone() {
         let Some((store, published)) = store("rerun").await else {
             return;
         };
         let runs: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
-        let (a, a_answer) = append(false, runs[0].clone());
-        let (b, b_answer) = append(true, runs[1].clone());
-        let (c, c_answer) = append(false, runs[2].clone());
+        let (a, a_answer) = appending("o", false, runs[0].clone());
+        let (b, b_answer) = appending("o", true, runs[1].clone());
+        let (c, c_answer) = appending("o", false, runs[2].clone());
         // Queued before the writer looks: one batch.
         for w in [a, b, c] {
             store.queue(w).await.unwrap();

@@ -130,18 +130,13 @@ fn run_batch(tx: &mut Tx, batch: &mut [SqliteWrite]) -> Result<()> {
 mod tests {
     use std::sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicUsize, Ordering},
     };
 
-    use futures::future::BoxFuture;
     use parking_lot::Mutex;
 
     use super::*;
-    use crate::store::{
-        CommittedEvent, job_deleted,
-        ops::{NewEvent, WriteTx},
-        sqlite::schema,
-    };
+    use crate::store::{CommittedEvent, ops::testing::appending, sqlite::schema};
 
     /// A writer thread on a fresh file; what it publishes, and the file.
     fn writer(
@@ -172,35 +167,14 @@ mod tests {
         (tx, published, path)
     }
 
-    /// A write that appends one event to `org`, then fails when `fail` says so.
-    fn append(
-        org: &'static str,
-        fail: bool,
-        ran: Arc<AtomicBool>,
-    ) -> (SqliteWrite, impl Future<Output = Result<u64>>) {
-        Write::new(None, move |tx: &mut Tx| -> BoxFuture<'_, Result<u64>> {
-            let ran = ran.clone();
-            Box::pin(async move {
-                ran.store(true, Ordering::Relaxed);
-                let seq = tx
-                    .append(NewEvent::to_all(org, "u", job_deleted("x")))
-                    .await?;
-                if fail {
-                    return Err(StoreError::Aborted("this write fails".into()));
-                }
-                Ok(seq)
-            })
-        })
-    }
-
     #[tokio::test]
     async fn a_failing_write_rolls_back_alone_and_the_rest_of_its_batch_commits() {
         let (queue, published, _) = writer("alone", Duration::from_secs(10));
-        let ran = Arc::new(AtomicBool::new(false));
+        let runs = Arc::new(AtomicUsize::new(0));
         // Queued before the writer looks: one batch.
-        let (a, a_answer) = append("o", false, ran.clone());
-        let (b, b_answer) = append("o", true, ran.clone());
-        let (c, c_answer) = append("o", false, ran.clone());
+        let (a, a_answer) = appending("o", false, runs.clone());
+        let (b, b_answer) = appending("o", true, runs.clone());
+        let (c, c_answer) = appending("o", false, runs.clone());
         for w in [a, b, c] {
             queue.send(w).unwrap();
         }
@@ -218,16 +192,17 @@ mod tests {
         // Another process holds the write lock longer than the writer waits for it.
         let other = Connection::open(&path).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
-        let ran = Arc::new(AtomicBool::new(false));
-        let (w, answer) = append("o", false, ran.clone());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (w, answer) = appending("o", false, runs.clone());
         queue.send(w).unwrap();
         let failed = answer.await;
         assert!(
             matches!(&failed, Err(StoreError::Unavailable(m)) if m.contains("locked")),
             "{failed:?}"
         );
-        assert!(
-            !ran.load(Ordering::Relaxed),
+        assert_eq!(
+            runs.load(Ordering::Relaxed),
+            0,
             "a write ran outside any transaction"
         );
         assert!(published.lock().is_empty());
