@@ -1,16 +1,16 @@
 //! End-to-end tests of the client library itself (`orgpulse::client`) against the real server:
-//! resync when the server's log is recreated, backoff growth and reset, token sources, and the
-//! errors that must end a watch instead of looping.
+//! resync when the server's log is recreated, backoff growth and reset, token sources, the
+//! errors that must end a watch instead of looping, and calls leaving a hung endpoint.
 mod cli_support;
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cli_support::{PATIENCE, patient_client};
 use futures::StreamExt;
 use orgpulse::{
     client::{
-        BackoffConfig, Client, ClientConfig, ConnState, ErrorClass, TokenSource, Watch,
+        BackoffConfig, Client, ClientConfig, ConnState, ErrorClass, HUNG_AFTER, TokenSource, Watch,
         WatchFilter, WatchItem,
     },
     proto::{CreateJobRequest, Event, ListJobsRequest, event::Payload},
@@ -240,5 +240,39 @@ async fn unfixable_errors_end_the_watch() {
         };
         assert_eq!(err.class(), ErrorClass::Auth, "{source:?}: {err}");
         assert!(w.next().await.is_none(), "the watch ends after its error");
+    }
+}
+
+/// The first endpoint hangs (SIGSTOP: its connections stay open, and the kernel still completes
+/// new TCP handshakes on its port). A read, on a connection opened before the hang or on a new
+/// one, is answered by the second endpoint after at most 2 x HUNG_AFTER (an HTTP/2 PING left
+/// unanswered), not after the 30 s call deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_leave_a_hung_endpoint() {
+    let hung = TestServer::start().await;
+    let healthy = TestServer::start().await;
+    let admin = token(ORG, "reader", "admin");
+    let client = || {
+        Client::new(ClientConfig {
+            endpoints: vec![hung.url.clone(), healthy.url.clone()],
+            token: TokenSource::Static(admin.clone()),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let connected = client();
+    create(&connected, "only on the first endpoint").await;
+    let _paused = hung.pause();
+    let bound = HUNG_AFTER * 2 + Duration::from_secs(2);
+    for (what, c) in [
+        ("a connection opened before the hang", connected),
+        ("a new connection", client()),
+    ] {
+        let t0 = Instant::now();
+        let page = c.list_jobs(ListJobsRequest::default()).await.unwrap();
+        let took = t0.elapsed();
+        eprintln!("{what}: answered by the next endpoint after {took:?}");
+        assert!(page.jobs.is_empty(), "{what}: the hung endpoint answered");
+        assert!(took <= bound, "{what}: took {took:?}, more than {bound:?}");
     }
 }

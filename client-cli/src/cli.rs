@@ -43,7 +43,7 @@ pub struct Cli {
 #[derive(Args, Debug)]
 #[command(next_help_heading = "Global options")]
 pub struct Global {
-    /// Server URL; repeat (or comma-separate) to fail over to the next one when one is down.
+    /// Server URL; repeat (or comma-separate) to fail over to the next one when one is down or hangs.
     #[arg(
         long = "server",
         env = "ORGPULSE_SERVER",
@@ -208,7 +208,7 @@ pub struct PublishArgs {
 pub struct WatchArgs {
     #[command(flatten)]
     pub filter: EventFilterArgs,
-    /// Reconnect when nothing (not even a heartbeat) arrived for this long.
+    /// Move to the next server when nothing (not even a heartbeat) arrived for this long.
     #[arg(long, default_value = "45s", value_parser = duration)]
     pub idle_timeout: Duration,
 }

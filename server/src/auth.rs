@@ -5,7 +5,7 @@ use std::{collections::HashSet, path::Path, sync::Arc, time::Duration};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation, errors::ErrorKind, jwk::JwkSet};
 use serde_json::{Map, Value};
-use tonic::{Status, metadata::MetadataMap};
+use tonic::Status;
 
 use crate::{jwks::RemoteKeys, validate};
 
@@ -242,9 +242,9 @@ impl Authenticator {
         self.remote.as_ref()
     }
 
-    /// Verifies the `authorization: Bearer <JWT>` of a call.
-    pub async fn authenticate(&self, md: &MetadataMap) -> Result<Claims, Status> {
-        let header = md.get("authorization").ok_or_else(|| {
+    /// Verifies the `authorization: Bearer <JWT>` header of a call.
+    pub async fn authenticate(&self, headers: &http::HeaderMap) -> Result<Claims, Status> {
+        let header = headers.get(http::header::AUTHORIZATION).ok_or_else(|| {
             Status::unauthenticated("missing authorization metadata (expected: Bearer <JWT>)")
         })?;
         let header = header

@@ -128,6 +128,23 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_user: u32,
 
+    /// Concurrent HTTP/2 streams (calls) one connection may hold open.
+    #[arg(long, env = "ORGPULSE_MAX_CONCURRENT_STREAMS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+
+    /// Open client connections at most; lowered at start to what the open-file limit allows
+    /// (the server raises its soft limit to the hard one). At capacity a new connection evicts
+    /// the oldest one that has not sent a complete request head, or is closed at accept.
+    #[arg(long, env = "ORGPULSE_MAX_CONNECTIONS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// Bytes that all request bodies being received on this node may hold together (`64MiB`,
+    /// `512KiB` or plain bytes); beyond it new calls get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ORGPULSE_MAX_REQUEST_BUFFER", default_value = "64MiB", value_parser = parse_size)]
+    pub max_request_buffer: usize,
+
     /// Development mode: create and keep an HS256 secret in the data directory (the SQLite file's
     /// directory; `./orgpulse-data` with PostgreSQL) and print tokens.
     #[arg(long, env = "ORGPULSE_DEV")]
@@ -182,6 +199,27 @@ Logs go to stderr; filter them with RUST_LOG (e.g. RUST_LOG=orgpulse_server=debu
 
 fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
+}
+
+/// A byte size: plain bytes, or a number with `KiB`, `MiB` or `GiB`.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?}: use KiB, MiB or GiB")),
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{s:?} is not a size like 64MiB"))
 }
 
 /// The store `--database` names.
@@ -251,5 +289,15 @@ mod tests {
                 .unwrap_err()
                 .contains("postgres://")
         );
+    }
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512 KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("64MB").unwrap_err().contains("MiB"));
+        assert!(parse_size("MiB").is_err());
     }
 }

@@ -4,13 +4,16 @@
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod connections;
 pub mod cursor;
 pub mod dev;
 pub mod hub;
 pub mod jwks;
+pub mod log_limit;
 pub mod metrics;
 pub mod outbox;
 pub mod presence;
+pub mod request_gate;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -29,6 +29,9 @@ impl Gauge {
     pub fn dec(&self) {
         self.0.fetch_sub(1, Relaxed);
     }
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Relaxed);
+    }
     pub fn get(&self) -> i64 {
         self.0.load(Relaxed)
     }
@@ -50,6 +53,20 @@ pub struct Metrics {
     pub tail_repairs: Counter,
     /// Bus messages dropped on this node (outbox full, publish failed, slow consumer).
     pub bus_dropped: Counter,
+    /// The door (docs/api.md "Limits before authentication"): connections open, the most the
+    /// server holds, and those closed at the door for each reason.
+    pub open_connections: Gauge,
+    pub max_connections: Gauge,
+    pub connections_evicted: Counter,
+    pub connections_refused: Counter,
+    pub connections_head_timeouts: Counter,
+    pub accept_errors: Counter,
+    /// Calls refused before their body was read, and bodies refused while being received.
+    pub unauthenticated_refusals: Counter,
+    pub request_buffer_refusals: Counter,
+    pub body_timeouts: Counter,
+    /// Calls whose request tonic could not decode (bad gRPC or grpc-web framing, bad protobuf).
+    pub malformed_requests: Counter,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -64,6 +81,16 @@ pub static METRICS: Metrics = Metrics {
     gap_repairs: Counter(AtomicU64::new(0)),
     tail_repairs: Counter(AtomicU64::new(0)),
     bus_dropped: Counter(AtomicU64::new(0)),
+    open_connections: Gauge(AtomicI64::new(0)),
+    max_connections: Gauge(AtomicI64::new(0)),
+    connections_evicted: Counter(AtomicU64::new(0)),
+    connections_refused: Counter(AtomicU64::new(0)),
+    connections_head_timeouts: Counter(AtomicU64::new(0)),
+    accept_errors: Counter(AtomicU64::new(0)),
+    unauthenticated_refusals: Counter(AtomicU64::new(0)),
+    request_buffer_refusals: Counter(AtomicU64::new(0)),
+    body_timeouts: Counter(AtomicU64::new(0)),
+    malformed_requests: Counter(AtomicU64::new(0)),
 };
 
 /// Increments the open-streams gauge while alive.
@@ -199,6 +226,70 @@ pub fn render(pool: Option<PoolStats>, node: NodeState<'_>) -> String {
         "Bus messages dropped on this node (found in the store instead).",
         m.bus_dropped.get().to_string(),
     );
+    for (name, kind, help, value) in [
+        (
+            "orgpulse_open_connections",
+            "gauge",
+            "Client connections open.",
+            m.open_connections.get(),
+        ),
+        (
+            "orgpulse_max_connections",
+            "gauge",
+            "Most client connections held (--max-connections, lowered to what the open-file limit allows).",
+            m.max_connections.get(),
+        ),
+        (
+            "orgpulse_connections_evicted_total",
+            "counter",
+            "Connections without a complete request head closed at capacity to admit a new one.",
+            m.connections_evicted.get() as i64,
+        ),
+        (
+            "orgpulse_connections_refused_total",
+            "counter",
+            "New connections closed at accept: at capacity, none without a request head to evict.",
+            m.connections_refused.get() as i64,
+        ),
+        (
+            "orgpulse_connections_head_timeouts_total",
+            "counter",
+            "Connections closed for sending no complete request head or HTTP/2 preface within 10 s.",
+            m.connections_head_timeouts.get() as i64,
+        ),
+        (
+            "orgpulse_accept_errors_total",
+            "counter",
+            "Failed accepts (out of descriptors and the like).",
+            m.accept_errors.get() as i64,
+        ),
+        (
+            "orgpulse_unauthenticated_refusals_total",
+            "counter",
+            "Calls refused UNAUTHENTICATED on their head, their body unread.",
+            m.unauthenticated_refusals.get() as i64,
+        ),
+        (
+            "orgpulse_request_buffer_refusals_total",
+            "counter",
+            "Calls refused RESOURCE_EXHAUSTED: request bodies being received held --max-request-buffer.",
+            m.request_buffer_refusals.get() as i64,
+        ),
+        (
+            "orgpulse_request_body_timeouts_total",
+            "counter",
+            "Request bodies refused for not being complete within 30 s.",
+            m.body_timeouts.get() as i64,
+        ),
+        (
+            "orgpulse_malformed_requests_total",
+            "counter",
+            "Calls whose request could not be decoded (gRPC or grpc-web framing, protobuf).",
+            m.malformed_requests.get() as i64,
+        ),
+    ] {
+        metric(name, kind, help, value.to_string());
+    }
     metric(
         "process_cpu_seconds_total",
         "counter",

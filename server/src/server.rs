@@ -1,7 +1,7 @@
 //! Wires the engines together and serves the one port until shutdown.
 //!
 //! `run(config, listener, shutdown)`: opens the Store, starts the Hub, Bus and Presence, serves
-//! HTTP/1.1 and HTTP/2 (h2c) connections, trims the log on a timer, and on shutdown ends every open
+//! HTTP/1.1 and HTTP/2 (h2c) connections through the connection door (`connections`), trims the log on a timer, and on shutdown ends every open
 //! stream at once with UNAVAILABLE, lets in-flight calls finish, tells the cluster it leaves, and
 //! returns within 2 s.
 use std::{future::Future, sync::Arc, time::Duration};
@@ -21,7 +21,10 @@ use crate::{
     auth::Authenticator,
     bus::{Bus, MemoryBus, nats::NatsBus},
     config::{Config, Database},
+    connections::{Connections, Door, HEAD_TIMEOUT},
     hub::{Hub, Rooms},
+    log_limit::LogLimit,
+    metrics::METRICS,
     presence::{
         MemoryPresence, Presence,
         nats::{NatsPresence, Timing},
@@ -32,8 +35,10 @@ use crate::{
 
 /// How long in-flight calls get to finish after the shutdown signal.
 const DRAIN: Duration = Duration::from_millis(1500);
-/// How long a client may take to complete the TLS handshake.
-const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+/// How long the accept loop pauses after a failed accept (out of descriptors: the pending
+/// connection stays queued, and retrying at once would spin).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+static ACCEPT_FAILED: LogLimit = LogLimit::new();
 
 pub async fn run(
     cfg: Config,
@@ -115,7 +120,7 @@ pub async fn run(
         };
         crate::outbox::start(outbox, &store, stop.clone()).await?;
     }
-    let app = crate::web::router(ctx.clone(), &cfg.cors_origins).await?;
+    let app = crate::web::router(ctx.clone(), &cfg.cors_origins, cfg.max_request_buffer).await?;
     tokio::spawn(trim_log(store.log.clone(), cfg.retention, stop.clone()));
     if cfg.demo {
         tokio::spawn(crate::dev::demo_workload(
@@ -124,13 +129,20 @@ pub async fn run(
         ));
     }
 
+    let connections = Connections::new(crate::connections::open_file_budget(
+        usize::try_from(cfg.max_connections).unwrap_or(usize::MAX),
+    ));
     let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http1().timer(hyper_util::rt::TokioTimer::new());
+    http.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        // The head of each later request on a kept-alive connection (the first one's is the
+        // door's).
+        .header_read_timeout(HEAD_TIMEOUT);
     http.http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .initial_stream_window_size(256 * 1024)
         .initial_connection_window_size(1024 * 1024)
-        .max_concurrent_streams(1000)
+        .max_concurrent_streams(cfg.max_concurrent_streams)
         // What one stream may have buffered beyond the peer's window: a slow reader's queue then
         // fills soon and it is cut off, instead of the server holding megabytes for it.
         .max_send_buf_size(64 * 1024)
@@ -153,31 +165,46 @@ pub async fn run(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Out of file descriptors and the like: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    METRICS.accept_errors.inc();
+                    ACCEPT_FAILED.log(|suppressed| {
+                        tracing::warn!(error = %e, suppressed, "accept failed");
+                    });
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
+        };
+        // At capacity with every connection past the door: this one is closed at once.
+        let Some(slot) = connections.admit() else {
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         let (http, app, watcher, tls) =
             (http.clone(), app.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
-            let served = match tls {
-                None => serve_connection(&http, watcher, tcp, app).await,
-                // Boxed: a task is as large as its largest state, and the TLS one (handshake,
-                // session, buffers) would otherwise be paid by every plain connection too.
-                Some(tls) => {
-                    Box::pin(async move {
-                        match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(tcp)).await {
-                            Ok(Ok(stream)) => serve_connection(&http, watcher, stream, app).await,
-                            Ok(Err(e)) => Err(e.into()),
-                            Err(_) => Err("TLS handshake timed out".into()),
-                        }
-                    })
-                    .await
+            let door = slot.clone();
+            let serve = async move {
+                match tls {
+                    None => serve_connection(&http, watcher, Door::new(tcp, slot), app).await,
+                    // Boxed: a task is as large as its largest state, and the TLS one
+                    // (handshake, session, buffers) would otherwise be paid by every plain
+                    // connection too. The door's deadline bounds the handshake.
+                    Some(tls) => {
+                        Box::pin(async move {
+                            let stream = tls.accept(tcp).await?;
+                            serve_connection(&http, watcher, Door::new(stream, slot), app).await
+                        })
+                        .await
+                    }
                 }
+            };
+            let served = tokio::select! {
+                // The door first: its deadline is then set before HTTP/1.1's header read
+                // timeout, and it is the one that closes (and counts) a connection without a
+                // head.
+                biased;
+                why = door.closed_at_the_door() => Err(why.into()),
+                served = serve => served,
             };
             if let Err(e) = served {
                 tracing::debug!(error = %e, "connection ended with an error");

@@ -1,5 +1,6 @@
-//! The HTTP face of the one port: gRPC services (native and grpc-web, binary and -text) with the
-//! per-RPC log span, the dashboard at `/`, `GET /healthz`, `GET /metrics`, gRPC health and server
+//! The HTTP face of the one port: gRPC services (native and grpc-web, binary and -text) behind the
+//! request gate (`request_gate`: the token checked before the body is read) with the per-RPC log
+//! span, the dashboard at `/`, `GET /healthz`, `GET /metrics`, gRPC health and server
 //! reflection, and CORS for the configured browser origins (outermost, so preflights are answered
 //! before anything else). Both health answers follow the store: not serving while it cannot write.
 use std::{
@@ -23,6 +24,9 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::Instrument;
 
 use crate::{
+    log_limit::LogLimit,
+    metrics::METRICS,
+    request_gate::Gate,
     service::{Ctx, events::EventServer, jobs::Jobs, notifications::Notifications},
     validate::MAX_REQUEST,
 };
@@ -41,7 +45,11 @@ const HEALTH_SERVICES: [&str; 4] = [
 ];
 
 /// The whole HTTP service of the server.
-pub async fn router(ctx: Arc<Ctx>, cors_origins: &[String]) -> anyhow::Result<Router> {
+pub async fn router(
+    ctx: Arc<Ctx>,
+    cors_origins: &[String],
+    max_request_buffer: usize,
+) -> anyhow::Result<Router> {
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, tonic_health::ServingStatus::Serving).await;
     tokio::spawn(follow_store_health(ctx.clone(), health));
@@ -65,6 +73,10 @@ pub async fn router(ctx: Arc<Ctx>, cors_origins: &[String]) -> anyhow::Result<Ro
         .clone()
         .routes()
         .into_axum_router()
+        .layer(middleware::from_fn_with_state(
+            Gate::new(ctx.clone(), max_request_buffer),
+            crate::request_gate::gate,
+        ))
         .layer(middleware::from_fn(rpc_log))
         .layer(tonic_web::GrpcWebLayer::new());
     let app = grpc
@@ -190,10 +202,24 @@ fn cors(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
     ))
 }
 
+/// Warnings about failed calls and about malformed requests: a stranger can repeat either in a
+/// loop, so each is logged at most once a second.
+static RPC_FAILED: LogLimit = LogLimit::new();
+static MALFORMED: LogLimit = LogLimit::new();
+/// The start (percent-encoded, as in `grpc-message`) of the messages of tonic's and tonic-web's
+/// decoders for a request body that is not a gRPC message stream.
+const FRAMING_ERRORS: [&str; 4] = [
+    "protocol%20error",
+    "Unexpected%20EOF",
+    "tonic-web:",
+    "Error%20decompressing",
+];
+
 /// One log span per RPC (method, org, user, status, duration). It also gives bad input that tonic
 /// rejects before our handlers run the status docs/api.md asks for: an over-limit request message
-/// (tonic: OUT_OF_RANGE) is RESOURCE_EXHAUSTED, an undecodable or missing one (tonic: INTERNAL)
-/// is INVALID_ARGUMENT.
+/// (tonic: OUT_OF_RANGE) is RESOURCE_EXHAUSTED; an undecodable or missing message, or a body that
+/// is not gRPC (or grpc-web) framing (tonic: INTERNAL), is INVALID_ARGUMENT. Those malformed
+/// requests are counted in `/metrics` and logged at most once a second.
 async fn rpc_log(req: Request, next: Next) -> Response {
     let method = req.uri().path().to_string();
     let span = tracing::info_span!(
@@ -213,32 +239,44 @@ async fn rpc_log(req: Request, next: Next) -> Response {
     let message = headers
         .get("grpc-message")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+        .unwrap_or("")
+        .to_string();
+    let framing = FRAMING_ERRORS.iter().any(|m| message.starts_with(m));
+    let malformed = code == tonic::Code::Internal as i32
+        && (framing
+            || message.starts_with("failed%20to%20decode")
+            || message.starts_with("Missing%20request"));
     let remapped = if code == tonic::Code::OutOfRange as i32 {
         Some((
             tonic::Code::ResourceExhausted,
-            "request%20larger%20than%201%20MiB",
+            Some("request%20larger%20than%201%20MiB"),
         ))
-    } else if code == tonic::Code::Internal as i32
-        && (message.starts_with("failed%20to%20decode") || message.starts_with("Missing%20request"))
-    {
-        Some((
-            tonic::Code::InvalidArgument,
-            "request%20message%20is%20not%20valid%20protobuf",
-        ))
+    } else if malformed {
+        // A framing error keeps tonic's message, which says what is wrong with the stream.
+        let message = (!framing).then_some("request%20message%20is%20not%20valid%20protobuf");
+        Some((tonic::Code::InvalidArgument, message))
     } else {
         None
     };
     if let Some((new_code, new_message)) = remapped {
         code = new_code as i32;
         headers.insert("grpc-status", HeaderValue::from(code));
-        headers.insert("grpc-message", HeaderValue::from_static(new_message));
+        if let Some(m) = new_message {
+            headers.insert("grpc-message", HeaderValue::from_static(m));
+        }
     }
     let status = tonic::Code::from_i32(code);
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     span.in_scope(|| {
-        if matches!(status, tonic::Code::Internal | tonic::Code::Unknown) {
-            tracing::warn!(status = ?status, duration_ms = ms, "rpc failed");
+        if malformed {
+            METRICS.malformed_requests.inc();
+            MALFORMED.log(|suppressed| {
+                tracing::warn!(status = ?status, message, suppressed, "malformed request");
+            });
+        } else if matches!(status, tonic::Code::Internal | tonic::Code::Unknown) {
+            RPC_FAILED.log(|suppressed| {
+                tracing::warn!(status = ?status, duration_ms = ms, suppressed, "rpc failed");
+            });
         } else {
             tracing::info!(status = ?status, duration_ms = ms, "rpc");
         }

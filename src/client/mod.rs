@@ -61,8 +61,8 @@ use token::Tokens;
 /// How a [`Client`] connects, authenticates and retries.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Server URLs (`http://host:port`, or `https://` for a server with TLS), tried in order; the client moves to the next one when
-    /// the current one fails.
+    /// Server URLs (`http://host:port`, or `https://` for a server with TLS), tried in order; the
+    /// client moves to the next one when the current one fails or hangs (see [`HUNG_AFTER`]).
     pub endpoints: Vec<String>,
     /// Where the bearer token comes from.
     pub token: TokenSource,
@@ -76,7 +76,8 @@ pub struct ClientConfig {
     pub call_timeout: Duration,
     /// TCP connect timeout per endpoint.
     pub connect_timeout: Duration,
-    /// A watch reconnects when its stream has been silent (not even a heartbeat) for this long.
+    /// A watch counts its server as hung, and moves to the next endpoint, when its stream has been
+    /// silent (not even a heartbeat) for this long, or opening a stream went unanswered this long.
     pub idle_timeout: Duration,
     /// PEM certificate(s) trusted for `https://` endpoints, besides the system's roots.
     pub ca_certificate: Option<Vec<u8>>,
@@ -110,6 +111,13 @@ struct Inner {
     tokens: Tokens,
 }
 
+/// How long a connection may go without a frame from its server before the client sends an
+/// HTTP/2 PING, and then without its answer, before the connection counts as dead: every call and
+/// stream on a hung server (SIGSTOPped, or cut off without a reset) fails after at most twice this
+/// long, so idempotent calls and watches move to the next endpoint instead of waiting for their
+/// deadline. A running server answers a PING at once, however busy its handlers are.
+pub const HUNG_AFTER: Duration = Duration::from_secs(5);
+
 /// A fresh idempotency key for `CreateJob` / `SendNotification` / `Publish`.
 pub fn new_request_id() -> String {
     format!("{:032x}", rand::random::<u128>())
@@ -140,8 +148,8 @@ impl Client {
                 Ok(ep
                     .connect_timeout(config.connect_timeout)
                     .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(20))
-                    .keep_alive_timeout(Duration::from_secs(10))
+                    .http2_keep_alive_interval(HUNG_AFTER)
+                    .keep_alive_timeout(HUNG_AFTER)
                     .keep_alive_while_idle(true)
                     .connect_lazy())
             })
@@ -351,7 +359,9 @@ impl Client {
     }
 
     /// Opens a `Subscribe` stream on the current endpoint; returns the endpoint's index with the
-    /// outcome so a failure can rotate away from it.
+    /// outcome so a failure can rotate away from it. A server answers an open at once (events
+    /// follow on the stream), so one silent for the idle timeout is hung: the kernel completes
+    /// TCP handshakes for a stopped process, and the call deadline alone would wait it out.
     async fn open_stream(
         &self,
         filter: OrgFilter,
@@ -359,16 +369,15 @@ impl Client {
     ) -> Result<(usize, Result<tonic::Streaming<Event>, Status>), Error> {
         let (idx, channel) = self.channel();
         let req = Self::request(filter, token, None)?;
-        let opened = tokio::time::timeout(
-            self.inner.config.call_timeout,
-            EventServiceClient::new(channel).subscribe(req),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(Status::deadline_exceeded(
-                "Subscribe was not answered in time",
-            ))
-        });
+        let cfg = &self.inner.config;
+        let wait = cfg.call_timeout.min(cfg.idle_timeout);
+        let opened = tokio::time::timeout(wait, EventServiceClient::new(channel).subscribe(req))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(format!(
+                    "Subscribe was not answered in {wait:?}"
+                )))
+            });
         Ok((idx, opened.map(Response::into_inner)))
     }
 

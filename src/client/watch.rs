@@ -92,14 +92,15 @@ impl Client {
     /// or empty.
     ///
     /// The stream never ends by itself on a broken connection, a restarting server or an expired
-    /// token: it reconnects with backoff (moving to the next endpoint when one cannot be reached),
+    /// token: it reconnects with backoff (to the next endpoint, unless only its token expired),
     /// re-fetches an expired token from a file or command source and resumes at once, always from
     /// the cursor of the last event it yielded. Durable events come exactly once, in seq order
     /// (any seq at or below the last one yielded is dropped); when the server cannot serve the
     /// cursor it yields [`ConnState::Resynced`] and the `resync` event, and the caller should
     /// reload its snapshot. It ends, after yielding the error, only on what retrying cannot fix:
-    /// an invalid token, a forbidden org, a malformed cursor. Streams silent for longer than
-    /// [`ClientConfig::idle_timeout`](super::ClientConfig::idle_timeout) are treated as broken.
+    /// an invalid token, a forbidden org, a malformed cursor. A stream silent for longer than
+    /// [`ClientConfig::idle_timeout`](super::ClientConfig::idle_timeout), or an open unanswered
+    /// that long, is treated as broken: its server hangs, and the watch moves on.
     pub fn watch(&self, filter: WatchFilter, from: Option<String>) -> Watch {
         let watcher = Watcher::new(self.clone(), filter, from);
         Box::pin(stream::unfold(watcher, |mut w| async move {
@@ -121,6 +122,8 @@ struct Watcher {
     /// The token in use; `None` until first fetched.
     token: Option<Option<String>>,
     stream: Option<Streaming<Event>>,
+    /// The endpoint of the open stream, or of the last attempt to open one.
+    endpoint: usize,
     /// Wait before the next connection attempt.
     delay: Option<Duration>,
     /// Consecutive "token expired" failures: the first one reconnects at once.
@@ -139,6 +142,7 @@ impl Watcher {
             last_seq: 0,
             token: None,
             stream: None,
+            endpoint: 0,
             delay: None,
             expired_in_a_row: 0,
             pending: VecDeque::new(),
@@ -168,8 +172,7 @@ impl Watcher {
                         }
                         Ok(Err(status)) => Err(status.into()),
                         Err(_) => Err(Status::deadline_exceeded(format!(
-                            "no event or heartbeat for {} s",
-                            idle.as_secs()
+                            "no event or heartbeat for {idle:?}"
                         ))
                         .into()),
                     }
@@ -201,21 +204,12 @@ impl Watcher {
         };
         let (idx, opened) = self.client.open_stream(filter, &token).await?;
         self.token = Some(token);
-        match opened {
-            Ok(stream) => {
-                self.stream = Some(stream);
-                let endpoint = self.client.endpoint(idx).to_string();
-                self.pending
-                    .push_back(WatchItem::State(ConnState::Connected { endpoint }));
-                Ok(())
-            }
-            Err(status) => {
-                if !is_token_expired(&status) {
-                    self.client.rotate(idx);
-                }
-                Err(status.into())
-            }
-        }
+        self.endpoint = idx;
+        self.stream = Some(opened?);
+        let endpoint = self.client.endpoint(idx).to_string();
+        self.pending
+            .push_back(WatchItem::State(ConnState::Connected { endpoint }));
+        Ok(())
     }
 
     /// Takes in an event from the stream: updates the resume position and queues it, unless it is
@@ -263,6 +257,11 @@ impl Watcher {
             "" => format!("{:?}", status.code()),
             m => m.to_string(),
         };
+        // Whatever broke the stream or the attempt (a dead, hung or leaving server) the next
+        // attempt goes to the next endpoint; only an expired token is the client's own doing.
+        if !is_token_expired(&status) {
+            self.client.rotate(self.endpoint);
+        }
         let delay = if is_token_expired(&status) {
             self.expired_in_a_row += 1;
             let stale = self.token.take().flatten();

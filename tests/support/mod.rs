@@ -340,6 +340,8 @@ pub struct TestServer {
     pub args: Vec<String>,
     /// Extra environment of the process.
     pub env: Vec<(String, String)>,
+    /// The open-file limit (soft and hard) the process starts with, when not inherited.
+    pub open_files: Option<u64>,
     /// Server stderr lines (logs) are forwarded to the test's stderr; with
     /// `ServerOpts::capture_stderr` they are also kept (see `stop_and_read_stderr`).
     stderr: Option<CapturedStderr>,
@@ -364,6 +366,8 @@ pub struct ServerOpts {
     /// A PostgreSQL database (URL) the store uses instead of one of its own; recorded in the data
     /// directory, so restarts keep it.
     pub database: Option<String>,
+    /// Start the server with this open-file limit, soft and hard (through `prlimit`).
+    pub open_files: Option<u64>,
 }
 
 impl TestServer {
@@ -403,7 +407,7 @@ impl TestServer {
             secret.display().to_string(),
         ];
         args.extend(opts.extra_args);
-        let mut s = Self::spawn_capturing(args, dir, opts.capture_stderr).await;
+        let mut s = Self::launch(args, dir, opts.capture_stderr, vec![], opts.open_files).await;
         s._keep = keep;
         s
     }
@@ -425,7 +429,26 @@ impl TestServer {
         capture_stderr: bool,
         env: Vec<(String, String)>,
     ) -> Self {
-        let mut child = Command::new(workspace_bin("orgpulse-server"))
+        Self::launch(args, dir, capture_stderr, env, None).await
+    }
+
+    async fn launch(
+        args: Vec<String>,
+        dir: PathBuf,
+        capture_stderr: bool,
+        env: Vec<(String, String)>,
+        open_files: Option<u64>,
+    ) -> Self {
+        let server = workspace_bin("orgpulse-server");
+        let mut command = match open_files {
+            None => Command::new(server),
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(server);
+                c
+            }
+        };
+        let mut child = command
             .args(&args)
             .envs(env.iter().cloned())
             .env(
@@ -477,6 +500,7 @@ impl TestServer {
             dir,
             args,
             env,
+            open_files,
             stderr,
             _keep: None,
         }
@@ -505,7 +529,14 @@ impl TestServer {
         args[i + 1] = self.addr.clone();
         let keep = self._keep.take();
         let capture = self.stderr.is_some();
-        let mut fresh = Self::spawn_in_env(args, self.dir.clone(), capture, self.env.clone()).await;
+        let mut fresh = Self::launch(
+            args,
+            self.dir.clone(),
+            capture,
+            self.env.clone(),
+            self.open_files,
+        )
+        .await;
         fresh._keep = keep;
         *self = fresh;
     }
@@ -527,6 +558,15 @@ impl TestServer {
 
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
+    }
+
+    /// SIGSTOP: the process hangs with its sockets open (the kernel still completes TCP
+    /// handshakes on its listener). It runs again (SIGCONT) when the returned guard is dropped,
+    /// also when the test panics.
+    pub fn pause(&self) -> Paused {
+        let pid = self.pid() as i32;
+        unsafe_kill(pid, 19);
+        Paused(pid)
     }
 
     pub async fn channel(&self) -> Channel {
@@ -567,6 +607,15 @@ pub async fn jobs_at(
         .await
         .expect("connect");
     JobServiceClient::with_interceptor(channel, Auth::new(token))
+}
+
+/// A SIGSTOPped server (see [`TestServer::pause`]); dropping it sends SIGCONT.
+pub struct Paused(i32);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        unsafe_kill(self.0, 18);
+    }
 }
 
 fn unsafe_kill(pid: i32, sig: i32) {

@@ -18,8 +18,9 @@ use crate::{
     mint::mint,
 };
 
-/// Streams opened on one HTTP/2 connection (the server allows 1,000 at a time).
-pub const STREAMS_PER_CONNECTION: usize = 500;
+/// Streams opened on one HTTP/2 connection (the server allows `--max-concurrent-streams`, by
+/// default 100, at a time).
+pub const STREAMS_PER_CONNECTION: usize = 100;
 
 /// The org of the `i`-th subscriber.
 fn org_name(prefix: &str, i: usize) -> String {

@@ -31,7 +31,11 @@ export interface OrgpulseClientOptions extends Partial<Timing> {
    * where both exist. `key` names the group (default: the token's `sub` and `org`).
    */
   crossTab?: boolean | { key?: string };
-  /** Keep each org's cursor in sessionStorage (under this key prefix) so a reload resumes from it. */
+  /**
+   * Keep each org's cursor in sessionStorage so a reload resumes from it: under
+   * `<prefix>:["<server>","<org>","<user>"]` (prefix "orgpulse.cursor", or this string), so only the
+   * same user of the same org on the same server is ever offered it.
+   */
   persistCursor?: boolean | string;
   /**
    * Remember a fallback to polling in sessionStorage for `streamRetryMs`, so a reload polls at
@@ -91,6 +95,8 @@ export class OrgpulseClient {
   private readonly timing: Timing;
   private readonly channels = new Map<string, Channel>();
   private readonly persistKey: string | null;
+  /** The server's URL: `baseUrl`, else this page's origin. */
+  private readonly server: string;
   private tabs: Tabs | null = null;
   private tabsPending: Promise<void> | null = null;
   private role: "solo" | "leader" | "follower" = "solo";
@@ -100,10 +106,11 @@ export class OrgpulseClient {
   constructor(private readonly options: OrgpulseClientOptions) {
     this.tokens = new Tokens(options.getToken);
     this.timing = { ...DEFAULT_TIMING, ...definedOnly(options) };
+    this.server = options.baseUrl || globalThis.location?.origin || "";
     const transport =
       options.transport ??
       createGrpcWebTransport({
-        baseUrl: options.baseUrl || globalThis.location?.origin || "",
+        baseUrl: this.server,
         useBinaryFormat: true,
         fetch: markingFetch(),
       });
@@ -219,6 +226,9 @@ export class OrgpulseClient {
   private async reconcile(ch: Channel): Promise<void> {
     if (this.closed) return;
     await this.joinTabs();
+    // Read before the checks below: nothing may wait between them and the feed's creation.
+    const saved = this.persistKey && !ch.feed ? await this.persisted(ch.orgId) : "";
+    if (this.closed) return;
     if (this.role === "follower") {
       this.sendFilters();
       if (!ch.wanted) this.channels.delete(ch.orgId);
@@ -237,7 +247,7 @@ export class OrgpulseClient {
     }
     // where the stream got to (this tab's own earlier feed, or the old leader's), else where the
     // first listener asked to start, else where this tab was before a reload
-    const cursor = ch.fanout.cursor || ch.startCursor || this.persisted(ch.orgId);
+    const cursor = ch.fanout.cursor || ch.startCursor || saved;
     ch.feed = new Feed(this.events, this.tokens, filter, cursor, this.timing, this.sink(ch), this.fallbackMemory());
     ch.feed.start();
   }
@@ -283,8 +293,7 @@ export class OrgpulseClient {
         key = `${sub ?? ""}@${org ?? ""}`;
       }
       this.role = "follower";
-      const base = this.options.baseUrl || globalThis.location?.origin || "";
-      this.tabs = new Tabs(`orgpulse:${base}:${key}`, {
+      this.tabs = new Tabs(`orgpulse:${this.server}:${key}`, {
         lead: () => this.lead(),
         follow: () => this.follow(),
         message: (m) => this.onTabMessage(m),
@@ -416,19 +425,32 @@ export class OrgpulseClient {
     };
   }
 
-  private persisted(orgId: string): string {
-    if (!this.persistKey) return "";
+  /**
+   * Where the cursor of `orgId` for the holder of `token` is kept: keyed by server, org (the
+   * token's when `orgId` is empty) and user (the token's `sub`; the JWT is decoded, not verified).
+   * null when cursors are not persisted or there is no token.
+   */
+  private cursorKey(orgId: string, token: string | null): string | null {
+    if (!this.persistKey || !token) return null;
+    const { sub, org } = claimsOf(token);
+    return `${this.persistKey}:${JSON.stringify([this.server, orgId || org || "", sub ?? ""])}`;
+  }
+
+  private async persisted(orgId: string): Promise<string> {
+    const key = this.cursorKey(orgId, await this.tokens.get().catch(() => null));
+    if (!key) return "";
     try {
-      return globalThis.sessionStorage?.getItem(`${this.persistKey}:${orgId}`) ?? "";
+      return globalThis.sessionStorage?.getItem(key) ?? "";
     } catch {
       return "";
     }
   }
 
   private persist(orgId: string, cursor: string): void {
-    if (!this.persistKey) return;
+    const key = this.cursorKey(orgId, this.tokens.cached());
+    if (!key) return;
     try {
-      globalThis.sessionStorage?.setItem(`${this.persistKey}:${orgId}`, cursor);
+      globalThis.sessionStorage?.setItem(key, cursor);
     } catch {
       // storage full or denied: resuming after a reload is best effort
     }

@@ -49,6 +49,11 @@ export class Tokens {
     return this.fetch();
   }
 
+  /** The token in hand, without asking `getToken`: null before the first fetch or after `reset`. */
+  cached(): string | null {
+    return this.current;
+  }
+
   /** Drops the cached token: the next call asks `getToken` (e.g. after the user signed in again). */
   reset(): void {
     this.current = null;

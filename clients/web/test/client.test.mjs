@@ -224,7 +224,8 @@ test("a buffering proxy: the stream delivers nothing -> polling; streams work ag
   client.close();
 });
 
-test("a fallback to polling is remembered (sessionStorage): the next client polls at once", async () => {
+/** Runs `fn(store)` with an in-memory `sessionStorage` (`store`, a Map), removed after. */
+async function withSessionStorage(fn) {
   const store = new Map();
   globalThis.sessionStorage = {
     getItem: (k) => store.get(k) ?? null,
@@ -232,6 +233,14 @@ test("a fallback to polling is remembered (sessionStorage): the next client poll
     removeItem: (k) => store.delete(k),
   };
   try {
+    await fn(store);
+  } finally {
+    delete globalThis.sessionStorage;
+  }
+}
+
+test("a fallback to polling is remembered (sessionStorage): the next client polls at once", () =>
+  withSessionStorage(async () => {
     const first = setup({ streamRetryMs: 5000 });
     first.server.mode = "buffer";
     const r = recorder();
@@ -244,10 +253,60 @@ test("a fallback to polling is remembered (sessionStorage): the next client poll
     again.client.subscribe({}, s.handlers);
     await until("polling at once", () => s.states.at(-1) === "polling", 1000);
     assert.equal(first.server.subscribes.length, before, "no stream tried before the remembered time");
-  } finally {
-    delete globalThis.sessionStorage;
-  }
-});
+  }));
+
+/** An unsigned JWT with these claims (the SDK decodes tokens, the fake server only compares them). */
+const jwt = (claims) => `e30.${Buffer.from(JSON.stringify(claims)).toString("base64url")}.sig`;
+
+test("persisted cursors are per server, org and user: another one in the same tab never gets them", () =>
+  withSessionStorage(async (store) => {
+    const server = new FakeServer();
+    /**
+     * A page of `who` (re)loaded: where its stream started (the cursor it was offered), once it is
+     * live with every event after that start (its cursor is then persisted).
+     */
+    const startOf = async (who) => {
+      const token = jwt({ sub: who.user, org: who.tokenOrg ?? "acme" });
+      server.valid.add(token);
+      const client = track(new OrgpulseClient({
+        baseUrl: who.server ?? "https://one.example", transport: server.transport(), getToken: () => token,
+        persistCursor: true, ...FAST,
+      }));
+      const before = server.subscribes.length;
+      const r = recorder();
+      client.subscribe({ orgId: who.org ?? "" }, r.handlers);
+      await until("live", () => r.states.includes("live"));
+      const start = server.subscribes[before].afterCursor;
+      // (this fake server replays its whole log to a stream opened without a cursor)
+      const after = start ? Number(server.seqOf(start)) : 0;
+      assert.deepEqual(r.seqs, logSeqs(server).filter((seq) => seq > after));
+      client.close();
+      return start;
+    };
+    assert.equal(await startOf({ user: "alice" }), "", "nothing persisted yet");
+    server.job("a", 1);
+    server.job("a", 2);
+    assert.equal(await startOf({ user: "alice" }), server.cursorOf(0), "a reload resumes where she was");
+    const hers = server.cursorOf(2);
+    const others = [
+      [{ user: "bob" }, "another user of the org"],
+      [{ user: "alice", org: "globex" }, "another org of the same user"],
+      [{ user: "alice", tokenOrg: "initech" }, "another org by the token"],
+      [{ user: "alice", server: "https://two.example" }, "another server"],
+    ];
+    for (const [who, what] of others) {
+      server.job("a", server.log.length + 1);
+      assert.equal(await startOf(who), "", `${what}: not offered alice's cursor`);
+    }
+    assert.equal(await startOf({ user: "alice" }), hers, "theirs never replaced hers");
+    const head = server.cursorOf(server.log.length);
+    assert.equal(await startOf({ user: "alice", org: "acme" }), head, "the token's org named: her cursor");
+    assert.equal(
+      store.get(`orgpulse.cursor:${JSON.stringify(["https://one.example", "acme", "alice"])}`),
+      head,
+      `the documented key; stored: ${[...store.keys()]}`,
+    );
+  }));
 
 test("streams refused several times in a row -> polling; a dead server is never a reason to poll", async () => {
   const { server, client } = setup();

@@ -126,9 +126,7 @@ async fn subscribe(
     ctx: Arc<Ctx>,
     req: Request<OrgFilter>,
 ) -> Result<Response<EventStream>, Status> {
-    let (claims, org) = ctx
-        .authorize(&req, &req.get_ref().org_id, Need::Read)
-        .await?;
+    let (claims, org) = ctx.authorize(&req, &req.get_ref().org_id, Need::Read)?;
     let filter = req.into_inner();
     let kinds = Kinds::from_request(&filter.kinds)?;
     let entity_types = EntityTypes::from_request(&filter.entity_types)?;
@@ -337,9 +335,7 @@ impl Drop for StreamLog {
 }
 
 async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollResponse>, Status> {
-    let (claims, org) = ctx
-        .authorize(&req, &req.get_ref().org_id, Need::Read)
-        .await?;
+    let (claims, org) = ctx.authorize(&req, &req.get_ref().org_id, Need::Read)?;
     let r = req.into_inner();
     let kinds = Kinds::from_request(&r.kinds)?;
     let entity_types = EntityTypes::from_request(&r.entity_types)?;
@@ -424,9 +420,7 @@ async fn list_online(
     ctx: Arc<Ctx>,
     req: Request<ListOnlineRequest>,
 ) -> Result<Response<ListOnlineResponse>, Status> {
-    let (_, org) = ctx
-        .authorize(&req, &req.get_ref().org_id, Need::Read)
-        .await?;
+    let (_, org) = ctx.authorize(&req, &req.get_ref().org_id, Need::Read)?;
     Ok(Response::new(ListOnlineResponse {
         members: ctx.presence.members(&org),
     }))

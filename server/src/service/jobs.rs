@@ -44,10 +44,7 @@ fn status_filter(statuses: &[i32]) -> Result<Vec<i32>, Status> {
 #[tonic::async_trait]
 impl JobService for Jobs {
     async fn create_job(&self, req: Request<CreateJobRequest>) -> Result<Response<Job>, Status> {
-        let (claims, org) = self
-            .0
-            .authorize(&req, &req.get_ref().org_id, Need::Write)
-            .await?;
+        let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Write)?;
         let r = req.into_inner();
         validate::text("title", &r.title, 1, MAX_TITLE)?;
         if r.labels.len() > MAX_LABELS {
@@ -75,10 +72,7 @@ impl JobService for Jobs {
     }
 
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        let (_, org) = self
-            .0
-            .authorize(&req, &req.get_ref().org_id, Need::Read)
-            .await?;
+        let (_, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Read)?;
         validate::object_id("job_id", &req.get_ref().job_id)?;
         Ok(Response::new(
             self.0
@@ -93,10 +87,7 @@ impl JobService for Jobs {
         &self,
         req: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        let (_, org) = self
-            .0
-            .authorize(&req, &req.get_ref().org_id, Need::Read)
-            .await?;
+        let (_, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Read)?;
         let r = req.into_inner();
         let statuses = status_filter(&r.statuses)?;
         let limit = validate::page_size(r.page_size)?;
@@ -120,10 +111,7 @@ impl JobService for Jobs {
     }
 
     async fn update_job(&self, req: Request<UpdateJobRequest>) -> Result<Response<Job>, Status> {
-        let (claims, org) = self
-            .0
-            .authorize(&req, &req.get_ref().org_id, Need::Write)
-            .await?;
+        let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Write)?;
         let r = req.into_inner();
         validate::object_id("job_id", &r.job_id)?;
         let new_status = r.status.map(|s| status("status", s)).transpose()?;
@@ -159,10 +147,7 @@ impl JobService for Jobs {
         &self,
         req: Request<DeleteJobRequest>,
     ) -> Result<Response<DeleteJobResponse>, Status> {
-        let (claims, org) = self
-            .0
-            .authorize(&req, &req.get_ref().org_id, Need::Admin)
-            .await?;
+        let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Admin)?;
         validate::object_id("job_id", &req.get_ref().job_id)?;
         self.0
             .store

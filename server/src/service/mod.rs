@@ -40,15 +40,15 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// Authenticates the call, resolves the org it acts in and checks the role; records both in
-    /// the RPC's log span.
-    pub async fn authorize<T>(
+    /// The call's caller (verified by the request gate before its body was read), the org it
+    /// acts in and the role check; records both in the RPC's log span.
+    pub fn authorize<T>(
         &self,
         req: &Request<T>,
         org_id: &str,
         need: Need,
     ) -> Result<(Claims, String), Status> {
-        let claims = self.auth.authenticate(req.metadata()).await?;
+        let claims = crate::request_gate::caller(req.extensions())?;
         let span = tracing::Span::current();
         span.record("user", claims.user.as_str());
         let org = claims.org_for(org_id)?;

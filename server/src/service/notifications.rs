@@ -19,10 +19,7 @@ impl NotificationService for Notifications {
         &self,
         req: Request<SendNotificationRequest>,
     ) -> Result<Response<Notification>, Status> {
-        let (claims, org) = self
-            .0
-            .authorize(&req, &req.get_ref().org_id, Need::Admin)
-            .await?;
+        let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Admin)?;
         let r = req.into_inner();
         if !r.user_id.is_empty() {
             validate::id("user_id", &r.user_id)?;
@@ -60,10 +57,7 @@ impl NotificationService for Notifications {
         &self,
         req: Request<ListNotificationsRequest>,
     ) -> Result<Response<ListNotificationsResponse>, Status> {
-        let (claims, org) = self
-            .0
-            .authorize(&req, &req.get_ref().org_id, Need::Read)
-            .await?;
+        let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Read)?;
         let r = req.into_inner();
         let limit = validate::page_size(r.page_size)?;
         let after = page_token(&r.page_token)?;
@@ -84,10 +78,7 @@ impl NotificationService for Notifications {
         &self,
         req: Request<MarkReadRequest>,
     ) -> Result<Response<MarkReadResponse>, Status> {
-        let (claims, org) = self
-            .0
-            .authorize(&req, &req.get_ref().org_id, Need::Write)
-            .await?;
+        let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Write)?;
         let r = req.into_inner();
         if r.notification_ids.len() > validate::MAX_MARK {
             return Err(Status::invalid_argument(format!(

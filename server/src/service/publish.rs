@@ -17,9 +17,7 @@ pub async fn publish(
     ctx: Arc<Ctx>,
     req: Request<PublishRequest>,
 ) -> Result<Response<PublishResponse>, Status> {
-    let (claims, org) = ctx
-        .authorize(&req, &req.get_ref().org_id, Need::Publish)
-        .await?;
+    let (claims, org) = ctx.authorize(&req, &req.get_ref().org_id, Need::Publish)?;
     let r = req.into_inner();
     let change = EntityChanged {
         entity_type: r.entity_type,

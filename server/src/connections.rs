@@ -1,0 +1,284 @@
+//! The connection door (docs/api.md "Limits before authentication"): at most `--max-connections`
+//! open connections, each of which must send a complete HTTP/1.1 request head or the HTTP/2
+//! preface within [`HEAD_TIMEOUT`] of its accept (TLS handshake included) or be closed. At
+//! capacity a new connection evicts the oldest one still waiting for its head; when none is
+//! waiting, the new one is closed at accept. So a flood of idle sockets holding no token cannot
+//! keep real clients out, nor run the process out of descriptors.
+use std::{
+    collections::BTreeMap,
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::METRICS;
+
+/// How long a connection may take to send its first complete request head or HTTP/2 preface.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Descriptors kept for everything but client connections (database, files, the bus, the JWKS
+/// fetch): at most this many, at most half the open-file limit.
+const RESERVE: u64 = 128;
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Raises the open-file soft limit to the hard limit and logs the figure; returns the number of
+/// connections the server may hold: `asked`, lowered to what that limit allows beside
+/// [`RESERVE`].
+pub fn open_file_budget(asked: usize) -> usize {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            let (soft, _) = rlimit::Resource::NOFILE.get().unwrap_or((1024, 1024));
+            tracing::warn!(error = %e, soft, "raising the open-file limit failed");
+            soft
+        }
+    };
+    let cap = connection_cap(asked, limit);
+    tracing::info!(
+        open_file_limit = limit,
+        max_connections = cap,
+        "open-file soft limit raised to the hard limit; --max-connections {} to fit it",
+        if cap < asked { "lowered" } else { "kept" }
+    );
+    cap
+}
+
+fn connection_cap(asked: usize, open_file_limit: u64) -> usize {
+    let reserve = RESERVE.min(open_file_limit / 2);
+    let allowed = usize::try_from(open_file_limit - reserve).unwrap_or(usize::MAX);
+    asked.min(allowed).max(1)
+}
+
+/// The open connections of the server, against `--max-connections`.
+pub struct Connections {
+    max: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    open: usize,
+    next_id: u64,
+    /// The connections that have not sent a complete head yet, oldest first, each with the
+    /// token that closes it.
+    waiting: BTreeMap<u64, CancellationToken>,
+}
+
+/// One admitted connection; dropping it frees its place.
+pub struct Slot {
+    connections: Arc<Connections>,
+    id: u64,
+    evicted: CancellationToken,
+}
+
+impl Connections {
+    pub fn new(max: usize) -> Arc<Self> {
+        METRICS.max_connections.set(max as i64);
+        Arc::new(Connections {
+            max,
+            state: Mutex::default(),
+        })
+    }
+
+    /// Admits a connection just accepted: evicts the oldest connection still waiting for its head
+    /// when at capacity; `None` (the new one is to be closed) when every open one has sent its.
+    pub fn admit(self: &Arc<Self>) -> Option<Arc<Slot>> {
+        let mut state = self.state.lock();
+        if state.open >= self.max {
+            let Some((_, oldest)) = state.waiting.pop_first() else {
+                METRICS.connections_refused.inc();
+                return None;
+            };
+            // Its place goes to the new connection as soon as its task has closed it.
+            oldest.cancel();
+            METRICS.connections_evicted.inc();
+        }
+        state.open += 1;
+        state.next_id += 1;
+        let id = state.next_id;
+        let evicted = CancellationToken::new();
+        state.waiting.insert(id, evicted.clone());
+        METRICS.open_connections.inc();
+        Some(Arc::new(Slot {
+            connections: self.clone(),
+            id,
+            evicted,
+        }))
+    }
+
+    /// Whether connection `id` was waiting for its head (it no longer is).
+    fn stop_waiting(&self, id: u64) -> bool {
+        self.state.lock().waiting.remove(&id).is_some()
+    }
+}
+
+impl Slot {
+    /// Resolves when the connection is to be closed before it was served: evicted, or no
+    /// complete head within [`HEAD_TIMEOUT`]; never once it sent its head.
+    pub async fn closed_at_the_door(&self) -> &'static str {
+        tokio::select! {
+            _ = self.evicted.cancelled() => "evicted: the server holds --max-connections",
+            _ = tokio::time::sleep(HEAD_TIMEOUT) => {
+                if !self.connections.stop_waiting(self.id) {
+                    return std::future::pending().await;
+                }
+                METRICS.connections_head_timeouts.inc();
+                "no complete request head or HTTP/2 preface within 10 s"
+            }
+        }
+    }
+
+    fn head_complete(&self) {
+        self.connections.stop_waiting(self.id);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut state = self.connections.state.lock();
+        state.open -= 1;
+        state.waiting.remove(&self.id);
+        METRICS.open_connections.dec();
+    }
+}
+
+/// A connection's byte stream, watched until it carries a complete HTTP/1.1 request head or the
+/// HTTP/2 preface; then it tells its [`Slot`] and is a plain pass-through.
+pub struct Door<IO> {
+    io: IO,
+    watch: Option<(HeadWatch, Arc<Slot>)>,
+}
+
+impl<IO> Door<IO> {
+    pub fn new(io: IO, slot: Arc<Slot>) -> Self {
+        Door {
+            io,
+            watch: Some((HeadWatch::default(), slot)),
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Door<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Some((watch, slot)) = &mut this.watch
+            && watch.complete_after(&buf.filled()[before..])
+        {
+            slot.head_complete();
+            this.watch = None;
+        }
+        read
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Door<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Reads the first bytes of a connection: complete at the end of the HTTP/2 preface, or (for
+/// anything that is not a preface) at the first blank line, the end of an HTTP/1.1 request head
+/// (`\r\n\r\n`; bare `\n\n` too, as HTTP/1.1 parsers accept it).
+#[derive(Default)]
+struct HeadWatch {
+    /// Bytes of the preface matched so far.
+    preface_matched: usize,
+    /// A byte differed from the preface: this is HTTP/1.1 (or garbage).
+    not_preface: bool,
+    /// The last byte other than `\r` was a line feed.
+    after_line_feed: bool,
+}
+
+impl HeadWatch {
+    fn complete_after(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            if !self.not_preface {
+                if b == H2_PREFACE[self.preface_matched] {
+                    self.preface_matched += 1;
+                    if self.preface_matched == H2_PREFACE.len() {
+                        return true;
+                    }
+                } else {
+                    self.not_preface = true;
+                }
+            }
+            match b {
+                b'\r' => {}
+                b'\n' if self.after_line_feed && self.not_preface => return true,
+                b'\n' => self.after_line_feed = true,
+                _ => self.after_line_feed = false,
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn complete_in_pieces(pieces: &[&[u8]]) -> Vec<bool> {
+        let mut watch = HeadWatch::default();
+        pieces.iter().map(|p| watch.complete_after(p)).collect()
+    }
+
+    #[test]
+    fn a_head_or_preface_is_complete_only_at_its_end() {
+        assert_eq!(
+            complete_in_pieces(&[b"PRI * HTTP/2.0\r\n\r\n", b"SM\r\n", b"\r\n"]),
+            [false, false, true]
+        );
+        assert_eq!(
+            complete_in_pieces(&[b"GET / HTTP/1.1\r\nHost: x\r", b"\n", b"\r\n"]),
+            [false, false, true]
+        );
+        assert_eq!(complete_in_pieces(&[b"GET / HTTP/1.0\n\n"]), [true]);
+        assert_eq!(complete_in_pieces(&[b"", b"P", b"RI * HT"]), [false; 3]);
+        assert_eq!(complete_in_pieces(&[b"\x16\x03\x01\x02\x00"]), [false]);
+    }
+
+    #[test]
+    fn the_cap_keeps_a_reserve_of_descriptors() {
+        assert_eq!(connection_cap(100_000, 1_048_576), 100_000);
+        assert_eq!(connection_cap(100_000, 1024), 896);
+        assert_eq!(connection_cap(50, 1024), 50);
+        assert_eq!(connection_cap(100_000, 100), 50);
+        assert_eq!(connection_cap(100_000, 0), 1);
+    }
+}
