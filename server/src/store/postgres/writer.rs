@@ -198,7 +198,7 @@ mod tests {
 
     use super::*;
     use crate::store::{
-        CommittedEvent, Entities, JobPatch, NewJob, ops::testing::appending,
+        CommittedEvent, Entities, JobPatch, NewJob, Status, ops::testing::appending,
         postgres::PostgresStore,
     };
 
@@ -282,6 +282,52 @@ mod tests {
         let seqs: Vec<u64> = published.lock().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [1, 2], "only what committed was published");
         drop_database("rerun").await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_transaction_cannot_begin_runs_nothing() {
+        let Some((store, published)) = store("begin").await else {
+            return;
+        };
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (w, answer) = appending("o", false, runs.clone());
+        store.queue(w).await.unwrap();
+        assert_eq!(answer.await.unwrap(), 1);
+        // The database takes no new sessions and ends the store's: the next batch has no
+        // connection to begin its transaction on.
+        let name = database_name("begin");
+        on_admin(&format!(
+            "ALTER DATABASE {name} ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        ))
+        .await
+        .unwrap();
+        // The writer's idle probe finds that out (and the pool drops the ended session).
+        while store.health().is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (w, answer) = appending("o", false, runs.clone());
+        store.queue(w).await.unwrap();
+        let failed = answer.await;
+        assert!(
+            matches!(&failed, Err(StoreError::Unavailable(_))),
+            "{failed:?}"
+        );
+        assert_eq!(
+            runs.load(Ordering::Relaxed),
+            1,
+            "a write ran without a transaction"
+        );
+        on_admin(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+            .await
+            .unwrap();
+        // The writer goes on; the failed write left no seq and no event behind.
+        let (w, answer) = appending("o", false, runs.clone());
+        store.queue(w).await.unwrap();
+        assert_eq!(answer.await.unwrap(), 2);
+        let seqs: Vec<u64> = published.lock().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2]);
+        drop_database("begin").await;
     }
 
     #[tokio::test]
