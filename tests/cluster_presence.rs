@@ -1,15 +1,17 @@
 //! End-to-end cluster presence: three real nodes on one PostgreSQL database and NATS, with a
 //! short grace, heartbeat and node timeout. A user with streams on two nodes is one member with
 //! two connections on every node; SIGKILL of one of them keeps them online via the other, with no
-//! flicker; SIGKILL of the other takes them offline exactly once, within 30 s plus the grace.
+//! flicker; SIGKILL of the other takes them offline exactly once, within 30 s plus the grace. A
+//! Poll waiting on one node keeps its user online on every node; after it they go offline within
+//! the grace plus 5 s.
 mod cluster_support;
 mod support;
 
 use std::time::{Duration, Instant};
 
 use cluster_support::{Cluster, services_or_skip};
-use orgpulse::proto::event::Payload;
-use support::{Sub, TestServer, WAIT, online, token};
+use orgpulse::proto::{PollRequest, event::Payload};
+use support::{Sub, TestServer, WAIT, online, snapshot, token};
 
 const ORG: &str = "cluster";
 const GRACE: Duration = Duration::from_secs(1);
@@ -33,6 +35,19 @@ fn presence(e: &orgpulse::proto::Event) -> Option<(bool, String)> {
 
 async fn next_presence(sub: &mut Sub) -> (bool, String) {
     presence(&sub.until(|e| presence(e).is_some()).await).unwrap()
+}
+
+/// A presence subscriber on `node` that has seen itself come online.
+async fn observer_on(node: &TestServer) -> Sub {
+    let mut observer = Sub::open(node, &token(ORG, "observer", "viewer"), ORG, "", &[3])
+        .await
+        .unwrap();
+    observer.caught_up().await;
+    assert_eq!(
+        next_presence(&mut observer).await,
+        (true, "observer".into())
+    );
+    observer
 }
 
 /// Alice's connections in `ListOnline` on `node` (0: not listed).
@@ -63,15 +78,8 @@ async fn a_user_on_two_nodes_is_one_member_and_goes_offline_once_when_both_die()
         return;
     }
     let mut cluster = Cluster::start(3, FLAGS).await;
-    let observer_t = token(ORG, "observer", "viewer");
     let alice_t = token(ORG, "alice", "member");
-    let c = &cluster.nodes[2];
-    let mut observer = Sub::open(c, &observer_t, ORG, "", &[3]).await.unwrap();
-    observer.caught_up().await;
-    assert_eq!(
-        next_presence(&mut observer).await,
-        (true, "observer".into())
-    );
+    let mut observer = observer_on(&cluster.nodes[2]).await;
 
     let mut on_a = Sub::open(&cluster.nodes[0], &alice_t, ORG, "", &[1])
         .await
@@ -147,15 +155,7 @@ async fn a_stopped_node_says_it_leaves_and_its_users_go_offline_after_the_grace(
         "60s",
     ];
     let mut cluster = Cluster::start(2, &flags).await;
-    let b = &cluster.nodes[1];
-    let mut observer = Sub::open(b, &token(ORG, "observer", "viewer"), ORG, "", &[3])
-        .await
-        .unwrap();
-    observer.caught_up().await;
-    assert_eq!(
-        next_presence(&mut observer).await,
-        (true, "observer".into())
-    );
+    let mut observer = observer_on(&cluster.nodes[1]).await;
     let mut on_a = Sub::open(
         &cluster.nodes[0],
         &token(ORG, "alice", "member"),
@@ -178,4 +178,47 @@ async fn a_stopped_node_says_it_leaves_and_its_users_go_offline_after_the_grace(
         "offline {took:?} after SIGTERM: the node timeout, not a leave"
     );
     drop(on_a);
+}
+
+/// A poll-only user: a Poll waiting on node A (longer than 5 s + the grace) keeps them online
+/// for the observer on node C, since A's heartbeats carry its waiting Polls; once it ended they
+/// go offline within the grace plus 5 s (plus a heartbeat), not earlier than 5 s.
+#[tokio::test]
+async fn a_poll_waiting_on_one_node_keeps_its_user_online_and_offline_within_grace_plus_5s() {
+    if !services_or_skip(false) {
+        return;
+    }
+    const POLL_ONLINE: Duration = Duration::from_secs(5);
+    const HEARTBEAT: Duration = Duration::from_millis(200);
+    let cluster = Cluster::start(3, FLAGS).await;
+    let mut observer = observer_on(&cluster.nodes[2]).await;
+    let paula = token(ORG, "paula", "viewer");
+    let a = &cluster.nodes[0];
+    let head = snapshot(a, &paula).await.cursor;
+    let mut events = a.events(&paula).await;
+    let poll = tokio::spawn(async move {
+        let req = PollRequest {
+            org_id: ORG.into(),
+            after_cursor: head,
+            wait_ms: 8_000,
+            ..Default::default()
+        };
+        let answer = events.poll(req).await.expect("poll").into_inner();
+        (answer, Instant::now())
+    });
+    assert_eq!(next_presence(&mut observer).await, (true, "paula".into()));
+    assert_eq!(next_presence(&mut observer).await, (false, "paula".into()));
+    let offline_at = Instant::now();
+    let (answer, poll_ended) = poll.await.unwrap();
+    assert!(answer.events.is_empty());
+    let took = offline_at.saturating_duration_since(poll_ended);
+    eprintln!("offline on another node {took:?} after the last Poll ended (grace {GRACE:?})");
+    assert!(
+        took >= POLL_ONLINE,
+        "offline {took:?} after the Poll ended (0: while it waited)"
+    );
+    assert!(
+        took <= GRACE + POLL_ONLINE + HEARTBEAT + Duration::from_millis(500),
+        "offline {took:?} after the Poll ended"
+    );
 }

@@ -335,6 +335,27 @@ async fn sdk_react_strict_mode_opens_one_stream_and_delivers_once() {
     b.quit().await;
 }
 
+/// Runs `script` (in clients/web) with the SDK in Node against `s` as `token`; its one JSON line.
+async fn sdk_in_node(s: &TestServer, script: &str, token: &str) -> Value {
+    let out = tokio::process::Command::new("node")
+        .arg(script)
+        .current_dir(web_dir().join("../clients/web"))
+        .env("ORGPULSE_URL", &s.url)
+        .env("ORGPULSE_TOKEN", token)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(SETTLE, out)
+        .await
+        .unwrap_or_else(|_| panic!("node {script} ended within {SETTLE:?}"))
+        .unwrap_or_else(|e| panic!("node {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "node {script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON line")
+}
+
 #[tokio::test]
 async fn sdk_in_node_writes_jobs_and_receives_each_event_once() {
     if prerequisites("the SDK Node test").is_none() {
@@ -343,21 +364,7 @@ async fn sdk_in_node_writes_jobs_and_receives_each_event_once() {
     let _serial = SERIAL.lock().await;
     build_pages();
     let s = start_server().await;
-    let out = tokio::process::Command::new("node")
-        .arg("e2e/node-worker.mjs")
-        .current_dir(web_dir().join("../clients/web"))
-        .env("ORGPULSE_URL", &s.url)
-        .env("ORGPULSE_TOKEN", token(ORG, "worker", "member"))
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("node e2e/node-worker.mjs");
-    assert!(
-        out.status.success(),
-        "node worker: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    let v = sdk_in_node(&s, "e2e/node-worker.mjs", &token(ORG, "worker", "member")).await;
     let received: Vec<Event> = v["seqs"]
         .as_array()
         .unwrap()
@@ -370,4 +377,36 @@ async fn sdk_in_node_writes_jobs_and_receives_each_event_once() {
     let log = log_of(&s.dir, ORG);
     assert_eq!(log.len(), 5, "one create and four updates");
     assert_exactly_once(&received, &log, 1..=5, "worker", &[]);
+}
+
+/// API.md "Input limits": the SDK's `publish` of `data` nested 33 levels is refused
+/// (INVALID_ARGUMENT naming the limit); 32 levels (the most the server takes) reach the SDK
+/// intact in Node, both by a stream and by polling (`forcePoll`).
+#[tokio::test]
+async fn sdk_in_node_receives_32_levels_of_data_by_stream_and_by_poll() {
+    if prerequisites("the SDK Node test").is_none() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let s = start_server().await;
+    let v = sdk_in_node(&s, "e2e/node-deep.mjs", &token(ORG, "ada", "admin")).await;
+    let mut deepest = json!(1);
+    for _ in 0..32 {
+        deepest = json!({ "a": deepest });
+    }
+    assert_eq!(v["refused"]["code"], 3, "INVALID_ARGUMENT: {v}");
+    assert_eq!(
+        v["refused"]["message"],
+        "data nests deeper than 32 levels; at most 32 allowed"
+    );
+    let log = log_of(&s.dir, ORG);
+    assert_eq!(log.len(), 1, "one entity change");
+    for how in ["stream", "poll"] {
+        let received = [Event {
+            seq: v[how]["seq"].as_u64().expect("a seq"),
+            ..Default::default()
+        }];
+        assert_exactly_once(&received, &log, 1..=1, "ada", &[]);
+        assert_eq!(v[how]["data"], deepest, "by {how}");
+    }
 }

@@ -390,3 +390,89 @@ async fn a_retried_request_id_returns_the_original_seq_and_adds_no_event() {
         [first.seq, other.seq]
     );
 }
+
+/// `{"a": {"a": ... 1}}`, `levels` levels deep; with `lists` every other level below the top is
+/// a list (`{"a": [{"a": [...]}]}`), which counts as a level like an object.
+fn nested(levels: usize, lists: bool) -> prost_types::Struct {
+    let mut kind = Kind::NumberValue(1.0);
+    for level in 1..levels {
+        let value = prost_types::Value { kind: Some(kind) };
+        kind = if lists && level % 2 == 1 {
+            Kind::ListValue(prost_types::ListValue {
+                values: vec![value],
+            })
+        } else {
+            Kind::StructValue(prost_types::Struct {
+                fields: [("a".to_string(), value)].into(),
+            })
+        };
+    }
+    data(vec![("a", kind)])
+}
+
+/// API.md "Input limits": `data` nests at most 32 levels. 33 (objects, or objects and lists) is
+/// INVALID_ARGUMENT naming the limit; 32 levels of objects (the deepest messages) is published
+/// and reaches the Rust client (`orgpulse::client`, prost's stock 100-level decoding limit)
+/// intact through Subscribe and through Poll.
+#[tokio::test]
+async fn data_nests_at_most_32_levels_and_32_round_trips_through_subscribe_and_poll() {
+    let server = TestServer::start().await;
+    let admin = token("acme", "alice", "admin");
+    let client = orgpulse::client::Client::new(orgpulse::client::ClientConfig {
+        endpoints: vec![server.url.clone()],
+        token: orgpulse::client::TokenSource::Static(token("acme", "vic", "viewer")),
+        ..Default::default()
+    })
+    .unwrap();
+    let filter = entity_filter(&[]);
+    let mut stream = client.subscribe(filter.clone()).await.unwrap();
+    let start = loop {
+        let ev = tokio::time::timeout(WAIT, stream.message()).await.unwrap();
+        let ev = ev.unwrap().expect("caught_up");
+        if matches!(ev.payload, Some(Payload::CaughtUp(_))) {
+            break ev.cursor;
+        }
+    };
+    for lists in [false, true] {
+        let mut req = change("invoice", "deep", "updated");
+        req.data = Some(nested(33, lists));
+        let err = publish(&server, &admin, req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(
+            err.message(),
+            "data nests deeper than 32 levels; at most 32 allowed"
+        );
+    }
+    let deepest = nested(32, false);
+    let mut req = change("invoice", "deep", "updated");
+    req.data = Some(deepest.clone());
+    let published = publish(&server, &admin, req).await.expect("32 levels");
+    let data_of = |e: &orgpulse::proto::Event| match &e.payload {
+        Some(Payload::EntityChanged(c)) => c.data.clone(),
+        other => panic!("not an entity change: {other:?}"),
+    };
+    let streamed = loop {
+        let ev = tokio::time::timeout(WAIT, stream.message()).await.unwrap();
+        let ev = ev.expect("the stream decodes the event").expect("open");
+        if ev.seq > 0 {
+            break ev;
+        }
+    };
+    assert_eq!(streamed.seq, published.seq);
+    assert_eq!(
+        data_of(&streamed),
+        Some(deepest.clone()),
+        "intact by Subscribe"
+    );
+    let polled = client
+        .poll(PollRequest {
+            after_cursor: start,
+            kinds: filter.kinds,
+            ..Default::default()
+        })
+        .await
+        .expect("the PollResponse decodes");
+    let log = log_of(&server.dir, "acme");
+    assert_exactly_once(&polled.events, &log, 1..=1, "vic", &[ENTITY]);
+    assert_eq!(data_of(&polled.events[0]), Some(deepest), "intact by Poll");
+}

@@ -334,6 +334,9 @@ async fn invalid_rows_move_to_rejected_with_their_error_and_never_block_the_queu
     let client = db.client().await;
     let big = format!("{{\"x\": \"{}\"}}", "y".repeat(70 * 1024));
     let long_id = "i".repeat(129);
+    // `{"a": {"a": ... 1}}`, `levels` objects deep (API.md: at most 32).
+    let nested = |levels: usize| format!("{}1{}", "{\"a\": ".repeat(levels), "}".repeat(levels));
+    let (deepest, too_deep) = (nested(32), nested(33));
     // (org_id, entity_type, entity_id, action, data, user_id, actor, what the error names)
     let invalid: Vec<[&str; 8]> = vec![
         ["a b", "invoice", "i1", "paid", "{}", "", "", "org_id"],
@@ -384,17 +387,28 @@ async fn invalid_rows_move_to_rejected_with_their_error_and_never_block_the_queu
             "bad actor",
             "actor",
         ],
+        [
+            "acme",
+            "invoice",
+            "i11",
+            "paid",
+            &too_deep,
+            "",
+            "",
+            "data nests deeper than 32 levels",
+        ],
     ];
     let mut expected_errors = HashMap::new();
     let mut valid = Vec::new();
     client.batch_execute("BEGIN").await.unwrap();
-    for i in 0..110usize {
+    for i in 0..121usize {
         let ok_id = format!("ok_{i}");
+        let data = if i == 0 { &deepest } else { "{\"n\": 1}" };
         let row: [&str; 8] = if i % 11 == 5 {
             invalid[i / 11]
         } else {
             valid.push(ok_id.clone());
-            ["acme", "invoice", &ok_id, "paid", "{\"n\": 1}", "", "", ""]
+            ["acme", "invoice", &ok_id, "paid", data, "", "", ""]
         };
         let nullable = |s: &str| (!s.is_empty()).then(|| s.to_string());
         let id: i64 = client
@@ -416,7 +430,7 @@ async fn invalid_rows_move_to_rejected_with_their_error_and_never_block_the_queu
     })
     .await;
     let ids = delivered(&server).await;
-    assert_eq!(ids, valid, "the 100 valid rows, in id order");
+    assert_eq!(ids, valid, "the 110 valid rows, in id order");
     let rejected = client
         .query(
             "SELECT id, error FROM orgpulse_outbox_rejected ORDER BY id",
@@ -424,12 +438,12 @@ async fn invalid_rows_move_to_rejected_with_their_error_and_never_block_the_queu
         )
         .await
         .unwrap();
-    assert_eq!(rejected.len(), 10);
+    assert_eq!(rejected.len(), 11);
     // The counters move right after the COMMIT that emptied the table.
-    wait_until("/metrics counts 110 rows, 10 rejected", || async {
+    wait_until("/metrics counts 121 rows, 11 rejected", || async {
         let metrics = get_text(&server, "/metrics").await;
         let has = |line: &str| metrics.lines().any(|l| l == line);
-        has("orgpulse_outbox_rows_total 110") && has("orgpulse_outbox_rejected_total 10")
+        has("orgpulse_outbox_rows_total 121") && has("orgpulse_outbox_rejected_total 11")
     })
     .await;
     for row in rejected {

@@ -319,6 +319,7 @@ async fn cors_preflight_allows_configured_origin_only() {
     let metrics = get_text(&server, "/metrics").await;
     for m in [
         "orgpulse_open_streams",
+        "orgpulse_waiting_polls",
         "orgpulse_events_committed_total",
         "orgpulse_events_delivered_total",
         "orgpulse_slow_subscriber_disconnects_total",

@@ -128,6 +128,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_user: u32,
 
+    /// `Poll` calls one user (same `sub` and org) may have waiting at once on this node; the next
+    /// one gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ORGPULSE_MAX_POLLS_PER_USER", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_polls_per_user: u32,
+
     /// Concurrent HTTP/2 streams (calls) one connection may hold open.
     #[arg(long, env = "ORGPULSE_MAX_CONCURRENT_STREAMS", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..))]

@@ -17,7 +17,7 @@ pub mod request_gate;
 pub mod server;
 pub mod service;
 pub mod store;
-pub mod stream_limit;
 pub mod tls;
+pub mod user_slots;
 pub mod validate;
 pub mod web;

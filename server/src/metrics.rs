@@ -35,10 +35,25 @@ impl Gauge {
     pub fn get(&self) -> i64 {
         self.0.load(Relaxed)
     }
+    /// Counts one more until the returned guard is dropped.
+    pub fn hold(&'static self) -> GaugeHold {
+        self.inc();
+        GaugeHold(self)
+    }
+}
+
+/// One unit of a gauge (an open stream, a waiting Poll), given back when dropped.
+pub struct GaugeHold(&'static Gauge);
+
+impl Drop for GaugeHold {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 pub struct Metrics {
     pub open_streams: Gauge,
+    pub waiting_polls: Gauge,
     pub events_committed: Counter,
     /// Write transactions the store committed (a group commit carries many writes).
     pub store_commits: Counter,
@@ -71,6 +86,7 @@ pub struct Metrics {
 
 pub static METRICS: Metrics = Metrics {
     open_streams: Gauge(AtomicI64::new(0)),
+    waiting_polls: Gauge(AtomicI64::new(0)),
     events_committed: Counter(AtomicU64::new(0)),
     store_commits: Counter(AtomicU64::new(0)),
     events_delivered: Counter(AtomicU64::new(0)),
@@ -92,22 +108,6 @@ pub static METRICS: Metrics = Metrics {
     body_timeouts: Counter(AtomicU64::new(0)),
     malformed_requests: Counter(AtomicU64::new(0)),
 };
-
-/// Increments the open-streams gauge while alive.
-pub struct StreamGauge;
-
-impl StreamGauge {
-    pub fn open() -> Self {
-        METRICS.open_streams.inc();
-        StreamGauge
-    }
-}
-
-impl Drop for StreamGauge {
-    fn drop(&mut self) {
-        METRICS.open_streams.dec();
-    }
-}
 
 /// (CPU seconds user+system, resident bytes) of this process, from /proc.
 pub fn process_usage() -> (f64, u64) {
@@ -165,6 +165,12 @@ pub fn render(pool: Option<PoolStats>, node: NodeState<'_>) -> String {
         "gauge",
         "Open Subscribe streams.",
         m.open_streams.get().to_string(),
+    );
+    metric(
+        "orgpulse_waiting_polls",
+        "gauge",
+        "Poll calls in progress (most of them waiting for an event).",
+        m.waiting_polls.get().to_string(),
     );
     metric(
         "orgpulse_events_committed_total",

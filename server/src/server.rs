@@ -31,6 +31,7 @@ use crate::{
     },
     service::Ctx,
     store::Log,
+    user_slots::UserSlots,
 };
 
 /// How long in-flight calls get to finish after the shutdown signal.
@@ -109,7 +110,8 @@ pub async fn run(
         node_id: node_id.clone(),
         bus,
         heartbeat: cfg.heartbeat_interval,
-        streams: crate::stream_limit::StreamSlots::new(cfg.max_streams_per_user),
+        streams: UserSlots::streams(cfg.max_streams_per_user),
+        polls: UserSlots::polls(cfg.max_polls_per_user),
         shutdown: stop.clone(),
     });
     if let Some(url) = &cfg.outbox {

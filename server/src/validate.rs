@@ -1,8 +1,9 @@
 //! Input validation shared by the services, the Hub's filters and the outbox: identifiers, text
-//! limits, page sizes and entity changes of docs/api.md, and every API limit, named once here.
-//! It speaks [`Invalid`]; the services turn that into INVALID_ARGUMENT.
+//! limits, page sizes, Struct depth and entity changes of docs/api.md, and every API limit, named
+//! once here. It speaks [`Invalid`]; the services turn that into INVALID_ARGUMENT.
 use orgpulse::proto::EntityChanged;
 use prost::Message;
+use prost_types::{Struct, Value, value::Kind};
 
 /// Largest `page_size`.
 pub const MAX_PAGE_SIZE: i32 = 500;
@@ -50,6 +51,10 @@ impl Invalid {
         Invalid(why.into())
     }
 }
+/// Deepest `Struct` the API takes (the Struct itself is level 1; a list counts as a level like an
+/// object): an event carrying it stays within stock protobuf runtimes' 100-level decoding limit in
+/// any response (a level is up to three messages deep: map entry, Value, Struct).
+pub const MAX_STRUCT_DEPTH: usize = 32;
 
 /// 1-`max` bytes, each `allowed`; the error names the field and the character class `class`.
 fn word(
@@ -93,6 +98,9 @@ pub fn entity_change(c: &EntityChanged) -> Result<(), Invalid> {
         |b| b.is_ascii_alphanumeric() || b"._:@/-".contains(&b),
     )?;
     entity_name("action", &c.action)?;
+    if let Some(data) = &c.data {
+        struct_depth("data", data)?;
+    }
     let size = c.data.as_ref().map_or(0, Message::encoded_len);
     if size > MAX_ENTITY_DATA {
         return Err(Invalid::new(format!(
@@ -103,6 +111,30 @@ pub fn entity_change(c: &EntityChanged) -> Result<(), Invalid> {
         id("user_id", &c.user_id)?;
     }
     Ok(())
+}
+
+/// A Struct nested at most [`MAX_STRUCT_DEPTH`] levels.
+pub fn struct_depth(field: &str, s: &Struct) -> Result<(), Invalid> {
+    /// Whether `s` fits in `levels` levels (stops as soon as it does not).
+    fn fits(s: &Struct, levels: usize) -> bool {
+        levels > 0 && s.fields.values().all(|v| value_fits(v, levels - 1))
+    }
+    fn value_fits(v: &Value, levels: usize) -> bool {
+        match &v.kind {
+            Some(Kind::StructValue(s)) => fits(s, levels),
+            Some(Kind::ListValue(l)) => {
+                levels > 0 && l.values.iter().all(|v| value_fits(v, levels - 1))
+            }
+            _ => true,
+        }
+    }
+    if fits(s, MAX_STRUCT_DEPTH) {
+        Ok(())
+    } else {
+        Err(Invalid::new(format!(
+            "{field} nests deeper than {MAX_STRUCT_DEPTH} levels; at most {MAX_STRUCT_DEPTH} allowed"
+        )))
+    }
 }
 
 /// A server-generated object id (a ULID).
@@ -172,5 +204,39 @@ mod tests {
         assert!(entity_name("entity_type", "sales.invoice_v2-x").is_ok());
         assert!(entity_name("entity_type", "Invoice").is_err());
         assert!(entity_name("action", &"a".repeat(65)).is_err());
+    }
+
+    /// `{"a": ... {"a": leaf}}` with `levels` Structs, or with a list in place of every other one.
+    fn nested(levels: usize, lists: bool) -> Struct {
+        let mut v = Value {
+            kind: Some(Kind::NumberValue(1.0)),
+        };
+        for level in 1..levels {
+            let kind = if lists && level % 2 == 1 {
+                Kind::ListValue(prost_types::ListValue { values: vec![v] })
+            } else {
+                Kind::StructValue(Struct {
+                    fields: [("a".to_string(), v)].into(),
+                })
+            };
+            v = Value { kind: Some(kind) };
+        }
+        Struct {
+            fields: [("a".to_string(), v)].into(),
+        }
+    }
+
+    #[test]
+    fn structs_nest_at_most_32_levels_lists_included() {
+        assert!(struct_depth("data", &Struct::default()).is_ok());
+        for lists in [false, true] {
+            assert!(struct_depth("data", &nested(1, lists)).is_ok());
+            assert!(struct_depth("data", &nested(32, lists)).is_ok(), "{lists}");
+            let err = struct_depth("data", &nested(33, lists)).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "data nests deeper than 32 levels; at most 32 allowed"
+            );
+        }
     }
 }

@@ -10,27 +10,47 @@ use orgpulse::proto::Member;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::{Announce, Change, POLL_ONLINE, Presence, PresenceGuard};
+use super::{Announce, Change, POLL_ONLINE, Presence, PresenceGuard, Via};
 use crate::store::timestamp;
 
+/// A user's connections (on this node, or summed over the cluster).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Connections {
+    pub streams: u32,
+    /// Waiting Polls.
+    pub polls: u32,
+    /// The latest end of a Poll plus [`POLL_ONLINE`]: online until then (then the grace period).
+    pub poll_until: Option<Instant>,
+}
+
+impl Connections {
+    /// Whether these keep the user online at `now` (before any grace period).
+    pub fn online(&self, now: Instant) -> bool {
+        self.open() || self.poll_until.is_some_and(|t| t > now)
+    }
+
+    fn open(&self) -> bool {
+        self.streams > 0 || self.polls > 0
+    }
+}
+
 struct Entry {
-    streams: u32,
+    held: Connections,
     since: SystemTime,
-    /// When the last stream closed (while none is open).
+    /// When the last stream or Poll ended (while none is open).
     closed_at: Option<Instant>,
-    poll_until: Option<Instant>,
     /// A task is waiting to take this user offline.
     timer: bool,
 }
 
 impl Entry {
-    /// When the user goes offline if nothing changes; `None` while a stream is open.
+    /// When the user goes offline if nothing changes: the grace period after the last stream
+    /// closed or the last Poll stopped counting; `None` while a stream or Poll is open.
     fn offline_at(&self, grace: Duration) -> Option<Instant> {
-        if self.streams > 0 {
+        if self.held.open() {
             return None;
         }
-        let closed = self.closed_at.map(|t| t + grace);
-        closed.max(self.poll_until)
+        self.closed_at.max(self.held.poll_until).map(|t| t + grace)
     }
 }
 
@@ -72,10 +92,9 @@ impl MemoryPresence {
             return;
         }
         let e = users.entry(key.clone()).or_insert(Entry {
-            streams: 0,
+            held: Connections::default(),
             since: SystemTime::now(),
             closed_at: None,
-            poll_until: None,
             timer: false,
         });
         change(e);
@@ -117,53 +136,42 @@ impl MemoryPresence {
 }
 
 impl MemoryPresence {
-    /// Sets `user`'s open streams to `streams` (counted elsewhere: the cluster's total) and
-    /// extends their poll deadline to `poll_until`; the same transitions and grace as `connect`
-    /// and `disconnect`. A user absent here with no stream and no poll stays absent.
-    pub fn set_streams(
-        self: &Arc<Self>,
-        org: &str,
-        user: &str,
-        streams: u32,
-        poll_until: Option<Instant>,
-    ) {
-        let online = streams > 0 || poll_until.is_some_and(|t| t > Instant::now());
-        self.update_if(org, user, online, |e| {
-            if streams == 0 && e.streams > 0 {
-                e.closed_at = Some(Instant::now());
-            } else if streams > 0 {
-                e.closed_at = None;
+    /// Sets `user`'s connections to `held` (counted elsewhere: the cluster's total); the same
+    /// transitions and grace as `connect` and `disconnect`. A user absent here and not online by
+    /// `held` stays absent.
+    pub fn set_connections(self: &Arc<Self>, org: &str, user: &str, held: Connections) {
+        let now = Instant::now();
+        self.update_if(org, user, held.online(now), |e| {
+            if e.held.open() && !held.open() {
+                e.closed_at = Some(now);
             }
-            e.streams = streams;
-            e.poll_until = e.poll_until.max(poll_until);
+            let poll_until = e.held.poll_until.max(held.poll_until);
+            e.held = Connections { poll_until, ..held };
         });
     }
 }
 
 impl Presence for MemoryPresence {
-    fn connect(self: Arc<Self>, org: &str, user: &str) -> PresenceGuard {
-        self.update(org, user, |e| {
-            e.streams += 1;
-            e.closed_at = None;
+    fn connect(self: Arc<Self>, org: &str, user: &str, via: Via) -> PresenceGuard {
+        self.update(org, user, |e| match via {
+            Via::Stream => e.held.streams += 1,
+            Via::Poll => e.held.polls += 1,
         });
-        PresenceGuard {
-            presence: self,
-            org: org.to_string(),
-            user: user.to_string(),
-        }
+        PresenceGuard::new(self, org, user, via)
     }
 
-    fn polled(self: Arc<Self>, org: &str, user: &str) {
+    fn disconnect(self: Arc<Self>, org: &str, user: &str, via: Via) {
         self.update(org, user, |e| {
-            e.poll_until = Some(Instant::now() + POLL_ONLINE)
-        });
-    }
-
-    fn disconnect(self: Arc<Self>, org: &str, user: &str) {
-        self.update(org, user, |e| {
-            e.streams = e.streams.saturating_sub(1);
-            if e.streams == 0 {
-                e.closed_at = Some(Instant::now());
+            let now = Instant::now();
+            match via {
+                Via::Stream => e.held.streams = e.held.streams.saturating_sub(1),
+                Via::Poll => {
+                    e.held.polls = e.held.polls.saturating_sub(1);
+                    e.held.poll_until = e.held.poll_until.max(Some(now + POLL_ONLINE));
+                }
+            }
+            if !e.held.open() {
+                e.closed_at = Some(now);
             }
         });
     }
@@ -176,7 +184,7 @@ impl Presence for MemoryPresence {
             .map(|((_, user), e)| Member {
                 user_id: user.clone(),
                 online_since: Some(timestamp(e.since)),
-                connections: e.streams,
+                connections: e.held.streams,
             })
             .collect();
         members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
@@ -209,7 +217,7 @@ mod tests {
             if let Some(presence) = armed {
                 let state_is_free = presence.users.try_lock().is_some();
                 if state_is_free {
-                    let guard = presence.connect(org, user);
+                    let guard = presence.connect(org, user, Via::Stream);
                     self.reconnected.lock().push(guard);
                 }
             }
@@ -223,7 +231,7 @@ mod tests {
     async fn a_reconnect_during_the_offline_announcement_ends_online() {
         let recorder = Arc::new(Recorder::default());
         let presence = MemoryPresence::new(recorder.clone(), GRACE);
-        drop(presence.clone().connect("acme", "alice"));
+        drop(presence.clone().connect("acme", "alice", Via::Stream));
         *recorder.reconnect_at_offline.lock() = Some(presence.clone());
         // The grace timer fires and takes alice offline.
         tokio::time::sleep(GRACE + Duration::from_millis(1)).await;
@@ -232,7 +240,7 @@ mod tests {
             .reconnected
             .lock()
             .is_empty()
-            .then(|| presence.clone().connect("acme", "alice"));
+            .then(|| presence.clone().connect("acme", "alice", Via::Stream));
         let members = presence.members("acme");
         assert_eq!(members.len(), 1, "alice is connected");
         assert_eq!(members[0].connections, 1);
@@ -246,6 +254,45 @@ mod tests {
                 alice(Change::Online)
             ],
             "announcements out of order with the state"
+        );
+    }
+
+    /// A waiting Poll keeps its user online however long it waits; after it ends they stay
+    /// online POLL_ONLINE, then the grace period, then go offline; a stream goes offline after
+    /// the grace period alone.
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_counts_while_waiting_and_5_s_after_then_the_grace() {
+        let recorder = Arc::new(Recorder::default());
+        let presence = MemoryPresence::new(recorder.clone(), GRACE);
+        let offline = |who: &str| {
+            recorder
+                .seen
+                .lock()
+                .contains(&(who.to_string(), Change::Offline))
+        };
+        let poll = presence.clone().connect("acme", "paula", Via::Poll);
+        let stream = presence.clone().connect("acme", "sam", Via::Stream);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!offline("paula"), "a waiting Poll keeps its user online");
+        drop((poll, stream));
+        tokio::time::sleep(GRACE - Duration::from_millis(1)).await;
+        assert!(!offline("sam"));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(
+            offline("sam"),
+            "a stream user is offline after the grace period"
+        );
+        tokio::time::sleep(POLL_ONLINE - Duration::from_millis(3)).await;
+        assert!(!offline("paula"));
+        assert_eq!(
+            presence.members("acme")[0].connections,
+            0,
+            "Polls are no connections"
+        );
+        tokio::time::sleep(Duration::from_millis(4)).await;
+        assert!(
+            offline("paula"),
+            "a poll-only user is offline 5 s + grace after the Poll"
         );
     }
 }

@@ -1,7 +1,9 @@
 //! Presence: who in an org is online. A user is online while at least one of their Subscribe
-//! streams is open, or while they polled within the last 45 s. `user_online` is sent when they come
-//! online; `user_offline` only after the last stream closed and the grace period passed without a
-//! new one, so a reconnect does not flicker. The embedded engine (`memory`) keeps it in memory and
+//! streams is open, or one of their Poll calls is waiting or ended less than [`POLL_ONLINE`] ago (a
+//! polling client is about to poll again). `user_online` is sent when they come online;
+//! `user_offline` only after the last one closed and the grace period passed without a new one, so
+//! a reconnect does not flicker: whatever the transport, a user is offline within the grace period
+//! plus [`POLL_ONLINE`] of leaving. The embedded engine (`memory`) keeps it in memory and
 //! announces each transition while it holds the state, so the announcements come in the order of
 //! the state; the cluster engine (`nats`) feeds the same machinery with the streams of every node.
 pub mod memory;
@@ -15,8 +17,17 @@ use prost::Message;
 
 use crate::{hub::Hub, store::timestamp};
 
-/// How long a Poll keeps its caller online.
-pub const POLL_ONLINE: Duration = Duration::from_secs(45);
+/// How long a Poll keeps its caller online after it ended (before the grace period starts).
+pub const POLL_ONLINE: Duration = Duration::from_secs(5);
+
+/// The two ways a user is connected, each keeping them online while open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// A `Subscribe` stream (counted in `Member.connections`).
+    Stream,
+    /// A waiting `Poll`; it keeps counting for [`POLL_ONLINE`] after it ended.
+    Poll,
+}
 
 /// A presence transition of one user in one org.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,25 +64,37 @@ impl Announce for Hub {
 }
 
 pub trait Presence: Send + Sync + 'static {
-    /// A stream of `user` opened; it counts until the guard is dropped.
-    fn connect(self: Arc<Self>, org: &str, user: &str) -> PresenceGuard;
-    /// `user` polled just now.
-    fn polled(self: Arc<Self>, org: &str, user: &str);
+    /// A stream or waiting Poll of `user` opened; it counts until the guard is dropped.
+    fn connect(self: Arc<Self>, org: &str, user: &str, via: Via) -> PresenceGuard;
     /// The org's online members.
     fn members(&self, org: &str) -> Vec<Member>;
-    /// A stream of `user` closed.
-    fn disconnect(self: Arc<Self>, org: &str, user: &str);
+    /// A stream or Poll of `user` ended.
+    fn disconnect(self: Arc<Self>, org: &str, user: &str, via: Via);
 }
 
-/// Keeps one stream counted as online while alive.
+/// Keeps one stream or waiting Poll counted as online while alive.
 pub struct PresenceGuard {
     presence: Arc<dyn Presence>,
     org: String,
     user: String,
+    via: Via,
+}
+
+impl PresenceGuard {
+    fn new(presence: Arc<dyn Presence>, org: &str, user: &str, via: Via) -> Self {
+        PresenceGuard {
+            presence,
+            org: org.to_string(),
+            user: user.to_string(),
+            via,
+        }
+    }
 }
 
 impl Drop for PresenceGuard {
     fn drop(&mut self) {
-        self.presence.clone().disconnect(&self.org, &self.user);
+        self.presence
+            .clone()
+            .disconnect(&self.org, &self.user, self.via);
     }
 }

@@ -1,5 +1,5 @@
 //! The cluster presence engine: every node tells the others over NATS which users it has streams
-//! (and recent polls) for, and every node computes the same cluster-wide presence from the merged
+//! and waiting or recent Polls for, and every node computes the same cluster-wide presence from the merged
 //! state, announcing each transition to its own subscribers only.
 //!
 //! The shape follows Phoenix Tracker (each node is the only writer of its own entries, broadcasts
@@ -9,8 +9,8 @@
 //! duplicating a heartbeat changes nothing). A node sends its whole set on every heartbeat and soon
 //! after every change, so one lost message costs at most one heartbeat interval.
 //!
-//! Transitions: the cluster-wide count of a user's streams drives the embedded engine
-//! (`MemoryPresence::set_streams`), so grace, timers and the order of announcements are the same
+//! Transitions: the cluster-wide count of a user's streams and Polls drives the embedded engine
+//! (`MemoryPresence::set_connections`), so grace, timers and the order of announcements are the same
 //! as on one node. A user moving from a dying node to a live one within the grace period does not
 //! flicker: the dead node's streams stop counting after `node_timeout`, the grace starts then, and
 //! the live node's heartbeat (sent at once on the new stream) ends it. A node that was SIGKILLed
@@ -33,7 +33,9 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{Announce, MemoryPresence, POLL_ONLINE, Presence, PresenceGuard};
+use super::{
+    Announce, MemoryPresence, POLL_ONLINE, Presence, PresenceGuard, Via, memory::Connections,
+};
 
 type Key = (String, String);
 
@@ -51,10 +53,14 @@ pub struct Timing {
     pub node_timeout: Duration,
 }
 
-/// What one node has for one user: open streams and how long their last poll keeps them online.
+/// What one node has for one user: open streams, waiting Polls, and how long their last Poll
+/// keeps them online.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Held {
     streams: u32,
+    /// Absent in the heartbeats of nodes from before Polls were counted while waiting.
+    #[serde(default)]
+    polls: u32,
     poll_left_ms: u64,
 }
 
@@ -75,35 +81,26 @@ struct Remote {
     incarnation: u64,
     version: u64,
     heard: Instant,
-    users: HashMap<Key, (u32, Option<Instant>)>,
-}
-
-#[derive(Default)]
-struct Local {
-    streams: u32,
-    poll_until: Option<Instant>,
+    users: HashMap<Key, Connections>,
 }
 
 #[derive(Default)]
 struct State {
-    local: HashMap<Key, Local>,
+    local: HashMap<Key, Connections>,
     remote: HashMap<String, Remote>,
     version: u64,
 }
 
 impl State {
-    /// The user's streams on every live node, and their latest poll deadline.
-    fn cluster_wide(&self, key: &Key) -> (u32, Option<Instant>) {
-        let local = self.local.get(key);
-        let mut streams = local.map_or(0, |l| l.streams);
-        let mut poll = local.and_then(|l| l.poll_until);
-        for r in self.remote.values() {
-            if let Some(&(s, p)) = r.users.get(key) {
-                streams += s;
-                poll = poll.max(p);
-            }
-        }
-        (streams, poll)
+    /// The user's streams and waiting Polls on every live node, and their latest Poll deadline.
+    fn cluster_wide(&self, key: &Key) -> Connections {
+        let nodes = self.local.get(key).into_iter();
+        let nodes = nodes.chain(self.remote.values().filter_map(|r| r.users.get(key)));
+        nodes.fold(Connections::default(), |sum, c| Connections {
+            streams: sum.streams + c.streams,
+            polls: sum.polls + c.polls,
+            poll_until: sum.poll_until.max(c.poll_until),
+        })
     }
 }
 
@@ -151,12 +148,12 @@ impl NatsPresence {
     }
 
     /// Applies a change of this node's entry for `key` and recomputes the user's presence.
-    fn change_local(&self, org: &str, user: &str, change: impl FnOnce(&mut Local)) {
+    fn change_local(&self, org: &str, user: &str, change: impl FnOnce(&mut Connections)) {
         let key = (org.to_string(), user.to_string());
         let mut state = self.state.lock();
         let local = state.local.entry(key.clone()).or_default();
         change(local);
-        if local.streams == 0 && local.poll_until.is_none_or(|t| t <= Instant::now()) {
+        if !local.online(Instant::now()) {
             state.local.remove(&key);
         }
         state.version += 1;
@@ -169,8 +166,8 @@ impl NatsPresence {
     /// (so transitions are announced in the order of the state).
     fn recompute<'k>(&self, state: &State, keys: impl IntoIterator<Item = &'k Key>) {
         for key in keys {
-            let (streams, poll) = state.cluster_wide(key);
-            self.merged.set_streams(&key.0, &key.1, streams, poll);
+            let held = state.cluster_wide(key);
+            self.merged.set_connections(&key.0, &key.1, held);
         }
     }
 
@@ -186,11 +183,12 @@ impl NatsPresence {
             users: state
                 .local
                 .iter()
-                .filter(|(_, l)| l.streams > 0 || l.poll_until.is_some_and(|t| t > now))
+                .filter(|(_, l)| l.online(now))
                 .map(|((org, user), l)| {
                     let poll_left = l.poll_until.map_or(Duration::ZERO, |t| t - now.min(t));
                     let held = Held {
                         streams: l.streams,
+                        polls: l.polls,
                         poll_left_ms: poll_left.as_millis() as u64,
                     };
                     (org.clone(), user.clone(), held)
@@ -281,13 +279,18 @@ impl NatsPresence {
         if known.is_some_and(|r| r.incarnation == hb.incarnation && r.version > hb.version) {
             return;
         }
-        let users: HashMap<Key, (u32, Option<Instant>)> = hb
+        let users: HashMap<Key, Connections> = hb
             .users
             .into_iter()
             .map(|(org, user, h)| {
-                let poll =
+                let poll_until =
                     (h.poll_left_ms > 0).then(|| now + Duration::from_millis(h.poll_left_ms));
-                ((org, user), (h.streams, poll))
+                let held = Connections {
+                    streams: h.streams,
+                    polls: h.polls,
+                    poll_until,
+                };
+                ((org, user), held)
             })
             .collect();
         let before = state.remote.remove(&hb.node);
@@ -316,27 +319,26 @@ impl NatsPresence {
 }
 
 impl Presence for NatsPresence {
-    fn connect(self: Arc<Self>, org: &str, user: &str) -> PresenceGuard {
-        self.change_local(org, user, |l| l.streams += 1);
-        PresenceGuard {
-            presence: self,
-            org: org.to_string(),
-            user: user.to_string(),
-        }
-    }
-
-    fn polled(self: Arc<Self>, org: &str, user: &str) {
-        self.change_local(org, user, |l| {
-            l.poll_until = Some(Instant::now() + POLL_ONLINE)
+    fn connect(self: Arc<Self>, org: &str, user: &str, via: Via) -> PresenceGuard {
+        self.change_local(org, user, |l| match via {
+            Via::Stream => l.streams += 1,
+            Via::Poll => l.polls += 1,
         });
+        PresenceGuard::new(self, org, user, via)
     }
 
     fn members(&self, org: &str) -> Vec<Member> {
         self.merged.members(org)
     }
 
-    fn disconnect(self: Arc<Self>, org: &str, user: &str) {
-        self.change_local(org, user, |l| l.streams = l.streams.saturating_sub(1));
+    fn disconnect(self: Arc<Self>, org: &str, user: &str, via: Via) {
+        self.change_local(org, user, |l| match via {
+            Via::Stream => l.streams = l.streams.saturating_sub(1),
+            Via::Poll => {
+                l.polls = l.polls.saturating_sub(1);
+                l.poll_until = l.poll_until.max(Some(Instant::now() + POLL_ONLINE));
+            }
+        });
     }
 }
 
@@ -349,28 +351,33 @@ mod tests {
         let mut state = State::default();
         let key: Key = ("acme".into(), "alice".into());
         let now = Instant::now();
-        state.local.insert(
-            key.clone(),
-            Local {
-                streams: 1,
-                poll_until: None,
-            },
-        );
-        for (node, streams, poll) in [("b", 2, Some(now)), ("c", 0, Some(now + POLL_ONLINE))] {
+        let held = |streams, polls, poll_until| Connections {
+            streams,
+            polls,
+            poll_until,
+        };
+        state.local.insert(key.clone(), held(1, 1, None));
+        for (node, c) in [
+            ("b", held(2, 0, Some(now))),
+            ("c", held(0, 3, Some(now + POLL_ONLINE))),
+        ] {
             state.remote.insert(
                 node.into(),
                 Remote {
                     incarnation: 1,
                     version: 1,
                     heard: now,
-                    users: HashMap::from([(key.clone(), (streams, poll))]),
+                    users: HashMap::from([(key.clone(), c)]),
                 },
             );
         }
-        assert_eq!(state.cluster_wide(&key), (3, Some(now + POLL_ONLINE)));
+        assert_eq!(
+            state.cluster_wide(&key),
+            held(3, 4, Some(now + POLL_ONLINE))
+        );
         assert_eq!(
             state.cluster_wide(&("acme".into(), "bob".into())),
-            (0, None)
+            Connections::default()
         );
     }
 }

@@ -35,10 +35,10 @@ use crate::{
     auth::{self, Need},
     cursor::Cursor,
     hub::{Audience, Cut, EntityTypes, Kinds},
-    metrics::{METRICS, StreamGauge},
-    presence::PresenceGuard,
+    metrics::METRICS,
+    presence::{PresenceGuard, Via},
     store::{LogRead, timestamp},
-    stream_limit::StreamSlot,
+    user_slots::UserSlot,
     validate::{DEFAULT_POLL_EVENTS, MAX_POLL_EVENTS, MAX_POLL_WAIT_MS, MAX_REQUEST},
 };
 
@@ -138,7 +138,10 @@ async fn subscribe(
     };
     let slot = ctx.streams.acquire(&org, &claims.user)?;
     let reg = ctx.hub.register(&org, audience.clone()).await?;
-    let presence = ctx.presence.clone().connect(&org, &claims.user);
+    let presence = ctx
+        .presence
+        .clone()
+        .connect(&org, &claims.user, Via::Stream);
     let expires = Instant::now() + claims.time_left();
     tracing::info!(org, user = claims.user, "stream opened");
     let held = Held {
@@ -152,7 +155,7 @@ async fn subscribe(
 /// What an open stream holds until it ends, however it ends: its slot in the per-user stream
 /// limit and its user's presence.
 struct Held {
-    _slot: StreamSlot,
+    _slot: UserSlot,
     _presence: PresenceGuard,
 }
 
@@ -173,7 +176,7 @@ fn subscription(
     held: Held,
 ) -> impl Stream<Item = Result<Bytes, Status>> + Send + 'static {
     async_stream::try_stream! {
-        let _gauge = StreamGauge::open();
+        let _gauge = METRICS.open_streams.hold();
         let _held = held;
         let mut log = StreamLog { org: org.clone(), user: audience.user.clone(), sent: 0, end: "client went away" };
         let store = ctx.store.log.clone();
@@ -346,7 +349,10 @@ async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollR
     } as usize;
     let deadline = Instant::now() + Duration::from_millis(r.wait_ms.min(MAX_POLL_WAIT_MS).into());
     METRICS.polls.inc();
-    ctx.presence.clone().polled(&org, &claims.user);
+    // Held until the Poll answers or its caller goes away: the per-user Poll limit and presence.
+    let _slot = ctx.polls.acquire(&org, &claims.user)?;
+    let _presence = ctx.presence.clone().connect(&org, &claims.user, Via::Poll);
+    let _gauge = METRICS.waiting_polls.hold();
     let audience = Audience {
         user: claims.user.as_str().into(),
         kinds,
@@ -370,43 +376,50 @@ async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollR
     };
     let mut events = Vec::new();
     loop {
-        loop {
-            let page = match store.read_after(&org, pos, REPLAY_PAGE).await? {
-                LogRead::Events(page) => page,
-                // Trimmed past `pos` after some events were taken: those are seamless, and the
-                // next Poll (after them) is told resync.
-                LogRead::Unreachable(_) if !events.is_empty() => break,
-                LogRead::Unreachable(bounds) => return Ok(resync_at(bounds.head)),
-            };
-            let full = page.len() == REPLAY_PAGE;
-            for ev in page {
+        let page = match store.read_after(&org, pos, REPLAY_PAGE).await? {
+            LogRead::Events(page) => page,
+            // Trimmed past `pos` after some events were taken: those are seamless, and the
+            // next Poll (after them) is told resync.
+            LogRead::Unreachable(_) if !events.is_empty() => break,
+            LogRead::Unreachable(bounds) => return Ok(resync_at(bounds.head)),
+        };
+        let full = page.len() == REPLAY_PAGE;
+        for ev in page {
+            if events.len() == max {
+                break;
+            }
+            pos = ev.seq;
+            if audience.sees(&ev) {
+                events.push(decode(ev.bytes)?);
+            }
+        }
+        if !full || events.len() == max {
+            break;
+        }
+    }
+    // Nothing yet: wait for the room's next events. They come in seq order after `pos`, like a
+    // stream's live part, so a woken Poll answers from them without reading the Store (thousands
+    // of Polls woken by one event are no burst of reads). A queue cut off ends the wait empty.
+    while events.is_empty() {
+        let mut next = tokio::select! {
+            _ = ctx.shutdown.cancelled() => None,
+            _ = tokio::time::sleep_until(deadline) => None,
+            item = reg.rx.recv() => item,
+        };
+        if next.is_none() {
+            break;
+        }
+        while let Some(item) = next {
+            // seq 0: presence and other ephemeral events, which Poll does not return.
+            if item.seq > pos {
+                pos = item.seq;
+                events.push(decode(item.bytes)?);
                 if events.len() == max {
                     break;
                 }
-                pos = ev.seq;
-                if audience.sees(&ev) {
-                    events.push(
-                        Event::decode(ev.bytes).map_err(|e| Status::internal(e.to_string()))?,
-                    );
-                }
             }
-            if !full || events.len() == max {
-                break;
-            }
+            next = reg.rx.try_recv();
         }
-        if !events.is_empty() {
-            break;
-        }
-        let woke = tokio::select! {
-            _ = ctx.shutdown.cancelled() => false,
-            _ = tokio::time::sleep_until(deadline) => false,
-            item = reg.rx.recv() => item.is_some(),
-        };
-        if !woke {
-            break;
-        }
-        // Drain what queued up; the Store read above picks the events up in order.
-        while reg.rx.try_recv().is_some() {}
     }
     let cursor = Cursor { epoch, seq: pos }.encode();
     Ok(Response::new(PollResponse {
@@ -414,6 +427,11 @@ async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollR
         cursor,
         resync: false,
     }))
+}
+
+/// An encoded event (from the Store or the Hub) as a message of a Poll's answer.
+fn decode(bytes: Bytes) -> Result<Event, Status> {
+    Event::decode(bytes).map_err(|e| Status::internal(e.to_string()))
 }
 
 async fn list_online(

@@ -18,7 +18,7 @@ use crate::{
     hub::Hub,
     presence::Presence,
     store::{Store, StoreError},
-    stream_limit::StreamSlots,
+    user_slots::UserSlots,
     validate::Invalid,
 };
 
@@ -33,7 +33,9 @@ pub struct Ctx {
     pub bus: Arc<dyn Bus>,
     pub heartbeat: Duration,
     /// Open `Subscribe` streams per user, against `--max-streams-per-user`.
-    pub streams: StreamSlots,
+    pub streams: UserSlots,
+    /// Waiting `Poll` calls per user, against `--max-polls-per-user`.
+    pub polls: UserSlots,
     /// Cancelled when the server shuts down: a waiting Poll answers at once and background loops
     /// stop (open streams are ended by `Hub::shut_down`).
     pub shutdown: CancellationToken,
