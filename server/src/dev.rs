@@ -11,7 +11,7 @@ use std::{
 use orgpulse::proto::{JobStatus, Severity};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{JobPatch, NewJob, NewNotification, Store};
+use crate::store::{Entities, JobPatch, NewJob, NewNotification};
 
 pub const DEMO_ORG: &str = "demo";
 
@@ -57,7 +57,7 @@ pub fn print_dev_tokens(secret: &[u8], addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// Jobs created, progressing and finishing, and now and then a notification, in org `demo`.
-pub async fn demo_workload(store: Arc<dyn Store>, stop: CancellationToken) {
+pub async fn demo_workload(store: Arc<Entities>, stop: CancellationToken) {
     const BOT: &str = "demo-bot";
     const TITLES: &[&str] = &[
         "Build release artifacts",

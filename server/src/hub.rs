@@ -27,9 +27,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    bus::Bus,
+    bus::{Bus, Deliver},
     metrics::METRICS,
-    store::{CommittedEvent, LogRead, Store},
+    store::{CommittedEvent, Log, LogRead},
+    validate::{Invalid, MAX_ENTITY_TYPES},
 };
 
 /// How often the tail checker of a Hub on a lossy bus compares its rooms' last delivered seqs with
@@ -84,7 +85,7 @@ impl CutFlag {
 pub struct Kinds(u8);
 
 impl Kinds {
-    pub fn from_request(kinds: &[i32]) -> Result<Kinds, tonic::Status> {
+    pub fn from_request(kinds: &[i32]) -> Result<Kinds, Invalid> {
         if kinds.is_empty() {
             return Ok(Kinds(u8::MAX));
         }
@@ -92,9 +93,7 @@ impl Kinds {
         for k in kinds {
             match EventKind::try_from(*k) {
                 Ok(EventKind::Unspecified) | Err(_) => {
-                    return Err(tonic::Status::invalid_argument(format!(
-                        "unknown event kind {k}"
-                    )));
+                    return Err(Invalid::new(format!("unknown event kind {k}")));
                 }
                 Ok(kind) => bits |= 1 << kind as u8,
             }
@@ -112,16 +111,13 @@ impl Kinds {
 #[derive(Debug, Clone, Default)]
 pub struct EntityTypes(Option<Arc<[Box<str>]>>);
 
-/// Most entity types one subscription may name.
-pub const MAX_ENTITY_TYPES: usize = 100;
-
 impl EntityTypes {
-    pub fn from_request(types: &[String]) -> Result<EntityTypes, tonic::Status> {
+    pub fn from_request(types: &[String]) -> Result<EntityTypes, Invalid> {
         if types.is_empty() {
             return Ok(EntityTypes(None));
         }
         if types.len() > MAX_ENTITY_TYPES {
-            return Err(tonic::Status::invalid_argument(format!(
+            return Err(Invalid::new(format!(
                 "entity_types names {} types; at most {MAX_ENTITY_TYPES} allowed",
                 types.len()
             )));
@@ -169,11 +165,40 @@ pub struct Hub {
     inner: Arc<Inner>,
 }
 
+/// This node's rooms by org: where the Bus delivers (`bus::Deliver`). Made before the Bus and
+/// the Hub, which both hold it, so the wiring runs one way: rooms -> bus -> store -> hub.
+#[derive(Default)]
+pub struct Rooms(Mutex<HashMap<Arc<str>, Arc<Room>>>);
+
+impl Rooms {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<Arc<str>, Arc<Room>>> {
+        self.0.lock()
+    }
+
+    fn send(&self, org: &str, msg: RoomMsg) {
+        let room = self.lock().get(org).cloned();
+        if let Some(room) = room {
+            let _ = room.tx.send(msg);
+        }
+    }
+}
+
+impl Deliver for Rooms {
+    fn deliver(&self, ev: CommittedEvent) {
+        let org = ev.org.clone();
+        self.send(&org, RoomMsg::Durable(ev));
+    }
+
+    fn subscribed(&self, org: &Arc<str>) {
+        self.send(org, RoomMsg::Subscribed);
+    }
+}
+
 struct Inner {
-    rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
+    rooms: Arc<Rooms>,
     /// Set by `shut_down`: every subscriber, present or joining, is cut with `Cut::Shutdown`.
     shut: AtomicBool,
-    store: Arc<dyn Store>,
+    store: Arc<dyn Log>,
     bus: Arc<dyn Bus>,
     queue: usize,
 }
@@ -205,6 +230,8 @@ enum RoomMsg {
     Ephemeral(Bytes),
     /// The org's log reaches at least this seq (from the tail checker).
     Head(u64),
+    /// The bus now carries the org's events: look up the log's head, for events it missed.
+    Subscribed,
 }
 
 /// A subscriber's place in a room. Dropping it leaves the room.
@@ -246,13 +273,13 @@ impl Drop for Registration {
 }
 
 impl Hub {
-    /// A Hub fed by `bus`; when the bus is lossy, with a tail checker that lives as long as the
-    /// Hub.
-    pub fn new(store: Arc<dyn Store>, queue: usize, bus: Arc<dyn Bus>) -> Hub {
+    /// A Hub of `rooms`, which `bus` feeds; when the bus is lossy, with a tail checker that lives
+    /// as long as the Hub.
+    pub fn new(rooms: Arc<Rooms>, store: Arc<dyn Log>, queue: usize, bus: Arc<dyn Bus>) -> Hub {
         let lossy = bus.lossy();
         let hub = Hub {
             inner: Arc::new(Inner {
-                rooms: Mutex::default(),
+                rooms,
                 shut: AtomicBool::new(false),
                 store,
                 bus,
@@ -350,30 +377,9 @@ impl Hub {
         room
     }
 
-    /// A committed event from the bus.
-    pub fn deliver(&self, ev: CommittedEvent) {
-        let room = self.inner.rooms.lock().get(&ev.org).cloned();
-        if let Some(room) = room {
-            let _ = room.tx.send(RoomMsg::Durable(ev));
-        }
-    }
-
-    /// Looks up `org`'s log head now (as the tail checker does for all rooms) and has its room
-    /// repair up to it: for events the bus may have missed, e.g. before it subscribed.
-    pub async fn check_tail(&self, org: &Arc<str>) {
-        let room = self.inner.rooms.lock().get(org).cloned();
-        if let Some(room) = room {
-            let rooms = HashMap::from([(org.clone(), room)]);
-            send_heads(&self.inner, &rooms).await;
-        }
-    }
-
     /// An ephemeral event (presence) for every subscriber of `org` that asked for presence.
     pub fn deliver_ephemeral(&self, org: &str, bytes: Bytes) {
-        let room = self.inner.rooms.lock().get(org).cloned();
-        if let Some(room) = room {
-            let _ = room.tx.send(RoomMsg::Ephemeral(bytes));
-        }
+        self.inner.rooms.send(org, RoomMsg::Ephemeral(bytes));
     }
 }
 
@@ -418,7 +424,7 @@ async fn run_room(
     room: Arc<Room>,
     mut rx: mpsc::UnboundedReceiver<RoomMsg>,
     mut last: u64,
-    store: Arc<dyn Store>,
+    store: Arc<dyn Log>,
 ) {
     loop {
         tokio::select! {
@@ -441,16 +447,24 @@ async fn run_room(
                     }
                 }
                 Some(RoomMsg::Ephemeral(bytes)) => room.fan_out(Item { seq: 0, bytes }, |a| a.kinds.has(EventKind::Presence)),
-                Some(RoomMsg::Head(head)) => {
-                    if head > last {
-                        METRICS.tail_repairs.inc();
-                        last = repair(&room, &*store, last, head).await;
-                    }
-                }
+                Some(RoomMsg::Head(head)) => last = catch_up(&room, &*store, last, head).await,
+                Some(RoomMsg::Subscribed) => match store.bounds(&room.org).await {
+                    Ok(b) => last = catch_up(&room, &*store, last, b.head).await,
+                    Err(e) => tracing::warn!(org = %room.org, error = %e, "tail check failed; retrying on the next one"),
+                },
             },
         }
         room.delivered.store(last, Ordering::Relaxed);
     }
+}
+
+/// A tail check found the org's log at `head`: repairs up to it when the room is behind.
+async fn catch_up(room: &Room, store: &dyn Log, last: u64, head: u64) -> u64 {
+    if head <= last {
+        return last;
+    }
+    METRICS.tail_repairs.inc();
+    repair(room, store, last, head).await
 }
 
 /// Delivers the org's events `last+1 ..= upto` from the Store; returns the new last delivered seq.
@@ -458,7 +472,7 @@ async fn run_room(
 /// never be delivered, so every subscriber is ended resumably (its client resumes with its cursor
 /// and Subscribe answers `resync`, the one path that explains a gap) and the room goes on from
 /// the log's head.
-async fn repair(room: &Room, store: &dyn Store, mut last: u64, upto: u64) -> u64 {
+async fn repair(room: &Room, store: &dyn Log, mut last: u64, upto: u64) -> u64 {
     while last < upto {
         match store.read_after(&room.org, last, REPAIR_PAGE).await {
             Ok(LogRead::Events(page)) if !page.is_empty() => {
@@ -519,23 +533,15 @@ impl Room {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        collections::HashMap,
-        sync::{Arc, OnceLock},
-        time::SystemTime,
-    };
+    use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
     use async_trait::async_trait;
-    use orgpulse::proto::{Job, Notification};
     use parking_lot::Mutex;
 
     use super::*;
     use crate::{
         bus::{Bus, MemoryBus},
-        store::{
-            JobPage, JobPatch, LogBounds, LogRead, NewJob, NewNotification, NotificationPage,
-            Result, publishing_to, sqlite::SqliteStore,
-        },
+        store::{Entities, LogBounds, LogRead, NewJob, Result, sqlite::SqliteStore},
     };
 
     /// A bus that hands nothing on by itself: the test delivers what it recorded, in any order.
@@ -546,7 +552,6 @@ mod tests {
         fn publish(&self, ev: CommittedEvent) {
             self.0.lock().push(ev);
         }
-        fn attach(&self, _: Hub) {}
         /// The test plays the losses itself, through the rooms' gap repair.
         fn lossy(&self) -> bool {
             false
@@ -567,23 +572,24 @@ mod tests {
         let store = Arc::new(
             SqliteStore::open(
                 &temp_db(tag),
-                publishing_to(bus.clone()),
+                crate::bus::committed_to(bus.clone()),
                 Duration::from_secs(10),
             )
             .unwrap(),
         );
-        let hub = Hub::new(store.clone(), 10_000, bus.clone());
+        let hub = Hub::new(Arc::default(), store.clone(), 10_000, bus.clone());
         (store, bus, hub)
     }
 
-    async fn commit_jobs(store: &SqliteStore, n: usize) {
+    async fn commit_jobs(store: &Arc<SqliteStore>, n: usize) {
+        let entities = Entities::new(store.clone());
         for i in 0..n {
             let new = NewJob {
                 title: format!("job {i}"),
                 labels: Default::default(),
                 request_id: String::new(),
             };
-            store.create_job("o", "u", new).await.unwrap();
+            entities.create_job("o", "u", new).await.unwrap();
         }
     }
 
@@ -598,7 +604,7 @@ mod tests {
     /// A bus that loses every event with seq `lost_seq` (for each org) and hands the rest to the
     /// Hub.
     struct LossyBus {
-        hub: OnceLock<Hub>,
+        rooms: Arc<Rooms>,
         lost_seq: u64,
         lost: Mutex<Vec<(Arc<str>, u64)>>,
     }
@@ -607,12 +613,9 @@ mod tests {
         fn publish(&self, ev: CommittedEvent) {
             if ev.seq == self.lost_seq {
                 self.lost.lock().push((ev.org.clone(), ev.seq));
-            } else if let Some(hub) = self.hub.get() {
-                hub.deliver(ev);
+            } else {
+                self.rooms.deliver(ev);
             }
-        }
-        fn attach(&self, hub: Hub) {
-            let _ = self.hub.set(hub);
         }
         fn lossy(&self) -> bool {
             true
@@ -622,7 +625,7 @@ mod tests {
     /// The SQLite store, counting the log-head queries made of it: `bounds` calls, and the orgs
     /// asked for in each `heads` call.
     struct CountingStore {
-        inner: SqliteStore,
+        inner: Arc<SqliteStore>,
         dir: std::path::PathBuf,
         bounds_calls: Mutex<u64>,
         heads_calls: Mutex<Vec<usize>>,
@@ -636,12 +639,14 @@ mod tests {
                 rand::random::<u64>()
             ));
             Arc::new(CountingStore {
-                inner: SqliteStore::open(
-                    &dir.join("hub.db"),
-                    publishing_to(bus),
-                    Duration::from_secs(10),
-                )
-                .unwrap(),
+                inner: Arc::new(
+                    SqliteStore::open(
+                        &dir.join("hub.db"),
+                        crate::bus::committed_to(bus),
+                        Duration::from_secs(10),
+                    )
+                    .unwrap(),
+                ),
                 dir,
                 bounds_calls: Mutex::new(0),
                 heads_calls: Mutex::new(Vec::new()),
@@ -656,59 +661,9 @@ mod tests {
     }
 
     #[async_trait]
-    impl Store for CountingStore {
+    impl Log for CountingStore {
         fn org_epoch(&self, org: &str) -> u64 {
             self.inner.org_epoch(org)
-        }
-        async fn create_job(&self, org: &str, actor: &str, new: NewJob) -> Result<Job> {
-            self.inner.create_job(org, actor, new).await
-        }
-        async fn get_job(&self, org: &str, job_id: &str) -> Result<Job> {
-            self.inner.get_job(org, job_id).await
-        }
-        async fn list_jobs(
-            &self,
-            org: &str,
-            statuses: Vec<i32>,
-            limit: usize,
-            after: Option<String>,
-        ) -> Result<JobPage> {
-            self.inner.list_jobs(org, statuses, limit, after).await
-        }
-        async fn update_job(&self, org: &str, actor: &str, patch: JobPatch) -> Result<Job> {
-            self.inner.update_job(org, actor, patch).await
-        }
-        async fn delete_job(&self, org: &str, actor: &str, job_id: &str) -> Result<()> {
-            self.inner.delete_job(org, actor, job_id).await
-        }
-        async fn send_notification(
-            &self,
-            org: &str,
-            actor: &str,
-            new: NewNotification,
-        ) -> Result<Notification> {
-            self.inner.send_notification(org, actor, new).await
-        }
-        async fn list_notifications(
-            &self,
-            org: &str,
-            user: &str,
-            unread_only: bool,
-            limit: usize,
-            after: Option<String>,
-        ) -> Result<NotificationPage> {
-            self.inner
-                .list_notifications(org, user, unread_only, limit, after)
-                .await
-        }
-        async fn mark_read(&self, org: &str, user: &str, ids: Vec<String>) -> Result<u32> {
-            self.inner.mark_read(org, user, ids).await
-        }
-        async fn append_entity_changes(
-            &self,
-            changes: Vec<crate::store::NewEntityChange>,
-        ) -> Result<Vec<u64>> {
-            self.inner.append_entity_changes(changes).await
         }
         async fn bounds(&self, org: &str) -> Result<LogBounds> {
             *self.bounds_calls.lock() += 1;
@@ -723,9 +678,6 @@ mod tests {
         }
         async fn trim(&self, before: SystemTime) -> Result<u64> {
             self.inner.trim(before).await
-        }
-        fn health(&self) -> std::result::Result<(), String> {
-            self.inner.health()
         }
     }
 
@@ -751,13 +703,14 @@ mod tests {
 
     /// Commits `n` job creations in `org`, one event each.
     async fn write_events(store: &CountingStore, org: &str, n: usize) {
+        let entities = Entities::new(store.inner.clone());
         for i in 0..n {
             let new = NewJob {
                 title: format!("job {i}"),
                 labels: HashMap::new(),
                 request_id: String::new(),
             };
-            store.create_job(org, "writer", new).await.unwrap();
+            entities.create_job(org, "writer", new).await.unwrap();
         }
     }
 
@@ -796,7 +749,7 @@ mod tests {
             }
         }
         for ev in script {
-            hub.deliver(ev);
+            hub.inner.rooms.deliver(ev);
         }
         let want: Vec<u64> = (1..=40).collect();
         assert_eq!(seqs_until(&mut a, 40).await, want);
@@ -850,14 +803,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn lossy_bus_lost_last_events_come_from_one_batched_tail_check() {
+        let rooms = Arc::new(Rooms::default());
         let bus = Arc::new(LossyBus {
-            hub: OnceLock::new(),
+            rooms: rooms.clone(),
             lost_seq: 3,
             lost: Mutex::default(),
         });
         let store = CountingStore::open(bus.clone());
-        let hub = Hub::new(store.clone(), 16, bus.clone());
-        bus.attach(hub.clone());
+        let hub = Hub::new(rooms, store.clone(), 16, bus.clone());
         let mut a = hub.register("org-a", everything()).await.unwrap();
         let mut b = hub.register("org-b", everything()).await.unwrap();
         write_events(&store, "org-a", 3).await;
@@ -879,10 +832,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn memory_bus_hub_runs_no_tail_query() {
-        let bus = Arc::new(MemoryBus::default());
+        let rooms = Arc::new(Rooms::default());
+        let bus = Arc::new(MemoryBus::new(rooms.clone()));
         let store = CountingStore::open(bus.clone());
-        let hub = Hub::new(store.clone(), 16, bus.clone());
-        bus.attach(hub.clone());
+        let hub = Hub::new(rooms, store.clone(), 16, bus.clone());
         let mut reg = hub.register("org-a", everything()).await.unwrap();
         write_events(&store, "org-a", 3).await;
         assert_eq!(receive(&mut reg, 3).await, [1, 2, 3]);

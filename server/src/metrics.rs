@@ -82,8 +82,6 @@ pub struct Metrics {
     pub body_timeouts: Counter,
     /// Calls whose request tonic could not decode (bad gRPC or grpc-web framing, bad protobuf).
     pub malformed_requests: Counter,
-    /// This node's id and bus, set once at start (`/metrics` shows both).
-    pub node: std::sync::OnceLock<(String, std::sync::Arc<dyn crate::bus::Bus>)>,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -109,7 +107,6 @@ pub static METRICS: Metrics = Metrics {
     request_buffer_refusals: Counter(AtomicU64::new(0)),
     body_timeouts: Counter(AtomicU64::new(0)),
     malformed_requests: Counter(AtomicU64::new(0)),
-    node: std::sync::OnceLock::new(),
 };
 
 /// (CPU seconds user+system, resident bytes) of this process, from /proc.
@@ -133,8 +130,27 @@ pub fn process_usage() -> (f64, u64) {
     (cpu, rss)
 }
 
+/// A store's connection pool now.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PoolStats {
+    /// Most connections it opens.
+    pub max_size: usize,
+    /// Connections open.
+    pub size: usize,
+    /// Open connections idle in the pool.
+    pub available: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
+}
+
+/// This node as `/metrics` shows it: its id and whether its bus is connected.
+pub struct NodeState<'a> {
+    pub id: &'a str,
+    pub bus_connected: bool,
+}
+
 /// The metrics, with the store's connection pool when it has one.
-pub fn render(pool: Option<crate::store::PoolStats>) -> String {
+pub fn render(pool: Option<PoolStats>, node: NodeState<'_>) -> String {
     let m = &METRICS;
     let (cpu, rss) = process_usage();
     let mut out = String::new();
@@ -323,22 +339,20 @@ pub fn render(pool: Option<crate::store::PoolStats>) -> String {
             );
         }
     }
-    if let Some((node, bus)) = m.node.get() {
-        let connected = bus.connected();
-        metric(
-            "orgpulse_bus_connected",
-            "gauge",
-            "Whether events from other nodes arrive over the bus (1) or only from the store (0, degraded).",
-            u8::from(connected).to_string(),
-        );
-        let state = if connected { "connected" } else { "degraded" };
-        let _ = write!(
-            out,
-            "# HELP orgpulse_node_info This node's id and bus state.\n# TYPE orgpulse_node_info gauge\n\
-             orgpulse_node_info{{node_id=\"{}\",bus_state=\"{state}\"}} 1\n",
-            label_value(node)
-        );
-    }
+    let connected = node.bus_connected;
+    metric(
+        "orgpulse_bus_connected",
+        "gauge",
+        "Whether events from other nodes arrive over the bus (1) or only from the store (0, degraded).",
+        u8::from(connected).to_string(),
+    );
+    let state = if connected { "connected" } else { "degraded" };
+    let _ = write!(
+        out,
+        "# HELP orgpulse_node_info This node's id and bus state.\n# TYPE orgpulse_node_info gauge\n\
+         orgpulse_node_info{{node_id=\"{}\",bus_state=\"{state}\"}} 1\n",
+        label_value(node.id)
+    );
     out
 }
 

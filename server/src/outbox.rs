@@ -32,7 +32,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::METRICS,
-    store::{self, NewEntityChange, Store, StoreError, model::RequestKind, postgres},
+    store::{
+        self, Entities, NewEntityChange, Store, StoreError,
+        model::RequestKind,
+        postgres::{SharedTx, SharedWrites, describe, explain as chain},
+    },
     validate,
 };
 
@@ -55,9 +59,10 @@ struct Consumer {
     pg: tokio_postgres::Config,
     table: Arc<Table>,
     poll: Duration,
-    store: Arc<dyn Store>,
-    /// Whether the table is in the store's database: then a pass is one of the store's writes.
-    same_database: bool,
+    store: Arc<Entities>,
+    /// The store's shared writes when the table is in the store's database: then a pass is one
+    /// of the store's writes.
+    same_database: Option<SharedWrites>,
 }
 
 /// What a pass needs of the table: its statements and how its rows become changes.
@@ -82,7 +87,7 @@ trait PassTx: Send {
 /// A transaction on the outbox connection; the Store commits the appends on its own.
 struct OwnTx<'a> {
     client: &'a Client,
-    store: &'a dyn Store,
+    store: &'a Entities,
 }
 
 /// The statements of one table.
@@ -105,7 +110,7 @@ struct Session {
 /// server does not start) when the database cannot be reached or the table cannot be created.
 pub async fn start(
     cfg: OutboxConfig,
-    store: Arc<dyn Store>,
+    store: &Store,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     check_table_name(&cfg.table)?;
@@ -139,14 +144,17 @@ pub async fn start(
             )
         })?;
     }
-    let same_database = match store.postgres() {
-        Some(db) => same_database(&session.client, db).await.unwrap_or_else(|e| {
-            tracing::warn!(outbox = name, error = %e, "outbox: cannot tell whether it is the store's database; assuming not");
-            false
-        }),
-        None => false,
+    let same_database = match &store.shared {
+        Some(shared) => match shared.is_database_of(&session.client).await {
+            Ok(same) => same.then(|| shared.clone()),
+            Err(e) => {
+                tracing::warn!(outbox = name, error = %e, "outbox: cannot tell whether it is the store's database; assuming not");
+                None
+            }
+        },
+        None => None,
     };
-    let mode = if same_database {
+    let mode = if same_database.is_some() {
         "the store's database: each pass commits with its events in one transaction"
     } else {
         "not the store's database: events commit first, keyed by row, then the pass"
@@ -165,22 +173,11 @@ pub async fn start(
         }),
         pg,
         poll: cfg.poll,
-        store,
+        store: store.entities.clone(),
         same_database,
     };
     tokio::spawn(consumer.run(session, stop));
     Ok(())
-}
-
-/// Whether `outbox` is connected to the store's database: the same server (its
-/// `system_identifier`, whatever address or spelling reached it) and the same database (its oid).
-async fn same_database(outbox: &Client, store: &postgres::PostgresStore) -> anyhow::Result<bool> {
-    const WHICH: &str = "SELECT system_identifier::text || '/' || d.oid::text
-         FROM pg_control_system(), pg_database d WHERE d.datname = current_database()";
-    let store_client = store.conn().await?;
-    let theirs: String = store_client.query_one(WHICH, &[]).await.map_err(pg)?.get(0);
-    let ours: String = outbox.query_one(WHICH, &[]).await.map_err(pg)?.get(0);
-    Ok(ours == theirs)
 }
 
 /// A plain lower-case identifier short enough for its `_rejected` and `_notify` companions.
@@ -349,14 +346,15 @@ impl Consumer {
     /// One transaction: up to BATCH rows become events (or rejected rows) and are deleted.
     /// Returns the rows taken.
     async fn pass(&self, client: &Client) -> anyhow::Result<usize> {
-        let (taken, rejected) = match self.store.postgres().filter(|_| self.same_database) {
-            Some(db) => {
+        let (taken, rejected) = match &self.same_database {
+            Some(shared) => {
                 let table = self.table.clone();
-                db.write(move |tx| {
-                    let table = table.clone();
-                    Box::pin(async move { table.take(tx).await })
-                })
-                .await?
+                shared
+                    .write(move |mut tx| {
+                        let table = table.clone();
+                        Box::pin(async move { table.take(&mut tx).await })
+                    })
+                    .await?
             }
             None => self.pass_on(client).await?,
         };
@@ -370,7 +368,7 @@ impl Consumer {
         client.batch_execute("BEGIN").await.map_err(pg)?;
         let mut tx = OwnTx {
             client,
-            store: &*self.store,
+            store: &self.store,
         };
         let taken = self.table.take(&mut tx).await;
         let end = if taken.is_ok() { "COMMIT" } else { "ROLLBACK" };
@@ -428,7 +426,7 @@ impl Table {
                 .ok_or_else(|| format!("{column} is required"))
         };
         let org = text(1, "org_id")?;
-        validate::id("org_id", &org).map_err(|s| s.message().to_string())?;
+        validate::id("org_id", &org).map_err(|e| e.to_string())?;
         let data = match text(5, "data")?.as_str() {
             "" => None,
             json => match serde_json::from_str(json) {
@@ -444,11 +442,11 @@ impl Table {
             data,
             user_id: row.get::<_, Option<String>>(6).unwrap_or_default(),
         };
-        validate::entity_change(&change).map_err(|s| s.message().to_string())?;
+        validate::entity_change(&change).map_err(|e| e.to_string())?;
         let actor = row
             .get::<_, Option<String>>(7)
             .unwrap_or_else(|| DEFAULT_ACTOR.into());
-        validate::id("actor", &actor).map_err(|s| s.message().to_string())?;
+        validate::id("actor", &actor).map_err(|e| e.to_string())?;
         Ok(NewEntityChange {
             org,
             actor,
@@ -475,13 +473,13 @@ impl PassTx for OwnTx<'_> {
 }
 
 #[async_trait]
-impl PassTx for postgres::Tx {
+impl PassTx for SharedTx<'_> {
     async fn rows(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> store::Result<Vec<Row>> {
-        self.query(sql, params).await
+        SharedTx::rows(self, sql, params).await
     }
 
     async fn exec(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> store::Result<u64> {
-        self.execute(sql, params).await
+        SharedTx::exec(self, sql, params).await
     }
 
     async fn append(&mut self, changes: Vec<NewEntityChange>) -> store::Result<()> {
@@ -503,30 +501,6 @@ fn pg(e: tokio_postgres::Error) -> anyhow::Error {
 
 fn internal(e: tokio_postgres::Error) -> StoreError {
     StoreError::Internal(chain(&e))
-}
-
-/// An error with its causes (tokio-postgres keeps "connection refused" and the server's message
-/// in the source).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s += &format!(": {cause}");
-        source = cause.source();
-    }
-    s
-}
-
-/// `host:port/db` of a connection config.
-fn describe(pg: &tokio_postgres::Config) -> String {
-    use tokio_postgres::config::Host;
-    let host = match pg.get_hosts().first() {
-        Some(Host::Tcp(h)) => h.clone(),
-        Some(Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
-    format!("{host}:{port}/{}", pg.get_dbname().unwrap_or_default())
 }
 
 /// A JSON object as a protobuf Struct.

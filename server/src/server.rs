@@ -22,7 +22,7 @@ use crate::{
     bus::{Bus, MemoryBus, nats::NatsBus},
     config::{Config, Database},
     connections::{Connections, Door, HEAD_TIMEOUT},
-    hub::Hub,
+    hub::{Hub, Rooms},
     log_limit::LogLimit,
     metrics::METRICS,
     presence::{
@@ -30,7 +30,7 @@ use crate::{
         nats::{NatsPresence, Timing},
     },
     service::Ctx,
-    store::Store,
+    store::Log,
     user_slots::UserSlots,
 };
 
@@ -63,14 +63,18 @@ pub async fn run(
             Some(crate::bus::nats::connect(url, &node_id).await?)
         }
     };
+    // One way: the rooms the Bus delivers to, the Bus, the Store publishing on it, the Hub.
+    let rooms = Arc::new(Rooms::default());
     let bus: Arc<dyn Bus> = match &nats {
-        Some(client) => Arc::new(NatsBus::new(client.clone(), &cfg.nats_subject_prefix)),
-        None => Arc::new(MemoryBus::default()),
+        Some(client) => Arc::new(NatsBus::new(
+            client.clone(),
+            &cfg.nats_subject_prefix,
+            rooms.clone(),
+        )),
+        None => Arc::new(MemoryBus::new(rooms.clone())),
     };
-    let store = crate::store::open(&cfg, bus.clone()).await?;
-    let hub = Hub::new(store.clone(), cfg.subscriber_queue, bus.clone());
-    bus.attach(hub.clone());
-    let _ = METRICS.node.set((node_id.clone(), bus.clone()));
+    let store = crate::store::open(&cfg, crate::bus::committed_to(bus.clone())).await?;
+    let hub = Hub::new(rooms, store.log.clone(), cfg.subscriber_queue, bus.clone());
     let cluster = nats.is_some();
     let stop = CancellationToken::new();
     if let Some(keys) = auth.remote_keys() {
@@ -103,6 +107,8 @@ pub async fn run(
         store: store.clone(),
         hub,
         presence,
+        node_id: node_id.clone(),
+        bus,
         heartbeat: cfg.heartbeat_interval,
         streams: UserSlots::streams(cfg.max_streams_per_user),
         polls: UserSlots::polls(cfg.max_polls_per_user),
@@ -114,12 +120,15 @@ pub async fn run(
             table: cfg.outbox_table.clone(),
             poll: cfg.outbox_poll,
         };
-        crate::outbox::start(outbox, store.clone(), stop.clone()).await?;
+        crate::outbox::start(outbox, &store, stop.clone()).await?;
     }
     let app = crate::web::router(ctx.clone(), &cfg.cors_origins, cfg.max_request_buffer).await?;
-    tokio::spawn(trim_log(store.clone(), cfg.retention, stop.clone()));
+    tokio::spawn(trim_log(store.log.clone(), cfg.retention, stop.clone()));
     if cfg.demo {
-        tokio::spawn(crate::dev::demo_workload(store.clone(), stop.clone()));
+        tokio::spawn(crate::dev::demo_workload(
+            store.entities.clone(),
+            stop.clone(),
+        ));
     }
 
     let connections = Connections::new(crate::connections::open_file_budget(
@@ -236,7 +245,7 @@ where
 }
 
 /// Drops events older than `retention`, on a timer proportional to it.
-async fn trim_log(store: Arc<dyn Store>, retention: Duration, stop: CancellationToken) {
+async fn trim_log(store: Arc<dyn Log>, retention: Duration, stop: CancellationToken) {
     let every = (retention / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
     loop {
         if let Some(before) = std::time::SystemTime::now().checked_sub(retention) {

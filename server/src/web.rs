@@ -27,12 +27,8 @@ use crate::{
     log_limit::LogLimit,
     metrics::METRICS,
     request_gate::Gate,
-    service::{
-        Ctx,
-        events::{EventServer, MAX_REQUEST},
-        jobs::Jobs,
-        notifications::Notifications,
-    },
+    service::{Ctx, events::EventServer, jobs::Jobs, notifications::Notifications},
+    validate::MAX_REQUEST,
 };
 
 const INDEX_HTML: &[u8] = include_bytes!("../../web/dist/index.html");
@@ -118,7 +114,7 @@ async fn asset(content_type: &'static str, body: &'static [u8]) -> impl IntoResp
 
 /// `ok`, or 503 with the reason the store cannot write.
 async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
-    match ctx.store.health() {
+    match ctx.store.status.health() {
         Ok(()) => "ok\n".into_response(),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }
@@ -141,7 +137,7 @@ async fn follow_store_health(ctx: Arc<Ctx>, health: tonic_health::server::Health
             _ = ctx.shutdown.cancelled() => return,
             _ = tokio::time::sleep(HEALTH_EVERY) => {}
         }
-        let now = ctx.store.health().is_ok();
+        let now = ctx.store.status.health().is_ok();
         if now != serving {
             serving = now;
             let status = if now {
@@ -160,7 +156,13 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render(ctx.store.pool_stats()),
+        crate::metrics::render(
+            ctx.store.status.pool_stats(),
+            crate::metrics::NodeState {
+                id: &ctx.node_id,
+                bus_connected: ctx.bus.connected(),
+            },
+        ),
     )
 }
 

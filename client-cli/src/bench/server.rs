@@ -2,6 +2,9 @@
 //! with `taskset` like the socket.io peer, stopped at the end) or an already running one; in
 //! cluster mode several started nodes sharing one secret. Its CPU time and resident memory are
 //! read from its own `/metrics`, so both cases measure alike.
+//!
+//! The one file of the CLI with unsafe code: libc calls std does not offer (see Cargo.toml).
+#![allow(unsafe_code)]
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},

@@ -1,24 +1,24 @@
 //! The embedded engine's bus: one process, publishing hands the event straight to the local Hub.
-use std::sync::OnceLock;
+use std::sync::Arc;
 
-use super::Bus;
-use crate::{hub::Hub, store::CommittedEvent};
+use super::{Bus, Deliver};
+use crate::store::CommittedEvent;
 
-#[derive(Default)]
 pub struct MemoryBus {
-    hub: OnceLock<Hub>,
+    to: Arc<dyn Deliver>,
+}
+
+impl MemoryBus {
+    /// A bus that hands every published event to `to`.
+    pub fn new(to: Arc<dyn Deliver>) -> MemoryBus {
+        MemoryBus { to }
+    }
 }
 
 impl Bus for MemoryBus {
     fn publish(&self, ev: CommittedEvent) {
         crate::metrics::METRICS.events_committed.inc();
-        if let Some(hub) = self.hub.get() {
-            hub.deliver(ev);
-        }
-    }
-
-    fn attach(&self, hub: Hub) {
-        let _ = self.hub.set(hub);
+        self.to.deliver(ev);
     }
 
     /// A direct call into this process's Hub: nothing is lost.

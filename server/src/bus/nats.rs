@@ -9,11 +9,7 @@
 //! write path or in the reader: `publish` queues without blocking (a full queue drops, the tail
 //! check finds the event), and the reader hands each message to the Hub, which never blocks.
 //! async-nats reconnects by itself and re-sends its subscriptions on reconnect.
-use std::{
-    collections::HashMap,
-    sync::{Arc, OnceLock},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::{Client, ConnectOptions, Event, connection::State};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -21,8 +17,8 @@ use futures::StreamExt;
 use orgpulse::proto::EventKind;
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use super::Bus;
-use crate::{hub::Hub, metrics::METRICS, store::CommittedEvent};
+use super::{Bus, Deliver};
+use crate::{metrics::METRICS, store::CommittedEvent};
 
 /// Events waiting to be handed to the NATS client; past this `publish` drops (the subscribers'
 /// nodes find the event in the Store).
@@ -143,28 +139,28 @@ enum RoomChange {
 pub struct NatsBus {
     client: Client,
     prefix: String,
-    hub: Arc<OnceLock<Hub>>,
+    to: Arc<dyn Deliver>,
     outbox: mpsc::Sender<(String, Bytes)>,
     rooms: mpsc::UnboundedSender<RoomChange>,
 }
 
 impl NatsBus {
-    /// A bus on `client` under `prefix`, with its publisher and subscription tasks.
-    pub fn new(client: Client, prefix: &str) -> NatsBus {
+    /// A bus on `client` under `prefix` delivering to `to`, with its publisher and subscription
+    /// tasks.
+    pub fn new(client: Client, prefix: &str, to: Arc<dyn Deliver>) -> NatsBus {
         let (outbox, queued) = mpsc::channel(OUTBOX);
         let (rooms, changes) = mpsc::unbounded_channel();
-        let hub = Arc::new(OnceLock::new());
         tokio::spawn(send_queued(client.clone(), queued));
         tokio::spawn(follow_rooms(
             client.clone(),
             prefix.to_string(),
-            hub.clone(),
+            to.clone(),
             changes,
         ));
         NatsBus {
             client,
             prefix: prefix.to_string(),
-            hub,
+            to,
             outbox,
             rooms,
         }
@@ -178,13 +174,7 @@ impl Bus for NatsBus {
         if self.outbox.try_send(message).is_err() {
             METRICS.bus_dropped.inc();
         }
-        if let Some(hub) = self.hub.get() {
-            hub.deliver(ev);
-        }
-    }
-
-    fn attach(&self, hub: Hub) {
-        let _ = self.hub.set(hub);
+        self.to.deliver(ev);
     }
 
     fn lossy(&self) -> bool {
@@ -218,7 +208,7 @@ async fn send_queued(client: Client, mut queued: mpsc::Receiver<(String, Bytes)>
 async fn follow_rooms(
     client: Client,
     prefix: String,
-    hub: Arc<OnceLock<Hub>>,
+    to: Arc<dyn Deliver>,
     mut changes: mpsc::UnboundedReceiver<RoomChange>,
 ) {
     let mut readers: HashMap<Arc<str>, JoinHandle<()>> = HashMap::new();
@@ -226,21 +216,18 @@ async fn follow_rooms(
         match change {
             RoomChange::Opened(org) => {
                 let subject = org_subject(&prefix, &org);
-                let Some(hub) = hub.get().cloned() else {
-                    continue;
-                };
                 match client.subscribe(subject).await {
                     Ok(sub) => {
-                        let reader = tokio::spawn(read_org(sub, hub.clone()));
+                        let reader = tokio::spawn(read_org(sub, to.clone()));
                         if let Some(old) = readers.insert(org.clone(), reader) {
                             old.abort();
                         }
                         // Events committed elsewhere before the server had the subscription
                         // came to nobody: look for them now rather than at the next tail check.
-                        let client = client.clone();
+                        let (client, to) = (client.clone(), to.clone());
                         tokio::spawn(async move {
                             let _ = client.flush().await;
-                            hub.check_tail(&org).await;
+                            to.subscribed(&org);
                         });
                     }
                     Err(e) => {
@@ -259,10 +246,10 @@ async fn follow_rooms(
 }
 
 /// Hands each message of one org's subscription to the Hub (which never blocks).
-async fn read_org(mut sub: async_nats::Subscriber, hub: Hub) {
+async fn read_org(mut sub: async_nats::Subscriber, to: Arc<dyn Deliver>) {
     while let Some(msg) = sub.next().await {
         match decode(msg.payload) {
-            Some(ev) => hub.deliver(ev),
+            Some(ev) => to.deliver(ev),
             None => {
                 tracing::warn!(subject = %msg.subject, "ignoring a message that is not an orgpulse event")
             }

@@ -39,15 +39,11 @@ use crate::{
     presence::{PresenceGuard, Via},
     store::{LogRead, timestamp},
     user_slots::UserSlot,
+    validate::{DEFAULT_POLL_EVENTS, MAX_POLL_EVENTS, MAX_POLL_WAIT_MS, MAX_REQUEST},
 };
 
-/// Largest request message accepted (docs/api.md: larger is RESOURCE_EXHAUSTED).
-pub const MAX_REQUEST: usize = 1024 * 1024;
 /// Events read from the Store per page while replaying.
 const REPLAY_PAGE: usize = 1000;
-const MAX_POLL_EVENTS: u32 = 1000;
-const DEFAULT_POLL_EVENTS: u32 = 100;
-const MAX_POLL_WAIT_MS: u32 = 30_000;
 
 /// The tower service for `orgpulse.v1.EventService`.
 #[derive(Clone)]
@@ -183,7 +179,7 @@ fn subscription(
         let _gauge = METRICS.open_streams.hold();
         let _held = held;
         let mut log = StreamLog { org: org.clone(), user: audience.user.clone(), sent: 0, end: "client went away" };
-        let store = ctx.store.clone();
+        let store = ctx.store.log.clone();
         let epoch = store.org_epoch(&org);
         // Position: the last seq this subscriber has seen or skipped.
         let (mut pos, mut resync) = match from {
@@ -295,7 +291,7 @@ fn replay<'a>(
     async_stream::try_stream! {
         'replay: loop {
             loop {
-                let page = match ctx.store.read_after(org, *pos, REPLAY_PAGE).await? {
+                let page = match ctx.store.log.read_after(org, *pos, REPLAY_PAGE).await? {
                     LogRead::Events(page) => page,
                     // Trimmed past `pos` (before or during the replay): what was sent is
                     // seamless; the rest is a resync to the head, then live from there.
@@ -364,7 +360,7 @@ async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollR
     };
     // Join the room before reading, so an event committed after the read wakes us.
     let mut reg = ctx.hub.register(&org, audience.clone()).await?;
-    let store = &ctx.store;
+    let store = &ctx.store.log;
     let epoch = store.org_epoch(&org);
     let resync_at = |head| {
         Response::new(PollResponse {

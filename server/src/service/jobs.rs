@@ -12,7 +12,9 @@ use crate::{
     auth::Need,
     cursor::Cursor,
     store::{JobPatch, NewJob},
-    validate,
+    validate::{
+        self, MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, MAX_MESSAGE, MAX_PROGRESS, MAX_TITLE,
+    },
 };
 
 pub struct Jobs(pub Arc<Ctx>);
@@ -44,13 +46,15 @@ impl JobService for Jobs {
     async fn create_job(&self, req: Request<CreateJobRequest>) -> Result<Response<Job>, Status> {
         let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Write)?;
         let r = req.into_inner();
-        validate::text("title", &r.title, 1, 200)?;
-        if r.labels.len() > 32 {
-            return Err(Status::invalid_argument("at most 32 labels are allowed"));
+        validate::text("title", &r.title, 1, MAX_TITLE)?;
+        if r.labels.len() > MAX_LABELS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_LABELS} labels are allowed"
+            )));
         }
         for (k, v) in &r.labels {
-            validate::text("label key", k, 1, 64)?;
-            validate::text("label value", v, 0, 256)?;
+            validate::text("label key", k, 1, MAX_LABEL_KEY)?;
+            validate::text("label value", v, 0, MAX_LABEL_VALUE)?;
         }
         validate::request_id(&r.request_id)?;
         let new = NewJob {
@@ -59,7 +63,11 @@ impl JobService for Jobs {
             request_id: r.request_id,
         };
         Ok(Response::new(
-            self.0.store.create_job(&org, &claims.user, new).await?,
+            self.0
+                .store
+                .entities
+                .create_job(&org, &claims.user, new)
+                .await?,
         ))
     }
 
@@ -67,7 +75,11 @@ impl JobService for Jobs {
         let (_, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Read)?;
         validate::object_id("job_id", &req.get_ref().job_id)?;
         Ok(Response::new(
-            self.0.store.get_job(&org, &req.get_ref().job_id).await?,
+            self.0
+                .store
+                .entities
+                .get_job(&org, &req.get_ref().job_id)
+                .await?,
         ))
     }
 
@@ -80,9 +92,14 @@ impl JobService for Jobs {
         let statuses = status_filter(&r.statuses)?;
         let limit = validate::page_size(r.page_size)?;
         let after = page_token(&r.page_token)?;
-        let page = self.0.store.list_jobs(&org, statuses, limit, after).await?;
+        let page = self
+            .0
+            .store
+            .entities
+            .list_jobs(&org, statuses, limit, after)
+            .await?;
         let cursor = Cursor {
-            epoch: self.0.store.org_epoch(&org),
+            epoch: self.0.store.log.org_epoch(&org),
             seq: page.head,
         }
         .encode();
@@ -98,16 +115,16 @@ impl JobService for Jobs {
         let r = req.into_inner();
         validate::object_id("job_id", &r.job_id)?;
         let new_status = r.status.map(|s| status("status", s)).transpose()?;
-        if r.progress.is_some_and(|p| p > 100) {
-            return Err(Status::invalid_argument(
-                "progress must be between 0 and 100",
-            ));
+        if r.progress.is_some_and(|p| p > MAX_PROGRESS) {
+            return Err(Status::invalid_argument(format!(
+                "progress must be between 0 and {MAX_PROGRESS}"
+            )));
         }
         if let Some(t) = &r.title {
-            validate::text("title", t, 1, 200)?;
+            validate::text("title", t, 1, MAX_TITLE)?;
         }
         if let Some(m) = &r.message {
-            validate::text("message", m, 0, 1000)?;
+            validate::text("message", m, 0, MAX_MESSAGE)?;
         }
         let patch = JobPatch {
             job_id: r.job_id,
@@ -118,7 +135,11 @@ impl JobService for Jobs {
             expected_version: r.expected_version,
         };
         Ok(Response::new(
-            self.0.store.update_job(&org, &claims.user, patch).await?,
+            self.0
+                .store
+                .entities
+                .update_job(&org, &claims.user, patch)
+                .await?,
         ))
     }
 
@@ -130,6 +151,7 @@ impl JobService for Jobs {
         validate::object_id("job_id", &req.get_ref().job_id)?;
         self.0
             .store
+            .entities
             .delete_job(&org, &claims.user, &req.get_ref().job_id)
             .await?;
         Ok(Response::new(DeleteJobResponse {}))

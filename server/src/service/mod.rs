@@ -1,5 +1,6 @@
-//! The gRPC service implementations. They are thin: validate -> authorize -> Store (which commits
-//! and publishes) -> answer. Delivery lives in the Hub and in `events`.
+//! The gRPC service implementations. They are thin: authorize -> validate -> Store (which commits
+//! and publishes) -> answer. Delivery lives in the Hub and in `events`. The one place where store
+//! and validation errors become gRPC statuses.
 pub mod events;
 pub mod jobs;
 pub mod notifications;
@@ -13,24 +14,30 @@ use tonic::{Request, Status};
 
 use crate::{
     auth::{Authenticator, Claims, Need},
+    bus::Bus,
     hub::Hub,
     presence::Presence,
-    store::Store,
+    store::{Store, StoreError},
     user_slots::UserSlots,
+    validate::Invalid,
 };
 
 /// What every service needs.
 pub struct Ctx {
     pub auth: Authenticator,
-    pub store: Arc<dyn Store>,
+    pub store: Store,
     pub hub: Hub,
     pub presence: Arc<dyn Presence>,
+    /// This node's id and its bus, for `/metrics`.
+    pub node_id: String,
+    pub bus: Arc<dyn Bus>,
     pub heartbeat: Duration,
     /// Open `Subscribe` streams per user, against `--max-streams-per-user`.
     pub streams: UserSlots,
     /// Waiting `Poll` calls per user, against `--max-polls-per-user`.
     pub polls: UserSlots,
-    /// Cancelled when the server shuts down: every open stream ends at once.
+    /// Cancelled when the server shuts down: a waiting Poll answers at once and background loops
+    /// stop (open streams are ended by `Hub::shut_down`).
     pub shutdown: CancellationToken,
 }
 
@@ -61,4 +68,27 @@ pub fn page_token(token: &str) -> Result<Option<String>, Status> {
     crate::validate::object_id("page_token", token)
         .map_err(|_| Status::invalid_argument("page_token is not one this server returned"))?;
     Ok(Some(token.to_string()))
+}
+
+/// The gRPC status of a store error (the store speaks its own; only the services speak gRPC).
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        match e {
+            StoreError::NotFound(m) => Status::not_found(m),
+            StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
+            StoreError::Aborted(m) => Status::aborted(m),
+            StoreError::Unavailable(m) => Status::unavailable(m),
+            StoreError::Internal(m) => {
+                tracing::error!(error = %m, "storage error");
+                Status::internal("storage error")
+            }
+        }
+    }
+}
+
+/// Input that breaks a rule of docs/api.md is INVALID_ARGUMENT.
+impl From<Invalid> for Status {
+    fn from(e: Invalid) -> Status {
+        Status::invalid_argument(e.0)
+    }
 }

@@ -13,9 +13,6 @@ use crate::{auth::Need, store::NewNotification, validate};
 
 pub struct Notifications(pub Arc<Ctx>);
 
-/// Most ids one MarkRead takes.
-const MAX_MARK: usize = 1000;
-
 #[tonic::async_trait]
 impl NotificationService for Notifications {
     async fn send_notification(
@@ -27,8 +24,8 @@ impl NotificationService for Notifications {
         if !r.user_id.is_empty() {
             validate::id("user_id", &r.user_id)?;
         }
-        validate::text("title", &r.title, 1, 200)?;
-        validate::text("body", &r.body, 0, 4000)?;
+        validate::text("title", &r.title, 1, validate::MAX_TITLE)?;
+        validate::text("body", &r.body, 0, validate::MAX_BODY)?;
         validate::request_id(&r.request_id)?;
         let severity = match Severity::try_from(r.severity) {
             Ok(Severity::Unspecified) => Severity::Info,
@@ -50,6 +47,7 @@ impl NotificationService for Notifications {
         Ok(Response::new(
             self.0
                 .store
+                .entities
                 .send_notification(&org, &claims.user, new)
                 .await?,
         ))
@@ -66,6 +64,7 @@ impl NotificationService for Notifications {
         let page = self
             .0
             .store
+            .entities
             .list_notifications(&org, &claims.user, r.unread_only, limit, after)
             .await?;
         Ok(Response::new(ListNotificationsResponse {
@@ -81,9 +80,10 @@ impl NotificationService for Notifications {
     ) -> Result<Response<MarkReadResponse>, Status> {
         let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Write)?;
         let r = req.into_inner();
-        if r.notification_ids.len() > MAX_MARK {
+        if r.notification_ids.len() > validate::MAX_MARK {
             return Err(Status::invalid_argument(format!(
-                "at most {MAX_MARK} notification_ids per call"
+                "at most {} notification_ids per call",
+                validate::MAX_MARK
             )));
         }
         for id in &r.notification_ids {
@@ -92,6 +92,7 @@ impl NotificationService for Notifications {
         let unread = self
             .0
             .store
+            .entities
             .mark_read(&org, &claims.user, r.notification_ids)
             .await?;
         Ok(Response::new(MarkReadResponse {

@@ -30,6 +30,7 @@ pub async fn publish(
     validate::request_id(&r.request_id)?;
     let appended = ctx
         .store
+        .entities
         .append_entity_changes(vec![NewEntityChange {
             org: org.clone(),
             actor: claims.user,
@@ -43,7 +44,7 @@ pub async fn publish(
         .copied()
         .ok_or_else(|| Status::internal("the store appended nothing"))?;
     let cursor = Cursor {
-        epoch: ctx.store.org_epoch(&org),
+        epoch: ctx.store.log.org_epoch(&org),
         seq,
     }
     .encode();

@@ -2,11 +2,13 @@
 //!
 //! Every write is ONE transaction: the entity change plus the event appended to the org's log with
 //! the org's next `seq` (a per-org counter row, so commit order is seq order and a rollback leaves no
-//! gap). After each COMMIT the engine hands the committed events, in seq order, to the layer above
-//! (`Committed`), which publishes them on the Bus: no engine knows the Bus. The rules that do not
-//! depend on the engine live here and in `model`; each engine file holds SQL and connection
-//! handling only.
+//! gap). After each COMMIT the engine hands the committed events, in seq order, to the callback it
+//! was opened with (`Committed`; `server.rs` points it at the Bus): no engine knows the Bus. Its
+//! users see it through the part each needs ([`Store`]: `log`, `entities`, `status`). The rules
+//! that do not depend on the engine live here and in `model`, the write operations in `ops`; each
+//! engine folder holds SQL and connection handling only.
 pub mod model;
+pub mod ops;
 pub mod postgres;
 pub mod sqlite;
 
@@ -18,12 +20,14 @@ use orgpulse::proto::{
     EntityChanged, Event, EventKind, Job, JobDeleted, JobStatus, Notification, event::Payload,
 };
 use prost::Message;
-use tonic::Status;
+
+use ops::Engine;
+pub use ops::Entities;
 
 use crate::{
-    bus::Bus,
     config::{Config, Database},
     cursor::Cursor,
+    metrics::PoolStats,
 };
 
 /// A durable event as committed: encoded once, shared by every subscriber it goes to.
@@ -42,6 +46,22 @@ pub struct CommittedEvent {
 }
 
 impl CommittedEvent {
+    /// `ev` as it is appended at `now` with `seq` to its org's log, in a database of epoch
+    /// `db_epoch`.
+    pub fn new(db_epoch: u64, seq: u64, now: SystemTime, ev: ops::NewEvent<'_>) -> Result<Self> {
+        let kind = model::durable_kind(&ev.payload)?;
+        let entity_type = payload_entity_type(&ev.payload);
+        let epoch = crate::cursor::org_epoch(db_epoch, ev.org);
+        Ok(CommittedEvent {
+            org: ev.org.into(),
+            seq,
+            kind,
+            audience: ev.audience.map(Into::into),
+            entity_type,
+            bytes: encode_event(epoch, ev.org, seq, ev.actor, now, ev.payload),
+        })
+    }
+
     /// An event read back from the log.
     pub fn from_log(
         org: Arc<str>,
@@ -76,7 +96,7 @@ struct EntityTypeOnly {
 }
 
 /// The entity type of an event about to be appended; `None` unless it is an entity event.
-pub fn payload_entity_type(p: &Payload) -> Option<Arc<str>> {
+fn payload_entity_type(p: &Payload) -> Option<Arc<str>> {
     match p {
         Payload::EntityChanged(e) => Some(e.entity_type.as_str().into()),
         _ => None,
@@ -107,43 +127,49 @@ pub enum StoreError {
     Internal(String),
 }
 
-impl From<StoreError> for Status {
-    fn from(e: StoreError) -> Status {
-        match e {
-            StoreError::NotFound(m) => Status::not_found(m),
-            StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
-            StoreError::Aborted(m) => Status::aborted(m),
-            StoreError::Unavailable(m) => Status::unavailable(m),
-            StoreError::Internal(m) => {
-                tracing::error!(error = %m, "storage error");
-                Status::internal("storage error")
-            }
-        }
-    }
-}
-
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// What an engine calls with each event it committed, in commit order (which is seq order per
 /// org). Called from the engine's writer, so the order holds without the publisher re-sorting.
 pub type Committed = Arc<dyn Fn(CommittedEvent) + Send + Sync>;
 
-/// Committed events go out on `bus`.
-pub fn publishing_to(bus: Arc<dyn Bus>) -> Committed {
-    Arc::new(move |ev| bus.publish(ev))
+/// A store as its users see it, each through the part it needs.
+#[derive(Clone)]
+pub struct Store {
+    /// The org logs: the Hub, Subscribe, Poll and retention.
+    pub log: Arc<dyn Log>,
+    /// Jobs, notifications and entity changes: the services and the outbox.
+    pub entities: Arc<Entities>,
+    /// Whether it can write, and its connection pool: health and `/metrics`.
+    pub status: Arc<dyn Status>,
+    /// PostgreSQL only: writes that run statements of their own in the store's transaction
+    /// (the outbox's pass when its table is in the store's database).
+    pub shared: Option<postgres::SharedWrites>,
+}
+
+impl Store {
+    fn of(engine: Arc<dyn Engine>, shared: Option<postgres::SharedWrites>) -> Store {
+        Store {
+            log: engine.clone(),
+            status: engine.clone(),
+            entities: Arc::new(Entities::new(engine)),
+            shared,
+        }
+    }
 }
 
 /// Opens the store `--database` names (the engine is chosen here and nowhere else); its committed
-/// events are published on `bus`.
-pub async fn open(cfg: &Config, bus: Arc<dyn Bus>) -> anyhow::Result<Arc<dyn Store>> {
-    let committed = publishing_to(bus);
+/// events go to `committed`.
+pub async fn open(cfg: &Config, committed: Committed) -> anyhow::Result<Store> {
     Ok(match cfg.database().map_err(anyhow::Error::msg)? {
-        Database::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(
-            &path,
-            committed,
-            cfg.sqlite_busy_timeout,
-        )?),
-        Database::Postgres(url) => Arc::new(postgres::PostgresStore::open(&url, committed).await?),
+        Database::Sqlite(path) => {
+            let engine = sqlite::SqliteStore::open(&path, committed, cfg.sqlite_busy_timeout)?;
+            Store::of(Arc::new(engine), None)
+        }
+        Database::Postgres(url) => {
+            let engine = Arc::new(postgres::PostgresStore::open(&url, committed).await?);
+            Store::of(engine.clone(), Some(postgres::SharedWrites::new(engine)))
+        }
     })
 }
 
@@ -183,6 +209,25 @@ pub struct NewEntityChange {
     pub request_kind: model::RequestKind,
     /// Idempotency key; empty = none.
     pub request_id: String,
+}
+
+/// A page of an org's jobs to read: newest first; `statuses` empty = all; continues before
+/// `after` when given.
+pub struct JobQuery {
+    pub org: String,
+    pub statuses: Vec<i32>,
+    pub limit: usize,
+    pub after: Option<String>,
+}
+
+/// A page of the notifications `user` may see (addressed to them or to the whole org), newest
+/// first.
+pub struct NotificationQuery {
+    pub org: String,
+    pub user: String,
+    pub unread_only: bool,
+    pub limit: usize,
+    pub after: Option<String>,
 }
 
 pub struct JobPage {
@@ -234,43 +279,11 @@ impl LogRead {
     }
 }
 
+/// An org's event log: what the Hub, Subscribe, Poll and retention read.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Log: Send + Sync + 'static {
     /// The epoch of `org`'s log in this database.
     fn org_epoch(&self, org: &str) -> u64;
-    async fn create_job(&self, org: &str, actor: &str, new: NewJob) -> Result<Job>;
-    async fn get_job(&self, org: &str, job_id: &str) -> Result<Job>;
-    /// Newest first; `statuses` empty = all; continues before `after` when given.
-    async fn list_jobs(
-        &self,
-        org: &str,
-        statuses: Vec<i32>,
-        limit: usize,
-        after: Option<String>,
-    ) -> Result<JobPage>;
-    async fn update_job(&self, org: &str, actor: &str, patch: JobPatch) -> Result<Job>;
-    async fn delete_job(&self, org: &str, actor: &str, job_id: &str) -> Result<()>;
-    async fn send_notification(
-        &self,
-        org: &str,
-        actor: &str,
-        new: NewNotification,
-    ) -> Result<Notification>;
-    /// The notifications `user` may see (addressed to them or to the whole org), newest first.
-    async fn list_notifications(
-        &self,
-        org: &str,
-        user: &str,
-        unread_only: bool,
-        limit: usize,
-        after: Option<String>,
-    ) -> Result<NotificationPage>;
-    /// Marks read for `user`; returns their unread count.
-    async fn mark_read(&self, org: &str, user: &str, ids: Vec<String>) -> Result<u32>;
-    /// Appends one `entity_changed` event per change, in order, in one transaction (the event is
-    /// the record: there is no entity table). A change whose `request_id` was used within the
-    /// idempotency window adds nothing and yields the seq it got then. Returns each change's seq.
-    async fn append_entity_changes(&self, changes: Vec<NewEntityChange>) -> Result<Vec<u64>>;
     async fn bounds(&self, org: &str) -> Result<LogBounds>;
     /// The last seq of each of `orgs`' logs, in ONE query however many orgs there are (the
     /// Hub's tail check on a lossy bus). Orgs that never had an event (head 0) are left out.
@@ -281,31 +294,17 @@ pub trait Store: Send + Sync + 'static {
     async fn read_after(&self, org: &str, after: u64, limit: usize) -> Result<LogRead>;
     /// Drops events (and idempotency keys) committed before `before`, raising each org's floor.
     async fn trim(&self, before: SystemTime) -> Result<u64>;
+}
+
+/// A store's state, for `/health` and `/metrics`.
+pub trait Status: Send + Sync + 'static {
     /// Whether the store can write now, from its writer's last transaction (cheap, writes
     /// nothing); `Err` says why not.
     fn health(&self) -> std::result::Result<(), String>;
-    /// The connection pool's state, for `/metrics` (None: the engine has no pool).
+    /// The connection pool's state (None: the engine has no pool).
     fn pool_stats(&self) -> Option<PoolStats> {
         None
     }
-    /// The PostgreSQL engine, for the outbox when its table lives in the same database (then a
-    /// pass commits with its events); `None` for the others.
-    fn postgres(&self) -> Option<&postgres::PostgresStore> {
-        None
-    }
-}
-
-/// A store's connection pool now.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PoolStats {
-    /// Most connections it opens.
-    pub max_size: usize,
-    /// Connections open.
-    pub size: usize,
-    /// Open connections idle in the pool.
-    pub available: usize,
-    /// Callers waiting for a connection.
-    pub waiting: usize,
 }
 
 /// What the `requests` table keeps for an entity change's key: the seq it got.

@@ -191,7 +191,7 @@ impl WriterHealth {
         }
     }
 
-    /// `Store::health`: whether the last transaction (or probe) could write.
+    /// `Status::health`: whether the last transaction (or probe) could write.
     pub fn state(&self) -> std::result::Result<(), String> {
         match &*self.0.lock() {
             None => Ok(()),
