@@ -48,10 +48,17 @@ pub fn print_dev_tokens(secret: &[u8], addr: SocketAddr) -> anyhow::Result<()> {
     for (user, role, t) in &tokens {
         println!("  {role:<7} ({user}): {t}");
     }
-    println!("\ndashboard: http://{addr}/#token={}", tokens[0].2);
+    let admin = &tokens[0].2;
+    println!("\ndashboard: http://{addr}/#token={admin}");
+    println!("\nCLI, in another terminal (as alice):");
+    println!("  export ORGPULSE_SERVER=http://{addr}");
+    println!("  export ORGPULSE_TOKEN={admin}");
+    println!("  cargo run -p orgpulse-cli -- watch     # or `orgpulse watch` once it is installed");
     println!(
-        "grpcurl:   grpcurl -plaintext -H 'authorization: Bearer {}' {addr} orgpulse.v1.JobService/ListJobs\n",
-        tokens[0].2
+        "\ngrpcurl:   grpcurl -plaintext -H \"authorization: Bearer $ORGPULSE_TOKEN\" {addr} orgpulse.v1.JobService/ListJobs"
+    );
+    println!(
+        "buf curl:  npx buf curl --protocol grpc --http2-prior-knowledge -H \"authorization: Bearer $ORGPULSE_TOKEN\" http://{addr}/orgpulse.v1.JobService/ListJobs\n           (in the repository after npm ci, where grpcurl is not installed)\n"
     );
     Ok(())
 }
