@@ -418,7 +418,8 @@ impl TestServer {
         Self::spawn_in_env(args, dir, capture_stderr, vec![]).await
     }
 
-    /// Like `spawn_capturing`, with extra environment variables (kept across `restart`).
+    /// Like `spawn_capturing`, with extra environment variables (kept across `restart`; a
+    /// `RUST_LOG` among them beats the tests' default).
     pub async fn spawn_in_env(
         args: Vec<String>,
         dir: PathBuf,
@@ -427,11 +428,11 @@ impl TestServer {
     ) -> Self {
         let mut child = Command::new(workspace_bin("orgpulse-server"))
             .args(&args)
-            .envs(env.iter().cloned())
             .env(
                 "RUST_LOG",
                 std::env::var("ORGPULSE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().cloned())
             .stdout(Stdio::piped())
             .stderr(if capture_stderr {
                 Stdio::piped()
