@@ -63,9 +63,14 @@ pub fn print_dev_tokens(secret: &[u8], addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Jobs created, progressing and finishing, and now and then a notification, in org `demo`.
+/// The actor of the demo's writes.
+const BOT: &str = "demo-bot";
+
+/// Jobs created, progressing and finishing, and now and then a notification, in org `demo`. When
+/// `stop` fires its unfinished jobs are cancelled (and so are those a killed demo left behind, at
+/// the start), so none stays RUNNING forever.
 pub async fn demo_workload(store: Arc<dyn Store>, stop: CancellationToken) {
-    const BOT: &str = "demo-bot";
+    cancel_unfinished(&*store).await;
     const TITLES: &[&str] = &[
         "Build release artifacts",
         "Nightly database backup",
@@ -78,7 +83,7 @@ pub async fn demo_workload(store: Arc<dyn Store>, stop: CancellationToken) {
     let mut tick_timer = tokio::time::interval(Duration::from_millis(1500));
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             _ = tick_timer.tick() => {}
         }
         tick += 1;
@@ -185,5 +190,28 @@ pub async fn demo_workload(store: Arc<dyn Store>, stop: CancellationToken) {
         if let Err(e) = step.await {
             tracing::debug!(error = %e, "demo step skipped");
         }
+    }
+    cancel_unfinished(&*store).await;
+}
+
+/// Cancels the demo's queued and running jobs.
+async fn cancel_unfinished(store: &dyn Store) {
+    let active = vec![JobStatus::Queued as i32, JobStatus::Running as i32];
+    let cancel = async {
+        for job in store.list_jobs(DEMO_ORG, active, 500, None).await?.jobs {
+            let patch = JobPatch {
+                job_id: job.id,
+                status: Some(JobStatus::Cancelled),
+                progress: None,
+                title: None,
+                message: Some("demo stopped".into()),
+                expected_version: job.version,
+            };
+            store.update_job(DEMO_ORG, BOT, patch).await?;
+        }
+        Ok::<_, crate::store::StoreError>(())
+    };
+    if let Err(e) = cancel.await {
+        tracing::warn!(error = %e, "could not cancel the demo's unfinished jobs");
     }
 }

@@ -112,9 +112,9 @@ pub async fn run(
     }
     let app = crate::web::router(ctx.clone(), &cfg.cors_origins).await?;
     tokio::spawn(trim_log(store.clone(), cfg.retention, stop.clone()));
-    if cfg.demo {
-        tokio::spawn(crate::dev::demo_workload(store.clone(), stop.clone()));
-    }
+    let demo = cfg
+        .demo
+        .then(|| tokio::spawn(crate::dev::demo_workload(store.clone(), stop.clone())));
 
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1().timer(hyper_util::rt::TokioTimer::new());
@@ -188,6 +188,10 @@ pub async fn run(
     }
     if let Some(p) = cluster_presence {
         p.leave().await;
+    }
+    if let Some(demo) = demo {
+        // It finishes its jobs; the runtime ends with this function.
+        let _ = tokio::time::timeout(DRAIN, demo).await;
     }
     Ok(())
 }
