@@ -2,7 +2,7 @@
 //! wrote replays exactly once, in seq order, from its log.
 mod support;
 
-use orgpulse::proto::{JobStatus, ListJobsRequest, event::Payload};
+use orgpulse::proto::{JobStatus, event::Payload};
 use support::*;
 
 #[tokio::test]
@@ -24,14 +24,7 @@ async fn demo_jobs_are_finished_when_the_demo_stops() {
         ..Default::default()
     })
     .await;
-    let jobs = after
-        .jobs(&admin)
-        .await
-        .list_jobs(ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let jobs = snapshot(&after, &admin).await.jobs;
     assert!(!jobs.is_empty());
     for job in &jobs {
         assert!(
