@@ -644,3 +644,146 @@ async fn publish_prints_its_seq_and_watch_and_poll_show_entity_events() {
     );
     assert!(lines[2].contains("invoice inv_3 void"), "{lines:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_and_an_empty_poll_say_what_to_do() {
+    let server = TestServer::start().await;
+    let s = [server.url.as_str()];
+    let admin = token(ORG, "alice", "admin");
+
+    // A server address without a scheme is a usage error that says what to add, from the flag
+    // and from the environment alike.
+    let bare = server.url.trim_start_matches("http://");
+    let (code, err) = fails(&[bare], &admin, &["jobs", "list"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&format!("--server http://{bare}")), "{err}");
+    let out = orgpulse(&[], &admin)
+        .env("ORGPULSE_SERVER", bare)
+        .args(["jobs", "list"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("add http://"));
+
+    // Unreachable: which URL.
+    let dead = dead_endpoint();
+    let (code, err) = fails(&[&dead], &admin, &["jobs", "list", "--attempts", "1"]).await;
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains(&dead), "the URL that failed: {err}");
+
+    // No token at all: how to pass one.
+    let (code, err) = fails(&s, "", &["jobs", "list"]).await;
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("--token") && err.contains("ORGPULSE_TOKEN"),
+        "{err}"
+    );
+    // A token that is given but refused gets no such hint.
+    let (code, err) = fails(
+        &s,
+        &token("elsewhere", "eve", "member"),
+        &["jobs", "list", "--org", ORG],
+    )
+    .await;
+    assert_eq!(code, 3, "{err}");
+    assert!(!err.contains("no token was given"), "{err}");
+
+    // `poll` without a cursor finds nothing before "now": it says so and how to see events.
+    ok(
+        &s,
+        &admin,
+        &["jobs", "create", "--title", "before the poll"],
+    )
+    .await;
+    let out = run(&s, &admin, &["poll"]).await;
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    let note = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        note.contains("no events") && note.contains("--cursor ") && note.contains("--follow"),
+        "{note}"
+    );
+    let cursor = note
+        .split("poll again with --cursor ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', ' ']).next())
+        .expect("the cursor to pass");
+    ok(&s, &admin, &["jobs", "create", "--title", "after the poll"]).await;
+    let next = json_lines(&ok(&s, &admin, &["poll", "--json", "--cursor", cursor]).await);
+    assert_eq!(next.len(), 1, "{next:?}");
+    assert_eq!(next[0]["jobCreated"]["title"], "after the poll");
+}
+
+/// `orgpulse-server --dev` prints the lines that set up the CLI, and they work as printed; its
+/// logs, written to a pipe, carry no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_banner_sets_up_the_cli() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    let dir = TempDir::new("devcli");
+    let mut server = tokio::process::Command::new(support::workspace_bin("orgpulse-server"))
+        .args(["--dev", "--listen", "127.0.0.1:0", "--database"])
+        .arg(format!("sqlite://{}/o.db", dir.0.display()))
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(server.stdout.take().unwrap()).lines();
+    let mut banner = String::new();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            banner += &line;
+            banner.push('\n');
+            if line.starts_with("listening on ") {
+                return;
+            }
+        }
+        panic!("server exited early: {banner}");
+    })
+    .await
+    .expect("the server started");
+    assert!(
+        banner.contains("cargo run -p orgpulse-cli -- watch"),
+        "{banner}"
+    );
+    let exports: Vec<(&str, &str)> = banner
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let names: Vec<&str> = exports.iter().map(|(name, _)| *name).collect();
+    assert_eq!(names, ["ORGPULSE_SERVER", "ORGPULSE_TOKEN"], "{banner}");
+
+    let out = orgpulse(&[], "")
+        .envs(exports)
+        .args(["jobs", "create", "--title", "from the banner", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        one(&String::from_utf8_lossy(&out.stdout))["createdBy"],
+        "alice"
+    );
+
+    server.start_kill().unwrap();
+    let mut logs = String::new();
+    server
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .await
+        .unwrap();
+    assert!(logs.contains("INFO"), "{logs}");
+    assert!(
+        !logs.contains('\x1b'),
+        "colour codes in a piped log: {logs}"
+    );
+}

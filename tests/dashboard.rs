@@ -708,3 +708,100 @@ async fn dashboard_shows_entity_events_from_the_outbox() {
     eprintln!("dashboard screenshot: {shot}");
     b.quit().await;
 }
+
+/// Whether the page at `width` px scrolls sideways (something wider than the window).
+async fn overflows(b: &mut Browser, page: &str, width: u32) -> bool {
+    b.must(json!({"cmd": "viewport", "page": page, "width": width, "height": 800}))
+        .await;
+    let js = "() => document.documentElement.scrollWidth > window.innerWidth";
+    b.eval(page, js, Value::Null).await.as_bool().unwrap()
+}
+
+/// The first screen and small ones: no "connecting" before there is a token, nothing wider than a
+/// 360 px phone, a notification list of bounded length and height. First, on the `--demo`
+/// workload, the README's screenshot (written to docs/dashboard.png with ORGPULSE_UPDATE_DOCS=1).
+#[tokio::test]
+async fn dashboard_fits_small_screens_and_a_flood_of_notifications() {
+    let Some(chromium) = prerequisites("the dashboard browser test") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let mut args = server_args();
+    args.push("--demo".into());
+    let s = TestServer::start_with(ServerOpts {
+        extra_args: args,
+        ..Default::default()
+    })
+    .await;
+    let mut b = Browser::launch(&chromium).await;
+
+    // Without a token: the token form, and no connection badge.
+    b.open("first", &format!("{}/", s.url)).await;
+    b.wait_for("first", "[data-testid=token-form]", "visible", SETTLE)
+        .await;
+    assert!(
+        !b.has("first", "[data-testid=connection-badge]:not([hidden])")
+            .await,
+        "a connection state shown before there is a token"
+    );
+
+    // The README's screenshot: the demo's live jobs, a notification of a finished one, who is
+    // online.
+    let bob = token("demo", "bob", "member");
+    b.open("bob", &page_url(&s.url, "", &bob)).await;
+    let alice = token("demo", "alice", "admin");
+    b.open("alice", &page_url(&s.url, "", &alice)).await;
+    b.wait_badge("alice", "live", SETTLE).await;
+    let js = r#"() => document.querySelector('[data-testid="job-row"][data-status="running"]')
+        && document.querySelector('[data-testid="notification"]')
+        && document.querySelectorAll('[data-testid="online-member"]').length === 2"#;
+    b.wait_until("alice", js, Value::Null, SETTLE).await;
+    let shot = if std::env::var_os("ORGPULSE_UPDATE_DOCS").is_some() {
+        format!("{}/docs/dashboard.png", env!("CARGO_MANIFEST_DIR"))
+    } else {
+        format!("{}/dashboard-demo.png", env!("CARGO_TARGET_TMPDIR"))
+    };
+    b.must(json!({"cmd": "screenshot", "page": "alice", "path": shot}))
+        .await;
+    eprintln!("dashboard screenshot: {shot}");
+
+    // More notifications than the list keeps, each title one long word.
+    let w = Writer::admin("demo");
+    let mut last = String::new();
+    for i in 0..60 {
+        last = w
+            .notify(
+                &s,
+                "",
+                &format!("Nightly-export-{i}-finished-{}", "x".repeat(60)),
+            )
+            .await;
+    }
+    b.wait_notification("alice", &last, LIVE).await;
+    let js = r#"() => {
+        const list = document.querySelector('[data-testid="notification-list"]');
+        return [list.children.length, list.getBoundingClientRect().height, window.innerHeight];
+    }"#;
+    let [shown, height, window]: [f64; 3] =
+        serde_json::from_value(b.eval("alice", js, Value::Null).await).unwrap();
+    assert!(shown <= 50.0, "{shown} notifications listed");
+    assert!(
+        height < window,
+        "the list ({height} px) outgrows the window ({window} px)"
+    );
+    // A job with a long title, next to the demo's.
+    let long = w
+        .create(
+            &s,
+            &format!("Re-index-the-{}-catalogue", "search".repeat(12)),
+        )
+        .await;
+    b.wait_row("alice", &long.id, LIVE).await;
+    for width in [420, 360] {
+        assert!(
+            !overflows(&mut b, "alice", width).await,
+            "the dashboard scrolls sideways at {width} px"
+        );
+    }
+    b.quit().await;
+}

@@ -3,7 +3,10 @@
 //! writing its tasks and their outbox rows in one transaction, and its React client in Debian's
 //! Chromium for two users of one org and one of another. A task moved by one user shows on the
 //! other's board within 1 s; a move rolled back in the backend is never announced; another org's
-//! tasks never show. Under `CI=true` a missing Chromium or `node_modules` fails; else skipped.
+//! tasks never show. A report run by one user walks to 100% on the board and ends with a
+//! notification to that user only. The secret is the one `npm run setup` keeps in the example's
+//! `secret.txt`, which the backend reads by itself, as its README says. Under `CI=true` a missing
+//! Chromium or `node_modules` fails; else skipped.
 
 mod support;
 
@@ -12,23 +15,29 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::browser::{Browser, SERIAL, prerequisites, run_node, web_dir};
 use support::pg::Db;
-use support::{ServerOpts, TestServer, log_of};
+use support::{ServerOpts, TempDir, TestServer, log_of};
 use tokio::process::{Child, Command};
 
 /// The product's promise: a change on one board shows on the other within this.
 const LIVE: Duration = Duration::from_secs(1);
 const SETTLE: Duration = Duration::from_secs(30);
 
-/// The example's Express backend on `port`, against `db` and the orgpulse server `s`.
+fn example_dir() -> std::path::PathBuf {
+    web_dir().join("../examples/express-react")
+}
+
+/// The example's Express backend on `port`, against `db` and the orgpulse server `s`; its secret
+/// comes from `secret.txt`.
 async fn start_example(db: &Db, s: &TestServer, port: u16) -> Child {
-    let dir = web_dir().join("../examples/express-react");
+    let dir = example_dir();
     run_node(&dir, "build.mjs");
     let child = Command::new("node")
         .arg("server/index.mjs")
         .current_dir(&dir)
         .env("PORT", port.to_string())
         .env("DATABASE_URL", db.url())
-        .env("ORGPULSE_JWT_SECRET", support::SECRET)
+        .env_remove("ORGPULSE_JWT_SECRET")
+        .env_remove("ORGPULSE_JWT_SECRET_FILE")
         .env("ORGPULSE_URL", &s.url)
         .env("ORGPULSE_PUBLIC_URL", &s.url)
         .kill_on_drop(true)
@@ -73,10 +82,23 @@ async fn example_board_is_shared_live_rollbacks_and_other_orgs_never_show() {
         .unwrap()
         .port();
     let origin = format!("http://127.0.0.1:{port}");
+    // The README's setup: `npm run setup` makes secret.txt (kept when present), git-ignored, and
+    // orgpulse-server gets it with --jwt-secret-file.
+    run_node(&example_dir(), "setup.mjs");
+    let secret = example_dir().join("secret.txt");
+    let ignored = std::process::Command::new("git")
+        .args(["check-ignore", "-q"])
+        .arg(&secret)
+        .status()
+        .expect("git");
+    assert!(ignored.success(), "secret.txt is not git-ignored");
+    let data = TempDir::new("example");
+    std::fs::copy(&secret, data.0.join("jwt-secret")).unwrap();
     let s = TestServer::start_with(ServerOpts {
         extra_args: ["--outbox", &db.url(), "--cors-origin", &origin]
             .map(String::from)
             .to_vec(),
+        dir: Some(data.0.clone()),
         ..Default::default()
     })
     .await;
@@ -138,5 +160,51 @@ async fn example_board_is_shared_live_rollbacks_and_other_orgs_never_show() {
     let eve = b.eval("eve", rows, Value::Null).await;
     assert_eq!(eve.as_array().unwrap().len(), 1, "{eve}");
     assert!(eve[0].as_str().unwrap().contains("globex work"), "{eve}");
+
+    // A few more tasks, for a board worth a screenshot.
+    let add = r#"async ([title, column]) => {
+        const headers = { "content-type": "application/json",
+            authorization: `Bearer ${sessionStorage.getItem("example.session")}` };
+        const t = await (await fetch("/api/tasks", { method: "POST", headers, body: JSON.stringify({ title }) })).json();
+        if (column !== "todo") await fetch(`/api/tasks/${t.id}`, { method: "PATCH", headers, body: JSON.stringify({ column }) });
+        return t.id;
+    }"#;
+    for (title, column) in [
+        ("Write the release notes", "todo"),
+        ("Design the onboarding email", "todo"),
+        ("Fix the login redirect", "doing"),
+        ("Set up the staging database", "done"),
+    ] {
+        let id = b.eval("ben", add, json!([title, column])).await;
+        b.wait_for(
+            "ann",
+            &task(id.as_str().unwrap(), column),
+            "attached",
+            SETTLE,
+        )
+        .await;
+    }
+
+    // ann runs a report: its job walks to 100% and she alone is notified.
+    b.click("ann", r#"button:has-text("Run a report")"#).await;
+    let done = r#"[data-testid="job"][data-status="succeeded"]"#;
+    b.wait_for("ann", done, "attached", SETTLE).await;
+    b.wait_for("ben", done, "attached", SETTLE).await;
+    let note = r#"[data-testid="notification"]:has-text("Report ready")"#;
+    b.wait_for("ann", note, "attached", SETTLE).await;
+    let ready = r#"() => [...document.querySelectorAll('[data-testid="notification"]')]
+        .some((n) => n.textContent.includes("Report ready"))"#;
+    let ben_notified = b.eval("ben", ready, Value::Null).await;
+    assert_eq!(ben_notified, false, "ben got ann's notification");
+
+    // The README's screenshot.
+    let shot = if std::env::var_os("ORGPULSE_UPDATE_DOCS").is_some() {
+        example_dir().join("screenshot.png")
+    } else {
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("example.png")
+    };
+    b.must(json!({"cmd": "screenshot", "page": "ann", "path": shot}))
+        .await;
+    eprintln!("example screenshot: {}", shot.display());
     b.quit().await;
 }

@@ -199,3 +199,37 @@ async fn killed_connections_refuse_writes_as_unavailable_and_the_stream_gets_eac
         );
     }
 }
+
+/// The `IF NOT EXISTS` of the migration makes PostgreSQL send a NOTICE on every start but the
+/// first; logged, it read like an error.
+#[tokio::test]
+async fn a_second_start_on_a_migrated_database_logs_no_notice() {
+    if skip_unless_postgres() {
+        return;
+    }
+    let dir = TempDir::new("second-start");
+    let secret = dir.0.join("jwt-secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--database",
+        &database_url(&dir.0),
+        "--jwt-secret-file",
+        secret.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .into();
+    let info = vec![("RUST_LOG".to_string(), "info".to_string())];
+    for _first_then_second in 0..2 {
+        let logs = TestServer::spawn_in_env(args.clone(), dir.0.clone(), true, info.clone())
+            .await
+            .stop_and_read_stderr()
+            .await;
+        assert!(
+            logs.contains("engines ready"),
+            "info logs were read: {logs}"
+        );
+        assert!(!logs.contains("NOTICE"), "{logs}");
+    }
+}

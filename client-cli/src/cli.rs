@@ -49,6 +49,7 @@ pub struct Global {
         env = "ORGPULSE_SERVER",
         value_delimiter = ',',
         default_value = "http://127.0.0.1:8080",
+        value_parser = server_url,
         global = true
     )]
     pub servers: Vec<String>,
@@ -454,6 +455,19 @@ Examples:
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// A `--server` value: an `http://` or `https://` URL (an empty one, from a stray comma, is
+/// skipped later).
+fn server_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() || s.starts_with("http://") || s.starts_with("https://") {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "the server URL needs a scheme: add http:// (or https:// for TLS), e.g. --server http://{s}"
+        ))
+    }
 }
 
 fn label(s: &str) -> Result<(String, String), String> {

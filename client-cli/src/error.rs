@@ -26,6 +26,23 @@ impl CliError {
         }
     }
 
+    /// This error with what to do about it: which servers could not be reached, or how to pass
+    /// the token that was missing (`tokenless`: no token flag or variable was given).
+    pub fn with_hint(mut self, servers: &[String], tokenless: bool) -> Self {
+        match self.class {
+            ErrorClass::Unavailable => {
+                self.message += &format!(" (server: {})", servers.join(", "));
+            }
+            ErrorClass::Auth if tokenless => {
+                self.message += "; no token was given: pass --token TOKEN or set ORGPULSE_TOKEN \
+                    (or --token-file / --token-command); `orgpulse-server --dev` prints development \
+                    tokens, `orgpulse token mint` makes them";
+            }
+            _ => {}
+        }
+        self
+    }
+
     /// The process exit code of this error's class.
     pub fn exit_code(&self) -> i32 {
         match self.class {

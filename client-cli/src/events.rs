@@ -71,9 +71,27 @@ pub async fn poll(client: &Client, args: PollArgs, out: &Printer) -> Result<(), 
         cursor = resp.cursor;
         pos.save(&cursor)?;
         if !args.follow {
-            note(&format!("cursor {cursor}"));
+            note(&poll_summary(
+                resp.events.len(),
+                &cursor,
+                pos.start.is_none(),
+            ));
             return Ok(());
         }
+    }
+}
+
+/// What a one-shot poll did, for stderr: how many events, the cursor to continue from and, when
+/// it started without a cursor (so at the newest event) and found nothing, how to see some.
+fn poll_summary(events: usize, cursor: &str, from_now: bool) -> String {
+    if events == 0 && from_now {
+        format!(
+            "no events: without --cursor or --cursor-file a poll starts at the newest event. \
+             Next cursor {cursor}: poll again with --cursor {cursor}, keep it with --cursor-file \
+             FILE, or add --follow to wait for new events"
+        )
+    } else {
+        format!("{events} event(s); next cursor {cursor}")
     }
 }
 

@@ -33,7 +33,10 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    let servers = endpoints(&cli.global);
+    let tokenless = matches!(token_source(&cli.global), Ok(TokenSource::None));
     if let Err(e) = runtime.block_on(run(cli)) {
+        let e = e.with_hint(&servers, tokenless);
         eprintln!("orgpulse: error: {e}");
         std::process::exit(e.exit_code());
     }
@@ -91,44 +94,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 
 /// The client for the global options; `forever` retries unreachable servers without limit.
 fn client(g: &Global, idle: Option<Duration>, forever: bool) -> Result<Client, CliError> {
-    let flags = [
-        g.token.is_some(),
-        g.token_file.is_some(),
-        g.token_command.is_some(),
-    ];
-    if flags.iter().filter(|given| **given).count() > 1 {
-        return Err(CliError::usage(
-            "give only one of --token, --token-file and --token-command",
-        ));
-    }
-    // A flag beats the environment; ORGPULSE_TOKEN_FILE beats ORGPULSE_TOKEN.
-    let env = |var| {
-        std::env::var(var)
-            .ok()
-            .filter(|v: &String| !v.trim().is_empty())
-    };
-    let token = if let Some(cmd) = &g.token_command {
-        TokenSource::Command(cmd.clone())
-    } else if let Some(file) = &g.token_file {
-        TokenSource::File(file.clone())
-    } else if let Some(t) = &g.token {
-        TokenSource::Static(t.clone())
-    } else if let Some(file) = env("ORGPULSE_TOKEN_FILE") {
-        TokenSource::File(file.into())
-    } else if let Some(t) = env("ORGPULSE_TOKEN") {
-        TokenSource::Static(t)
-    } else {
-        TokenSource::None
-    };
     let defaults = ClientConfig::default();
     Ok(Client::new(ClientConfig {
-        endpoints: g
-            .servers
-            .iter()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
-        token,
+        endpoints: endpoints(g),
+        token: token_source(g)?,
         backoff: BackoffConfig {
             initial: g.backoff_initial,
             max: g.backoff_max,
@@ -144,4 +113,46 @@ fn client(g: &Global, idle: Option<Duration>, forever: bool) -> Result<Client, C
         },
         ..defaults
     })?)
+}
+
+/// The `--server` URLs, without empty ones.
+fn endpoints(g: &Global) -> Vec<String> {
+    g.servers
+        .iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Where the token comes from: a flag beats the environment; ORGPULSE_TOKEN_FILE beats
+/// ORGPULSE_TOKEN.
+fn token_source(g: &Global) -> Result<TokenSource, CliError> {
+    let flags = [
+        g.token.is_some(),
+        g.token_file.is_some(),
+        g.token_command.is_some(),
+    ];
+    if flags.iter().filter(|given| **given).count() > 1 {
+        return Err(CliError::usage(
+            "give only one of --token, --token-file and --token-command",
+        ));
+    }
+    let env = |var| {
+        std::env::var(var)
+            .ok()
+            .filter(|v: &String| !v.trim().is_empty())
+    };
+    Ok(if let Some(cmd) = &g.token_command {
+        TokenSource::Command(cmd.clone())
+    } else if let Some(file) = &g.token_file {
+        TokenSource::File(file.clone())
+    } else if let Some(t) = &g.token {
+        TokenSource::Static(t.clone())
+    } else if let Some(file) = env("ORGPULSE_TOKEN_FILE") {
+        TokenSource::File(file.into())
+    } else if let Some(t) = env("ORGPULSE_TOKEN") {
+        TokenSource::Static(t)
+    } else {
+        TokenSource::None
+    })
 }

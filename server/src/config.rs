@@ -178,7 +178,8 @@ pub struct Config {
     #[arg(long, env = "ORGPULSE_PRESENCE_NODE_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     pub presence_node_timeout: Duration,
 
-    /// Run a background workload in org `demo` (jobs progressing, notifications).
+    /// Run a background workload in org `demo` (jobs progressing, notifications); its unfinished
+    /// jobs are cancelled when the server stops.
     #[arg(long, env = "ORGPULSE_DEMO")]
     pub demo: bool,
 

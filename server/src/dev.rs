@@ -48,17 +48,29 @@ pub fn print_dev_tokens(secret: &[u8], addr: SocketAddr) -> anyhow::Result<()> {
     for (user, role, t) in &tokens {
         println!("  {role:<7} ({user}): {t}");
     }
-    println!("\ndashboard: http://{addr}/#token={}", tokens[0].2);
+    let admin = &tokens[0].2;
+    println!("\ndashboard: http://{addr}/#token={admin}");
+    println!("\nCLI, in another terminal (as alice):");
+    println!("  export ORGPULSE_SERVER=http://{addr}");
+    println!("  export ORGPULSE_TOKEN={admin}");
+    println!("  cargo run -p orgpulse-cli -- watch     # or `orgpulse watch` once it is installed");
     println!(
-        "grpcurl:   grpcurl -plaintext -H 'authorization: Bearer {}' {addr} orgpulse.v1.JobService/ListJobs\n",
-        tokens[0].2
+        "\ngrpcurl:   grpcurl -plaintext -H \"authorization: Bearer $ORGPULSE_TOKEN\" {addr} orgpulse.v1.JobService/ListJobs"
+    );
+    println!(
+        "buf curl:  npx buf curl --protocol grpc --http2-prior-knowledge -H \"authorization: Bearer $ORGPULSE_TOKEN\" http://{addr}/orgpulse.v1.JobService/ListJobs\n           (in the repository after npm ci, where grpcurl is not installed)\n"
     );
     Ok(())
 }
 
-/// Jobs created, progressing and finishing, and now and then a notification, in org `demo`.
+/// The actor of the demo's writes.
+const BOT: &str = "demo-bot";
+
+/// Jobs created, progressing and finishing, and now and then a notification, in org `demo`. When
+/// `stop` fires its unfinished jobs are cancelled (and so are those a killed demo left behind, at
+/// the start), so none stays RUNNING forever.
 pub async fn demo_workload(store: Arc<Entities>, stop: CancellationToken) {
-    const BOT: &str = "demo-bot";
+    cancel_unfinished(&store).await;
     const TITLES: &[&str] = &[
         "Build release artifacts",
         "Nightly database backup",
@@ -71,7 +83,7 @@ pub async fn demo_workload(store: Arc<Entities>, stop: CancellationToken) {
     let mut tick_timer = tokio::time::interval(Duration::from_millis(1500));
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             _ = tick_timer.tick() => {}
         }
         tick += 1;
@@ -178,5 +190,28 @@ pub async fn demo_workload(store: Arc<Entities>, stop: CancellationToken) {
         if let Err(e) = step.await {
             tracing::debug!(error = %e, "demo step skipped");
         }
+    }
+    cancel_unfinished(&store).await;
+}
+
+/// Cancels the demo's queued and running jobs.
+async fn cancel_unfinished(store: &Entities) {
+    let active = vec![JobStatus::Queued as i32, JobStatus::Running as i32];
+    let cancel = async {
+        for job in store.list_jobs(DEMO_ORG, active, 500, None).await?.jobs {
+            let patch = JobPatch {
+                job_id: job.id,
+                status: Some(JobStatus::Cancelled),
+                progress: None,
+                title: None,
+                message: Some("demo stopped".into()),
+                expected_version: job.version,
+            };
+            store.update_job(DEMO_ORG, BOT, patch).await?;
+        }
+        Ok::<_, crate::store::StoreError>(())
+    };
+    if let Err(e) = cancel.await {
+        tracing::warn!(error = %e, "could not cancel the demo's unfinished jobs");
     }
 }

@@ -1,6 +1,6 @@
 //! The `orgpulse-server` binary: parses the configuration, sets up logging and keys, binds the
 //! port and runs the server until SIGINT or SIGTERM.
-use std::process::ExitCode;
+use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
 use orgpulse_server::{
@@ -17,7 +17,9 @@ fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in a log file or a journal.
+        .with_ansi(std::io::stderr().is_terminal());
     match cfg.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),

@@ -124,12 +124,12 @@ pub async fn run(
     }
     let app = crate::web::router(ctx.clone(), &cfg.cors_origins, cfg.max_request_buffer).await?;
     tokio::spawn(trim_log(store.log.clone(), cfg.retention, stop.clone()));
-    if cfg.demo {
+    let demo = cfg.demo.then(|| {
         tokio::spawn(crate::dev::demo_workload(
             store.entities.clone(),
             stop.clone(),
-        ));
-    }
+        ))
+    });
 
     let connections = Connections::new(crate::connections::open_file_budget(
         usize::try_from(cfg.max_connections).unwrap_or(usize::MAX),
@@ -225,6 +225,10 @@ pub async fn run(
     }
     if let Some(p) = cluster_presence {
         p.leave().await;
+    }
+    if let Some(demo) = demo {
+        // It finishes its jobs; the runtime ends with this function.
+        let _ = tokio::time::timeout(DRAIN, demo).await;
     }
     Ok(())
 }

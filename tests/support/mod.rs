@@ -422,7 +422,8 @@ impl TestServer {
         Self::spawn_in_env(args, dir, capture_stderr, vec![]).await
     }
 
-    /// Like `spawn_capturing`, with extra environment variables (kept across `restart`).
+    /// Like `spawn_capturing`, with extra environment variables (kept across `restart`; a
+    /// `RUST_LOG` among them beats the tests' default).
     pub async fn spawn_in_env(
         args: Vec<String>,
         dir: PathBuf,
@@ -450,11 +451,11 @@ impl TestServer {
         };
         let mut child = command
             .args(&args)
-            .envs(env.iter().cloned())
             .env(
                 "RUST_LOG",
                 std::env::var("ORGPULSE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().cloned())
             .stdout(Stdio::piped())
             .stderr(if capture_stderr {
                 Stdio::piped()

@@ -100,6 +100,7 @@ function open(token: string): void {
   save(id.token);
   view.showError(null);
   view.$("token-panel").hidden = true;
+  view.$("badge").hidden = false; // not before a token: there is nothing to connect yet
   view.$("who").hidden = false;
   view.$("change-token").hidden = false;
   view.$("dashboard").hidden = false;

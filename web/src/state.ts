@@ -13,6 +13,8 @@ export const TICKER_LENGTH = 25;
 const TICKER_HISTORY = 200;
 /** Entities kept in the live-entities panel; the least recently changed go first. */
 export const ENTITY_ROWS = 200;
+/** Notifications kept (the newest; the unread count still counts them all). */
+export const NOTIFICATION_ROWS = 50;
 
 /** A ticker line: the event, and for a deletion the title the job had. */
 export interface TickerItem {
@@ -64,7 +66,7 @@ export class State {
   /** Replaces everything with a fresh snapshot; events after its cursor are applied next. */
   reset(s: Snapshot): void {
     this.jobs = new Map(s.jobs.map((j) => [j.id, j]));
-    this.notifications = s.notifications;
+    this.notifications = s.notifications.slice(0, NOTIFICATION_ROWS);
     this.unread = s.unread;
     this.online = s.online;
     this.lastSeq = 0n;
@@ -91,6 +93,7 @@ export class State {
       case "notificationNew":
         if (this.notifications.some((n) => n.id === p.value.id)) return false;
         this.notifications.unshift(p.value);
+        this.notifications.length = Math.min(this.notifications.length, NOTIFICATION_ROWS);
         if (!p.value.read) this.unread++;
         break;
       case "userOnline":

@@ -73,6 +73,10 @@ const commands = {
   async select({ page: name, selector, value, timeout = 5_000 }) {
     await page(name).page.selectOption(selector, value, { timeout });
   },
+  /** Resizes the page's viewport, as a narrower window or a phone would have it. */
+  async viewport({ page: name, width, height }) {
+    await page(name).page.setViewportSize({ width, height });
+  },
   async screenshot({ page: name, path }) {
     await page(name).page.screenshot({ path, fullPage: true, animations: "disabled" });
   },

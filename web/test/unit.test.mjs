@@ -55,6 +55,15 @@ test("deletion removes the job and the ticker keeps its title", () => {
   assert.equal(s.ticker[0].deletedTitle, "a");
 });
 
+test("the notification list keeps the newest NOTIFICATION_ROWS, the unread count all", () => {
+  const s = fresh();
+  const n = (i) => m.create(m.NotificationSchema, { id: `n${i}`, title: `t${i}` });
+  for (let i = 1; i <= m.NOTIFICATION_ROWS + 5; i++) assert.equal(s.apply(ev(i, "notificationNew", n(i))), true);
+  assert.equal(s.notifications.length, m.NOTIFICATION_ROWS);
+  assert.equal(s.notifications[0].id, `n${m.NOTIFICATION_ROWS + 5}`);
+  assert.equal(s.unread, m.NOTIFICATION_ROWS + 5);
+});
+
 test("notifications count once as unread; mark-read takes the server's count", () => {
   const s = fresh();
   const n = m.create(m.NotificationSchema, { id: "n1", title: "hi" });

@@ -137,8 +137,12 @@ export class Fanout {
   }
 
   setState(state: ConnectionState, info: StateInfo): void {
+    // A listener was told the current state when it joined: the feed's first "connecting" is no
+    // news. "reconnecting" repeats with each new delay.
+    const news = state !== this.state || state === "reconnecting";
     this.state = state;
     this.info = info;
+    if (!news) return;
     for (const l of this.listeners) l.handlers.onState?.(state, info);
   }
 }

@@ -56,6 +56,16 @@ const kindOfCase = (c) => (c.startsWith("job") ? EventKind.JOB : c === "notifica
 
 const note = (server, id) => server.append("notificationNew", { id, title: id });
 
+test("states as emitted: connecting once, then live; close() ends with stopped", async () => {
+  const { client } = setup();
+  const states = [];
+  client.subscribe({}, { onEvent: () => {}, onState: (s) => states.push(s) });
+  await until("live", () => states.includes("live"));
+  assert.deepEqual(states, ["connecting", "live"]);
+  client.close();
+  assert.equal(states.at(-1), "stopped");
+});
+
 test("several subscribe calls share one stream; the wire carries the union, each listener its own kinds", async () => {
   const { server, client } = setup();
   const jobs = recorder();

@@ -1,7 +1,7 @@
 // The example product's React client: sign in, then a live task board (the backend's own data,
 // announced through the outbox as entity events), the user's notifications, who is online, and
 // report jobs, all through @orgpulse/client/react on one shared stream.
-import { EventKind, OrgpulseClient } from "@orgpulse/client";
+import { EventKind, JobStatus, OrgpulseClient, Severity } from "@orgpulse/client";
 import {
   OrgpulseProvider, useConnectionState, useLiveJobs, useNotifications, useOnline, useOrgEvents,
 } from "@orgpulse/client/react";
@@ -46,7 +46,9 @@ function Board() {
   useOrgEvents(
     { kinds: [EventKind.ENTITY], entityTypes: ["task"] },
     (ev) => {
-      if (ev.payload.case === "entityChanged") setTasks((m) => merge(m, ev.payload.value.data as unknown as Task));
+      if (ev.payload.case !== "entityChanged") return;
+      const task = ev.payload.value.data as unknown as Task;
+      setTasks((m) => merge(m, task));
     },
     load,
   );
@@ -54,8 +56,9 @@ function Board() {
   const move = (t: Task, column: string) =>
     api<Task>(`/api/tasks/${t.id}`, { method: "PATCH", body: JSON.stringify({ column }) }).then(show, (e) => setError(String(e)));
   return (
-    <section>
+    <section className="card board-card">
       <form
+        className="add"
         onSubmit={(e) => {
           e.preventDefault();
           api<Task>("/api/tasks", { method: "POST", body: JSON.stringify({ title }) }).then(
@@ -65,61 +68,88 @@ function Board() {
         }}
       >
         <input data-testid="task-title" value={title} onChange={(e) => setTitle(e.target.value)} placeholder="New task" />
-        <button>Add</button> <span role="alert">{error}</span>
+        <button>Add</button> <span className="error" role="alert">{error}</span>
       </form>
       <div className="board">
-        {COLUMNS.map((col) => (
-          <div className="column" key={col} data-testid={`column-${col}`}>
-            <h3>{col}</h3>
-            {[...tasks.values()].filter((t) => t.column === col).map((t) => (
-              <div className="task" key={t.id} data-testid="task" data-task-id={t.id} data-column={t.column}>
-                {t.title} <small>by {t.updatedBy}</small>
-                <div>
-                  {COLUMNS.filter((c) => c !== col).map((c) => (
-                    <button key={c} onClick={() => void move(t, c)}>→ {c}</button>
-                  ))}
+        {COLUMNS.map((col) => {
+          const inColumn = [...tasks.values()].filter((t) => t.column === col);
+          return (
+            <div className="column" key={col} data-testid={`column-${col}`}>
+              <h3>{col} <span className="count">{inColumn.length}</span></h3>
+              {inColumn.map((t) => (
+                <div className="task" key={t.id} data-testid="task" data-task-id={t.id} data-column={t.column}>
+                  <div className="task-title">{t.title}</div>
+                  <small>by {t.updatedBy}</small>
+                  <div className="moves">
+                    {COLUMNS.filter((c) => c !== col).map((c) => (
+                      <button key={c} onClick={() => void move(t, c)}>→ {c}</button>
+                    ))}
+                  </div>
                 </div>
-              </div>
-            ))}
-          </div>
-        ))}
+              ))}
+            </div>
+          );
+        })}
       </div>
     </section>
   );
 }
 
-function Sidebar() {
+function Sidebar({ me }: { me: string }) {
   const { notifications, unread, markRead } = useNotifications();
   const online = useOnline();
   const jobs = useLiveJobs();
   return (
     <aside>
-      <div>
-        <h3>Notifications ({unread})</h3>
-        {notifications.map((n) => (
-          <div key={n.id} data-testid="notification" onClick={() => void markRead([n.id])}>{n.read ? "" : "● "}{n.title}</div>
+      <section className="card">
+        <h2>Notifications <span className={unread ? "count unread" : "count"}>{unread}</span></h2>
+        {notifications.length === 0 && <p className="empty">Nothing yet: run a report.</p>}
+        {notifications.slice(0, 20).map((n) => (
+          <div
+            key={n.id}
+            className={`note sev-${Severity[n.severity].toLowerCase()}${n.read ? " read" : ""}`}
+            data-testid="notification"
+            title={n.read ? "" : "click to mark read"}
+            onClick={() => void markRead([n.id])}
+          >
+            <b>{n.title}</b>
+            {n.body && <div>{n.body}</div>}
+          </div>
         ))}
-      </div>
-      <div>
-        <h3>Online</h3>
-        {online.map((u) => <div key={u} data-testid="online">{u}</div>)}
-      </div>
-      <div>
-        <h3>Reports <button onClick={() => void api("/api/reports", { method: "POST" })}>Run</button></h3>
-        {jobs.map((j) => <div key={j.id} data-testid="job">{j.title}: {j.progress}%</div>)}
-      </div>
+      </section>
+      <section className="card">
+        <h2>Online <span className="count">{online.length}</span></h2>
+        {online.map((u) => (
+          <div key={u} className="person" data-testid="online"><span className="dot" />{u}{u === me ? " (you)" : ""}</div>
+        ))}
+      </section>
+      <section className="card">
+        <h2>Reports <button onClick={() => void api("/api/reports", { method: "POST" })}>Run a report</button></h2>
+        {jobs.length === 0 && <p className="empty">No reports yet.</p>}
+        {jobs.map((j) => (
+          <div key={j.id} className="job" data-testid="job" data-status={JobStatus[j.status].toLowerCase()}>
+            <div>{j.title} <span className="status">{JobStatus[j.status].toLowerCase()}</span></div>
+            <div className="bar"><div style={{ width: `${j.progress}%` }} /></div>
+          </div>
+        ))}
+      </section>
     </aside>
   );
 }
 
-function App({ client, who }: { client: OrgpulseClient; who: string }) {
+function App({ who }: { who: { sub: string; org: string } }) {
   const state = useConnectionState();
   return (
     <>
-      <h2>Tasks <span className="state" data-testid="state" data-state={state}>{state}</span></h2>
-      <p>Signed in as {who}.</p>
-      <Board />
-      <Sidebar />
+      <header>
+        <h1>Tasks</h1>
+        <span className="who">{who.sub} · org {who.org}</span>
+        <span className="state" data-testid="state" data-state={state}>{state}</span>
+      </header>
+      <main>
+        <Board />
+        <Sidebar me={who.sub} />
+      </main>
     </>
   );
 }
@@ -129,6 +159,7 @@ function Login({ done }: { done: () => void }) {
   const [org, setOrg] = useState("acme");
   return (
     <form
+      className="card login"
       onSubmit={async (e) => {
         e.preventDefault();
         const { token } = await api<{ token: string }>("/api/login", { method: "POST", body: JSON.stringify({ user, org }) });
@@ -136,6 +167,8 @@ function Login({ done }: { done: () => void }) {
         done();
       }}
     >
+      <h1>Tasks</h1>
+      <p>Sign in as anyone, in any org: everyone in the same org shares one live board.</p>
       <input data-testid="login-user" value={user} onChange={(e) => setUser(e.target.value)} placeholder="user" />
       <input data-testid="login-org" value={org} onChange={(e) => setOrg(e.target.value)} placeholder="org" />
       <button>Sign in</button>
@@ -156,11 +189,11 @@ function Root() {
     return () => c?.close();
   }, [session]);
   if (!session) return <Login done={() => setSession(sessionStorage.getItem(SESSION))} />;
-  if (!client) return <p>Connecting…</p>;
+  if (!client) return <p className="empty">Connecting…</p>;
   const who = JSON.parse(atob(session.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
   return (
     <OrgpulseProvider client={client}>
-      <App client={client} who={`${who.sub} (${who.org})`} />
+      <App who={who} />
     </OrgpulseProvider>
   );
 }

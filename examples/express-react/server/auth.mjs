@@ -1,19 +1,33 @@
 // The product's own login: HS256 tokens signed with the secret orgpulse-server is configured with
 // (--jwt-secret-file), so the same token works for this API and for orgpulse.
 import { createHmac, timingSafeEqual } from "node:crypto";
+import { readFileSync } from "node:fs";
 
-const secret = () => {
-  const s = process.env.ORGPULSE_JWT_SECRET;
-  if (!s) throw new Error("set ORGPULSE_JWT_SECRET to the secret orgpulse-server uses");
-  return s;
-};
+/** $ORGPULSE_JWT_SECRET, else the file $ORGPULSE_JWT_SECRET_FILE (default: secret.txt, made by
+ * `npm run setup`), whitespace trimmed like orgpulse-server's --jwt-secret-file. */
+const secret = (() => {
+  let cached;
+  return () => {
+    if (cached) return cached;
+    cached = process.env.ORGPULSE_JWT_SECRET?.trim();
+    if (!cached) {
+      const file = process.env.ORGPULSE_JWT_SECRET_FILE ?? new URL("../secret.txt", import.meta.url).pathname;
+      try {
+        cached = readFileSync(file, "utf8").trim();
+      } catch {
+        throw new Error(`no secret: run \`npm run setup\` (creates secret.txt) or set ORGPULSE_JWT_SECRET`);
+      }
+    }
+    return cached;
+  };
+})();
 const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
 const sign = (body) => createHmac("sha256", secret()).update(body).digest("base64url");
 
-/** A token for `user` in `org`, valid `ttl` seconds. */
-export function mint(user, org, ttl = 600) {
+/** A token for `user` in `org` with `roles`, valid `ttl` seconds. */
+export function mint(user, org, ttl = 600, roles = ["member"]) {
   const now = Math.floor(Date.now() / 1000);
-  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub: user, org, roles: ["member"], iat: now, exp: now + ttl })}`;
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub: user, org, roles, iat: now, exp: now + ttl })}`;
   return `${body}.${sign(body)}`;
 }
 

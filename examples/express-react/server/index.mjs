@@ -68,7 +68,7 @@ app.patch("/api/tasks/:id", requireUser, async (req, res) => {
 });
 
 app.post("/api/reports", requireUser, async (req, res) => {
-  const jobId = runReport(req.user.org, `report for ${req.user.sub}`);
+  const jobId = runReport(req.user.org, req.user.sub, `report for ${req.user.sub}`);
   res.status(202).json({ started: true });
   await jobId.catch((err) => console.error("report worker:", err));
 });

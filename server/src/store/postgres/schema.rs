@@ -59,8 +59,11 @@ pub(super) async fn migrate(
     client: &mut Object,
 ) -> std::result::Result<u64, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    // Nodes starting together wait here for the one that migrates, however long it takes.
-    tx.batch_execute("SET LOCAL lock_timeout = 0").await?;
+    // Nodes starting together wait here for the one that migrates, however long it takes. The
+    // NOTICEs of `IF NOT EXISTS` ("relation ... already exists, skipping") are expected on every
+    // start but the first, yet would be logged like errors: not sent.
+    tx.batch_execute("SET LOCAL lock_timeout = 0; SET LOCAL client_min_messages = warning")
+        .await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
     tx.batch_execute(
