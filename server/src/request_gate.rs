@@ -26,7 +26,10 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tonic::Status;
 
-use crate::{auth::Claims, metrics::METRICS, service::Ctx};
+use crate::{
+    auth::{Authenticator, Claims},
+    metrics::METRICS,
+};
 
 /// How long a request body may take to arrive in full.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,16 +40,16 @@ const OPEN_SERVICES: [&str; 3] = [
     "/grpc.reflection.v1alpha.ServerReflection/",
 ];
 
-/// What the gate needs: the authenticator (in the context) and the node's body budget.
+/// What the gate needs: the authenticator and the node's body budget.
 pub struct Gate {
-    ctx: Arc<Ctx>,
+    auth: Authenticator,
     budget: Arc<Budget>,
 }
 
 impl Gate {
-    pub fn new(ctx: Arc<Ctx>, max_request_buffer: usize) -> Arc<Self> {
+    pub fn new(auth: Authenticator, max_request_buffer: usize) -> Arc<Self> {
         Arc::new(Gate {
-            ctx,
+            auth,
             budget: Arc::new(Budget {
                 max: max_request_buffer,
                 held: AtomicUsize::new(0),
@@ -59,7 +62,7 @@ impl Gate {
 pub async fn gate(State(gate): State<Arc<Gate>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if !OPEN_SERVICES.iter().any(|open| path.starts_with(open)) {
-        match gate.ctx.auth.authenticate(req.headers()).await {
+        match gate.auth.authenticate(req.headers()).await {
             Ok(claims) => {
                 req.extensions_mut().insert(claims);
             }

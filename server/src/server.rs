@@ -103,7 +103,6 @@ pub async fn run(
         None => MemoryPresence::new(hub.clone(), cfg.presence_grace),
     };
     let ctx = Arc::new(Ctx {
-        auth,
         store: store.clone(),
         hub,
         presence,
@@ -122,7 +121,8 @@ pub async fn run(
         };
         crate::outbox::start(outbox, &store, stop.clone()).await?;
     }
-    let app = crate::web::router(ctx.clone(), &cfg.cors_origins, cfg.max_request_buffer).await?;
+    let app =
+        crate::web::router(ctx.clone(), auth, &cfg.cors_origins, cfg.max_request_buffer).await?;
     tokio::spawn(trim_log(store.log.clone(), cfg.retention, stop.clone()));
     let demo = cfg.demo.then(|| {
         tokio::spawn(crate::dev::demo_workload(

@@ -24,6 +24,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::Instrument;
 
 use crate::{
+    auth::Authenticator,
     log_limit::LogLimit,
     metrics::METRICS,
     request_gate::Gate,
@@ -47,6 +48,7 @@ const HEALTH_SERVICES: [&str; 4] = [
 /// The whole HTTP service of the server.
 pub async fn router(
     ctx: Arc<Ctx>,
+    auth: Authenticator,
     cors_origins: &[String],
     max_request_buffer: usize,
 ) -> anyhow::Result<Router> {
@@ -74,7 +76,7 @@ pub async fn router(
         .routes()
         .into_axum_router()
         .layer(middleware::from_fn_with_state(
-            Gate::new(ctx.clone(), max_request_buffer),
+            Gate::new(auth, max_request_buffer),
             crate::request_gate::gate,
         ))
         .layer(middleware::from_fn(rpc_log))

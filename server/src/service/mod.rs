@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
 use crate::{
-    auth::{Authenticator, Claims, Need},
+    auth::{Claims, Need},
     bus::Bus,
     hub::Hub,
     presence::Presence,
@@ -24,7 +24,6 @@ use crate::{
 
 /// What every service needs.
 pub struct Ctx {
-    pub auth: Authenticator,
     pub store: Store,
     pub hub: Hub,
     pub presence: Arc<dyn Presence>,
