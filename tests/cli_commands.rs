@@ -7,7 +7,7 @@ use std::{process::Stdio, time::Duration};
 
 use cli_support::*;
 use serde_json::Value;
-use support::{SECRET, TempDir, TestServer, cursor_at, token};
+use support::{SECRET, TempDir, TestServer, cursor_at, database_url, token};
 
 const ORG: &str = "cmds";
 
@@ -84,6 +84,112 @@ async fn token_mint_makes_tokens_the_server_accepts() {
     )
     .await;
     assert_eq!(code, 2, "--org is required for non-service roles: {err}");
+}
+
+/// `openssl ARGS`, which must succeed.
+fn openssl(args: &[&str]) {
+    let status = std::process::Command::new("openssl")
+        .args(args)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success(), "openssl {args:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_mint_signs_with_a_private_key() {
+    let dir = TempDir::new("mint-key");
+    let path = |name: &str| dir.0.join(name).display().to_string();
+    for (name, algo) in [
+        (
+            "rsa",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"][..],
+        ),
+        (
+            "ec",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        ),
+        ("ed", &["-algorithm", "ed25519"]),
+    ] {
+        let (private, public) = (path(&format!("{name}.key")), path(&format!("{name}.pem")));
+        let mut genpkey = vec!["genpkey"];
+        genpkey.extend(algo);
+        genpkey.extend(["-out", &private]);
+        openssl(&genpkey);
+        openssl(&["pkey", "-in", &private, "-pubout", "-out", &public]);
+
+        let data = TempDir::new("mint-key-server");
+        let server = TestServer::spawn(
+            vec![
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--database".into(),
+                database_url(&data.0),
+                "--jwt-public-key".into(),
+                public,
+            ],
+            data.0.clone(),
+        )
+        .await;
+        let s = [server.url.as_str()];
+        let token = ok(
+            &[],
+            "",
+            &[
+                "token",
+                "mint",
+                "--private-key",
+                &private,
+                "--org",
+                ORG,
+                "--user",
+                "carol",
+                "--role",
+                "admin",
+            ],
+        )
+        .await;
+        let job = one(&ok(
+            &s,
+            token.trim(),
+            &["jobs", "create", "--title", name, "--json"],
+        )
+        .await);
+        assert_eq!(job["createdBy"], "carol", "{name}");
+
+        // The server checks the signature: the shared-secret token is refused.
+        let secret = path("secret");
+        std::fs::write(&secret, SECRET).unwrap();
+        let hs256 = mint(&secret, &["--org", ORG, "--user", "carol"]).await;
+        let (code, _) = fails(&s, &hs256, &["jobs", "list"]).await;
+        assert_eq!(code, 3, "{name}: an HS256 token is refused");
+    }
+
+    let not_a_key = path("secret");
+    let (code, err) = fails(
+        &[],
+        "",
+        &[
+            "token",
+            "mint",
+            "--private-key",
+            &not_a_key,
+            "--user",
+            "x",
+            "--role",
+            "service",
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a PEM private key"), "{err}");
+    let (code, err) = fails(
+        &[],
+        "",
+        &["token", "mint", "--user", "x", "--role", "service"],
+    )
+    .await;
+    assert_eq!(code, 2, "a key or a secret is required: {err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -426,18 +426,29 @@ impl Level {
 
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
-    /// Mint an HS256 token (development and tests); prints it on stdout.
+    /// Mint a token: HS256 with a shared secret, or RS256 / ES256 / EdDSA with a private key;
+    /// prints it on stdout.
     #[command(after_help = format!("\
 Examples:
   orgpulse token mint --secret-file ./jwt-secret --org acme --user alice
   orgpulse token mint --secret-file ./jwt-secret --org acme --user ci --role member --role admin --ttl 15m
   orgpulse token mint --secret-file ./jwt-secret --user backend --role service --ttl 24h
+  orgpulse token mint --private-key ./jwt.key --org acme --user alice
 
 {EXIT_CODES}"))]
     Mint {
-        /// File holding the HS256 secret (surrounding whitespace ignored).
+        /// File holding the HS256 secret (surrounding whitespace ignored); the server's
+        /// --jwt-secret-file.
+        #[arg(
+            long,
+            required_unless_present = "private_key",
+            conflicts_with = "private_key"
+        )]
+        secret_file: Option<PathBuf>,
+        /// PEM private key (RSA: RS256, EC P-256: ES256, Ed25519: EdDSA) whose public key is the
+        /// server's --jwt-public-key.
         #[arg(long)]
-        secret_file: PathBuf,
+        private_key: Option<PathBuf>,
         /// Org id (`org` claim); not needed for the service role.
         #[arg(long)]
         org: Option<String>,

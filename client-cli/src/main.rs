@@ -63,12 +63,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Token(TokenCommand::Mint {
             secret_file,
+            private_key,
             org,
             user,
             roles,
             ttl,
         }) => out.line(&mint::mint(
-            &secret_file,
+            mint::Signer::from_flags(secret_file.as_deref(), private_key.as_deref())?,
             org.as_deref(),
             &user,
             roles,

@@ -24,7 +24,10 @@ use clap::{Args, ValueEnum};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::{error::CliError, mint::mint};
+use crate::{
+    error::CliError,
+    mint::{Signer, mint},
+};
 use database::Database;
 use server::{Target, Usage, fail};
 use subscriber::{Counted, Dial, Placement, Subscriber, Tally};
@@ -358,7 +361,7 @@ async fn measure(
     let url = nodes[0].url();
     let token = |user: &str, role: &str| {
         mint(
-            &nodes[0].secret_file,
+            Signer::Secret(&nodes[0].secret_file),
             Some(&args.org),
             user,
             vec![role.into()],

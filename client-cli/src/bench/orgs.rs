@@ -15,7 +15,7 @@ use crate::{
         subscriber::{self, Counted, Dial, Placement, Subscriber, Tally},
     },
     error::CliError,
-    mint::mint,
+    mint::{Signer, mint},
 };
 
 /// Streams opened on one HTTP/2 connection (the server allows `--max-concurrent-streams`, by
@@ -37,7 +37,7 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
         .enumerate()
         .map(|(i, org)| {
             mint(
-                &target.secret_file,
+                Signer::Secret(&target.secret_file),
                 Some(org),
                 &format!("sub{i}"),
                 vec!["viewer".into()],
