@@ -175,6 +175,12 @@ fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
+/// Records the PostgreSQL database `url` (made by someone else) for `dir`: `log_of` reads it and
+/// dropping the `TempDir` drops it.
+pub fn record_database(dir: &Path, url: &str) {
+    std::fs::write(dir.join(DATABASE_URL_FILE), url).unwrap();
+}
+
 /// Makes servers started on `other` use the database recorded for `dir` (cluster nodes).
 pub fn share_database(dir: &Path, other: &Path) {
     std::fs::copy(dir.join(DATABASE_URL_FILE), other.join(DATABASE_URL_FILE)).unwrap();

@@ -1,0 +1,157 @@
+//! README.md's "Running a cluster", run as written: the shell blocks marked
+//! `<!-- readme-test: cluster -->` run in order in one bash from a clean directory, with only the
+//! variables the README itself offers set (ports, database, and PATH to this build's binaries).
+//! The job the README creates through node a must reach the watch on node b, and the watch must
+//! hold the org's log exactly once, in seq order.
+mod cli_support;
+mod cluster_support;
+mod support;
+
+use std::{net::TcpListener, process::Stdio};
+
+use cli_support::{PATIENCE, kind_of, ok, seq_of};
+use serde_json::Value;
+use support::{TempDir, log_of, record_database, skip_on_postgres, workspace_bin};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::Command,
+    sync::mpsc,
+};
+
+const MARK: &str = "<!-- readme-test: cluster -->";
+
+/// The marked blocks of README.md, in order.
+fn marked_blocks() -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let mut lines = readme.lines();
+    let mut blocks = vec![];
+    while let Some(line) = lines.next() {
+        if line.trim() != MARK {
+            continue;
+        }
+        assert_eq!(lines.next(), Some("```sh"), "a ```sh block follows {MARK}");
+        let body: Vec<&str> = lines.by_ref().take_while(|l| *l != "```").collect();
+        blocks.push(body.join("\n"));
+    }
+    blocks
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The script's process group (the nodes and the watch it left running): SIGTERM on drop.
+struct Group(u32);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", "--", &format!("-{}", self.0)])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_a_cluster_as_written() {
+    if skip_on_postgres("the README's cluster is on PostgreSQL either way; one run is enough")
+        || !cluster_support::services_or_skip(false)
+    {
+        return;
+    }
+    let blocks = marked_blocks();
+    assert!(
+        blocks.len() >= 5,
+        "README.md marks {} blocks with {MARK}",
+        blocks.len()
+    );
+    let dir = TempDir::new("readme-cluster");
+    let db = format!("orgpulse_readme_{:016x}", rand::random::<u64>());
+    record_database(&dir.0, &format!("postgres://postgres@127.0.0.1:5432/{db}"));
+    let (port_a, port_b) = (free_port(), free_port());
+    let bin_dir = workspace_bin("orgpulse-server")
+        .parent()
+        .unwrap()
+        .to_owned();
+    assert!(
+        bin_dir.join("orgpulse").exists(),
+        "the CLI is built next to the server"
+    );
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+
+    let mut cmd = Command::new("bash");
+    cmd.arg("-euc")
+        .arg(blocks.join("\n"))
+        .current_dir(&dir.0)
+        .env("PATH", path)
+        .env("PORT_A", port_a.to_string())
+        .env("PORT_B", port_b.to_string())
+        .env("DB", &db)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for (var, _) in std::env::vars().filter(|(v, _)| v.starts_with("ORGPULSE_")) {
+        cmd.env_remove(var);
+    }
+    let mut script = cmd.spawn().expect("bash");
+    let _group = Group(script.id().unwrap());
+
+    // Every JSON line on stdout is the watch's; the rest is the commands' own output.
+    let (tx, mut events) = mpsc::unbounded_channel::<Value>();
+    let mut out = BufReader::new(script.stdout.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = out.next_line().await {
+            println!("[readme] {line}");
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && tx.send(v).is_err()
+            {
+                break;
+            }
+        }
+    });
+    let status = tokio::time::timeout(PATIENCE, script.wait())
+        .await
+        .expect("the README's blocks finished in time")
+        .unwrap();
+    let cluster_dir = dir.0.join("target/cluster");
+    assert!(
+        status.success(),
+        "the README's blocks failed ({status}); node logs: {}\n{}",
+        std::fs::read_to_string(cluster_dir.join("a.log")).unwrap_or_default(),
+        std::fs::read_to_string(cluster_dir.join("b.log")).unwrap_or_default()
+    );
+
+    let mut seen = vec![];
+    let mut until = async |done: &dyn Fn(&Value) -> bool| loop {
+        let v = tokio::time::timeout(PATIENCE, events.recv())
+            .await
+            .expect("an event on the watch in time")
+            .expect("the watch is running");
+        seen.push(v.clone());
+        if done(&v) {
+            break;
+        }
+    };
+    let created = |title: &'static str| {
+        move |v: &Value| kind_of(v) == "jobCreated" && v["jobCreated"]["title"] == title
+    };
+    until(&created("hello from a")).await;
+
+    // A second job through node a closes the window: everything before it has arrived.
+    let token = std::fs::read_to_string(cluster_dir.join("alice.token")).unwrap();
+    let a = format!("http://127.0.0.1:{port_a}");
+    ok(&[&a], token.trim(), &["jobs", "create", "--title", "last"]).await;
+    until(&created("last")).await;
+
+    let watched: Vec<u64> = seen.iter().map(seq_of).filter(|s| *s > 0).collect();
+    let stored: Vec<u64> = log_of(&dir.0, "acme").iter().map(|e| e.0).collect();
+    assert_eq!(
+        watched, stored,
+        "the watch on node b (left) holds the log (right) exactly once, in order"
+    );
+}
