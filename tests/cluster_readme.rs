@@ -1,8 +1,9 @@
 //! README.md's "Running a cluster", run as written: the shell blocks marked
 //! `<!-- readme-test: cluster -->` run in order in one bash from a clean directory, with only the
 //! variables the README itself offers set (ports, database, and PATH to this build's binaries).
-//! The job the README creates through node a must reach the watch on node b, and the watch must
-//! hold the org's log exactly once, in seq order.
+//! Needs PostgreSQL, NATS and haproxy: under `CI=true` a missing one fails, elsewhere it skips.
+//! The job the README creates through node a must reach the watch on node b, the watch must hold
+//! the org's log exactly once, in seq order, and HAProxy (from the README's config) must list it.
 mod cli_support;
 mod cluster_support;
 mod support;
@@ -11,7 +12,7 @@ use std::{net::TcpListener, process::Stdio};
 
 use cli_support::{PATIENCE, kind_of, ok, seq_of};
 use serde_json::Value;
-use support::{TempDir, log_of, record_database, skip_on_postgres, workspace_bin};
+use support::{TempDir, log_of, record_database, workspace_bin};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::Command,
@@ -37,6 +38,23 @@ fn marked_blocks() -> Vec<String> {
     blocks
 }
 
+/// Whether `haproxy` is installed; without it, under `CI=true` a panic, else false after saying
+/// why the test is skipped.
+fn haproxy_or_skip() -> bool {
+    let installed = std::process::Command::new("haproxy")
+        .arg("-v")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed && std::env::var("CI").as_deref() == Ok("true") {
+        panic!("the README's cluster needs haproxy (apt-get install -y haproxy)");
+    }
+    if !installed {
+        eprintln!("skipped: haproxy is not installed (apt-get install -y haproxy)");
+    }
+    installed
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -58,9 +76,10 @@ impl Drop for Group {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_a_cluster_as_written() {
-    if skip_on_postgres("the README's cluster is on PostgreSQL either way; one run is enough")
-        || !cluster_support::services_or_skip(false)
-    {
+    if !cluster_support::services_or_skip(false) {
+        return;
+    }
+    if !haproxy_or_skip() {
         return;
     }
     let blocks = marked_blocks();
@@ -72,7 +91,7 @@ async fn running_a_cluster_as_written() {
     let dir = TempDir::new("readme-cluster");
     let db = format!("orgpulse_readme_{:016x}", rand::random::<u64>());
     record_database(&dir.0, &format!("postgres://postgres@127.0.0.1:5432/{db}"));
-    let (port_a, port_b) = (free_port(), free_port());
+    let (port_a, port_b, lb_port) = (free_port(), free_port(), free_port());
     let bin_dir = workspace_bin("orgpulse-server")
         .parent()
         .unwrap()
@@ -90,6 +109,7 @@ async fn running_a_cluster_as_written() {
         .env("PATH", path)
         .env("PORT_A", port_a.to_string())
         .env("PORT_B", port_b.to_string())
+        .env("LB_PORT", lb_port.to_string())
         .env("DB", &db)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -102,14 +122,12 @@ async fn running_a_cluster_as_written() {
     let _group = Group(script.id().unwrap());
 
     // Every JSON line on stdout is the watch's; the rest is the commands' own output.
-    let (tx, mut events) = mpsc::unbounded_channel::<Value>();
+    let (tx, mut lines) = mpsc::unbounded_channel::<String>();
     let mut out = BufReader::new(script.stdout.take().unwrap()).lines();
     tokio::spawn(async move {
         while let Ok(Some(line)) = out.next_line().await {
             println!("[readme] {line}");
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && tx.send(v).is_err()
-            {
+            if tx.send(line).is_err() {
                 break;
             }
         }
@@ -126,15 +144,16 @@ async fn running_a_cluster_as_written() {
         std::fs::read_to_string(cluster_dir.join("b.log")).unwrap_or_default()
     );
 
-    let mut seen = vec![];
+    let (mut seen, mut text) = (vec![], vec![]);
     let mut until = async |done: &dyn Fn(&Value) -> bool| loop {
-        let v = tokio::time::timeout(PATIENCE, events.recv())
+        let line = tokio::time::timeout(PATIENCE, lines.recv())
             .await
             .expect("an event on the watch in time")
             .expect("the watch is running");
-        seen.push(v.clone());
-        if done(&v) {
-            break;
+        match serde_json::from_str::<Value>(&line) {
+            Ok(v) if done(&v) => break seen.push(v),
+            Ok(v) => seen.push(v),
+            Err(_) => text.push(line),
         }
     };
     let created = |title: &'static str| {
@@ -147,6 +166,15 @@ async fn running_a_cluster_as_written() {
     let a = format!("http://127.0.0.1:{port_a}");
     ok(&[&a], token.trim(), &["jobs", "create", "--title", "last"]).await;
     until(&created("last")).await;
+
+    let through_lb = text
+        .iter()
+        .filter(|l| l.contains("\"hello from a\""))
+        .count();
+    assert_eq!(
+        through_lb, 2,
+        "jobs create on a and jobs list through HAProxy print the job: {text:?}"
+    );
 
     let watched: Vec<u64> = seen.iter().map(seq_of).filter(|s| *s > 0).collect();
     let stored: Vec<u64> = log_of(&dir.0, "acme").iter().map(|e| e.0).collect();
