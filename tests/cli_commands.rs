@@ -7,7 +7,11 @@ use std::{process::Stdio, time::Duration};
 
 use cli_support::*;
 use serde_json::Value;
-use support::{SECRET, TempDir, TestServer, cursor_at, database_url, token};
+use support::{
+    SECRET, TempDir, TestServer, cursor_at,
+    keys::{keypair, server_with_keys},
+    token,
+};
 
 const ORG: &str = "cmds";
 
@@ -86,16 +90,6 @@ async fn token_mint_makes_tokens_the_server_accepts() {
     assert_eq!(code, 2, "--org is required for non-service roles: {err}");
 }
 
-/// `openssl ARGS`, which must succeed.
-fn openssl(args: &[&str]) {
-    let status = std::process::Command::new("openssl")
-        .args(args)
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl");
-    assert!(status.success(), "openssl {args:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_mint_signs_with_a_private_key() {
     let dir = TempDir::new("mint-key");
@@ -111,26 +105,9 @@ async fn token_mint_signs_with_a_private_key() {
         ),
         ("ed", &["-algorithm", "ed25519"]),
     ] {
-        let (private, public) = (path(&format!("{name}.key")), path(&format!("{name}.pem")));
-        let mut genpkey = vec!["genpkey"];
-        genpkey.extend(algo);
-        genpkey.extend(["-out", &private]);
-        openssl(&genpkey);
-        openssl(&["pkey", "-in", &private, "-pubout", "-out", &public]);
-
+        let (private, public) = keypair(&dir.0, name, algo);
         let data = TempDir::new("mint-key-server");
-        let server = TestServer::spawn(
-            vec![
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--database".into(),
-                database_url(&data.0),
-                "--jwt-public-key".into(),
-                public,
-            ],
-            data.0.clone(),
-        )
-        .await;
+        let server = server_with_keys(&data, &["--jwt-public-key".into(), public]).await;
         let s = [server.url.as_str()];
         let token = ok(
             &[],

@@ -8,9 +8,10 @@ mod cli_support;
 mod cluster_support;
 mod support;
 
-use std::{net::TcpListener, process::Stdio};
+use std::process::Stdio;
 
 use cli_support::{PATIENCE, kind_of, ok, seq_of};
+use cluster_support::{free_port, services_or_skip};
 use serde_json::Value;
 use support::{TempDir, log_of, record_database, workspace_bin};
 use tokio::{
@@ -55,14 +56,6 @@ fn haproxy_or_skip() -> bool {
     installed
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The script's process group (the nodes and the watch it left running): SIGTERM on drop.
 struct Group(u32);
 
@@ -76,7 +69,7 @@ impl Drop for Group {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_a_cluster_as_written() {
-    if !cluster_support::services_or_skip(false) {
+    if !services_or_skip(false) {
         return;
     }
     if !haproxy_or_skip() {

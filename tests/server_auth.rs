@@ -1,13 +1,11 @@
 //! Authentication, roles and org isolation, end to end against the real server.
 mod support;
 
-use std::process::Command;
-
 use orgpulse::proto::{
     CreateJobRequest, DeleteJobRequest, GetJobRequest, ListJobsRequest, PollRequest,
     SendNotificationRequest, event::Payload,
 };
-use support::*;
+use support::{keys::*, *};
 use tonic::Code;
 
 fn with_claims(
@@ -72,45 +70,14 @@ async fn bad_tokens_are_unauthenticated() {
 #[tokio::test]
 async fn rs256_key_refuses_algorithm_confusion() {
     let dir = TempDir::new("rsa");
-    let private = dir.0.join("private.pem");
-    let public = dir.0.join("public.pem");
-    let ok = Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ])
-        .arg(&private)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl is needed for this test")
-        .success()
-        && Command::new("openssl")
-            .args(["pkey", "-pubout", "-in"])
-            .arg(&private)
-            .arg("-out")
-            .arg(&public)
-            .status()
-            .unwrap()
-            .success();
-    assert!(ok, "openssl failed to make an RSA key");
+    let (private, public) = keypair(
+        &dir.0,
+        "rsa",
+        &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+    );
     // A server with ONLY the RSA key configured.
     let data = TempDir::new("rsa-server");
-    let server = TestServer::spawn(
-        vec![
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--database".into(),
-            database_url(&data.0),
-            "--jwt-public-key".into(),
-            public.display().to_string(),
-        ],
-        data.0.clone(),
-    )
-    .await;
+    let server = server_with_keys(&data, &["--jwt-public-key".into(), public.clone()]).await;
     let pem_public = std::fs::read(&public).unwrap();
     let claims = serde_json::json!({"sub": "u1", "org": "acme", "exp": now_secs() + 600});
     refused(&server, &hs(claims.clone(), &pem_public), "not accepted").await;

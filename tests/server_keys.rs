@@ -3,49 +3,13 @@
 //! roles claims at configured paths.
 mod support;
 
-use std::{
-    path::Path,
-    process::{Command, Stdio},
-};
+use std::path::Path;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use orgpulse::proto::ListJobsRequest;
-use support::*;
+use support::{keys::*, *};
 use tonic::Code;
-
-fn openssl(args: &[&str]) {
-    let ok = Command::new("openssl")
-        .args(args)
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl")
-        .success();
-    assert!(ok, "openssl {args:?}");
-}
-
-/// (private PEM path, public PEM path) of a fresh key made by `openssl genpkey <algo args>`.
-fn keypair(dir: &std::path::Path, name: &str, algo: &[&str]) -> (String, String) {
-    let private = dir.join(format!("{name}.key")).display().to_string();
-    let public = dir.join(format!("{name}.pub")).display().to_string();
-    let mut args = vec!["genpkey"];
-    args.extend(algo);
-    args.extend(["-out", &private]);
-    openssl(&args);
-    openssl(&["pkey", "-in", &private, "-pubout", "-out", &public]);
-    (private, public)
-}
-
-async fn server_with(dir: &TempDir, key_args: &[String]) -> TestServer {
-    let mut args = vec![
-        "--listen".to_string(),
-        "127.0.0.1:0".into(),
-        "--database".into(),
-        database_url(&dir.0),
-    ];
-    args.extend(key_args.iter().cloned());
-    TestServer::spawn(args, dir.0.clone()).await
-}
 
 async fn call(server: &TestServer, token: &str) -> Result<(), tonic::Status> {
     server
@@ -73,7 +37,7 @@ async fn eddsa_and_es256_pem_keys() {
     ] {
         let (private, public) = keypair(&keys.0, name, &algo);
         let data = TempDir::new(name);
-        let server = server_with(&data, &["--jwt-public-key".into(), public]).await;
+        let server = server_with_keys(&data, &["--jwt-public-key".into(), public]).await;
         let good = sign_pem(alg, &private, None, &claims());
         call(&server, &good)
             .await
@@ -135,7 +99,7 @@ async fn jwks_file_picks_the_key_by_kid_and_issuer_audience_are_checked() {
     let (p1, jwks_path) = ed25519_jwks(&keys.0, "k1");
     let (p2, _) = keypair(&keys.0, "k2", &["-algorithm", "ed25519"]);
     let data = TempDir::new("jwks-server");
-    let server = server_with(
+    let server = server_with_keys(
         &data,
         &[
             "--jwks-file".into(),
@@ -226,7 +190,7 @@ async fn issuer_and_audience_are_required_when_configured() {
             ]
             .map(String::from),
         );
-        let server = server_with(&data, &args).await;
+        let server = server_with_keys(&data, &args).await;
         let good = sign(&claims());
         call(&server, &good)
             .await
@@ -381,7 +345,7 @@ fn jwks(keys: &[&serde_json::Value]) -> String {
 async fn jwks_url_server(data: &TempDir, provider: &Provider, extra: &[&str]) -> TestServer {
     let mut args = vec!["--jwks-url".to_string(), provider.url.clone()];
     args.extend(extra.iter().map(|s| s.to_string()));
-    server_with(data, &args).await
+    server_with_keys(data, &args).await
 }
 
 #[tokio::test]

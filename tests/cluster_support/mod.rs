@@ -50,7 +50,8 @@ pub fn services_or_skip(own_nats: bool) -> bool {
     }
 }
 
-fn free_port() -> u16 {
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod keys;
 pub mod pg;
 
 use std::{
