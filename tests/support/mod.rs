@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod grpc_web;
 pub mod pg;
 
 use std::{
