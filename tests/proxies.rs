@@ -10,7 +10,11 @@
 //! both); elsewhere the test is skipped with the reason.
 mod support;
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
 
 use bytes::BytesMut;
 use futures::{Stream, StreamExt};
@@ -22,7 +26,6 @@ use support::{
 };
 use tokio::{
     net::TcpStream,
-    process::{Child, Command},
     time::{Instant, timeout_at},
 };
 use tonic::transport::Endpoint;
@@ -79,10 +82,11 @@ fn proxy_binary(path: &str, package: &str) -> Option<PathBuf> {
     None
 }
 
-/// A running proxy: a grpc-web URL (HTTP/1.1) and a gRPC URL (HTTP/2 without TLS). Killed on
-/// drop; its log is printed when the test failed.
+/// A running proxy: a grpc-web URL (HTTP/1.1) and a gRPC URL (HTTP/2 without TLS). Stopped with
+/// `stop_signal` on drop and waited for; its log is printed when the test failed.
 struct Proxy {
     child: Child,
+    stop_signal: i32,
     log: PathBuf,
     web_url: String,
     grpc_url: String,
@@ -90,16 +94,22 @@ struct Proxy {
 }
 
 impl Proxy {
-    /// Runs `cmd` (stdout and stderr to `dir/proxy.log`) and waits until `ports` accept.
-    async fn spawn(mut cmd: Command, dir: TempDir, web_port: u16, grpc_port: u16) -> Self {
+    /// Runs `cmd` (stdout and stderr to `dir/proxy.log`) and waits until both ports accept.
+    async fn spawn(
+        mut cmd: Command,
+        stop_signal: i32,
+        dir: TempDir,
+        web_port: u16,
+        grpc_port: u16,
+    ) -> Self {
         let log = dir.0.join("proxy.log");
         let out = std::fs::File::create(&log).unwrap();
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .kill_on_drop(true);
+            .stderr(out);
         let mut proxy = Proxy {
             child: cmd.spawn().expect("start the proxy"),
+            stop_signal,
             log,
             web_url: format!("http://127.0.0.1:{web_port}"),
             grpc_url: format!("http://127.0.0.1:{grpc_port}"),
@@ -129,6 +139,8 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        unsafe_kill(self.child.id() as i32, self.stop_signal);
+        let _ = self.child.wait();
         if std::thread::panicking() {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
             eprintln!("--- proxy log ({}):\n{log}", self.log.display());
@@ -177,7 +189,9 @@ async fn start_nginx(upstream: &str) -> Option<Proxy> {
         "-g",
         "daemon off;",
     ]);
-    Some(Proxy::spawn(cmd, dir, web_port, grpc_port).await)
+    // SIGTERM: nginx's fast shutdown, which ends its workers too (after a SIGKILL of the master
+    // they would keep running).
+    Some(Proxy::spawn(cmd, 15, dir, web_port, grpc_port).await)
 }
 
 /// Caddy with README.md's Caddyfile; its data and config dirs are in a temp dir. grpc-web and
@@ -202,7 +216,9 @@ async fn start_caddy(upstream: &str) -> Option<Proxy> {
         .env("HOME", &dir.0)
         .env("XDG_DATA_HOME", dir.0.join("data"))
         .env("XDG_CONFIG_HOME", dir.0.join("config"));
-    Some(Proxy::spawn(cmd, dir, port, port).await)
+    // SIGKILL: Caddy is one process, and on SIGTERM it waits for open connections to end, which
+    // this thread (blocked in the drop) cannot end.
+    Some(Proxy::spawn(cmd, 9, dir, port, port).await)
 }
 
 /// A grpc-web Subscribe over HTTP/1.1, its response body read frame by frame as it arrives.

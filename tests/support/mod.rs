@@ -620,7 +620,7 @@ impl Drop for Paused {
     }
 }
 
-fn unsafe_kill(pid: i32, sig: i32) {
+pub fn unsafe_kill(pid: i32, sig: i32) {
     // `kill` from coreutils keeps the tests free of libc bindings.
     let _ = std::process::Command::new("kill")
         .arg(format!("-{sig}"))
