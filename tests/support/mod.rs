@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod grpc_web;
 pub mod keys;
 pub mod pg;
 
@@ -626,7 +627,7 @@ impl Drop for Paused {
     }
 }
 
-fn unsafe_kill(pid: i32, sig: i32) {
+pub fn unsafe_kill(pid: i32, sig: i32) {
     // `kill` from coreutils keeps the tests free of libc bindings.
     let _ = std::process::Command::new("kill")
         .arg(format!("-{sig}"))
