@@ -156,8 +156,8 @@ pub struct OrgArg {
 /// Where an event stream starts.
 #[derive(Args, Debug)]
 pub struct From {
-    /// Start after this cursor (default: live from now).
-    #[arg(long, conflicts_with = "cursor_file")]
+    /// Start after this cursor (default: live from now). A cursor may begin with `-`.
+    #[arg(long, conflicts_with = "cursor_file", allow_hyphen_values = true)]
     pub cursor: Option<String>,
     /// Start after the cursor saved in this file and save the cursor after each event.
     #[arg(long)]
