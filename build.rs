@@ -6,6 +6,7 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 const PROTOS: &[&str] = &[
+    "proto/orgpulse/v1/audience.proto",
     "proto/orgpulse/v1/job.proto",
     "proto/orgpulse/v1/notification.proto",
     "proto/orgpulse/v1/event.proto",

@@ -175,8 +175,39 @@ pub struct EventFilterArgs {
     /// Only entity events of these entity types (other kinds are not narrowed; default: all).
     #[arg(long, value_delimiter = ',')]
     pub types: Vec<String>,
+    /// Only durable events with at least one of these topics (e.g. project:42; default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub topics: Vec<String>,
     #[command(flatten)]
     pub from: From,
+}
+
+/// Who may see an event or a job (default: the whole org). A caller sees it when named in
+/// --audience-users, or in one of --audience-groups (its token's groups), or having one of
+/// --audience-roles; role service sees everything.
+#[derive(Args, Debug, Clone)]
+pub struct AudienceArgs {
+    /// These users (token `sub`), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub audience_users: Vec<String>,
+    /// Members of these groups (the token's `groups` claim), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub audience_groups: Vec<String>,
+    /// Callers with one of these roles, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub audience_roles: Vec<String>,
+}
+
+impl AudienceArgs {
+    /// The request's audience; `None` = the whole org.
+    pub fn proto(self) -> Option<orgpulse::proto::Audience> {
+        let a = orgpulse::proto::Audience {
+            user_ids: self.audience_users,
+            groups: self.audience_groups,
+            roles: self.audience_roles,
+        };
+        (a != Default::default()).then_some(a)
+    }
 }
 
 /// `publish` flags.
@@ -196,9 +227,15 @@ pub struct PublishArgs {
     /// The entity's data: a JSON object, at most 64 KiB.
     #[arg(long, default_value = "{}")]
     pub data: String,
-    /// Only this member's streams and polls see it (default: the whole org).
+    /// Only this member's streams and polls see it (default: the whole org; with --audience-*,
+    /// this member too).
     #[arg(long, default_value = "", hide_default_value = true)]
     pub user: String,
+    #[command(flatten)]
+    pub audience: AudienceArgs,
+    /// Its topics (0-8, e.g. project:42), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub topics: Vec<String>,
     /// Idempotency key (default: a random one, reused by the automatic retries).
     #[arg(long)]
     pub request_id: Option<String>,
@@ -264,6 +301,12 @@ pub enum JobsCommand {
         /// A label KEY=VALUE; repeatable.
         #[arg(long = "label", value_parser = label)]
         labels: Vec<(String, String)>,
+        /// Who may see the job and its events (default: the whole org).
+        #[command(flatten)]
+        audience: AudienceArgs,
+        /// The job's topics (0-8, e.g. project:42), comma-separated; all its events carry them.
+        #[arg(long, value_delimiter = ',')]
+        topics: Vec<String>,
         /// Idempotency key (default: a random one, reused by the automatic retries).
         #[arg(long)]
         request_id: Option<String>,
@@ -289,6 +332,9 @@ Examples:
         /// Only these statuses (default: all).
         #[arg(long, value_delimiter = ',')]
         status: Vec<Status>,
+        /// Only jobs with at least one of these topics (default: all).
+        #[arg(long, value_delimiter = ',')]
+        topics: Vec<String>,
         /// Jobs per request (max 500).
         #[arg(long, default_value_t = 0)]
         page_size: i32,

@@ -25,6 +25,7 @@ pub async fn watch(client: &Client, args: WatchArgs, out: &Printer) -> Result<()
         org_id: args.filter.org.org,
         kinds: args.filter.kinds.iter().map(|k| k.proto()).collect(),
         entity_types: args.filter.types,
+        topics: args.filter.topics,
     };
     let mut events = client.watch(filter, pos.start.clone());
     while let Some(item) = events.next().await {
@@ -60,6 +61,7 @@ pub async fn poll(client: &Client, args: PollArgs, out: &Printer) -> Result<(), 
                 max_events: args.max,
                 wait_ms,
                 entity_types: args.filter.types.clone(),
+                topics: args.filter.topics.clone(),
             })
             .await?;
         if resp.resync {
@@ -119,6 +121,8 @@ pub async fn publish(client: &Client, args: PublishArgs, out: &Printer) -> Resul
             data: Some(data),
             user_id: args.user,
             request_id: args.request_id.unwrap_or_default(),
+            audience: args.audience.proto(),
+            topics: args.topics,
         })
         .await?;
     out.published(&resp)

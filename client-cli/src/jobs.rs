@@ -17,6 +17,8 @@ pub async fn run(client: &Client, cmd: JobsCommand, out: &Printer) -> Result<(),
             org,
             title,
             labels,
+            audience,
+            topics,
             request_id,
         } => {
             let job = client
@@ -25,6 +27,8 @@ pub async fn run(client: &Client, cmd: JobsCommand, out: &Printer) -> Result<(),
                     title,
                     labels: labels.into_iter().collect(),
                     request_id: request_id.unwrap_or_default(),
+                    audience: audience.proto(),
+                    topics,
                 })
                 .await?;
             out.job(&job)
@@ -40,6 +44,7 @@ pub async fn run(client: &Client, cmd: JobsCommand, out: &Printer) -> Result<(),
         JobsCommand::List {
             org,
             status,
+            topics,
             page_size,
             cursor_file,
         } => {
@@ -48,6 +53,7 @@ pub async fn run(client: &Client, cmd: JobsCommand, out: &Printer) -> Result<(),
                 statuses: status.iter().map(|s| s.proto() as i32).collect(),
                 page_size,
                 page_token: String::new(),
+                topics,
             };
             let mut first = true;
             loop {

@@ -138,8 +138,13 @@ impl Printer {
             Payload::Resync(r) => ("resync", "33;1", r.reason.clone()),
             Payload::EntityChanged(e) => ("entity", "34", entity_text(e)),
         };
+        let topics = if ev.topics.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", ev.topics.join(","))
+        };
         let line = format!(
-            "{time} {seq:>6} {} {what}{by}",
+            "{time} {seq:>6} {} {what}{by}{topics}",
             self.paint(color, &format!("{kind:<12}"))
         );
         self.line(line.trim_end())
@@ -292,6 +297,7 @@ mod tests {
                 nanos: 0,
             }),
             actor: "alice".into(),
+            topics: vec![],
             payload: Some(Payload::JobCreated(Job {
                 id: "j1".into(),
                 status: JobStatus::Queued as i32,

@@ -7,7 +7,11 @@ use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation, errors::ErrorKind
 use serde_json::{Map, Value};
 use tonic::Status;
 
-use crate::{jwks::RemoteKeys, validate};
+use crate::{
+    audience::{MAX_TOKEN_GROUPS, MAX_TOKEN_ROLES, Names, Viewer},
+    jwks::RemoteKeys,
+    validate,
+};
 
 /// The largest `--jwt-leeway` accepted: jsonwebtoken's time checks underflow on huge ones.
 pub const MAX_LEEWAY: Duration = Duration::from_secs(24 * 3600);
@@ -19,6 +23,9 @@ pub struct Claims {
     /// The token's org; `None` only for service tokens.
     pub org: Option<String>,
     pub role: Role,
+    /// Every role name of the token and its groups: what audiences are checked against.
+    pub roles: Names,
+    pub groups: Names,
     /// When the token stops being accepted: `exp` plus the configured leeway, in seconds since the
     /// Unix epoch. Streams end then.
     pub exp: u64,
@@ -101,6 +108,16 @@ impl Claims {
         )))
     }
 
+    /// The caller as audiences see it.
+    pub fn viewer(&self) -> Viewer {
+        Viewer {
+            user: self.user.as_str().into(),
+            groups: self.groups.clone(),
+            roles: self.roles.clone(),
+            sees_all: self.role == Role::Service,
+        }
+    }
+
     /// Time left until `exp`, at most [`MAX_TIME_LEFT`] (so that adding it to an `Instant`
     /// cannot overflow, whatever `exp` a validly signed token carries).
     pub fn time_left(&self) -> Duration {
@@ -155,6 +172,7 @@ pub struct Authenticator {
 pub struct ClaimNames {
     pub org: String,
     pub roles: String,
+    pub groups: String,
 }
 
 impl Default for ClaimNames {
@@ -162,6 +180,7 @@ impl Default for ClaimNames {
         ClaimNames {
             org: "org".into(),
             roles: "roles".into(),
+            groups: "groups".into(),
         }
     }
 }
@@ -188,6 +207,7 @@ impl Authenticator {
         for (flag, path) in [
             ("--jwt-org-claim", &cfg.claims.org),
             ("--jwt-roles-claim", &cfg.claims.roles),
+            ("--jwt-groups-claim", &cfg.claims.groups),
         ] {
             anyhow::ensure!(
                 !path.is_empty() && path.split('.').all(|p| !p.is_empty()),
@@ -367,17 +387,17 @@ fn claims_from(raw: &Map<String, Value>, names: &ClaimNames) -> Result<Claims, S
         .and_then(Value::as_u64)
         .ok_or_else(|| bad("exp is required"))?;
     // An array of strings, or one space-separated string (OAuth `scope` style).
-    let roles: Vec<&str> = match claim(raw, &names.roles) {
+    let roles = match claim(raw, &names.roles) {
         None | Some(Value::Null) => vec!["member"],
-        Some(Value::String(s)) => s.split_ascii_whitespace().collect(),
-        Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),
-        Some(_) => {
-            return Err(bad(&format!(
-                "{} must be an array of strings or a space-separated string",
-                names.roles
-            )));
-        }
+        v => strings(v, &names.roles).map_err(|m| bad(&m))?,
     };
+    let groups = strings(claim(raw, &names.groups), &names.groups).map_err(|m| bad(&m))?;
+    if groups.len() > MAX_TOKEN_GROUPS {
+        return Err(Status::unauthenticated(format!(
+            "too many groups: the token has {}; at most {MAX_TOKEN_GROUPS} allowed",
+            groups.len()
+        )));
+    }
     let role = roles
         .iter()
         .filter_map(|r| match *r {
@@ -413,8 +433,23 @@ fn claims_from(raw: &Map<String, Value>, names: &ClaimNames) -> Result<Claims, S
         user,
         org,
         role,
+        roles: Names::new(roles.iter().take(MAX_TOKEN_ROLES)),
+        groups: Names::new(groups),
         exp,
     })
+}
+
+/// A claim that lists names: an array of strings or one space-separated string (absent or null:
+/// none). Entries that are not strings are skipped.
+fn strings<'a>(v: Option<&'a Value>, name: &str) -> Result<Vec<&'a str>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::String(s)) => Ok(s.split_ascii_whitespace().collect()),
+        Some(Value::Array(list)) => Ok(list.iter().filter_map(Value::as_str).collect()),
+        Some(_) => Err(format!(
+            "{name} must be an array of strings or a space-separated string"
+        )),
+    }
 }
 
 fn pem_key(pem: &[u8]) -> Option<Key> {

@@ -67,6 +67,11 @@ pub struct Config {
     #[arg(long, env = "ORGPULSE_JWT_ROLES_CLAIM", default_value = "roles")]
     pub jwt_roles_claim: String,
 
+    /// Claim holding the caller's groups, which event audiences name (an array of strings or one
+    /// space-separated string, at most 256); a name or a dotted path like `app_metadata.groups`.
+    #[arg(long, env = "ORGPULSE_JWT_GROUPS_CLAIM", default_value = "groups")]
+    pub jwt_groups_claim: String,
+
     /// Required `iss` claim, when set.
     #[arg(long, env = "ORGPULSE_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,

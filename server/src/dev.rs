@@ -11,7 +11,10 @@ use std::{
 use orgpulse::proto::{JobStatus, Severity};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Entities, JobPatch, NewJob, NewNotification};
+use crate::{
+    audience::{Topics, Viewer},
+    store::{Entities, JobPatch, JobPick, NewJob, NewNotification},
+};
 
 pub const DEMO_ORG: &str = "demo";
 
@@ -66,6 +69,19 @@ pub fn print_dev_tokens(secret: &[u8], addr: SocketAddr) -> anyhow::Result<()> {
 /// The actor of the demo's writes.
 const BOT: &str = "demo-bot";
 
+/// The demo bot as audiences see it: it sees every job.
+fn bot() -> Viewer {
+    Viewer::service(BOT)
+}
+
+/// Every job of the demo org.
+fn all_jobs() -> JobPick {
+    JobPick {
+        viewer: bot(),
+        topics: Topics::default(),
+    }
+}
+
 /// Jobs created, progressing and finishing, and now and then a notification, in org `demo`. When
 /// `stop` fires its unfinished jobs are cancelled (and so are those a killed demo left behind, at
 /// the start), so none stays RUNNING forever.
@@ -88,7 +104,9 @@ pub async fn demo_workload(store: Arc<Entities>, stop: CancellationToken) {
         }
         tick += 1;
         let step = async {
-            let page = store.list_jobs(DEMO_ORG, vec![], 50, None).await?;
+            let page = store
+                .list_jobs(DEMO_ORG, vec![], 50, None, all_jobs())
+                .await?;
             let active = page
                 .jobs
                 .iter()
@@ -109,6 +127,8 @@ pub async fn demo_workload(store: Arc<Entities>, stop: CancellationToken) {
                             title,
                             labels,
                             request_id: String::new(),
+                            audience: None,
+                            topics: vec![],
                         },
                     )
                     .await?;
@@ -170,10 +190,10 @@ pub async fn demo_workload(store: Arc<Entities>, stop: CancellationToken) {
                         } as i32,
                         request_id: String::new(),
                     };
-                    store.update_job(DEMO_ORG, BOT, patch).await?;
+                    store.update_job(DEMO_ORG, &bot(), patch).await?;
                     store.send_notification(DEMO_ORG, BOT, n).await?;
                 } else {
-                    store.update_job(DEMO_ORG, BOT, patch).await?;
+                    store.update_job(DEMO_ORG, &bot(), patch).await?;
                 }
             }
             // Keep the table short: forget the oldest finished jobs.
@@ -183,7 +203,7 @@ pub async fn demo_workload(store: Arc<Entities>, stop: CancellationToken) {
                 .skip(12)
                 .filter(|j| j.status() != JobStatus::Queued && j.status() != JobStatus::Running)
             {
-                store.delete_job(DEMO_ORG, BOT, &job.id).await?;
+                store.delete_job(DEMO_ORG, &bot(), &job.id).await?;
             }
             Ok::<_, crate::store::StoreError>(())
         };
@@ -198,7 +218,11 @@ pub async fn demo_workload(store: Arc<Entities>, stop: CancellationToken) {
 async fn cancel_unfinished(store: &Entities) {
     let active = vec![JobStatus::Queued as i32, JobStatus::Running as i32];
     let cancel = async {
-        for job in store.list_jobs(DEMO_ORG, active, 500, None).await?.jobs {
+        for job in store
+            .list_jobs(DEMO_ORG, active, 500, None, all_jobs())
+            .await?
+            .jobs
+        {
             let patch = JobPatch {
                 job_id: job.id,
                 status: Some(JobStatus::Cancelled),
@@ -207,7 +231,7 @@ async fn cancel_unfinished(store: &Entities) {
                 message: Some("demo stopped".into()),
                 expected_version: job.version,
             };
-            store.update_job(DEMO_ORG, BOT, patch).await?;
+            store.update_job(DEMO_ORG, &bot(), patch).await?;
         }
         Ok::<_, crate::store::StoreError>(())
     };

@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    audience::{self, Topics, Viewer},
     bus::{Bus, Deliver},
     metrics::METRICS,
     store::{CommittedEvent, Log, LogRead},
@@ -139,24 +140,28 @@ impl EntityTypes {
     }
 }
 
-/// Who a subscription is for: what it may see.
+/// What a subscription (or a Poll) may see and asked for.
 #[derive(Debug, Clone)]
-pub struct Audience {
-    pub user: Arc<str>,
+pub struct Filter {
+    pub viewer: Arc<Viewer>,
     pub kinds: Kinds,
     /// Narrows entity events only.
     pub entity_types: EntityTypes,
+    /// Narrows durable events; never widens what their audience allows.
+    pub topics: Topics,
 }
 
-impl Audience {
-    /// Whether a durable event goes to this subscriber.
+impl Filter {
+    /// Whether a durable event goes to this subscriber: the one rule of live fan-out, gap
+    /// repair, replay and Poll.
     pub fn sees(&self, ev: &CommittedEvent) -> bool {
         self.kinds.has(ev.kind)
-            && ev.audience.as_ref().is_none_or(|u| *u == self.user)
+            && audience::admits(ev.audience.as_deref(), &self.viewer)
             && ev
                 .entity_type
                 .as_deref()
                 .is_none_or(|t| self.entity_types.admits(t))
+            && self.topics.admits(ev.topics.iter())
     }
 }
 
@@ -220,7 +225,7 @@ struct Subs {
 
 struct Sub {
     id: u64,
-    audience: Audience,
+    filter: Filter,
     tx: queue::Sender<Item>,
     cut: Arc<CutFlag>,
 }
@@ -292,12 +297,12 @@ impl Hub {
         hub
     }
 
-    /// Joins `org`'s room. Every durable event committed after this returns and visible to
-    /// `audience` will be queued, in seq order.
+    /// Joins `org`'s room. Every durable event committed after this returns that `filter` sees
+    /// will be queued, in seq order.
     pub async fn register(
         &self,
         org: &str,
-        audience: Audience,
+        filter: Filter,
     ) -> Result<Registration, crate::store::StoreError> {
         let existing = self.inner.rooms.lock().get(org).cloned();
         let room = match existing {
@@ -331,7 +336,7 @@ impl Hub {
                     } else {
                         subs.list.push(Sub {
                             id,
-                            audience: audience.clone(),
+                            filter: filter.clone(),
                             tx,
                             cut: cut.clone(),
                         });
@@ -340,7 +345,7 @@ impl Hub {
                 })
         };
         let Some((rx, cut, id)) = joined else {
-            return Box::pin(self.register(org, audience)).await;
+            return Box::pin(self.register(org, filter)).await;
         };
         Ok(Registration {
             rx,
@@ -509,13 +514,13 @@ impl Room {
             seq: ev.seq,
             bytes: ev.bytes.clone(),
         };
-        self.fan_out(item, |a| a.sees(ev));
+        self.fan_out(item, |f| f.sees(ev));
     }
 
-    fn fan_out(&self, item: Item, wants: impl Fn(&Audience) -> bool) {
+    fn fan_out(&self, item: Item, wants: impl Fn(&Filter) -> bool) {
         let mut subs = self.subs.lock();
         subs.list.retain(|s| {
-            if !wants(&s.audience) {
+            if !wants(&s.filter) {
                 return true;
             }
             match s.tx.try_send(item.clone()) {
@@ -533,7 +538,7 @@ impl Room {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashMap, sync::Arc, time::SystemTime};
+    use std::{sync::Arc, time::SystemTime};
 
     use async_trait::async_trait;
     use parking_lot::Mutex;
@@ -586,18 +591,23 @@ mod tests {
         for i in 0..n {
             let new = NewJob {
                 title: format!("job {i}"),
-                labels: Default::default(),
-                request_id: String::new(),
+                ..Default::default()
             };
             entities.create_job("o", "u", new).await.unwrap();
         }
     }
 
-    fn audience(user: &str) -> Audience {
-        Audience {
-            user: user.into(),
+    fn filter(user: &str) -> Filter {
+        Filter {
+            viewer: Arc::new(Viewer {
+                user: user.into(),
+                groups: Default::default(),
+                roles: audience::Names::new(["member"]),
+                sees_all: false,
+            }),
             kinds: Kinds::from_request(&[]).unwrap(),
             entity_types: EntityTypes::default(),
+            topics: Topics::default(),
         }
     }
 
@@ -681,12 +691,8 @@ mod tests {
         }
     }
 
-    fn everything() -> Audience {
-        Audience {
-            user: "watcher".into(),
-            kinds: Kinds::from_request(&[]).unwrap(),
-            entity_types: EntityTypes::default(),
-        }
+    fn everything() -> Filter {
+        filter("watcher")
     }
 
     /// Takes queued items until seq `upto` arrived (or the room stalls for a second).
@@ -707,8 +713,7 @@ mod tests {
         for i in 0..n {
             let new = NewJob {
                 title: format!("job {i}"),
-                labels: HashMap::new(),
-                request_id: String::new(),
+                ..Default::default()
             };
             entities.create_job(org, "writer", new).await.unwrap();
         }
@@ -730,8 +735,8 @@ mod tests {
     #[tokio::test]
     async fn lossy_bus_is_repaired_exactly_once_in_order() {
         let (store, bus, hub) = setup("lossy").await;
-        let mut a = hub.register("o", audience("a")).await.unwrap();
-        let mut b = hub.register("o", audience("b")).await.unwrap();
+        let mut a = hub.register("o", filter("a")).await.unwrap();
+        let mut b = hub.register("o", filter("b")).await.unwrap();
         commit_jobs(&store, 40).await;
         let events = std::mem::take(&mut *bus.0.lock());
         assert_eq!(events.len(), 40);
@@ -784,7 +789,7 @@ mod tests {
         let cut = Arc::new(CutFlag::default());
         room.subs.lock().list.push(Sub {
             id: 0,
-            audience: audience("a"),
+            filter: filter("a"),
             tx: sub_tx,
             cut: cut.clone(),
         });
@@ -852,7 +857,8 @@ mod tests {
             org: "acme".into(),
             seq: 1,
             kind,
-            audience: audience.map(Into::into),
+            audience: audience.map(|u| Arc::new(crate::audience::Audience::one_user(u))),
+            topics: Default::default(),
             entity_type: entity_type.map(Into::into),
             bytes: Bytes::new(),
         }
@@ -861,10 +867,9 @@ mod tests {
     #[test]
     fn entity_types_narrow_entity_events_only() {
         let types = EntityTypes::from_request(&["project".into(), "invoice".into()]).unwrap();
-        let alice = Audience {
-            user: "alice".into(),
-            kinds: Kinds::from_request(&[]).unwrap(),
+        let alice = Filter {
             entity_types: types,
+            ..filter("alice")
         };
         assert!(alice.sees(&event(EventKind::Entity, None, Some("invoice"))));
         assert!(alice.sees(&event(EventKind::Entity, None, Some("project"))));
@@ -872,7 +877,7 @@ mod tests {
         assert!(alice.sees(&event(EventKind::Job, None, None)));
         assert!(alice.sees(&event(EventKind::Entity, Some("alice"), Some("invoice"))));
         assert!(!alice.sees(&event(EventKind::Entity, Some("bob"), Some("invoice"))));
-        let jobs_only = Audience {
+        let jobs_only = Filter {
             kinds: Kinds::from_request(&[EventKind::Job as i32]).unwrap(),
             ..alice
         };

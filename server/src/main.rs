@@ -72,6 +72,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         claims: ClaimNames {
             org: cfg.jwt_org_claim.clone(),
             roles: cfg.jwt_roles_claim.clone(),
+            groups: cfg.jwt_groups_claim.clone(),
         },
         issuer: cfg.jwt_issuer.clone(),
         audience: cfg.jwt_audience.clone(),

@@ -451,6 +451,8 @@ impl Table {
             org,
             actor,
             change,
+            audience: None,
+            topics: vec![],
             request_kind: RequestKind::Outbox,
             request_id: format!("{}{id}", self.key_prefix),
         })

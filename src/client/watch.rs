@@ -23,6 +23,8 @@ pub struct WatchFilter {
     pub kinds: Vec<EventKind>,
     /// Narrows entity events to these entity types; empty = every type.
     pub entity_types: Vec<String>,
+    /// Durable events with at least one of these topics; empty = all.
+    pub topics: Vec<String>,
 }
 
 /// What a watch yields: the server's events (durable and ephemeral, `resync` included) and the
@@ -201,6 +203,7 @@ impl Watcher {
             kinds: self.filter.kinds.iter().map(|k| *k as i32).collect(),
             after_cursor: self.cursor.clone(),
             entity_types: self.filter.entity_types.clone(),
+            topics: self.filter.topics.clone(),
         };
         let (idx, opened) = self.client.open_stream(filter, &token).await?;
         self.token = Some(token);

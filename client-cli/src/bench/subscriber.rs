@@ -87,6 +87,7 @@ impl Counted {
             kinds: vec![kind as i32],
             after_cursor,
             entity_types,
+            topics: vec![],
         }
     }
 }

@@ -85,11 +85,18 @@ pub fn org_subject(prefix: &str, org: &str) -> String {
     }
 }
 
-/// `ev` on the wire: version, seq, kind, org, audience (`u16::MAX` length: none), event bytes.
+/// `ev` on the wire: version, seq, kind, org, audience as stored (`u16::MAX` length: none; a
+/// stored audience is under 12 KB), event bytes.
 pub fn encode(ev: &CommittedEvent) -> Bytes {
-    let audience = ev.audience.as_deref();
+    let audience = ev.stored_audience();
     let mut b = BytesMut::with_capacity(
-        1 + 8 + 4 + 2 + ev.org.len() + 2 + audience.map_or(0, str::len) + ev.bytes.len(),
+        1 + 8
+            + 4
+            + 2
+            + ev.org.len()
+            + 2
+            + audience.as_ref().map_or(0, String::len)
+            + ev.bytes.len(),
     );
     b.put_u8(WIRE_V1);
     b.put_u64(ev.seq);
@@ -128,7 +135,7 @@ pub fn decode(mut b: Bytes) -> Option<CommittedEvent> {
         u16::MAX => None,
         len => Some(text(&mut b, len as usize)?),
     };
-    Some(CommittedEvent::from_log(org, seq, kind, audience, b))
+    CommittedEvent::from_log(org, seq, kind, audience.as_deref(), b).ok()
 }
 
 enum RoomChange {
@@ -260,15 +267,22 @@ async fn read_org(mut sub: async_nats::Subscriber, to: Arc<dyn Deliver>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audience::Audience;
 
     #[test]
     fn the_wire_encoding_round_trips() {
-        for audience in [None, Some(Arc::from("bob")), Some(Arc::from(""))] {
+        let groups = Audience {
+            user_ids: vec![],
+            groups: vec!["project:42".into()],
+            roles: vec!["admin".into()],
+        };
+        for audience in [None, Some(Audience::one_user("bob")), Some(groups)] {
             let ev = CommittedEvent {
                 org: "acme".into(),
                 seq: u64::MAX - 1,
                 kind: EventKind::Notification,
-                audience,
+                audience: audience.map(Arc::new),
+                topics: Default::default(),
                 entity_type: None,
                 bytes: Bytes::from_static(b"\x00\x01event"),
             };

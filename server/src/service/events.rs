@@ -32,9 +32,10 @@ use super::{
     stream_body::{EventStream, server_streaming},
 };
 use crate::{
+    audience::Topics,
     auth::{self, Need},
     cursor::Cursor,
-    hub::{Audience, Cut, EntityTypes, Kinds},
+    hub::{Cut, EntityTypes, Filter, Kinds},
     metrics::METRICS,
     presence::{PresenceGuard, Via},
     store::{LogRead, timestamp},
@@ -116,6 +117,7 @@ fn control(org: &str, epoch: u64, pos: u64, payload: Payload) -> Bytes {
         org_id: org.to_string(),
         time: Some(timestamp(std::time::SystemTime::now())),
         actor: String::new(),
+        topics: vec![],
         payload: Some(payload),
     }
     .encode_to_vec()
@@ -131,13 +133,14 @@ async fn subscribe(
     let kinds = Kinds::from_request(&filter.kinds)?;
     let entity_types = EntityTypes::from_request(&filter.entity_types)?;
     let from = parse_cursor(&filter.after_cursor)?;
-    let audience = Audience {
-        user: claims.user.as_str().into(),
+    let filter = Filter {
+        viewer: Arc::new(claims.viewer()),
         kinds,
         entity_types,
+        topics: Topics::from_request(&filter.topics)?,
     };
     let slot = ctx.streams.acquire(&org, &claims.user)?;
-    let reg = ctx.hub.register(&org, audience.clone()).await?;
+    let reg = ctx.hub.register(&org, filter.clone()).await?;
     let presence = ctx
         .presence
         .clone()
@@ -148,7 +151,7 @@ async fn subscribe(
         _slot: slot,
         _presence: presence,
     };
-    let stream = subscription(ctx, org, audience, from, reg, expires, held);
+    let stream = subscription(ctx, org, filter, from, reg, expires, held);
     Ok(Response::new(Box::pin(stream)))
 }
 
@@ -169,7 +172,7 @@ enum Wake {
 fn subscription(
     ctx: Arc<Ctx>,
     org: String,
-    audience: Audience,
+    filter: Filter,
     from: Option<Cursor>,
     mut reg: crate::hub::Registration,
     expires: Instant,
@@ -178,7 +181,7 @@ fn subscription(
     async_stream::try_stream! {
         let _gauge = METRICS.open_streams.hold();
         let _held = held;
-        let mut log = StreamLog { org: org.clone(), user: audience.user.clone(), sent: 0, end: "client went away" };
+        let mut log = StreamLog { org: org.clone(), user: filter.viewer.user.clone(), sent: 0, end: "client went away" };
         let store = ctx.store.log.clone();
         let epoch = store.org_epoch(&org);
         // Position: the last seq this subscriber has seen or skipped.
@@ -189,7 +192,7 @@ fn subscription(
         if from.is_some() && !resync {
             // The replay is a boxed stream of its own, freed when it ends: its pages and
             // iterators would otherwise be part of every live stream's state.
-            let mut replay = Box::pin(replay(&ctx, &org, &audience, &mut reg, &mut pos, &mut resync, &mut log));
+            let mut replay = Box::pin(replay(&ctx, &org, &filter, &mut reg, &mut pos, &mut resync, &mut log));
             while let Some(bytes) = replay.next().await {
                 yield bytes?;
             }
@@ -282,7 +285,7 @@ fn subscription(
 fn replay<'a>(
     ctx: &'a Ctx,
     org: &'a str,
-    audience: &'a Audience,
+    filter: &'a Filter,
     reg: &'a mut crate::hub::Registration,
     pos: &'a mut u64,
     resync: &'a mut bool,
@@ -304,7 +307,7 @@ fn replay<'a>(
                 let full = page.len() == REPLAY_PAGE;
                 for ev in page {
                     *pos = ev.seq;
-                    if audience.sees(&ev) {
+                    if filter.sees(&ev) {
                         METRICS.events_delivered.inc();
                         log.sent += 1;
                         yield ev.bytes;
@@ -318,7 +321,7 @@ fn replay<'a>(
             if !reg.was_cut() {
                 break;
             }
-            *reg = ctx.hub.register(org, audience.clone()).await?;
+            *reg = ctx.hub.register(org, filter.clone()).await?;
         }
     }
 }
@@ -353,13 +356,14 @@ async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollR
     let _slot = ctx.polls.acquire(&org, &claims.user)?;
     let _presence = ctx.presence.clone().connect(&org, &claims.user, Via::Poll);
     let _gauge = METRICS.waiting_polls.hold();
-    let audience = Audience {
-        user: claims.user.as_str().into(),
+    let filter = Filter {
+        viewer: Arc::new(claims.viewer()),
         kinds,
         entity_types,
+        topics: Topics::from_request(&r.topics)?,
     };
     // Join the room before reading, so an event committed after the read wakes us.
-    let mut reg = ctx.hub.register(&org, audience.clone()).await?;
+    let mut reg = ctx.hub.register(&org, filter.clone()).await?;
     let store = &ctx.store.log;
     let epoch = store.org_epoch(&org);
     let resync_at = |head| {
@@ -389,7 +393,7 @@ async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollR
                 break;
             }
             pos = ev.seq;
-            if audience.sees(&ev) {
+            if filter.sees(&ev) {
                 events.push(decode(ev.bytes)?);
             }
         }

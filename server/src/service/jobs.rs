@@ -9,9 +9,10 @@ use tonic::{Request, Response, Status};
 
 use super::{Ctx, page_token};
 use crate::{
+    audience::{self, Audience, Topics},
     auth::Need,
     cursor::Cursor,
-    store::{JobPatch, NewJob},
+    store::{JobPatch, JobPick, NewJob},
     validate::{
         self, MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, MAX_MESSAGE, MAX_PROGRESS, MAX_TITLE,
     },
@@ -57,10 +58,13 @@ impl JobService for Jobs {
             validate::text("label value", v, 0, MAX_LABEL_VALUE)?;
         }
         validate::request_id(&r.request_id)?;
+        audience::event_topics("topics", &r.topics)?;
         let new = NewJob {
             title: r.title,
             labels: r.labels,
             request_id: r.request_id,
+            audience: Audience::from_request(r.audience.as_ref(), "")?,
+            topics: r.topics,
         };
         Ok(Response::new(
             self.0
@@ -72,13 +76,13 @@ impl JobService for Jobs {
     }
 
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        let (_, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Read)?;
+        let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Read)?;
         validate::object_id("job_id", &req.get_ref().job_id)?;
         Ok(Response::new(
             self.0
                 .store
                 .entities
-                .get_job(&org, &req.get_ref().job_id)
+                .get_job(&org, &req.get_ref().job_id, &claims.viewer())
                 .await?,
         ))
     }
@@ -87,16 +91,20 @@ impl JobService for Jobs {
         &self,
         req: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        let (_, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Read)?;
+        let (claims, org) = self.0.authorize(&req, &req.get_ref().org_id, Need::Read)?;
         let r = req.into_inner();
         let statuses = status_filter(&r.statuses)?;
         let limit = validate::page_size(r.page_size)?;
         let after = page_token(&r.page_token)?;
+        let pick = JobPick {
+            viewer: claims.viewer(),
+            topics: Topics::from_request(&r.topics)?,
+        };
         let page = self
             .0
             .store
             .entities
-            .list_jobs(&org, statuses, limit, after)
+            .list_jobs(&org, statuses, limit, after, pick)
             .await?;
         let cursor = Cursor {
             epoch: self.0.store.log.org_epoch(&org),
@@ -138,7 +146,7 @@ impl JobService for Jobs {
             self.0
                 .store
                 .entities
-                .update_job(&org, &claims.user, patch)
+                .update_job(&org, &claims.viewer(), patch)
                 .await?,
         ))
     }
@@ -152,7 +160,7 @@ impl JobService for Jobs {
         self.0
             .store
             .entities
-            .delete_job(&org, &claims.user, &req.get_ref().job_id)
+            .delete_job(&org, &claims.viewer(), &req.get_ref().job_id)
             .await?;
         Ok(Response::new(DeleteJobResponse {}))
     }

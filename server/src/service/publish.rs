@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::Ctx;
 use crate::{
+    audience::{self, Audience},
     auth::Need,
     cursor::Cursor,
     store::{NewEntityChange, model::RequestKind},
@@ -28,6 +29,8 @@ pub async fn publish(
     };
     validate::entity_change(&change)?;
     validate::request_id(&r.request_id)?;
+    audience::event_topics("topics", &r.topics)?;
+    let audience = Audience::from_request(r.audience.as_ref(), &change.user_id)?;
     let appended = ctx
         .store
         .entities
@@ -35,6 +38,8 @@ pub async fn publish(
             org: org.clone(),
             actor: claims.user,
             change,
+            audience,
+            topics: r.topics,
             request_kind: RequestKind::Publish,
             request_id: r.request_id,
         }])

@@ -25,6 +25,7 @@ use ops::Engine;
 pub use ops::Entities;
 
 use crate::{
+    audience::{self, Audience, Names, Topics, Viewer},
     config::{Config, Database},
     cursor::Cursor,
     metrics::PoolStats,
@@ -36,9 +37,10 @@ pub struct CommittedEvent {
     pub org: Arc<str>,
     pub seq: u64,
     pub kind: EventKind,
-    /// The one user a notification or entity event is addressed to; `None` = everyone in the org
-    /// may see it.
-    pub audience: Option<Arc<str>>,
+    /// Who may see it; `None` = everyone in the org.
+    pub audience: Option<Arc<Audience>>,
+    /// Its topics (for the subscribers' topic filters).
+    pub topics: Names,
     /// The entity type of an `entity_changed` event (for the subscribers' type filters).
     pub entity_type: Option<Arc<str>>,
     /// The encoded `Event`, cursor included.
@@ -56,35 +58,52 @@ impl CommittedEvent {
             org: ev.org.into(),
             seq,
             kind,
-            audience: ev.audience.map(Into::into),
+            audience: ev.audience.cloned().map(Arc::new),
+            topics: Names::new(ev.topics),
             entity_type,
-            bytes: encode_event(epoch, ev.org, seq, ev.actor, now, ev.payload),
+            bytes: encode_event(epoch, ev.org, seq, ev.actor, now, ev.topics, ev.payload),
         })
     }
 
-    /// An event read back from the log.
+    /// An event read back from the log (or off the bus), with its stored audience text.
     pub fn from_log(
         org: Arc<str>,
         seq: u64,
         kind: EventKind,
-        audience: Option<Arc<str>>,
+        audience: Option<&str>,
         bytes: Bytes,
-    ) -> CommittedEvent {
-        CommittedEvent {
-            entity_type: entity_type_of(kind, &bytes),
+    ) -> Result<CommittedEvent> {
+        let audience = audience
+            .map(audience::from_stored)
+            .transpose()
+            .map_err(StoreError::Internal)?;
+        let routing = RoutingOfEvent::decode(&*bytes).unwrap_or_default();
+        Ok(CommittedEvent {
+            entity_type: routing
+                .entity_changed
+                .filter(|_| kind == EventKind::Entity)
+                .map(|e| e.entity_type.into()),
+            topics: Names::new(routing.topics),
             org,
             seq,
             kind,
-            audience,
+            audience: audience.map(Arc::new),
             bytes,
-        }
+        })
+    }
+
+    /// The stored text of its audience (`None`: the whole org).
+    pub fn stored_audience(&self) -> Option<String> {
+        self.audience.as_deref().map(audience::stored)
     }
 }
 
-/// Just the entity type of an encoded `Event`: decoding into this skips every other field
-/// (the entity's data included) without parsing it.
+/// What routing needs of an encoded `Event`, its topics and entity type: decoding into this
+/// skips every other field (the entity's data included) without parsing it.
 #[derive(Clone, PartialEq, prost::Message)]
-struct EntityTypeOfEvent {
+struct RoutingOfEvent {
+    #[prost(string, repeated, tag = "6")]
+    topics: Vec<String>,
     #[prost(message, optional, tag = "19")]
     entity_changed: Option<EntityTypeOnly>,
 }
@@ -101,15 +120,6 @@ fn payload_entity_type(p: &Payload) -> Option<Arc<str>> {
         Payload::EntityChanged(e) => Some(e.entity_type.as_str().into()),
         _ => None,
     }
-}
-
-/// The entity type of an encoded event of `kind`; `None` unless it is an entity event.
-fn entity_type_of(kind: EventKind, bytes: &[u8]) -> Option<Arc<str>> {
-    if kind != EventKind::Entity {
-        return None;
-    }
-    let ev = EntityTypeOfEvent::decode(bytes).ok()?;
-    Some(ev.entity_changed?.entity_type.into())
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -173,11 +183,15 @@ pub async fn open(cfg: &Config, committed: Committed) -> anyhow::Result<Store> {
     })
 }
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct NewJob {
     pub title: String,
     pub labels: HashMap<String, String>,
     pub request_id: String,
+    /// Who may see the job and its events; `None` = the whole org.
+    pub audience: Option<Audience>,
+    /// Kept for all the job's events.
+    pub topics: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -205,6 +219,9 @@ pub struct NewEntityChange {
     pub org: String,
     pub actor: String,
     pub change: EntityChanged,
+    /// Who may see it (its `user_id` included); `None` = the whole org.
+    pub audience: Option<Audience>,
+    pub topics: Vec<String>,
     /// Namespace of `request_id`: the RPC's request ids or outbox row keys.
     pub request_kind: model::RequestKind,
     /// Idempotency key; empty = none.
@@ -212,12 +229,29 @@ pub struct NewEntityChange {
 }
 
 /// A page of an org's jobs to read: newest first; `statuses` empty = all; continues before
-/// `after` when given.
+/// `after` when given; only the jobs `pick` keeps.
 pub struct JobQuery {
     pub org: String,
     pub statuses: Vec<i32>,
     pub limit: usize,
     pub after: Option<String>,
+    pub pick: Arc<JobPick>,
+}
+
+/// Which jobs a caller gets: those its audience admits, with one of the topics asked for.
+pub struct JobPick {
+    pub viewer: Viewer,
+    pub topics: Topics,
+}
+
+impl JobPick {
+    /// The job of a stored row, when this caller may have it.
+    pub fn pick(&self, row: &[u8]) -> Result<Option<Job>> {
+        let (job, audience) = model::job_of_row(row)?;
+        let keep = audience::admits(audience.as_ref(), &self.viewer)
+            && self.topics.admits(job.topics.iter().map(String::as_str));
+        Ok(keep.then_some(job))
+    }
 }
 
 /// A page of the notifications `user` may see (addressed to them or to the whole org), newest
@@ -320,11 +354,6 @@ pub fn remembered_seq(data: &[u8]) -> Result<u64> {
     Ok(u64::from_be_bytes(bytes))
 }
 
-/// The one user an entity change is addressed to; `None` = the whole org.
-pub fn entity_audience(change: &EntityChanged) -> Option<&str> {
-    (!change.user_id.is_empty()).then_some(change.user_id.as_str())
-}
-
 /// How long a `request_id` makes a create idempotent.
 pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
@@ -387,6 +416,7 @@ pub fn encode_event(
     seq: u64,
     actor: &str,
     now: SystemTime,
+    topics: &[String],
     payload: Payload,
 ) -> Bytes {
     Event {
@@ -395,6 +425,7 @@ pub fn encode_event(
         org_id: org.to_string(),
         time: Some(timestamp(now)),
         actor: actor.to_string(),
+        topics: topics.to_vec(),
         payload: Some(payload),
     }
     .encode_to_vec()
@@ -429,19 +460,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_entity_type_is_read_back_from_the_encoded_event() {
+    fn the_entity_type_and_topics_are_read_back_from_the_encoded_event() {
         let payload = Payload::EntityChanged(EntityChanged {
             entity_type: "invoice".into(),
             entity_id: "inv_1".into(),
             action: "paid".into(),
             ..Default::default()
         });
-        let bytes = encode_event(1, "acme", 7, "alice", SystemTime::now(), payload);
-        assert_eq!(
-            entity_type_of(EventKind::Entity, &bytes).as_deref(),
-            Some("invoice")
-        );
-        assert_eq!(entity_type_of(EventKind::Job, &bytes), None);
+        let topics = ["project:42".to_string()];
+        let bytes = encode_event(1, "acme", 7, "alice", SystemTime::now(), &topics, payload);
+        let ev = CommittedEvent::from_log("acme".into(), 7, EventKind::Entity, Some("bob"), bytes)
+            .unwrap();
+        assert_eq!(ev.entity_type.as_deref(), Some("invoice"));
+        assert!(ev.topics.has("project:42"));
+        assert_eq!(ev.stored_audience().as_deref(), Some("bob"));
     }
 
     fn job(status: JobStatus) -> Job {

@@ -5,12 +5,15 @@
 use std::{sync::Arc, time::SystemTime};
 
 use orgpulse::proto::{EventKind, Job, JobStatus, Notification, event::Payload};
+use prost::Message;
+
+use crate::audience::Audience;
 
 use parking_lot::Mutex;
 
 use super::{
-    IDEMPOTENCY_WINDOW, LogBounds, NewJob, NewNotification, Result, StoreError, millis,
-    payload_kind, timestamp,
+    IDEMPOTENCY_WINDOW, JobPage, JobPick, JobQuery, LogBounds, NewJob, NewNotification, Result,
+    StoreError, millis, payload_kind, timestamp,
 };
 
 /// A new job as `actor` creates it in `org` at `now`: queued, version 1.
@@ -21,6 +24,7 @@ pub fn new_job(org: &str, actor: &str, new: NewJob, now: SystemTime) -> Job {
         title: new.title,
         progress: 0,
         labels: new.labels,
+        topics: new.topics,
         created_by: actor.to_string(),
         updated_by: actor.to_string(),
         created_at: Some(timestamp(now)),
@@ -52,9 +56,43 @@ pub fn new_notification(
     }
 }
 
-/// The one user a notification (and its event) is addressed to; `None` = everyone in the org.
-pub fn audience(n: &Notification) -> Option<&str> {
-    (!n.user_id.is_empty()).then_some(n.user_id.as_str())
+/// Who may see a notification's event: the one user it is addressed to; `None` = everyone in
+/// the org.
+pub fn audience(n: &Notification) -> Option<Audience> {
+    (!n.user_id.is_empty()).then(|| Audience::one_user(&n.user_id))
+}
+
+/// The audience part of a stored job row (see [`job_row`]).
+#[derive(Clone, PartialEq, prost::Message)]
+struct JobRowAudience {
+    #[prost(string, optional, tag = "1000")]
+    audience: Option<String>,
+}
+
+/// A job's stored row: the `Job`'s encoding followed by its audience's stored text as field 1000,
+/// which decoding a `Job` skips, so the audience is never handed out with the job.
+pub fn job_row(job: &Job, audience: Option<&Audience>) -> Vec<u8> {
+    let mut row = job.encode_to_vec();
+    if let Some(a) = audience {
+        let field = JobRowAudience {
+            audience: Some(crate::audience::stored(a)),
+        };
+        field.encode(&mut row).expect("a Vec grows as needed");
+    }
+    row
+}
+
+/// A job and its audience from its stored row.
+pub fn job_of_row(row: &[u8]) -> Result<(Job, Option<Audience>)> {
+    let corrupt = |e: String| StoreError::Internal(format!("corrupt job row: {e}"));
+    let job = Job::decode(row).map_err(|e| corrupt(e.to_string()))?;
+    let audience = JobRowAudience::decode(row)
+        .map_err(|e| corrupt(e.to_string()))?
+        .audience
+        .map(|t| crate::audience::from_stored(&t))
+        .transpose()
+        .map_err(corrupt)?;
+    Ok((job, audience))
 }
 
 /// The kind of an event appended to a log; an ephemeral payload never is.
@@ -115,6 +153,89 @@ pub fn into_page<T>(
         None
     };
     (rows, next)
+}
+
+/// Most job rows one `ListJobs` reads: a caller who may see few of an org's jobs gets a short
+/// page (with a token to go on) rather than a scan of the whole org.
+pub const JOB_SCAN: usize = 2000;
+/// Fewest rows one read of a `ListJobs` scan asks for.
+const JOB_READ_MIN: usize = 100;
+
+/// Fills one newest-first page of the jobs a caller may have from job rows read newest first:
+/// the engine reads `want()` rows after `after()` while it asks, feeds each row, and says when a
+/// read came back short ([`JobPager::end`]).
+pub struct JobPager {
+    pick: Arc<JobPick>,
+    limit: usize,
+    jobs: Vec<Job>,
+    scanned: usize,
+    after: String,
+    next: Option<String>,
+    done: bool,
+}
+
+impl JobPager {
+    pub fn new(q: &JobQuery) -> JobPager {
+        JobPager {
+            pick: q.pick.clone(),
+            limit: q.limit,
+            jobs: Vec::with_capacity(q.limit + 1),
+            scanned: 0,
+            after: page_start(q.after.clone()),
+            next: None,
+            done: false,
+        }
+    }
+
+    /// How many rows to read next; 0 = the page is complete.
+    pub fn want(&self) -> usize {
+        if self.done {
+            return 0;
+        }
+        (self.limit + 1 - self.jobs.len())
+            .max(JOB_READ_MIN)
+            .min(JOB_SCAN - self.scanned)
+    }
+
+    /// The id the next read continues below (exclusive).
+    pub fn after(&self) -> &str {
+        &self.after
+    }
+
+    /// One row of the read, in order (rows after the page is complete are ignored).
+    pub fn feed(&mut self, id: &str, row: &[u8]) -> Result<()> {
+        if self.done {
+            return Ok(());
+        }
+        self.scanned += 1;
+        if let Some(job) = self.pick.pick(row)? {
+            if self.jobs.len() == self.limit {
+                self.next = self.jobs.last().map(|j| j.id.clone());
+                self.done = true;
+                return Ok(());
+            }
+            self.jobs.push(job);
+        }
+        self.after = id.to_string();
+        if self.scanned == JOB_SCAN {
+            self.next = Some(self.after.clone());
+            self.done = true;
+        }
+        Ok(())
+    }
+
+    /// The last read returned fewer rows than asked: the org has no more.
+    pub fn end(&mut self) {
+        self.done = true;
+    }
+
+    pub fn page(self, head: u64) -> JobPage {
+        JobPage {
+            jobs: self.jobs,
+            next: self.next,
+            head,
+        }
+    }
 }
 
 /// The search for the last seq of a retained log committed before a cutoff: a binary search

@@ -14,11 +14,12 @@ use prost::Message;
 use tokio::sync::oneshot;
 
 use super::{
-    JobPage, JobPatch, JobQuery, Log, NewEntityChange, NewJob, NewNotification, NotificationPage,
-    NotificationQuery, Result, Status, StoreError, apply_patch, entity_audience, job_deleted,
+    JobPage, JobPatch, JobPick, JobQuery, Log, NewEntityChange, NewJob, NewNotification,
+    NotificationPage, NotificationQuery, Result, Status, StoreError, apply_patch, job_deleted,
     model::{self, RequestKind},
     remembered_seq, remembered_seq_data,
 };
+use crate::audience::{self, Audience, Viewer};
 
 /// The engine's open write transaction, as the operations see it. Every write of a batch runs in
 /// the same transaction; the engine commits (or rolls back) around them.
@@ -29,9 +30,10 @@ pub trait WriteTx: Send {
     /// Locks `org`'s log for the rest of the transaction (before any job row of the org: every
     /// writer takes the locks in this order).
     async fn lock_org(&mut self, org: &str) -> Result<()>;
-    /// The stored job, locked for update; `None` when the org has no such job.
+    /// The stored job row ([`model::job_row`]), locked for update; `None` when the org has no
+    /// such job.
     async fn job_for_update(&mut self, org: &str, id: &str) -> Result<Option<Vec<u8>>>;
-    /// Inserts a new job (`data` is the encoded `job`).
+    /// Inserts a new job (`data` is its row, [`model::job_row`]).
     async fn insert_job(&mut self, job: &Job, data: Vec<u8>) -> Result<()>;
     /// Replaces a job read with [`WriteTx::job_for_update`].
     async fn update_job(&mut self, job: &Job, data: Vec<u8>) -> Result<()>;
@@ -54,22 +56,41 @@ pub trait WriteTx: Send {
     async fn append(&mut self, ev: NewEvent<'_>) -> Result<u64>;
 }
 
-/// A durable event to append: what `actor` did in `org`, and who may see it.
+/// A durable event to append: what `actor` did in `org`, who may see it and its topics.
 pub struct NewEvent<'a> {
     pub org: &'a str,
     pub actor: &'a str,
-    /// The one user it is addressed to; `None` = everyone in the org.
-    pub audience: Option<&'a str>,
+    /// `None` = everyone in the org.
+    pub audience: Option<&'a Audience>,
+    pub topics: &'a [String],
     pub payload: Payload,
 }
 
 impl<'a> NewEvent<'a> {
-    /// An event everyone in the org may see.
+    /// An event everyone in the org may see, without topics.
     pub fn to_all(org: &'a str, actor: &'a str, payload: Payload) -> NewEvent<'a> {
         NewEvent {
             org,
             actor,
             audience: None,
+            topics: &[],
+            payload,
+        }
+    }
+
+    /// An event about `job`, which has the job's audience and topics.
+    fn of_job(
+        org: &'a str,
+        actor: &'a str,
+        job: &'a Job,
+        audience: Option<&'a Audience>,
+        payload: Payload,
+    ) -> NewEvent<'a> {
+        NewEvent {
+            org,
+            actor,
+            audience,
+            topics: &job.topics,
             payload,
         }
     }
@@ -172,8 +193,10 @@ pub fn dropped_write() -> StoreError {
 pub trait Engine: Log + Status {
     /// Queues `w` for the next group commit (fails when the writer cannot take it).
     async fn enqueue(&self, w: Write<dyn WriteTx>) -> Result<()>;
-    async fn get_job(&self, org: &str, job_id: &str) -> Result<Job>;
-    /// Newest first; `statuses` empty = all; continues before `after` when given.
+    /// A job's stored row ([`model::job_row`]); `None` when the org has no such job.
+    async fn job_row(&self, org: &str, job_id: &str) -> Result<Option<Vec<u8>>>;
+    /// Newest first; `statuses` empty = all; continues before `after` when given; only the jobs
+    /// `q.pick` keeps ([`model::JobPager`]).
     async fn list_jobs(&self, q: JobQuery) -> Result<JobPage>;
     /// The notifications `user` may see (addressed to them or to the whole org), newest first.
     async fn list_notifications(&self, q: NotificationQuery) -> Result<NotificationPage>;
@@ -211,71 +234,100 @@ impl Entities {
                 if let Some(d) = claim(tx, key).await? {
                     return decode(&d);
                 }
+                let audience = new.audience.clone();
                 let job = model::new_job(&org, &actor, new, tx.now());
-                let data = job.encode_to_vec();
-                remember(tx, key, &data).await?;
-                tx.insert_job(&job, data).await?;
+                remember(tx, key, &job.encode_to_vec()).await?;
+                tx.insert_job(&job, model::job_row(&job, audience.as_ref()))
+                    .await?;
                 let payload = Payload::JobCreated(job.clone());
-                tx.append(NewEvent::to_all(&org, &actor, payload)).await?;
+                tx.append(NewEvent::of_job(
+                    &org,
+                    &actor,
+                    &job,
+                    audience.as_ref(),
+                    payload,
+                ))
+                .await?;
                 Ok(job)
             })
         })
         .await
     }
 
-    pub async fn get_job(&self, org: &str, job_id: &str) -> Result<Job> {
-        self.engine.get_job(org, job_id).await
+    /// The job, when `by` may see it (else NOT_FOUND, like a job that does not exist).
+    pub async fn get_job(&self, org: &str, job_id: &str, by: &Viewer) -> Result<Job> {
+        let row = self.engine.job_row(org, job_id).await?;
+        Ok(visible_job(row.as_deref(), job_id, by)?.0)
     }
 
-    /// Newest first; `statuses` empty = all; continues before `after` when given.
+    /// The jobs `pick` keeps, newest first; `statuses` empty = all; continues before `after`
+    /// when given.
     pub async fn list_jobs(
         &self,
         org: &str,
         statuses: Vec<i32>,
         limit: usize,
         after: Option<String>,
+        pick: JobPick,
     ) -> Result<JobPage> {
         let q = JobQuery {
             org: org.to_string(),
             statuses,
             limit,
             after,
+            pick: Arc::new(pick),
         };
         self.engine.list_jobs(q).await
     }
 
-    pub async fn update_job(&self, org: &str, actor: &str, patch: JobPatch) -> Result<Job> {
-        let (org, actor) = (org.to_string(), actor.to_string());
+    /// Updates a job `by` may see (else NOT_FOUND); its event has the job's audience and topics.
+    pub async fn update_job(&self, org: &str, by: &Viewer, patch: JobPatch) -> Result<Job> {
+        let (org, by) = (org.to_string(), by.clone());
         let row = Some((org.clone(), patch.job_id.clone()));
         self.write(row, move |tx| {
-            let (org, actor, patch) = (org.clone(), actor.clone(), patch.clone());
+            let (org, by, patch) = (org.clone(), by.clone(), patch.clone());
             Box::pin(async move {
                 tx.lock_org(&org).await?;
-                let mut job: Job = match tx.job_for_update(&org, &patch.job_id).await? {
-                    Some(data) => decode(&data)?,
-                    None => return Err(model::job_not_found(&patch.job_id)),
-                };
-                apply_patch(&mut job, &patch, &actor, tx.now())?;
-                tx.update_job(&job, job.encode_to_vec()).await?;
+                let row = tx.job_for_update(&org, &patch.job_id).await?;
+                let (mut job, audience) = visible_job(row.as_deref(), &patch.job_id, &by)?;
+                apply_patch(&mut job, &patch, &by.user, tx.now())?;
+                tx.update_job(&job, model::job_row(&job, audience.as_ref()))
+                    .await?;
                 let payload = Payload::JobUpdated(job.clone());
-                tx.append(NewEvent::to_all(&org, &actor, payload)).await?;
+                tx.append(NewEvent::of_job(
+                    &org,
+                    &by.user,
+                    &job,
+                    audience.as_ref(),
+                    payload,
+                ))
+                .await?;
                 Ok(job)
             })
         })
         .await
     }
 
-    pub async fn delete_job(&self, org: &str, actor: &str, job_id: &str) -> Result<()> {
-        let (org, actor, id) = (org.to_string(), actor.to_string(), job_id.to_string());
-        self.write(None, move |tx| {
-            let (org, actor, id) = (org.clone(), actor.clone(), id.clone());
+    /// Deletes a job `by` may see (else NOT_FOUND); its event has the job's audience and topics.
+    pub async fn delete_job(&self, org: &str, by: &Viewer, job_id: &str) -> Result<()> {
+        let (org, by, id) = (org.to_string(), by.clone(), job_id.to_string());
+        let row = Some((org.clone(), id.clone()));
+        self.write(row, move |tx| {
+            let (org, by, id) = (org.clone(), by.clone(), id.clone());
             Box::pin(async move {
                 tx.lock_org(&org).await?;
-                if !tx.delete_job(&org, &id).await? {
-                    return Err(model::job_not_found(&id));
-                }
-                tx.append(NewEvent::to_all(&org, &actor, job_deleted(&id)))
-                    .await?;
+                let row = tx.job_for_update(&org, &id).await?;
+                let (job, audience) = visible_job(row.as_deref(), &id, &by)?;
+                tx.delete_job(&org, &id).await?;
+                let payload = job_deleted(&id);
+                tx.append(NewEvent::of_job(
+                    &org,
+                    &by.user,
+                    &job,
+                    audience.as_ref(),
+                    payload,
+                ))
+                .await?;
                 Ok(())
             })
         })
@@ -304,7 +356,8 @@ impl Entities {
                 tx.append(NewEvent {
                     org: &org,
                     actor: &actor,
-                    audience: model::audience(&n),
+                    audience: model::audience(&n).as_ref(),
+                    topics: &[],
                     payload: Payload::NotificationNew(n.clone()),
                 })
                 .await?;
@@ -375,12 +428,12 @@ pub async fn append_entity_changes(
             seqs.push(remembered_seq(&d)?);
             continue;
         }
-        let audience = entity_audience(&c.change).map(str::to_string);
         let seq = tx
             .append(NewEvent {
                 org: &c.org,
                 actor: &c.actor,
-                audience: audience.as_deref(),
+                audience: c.audience.as_ref(),
+                topics: &c.topics,
                 payload: Payload::EntityChanged(c.change),
             })
             .await?;
@@ -405,6 +458,16 @@ async fn remember(tx: &mut dyn WriteTx, key: RequestKey<'_>, data: &[u8]) -> Res
         return Ok(());
     }
     tx.remember(key, data.to_vec()).await
+}
+
+/// The job of a stored row and its audience, when `by` may see it; NOT_FOUND when there is no
+/// row or `by` may not (existence is not leaked).
+fn visible_job(row: Option<&[u8]>, id: &str, by: &Viewer) -> Result<(Job, Option<Audience>)> {
+    let found = row.map(model::job_of_row).transpose()?;
+    match found {
+        Some((job, audience)) if audience::admits(audience.as_ref(), by) => Ok((job, audience)),
+        _ => Err(model::job_not_found(id)),
+    }
 }
 
 /// A stored row's message.

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use deadpool_postgres::{
     GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
-use orgpulse::proto::{EventKind, Job, Notification};
+use orgpulse::proto::{EventKind, Notification};
 use tokio::sync::mpsc;
 use tokio_postgres::{NoTls, Row, types::ToSql};
 
@@ -29,7 +29,7 @@ use self::tx::Tx;
 use super::{
     Committed, CommittedEvent, JobPage, JobQuery, Log, LogBounds, LogRead, NotificationPage,
     NotificationQuery, PoolStats, Result, Status, StoreError, millis,
-    model::{self, RetentionSearch, WriterGone, WriterHealth},
+    model::{self, JobPager, RetentionSearch, WriterGone, WriterHealth},
     ops::{Engine, Write, WriteTx, decode, dropped_write},
 };
 use crate::cursor::org_epoch;
@@ -97,43 +97,40 @@ impl Engine for PostgresStore {
         self.queue(w.on(as_write_tx)).await
     }
 
-    async fn get_job(&self, org: &str, job_id: &str) -> Result<Job> {
-        match first_row(
+    async fn job_row(&self, org: &str, job_id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(first_row(
             &self.conn().await?,
             "SELECT data FROM jobs WHERE org_id = $1 AND id = $2",
             &[&org, &job_id],
         )
         .await?
-        {
-            Some(r) => decode(r.get(0)),
-            None => Err(model::job_not_found(job_id)),
-        }
+        .map(|r| r.get(0)))
     }
 
     async fn list_jobs(&self, q: JobQuery) -> Result<JobPage> {
         let mut client = self.conn().await?;
         let tx = snapshot(&mut client).await?;
         let head = bounds(&tx, &q.org).await?.head;
-        let rows = rows(
-            &tx,
-            "SELECT data FROM jobs WHERE org_id = $1 AND id < $2
-             AND (cardinality($3::int4[]) = 0 OR status = ANY($3))
-             ORDER BY id DESC LIMIT $4",
-            &[
-                &q.org,
-                &model::page_start(q.after),
-                &q.statuses,
-                &(q.limit as i64 + 1),
-            ],
-        )
-        .await?;
+        let mut pager = JobPager::new(&q);
+        while pager.want() > 0 {
+            let want = pager.want();
+            let rows = rows(
+                &tx,
+                "SELECT id, data FROM jobs WHERE org_id = $1 AND id < $2
+                 AND (cardinality($3::int4[]) = 0 OR status = ANY($3))
+                 ORDER BY id DESC LIMIT $4",
+                &[&q.org, &pager.after(), &q.statuses, &(want as i64)],
+            )
+            .await?;
+            for r in &rows {
+                pager.feed(r.get(0), r.get(1))?;
+            }
+            if rows.len() < want {
+                pager.end();
+            }
+        }
         tx.commit().await.map_err(db)?;
-        let jobs = rows
-            .iter()
-            .map(|r| decode::<Job>(r.get(0)))
-            .collect::<Result<Vec<_>>>()?;
-        let (jobs, next) = model::into_page(jobs, q.limit, |j| &j.id);
-        Ok(JobPage { jobs, next, head })
+        Ok(pager.page(head))
     }
 
     async fn list_notifications(&self, q: NotificationQuery) -> Result<NotificationPage> {
@@ -224,11 +221,11 @@ impl Log for PostgresStore {
                     org.clone(),
                     r.get::<_, Option<i64>>(2)? as u64,
                     EventKind::try_from(r.get::<_, i32>(3)).unwrap_or(EventKind::Unspecified),
-                    r.get::<_, Option<String>>(4).map(Into::into),
+                    r.get::<_, Option<&str>>(4),
                     Bytes::from(r.get::<_, Vec<u8>>(5)),
                 ))
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         Ok(LogRead::of(after, bounds, events))
     }
 

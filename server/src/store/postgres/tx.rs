@@ -422,7 +422,7 @@ impl WriteTx for Tx {
                 ev.org.to_string(),
                 ev.seq as i64,
                 ev.kind as i32,
-                ev.audience.as_deref().map(str::to_string),
+                ev.stored_audience(),
                 millis(self.logs.now),
                 ev.bytes.to_vec(),
             ],

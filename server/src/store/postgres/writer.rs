@@ -197,6 +197,7 @@ mod tests {
     use parking_lot::Mutex;
 
     use super::*;
+    use crate::audience::Viewer;
     use crate::store::{
         CommittedEvent, Entities, JobPatch, NewJob, Status, ops::testing::appending,
         postgres::PostgresStore,
@@ -336,10 +337,10 @@ mod tests {
             return;
         };
         let entities = Entities::new(store);
+        let by = Viewer::service("u");
         let new = NewJob {
             title: "t".into(),
-            labels: Default::default(),
-            request_id: String::new(),
+            ..Default::default()
         };
         let job = entities.create_job("o", "u", new).await.unwrap();
         let patch = |title: &str| JobPatch {
@@ -352,9 +353,9 @@ mod tests {
         };
         // Three writes of one batch on the same row: each must see the one before it.
         let (first, deleted, after_delete) = futures::join!(
-            entities.update_job("o", "u", patch("a")),
-            entities.delete_job("o", "u", &job.id),
-            entities.update_job("o", "u", patch("b")),
+            entities.update_job("o", &by, patch("a")),
+            entities.delete_job("o", &by, &job.id),
+            entities.update_job("o", &by, patch("b")),
         );
         assert_eq!(first.unwrap().version, 2);
         deleted.unwrap();
@@ -368,8 +369,7 @@ mod tests {
                 "u",
                 NewJob {
                     title: "t2".into(),
-                    labels: Default::default(),
-                    request_id: String::new(),
+                    ..Default::default()
                 },
             )
             .await
@@ -379,13 +379,16 @@ mod tests {
             ..patch(title)
         };
         let (a, b) = futures::join!(
-            entities.update_job("o", "u", patch("a")),
-            entities.update_job("o", "u", patch("b")),
+            entities.update_job("o", &by, patch("a")),
+            entities.update_job("o", &by, patch("b")),
         );
         let mut versions = [a.unwrap().version, b.unwrap().version];
         versions.sort();
         assert_eq!(versions, [2, 3], "the second update saw the first");
-        assert_eq!(entities.get_job("o", &job.id).await.unwrap().version, 3);
+        assert_eq!(
+            entities.get_job("o", &job.id, &by).await.unwrap().version,
+            3
+        );
         drop_database("readahead").await;
     }
 }

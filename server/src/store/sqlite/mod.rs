@@ -19,7 +19,7 @@ use std::{
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use orgpulse::proto::{EventKind, Job, Notification};
+use orgpulse::proto::{EventKind, Notification};
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
@@ -28,7 +28,7 @@ use self::{tx::Tx, writer::SqliteWrite};
 use super::{
     Committed, CommittedEvent, JobPage, JobQuery, Log, LogBounds, LogRead, NotificationPage,
     NotificationQuery, Result, Status, StoreError, millis,
-    model::{self, RetentionSearch, WriterGone, WriterHealth, writer_stopped},
+    model::{self, JobPager, RetentionSearch, WriterGone, WriterHealth, writer_stopped},
     ops::{Engine, Write, WriteTx, decode},
 };
 use crate::cursor::org_epoch;
@@ -251,13 +251,9 @@ impl Engine for SqliteStore {
         self.queue(w.on(as_write_tx))
     }
 
-    async fn get_job(&self, org: &str, job_id: &str) -> Result<Job> {
+    async fn job_row(&self, org: &str, job_id: &str) -> Result<Option<Vec<u8>>> {
         let (org, id) = (org.to_string(), job_id.to_string());
-        self.read(move |conn| match job_row(conn, &org, &id)? {
-            Some(data) => decode(&data),
-            None => Err(model::job_not_found(&id)),
-        })
-        .await
+        self.read(move |conn| job_row(conn, &org, &id)).await
     }
 
     async fn list_jobs(&self, q: JobQuery) -> Result<JobPage> {
@@ -271,21 +267,26 @@ impl Engine for SqliteStore {
                 format!("AND status IN ({})", list.join(","))
             };
             let sql = format!(
-                "SELECT data FROM jobs WHERE org_id = ?1 AND id < ?2 {filter} ORDER BY id DESC LIMIT ?3"
+                "SELECT id, data FROM jobs WHERE org_id = ?1 AND id < ?2 {filter} ORDER BY id DESC LIMIT ?3"
             );
             let mut st = tx.prepare_cached(&sql).map_err(db)?;
-            let rows = st
-                .query_map(
-                    params![q.org, model::page_start(q.after), q.limit as i64 + 1],
-                    |r| r.get::<_, Vec<u8>>(0),
-                )
-                .map_err(db)?;
-            let mut jobs = Vec::with_capacity(q.limit + 1);
-            for row in rows {
-                jobs.push(decode::<Job>(&row.map_err(db)?)?);
+            let mut pager = JobPager::new(&q);
+            while pager.want() > 0 {
+                let want = pager.want();
+                let mut rows = st
+                    .query(params![q.org, pager.after(), want as i64])
+                    .map_err(db)?;
+                let mut read = 0;
+                while let Some(r) = rows.next().map_err(db)? {
+                    read += 1;
+                    let (id, row): (String, Vec<u8>) = (r.get(0).map_err(db)?, r.get(1).map_err(db)?);
+                    pager.feed(&id, &row)?;
+                }
+                if read < want {
+                    pager.end();
+                }
             }
-            let (jobs, next) = model::into_page(jobs, q.limit, |j| &j.id);
-            Ok(JobPage { jobs, next, head })
+            Ok(pager.page(head))
         })
         .await
     }
@@ -372,17 +373,19 @@ impl Log for SqliteStore {
                 .map_err(db)?;
             let rows = st
                 .query_map(params![&*org, after, limit as i64], |r| {
-                    Ok(CommittedEvent::from_log(
-                        org.clone(),
-                        r.get(0)?,
+                    Ok((
+                        r.get::<_, u64>(0)?,
                         EventKind::try_from(r.get::<_, i32>(1)?).unwrap_or(EventKind::Unspecified),
-                        r.get::<_, Option<String>>(2)?.map(Into::into),
+                        r.get::<_, Option<String>>(2)?,
                         Bytes::from(r.get::<_, Vec<u8>>(3)?),
                     ))
                 })
                 .map_err(db)?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(db)?;
+                .map(|row| {
+                    let (seq, kind, audience, bytes) = row.map_err(db)?;
+                    CommittedEvent::from_log(org.clone(), seq, kind, audience.as_deref(), bytes)
+                })
+                .collect::<Result<Vec<_>>>()?;
             Ok(LogRead::of(after, b, rows))
         })
         .await
@@ -517,11 +520,10 @@ mod tests {
         )
     }
 
-    async fn commit_job(store: &Arc<SqliteStore>) -> Result<Job> {
+    async fn commit_job(store: &Arc<SqliteStore>) -> Result<orgpulse::proto::Job> {
         let new = NewJob {
             title: "t".into(),
-            labels: Default::default(),
-            request_id: String::new(),
+            ..Default::default()
         };
         Entities::new(store.clone()).create_job("o", "u", new).await
     }
@@ -620,7 +622,7 @@ mod tests {
                 break job;
             }
         };
-        assert_eq!(store.get_job("o", &job.id).await.unwrap().id, job.id);
+        assert!(store.job_row("o", &job.id).await.unwrap().is_some());
         assert_eq!(store.health(), Ok(()));
         // What was applied is exactly what was published: none of the failed batches' events.
         let head = bounds(&other, "o").unwrap().head;

@@ -142,7 +142,7 @@ impl WriteTx for Tx {
                 org,
                 seq,
                 ev.kind as i32,
-                ev.audience.as_deref(),
+                ev.stored_audience(),
                 millis(self.now),
                 &ev.bytes[..]
             ],
