@@ -710,29 +710,53 @@ pub fn token_ttl(org: &str, user: &str, role: &str, ttl_secs: u64) -> String {
 /// data directory `dir` (SQLite or PostgreSQL): (seq, kind, audience). Tests compare what
 /// subscribers received against this.
 pub fn log_of(dir: &Path, org: &str) -> Vec<(u64, i32, Option<String>)> {
+    log_rows(dir, org)
+        .into_iter()
+        .map(|r| (r.seq, r.kind, r.audience))
+        .collect()
+}
+
+/// A row of an org's `events` table.
+pub struct LogRow {
+    pub seq: u64,
+    pub kind: i32,
+    /// As stored: a user id, or an audience's JSON object.
+    pub audience: Option<String>,
+    /// The encoded `Event`.
+    pub data: Vec<u8>,
+}
+
+/// Every row of `org`'s log, in seq order (see `log_of`).
+pub fn log_rows(dir: &Path, org: &str) -> Vec<LogRow> {
+    const SQL: &str = "SELECT seq, kind, audience, data FROM events WHERE org_id = $1 ORDER BY seq";
     if let Some(url) = recorded_database(dir) {
         let org = org.to_string();
         return on_connection(url, move |c| async move {
-            let rows = c
-                .query(
-                    "SELECT seq, kind, audience FROM events WHERE org_id = $1 ORDER BY seq",
-                    &[&org],
-                )
-                .await?;
+            let rows = c.query(SQL, &[&org]).await?;
             Ok(rows
                 .iter()
-                .map(|r| (r.get::<_, i64>(0) as u64, r.get(1), r.get(2)))
+                .map(|r| LogRow {
+                    seq: r.get::<_, i64>(0) as u64,
+                    kind: r.get(1),
+                    audience: r.get(2),
+                    data: r.get(3),
+                })
                 .collect())
         });
     }
     let conn = rusqlite::Connection::open(dir.join("orgpulse.db")).expect("open db");
-    let mut st = conn
-        .prepare("SELECT seq, kind, audience FROM events WHERE org_id = ?1 ORDER BY seq")
-        .unwrap();
-    st.query_map([org], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
+    let mut st = conn.prepare(&SQL.replace('$', "?")).unwrap();
+    st.query_map([org], |r| {
+        Ok(LogRow {
+            seq: r.get(0)?,
+            kind: r.get(1)?,
+            audience: r.get(2)?,
+            data: r.get(3)?,
+        })
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
 }
 
 /// Asserts the invariant: `received` holds every durable event of `log` with seq in `range` that
