@@ -60,24 +60,8 @@ fn person(name: &str) -> &'static Person {
     PEOPLE.iter().find(|p| p.name == name).unwrap()
 }
 
-/// An HS256 token with `claims` added to sub/org/exp.
 fn mint(user: &str, extra: Value) -> String {
-    let mut claims = json!({ "sub": user, "exp": now_secs() + 3600 });
-    if !extra["roles"]
-        .as_array()
-        .is_some_and(|r| r.contains(&json!("service")))
-    {
-        claims["org"] = json!(ORG);
-    }
-    for (k, v) in extra.as_object().unwrap() {
-        claims[k] = v.clone();
-    }
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    token_with(ORG, user, extra)
 }
 
 fn token_of(p: &Person) -> String {

@@ -546,3 +546,184 @@ async fn a_table_without_the_outbox_columns_stops_the_start_with_one_line() {
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+/// The table as orgpulse created it before audiences and topics (API.md's first outbox schema).
+const OLD_OUTBOX: &str = "
+CREATE TABLE orgpulse_outbox (
+  id bigserial PRIMARY KEY, org_id text NOT NULL, entity_type text NOT NULL,
+  entity_id text NOT NULL, action text NOT NULL, data jsonb NOT NULL DEFAULT '{}',
+  user_id text, actor text, created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE orgpulse_outbox_rejected (
+  id bigint PRIMARY KEY, org_id text, entity_type text, entity_id text, action text, data jsonb,
+  user_id text, actor text, created_at timestamptz, error text NOT NULL,
+  rejected_at timestamptz NOT NULL DEFAULT now());";
+
+/// Entity ids of the events `user` (with `groups`) gets by Poll from the start of acme's log.
+async fn seen_by(server: &TestServer, user: &str, groups: &[&str]) -> Vec<String> {
+    let token = token_with(
+        "acme",
+        user,
+        serde_json::json!({ "roles": ["member"], "groups": groups }),
+    );
+    let page = server
+        .events(&token)
+        .await
+        .poll(PollRequest {
+            after_cursor: log_start(server, "acme").await,
+            max_events: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    page.events.iter().map(entity_id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_table_gains_audience_and_topics_while_the_product_inserts_and_rows_reach_only_their_audience()
+ {
+    let db = Db::create().await;
+    db.client().await.batch_execute(OLD_OUTBOX).await.unwrap();
+    // The product goes on inserting (old columns only), one transaction per row, while a long
+    // transaction of its own holds the table when orgpulse starts.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let inserter = {
+        let (mut client, stop) = (db.client().await, stop.clone());
+        tokio::spawn(async move {
+            let (mut ids, mut slowest) = (vec![], Duration::ZERO);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = format!("old_{}", ids.len());
+                let began = Instant::now();
+                insert(&mut client, std::slice::from_ref(&id), false).await;
+                slowest = slowest.max(began.elapsed());
+                ids.push(id);
+            }
+            (ids, slowest)
+        })
+    };
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; INSERT INTO orgpulse_outbox (org_id, entity_type, entity_id, action) VALUES ('acme', 'invoice', 'held', 'created')")
+        .await
+        .unwrap();
+    let held = tokio::spawn(async move {
+        // Holding the lock is the point here, not waiting for something.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        holder.batch_execute("COMMIT").await.unwrap();
+    });
+    let server = outbox_server(&db, &[]).await;
+    held.await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (old_ids, slowest) = inserter.await.unwrap();
+    // The ALTER never queued the product's inserts behind the 3 s transaction.
+    assert!(
+        slowest < Duration::from_secs(2),
+        "an insert waited {slowest:?}"
+    );
+    let client = db.client().await;
+    let columns: i64 = client
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns
+             WHERE table_name IN ('orgpulse_outbox', 'orgpulse_outbox_rejected')
+               AND column_name IN ('audience', 'topics')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(columns, 4);
+
+    // (entity id, audience, topics, what a rejection names)
+    let rows: [(&str, Option<&str>, Option<&str>, &str); 8] = [
+        (
+            "p42",
+            Some(r#"{"groups": ["g42"]}"#),
+            Some("{project:42}"),
+            "",
+        ),
+        ("to-bob", Some(r#"{"user_ids": ["bob"]}"#), None, ""),
+        ("public", None, Some("{project:7}"), ""),
+        ("empty", Some("{}"), Some("{}"), ""),
+        ("typo", Some(r#"{"group": ["g42"]}"#), None, "audience"),
+        (
+            "bad-group",
+            Some(r#"{"groups": ["a b"]}"#),
+            None,
+            "audience.groups",
+        ),
+        ("bad-topic", None, Some("{\"a b\"}"), "topics"),
+        ("nine", None, Some("{a,b,c,d,e,f,g,h,i}"), "topics"),
+    ];
+    for (id, audience, topics, _) in rows {
+        client
+            .execute(
+                "INSERT INTO orgpulse_outbox (org_id, entity_type, entity_id, action, audience, topics)
+                 VALUES ('acme', 'invoice', $1, 'created', $2::text::jsonb, $3::text::text[])",
+                &[&id, &audience, &topics],
+            )
+            .await
+            .unwrap();
+    }
+    wait_until("the outbox is empty", || async {
+        pending(&client).await == 0
+    })
+    .await;
+    let mut old = old_ids.clone();
+    old.push("held".into());
+    old.sort();
+    let sorted = |mut ids: Vec<String>| {
+        ids.sort();
+        ids
+    };
+    let with = |extra: &[&str]| {
+        sorted(
+            old.iter()
+                .cloned()
+                .chain(extra.iter().map(|s| s.to_string()))
+                .collect(),
+        )
+    };
+    assert_eq!(
+        sorted(seen_by(&server, "ann", &["g42"]).await),
+        with(&["p42", "public", "empty"])
+    );
+    assert_eq!(
+        sorted(seen_by(&server, "bob", &[]).await),
+        with(&["to-bob", "public", "empty"])
+    );
+    assert_eq!(
+        sorted(seen_by(&server, "cat", &["g7"]).await),
+        with(&["public", "empty"])
+    );
+    // Exactly once, in seq order, for a service, which sees the whole log.
+    let all: Vec<u64> = replay(&server, "acme")
+        .await
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    let log: Vec<u64> = log_of(&server.dir, "acme").iter().map(|r| r.0).collect();
+    assert_eq!((all.len(), &all), (old.len() + 4, &log));
+    let rejected = client
+        .query(
+            "SELECT entity_id, error, audience::text, topics FROM orgpulse_outbox_rejected ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let want: Vec<_> = rows.iter().filter(|r| !r.3.is_empty()).collect();
+    assert_eq!(rejected.len(), want.len());
+    for (row, (id, audience, _, names)) in rejected.iter().zip(want) {
+        assert_eq!(row.get::<_, &str>(0), *id);
+        let error: &str = row.get(1);
+        assert!(
+            error.starts_with(names),
+            "{id}: {error:?} should name {names:?}"
+        );
+        // The rejected row keeps what the product wrote.
+        assert_eq!(
+            row.get::<_, Option<String>>(2).is_some(),
+            audience.is_some(),
+            "{id}"
+        );
+    }
+}

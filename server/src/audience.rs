@@ -82,7 +82,8 @@ impl Viewer {
 }
 
 /// Who may see an event or a job; never empty (no audience = the whole org).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Audience {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub user_ids: Vec<String>,
@@ -108,17 +109,28 @@ impl Audience {
         a: Option<&proto::Audience>,
         user: &str,
     ) -> Result<Option<Audience>, Invalid> {
-        let list = |f: fn(&proto::Audience) -> &Vec<String>| a.map(f).cloned().unwrap_or_default();
-        let mut out = Audience {
-            user_ids: list(|a| &a.user_ids),
-            groups: list(|a| &a.groups),
-            roles: list(|a| &a.roles),
-        };
-        if !user.is_empty() && !out.user_ids.iter().any(|u| u == user) {
-            out.user_ids.push(user.to_string());
+        let a = a.map_or_else(Audience::default, |a| Audience {
+            user_ids: a.user_ids.clone(),
+            groups: a.groups.clone(),
+            roles: a.roles.clone(),
+        });
+        a.widened_by(user)
+    }
+
+    /// An outbox row's `audience` (a JSON object with the request's field names), widened by
+    /// its `user_id` like [`Audience::from_request`].
+    pub fn from_json(json: &str, user: &str) -> Result<Option<Audience>, Invalid> {
+        let a: Audience =
+            serde_json::from_str(json).map_err(|e| Invalid::new(format!("audience: {e}")))?;
+        a.widened_by(user)
+    }
+
+    fn widened_by(mut self, user: &str) -> Result<Option<Audience>, Invalid> {
+        if !user.is_empty() && !self.user_ids.iter().any(|u| u == user) {
+            self.user_ids.push(user.to_string());
         }
-        out.check()?;
-        Ok((!out.is_everyone()).then_some(out))
+        self.check()?;
+        Ok((!self.is_everyone()).then_some(self))
     }
 
     fn is_everyone(&self) -> bool {
@@ -305,6 +317,14 @@ mod tests {
             ..Default::default()
         };
         assert!(Audience::from_request(Some(&bad), "").is_err());
+        assert_eq!(
+            Audience::from_json(r#"{"groups": ["g"]}"#, "bob").unwrap(),
+            Some(audience(&["bob"], &["g"], &[]))
+        );
+        assert_eq!(Audience::from_json("{}", "").unwrap(), None);
+        for bad in [r#"{"group": ["g"]}"#, r#"{"groups": "g"}"#, "null", "[]"] {
+            assert!(Audience::from_json(bad, "").is_err(), "{bad}");
+        }
     }
 
     #[test]

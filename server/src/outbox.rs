@@ -31,6 +31,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Row, types::ToSql};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    audience::{self, Audience},
     metrics::METRICS,
     store::{
         self, Entities, NewEntityChange, Store, StoreError,
@@ -195,7 +196,10 @@ fn check_table_name(table: &str) -> anyhow::Result<()> {
 }
 
 /// Creates the table, `<table>_rejected` and the NOTIFY trigger when missing (under an advisory
-/// lock, so nodes starting together do not race); returns the idempotency key prefix.
+/// lock, so nodes starting together do not race), adds the columns a table made by an older
+/// orgpulse lacks; returns the idempotency key prefix. What needs a lock on the product's table
+/// (the trigger, a column) is done only when missing, and never queues the product's inserts
+/// for long ([`change_table`]).
 async fn install(client: &Client, t: &str) -> Result<String, tokio_postgres::Error> {
     client
         .batch_execute(&format!(
@@ -210,7 +214,9 @@ async fn install(client: &Client, t: &str) -> Result<String, tokio_postgres::Err
                data        jsonb       NOT NULL DEFAULT '{{}}',
                user_id     text,
                actor       text,
-               created_at  timestamptz NOT NULL DEFAULT now()
+               created_at  timestamptz NOT NULL DEFAULT now(),
+               audience    jsonb,
+               topics      text[]
              );
              CREATE TABLE IF NOT EXISTS {t}_rejected (
                id          bigint PRIMARY KEY,
@@ -223,20 +229,89 @@ async fn install(client: &Client, t: &str) -> Result<String, tokio_postgres::Err
                actor       text,
                created_at  timestamptz,
                error       text        NOT NULL,
-               rejected_at timestamptz NOT NULL DEFAULT now()
+               rejected_at timestamptz NOT NULL DEFAULT now(),
+               audience    jsonb,
+               topics      text[]
              );
              CREATE OR REPLACE FUNCTION {t}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
                BEGIN PERFORM pg_notify('{t}', ''); RETURN NULL; END $$;
-             CREATE OR REPLACE TRIGGER {t}_notify AFTER INSERT ON {t}
-               FOR EACH STATEMENT EXECUTE FUNCTION {t}_notify();
              COMMIT;"
         ))
         .await?;
+    let trigger = format!("{t}_notify");
+    change_table(
+        client,
+        "SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgname = $2::text",
+        [t, &trigger],
+        &format!(
+            "CREATE OR REPLACE TRIGGER {t}_notify AFTER INSERT ON {t}
+               FOR EACH STATEMENT EXECUTE FUNCTION {t}_notify()"
+        ),
+    )
+    .await?;
+    for table in [t.to_string(), format!("{t}_rejected")] {
+        for (column, kind) in ADDED_COLUMNS {
+            change_table(
+                client,
+                "SELECT 1 FROM pg_attribute
+                 WHERE attrelid = $1::text::regclass AND attname = $2::text AND NOT attisdropped",
+                [&table, column],
+                &format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}"),
+            )
+            .await?;
+        }
+    }
     let oid: i64 = client
         .query_one(&format!("SELECT '{t}'::regclass::oid::int8"), &[])
         .await?
         .get(0);
     Ok(format!("{oid}:"))
+}
+
+/// Columns added after the first release: a table made before them gets them at start.
+const ADDED_COLUMNS: [(&str, &str); 2] = [("audience", "jsonb"), ("topics", "text[]")];
+/// How long a change of the product's table may wait for its lock before it lets go and tries
+/// again.
+const TABLE_LOCK_WAIT: &str = "500ms";
+/// Tries at a change of the product's table before start fails.
+const TABLE_CHANGE_TRIES: u32 = 60;
+
+/// Runs `ddl` on the product's table unless `exists` (a query of two text parameters) finds
+/// it done, safely while the product keeps writing: the change (a catalog change, no rewrite)
+/// needs a lock that conflicts with inserts, and a waiting lock request queues every insert
+/// behind it; so it waits at most [`TABLE_LOCK_WAIT`] for the lock, then lets go, and tries
+/// again a moment later.
+async fn change_table(
+    client: &Client,
+    exists: &str,
+    params: [&str; 2],
+    ddl: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let mut tries = 0;
+    while client
+        .query_opt(exists, &[&params[0], &params[1]])
+        .await?
+        .is_none()
+    {
+        let change = format!("BEGIN; SET LOCAL lock_timeout = '{TABLE_LOCK_WAIT}'; {ddl}; COMMIT;");
+        match client.batch_execute(&change).await {
+            Ok(()) => tracing::debug!(change = ddl, "outbox: table changed"),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                client.batch_execute("ROLLBACK").await?;
+                tries += 1;
+                if tries == TABLE_CHANGE_TRIES {
+                    return Err(e);
+                }
+                tracing::warn!(
+                    change = ddl,
+                    "outbox: the table is busy; trying again shortly"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Sql {
@@ -245,13 +320,16 @@ impl Sql {
             table: t.to_string(),
             lock: format!("SELECT pg_try_advisory_xact_lock(hashtext('orgpulse_outbox:{t}'))"),
             select: format!(
-                "SELECT id, org_id, entity_type, entity_id, action, data::text, user_id, actor
+                "SELECT id, org_id, entity_type, entity_id, action, data::text, user_id, actor,
+                   audience::text, topics
                  FROM {t} ORDER BY id LIMIT {BATCH} FOR UPDATE SKIP LOCKED"
             ),
             reject: format!(
                 "INSERT INTO {t}_rejected
-                   (id, org_id, entity_type, entity_id, action, data, user_id, actor, created_at, error)
-                 SELECT id, org_id, entity_type, entity_id, action, data, user_id, actor, created_at, $2
+                   (id, org_id, entity_type, entity_id, action, data, user_id, actor, created_at,
+                    audience, topics, error)
+                 SELECT id, org_id, entity_type, entity_id, action, data, user_id, actor, created_at,
+                   audience, topics, $2
                  FROM {t} WHERE id = $1
                  ON CONFLICT (id) DO NOTHING"
             ),
@@ -447,12 +525,22 @@ impl Table {
             .get::<_, Option<String>>(7)
             .unwrap_or_else(|| DEFAULT_ACTOR.into());
         validate::id("actor", &actor).map_err(|e| e.to_string())?;
+        let audience = match row.get::<_, Option<String>>(8) {
+            None => Audience::from_request(None, &change.user_id),
+            Some(json) => Audience::from_json(&json, &change.user_id),
+        }
+        .map_err(|e| e.to_string())?;
+        let topics = row
+            .try_get::<_, Option<Vec<String>>>(9)
+            .map_err(|e| format!("topics: {e}"))?
+            .unwrap_or_default();
+        audience::event_topics("topics", &topics).map_err(|e| e.to_string())?;
         Ok(NewEntityChange {
             org,
             actor,
             change,
-            audience: None,
-            topics: vec![],
+            audience,
+            topics,
             request_kind: RequestKind::Outbox,
             request_id: format!("{}{id}", self.key_prefix),
         })

@@ -687,6 +687,27 @@ pub fn mint_claims(c: &Claims) -> String {
     .unwrap()
 }
 
+/// An HS256 token for `user`, valid for an hour, with `extra` claims (roles, groups, ...); in
+/// `org` unless its roles include service.
+pub fn token_with(org: &str, user: &str, extra: serde_json::Value) -> String {
+    let mut claims = serde_json::json!({ "sub": user, "exp": now_secs() + 3600 });
+    let service = extra["roles"]
+        .as_array()
+        .is_some_and(|r| r.contains(&serde_json::json!("service")));
+    if !service {
+        claims["org"] = org.into();
+    }
+    for (k, v) in extra.as_object().expect("claims are an object") {
+        claims[k] = v.clone();
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
 /// An HS256 token for `user` in `org` with `role`, valid for an hour.
 pub fn token(org: &str, user: &str, role: &str) -> String {
     token_ttl(org, user, role, 3600)
