@@ -480,6 +480,7 @@ Examples:
   orgpulse token mint --secret-file ./jwt-secret --org acme --user ci --role member --role admin --ttl 15m
   orgpulse token mint --secret-file ./jwt-secret --user backend --role service --ttl 24h
   orgpulse token mint --private-key ./jwt.key --org acme --user alice
+  orgpulse token mint --secret-file ./jwt-secret --org acme --user ann --groups project:42
 
 {EXIT_CODES}"))]
     Mint {
@@ -504,6 +505,10 @@ Examples:
         /// Role; repeatable (viewer, member, admin, service). Default: member.
         #[arg(long = "role")]
         roles: Vec<String>,
+        /// Groups (`groups` claim), comma-separated: the events and jobs whose audience names
+        /// one of them reach this token.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
         /// Lifetime.
         #[arg(long, default_value = "1h", value_parser = duration)]
         ttl: Duration,

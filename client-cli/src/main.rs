@@ -67,12 +67,14 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             org,
             user,
             roles,
+            groups,
             ttl,
         }) => out.line(&mint::mint(
             mint::Signer::from_flags(secret_file.as_deref(), private_key.as_deref())?,
             org.as_deref(),
             &user,
             roles,
+            groups,
             ttl,
         )?),
         Command::Watch(args) => {

@@ -16,6 +16,8 @@ struct Claims<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     org: Option<&'a str>,
     roles: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    groups: Vec<String>,
     iat: u64,
     exp: u64,
 }
@@ -83,6 +85,7 @@ pub fn mint(
     org: Option<&str>,
     user: &str,
     mut roles: Vec<String>,
+    groups: Vec<String>,
     ttl: Duration,
 ) -> Result<String, CliError> {
     if roles.is_empty() {
@@ -100,6 +103,7 @@ pub fn mint(
         sub: user,
         org,
         roles,
+        groups,
         iat: now,
         exp: now + ttl.as_secs().max(1),
     };

@@ -56,6 +56,9 @@ pub enum Scenario {
     /// 100 subscribers, 1,000 outbox rows committed at 200/s (one per transaction) in a PostgreSQL
     /// database of its own (--pg-admin-url): COMMIT→receipt latency through NOTIFY.
     Outbox,
+    /// 10,000 subscribers of one org, each in 1 of --audience-groups groups (1 % admins), 50
+    /// events/s for 10 s, each addressed to one group and the admins: authorized fan-out.
+    Audience,
 }
 
 struct Shape {
@@ -78,6 +81,7 @@ impl Scenario {
             Scenario::Scale => (20_000, 10, 0.0, 1, 3000),
             Scenario::Orgs => (5_000, 0, 0.0, 1, 3000),
             Scenario::Outbox => (100, 1_000, 200.0, 1, 1000),
+            Scenario::Audience => (10_000, 500, 50.0, 100, 3000),
         };
         Shape {
             subscribers,
@@ -114,6 +118,10 @@ pub struct BenchArgs {
     /// Override the scenario's subscriber count.
     #[arg(long)]
     pub subscribers: Option<usize>,
+    /// audience: how many groups the subscribers are split into, one writer's job addressed to
+    /// each; 0 = the same run without audiences (every subscriber receives every event).
+    #[arg(long, default_value_t = 100)]
+    pub audience_groups: usize,
     /// orgs: how many orgs, one subscriber each (default 5,000).
     #[arg(long)]
     pub orgs: Option<usize>,
@@ -359,15 +367,17 @@ async fn measure(
     outbox: Option<&Database>,
 ) -> Result<Value, CliError> {
     let url = nodes[0].url();
-    let token = |user: &str, role: &str| {
+    let token = |user: &str, role: &str, groups: Vec<String>| {
         mint(
             Signer::Secret(&nodes[0].secret_file),
             Some(&args.org),
             user,
             vec![role.into()],
+            groups,
             Duration::from_secs(3600),
         )
     };
+    let audiences = Audiences::of(args);
     // Writer n is on node n % nodes, and so is subscriber n.
     let mut writer_nodes = HashMap::new();
     let mut publisher = match outbox {
@@ -377,9 +387,12 @@ async fn measure(
         None => {
             let mut writers = Vec::new();
             for n in 0..shape.writers {
-                let writer_token = token(&format!("writer{n}"), "member")?;
+                let writer_token =
+                    token(&format!("writer{n}"), "member", audiences.writer_groups(n))?;
                 let node = n % nodes.len();
-                let w = Writer::new(&nodes[node].url(), &writer_token, &args.org, n).await?;
+                let audience = audiences.writer_audience(n);
+                let url = nodes[node].url();
+                let w = Writer::new(&url, &writer_token, &args.org, n, audience).await?;
                 writer_nodes.insert(w.job_id.clone(), node);
                 writers.push(w);
             }
@@ -411,10 +424,13 @@ async fn measure(
         .unwrap_or(shape.subscribers.div_ceil(8_000))
         .max(1);
     let tokens: Vec<String> = (0..shape.subscribers)
-        .map(|i| token(&format!("sub{i}"), "viewer"))
+        .map(|i| {
+            let (role, groups) = audiences.subscriber(i);
+            token(&format!("sub{i}"), role, groups)
+        })
         .collect::<Result<_, _>>()?;
     let counted = publisher.counted();
-    let opened: Vec<Result<Subscriber, String>> = timed(args, async {
+    let opened: Vec<(usize, Result<Subscriber, String>)> = timed(args, async {
         Ok(futures::stream::iter(tokens.iter().enumerate())
             .map(|(i, tok)| {
                 let node = i % nodes.len();
@@ -432,8 +448,11 @@ async fn measure(
                 let tally = &tally;
                 async move {
                     let source = subscriber::source(i, sources);
-                    let conn = subscriber::connect(dial.server, source).await?;
-                    Subscriber::open(conn, dial, tally).await
+                    let opened = async {
+                        let conn = subscriber::connect(dial.server, source).await?;
+                        Subscriber::open(conn, dial, tally).await
+                    };
+                    (i, opened.await)
                 }
             })
             .buffer_unordered(args.connect_concurrency.max(1))
@@ -445,10 +464,12 @@ async fn measure(
     let mut connected = 0u64;
     let mut replayed = 0u64;
     let mut tasks = Vec::new();
-    for sub in opened {
+    let mut recipients = audiences.recipients();
+    for (i, sub) in opened {
         match sub {
             Ok(s) => {
                 connected += 1;
+                recipients.add(i);
                 replayed += s.replayed;
                 tasks.push(tokio::spawn(s.run(tally.clone())));
             }
@@ -473,7 +494,11 @@ async fn measure(
         out["serverCpuUsPerEvent"] = us_per(cpu, replayed);
         (shape.events * connected, replayed, after_connect)
     } else if shape.events > 0 {
-        let expected = shape.events * connected;
+        let expected = recipients.deliveries(shape.events, shape.writers, connected);
+        if audiences.groups > 0 {
+            out["audienceGroups"] = audiences.groups.into();
+            out["recipientsPerEvent"] = round2(expected as f64 / shape.events as f64).into();
+        }
         let t0 = subscriber::now_us();
         let published = timed(args, publisher.publish(shape.events, shape.rate)).await?;
         subscriber::wait_for(&tally, expected, args.stall, args.phase_timeout).await;
@@ -491,6 +516,7 @@ async fn measure(
             after_connect,
             after,
         );
+        out["serverCpuUsPerEvent"] = us_per(after.cpu_s - after_connect.cpu_s, published.writes);
         (expected, received, after)
     } else {
         (0, 0, after_connect)
@@ -518,6 +544,92 @@ async fn measure(
         t.abort();
     }
     Ok(out)
+}
+
+/// Who sees what in the audience scenario: subscriber i is an admin when `i % 100 == 99`, else
+/// in group `i % groups`; writer n's job is for group `n % groups` and the admins. Every other
+/// scenario (and `--audience-groups 0`) has no audiences.
+struct Audiences {
+    groups: usize,
+}
+
+/// Every 100th subscriber is an admin, who sees every group's events.
+const ADMIN_EVERY: usize = 100;
+
+impl Audiences {
+    fn of(args: &BenchArgs) -> Audiences {
+        let on = args.scenario == Scenario::Audience;
+        Audiences {
+            groups: if on { args.audience_groups } else { 0 },
+        }
+    }
+
+    fn group(g: usize) -> String {
+        format!("g{g}")
+    }
+
+    fn writer_groups(&self, n: usize) -> Vec<String> {
+        match self.groups {
+            0 => vec![],
+            g => vec![Self::group(n % g)],
+        }
+    }
+
+    fn writer_audience(&self, n: usize) -> Option<orgpulse::proto::Audience> {
+        (self.groups > 0).then(|| orgpulse::proto::Audience {
+            groups: self.writer_groups(n),
+            roles: vec!["admin".into()],
+            ..Default::default()
+        })
+    }
+
+    /// Subscriber i's role and groups.
+    fn subscriber(&self, i: usize) -> (&'static str, Vec<String>) {
+        match self.groups {
+            0 => ("viewer", vec![]),
+            _ if i % ADMIN_EVERY == ADMIN_EVERY - 1 => ("admin", vec![]),
+            g => ("viewer", vec![Self::group(i % g)]),
+        }
+    }
+
+    fn recipients(&self) -> Recipients {
+        Recipients {
+            groups: self.groups,
+            members: vec![0; self.groups],
+            admins: 0,
+        }
+    }
+}
+
+/// The connected subscribers by group, for the deliveries to expect.
+struct Recipients {
+    groups: usize,
+    members: Vec<u64>,
+    admins: u64,
+}
+
+impl Recipients {
+    fn add(&mut self, i: usize) {
+        if self.groups == 0 {
+            return;
+        }
+        match i % ADMIN_EVERY == ADMIN_EVERY - 1 {
+            true => self.admins += 1,
+            false => self.members[i % self.groups] += 1,
+        }
+    }
+
+    /// The deliveries `events` updates split over `writers` make among `connected` subscribers.
+    fn deliveries(&self, events: u64, writers: usize, connected: u64) -> u64 {
+        if self.groups == 0 {
+            return events * connected;
+        }
+        (0..writers)
+            .map(|n| {
+                writer::share(events, writers, n) * (self.members[n % self.groups] + self.admins)
+            })
+            .sum()
+    }
 }
 
 /// The delivery fields of a broadcast: rate, latency, server CPU over the publish window.

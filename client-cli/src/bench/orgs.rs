@@ -41,6 +41,7 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
                 Some(org),
                 &format!("sub{i}"),
                 vec!["viewer".into()],
+                vec![],
                 Duration::from_secs(3600),
             )
         })

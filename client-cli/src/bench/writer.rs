@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use orgpulse::{
     client::{Client, ClientConfig, TokenSource},
-    proto::{CreateJobRequest, ListJobsRequest, UpdateJobRequest},
+    proto::{Audience, CreateJobRequest, ListJobsRequest, UpdateJobRequest},
 };
 use tokio::time::Instant;
 
@@ -33,13 +33,20 @@ pub fn client(url: &str, token: &str) -> Result<Client, CliError> {
 }
 
 impl Writer {
-    /// Connects and creates the job this writer will update.
-    pub async fn new(url: &str, token: &str, org: &str, n: usize) -> Result<Writer, CliError> {
+    /// Connects and creates the job this writer will update (seen by `audience`, when given).
+    pub async fn new(
+        url: &str,
+        token: &str,
+        org: &str,
+        n: usize,
+        audience: Option<Audience>,
+    ) -> Result<Writer, CliError> {
         let client = client(url, token)?;
         let job = client
             .create_job(CreateJobRequest {
                 org_id: org.to_string(),
                 title: format!("bench writer {n}"),
+                audience,
                 ..Default::default()
             })
             .await?;
@@ -86,15 +93,21 @@ impl Writer {
 /// `total` updates split over `writers` running concurrently at `rate` per second in all (0 =
 /// each as fast as it goes); returns when every one is committed.
 pub async fn publish(writers: &[Writer], total: u64, rate: f64) -> Result<Published, CliError> {
-    let n = writers.len() as u64;
+    let n = writers.len();
     let start = Instant::now();
-    let runs = writers.iter().enumerate().map(|(i, w)| {
-        let share = total / n + u64::from((i as u64) < total % n);
-        w.run(share, rate / n as f64, start)
-    });
+    let runs = writers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| w.run(share(total, n, i), rate / n as f64, start));
     futures::future::try_join_all(runs).await?;
     Ok(Published {
         writes: total,
         elapsed: start.elapsed(),
     })
+}
+
+/// How many of `total` updates writer `i` of `writers` makes.
+pub fn share(total: u64, writers: usize, i: usize) -> u64 {
+    let n = writers as u64;
+    total / n + u64::from((i as u64) < total % n)
 }
