@@ -1,7 +1,8 @@
 // Page settings read from the query string, so tests and operators can tune timing without a
 // rebuild: ?heartbeat=SECONDS (the server's heartbeat interval, default 15), ?transport=poll (never
 // stream), ?streamRetry=SECONDS (how often polling tries streaming again, default 60), ?org=ID
-// (the org to watch; needed for service tokens, which carry none).
+// (the org to watch; needed for service tokens, which carry none), ?topic=NAME (show that topic
+// only; the page's topic filter keeps it in the address).
 
 export interface Config {
   /** The server's heartbeat interval; a stream silent for twice this long is considered stuck. */
@@ -10,6 +11,8 @@ export interface Config {
   streamRetryMs: number;
   /** Org to name in requests; "" = the token's org. */
   org: string;
+  /** The topic filter the page starts with; "" = every topic. */
+  topic: string;
 }
 
 function seconds(params: URLSearchParams, name: string, fallback: number): number {
@@ -24,5 +27,9 @@ export function readConfig(search = location.search): Config {
     forcePoll: p.get("transport") === "poll",
     streamRetryMs: seconds(p, "streamRetry", 60),
     org: p.get("org") ?? "",
+    topic: p.get("topic") ?? "",
   };
 }
+
+/** API.md "Audiences and topics": a topic is 1-128 characters of [A-Za-z0-9._:@/-]. */
+export const validTopic = (t: string): boolean => /^[A-Za-z0-9._:@/-]{1,128}$/.test(t);

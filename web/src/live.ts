@@ -2,6 +2,9 @@
 // ListJobs' cursor, the user's notifications, who is online), then the SDK's subscription from
 // that cursor. The SDK reconnects, resumes, refreshes the token and falls back to polling; a resync
 // loads the snapshot again. Presence is not in the log: after a gap the page asks ListOnline.
+// With a topic filter, the snapshot's jobs and the stream are both narrowed to the topics (the
+// wire carries only them); notifications have no topics, so the page then asks ListNotifications
+// every few seconds instead.
 
 import {
   type ConnectError, type ConnectionState, type Event, listAllJobs, type OrgpulseClient,
@@ -22,18 +25,22 @@ export interface LiveHooks {
 }
 
 const ONLINE_REFRESH_MS = 10_000;
+const NOTIFICATIONS_REFRESH_MS = 5_000;
 
 export class Live {
   private unsubscribe: Unsubscribe | null = null;
   private loaded = false;
   private countdown: ReturnType<typeof setInterval> | undefined;
   private pollingOnline: ReturnType<typeof setInterval> | undefined;
+  private pollingNotifications: ReturnType<typeof setInterval> | undefined;
 
   constructor(
     private readonly client: OrgpulseClient,
     private readonly config: Config,
     private readonly state: State,
     private readonly hooks: LiveHooks,
+    /** Only the jobs and durable events of these topics; empty = all. */
+    private readonly topics: string[] = [],
   ) {}
 
   /** Starts, or after a stop for a token problem resumes from the last cursor (nothing is lost). */
@@ -46,7 +53,7 @@ export class Live {
     this.unsubscribe = snapshotThenSubscribe(
       this.client,
       (signal) => this.snapshot(signal),
-      { orgId: this.config.org },
+      { orgId: this.config.org, topics: this.topics },
       {
         onSnapshot: (s) => {
           this.loaded = true;
@@ -59,6 +66,10 @@ export class Live {
         onState: (s, info) => this.status(s, info),
       },
     );
+    clearInterval(this.pollingNotifications);
+    if (this.topics.length) {
+      this.pollingNotifications = setInterval(() => void this.refreshNotifications(), NOTIFICATIONS_REFRESH_MS);
+    }
   }
 
   stop(): void {
@@ -67,11 +78,12 @@ export class Live {
     this.loaded = false;
     clearInterval(this.countdown);
     clearInterval(this.pollingOnline);
+    clearInterval(this.pollingNotifications);
   }
 
   private async snapshot(signal: AbortSignal): Promise<Snapshot & { cursor: string }> {
     const orgId = this.config.org;
-    const { jobs, cursor } = await listAllJobs(this.client, { orgId }, signal);
+    const { jobs, cursor } = await listAllJobs(this.client, { orgId, topics: this.topics }, signal);
     const [notes, online] = await Promise.all([
       this.client.notifications.listNotifications({ orgId, pageSize: 50 }, { signal }),
       this.client.events.listOnline({ orgId }, { signal }),
@@ -99,6 +111,17 @@ export class Live {
     if (state === "live" || state === "polling") void this.refreshOnline();
     if (state === "polling") this.pollingOnline = setInterval(() => void this.refreshOnline(), ONLINE_REFRESH_MS);
     if (state === "stopped" && info.error) this.hooks.fatal(info.error);
+  }
+
+  /** Under a topic filter notifications do not come by the stream: ask for them. */
+  private async refreshNotifications(): Promise<void> {
+    try {
+      const res = await this.client.notifications.listNotifications({ orgId: this.config.org, pageSize: 50 });
+      this.state.setNotifications(res.notifications, res.unreadCount);
+      this.hooks.changed(false);
+    } catch {
+      // the next refresh will do; the connection state reports connection trouble
+    }
   }
 
   /** Presence is ephemeral: after a gap (reconnect, polling) ask who is online now. */

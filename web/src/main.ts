@@ -1,9 +1,9 @@
-// Entry point of the dashboard: picks up the token, wires the forms and the entity-type filter,
-// and runs one Live (snapshot plus the SDK's subscription) per identity, re-rendering after each
-// batch of changes.
+// Entry point of the dashboard: picks up the token, wires the forms, the entity-type filter and the
+// topic filter, and runs one Live (snapshot plus the SDK's subscription) per identity and topic,
+// re-rendering after each batch of changes.
 
 import { Code, ConnectError, type Event, OrgpulseClient } from "@orgpulse/client";
-import { readConfig } from "./config";
+import { readConfig, validTopic } from "./config";
 import { Live } from "./live";
 import { State } from "./state";
 import { canCreate, canMarkRead, decode, forget, initialToken, isExpired, save, type Identity } from "./token";
@@ -13,6 +13,8 @@ const config = readConfig();
 let identity: Identity | null = null;
 let state = new State();
 let live: Live | null = null;
+/** The topic shown ("" = all): the snapshot's jobs and the stream are narrowed to it. */
+let topic = validTopic(config.topic) ? config.topic : "";
 /** One client per identity: another user or org gets a fresh one (its own streams and cursor). */
 const newClient = (): OrgpulseClient =>
   new OrgpulseClient({
@@ -110,23 +112,68 @@ function open(token: string): void {
   if (canCreate(id)) createFormHome.insertBefore(createForm, createFormNext);
   else createForm.remove();
 
+  view.$("topic-form").hidden = false;
   if (!resume) {
     live?.stop();
     client.close();
     client = newClient();
-    state = new State();
-    live = new Live(client, config, state, {
+    startLive();
+  } else live?.start();
+}
+
+/** A fresh State and Live for the current identity and topic (the old ones stop). */
+function startLive(): void {
+  const me = identity;
+  if (!me) return;
+  live?.stop();
+  state = new State();
+  live = new Live(
+    client,
+    config,
+    state,
+    {
       status: view.renderBadge,
       changed: scheduleRender,
       event: (ev: Event) => {
         if (ev.payload.case === "notificationNew") newNotifications.push(ev.payload.value.id);
         scheduleRender(true);
       },
-      fatal: (e) => view.showError(explain(e, `watch org ${config.org || id.org}`)),
-    });
-  }
-  live?.start();
+      fatal: (e) => view.showError(explain(e, `watch org ${config.org || me.org}`)),
+    },
+    topic ? [topic] : [],
+  );
+  live.start();
+  scheduleRender(false);
 }
+
+const topicInput = view.$<HTMLInputElement>("topic-filter");
+/** Shows `t` only ("" = every topic): the address keeps it, the page reloads its snapshot. */
+function filterByTopic(t: string): void {
+  topicInput.value = t;
+  view.$("topic-clear").hidden = !t;
+  if (!validTopic(t) && t !== "") {
+    topicInput.reportValidity();
+    return;
+  }
+  if (t === topic) return;
+  topic = t;
+  const url = new URL(location.href);
+  if (t) url.searchParams.set("topic", t);
+  else url.searchParams.delete("topic");
+  history.replaceState(history.state, "", url);
+  startLive();
+}
+filterByTopic(topic);
+view.$("topic-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  filterByTopic(topicInput.value.trim());
+});
+topicInput.addEventListener("change", () => filterByTopic(topicInput.value.trim()));
+view.$("topic-clear").addEventListener("click", () => filterByTopic(""));
+document.addEventListener("click", (e) => {
+  const chip = (e.target as Element | null)?.closest?.<HTMLElement>("button.topic[data-topic]");
+  if (chip?.dataset.topic) filterByTopic(chip.dataset.topic);
+});
 
 async function markRead(ids: string[]): Promise<void> {
   try {

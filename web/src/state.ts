@@ -32,6 +32,8 @@ export interface EntityRow {
   data: JsonObject;
   actor: string;
   time: Timestamp | undefined;
+  /** The topics of that change. */
+  topics: string[];
   /** Grows with every change the page applies (unlike seq, also across log epochs). */
   revision: number;
 }
@@ -66,8 +68,7 @@ export class State {
   /** Replaces everything with a fresh snapshot; events after its cursor are applied next. */
   reset(s: Snapshot): void {
     this.jobs = new Map(s.jobs.map((j) => [j.id, j]));
-    this.notifications = s.notifications.slice(0, NOTIFICATION_ROWS);
-    this.unread = s.unread;
+    this.setNotifications(s.notifications, s.unread);
     this.online = s.online;
     this.lastSeq = 0n;
   }
@@ -114,6 +115,7 @@ export class State {
           data: c.data ?? {},
           actor: ev.actor,
           time: ev.time,
+          topics: ev.topics,
           revision: ++this.revisions,
         });
         if (this.entities.size > ENTITY_ROWS) this.entities.delete(this.entities.keys().next().value as string);
@@ -139,6 +141,12 @@ export class State {
   /** The entities to list, most recently changed first: of one type only when `entityType` is set. */
   entitiesOf(entityType: string): EntityRow[] {
     return [...this.entities.values()].reverse().filter((e) => !entityType || e.entityType === entityType);
+  }
+
+  /** The user's notifications as ListNotifications gave them (their events carry no topics). */
+  setNotifications(notifications: Notification[], unread: number): void {
+    this.notifications = notifications.slice(0, NOTIFICATION_ROWS);
+    this.unread = unread;
   }
 
   /** A job the page itself created or changed (from the RPC answer); same version rule. */

@@ -1,6 +1,6 @@
 // Renders State into the static skeleton of index.html. Rows are keyed by id and patched in place,
 // so a live change touches one row and gets a brief highlight; user text only ever goes through
-// textContent.
+// textContent. Topics show as chips ([data-testid=topic]); clicking one filters by it (main.ts).
 
 import type { ConnectionState, Event, Job, Notification } from "@orgpulse/client";
 import { ago, clock, compactJson, millis, severityName, statusName } from "./format";
@@ -51,12 +51,16 @@ export function showError(message: string | null): void {
   e.hidden = !message;
 }
 
+/** A chip per topic; the click handler in main.ts filters by the chip's `data-topic`. */
+const topicChips = (topics: string[]): HTMLElement[] =>
+  topics.map((t) => el("button", { type: "button", class: "topic", "data-testid": "topic", "data-topic": t, title: `Show ${t} only` }, t));
+
 function jobCells(job: Job): HTMLElement[] {
   const status = statusName(job.status);
   const labels = Object.entries(job.labels).map(([k, v]) => `${k}=${v}`);
   const meta = [job.id, ...labels, job.message].filter(Boolean).join(" · ");
   return [
-    el("td", {}, el("div", { class: "title" }, job.title), el("div", { class: "meta" }, meta)),
+    el("td", {}, el("div", { class: "title" }, job.title, ...topicChips(job.topics)), el("div", { class: "meta" }, meta)),
     el("td", {}, el("span", { class: `status status-${status}`, "data-testid": "job-status" }, status)),
     el(
       "td",
@@ -154,7 +158,7 @@ function entityCells(e: EntityRow): HTMLElement[] {
   const data = compactJson(e.data);
   return [
     el("td", { class: "mono" }, e.entityType),
-    el("td", { class: "mono" }, e.entityId),
+    el("td", { class: "mono" }, e.entityId, ...topicChips(e.topics)),
     el("td", {}, el("span", { class: "action", "data-testid": "entity-action" }, e.action)),
     el("td", { class: "mono data", title: JSON.stringify(e.data, null, 2), "data-testid": "entity-data" }, data),
     el("td", {}, e.actor),
@@ -283,6 +287,7 @@ export function renderTicker(state: State, entityType: string): void {
       el("span", { class: "actor" }, actorOf(item.ev)),
       " ",
       describe(item),
+      ...topicChips(item.ev.topics),
     ),
   );
   $("ticker").replaceChildren(...items);

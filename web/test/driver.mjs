@@ -12,11 +12,12 @@ const pages = new Map();
 /** name -> a browser context shared by several pages (tabs of one browser profile) */
 const contexts = new Map();
 
-/** An HS256 JWT the way orgpulse-server accepts it (tests pass the server's secret). */
-function mint({ secret, org, ttl }, sub, role) {
+/** An HS256 JWT the way orgpulse-server accepts it (tests pass the server's secret); `groups`, when given, as its claim. */
+function mint({ secret, org, ttl }, sub, role, groups) {
   const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
   const now = Math.floor(Date.now() / 1000);
-  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub, org, roles: [role], iat: now, exp: now + ttl })}`;
+  const claims = { sub, org, roles: [role], iat: now, exp: now + ttl, ...(groups?.length ? { groups } : {}) };
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
   return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
 }
 /** url -> proxy */
@@ -32,7 +33,7 @@ const commands = {
   /**
    * Opens `url` in a new page. With `context`, the page joins that named context (created on first
    * use) as another tab; else it gets a context of its own. With `tokens` ({secret, org, ttl}), the
-   * page can call window.orgpulseMintToken(user, role) for a fresh token.
+   * page can call window.orgpulseMintToken(user, role, groups?) for a fresh token.
    */
   async open({ page: name, url, context: shared, tokens, timeout = 10_000 }) {
     const old = pages.get(name);
@@ -40,7 +41,7 @@ const commands = {
     let context = shared && contexts.get(shared);
     if (!context) {
       context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
-      if (tokens) await context.exposeFunction("orgpulseMintToken", (sub, role) => mint(tokens, sub, role));
+      if (tokens) await context.exposeFunction("orgpulseMintToken", (sub, role, groups) => mint(tokens, sub, role, groups));
       if (shared) contexts.set(shared, context);
     }
     const p = await context.newPage();

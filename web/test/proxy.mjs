@@ -3,6 +3,7 @@
 //     buffers): unary calls still work, a stream delivers nothing.
 //   mode "refuse-streams": answers every Subscribe with HTTP 503 itself; everything else passes.
 //   mode "pass": passes everything through as it comes.
+//   mode "down": drops every connection unanswered, as a network that lost the server.
 // The mode can be changed while the proxy runs (setMode). With a static directory, GET /e2e/NAME
 // serves that file from it (test pages on the same origin as the API they call).
 import { readFileSync } from "node:fs";
@@ -24,6 +25,10 @@ export function startProxy(target, initialMode, staticDir) {
       } catch {
         res.writeHead(404).end();
       }
+      return;
+    }
+    if (mode === "down") {
+      req.socket.destroy();
       return;
     }
     if (mode === "refuse-streams" && req.url.endsWith("/Subscribe")) {

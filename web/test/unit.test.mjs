@@ -146,6 +146,18 @@ test("the entity-type filter narrows the panel and the ticker, which keeps enoug
   assert.deepEqual(s.tickerOf("comment"), []);
 });
 
+test("an entity row keeps the topics of its latest change", () => {
+  const s = fresh();
+  const e = change(1, "task", "t1", "created");
+  e.topics = ["project:42"];
+  s.apply(e);
+  s.apply(change(2, "task", "t1", "renamed"));
+  assert.deepEqual(s.entitiesOf("").map((r) => r.topics), [[]]);
+  e.seq = 3n;
+  s.apply(e);
+  assert.deepEqual(s.entitiesOf("").map((r) => r.topics), [["project:42"]]);
+});
+
 test("entities survive a new snapshot: there is none for them, the events are the record", () => {
   const s = fresh();
   s.apply(change(7, "invoice", "inv_1", "created"));
@@ -178,7 +190,12 @@ test("token payload: user, org, roles (default member), expiry", () => {
 });
 
 test("URL settings", () => {
-  const c = m.readConfig("?heartbeat=2&transport=poll&streamRetry=3&org=x");
-  assert.deepEqual(c, { heartbeatMs: 2000, forcePoll: true, streamRetryMs: 3000, org: "x" });
-  assert.deepEqual(m.readConfig("?heartbeat=-1"), { heartbeatMs: 15000, forcePoll: false, streamRetryMs: 60000, org: "" });
+  const c = m.readConfig("?heartbeat=2&transport=poll&streamRetry=3&org=x&topic=project:42");
+  assert.deepEqual(c, { heartbeatMs: 2000, forcePoll: true, streamRetryMs: 3000, org: "x", topic: "project:42" });
+  assert.deepEqual(m.readConfig("?heartbeat=-1"), { heartbeatMs: 15000, forcePoll: false, streamRetryMs: 60000, org: "", topic: "" });
+});
+
+test("a topic is 1-128 characters of [A-Za-z0-9._:@/-]", () => {
+  for (const t of ["project:42", "a", "team/web@x.y-z_1", "x".repeat(128)]) assert.ok(m.validTopic(t), t);
+  for (const t of ["", "two words", "é", "x".repeat(129), "a,b"]) assert.ok(!m.validTopic(t), t);
 });

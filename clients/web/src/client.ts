@@ -54,6 +54,11 @@ export interface SubscribeOptions {
   /** Narrows entity events; absent or empty = all types. */
   entityTypes?: string[];
   /**
+   * Only durable events with at least one of these topics (e.g. "project:42"); absent or empty =
+   * all. Presence events are not narrowed. Topics narrow what the token may see, never widen it.
+   */
+  topics?: string[];
+  /**
    * Resume after this position (e.g. ListJobs.cursor). Without it the listener starts at the shared
    * stream's position (live from now when it is the first).
    */
@@ -137,7 +142,11 @@ export class OrgpulseClient {
    * the function that stops it.
    */
   subscribe(options: SubscribeOptions, handlers: Handlers): Unsubscribe {
-    const spec = { kinds: [...(options.kinds ?? [])], entityTypes: [...(options.entityTypes ?? [])] };
+    const spec = {
+      kinds: [...(options.kinds ?? [])],
+      entityTypes: [...(options.entityTypes ?? [])],
+      topics: [...(options.topics ?? [])],
+    };
     return this.listen(options.orgId ?? "", new Listener(spec, handlers), options.cursor);
   }
 
@@ -386,7 +395,7 @@ export class OrgpulseClient {
    */
   private async catchUp(ch: Channel, l: Listener, cursor: string): Promise<void> {
     l.held = [];
-    const spec = l.spec ?? { kinds: [], entityTypes: [] };
+    const spec = l.spec ?? { kinds: [], entityTypes: [], topics: [] };
     let position = cursor;
     for (let attempt = 0; l.active && attempt < CATCH_UP_ATTEMPTS; ) {
       try {

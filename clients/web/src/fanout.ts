@@ -11,6 +11,8 @@ export interface FilterSpec {
   kinds: EventKind[];
   /** Empty = all entity types. */
   entityTypes: string[];
+  /** Durable events with at least one of these topics; empty = all. */
+  topics: string[];
 }
 
 export interface Handlers {
@@ -43,7 +45,9 @@ export class Listener {
     if (kind === EventKind.UNSPECIFIED) return false;
     if (this.spec.kinds.length && !this.spec.kinds.includes(kind)) return false;
     const p = ev.payload;
-    return !(p.case === "entityChanged" && this.spec.entityTypes.length && !this.spec.entityTypes.includes(p.value.entityType));
+    if (p.case === "entityChanged" && this.spec.entityTypes.length && !this.spec.entityTypes.includes(p.value.entityType)) return false;
+    const topics = this.spec.topics;
+    return ev.seq === 0n || topics.length === 0 || ev.topics.some((t) => topics.includes(t));
   }
 
   /** Delivers `ev` unless it is filtered out, a duplicate, or held back by a catch-up. */
@@ -90,9 +94,15 @@ export function kindOf(ev: Event): EventKind {
 export function unionFilter(orgId: string, specs: Iterable<FilterSpec>): WireFilter {
   const kinds = new Set<EventKind>();
   const entityTypes = new Set<string>();
+  const topics = new Set<string>();
   let allKinds = false;
   let allTypes = false;
+  let allTopics = false;
   for (const s of specs) {
+    // a tab running an older bundle sends specs without topics: it wants them all
+    const own = s.topics ?? [];
+    if (own.length === 0) allTopics = true;
+    own.forEach((t) => topics.add(t));
     if (s.kinds.length === 0) allKinds = true;
     s.kinds.forEach((k) => kinds.add(k));
     if (s.kinds.length === 0 || s.kinds.includes(EventKind.ENTITY)) {
@@ -104,6 +114,7 @@ export function unionFilter(orgId: string, specs: Iterable<FilterSpec>): WireFil
     orgId,
     kinds: allKinds ? [] : [...kinds].sort((a, b) => a - b),
     entityTypes: allTypes ? [] : [...entityTypes].sort(),
+    topics: allTopics ? [] : [...topics].sort(),
   };
 }
 

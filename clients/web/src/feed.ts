@@ -22,13 +22,15 @@ export interface StateInfo {
   reason?: string;
 }
 
-/** What goes on the wire: one org, the union of the listeners' kinds and entity types. */
+/** What goes on the wire: one org, the union of the listeners' kinds, entity types and topics. */
 export interface WireFilter {
   orgId: string;
   /** Empty = all kinds. */
   kinds: EventKind[];
   /** Empty = all entity types. */
   entityTypes: string[];
+  /** Empty = all topics. */
+  topics: string[];
 }
 
 export interface FeedSink {
@@ -258,9 +260,8 @@ export class Feed {
     };
     arm();
     try {
-      const { orgId, kinds, entityTypes } = this.filter;
       const events = this.events.subscribe(
-        { orgId, kinds, entityTypes, afterCursor: this.position },
+        { ...this.filter, afterCursor: this.position },
         { signal: ctl.signal, headers: bearer(token) },
       );
       for await (const ev of events) {
@@ -325,9 +326,8 @@ export class Feed {
       const retry = forcePoll ? undefined : setTimeout(() => ctl.abort(), this.pollUntil - Date.now());
       try {
         const t0 = Date.now();
-        const { orgId, kinds, entityTypes } = this.filter;
         const res = await this.events.poll(
-          { orgId, kinds, entityTypes, afterCursor: this.position, maxEvents: 500, waitMs },
+          { ...this.filter, afterCursor: this.position, maxEvents: 500, waitMs },
           { signal: ctl.signal, timeoutMs: waitMs + rpcTimeoutMs, headers: bearer(token) },
         );
         connected();
@@ -373,7 +373,7 @@ export class Feed {
 
 export function sameFilter(a: WireFilter, b: WireFilter): boolean {
   const eq = <T>(x: T[], y: T[]) => x.length === y.length && x.every((v, i) => v === y[i]);
-  return a.orgId === b.orgId && eq(a.kinds, b.kinds) && eq(a.entityTypes, b.entityTypes);
+  return a.orgId === b.orgId && eq(a.kinds, b.kinds) && eq(a.entityTypes, b.entityTypes) && eq(a.topics, b.topics);
 }
 
 export function sleep(ms: number, signal?: AbortSignal): Promise<void> {

@@ -13,6 +13,7 @@ export { ERROR_TRAILER, isNetworkError, isTokenExpired, markingFetch, NetworkErr
 export { claimsOf, type GetToken } from "./tokens.js";
 export { Code, ConnectError } from "@connectrpc/connect";
 export { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+export * from "./gen/orgpulse/v1/audience_pb.js";
 export * from "./gen/orgpulse/v1/event_pb.js";
 export * from "./gen/orgpulse/v1/job_pb.js";
 export * from "./gen/orgpulse/v1/notification_pb.js";

@@ -12,6 +12,8 @@ export interface LiveJobsOptions {
   orgId?: string;
   /** Only jobs in these statuses (a job leaving them leaves the list); empty = all. */
   statuses?: JobStatus[];
+  /** Only jobs with at least one of these topics (given at their creation); empty = all. */
+  topics?: string[];
   /** Stop paging the snapshot after this many jobs (default 5000). */
   maxJobs?: number;
 }
@@ -38,7 +40,7 @@ export async function listAllJobs(
   options: LiveJobsOptions,
   signal?: AbortSignal,
 ): Promise<{ jobs: Job[]; cursor: string }> {
-  const req = { orgId: options.orgId ?? "", statuses: options.statuses ?? [], pageSize: PAGE };
+  const req = { orgId: options.orgId ?? "", statuses: options.statuses ?? [], topics: options.topics ?? [], pageSize: PAGE };
   const first = await client.jobs.listJobs(req, { signal });
   const jobs = [...first.jobs];
   for (let page = first.nextPageToken; page && jobs.length < (options.maxJobs ?? 5_000); ) {
@@ -59,7 +61,7 @@ export function liveJobs(client: OrgpulseClient, options: LiveJobsOptions, handl
   return snapshotThenSubscribe(
     client,
     (signal) => listAllJobs(client, options, signal),
-    { orgId: options.orgId, kinds: [EventKind.JOB] },
+    { orgId: options.orgId, kinds: [EventKind.JOB], topics: options.topics },
     {
       onSnapshot: (snap) => {
         jobs.clear();

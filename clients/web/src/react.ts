@@ -41,17 +41,20 @@ export const useOrgpulseClient = (): OrgpulseClient => useCtx().client;
 
 export type EventFilter = Omit<SubscribeOptions, "cursor">;
 
-/** Calls `handler` with each matching event, exactly once, for as long as the component is mounted. */
+/**
+ * Calls `handler` with each matching event, exactly once, for as long as the component is mounted;
+ * `filter` as for `subscribe` (kinds, entityTypes, topics, orgId).
+ */
 export function useOrgEvents(filter: EventFilter, handler: (ev: Event) => void, onResync?: (reason: string) => void): void {
   const { client, orgId } = useCtx();
   const latest = useRef({ handler, onResync });
   latest.current = { handler, onResync };
   const org = filter.orgId ?? orgId;
-  const key = JSON.stringify([filter.kinds ?? [], filter.entityTypes ?? []]);
+  const key = JSON.stringify([filter.kinds ?? [], filter.entityTypes ?? [], filter.topics ?? []]);
   useEffect(() => {
-    const [kinds, entityTypes] = JSON.parse(key) as [EventKind[], string[]];
+    const [kinds, entityTypes, topics] = JSON.parse(key) as [EventKind[], string[], string[]];
     return client.subscribe(
-      { orgId: org, kinds, entityTypes },
+      { orgId: org, kinds, entityTypes, topics },
       { onEvent: (ev) => latest.current.handler(ev), onResync: (r) => latest.current.onResync?.(r) },
     );
   }, [client, org, key]);
@@ -66,15 +69,18 @@ export function useConnectionState(orgId?: string): ConnectionState {
   return state;
 }
 
-/** The org's jobs, kept exact from a snapshot and the events after it (see liveJobs). */
+/**
+ * The org's jobs, kept exact from a snapshot and the events after it (see liveJobs); with
+ * `topics`, only the jobs of those topics (the snapshot and the stream both narrowed).
+ */
 export function useLiveJobs(options: Omit<LiveJobsOptions, "orgId"> & { orgId?: string } = {}): Job[] {
   const { client, orgId } = useCtx();
   const [jobs, setJobs] = useState<Job[]>([]);
   const org = options.orgId ?? orgId;
-  const key = JSON.stringify([options.statuses ?? [], options.maxJobs ?? 0]);
+  const key = JSON.stringify([options.statuses ?? [], options.maxJobs ?? 0, options.topics ?? []]);
   useEffect(() => {
-    const [statuses, maxJobs] = JSON.parse(key) as [number[], number];
-    return client.liveJobs({ orgId: org, statuses, maxJobs: maxJobs || undefined }, { onChange: setJobs });
+    const [statuses, maxJobs, topics] = JSON.parse(key) as [number[], number, string[]];
+    return client.liveJobs({ orgId: org, statuses, maxJobs: maxJobs || undefined, topics }, { onChange: setJobs });
   }, [client, org, key]);
   return jobs;
 }

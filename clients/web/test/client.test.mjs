@@ -409,6 +409,82 @@ test("entity types narrow entity events only, per listener", async () => {
   client.close();
 });
 
+/** An entity change with `topics` (none: an org-wide change of no project). */
+const change = (server, id, topics = []) =>
+  server.append("entityChanged", { entityType: "task", entityId: id, action: "updated" }, { topics });
+
+/** The seqs of the log's durable events with at least one of `topics` (empty: all). */
+const topicSeqs = (server, topics) =>
+  server.log.filter((ev) => !topics.length || ev.topics.some((t) => topics.includes(t))).map((ev) => Number(ev.seq));
+
+test("topics narrow per listener; the wire carries their union, or all topics when one listener takes all", async () => {
+  const { server, client } = setup();
+  const p42 = recorder();
+  const board = recorder();
+  client.subscribe({ topics: ["project:42"] }, p42.handlers);
+  const unsubBoard = client.subscribe({ topics: ["board:1", "project:42"] }, board.handlers);
+  await until("live", () => p42.states.includes("live"));
+  assert.deepEqual(server.subscribes.map((s) => s.topics), [["board:1", "project:42"]]);
+  change(server, "a", ["project:42"]);
+  change(server, "b", ["board:1"]);
+  change(server, "c");
+  change(server, "d", ["project:7", "project:42"]);
+  await until("four", () => p42.seqs.length === 2 && board.seqs.length === 3);
+  // one listener of every topic joins: the wire takes all topics, the others still get only theirs
+  const all = recorder();
+  client.subscribe({}, all.handlers);
+  await until("widened", () => server.subscribes.length === 2);
+  assert.deepEqual(server.subscribes[1].topics, []);
+  unsubBoard();
+  change(server, "e", ["board:1"]);
+  change(server, "f", ["project:42"]);
+  await until("all", () => all.seqs.at(-1) === 6 && p42.seqs.length === 3);
+  assert.deepEqual(p42.seqs, topicSeqs(server, ["project:42"]));
+  assert.deepEqual(board.seqs, topicSeqs(server, ["board:1", "project:42"]).filter((seq) => seq <= 4));
+  assert.deepEqual(all.seqs, [5, 6], "live from the stream's position when it joined");
+  client.close();
+});
+
+test("topics go on every Poll too: the polling fallback and a listener's catch-up", async () => {
+  const { server, client } = setup({ forcePoll: true });
+  const r = recorder();
+  client.subscribe({ topics: ["project:42"] }, r.handlers);
+  await until("polling", () => r.states.at(-1) === "polling");
+  const at = change(server, "a", ["project:42"]).cursor;
+  change(server, "b", ["project:7"]);
+  change(server, "c", ["project:42"]);
+  await until("polled", () => r.seqs.length === 2);
+  // a second listener with its own older cursor catches up through Poll, with its own topics
+  const late = recorder();
+  client.subscribe({ topics: ["project:7"], cursor: at }, late.handlers);
+  await until("caught up", () => late.seqs.length === 1);
+  change(server, "d", ["project:7"]);
+  await until("both", () => late.seqs.length === 2 && r.seqs.length === 2);
+  assert.deepEqual(r.seqs, topicSeqs(server, ["project:42"]));
+  assert.deepEqual(late.seqs, topicSeqs(server, ["project:7"]));
+  assert.equal(server.subscribes.length, 0);
+  assert.ok(server.polls.length > 0 && server.polls.every((p) => p.topics.length > 0), JSON.stringify(server.polls));
+  assert.ok(server.polls.some((p) => p.topics.join() === "project:7" && p.afterCursor === at), "the catch-up Poll");
+  client.close();
+});
+
+test("liveJobs with topics: ListJobs and the stream are both narrowed to them", async () => {
+  const { server, client } = setup();
+  server.job("a", 1, { topics: ["project:42"] });
+  server.job("b", 1, { topics: ["project:7"] });
+  let jobs = [];
+  client.liveJobs({ topics: ["project:42"] }, { onChange: (j) => (jobs = j) });
+  await until("snapshot", () => jobs.length === 1);
+  assert.deepEqual(server.listJobs.at(-1).topics, ["project:42"]);
+  await until("subscribed", () => server.subscribes.length === 1);
+  assert.deepEqual(server.subscribes[0].topics, ["project:42"]);
+  server.job("c", 1, { topics: ["project:7"] });
+  server.job("d", 1, { topics: ["project:42"] });
+  await until("d", () => jobs.length === 2);
+  assert.deepEqual(jobs.map((j) => j.id).sort(), ["a", "d"]);
+  client.close();
+});
+
 test("liveJobs: snapshot, then the events after its cursor, version rule, deletions", async () => {
   const { server, client } = setup();
   server.job("a", 1);

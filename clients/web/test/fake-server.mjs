@@ -1,6 +1,7 @@
 // An in-memory orgpulse for the SDK's unit tests: connect's router transport serving EventService
 // and JobService over one per-org log with the server's rules (replay after the cursor, then
-// caught_up, then live with heartbeats; resync for a cursor of another epoch; Poll), plus the
+// caught_up, then live with heartbeats; resync for a cursor of another epoch; Poll; kinds, entity
+// types and topics narrowing what a request gets; no audiences: every token sees all), plus the
 // failures a browser meets: the server gone (a network error, nothing answered), streams killed
 // mid-way, tokens expiring mid-stream (with or without the orgpulse-error trailer), a proxy that
 // buffers streams and one that refuses them.
@@ -12,10 +13,17 @@ import {
 
 const netError = () => new ConnectError("fetch failed", Code.Unknown, undefined, undefined, new NetworkError("connection refused"));
 
-function matches(ev, kinds, entityTypes) {
+/** Whether a log event matches a Subscribe or Poll request (its kinds, entity types and topics). */
+function matches(ev, { kinds, entityTypes, topics }) {
   if (kinds.length && !kinds.includes(kindOf(ev))) return false;
-  return !(ev.payload.case === "entityChanged" && entityTypes.length && !entityTypes.includes(ev.payload.value.entityType));
+  if (ev.payload.case === "entityChanged" && entityTypes.length && !entityTypes.includes(ev.payload.value.entityType)) return false;
+  return !topics.length || ev.topics.some((t) => topics.includes(t));
 }
+
+/** The filter of a Subscribe or Poll request, as the tests compare it. */
+const asked = (req) => ({
+  kinds: [...req.kinds], entityTypes: [...req.entityTypes], topics: [...req.topics], afterCursor: req.afterCursor,
+});
 
 export class FakeServer {
   constructor({ heartbeatMs = 40 } = {}) {
@@ -31,8 +39,11 @@ export class FakeServer {
     this.mode = "pass"; // "buffer" | "refuse-streams"
     /** a sloppy server replaying this many events before the cursor (the client must dedupe) */
     this.replayOverlap = 0;
+    /** What each Subscribe and Poll asked for: {kinds, entityTypes, topics, afterCursor} */
     this.subscribes = [];
-    this.polls = 0;
+    this.polls = [];
+    /** What each ListJobs asked for: {topics} */
+    this.listJobs = [];
     this.open = new Set();
     this.wakers = new Set();
     this.killers = new Set();
@@ -52,9 +63,10 @@ export class FakeServer {
     return ev;
   }
 
+  /** A job event; the job's topics are the event's, as on the server. */
   job(id, version, extra = {}) {
     const j = create(JobSchema, { id, version: BigInt(version), title: id, ...extra });
-    return this.append(version === 1 ? "jobCreated" : "jobUpdated", j);
+    return this.append(version === 1 ? "jobCreated" : "jobUpdated", j, { topics: j.topics });
   }
 
   wake() {
@@ -91,15 +103,15 @@ export class FakeServer {
     return token;
   }
 
-  /** Events after `cursor` matching the filter; null when the cursor belongs to another epoch. */
-  after(cursor, kinds, entityTypes) {
+  /** Events after `cursor` matching `filter`; null when the cursor belongs to another epoch. */
+  after(cursor, filter) {
     let from = 0;
     if (cursor) {
       const [epoch, seq] = cursor.split(":");
       if (epoch !== this.epoch) return null;
       from = Math.max(0, Number(seq) - this.replayOverlap);
     }
-    return this.log.slice(from).filter((ev) => matches(ev, kinds, entityTypes));
+    return this.log.slice(from).filter((ev) => matches(ev, filter));
   }
 
   /** The seq a cursor names (the end of the log when it is empty or of another epoch). */
@@ -124,7 +136,7 @@ export class FakeServer {
 
   async *subscribe(req, ctx) {
     const token = this.auth(ctx);
-    this.subscribes.push({ kinds: [...req.kinds], entityTypes: [...req.entityTypes], afterCursor: req.afterCursor });
+    this.subscribes.push(asked(req));
     this.open.add(ctx);
     try {
       if (this.mode === "refuse-streams") throw new ConnectError("streams refused by test proxy", Code.Unavailable);
@@ -132,7 +144,7 @@ export class FakeServer {
         await new Promise((r) => ctx.signal.addEventListener("abort", r));
         return;
       }
-      let pending = this.after(req.afterCursor, req.kinds, req.entityTypes);
+      let pending = this.after(req.afterCursor, req);
       if (pending === null) {
         yield create(EventSchema, { cursor: this.cursorOf(this.log.length), payload: { case: "resync", value: { reason: "cursor from another log" } } });
         pending = [];
@@ -145,7 +157,7 @@ export class FakeServer {
         if (BigInt(this.log.length) > sent) {
           const fresh = this.log.slice(Number(sent));
           sent = BigInt(this.log.length);
-          for (const ev of fresh) if (matches(ev, req.kinds, req.entityTypes)) yield ev;
+          for (const ev of fresh) if (matches(ev, req)) yield ev;
           continue;
         }
         await this.waitForChange(ctx.signal, this.heartbeatMs);
@@ -160,12 +172,12 @@ export class FakeServer {
 
   async poll(req, ctx) {
     this.auth(ctx);
-    this.polls++;
-    let events = this.after(req.afterCursor, req.kinds, req.entityTypes);
+    this.polls.push(asked(req));
+    let events = this.after(req.afterCursor, req);
     if (events === null) return create(PollResponseSchema, { resync: true, cursor: this.cursorOf(this.log.length) });
     if (!events.length && req.waitMs) {
       await this.waitForChange(ctx.signal, Math.min(req.waitMs, 200));
-      events = this.after(req.afterCursor, req.kinds, req.entityTypes) ?? [];
+      events = this.after(req.afterCursor, req) ?? [];
     }
     events = events.slice(0, req.maxEvents || 100);
     const last = events.length ? events.at(-1).seq : this.seqOf(req.afterCursor);
@@ -180,18 +192,21 @@ export class FakeServer {
         listOnline: () => ({ members: [] }),
         publish: (req, ctx) => {
           this.auth(ctx);
-          const ev = this.append("entityChanged", { entityType: req.entityType, entityId: req.entityId, action: req.action });
+          const change = { entityType: req.entityType, entityId: req.entityId, action: req.action };
+          const ev = this.append("entityChanged", change, { topics: req.topics });
           return { seq: ev.seq, cursor: ev.cursor };
         },
       });
       service(JobService, {
         listJobs: (req, ctx) => {
           this.auth(ctx);
-          return create(ListJobsResponseSchema, { jobs: [...this.jobs.values()], cursor: this.cursorOf(this.log.length) });
+          const jobs = [...this.jobs.values()].filter((j) => !req.topics.length || j.topics.some((t) => req.topics.includes(t)));
+          this.listJobs.push({ topics: [...req.topics] });
+          return create(ListJobsResponseSchema, { jobs, cursor: this.cursorOf(this.log.length) });
         },
         createJob: (req, ctx) => {
           this.auth(ctx);
-          return this.job(`j${this.log.length + 1}`, 1, { title: req.title }).payload.value;
+          return this.job(`j${this.log.length + 1}`, 1, { title: req.title, topics: req.topics }).payload.value;
         },
       });
     });

@@ -8,6 +8,8 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Audience } from "./audience_pb.js";
+import { file_orgpulse_v1_audience } from "./audience_pb.js";
 import type { Job } from "./job_pb.js";
 import { file_orgpulse_v1_job } from "./job_pb.js";
 import type { Notification } from "./notification_pb.js";
@@ -18,7 +20,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file orgpulse/v1/event.proto.
  */
 export const file_orgpulse_v1_event: GenFile = /*@__PURE__*/
-  fileDesc("ChdvcmdwdWxzZS92MS9ldmVudC5wcm90bxILb3JncHVsc2UudjEibgoJT3JnRmlsdGVyEg4KBm9yZ19pZBgBIAEoCRIlCgVraW5kcxgCIAMoDjIWLm9yZ3B1bHNlLnYxLkV2ZW50S2luZBIUCgxhZnRlcl9jdXJzb3IYAyABKAkSFAoMZW50aXR5X3R5cGVzGAQgAygJItAECgVFdmVudBIOCgZjdXJzb3IYASABKAkSCwoDc2VxGAIgASgEEg4KBm9yZ19pZBgDIAEoCRIoCgR0aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgFIAEoCRInCgtqb2JfY3JlYXRlZBgKIAEoCzIQLm9yZ3B1bHNlLnYxLkpvYkgAEicKC2pvYl91cGRhdGVkGAsgASgLMhAub3JncHVsc2UudjEuSm9iSAASLgoLam9iX2RlbGV0ZWQYDCABKAsyFy5vcmdwdWxzZS52MS5Kb2JEZWxldGVkSAASNQoQbm90aWZpY2F0aW9uX25ldxgNIAEoCzIZLm9yZ3B1bHNlLnYxLk5vdGlmaWNhdGlvbkgAEjIKC3VzZXJfb25saW5lGA4gASgLMhsub3JncHVsc2UudjEuUHJlc2VuY2VDaGFuZ2VIABIzCgx1c2VyX29mZmxpbmUYDyABKAsyGy5vcmdwdWxzZS52MS5QcmVzZW5jZUNoYW5nZUgAEisKCWhlYXJ0YmVhdBgQIAEoCzIWLm9yZ3B1bHNlLnYxLkhlYXJ0YmVhdEgAEioKCWNhdWdodF91cBgRIAEoCzIVLm9yZ3B1bHNlLnYxLkNhdWdodFVwSAASJQoGcmVzeW5jGBIgASgLMhMub3JncHVsc2UudjEuUmVzeW5jSAASNAoOZW50aXR5X2NoYW5nZWQYEyABKAsyGi5vcmdwdWxzZS52MS5FbnRpdHlDaGFuZ2VkSABCCQoHcGF5bG9hZCJ/Cg1FbnRpdHlDaGFuZ2VkEhMKC2VudGl0eV90eXBlGAEgASgJEhEKCWVudGl0eV9pZBgCIAEoCRIOCgZhY3Rpb24YAyABKAkSJQoEZGF0YRgEIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSDwoHdXNlcl9pZBgFIAEoCSKkAQoOUHVibGlzaFJlcXVlc3QSDgoGb3JnX2lkGAEgASgJEhMKC2VudGl0eV90eXBlGAIgASgJEhEKCWVudGl0eV9pZBgDIAEoCRIOCgZhY3Rpb24YBCABKAkSJQoEZGF0YRgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSDwoHdXNlcl9pZBgGIAEoCRISCgpyZXF1ZXN0X2lkGAcgASgJIi4KD1B1Ymxpc2hSZXNwb25zZRILCgNzZXEYASABKAQSDgoGY3Vyc29yGAIgASgJIhwKCkpvYkRlbGV0ZWQSDgoGam9iX2lkGAEgASgJIiEKDlByZXNlbmNlQ2hhbmdlEg8KB3VzZXJfaWQYASABKAkiCwoJSGVhcnRiZWF0IgoKCENhdWdodFVwIhgKBlJlc3luYxIOCgZyZWFzb24YASABKAkilQEKC1BvbGxSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRIlCgVraW5kcxgCIAMoDjIWLm9yZ3B1bHNlLnYxLkV2ZW50S2luZBIUCgxhZnRlcl9jdXJzb3IYAyABKAkSEgoKbWF4X2V2ZW50cxgEIAEoDRIPCgd3YWl0X21zGAUgASgNEhQKDGVudGl0eV90eXBlcxgGIAMoCSJSCgxQb2xsUmVzcG9uc2USIgoGZXZlbnRzGAEgAygLMhIub3JncHVsc2UudjEuRXZlbnQSDgoGY3Vyc29yGAIgASgJEg4KBnJlc3luYxgDIAEoCCIjChFMaXN0T25saW5lUmVxdWVzdBIOCgZvcmdfaWQYASABKAkiOgoSTGlzdE9ubGluZVJlc3BvbnNlEiQKB21lbWJlcnMYASADKAsyEy5vcmdwdWxzZS52MS5NZW1iZXIiYAoGTWVtYmVyEg8KB3VzZXJfaWQYASABKAkSMAoMb25saW5lX3NpbmNlGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtjb25uZWN0aW9ucxgDIAEoDSqIAQoJRXZlbnRLaW5kEhoKFkVWRU5UX0tJTkRfVU5TUEVDSUZJRUQQABISCg5FVkVOVF9LSU5EX0pPQhABEhsKF0VWRU5UX0tJTkRfTk9USUZJQ0FUSU9OEAISFwoTRVZFTlRfS0lORF9QUkVTRU5DRRADEhUKEUVWRU5UX0tJTkRfRU5USVRZEAQymwIKDEV2ZW50U2VydmljZRI5CglTdWJzY3JpYmUSFi5vcmdwdWxzZS52MS5PcmdGaWx0ZXIaEi5vcmdwdWxzZS52MS5FdmVudDABEjsKBFBvbGwSGC5vcmdwdWxzZS52MS5Qb2xsUmVxdWVzdBoZLm9yZ3B1bHNlLnYxLlBvbGxSZXNwb25zZRJNCgpMaXN0T25saW5lEh4ub3JncHVsc2UudjEuTGlzdE9ubGluZVJlcXVlc3QaHy5vcmdwdWxzZS52MS5MaXN0T25saW5lUmVzcG9uc2USRAoHUHVibGlzaBIbLm9yZ3B1bHNlLnYxLlB1Ymxpc2hSZXF1ZXN0Ghwub3JncHVsc2UudjEuUHVibGlzaFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp, file_orgpulse_v1_job, file_orgpulse_v1_notification]);
+  fileDesc("ChdvcmdwdWxzZS92MS9ldmVudC5wcm90bxILb3JncHVsc2UudjEifgoJT3JnRmlsdGVyEg4KBm9yZ19pZBgBIAEoCRIlCgVraW5kcxgCIAMoDjIWLm9yZ3B1bHNlLnYxLkV2ZW50S2luZBIUCgxhZnRlcl9jdXJzb3IYAyABKAkSFAoMZW50aXR5X3R5cGVzGAQgAygJEg4KBnRvcGljcxgFIAMoCSLgBAoFRXZlbnQSDgoGY3Vyc29yGAEgASgJEgsKA3NlcRgCIAEoBBIOCgZvcmdfaWQYAyABKAkSKAoEdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFYWN0b3IYBSABKAkSDgoGdG9waWNzGAYgAygJEicKC2pvYl9jcmVhdGVkGAogASgLMhAub3JncHVsc2UudjEuSm9iSAASJwoLam9iX3VwZGF0ZWQYCyABKAsyEC5vcmdwdWxzZS52MS5Kb2JIABIuCgtqb2JfZGVsZXRlZBgMIAEoCzIXLm9yZ3B1bHNlLnYxLkpvYkRlbGV0ZWRIABI1ChBub3RpZmljYXRpb25fbmV3GA0gASgLMhkub3JncHVsc2UudjEuTm90aWZpY2F0aW9uSAASMgoLdXNlcl9vbmxpbmUYDiABKAsyGy5vcmdwdWxzZS52MS5QcmVzZW5jZUNoYW5nZUgAEjMKDHVzZXJfb2ZmbGluZRgPIAEoCzIbLm9yZ3B1bHNlLnYxLlByZXNlbmNlQ2hhbmdlSAASKwoJaGVhcnRiZWF0GBAgASgLMhYub3JncHVsc2UudjEuSGVhcnRiZWF0SAASKgoJY2F1Z2h0X3VwGBEgASgLMhUub3JncHVsc2UudjEuQ2F1Z2h0VXBIABIlCgZyZXN5bmMYEiABKAsyEy5vcmdwdWxzZS52MS5SZXN5bmNIABI0Cg5lbnRpdHlfY2hhbmdlZBgTIAEoCzIaLm9yZ3B1bHNlLnYxLkVudGl0eUNoYW5nZWRIAEIJCgdwYXlsb2FkIn8KDUVudGl0eUNoYW5nZWQSEwoLZW50aXR5X3R5cGUYASABKAkSEQoJZW50aXR5X2lkGAIgASgJEg4KBmFjdGlvbhgDIAEoCRIlCgRkYXRhGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIPCgd1c2VyX2lkGAUgASgJIt0BCg5QdWJsaXNoUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSEwoLZW50aXR5X3R5cGUYAiABKAkSEQoJZW50aXR5X2lkGAMgASgJEg4KBmFjdGlvbhgEIAEoCRIlCgRkYXRhGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIPCgd1c2VyX2lkGAYgASgJEhIKCnJlcXVlc3RfaWQYByABKAkSJwoIYXVkaWVuY2UYCCABKAsyFS5vcmdwdWxzZS52MS5BdWRpZW5jZRIOCgZ0b3BpY3MYCSADKAkiLgoPUHVibGlzaFJlc3BvbnNlEgsKA3NlcRgBIAEoBBIOCgZjdXJzb3IYAiABKAkiHAoKSm9iRGVsZXRlZBIOCgZqb2JfaWQYASABKAkiIQoOUHJlc2VuY2VDaGFuZ2USDwoHdXNlcl9pZBgBIAEoCSILCglIZWFydGJlYXQiCgoIQ2F1Z2h0VXAiGAoGUmVzeW5jEg4KBnJlYXNvbhgBIAEoCSKlAQoLUG9sbFJlcXVlc3QSDgoGb3JnX2lkGAEgASgJEiUKBWtpbmRzGAIgAygOMhYub3JncHVsc2UudjEuRXZlbnRLaW5kEhQKDGFmdGVyX2N1cnNvchgDIAEoCRISCgptYXhfZXZlbnRzGAQgASgNEg8KB3dhaXRfbXMYBSABKA0SFAoMZW50aXR5X3R5cGVzGAYgAygJEg4KBnRvcGljcxgHIAMoCSJSCgxQb2xsUmVzcG9uc2USIgoGZXZlbnRzGAEgAygLMhIub3JncHVsc2UudjEuRXZlbnQSDgoGY3Vyc29yGAIgASgJEg4KBnJlc3luYxgDIAEoCCIjChFMaXN0T25saW5lUmVxdWVzdBIOCgZvcmdfaWQYASABKAkiOgoSTGlzdE9ubGluZVJlc3BvbnNlEiQKB21lbWJlcnMYASADKAsyEy5vcmdwdWxzZS52MS5NZW1iZXIiYAoGTWVtYmVyEg8KB3VzZXJfaWQYASABKAkSMAoMb25saW5lX3NpbmNlGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtjb25uZWN0aW9ucxgDIAEoDSqIAQoJRXZlbnRLaW5kEhoKFkVWRU5UX0tJTkRfVU5TUEVDSUZJRUQQABISCg5FVkVOVF9LSU5EX0pPQhABEhsKF0VWRU5UX0tJTkRfTk9USUZJQ0FUSU9OEAISFwoTRVZFTlRfS0lORF9QUkVTRU5DRRADEhUKEUVWRU5UX0tJTkRfRU5USVRZEAQymwIKDEV2ZW50U2VydmljZRI5CglTdWJzY3JpYmUSFi5vcmdwdWxzZS52MS5PcmdGaWx0ZXIaEi5vcmdwdWxzZS52MS5FdmVudDABEjsKBFBvbGwSGC5vcmdwdWxzZS52MS5Qb2xsUmVxdWVzdBoZLm9yZ3B1bHNlLnYxLlBvbGxSZXNwb25zZRJNCgpMaXN0T25saW5lEh4ub3JncHVsc2UudjEuTGlzdE9ubGluZVJlcXVlc3QaHy5vcmdwdWxzZS52MS5MaXN0T25saW5lUmVzcG9uc2USRAoHUHVibGlzaBIbLm9yZ3B1bHNlLnYxLlB1Ymxpc2hSZXF1ZXN0Ghwub3JncHVsc2UudjEuUHVibGlzaFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp, file_orgpulse_v1_audience, file_orgpulse_v1_job, file_orgpulse_v1_notification]);
 
 /**
  * @generated from message orgpulse.v1.OrgFilter
@@ -49,6 +51,14 @@ export type OrgFilter = Message<"orgpulse.v1.OrgFilter"> & {
    * @generated from field: repeated string entity_types = 4;
    */
   entityTypes: string[];
+
+  /**
+   * Durable events with at least one of these topics; empty = all. Topics narrow what the
+   * audience allows, never widen it.
+   *
+   * @generated from field: repeated string topics = 5;
+   */
+  topics: string[];
 };
 
 /**
@@ -92,6 +102,13 @@ export type Event = Message<"orgpulse.v1.Event"> & {
    * @generated from field: string actor = 5;
    */
   actor: string;
+
+  /**
+   * The event's topics (a job's are given at its creation).
+   *
+   * @generated from field: repeated string topics = 6;
+   */
+  topics: string[];
 
   /**
    * @generated from oneof orgpulse.v1.Event.payload
@@ -257,6 +274,20 @@ export type PublishRequest = Message<"orgpulse.v1.PublishRequest"> & {
    * @generated from field: string request_id = 7;
    */
   requestId: string;
+
+  /**
+   * Who may see it besides `user_id`; all empty (and user_id empty) = the whole org.
+   *
+   * @generated from field: orgpulse.v1.Audience audience = 8;
+   */
+  audience?: Audience | undefined;
+
+  /**
+   * 0-8 topics, each 1-128 chars of [A-Za-z0-9._:@/-].
+   *
+   * @generated from field: repeated string topics = 9;
+   */
+  topics: string[];
 };
 
 /**
@@ -404,6 +435,13 @@ export type PollRequest = Message<"orgpulse.v1.PollRequest"> & {
    * @generated from field: repeated string entity_types = 6;
    */
   entityTypes: string[];
+
+  /**
+   * Durable events with at least one of these topics; empty = all.
+   *
+   * @generated from field: repeated string topics = 7;
+   */
+  topics: string[];
 };
 
 /**

@@ -8,13 +8,15 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Audience } from "./audience_pb.js";
+import { file_orgpulse_v1_audience } from "./audience_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file orgpulse/v1/job.proto.
  */
 export const file_orgpulse_v1_job: GenFile = /*@__PURE__*/
-  fileDesc("ChVvcmdwdWxzZS92MS9qb2IucHJvdG8SC29yZ3B1bHNlLnYxIvECCgNKb2ISCgoCaWQYASABKAkSDgoGb3JnX2lkGAIgASgJEg0KBXRpdGxlGAMgASgJEiYKBnN0YXR1cxgEIAEoDjIWLm9yZ3B1bHNlLnYxLkpvYlN0YXR1cxIQCghwcm9ncmVzcxgFIAEoDRIPCgdtZXNzYWdlGAYgASgJEiwKBmxhYmVscxgHIAMoCzIcLm9yZ3B1bHNlLnYxLkpvYi5MYWJlbHNFbnRyeRISCgpjcmVhdGVkX2J5GAggASgJEhIKCnVwZGF0ZWRfYnkYCSABKAkSLgoKY3JlYXRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgMIAEoBBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIq8BChBDcmVhdGVKb2JSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRINCgV0aXRsZRgCIAEoCRI5CgZsYWJlbHMYAyADKAsyKS5vcmdwdWxzZS52MS5DcmVhdGVKb2JSZXF1ZXN0LkxhYmVsc0VudHJ5EhIKCnJlcXVlc3RfaWQYBCABKAkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIvCg1HZXRKb2JSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkicgoPTGlzdEpvYnNSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRIoCghzdGF0dXNlcxgCIAMoDjIWLm9yZ3B1bHNlLnYxLkpvYlN0YXR1cxIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCSJbChBMaXN0Sm9ic1Jlc3BvbnNlEh4KBGpvYnMYASADKAsyEC5vcmdwdWxzZS52MS5Kb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEg4KBmN1cnNvchgDIAEoCSLoAQoQVXBkYXRlSm9iUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEisKBnN0YXR1cxgDIAEoDjIWLm9yZ3B1bHNlLnYxLkpvYlN0YXR1c0gAiAEBEhUKCHByb2dyZXNzGAQgASgNSAGIAQESEgoFdGl0bGUYBSABKAlIAogBARIUCgdtZXNzYWdlGAYgASgJSAOIAQESGAoQZXhwZWN0ZWRfdmVyc2lvbhgHIAEoBEIJCgdfc3RhdHVzQgsKCV9wcm9ncmVzc0IICgZfdGl0bGVCCgoIX21lc3NhZ2UiMgoQRGVsZXRlSm9iUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSDgoGam9iX2lkGAIgASgJIhMKEURlbGV0ZUpvYlJlc3BvbnNlKqEBCglKb2JTdGF0dXMSGgoWSk9CX1NUQVRVU19VTlNQRUNJRklFRBAAEhUKEUpPQl9TVEFUVVNfUVVFVUVEEAESFgoSSk9CX1NUQVRVU19SVU5OSU5HEAISGAoUSk9CX1NUQVRVU19TVUNDRUVERUQQAxIVChFKT0JfU1RBVFVTX0ZBSUxFRBAEEhgKFEpPQl9TVEFUVVNfQ0FOQ0VMTEVEEAUy1QIKCkpvYlNlcnZpY2USPAoJQ3JlYXRlSm9iEh0ub3JncHVsc2UudjEuQ3JlYXRlSm9iUmVxdWVzdBoQLm9yZ3B1bHNlLnYxLkpvYhI2CgZHZXRKb2ISGi5vcmdwdWxzZS52MS5HZXRKb2JSZXF1ZXN0GhAub3JncHVsc2UudjEuSm9iEkcKCExpc3RKb2JzEhwub3JncHVsc2UudjEuTGlzdEpvYnNSZXF1ZXN0Gh0ub3JncHVsc2UudjEuTGlzdEpvYnNSZXNwb25zZRI8CglVcGRhdGVKb2ISHS5vcmdwdWxzZS52MS5VcGRhdGVKb2JSZXF1ZXN0GhAub3JncHVsc2UudjEuSm9iEkoKCURlbGV0ZUpvYhIdLm9yZ3B1bHNlLnYxLkRlbGV0ZUpvYlJlcXVlc3QaHi5vcmdwdWxzZS52MS5EZWxldGVKb2JSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChVvcmdwdWxzZS92MS9qb2IucHJvdG8SC29yZ3B1bHNlLnYxIoEDCgNKb2ISCgoCaWQYASABKAkSDgoGb3JnX2lkGAIgASgJEg0KBXRpdGxlGAMgASgJEiYKBnN0YXR1cxgEIAEoDjIWLm9yZ3B1bHNlLnYxLkpvYlN0YXR1cxIQCghwcm9ncmVzcxgFIAEoDRIPCgdtZXNzYWdlGAYgASgJEiwKBmxhYmVscxgHIAMoCzIcLm9yZ3B1bHNlLnYxLkpvYi5MYWJlbHNFbnRyeRISCgpjcmVhdGVkX2J5GAggASgJEhIKCnVwZGF0ZWRfYnkYCSABKAkSLgoKY3JlYXRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgMIAEoBBIOCgZ0b3BpY3MYDSADKAkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLoAQoQQ3JlYXRlSm9iUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSDQoFdGl0bGUYAiABKAkSOQoGbGFiZWxzGAMgAygLMikub3JncHVsc2UudjEuQ3JlYXRlSm9iUmVxdWVzdC5MYWJlbHNFbnRyeRISCgpyZXF1ZXN0X2lkGAQgASgJEicKCGF1ZGllbmNlGAUgASgLMhUub3JncHVsc2UudjEuQXVkaWVuY2USDgoGdG9waWNzGAYgAygJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiLwoNR2V0Sm9iUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSDgoGam9iX2lkGAIgASgJIoIBCg9MaXN0Sm9ic1JlcXVlc3QSDgoGb3JnX2lkGAEgASgJEigKCHN0YXR1c2VzGAIgAygOMhYub3JncHVsc2UudjEuSm9iU3RhdHVzEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJEg4KBnRvcGljcxgFIAMoCSJbChBMaXN0Sm9ic1Jlc3BvbnNlEh4KBGpvYnMYASADKAsyEC5vcmdwdWxzZS52MS5Kb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEg4KBmN1cnNvchgDIAEoCSLoAQoQVXBkYXRlSm9iUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEisKBnN0YXR1cxgDIAEoDjIWLm9yZ3B1bHNlLnYxLkpvYlN0YXR1c0gAiAEBEhUKCHByb2dyZXNzGAQgASgNSAGIAQESEgoFdGl0bGUYBSABKAlIAogBARIUCgdtZXNzYWdlGAYgASgJSAOIAQESGAoQZXhwZWN0ZWRfdmVyc2lvbhgHIAEoBEIJCgdfc3RhdHVzQgsKCV9wcm9ncmVzc0IICgZfdGl0bGVCCgoIX21lc3NhZ2UiMgoQRGVsZXRlSm9iUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSDgoGam9iX2lkGAIgASgJIhMKEURlbGV0ZUpvYlJlc3BvbnNlKqEBCglKb2JTdGF0dXMSGgoWSk9CX1NUQVRVU19VTlNQRUNJRklFRBAAEhUKEUpPQl9TVEFUVVNfUVVFVUVEEAESFgoSSk9CX1NUQVRVU19SVU5OSU5HEAISGAoUSk9CX1NUQVRVU19TVUNDRUVERUQQAxIVChFKT0JfU1RBVFVTX0ZBSUxFRBAEEhgKFEpPQl9TVEFUVVNfQ0FOQ0VMTEVEEAUy1QIKCkpvYlNlcnZpY2USPAoJQ3JlYXRlSm9iEh0ub3JncHVsc2UudjEuQ3JlYXRlSm9iUmVxdWVzdBoQLm9yZ3B1bHNlLnYxLkpvYhI2CgZHZXRKb2ISGi5vcmdwdWxzZS52MS5HZXRKb2JSZXF1ZXN0GhAub3JncHVsc2UudjEuSm9iEkcKCExpc3RKb2JzEhwub3JncHVsc2UudjEuTGlzdEpvYnNSZXF1ZXN0Gh0ub3JncHVsc2UudjEuTGlzdEpvYnNSZXNwb25zZRI8CglVcGRhdGVKb2ISHS5vcmdwdWxzZS52MS5VcGRhdGVKb2JSZXF1ZXN0GhAub3JncHVsc2UudjEuSm9iEkoKCURlbGV0ZUpvYhIdLm9yZ3B1bHNlLnYxLkRlbGV0ZUpvYlJlcXVlc3QaHi5vcmdwdWxzZS52MS5EZWxldGVKb2JSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_orgpulse_v1_audience]);
 
 /**
  * @generated from message orgpulse.v1.Job
@@ -83,6 +85,13 @@ export type Job = Message<"orgpulse.v1.Job"> & {
    * @generated from field: uint64 version = 12;
    */
   version: bigint;
+
+  /**
+   * The topics given at creation (e.g. "project:42"); every event of the job carries them.
+   *
+   * @generated from field: repeated string topics = 13;
+   */
+  topics: string[];
 };
 
 /**
@@ -119,6 +128,20 @@ export type CreateJobRequest = Message<"orgpulse.v1.CreateJobRequest"> & {
    * @generated from field: string request_id = 4;
    */
   requestId: string;
+
+  /**
+   * Who may see the job and its events; empty = the whole org. Set once, at creation.
+   *
+   * @generated from field: orgpulse.v1.Audience audience = 5;
+   */
+  audience?: Audience | undefined;
+
+  /**
+   * 0-8 topics, each 1-128 chars of [A-Za-z0-9._:@/-]; kept for all the job's events.
+   *
+   * @generated from field: repeated string topics = 6;
+   */
+  topics: string[];
 };
 
 /**
@@ -177,6 +200,13 @@ export type ListJobsRequest = Message<"orgpulse.v1.ListJobsRequest"> & {
    * @generated from field: string page_token = 4;
    */
   pageToken: string;
+
+  /**
+   * Only jobs with at least one of these topics; empty = all.
+   *
+   * @generated from field: repeated string topics = 5;
+   */
+  topics: string[];
 };
 
 /**
