@@ -137,6 +137,26 @@ impl Printer {
             Payload::CaughtUp(_) => ("caught up", "2", String::new()),
             Payload::Resync(r) => ("resync", "33;1", r.reason.clone()),
             Payload::EntityChanged(e) => ("entity", "34", entity_text(e)),
+            Payload::PresenceState(p) => {
+                match p.state.as_ref().is_some_and(|d| !d.fields.is_empty()) {
+                    true => (
+                        "presence",
+                        "36",
+                        format!(
+                            "{} on {}{}",
+                            p.user_id,
+                            p.topic,
+                            data_text(p.state.as_ref())
+                        ),
+                    ),
+                    false => ("presence", "2", format!("{} left {}", p.user_id, p.topic)),
+                }
+            }
+            Payload::Broadcast(b) => (
+                "broadcast",
+                "35",
+                format!("{} on {}{}", b.user_id, b.topic, data_text(b.data.as_ref())),
+            ),
         };
         let topics = if ev.topics.is_empty() {
             String::new()
@@ -235,17 +255,23 @@ impl Printer {
 /// DATA_SHOWN characters), and the addressee when there is one.
 fn entity_text(e: &EntityChanged) -> String {
     let mut s = format!("{} {} {}", e.entity_type, e.entity_id, e.action);
-    if let Some(data) = e.data.as_ref().filter(|d| !d.fields.is_empty()) {
-        let text = plain_json(data).to_string();
-        match text.char_indices().nth(DATA_SHOWN) {
-            Some((cut, _)) => s += &format!(" {}…", &text[..cut]),
-            None => s += &format!(" {text}"),
-        }
-    }
+    s += &data_text(e.data.as_ref());
     if !e.user_id.is_empty() {
         s += &format!(" for {}", e.user_id);
     }
     s
+}
+
+/// ` {json}` of a Struct with fields (cut after DATA_SHOWN characters), else nothing.
+fn data_text(data: Option<&prost_types::Struct>) -> String {
+    let Some(data) = data.filter(|d| !d.fields.is_empty()) else {
+        return String::new();
+    };
+    let text = plain_json(data).to_string();
+    match text.char_indices().nth(DATA_SHOWN) {
+        Some((cut, _)) => format!(" {}…", &text[..cut]),
+        None => format!(" {text}"),
+    }
 }
 
 /// A Struct as plain JSON, whole numbers without a fraction (`12`, not `12.0`).

@@ -936,6 +936,8 @@ pub fn payload_name(e: &orgpulse::proto::Event) -> String {
         Some(Payload::CaughtUp(_)) => "caught_up",
         Some(Payload::Resync(_)) => "resync",
         Some(Payload::EntityChanged(_)) => "entity_changed",
+        Some(Payload::PresenceState(_)) => "presence_state",
+        Some(Payload::Broadcast(_)) => "broadcast",
         None => "none",
     }
     .to_string()

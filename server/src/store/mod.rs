@@ -445,7 +445,9 @@ pub fn payload_kind(p: &Payload) -> Option<EventKind> {
         | Payload::UserOffline(_)
         | Payload::Heartbeat(_)
         | Payload::CaughtUp(_)
-        | Payload::Resync(_) => None,
+        | Payload::Resync(_)
+        | Payload::PresenceState(_)
+        | Payload::Broadcast(_) => None,
     }
 }
 
