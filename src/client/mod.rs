@@ -47,11 +47,12 @@ pub use token::TokenSource;
 pub use watch::{ConnState, Watch, WatchFilter, WatchItem};
 
 use crate::proto::{
-    CreateJobRequest, DeleteJobRequest, DeleteJobResponse, Event, GetJobRequest, Job,
-    ListJobsRequest, ListJobsResponse, ListNotificationsRequest, ListNotificationsResponse,
-    ListOnlineRequest, ListOnlineResponse, MarkReadRequest, MarkReadResponse, Notification,
-    OrgFilter, PollRequest, PollResponse, PublishRequest, PublishResponse, SendNotificationRequest,
-    UpdateJobRequest, event_service_client::EventServiceClient,
+    BroadcastRequest, BroadcastResponse, CreateJobRequest, DeleteJobRequest, DeleteJobResponse,
+    Event, GetJobRequest, Job, ListJobsRequest, ListJobsResponse, ListNotificationsRequest,
+    ListNotificationsResponse, ListOnlineRequest, ListOnlineResponse, ListPresenceRequest,
+    ListPresenceResponse, MarkReadRequest, MarkReadResponse, Notification, OrgFilter, PollRequest,
+    PollResponse, PublishRequest, PublishResponse, SendNotificationRequest, SetPresenceRequest,
+    SetPresenceResponse, UpdateJobRequest, event_service_client::EventServiceClient,
     job_service_client::JobServiceClient, notification_service_client::NotificationServiceClient,
 };
 use backoff::Backoff;
@@ -68,9 +69,10 @@ pub struct ClientConfig {
     pub token: TokenSource,
     /// Delays between reconnects of a watch and between retries of a call.
     pub backoff: BackoffConfig,
-    /// Attempts of an idempotent call (reads, creates with a `request_id`, marking read) before
-    /// its transient failure is returned. `UpdateJob` and `DeleteJob` are only retried when the
-    /// previous attempt never reached a server (connection refused).
+    /// Attempts of an idempotent call (reads, creates with a `request_id`, marking read, setting
+    /// presence) before its transient failure is returned. `UpdateJob`, `DeleteJob` and
+    /// `Broadcast` are only retried when the previous attempt never reached a server (connection
+    /// refused).
     pub call_attempts: u32,
     /// Deadline of one unary call (a `Poll` gets its `wait_ms` on top).
     pub call_timeout: Duration,
@@ -346,6 +348,38 @@ impl Client {
     pub async fn list_online(&self, req: ListOnlineRequest) -> Result<ListOnlineResponse, Error> {
         self.call(true, self.timeout(), req, |ch, r| async move {
             EventServiceClient::new(ch).list_online(r).await
+        })
+        .await
+    }
+
+    /// `SetPresence` (an empty `state` removes the entry); retried like a read, since setting
+    /// the same state twice is the same as once (last write wins).
+    pub async fn set_presence(
+        &self,
+        req: SetPresenceRequest,
+    ) -> Result<SetPresenceResponse, Error> {
+        self.call(true, self.timeout(), req, |ch, r| async move {
+            EventServiceClient::new(ch).set_presence(r).await
+        })
+        .await
+    }
+
+    /// `ListPresence` (a snapshot: subscribe first, then list, to miss nothing).
+    pub async fn list_presence(
+        &self,
+        req: ListPresenceRequest,
+    ) -> Result<ListPresenceResponse, Error> {
+        self.call(true, self.timeout(), req, |ch, r| async move {
+            EventServiceClient::new(ch).list_presence(r).await
+        })
+        .await
+    }
+
+    /// `Broadcast`: at most once, so retried only when no server got it (a server that did may
+    /// have delivered it before the reply was lost, and a broadcast carries no idempotency key).
+    pub async fn broadcast(&self, req: BroadcastRequest) -> Result<BroadcastResponse, Error> {
+        self.call(false, self.timeout(), req, |ch, r| async move {
+            EventServiceClient::new(ch).broadcast(r).await
         })
         .await
     }
