@@ -23,6 +23,8 @@ Examples:
   orgpulse jobs update 01JD9X... --status running --progress 40
   orgpulse notify send --title 'deploy done' --severity success
   orgpulse publish --type invoice --id inv_1 --action paid --data '{\"amount\":12}'
+  orgpulse presence set --topic job:01JD9X --state '{\"viewing\":true}' --hold
+  orgpulse broadcast --topic job:01JD9X --data '{\"typing\":true}'
   orgpulse watch --json --cursor-file ~/.orgpulse-cursor | jq -c .";
 
 /// The orgpulse command-line client: watch an org's events live, manage jobs and notifications.
@@ -120,6 +122,21 @@ with the same --request-id) never append it twice.
 
 {EXIT_CODES}"))]
     Publish(PublishArgs),
+    /// Who is doing what: set, hold, clear and list presence states on topics.
+    #[command(subcommand)]
+    Presence(PresenceCommand),
+    /// Send ephemeral data (typing, a cursor) to the open streams on a topic: never stored.
+    #[command(after_help = format!("\
+Examples:
+  orgpulse broadcast --topic job:01JD9X --data '{{\"typing\":true}}'
+  orgpulse broadcast --topic board:7 --data '{{\"x\":10,\"y\":42}}' --audience-groups team-a
+
+Reaches the `watch` streams open at this moment whose --topics (if any) include the topic, as a
+broadcast event: never stored, never replayed, at most once (never retried once a server may have
+got it), in order per sender. At most 20 per second per user (exit 6 beyond).
+
+{EXIT_CODES}"))]
+    Broadcast(BroadcastArgs),
     /// Create, read, update and delete jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
@@ -175,7 +192,8 @@ pub struct EventFilterArgs {
     /// Only entity events of these entity types (other kinds are not narrowed; default: all).
     #[arg(long, value_delimiter = ',')]
     pub types: Vec<String>,
-    /// Only durable events with at least one of these topics (e.g. project:42; default: all).
+    /// Only durable events with at least one of these topics, and presence states and
+    /// broadcasts on one of them (e.g. project:42; default: all).
     #[arg(long, value_delimiter = ',')]
     pub topics: Vec<String>,
     #[command(flatten)]
@@ -273,8 +291,11 @@ pub struct PollArgs {
 pub enum Kind {
     Job,
     Notification,
+    /// Online and offline, and presence states (`presence set`).
     Presence,
     Entity,
+    /// Ephemeral broadcasts (`orgpulse broadcast`): live streams only.
+    Broadcast,
 }
 
 impl Kind {
@@ -284,8 +305,87 @@ impl Kind {
             Kind::Notification => EventKind::Notification,
             Kind::Presence => EventKind::Presence,
             Kind::Entity => EventKind::Entity,
+            Kind::Broadcast => EventKind::Broadcast,
         }
     }
+}
+
+/// `--topic` of the presence and broadcast commands.
+#[derive(Args, Debug)]
+pub struct TopicArg {
+    #[command(flatten)]
+    pub org: OrgArg,
+    /// The topic, 1-128 of [A-Za-z0-9._:@/-] (e.g. job:01JD9X..., board:7).
+    #[arg(long)]
+    pub topic: String,
+}
+
+/// `broadcast` flags.
+#[derive(Args, Debug)]
+pub struct BroadcastArgs {
+    #[command(flatten)]
+    pub topic: TopicArg,
+    /// The data: a JSON object, at most 4 KiB encoded.
+    #[arg(long)]
+    pub data: String,
+    /// Who receives it (default: the whole org).
+    #[command(flatten)]
+    pub audience: AudienceArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PresenceCommand {
+    /// Set your state on a topic; with --hold, keep it until Ctrl-C, then clear it.
+    #[command(after_help = format!("\
+Examples:
+  orgpulse presence set --topic job:01JD9X --state '{{\"viewing\":true}}'
+  orgpulse presence set --topic job:01JD9X --state '{{\"viewing\":true}}' --hold   # until Ctrl-C
+  orgpulse presence set --topic doc:7 --state '{{\"typing\":true}}' --ttl 10s --audience-groups team-a
+
+One entry per user and topic: setting again replaces it. Without --hold it expires after --ttl.
+With --hold it is set again every ttl/2 until Ctrl-C (or SIGTERM), then cleared; if the server
+is unreachable meanwhile it keeps trying. Subscribers see a presence_state event when the entry
+is set, changed, removed or expired. At most 10 sets per second per user (exit 6 beyond).
+
+{EXIT_CODES}"))]
+    Set {
+        #[command(flatten)]
+        topic: TopicArg,
+        /// The state: a non-empty JSON object, at most 1 KiB encoded.
+        #[arg(long)]
+        state: String,
+        /// How long the entry lives unless set again (at most 120s).
+        #[arg(long, default_value = "30s", value_parser = duration)]
+        ttl: Duration,
+        /// Who may see it (default: the whole org).
+        #[command(flatten)]
+        audience: AudienceArgs,
+        /// Keep the state set (refreshed every ttl/2) until Ctrl-C or SIGTERM, then clear it.
+        #[arg(long)]
+        hold: bool,
+    },
+    /// Remove your state on a topic (subscribers see it leave).
+    #[command(after_help = format!("Example:\n  orgpulse presence clear --topic job:01JD9X\n\n{EXIT_CODES}"))]
+    Clear {
+        #[command(flatten)]
+        topic: TopicArg,
+    },
+    /// List the presence entries you may see, on one topic or all.
+    #[command(after_help = format!("\
+Examples:
+  orgpulse presence list --topic job:01JD9X
+  orgpulse presence list --json
+
+A snapshot: to miss nothing, start `orgpulse watch --kinds presence` first, then list.
+
+{EXIT_CODES}"))]
+    List {
+        #[command(flatten)]
+        org: OrgArg,
+        /// Only this topic (default: every topic).
+        #[arg(long, default_value = "", hide_default_value = true)]
+        topic: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -10,6 +10,7 @@ mod jobs;
 mod mint;
 mod notify;
 mod output;
+mod presence;
 
 use std::time::Duration;
 
@@ -87,6 +88,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Publish(args) => {
             events::publish(&client(&cli.global, None, false)?, args, &out).await
+        }
+        Command::Presence(cmd) => {
+            presence::run(&client(&cli.global, None, false)?, cmd, &out).await
+        }
+        Command::Broadcast(args) => {
+            presence::broadcast(&client(&cli.global, None, false)?, args).await
         }
         Command::Online(org) => events::online(&client(&cli.global, None, false)?, org, &out).await,
         Command::Jobs(cmd) => jobs::run(&client(&cli.global, None, false)?, cmd, &out).await,

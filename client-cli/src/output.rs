@@ -7,8 +7,8 @@ use std::{
 };
 
 use orgpulse::proto::{
-    EntityChanged, Event, Job, JobStatus, Member, Notification, PublishResponse, Severity,
-    event::Payload,
+    EntityChanged, Event, Job, JobStatus, Member, Notification, PresenceEntry, PublishResponse,
+    Severity, event::Payload,
 };
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
@@ -35,6 +35,9 @@ impl Named for Notification {
 }
 impl Named for Member {
     const NAME: &'static str = "orgpulse.v1.Member";
+}
+impl Named for PresenceEntry {
+    const NAME: &'static str = "orgpulse.v1.PresenceEntry";
 }
 impl Named for PublishResponse {
     const NAME: &'static str = "orgpulse.v1.PublishResponse";
@@ -247,6 +250,23 @@ impl Printer {
         self.line(&format!(
             "{} online since {since} ({} {streams})",
             m.user_id, m.connections
+        ))
+    }
+
+    /// `alice on job:1 {"viewing":true} (updated 14:03:09.564Z)`.
+    pub fn presence_entry(&self, e: &PresenceEntry) -> Result<(), CliError> {
+        if self.json {
+            return self.line(&json(e));
+        }
+        let updated = e
+            .updated_at
+            .map(|t| format!(" (updated {})", clock(t)))
+            .unwrap_or_default();
+        self.line(&format!(
+            "{} on {}{}{updated}",
+            e.user_id,
+            e.topic,
+            data_text(e.state.as_ref())
         ))
     }
 }
