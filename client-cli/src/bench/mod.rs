@@ -4,7 +4,9 @@
 //! expected/received, throughput, commit→receipt latency, server CPU per delivery and RSS per
 //! connection. Any loss, reordering or broken stream makes the exit code non-zero. The `orgs`
 //! scenario (orgs.rs) instead measures what many idle orgs cost the server; the `outbox` scenario
-//! (outbox.rs) publishes by committing outbox rows in PostgreSQL instead of calling the API.
+//! (outbox.rs) publishes by committing outbox rows in PostgreSQL instead of calling the API; the
+//! `presence` scenario has writers broadcast on one topic instead (ephemeral, never stored), their
+//! latency being send→receipt.
 //! `--nodes N` starts a cluster instead (N nodes on a PostgreSQL database of the bench's own and
 //! one NATS server): subscribers and writers alternate over the nodes, and the deliveries written
 //! through another node than the subscriber's get a latency histogram of their own.
@@ -59,6 +61,9 @@ pub enum Scenario {
     /// 10,000 subscribers of one org, each in 1 of --audience-groups groups (1 % admins), 50
     /// events/s for 10 s, each addressed to one group and the admins: authorized fan-out.
     Audience,
+    /// 1,000 subscribers of one topic, 100 of them also broadcasting on it at 10/s each for 10 s
+    /// (typing, cursors): ephemeral fan-out, never stored, send→receipt latency.
+    Presence,
 }
 
 struct Shape {
@@ -82,6 +87,7 @@ impl Scenario {
             Scenario::Orgs => (5_000, 0, 0.0, 1, 3000),
             Scenario::Outbox => (100, 1_000, 200.0, 1, 1000),
             Scenario::Audience => (10_000, 500, 50.0, 100, 3000),
+            Scenario::Presence => (1_000, 10_000, 1_000.0, 100, 1000),
         };
         Shape {
             subscribers,
@@ -211,6 +217,16 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
             "--nodes: the orgs and outbox scenarios run on one node",
         ));
     }
+    let per_sender = shape.rate / shape.writers as f64;
+    if args.scenario == Scenario::Presence
+        && !(per_sender > 0.0 && per_sender <= writer::BROADCASTS_PER_USER)
+    {
+        return Err(CliError::usage(format!(
+            "--scenario presence: --rate / --writers must be above 0 and at most {} broadcasts/s \
+             per sender (the server's limit per user), not {per_sender}",
+            writer::BROADCASTS_PER_USER
+        )));
+    }
     let outbox_db = match args.scenario {
         Scenario::Outbox => Some(Database::create(&args.pg_admin_url).await?),
         _ => None,
@@ -319,9 +335,11 @@ async fn start_nodes(
     Ok(())
 }
 
-/// What makes the events: job updates through the API, or outbox rows committed in PostgreSQL.
+/// What makes the events: job updates or broadcasts through the API, or outbox rows committed in
+/// PostgreSQL.
 enum Publisher {
     Jobs(Vec<Writer>),
+    Broadcasts(Vec<Writer>),
     Outbox(outbox::Inserter),
 }
 
@@ -329,13 +347,16 @@ impl Publisher {
     fn counted(&self) -> Counted {
         match self {
             Publisher::Jobs(_) => Counted::Jobs,
+            Publisher::Broadcasts(_) => Counted::Broadcasts,
             Publisher::Outbox(inserter) => Counted::OutboxRows(inserter.commits()),
         }
     }
 
     async fn publish(&mut self, total: u64, rate: f64) -> Result<Published, CliError> {
         match self {
-            Publisher::Jobs(writers) => writer::publish(writers, total, rate).await,
+            Publisher::Jobs(writers) | Publisher::Broadcasts(writers) => {
+                writer::publish(writers, total, rate).await
+            }
             Publisher::Outbox(inserter) => inserter.publish(total, rate).await,
         }
     }
@@ -387,16 +408,25 @@ async fn measure(
         None => {
             let mut writers = Vec::new();
             for n in 0..shape.writers {
-                let writer_token =
-                    token(&format!("writer{n}"), "member", audiences.writer_groups(n))?;
                 let node = n % nodes.len();
-                let audience = audiences.writer_audience(n);
                 let url = nodes[node].url();
-                let w = Writer::new(&url, &writer_token, &args.org, n, audience).await?;
-                writer_nodes.insert(w.job_id.clone(), node);
+                let w = if args.scenario == Scenario::Presence {
+                    // Broadcaster n is subscriber n's user (a viewer may broadcast).
+                    let user = subscriber_user(n);
+                    Writer::broadcaster(&url, &token(&user, "viewer", vec![])?, &args.org, &user)?
+                } else {
+                    let writer_token =
+                        token(&format!("writer{n}"), "member", audiences.writer_groups(n))?;
+                    let audience = audiences.writer_audience(n);
+                    Writer::new(&url, &writer_token, &args.org, n, audience).await?
+                };
+                writer_nodes.insert(w.key().to_string(), node);
                 writers.push(w);
             }
-            Publisher::Jobs(writers)
+            match args.scenario {
+                Scenario::Presence => Publisher::Broadcasts(writers),
+                _ => Publisher::Jobs(writers),
+            }
         }
     };
     let writer_nodes = Arc::new(writer_nodes);
@@ -426,7 +456,7 @@ async fn measure(
     let tokens: Vec<String> = (0..shape.subscribers)
         .map(|i| {
             let (role, groups) = audiences.subscriber(i);
-            token(&format!("sub{i}"), role, groups)
+            token(&subscriber_user(i), role, groups)
         })
         .collect::<Result<_, _>>()?;
     let counted = publisher.counted();
@@ -544,6 +574,11 @@ async fn measure(
         t.abort();
     }
     Ok(out)
+}
+
+/// The user id of subscriber `i`.
+fn subscriber_user(i: usize) -> String {
+    format!("sub{i}")
 }
 
 /// Who sees what in the audience scenario: subscriber i is an admin when `i % 100 == 99`, else

@@ -1,10 +1,11 @@
 //! A bench subscriber: one `Subscribe` stream on an HTTP/2 connection (its own, or one shared by
 //! many streams), spoken directly over `h2` (a tonic channel per connection would cost the client
 //! more memory than the server), from a chosen 127.0.0.x source address. Every counted event (a
-//! `job_updated`, or in the outbox scenario an outbox row's `entity_changed`) is checked for order
-//! and its commit→receipt latency (the commit time vs. the wall clock of this host) recorded; with
-//! several nodes, the latency of the events written through another node than the subscriber's
-//! is recorded again on its own (cross-node).
+//! `job_updated`, in the outbox scenario an outbox row's `entity_changed`, in the presence scenario
+//! a `broadcast`) is checked for order (a broadcast: per sender) and its commit→receipt latency
+//! (the commit or send time vs. the wall clock of this host) recorded; with several nodes, the
+//! latency of the events written through another node than the subscriber's is recorded again on
+//! its own (cross-node).
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -21,7 +22,7 @@ use orgpulse::proto::{Event, EventKind, OrgFilter, event::Payload};
 use prost::Message;
 use tokio::net::TcpSocket;
 
-use super::{histogram::Histogram, outbox};
+use super::{histogram::Histogram, outbox, writer};
 
 /// What all subscribers add up, shared by their tasks.
 pub struct Tally {
@@ -74,25 +75,37 @@ pub enum Counted {
     /// The outbox rows' `entity_changed` (entity id = row number), committed when the inserter
     /// saw its COMMIT return.
     OutboxRows(Arc<outbox::CommitTimes>),
+    /// The broadcasts on [`writer::BROADCAST_TOPIC`], sent at the time stamped in their data.
+    Broadcasts,
 }
 
 impl Counted {
     fn filter(&self, org: &str, after_cursor: String) -> OrgFilter {
-        let (kind, entity_types) = match self {
-            Counted::Jobs => (EventKind::Job, vec![]),
-            Counted::OutboxRows(_) => (EventKind::Entity, vec![outbox::ENTITY_TYPE.to_string()]),
+        let (kind, entity_types, topics) = match self {
+            Counted::Jobs => (EventKind::Job, vec![], vec![]),
+            Counted::OutboxRows(_) => (
+                EventKind::Entity,
+                vec![outbox::ENTITY_TYPE.to_string()],
+                vec![],
+            ),
+            Counted::Broadcasts => (
+                EventKind::Broadcast,
+                vec![],
+                vec![writer::BROADCAST_TOPIC.to_string()],
+            ),
         };
         OrgFilter {
             org_id: org.to_string(),
             kinds: vec![kind as i32],
             after_cursor,
             entity_types,
-            topics: vec![],
+            topics,
         }
     }
 }
 
-/// Which node a subscriber is on, and which node wrote each job (by job id).
+/// Which node a subscriber is on, and which node wrote each job or broadcast (by job id, or by
+/// the broadcasting user's id).
 #[derive(Clone, Default)]
 pub struct Placement {
     pub node: usize,
@@ -100,9 +113,10 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Whether `job` was written through another node than this subscriber's.
-    fn cross_node(&self, job: &str) -> bool {
-        self.writer_nodes.get(job).is_some_and(|&n| n != self.node)
+    /// Whether the writer known by `key` (see [`writer::Writer::key`]) is on another node than
+    /// this subscriber.
+    fn cross_node(&self, key: &str) -> bool {
+        self.writer_nodes.get(key).is_some_and(|&n| n != self.node)
     }
 }
 
@@ -115,6 +129,8 @@ pub struct Subscriber {
     last_seq: u64,
     /// The outbox row received last.
     last_row: Option<usize>,
+    /// The stamp (sequence number) of the broadcast received last, by sender.
+    last_stamp: HashMap<String, u64>,
     /// Counted events that arrived before `caught_up` (a replay).
     pub replayed: u64,
 }
@@ -191,6 +207,7 @@ impl Subscriber {
             placement: d.placement,
             last_seq: 0,
             last_row: None,
+            last_stamp: HashMap::new(),
             replayed: 0,
         };
         loop {
@@ -235,7 +252,7 @@ impl Subscriber {
         let now = now_us();
         let mut in_order = ev.seq > self.last_seq;
         let mut cross_node = false;
-        let committed_us = match (&self.counted, &ev.payload) {
+        let sent_us = match (&self.counted, &ev.payload) {
             (Counted::Jobs, Some(Payload::JobUpdated(job))) => {
                 cross_node = self.placement.cross_node(&job.id);
                 ev.time
@@ -255,13 +272,29 @@ impl Subscriber {
                 }
                 committed
             }
+            (Counted::Broadcasts, Some(Payload::Broadcast(b))) => {
+                let Some((n, sent)) = b.data.as_ref().and_then(writer::read_stamp) else {
+                    tally.error(format!("broadcast from {} without a stamp", b.user_id));
+                    return false;
+                };
+                cross_node = self.placement.cross_node(&b.user_id);
+                // Ephemeral (seq 0): in order when each sender's stamps increase.
+                in_order = match self.last_stamp.get_mut(&b.user_id) {
+                    Some(last) => std::mem::replace(last, n) < n,
+                    None => {
+                        self.last_stamp.insert(b.user_id.clone(), n);
+                        true
+                    }
+                };
+                Some(sent)
+            }
             _ => return false,
         };
         if !in_order {
             tally.out_of_order.fetch_add(1, Relaxed);
         }
         self.last_seq = ev.seq;
-        if let Some(sent) = committed_us {
+        if let Some(sent) = sent_us {
             let us = now.saturating_sub(sent);
             tally.latency.lock().unwrap().record(us);
             if cross_node {

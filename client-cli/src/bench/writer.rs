@@ -1,20 +1,41 @@
-//! The publishing side: job updates through the public API with the client library, each writer
-//! on its own connection updating its own job, at a fixed total rate or as fast as it goes.
+//! The publishing side, through the public API with the client library, each writer on its own
+//! connection at a fixed total rate or as fast as it goes: job updates (each writer updating its
+//! own job), or broadcasts on one topic (each writer a user sending stamped data: its sequence
+//! number and send time, read back by the subscribers for order and latency).
 use std::time::Duration;
 
 use orgpulse::{
     client::{Client, ClientConfig, TokenSource},
-    proto::{Audience, CreateJobRequest, ListJobsRequest, UpdateJobRequest},
+    proto::{Audience, BroadcastRequest, CreateJobRequest, ListJobsRequest, UpdateJobRequest},
 };
+use prost_types::{Struct, Value, value::Kind};
 use tokio::time::Instant;
 
+use super::subscriber::now_us;
 use crate::error::CliError;
 
-/// A writer's connection and the job it updates.
+/// The topic of the presence scenario's broadcasts.
+pub const BROADCAST_TOPIC: &str = "bench:presence";
+
+/// The server's limit of broadcasts per second per user and node (API.md).
+pub const BROADCASTS_PER_USER: f64 = 20.0;
+
+/// The shortest gap between two broadcasts of one writer, even one catching up on its schedule:
+/// a little more than the rate limit allows.
+const MIN_BROADCAST_GAP: Duration = Duration::from_micros((1e6 / BROADCASTS_PER_USER * 1.1) as u64);
+
+/// A writer's connection and what it sends.
 pub struct Writer {
     client: Client,
     org: String,
-    pub job_id: String,
+    sends: Sends,
+}
+
+enum Sends {
+    /// Updates of this job.
+    Updates { job_id: String },
+    /// Broadcasts on [`BROADCAST_TOPIC`] as this user.
+    Broadcasts { user: String },
 }
 
 /// How a publishing run went.
@@ -53,8 +74,25 @@ impl Writer {
         Ok(Writer {
             client,
             org: org.to_string(),
-            job_id: job.id,
+            sends: Sends::Updates { job_id: job.id },
         })
+    }
+
+    /// A writer broadcasting on [`BROADCAST_TOPIC`] as `user` (whose `token` this is).
+    pub fn broadcaster(url: &str, token: &str, org: &str, user: &str) -> Result<Writer, CliError> {
+        Ok(Writer {
+            client: client(url, token)?,
+            org: org.to_string(),
+            sends: Sends::Broadcasts { user: user.into() },
+        })
+    }
+
+    /// What the subscribers know this writer's events by: its job's id, or its user id.
+    pub fn key(&self) -> &str {
+        match &self.sends {
+            Sends::Updates { job_id } => job_id,
+            Sends::Broadcasts { user } => user,
+        }
     }
 
     /// The org's log position now (ListJobs' snapshot cursor).
@@ -70,21 +108,41 @@ impl Writer {
             .cursor)
     }
 
-    /// `count` updates, one at a time, the i-th not before `start + i / rate` (rate 0: at once).
+    /// `count` updates or broadcasts, one at a time, the i-th not before `start + i / rate`
+    /// (rate 0: at once), and a broadcast not before [`MIN_BROADCAST_GAP`] after the previous one.
     async fn run(&self, count: u64, rate: f64, start: Instant) -> Result<(), CliError> {
+        let mut last = None;
         for i in 0..count {
             if rate > 0.0 {
                 tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
             }
-            self.client
-                .update_job(UpdateJobRequest {
-                    org_id: self.org.clone(),
-                    job_id: self.job_id.clone(),
-                    progress: Some((i % 101) as u32),
-                    message: Some(format!("bench update {i}")),
-                    ..Default::default()
-                })
-                .await?;
+            match &self.sends {
+                Sends::Updates { job_id } => {
+                    self.client
+                        .update_job(UpdateJobRequest {
+                            org_id: self.org.clone(),
+                            job_id: job_id.clone(),
+                            progress: Some((i % 101) as u32),
+                            message: Some(format!("bench update {i}")),
+                            ..Default::default()
+                        })
+                        .await?;
+                }
+                Sends::Broadcasts { .. } => {
+                    if let Some(last) = last {
+                        tokio::time::sleep_until(last + MIN_BROADCAST_GAP).await;
+                    }
+                    last = Some(Instant::now());
+                    self.client
+                        .broadcast(BroadcastRequest {
+                            org_id: self.org.clone(),
+                            topic: BROADCAST_TOPIC.into(),
+                            data: Some(stamp(i, now_us())),
+                            audience: None,
+                        })
+                        .await?;
+                }
+            }
         }
         Ok(())
     }
@@ -110,4 +168,44 @@ pub async fn publish(writers: &[Writer], total: u64, rate: f64) -> Result<Publis
 pub fn share(total: u64, writers: usize, i: usize) -> u64 {
     let n = writers as u64;
     total / n + u64::from((i as u64) < total % n)
+}
+
+/// A broadcast's data: `{"n": i, "sentUs": µs since the epoch, "x": .., "y": ..}` (a cursor's
+/// worth of payload besides the stamp).
+fn stamp(n: u64, sent_us: u64) -> Struct {
+    let number = |v: u64| Value {
+        kind: Some(Kind::NumberValue(v as f64)),
+    };
+    Struct {
+        fields: [
+            ("n", number(n)),
+            ("sentUs", number(sent_us)),
+            ("x", number(n * 7 % 1920)),
+            ("y", number(n * 13 % 1080)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+    }
+}
+
+/// The (n, sentUs) stamp of a broadcast's data, if it has one.
+pub fn read_stamp(data: &Struct) -> Option<(u64, u64)> {
+    let number = |k: &str| match data.fields.get(k)?.kind {
+        Some(Kind::NumberValue(v)) => Some(v as u64),
+        _ => None,
+    };
+    Some((number("n")?, number("sentUs")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_read_back() {
+        let sent = now_us();
+        assert_eq!(read_stamp(&stamp(41, sent)), Some((41, sent)));
+        assert_eq!(read_stamp(&Struct::default()), None);
+    }
 }
