@@ -113,6 +113,9 @@ const OP_SET: u32 = 1;
 const OP_BROADCAST: u32 = 2;
 const OP_SYNC: u32 = 3;
 
+/// (org, user, what)
+type BucketKey = (Arc<str>, Arc<str>, u32);
+
 /// A token bucket: `rate` per second, bursts up to one second's worth.
 struct Bucket {
     tokens: f64,
@@ -168,7 +171,7 @@ pub struct Activity {
     node: Arc<str>,
     table: Mutex<Table>,
     /// Per (org, user, what): the rate limits.
-    buckets: Mutex<HashMap<(Arc<str>, Arc<str>, u32), Bucket>>,
+    buckets: Mutex<HashMap<BucketKey, Bucket>>,
     /// The cluster's changes go out through this queue, published in order by one task.
     relay: Option<mpsc::Sender<Op>>,
 }
