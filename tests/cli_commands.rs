@@ -1,5 +1,6 @@
 //! End-to-end: every `orgpulse` command other than `watch` against a live server, with the exit
-//! code of each error class (usage 2, auth 3, not found 4, conflict 5, unavailable 6).
+//! code of each error class (usage 2, auth 3, not found 4, conflict 5, unavailable 6); the
+//! presence and broadcast commands as a `watch` sees them.
 mod cli_support;
 mod support;
 
@@ -489,6 +490,10 @@ async fn every_command_has_help_with_examples() {
         &["notify", "list"],
         &["notify", "read"],
         &["token", "mint"],
+        &["presence", "set"],
+        &["presence", "clear"],
+        &["presence", "list"],
+        &["broadcast"],
     ];
     for cmd in commands {
         let mut args = cmd.to_vec();
@@ -869,4 +874,230 @@ async fn the_dev_banner_sets_up_the_cli() {
         !logs.contains('\x1b'),
         "colour codes in a piped log: {logs}"
     );
+}
+
+/// `(user, state)` of a watch's `presence_state` event; state `None` = left.
+fn presence_of(v: &Value) -> (String, Option<Value>) {
+    let p = &v["presenceState"];
+    let state = Some(p["state"].clone()).filter(|s| s.as_object().is_some_and(|o| !o.is_empty()));
+    (p["userId"].as_str().unwrap().to_string(), state)
+}
+
+/// Sends SIGINT to a running `orgpulse`.
+fn interrupt(w: &Watcher) {
+    let pid = w.child.id().expect("still running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// `presence set` / `list` / `clear`, a TTL expiry and a `--hold` that outlives several TTLs and
+/// clears its entry on Ctrl-C: a watch on the topic sees each change exactly once, in order, and
+/// the refreshes of the held entry not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_set_list_clear_hold_and_expiry() {
+    let server = TestServer::start().await;
+    let s = [server.url.as_str()];
+    let alice = token(ORG, "alice", "member");
+    let bob = token(ORG, "bob", "viewer");
+    let carol = token(ORG, "carol", "viewer");
+    let mut w = Watcher::spawn(
+        orgpulse(&s, &token(ORG, "vic", "viewer")),
+        &["watch", "--kinds", "presence", "--topics", "job:1"],
+    );
+    w.until(|v| kind_of(v) == "caughtUp").await;
+    let mut next_presence = async || presence_of(&w.until(|v| kind_of(v) == "presenceState").await);
+
+    let set = ["presence", "set", "--topic", "job:1"];
+    let viewing = [&set[..], &["--state", r#"{"viewing":true}"#]].concat();
+    assert_eq!(ok(&s, &alice, &viewing).await, "", "nothing on stdout");
+    let (user, state) = next_presence().await;
+    assert_eq!(
+        (user.as_str(), state),
+        ("alice", Some(serde_json::json!({"viewing": true})))
+    );
+    // Set again, unchanged: announced to nobody (the next event is the clear).
+    ok(&s, &alice, &viewing).await;
+
+    let listed = json_lines(&ok(&s, &bob, &["presence", "list", "--json"]).await);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["userId"], "alice");
+    assert_eq!(listed[0]["topic"], "job:1");
+    assert_eq!(listed[0]["state"]["viewing"], true);
+    assert!(listed[0]["updatedAt"].is_string());
+    let human = ok(&s, &bob, &["presence", "list", "--topic", "job:1"]).await;
+    assert!(
+        human.starts_with(r#"alice on job:1 {"viewing":true} (updated "#),
+        "{human}"
+    );
+    let other = ok(
+        &s,
+        &bob,
+        &["presence", "list", "--topic", "job:2", "--json"],
+    )
+    .await;
+    assert_eq!(other, "", "no entry on job:2");
+
+    ok(&s, &alice, &["presence", "clear", "--topic", "job:1"]).await;
+    assert_eq!(next_presence().await, ("alice".into(), None));
+    assert_eq!(ok(&s, &bob, &["presence", "list"]).await, "");
+
+    // bob holds his entry with a 1 s TTL; carol's one-shot entry, set after it with a 2 s TTL,
+    // expires: without two refreshes since, bob's would have expired first.
+    let mut hold = Watcher::spawn(
+        orgpulse(&s, &bob),
+        &[
+            &set[..],
+            &["--state", r#"{"typing":true}"#, "--ttl", "1s", "--hold"],
+        ]
+        .concat(),
+    );
+    hold.state("presence held on job:1").await;
+    assert_eq!(next_presence().await.0, "bob");
+    let carol_set = [&set[..], &["--state", r#"{"viewing":true}"#, "--ttl", "2s"]].concat();
+    ok(&s, &carol, &carol_set).await;
+    assert_eq!(next_presence().await.0, "carol");
+    assert_eq!(next_presence().await, ("carol".into(), None), "expired");
+    let listed = json_lines(&ok(&s, &alice, &["presence", "list", "--json"]).await);
+    let users: Vec<&str> = listed
+        .iter()
+        .map(|e| e["userId"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["bob"], "the held entry outlived its TTL");
+
+    interrupt(&hold);
+    hold.state("presence cleared on job:1").await;
+    let status = tokio::time::timeout(PATIENCE, hold.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "Ctrl-C ends a hold cleanly: {status}");
+    assert_eq!(next_presence().await, ("bob".into(), None));
+    assert_eq!(ok(&s, &alice, &["presence", "list"]).await, "");
+
+    let seen: Vec<(String, bool)> = w
+        .seen
+        .iter()
+        .filter(|v| kind_of(v) == "presenceState")
+        .map(presence_of)
+        .map(|(user, state)| (user, state.is_some()))
+        .collect();
+    let expected = [
+        ("alice", true),
+        ("alice", false),
+        ("bob", true),
+        ("carol", true),
+        ("carol", false),
+        ("bob", false),
+    ];
+    assert_eq!(seen, expected.map(|(u, set)| (u.to_string(), set)));
+    w.kill().await;
+}
+
+/// `broadcast` reaches the watches open now whose topics and audience allow it, in order, and
+/// nothing else; `watch --kinds broadcast` asks for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_reaches_the_watches_its_topic_and_audience_allow() {
+    let server = TestServer::start().await;
+    let s = [server.url.as_str()];
+    let alice = token(ORG, "alice", "viewer");
+    let watch = |user: &str, topics: &[&str]| {
+        let mut args = vec!["watch", "--kinds", "broadcast"];
+        args.extend_from_slice(topics);
+        Watcher::spawn(orgpulse(&s, &token(ORG, user, "viewer")), &args)
+    };
+    let mut on_job1 = watch("vic", &["--topics", "job:1"]);
+    let mut on_job2 = watch("pat", &["--topics", "job:2"]);
+    let mut everywhere = watch("eve", &[]);
+    for w in [&mut on_job1, &mut on_job2, &mut everywhere] {
+        w.until(|v| kind_of(v) == "caughtUp").await;
+    }
+    let send = async |topic: &str, n: u32, audience: &[&str]| {
+        let data = format!(r#"{{"n":{n}}}"#);
+        let mut args = vec!["broadcast", "--topic", topic, "--data", &data];
+        args.extend_from_slice(audience);
+        assert_eq!(ok(&s, &alice, &args).await, "", "nothing on stdout");
+    };
+    send("job:1", 1, &[]).await;
+    send("job:1", 2, &["--audience-users", "eve"]).await;
+    send("job:1", 3, &[]).await;
+    send("job:2", 4, &[]).await;
+
+    let ns = async |w: &mut Watcher, last: u32| {
+        let mut got = vec![];
+        while got.last() != Some(&last) {
+            let v = w.until(|v| kind_of(v) == "broadcast").await;
+            assert_eq!(v["broadcast"]["userId"], "alice", "{v}");
+            assert_eq!(v["seq"], Value::Null, "ephemeral: no seq: {v}");
+            got.push(v["broadcast"]["data"]["n"].as_f64().unwrap() as u32);
+        }
+        got
+    };
+    // In order per sender: a broadcast missing before the last one expected was not delivered.
+    assert_eq!(
+        ns(&mut on_job1, 3).await,
+        [1, 3],
+        "topic job:1, not in eve's audience"
+    );
+    assert_eq!(ns(&mut on_job2, 4).await, [4], "topic job:2 only");
+    assert_eq!(
+        ns(&mut everywhere, 4).await,
+        [1, 2, 3, 4],
+        "every topic, in the audience"
+    );
+    let topics = &everywhere.seen.last().unwrap()["topics"];
+    assert_eq!(topics, &serde_json::json!(["job:2"]));
+
+    // A watch opened afterwards gets none of them: broadcasts are never replayed.
+    let mut late = watch("vic", &["--topics", "job:1"]);
+    late.until(|v| kind_of(v) == "caughtUp").await;
+    send("job:1", 5, &[]).await;
+    assert_eq!(ns(&mut late, 5).await, [5]);
+    for mut w in [on_job1, on_job2, everywhere, late] {
+        w.kill().await;
+    }
+}
+
+/// Bad flags and requests the server finds invalid exit 2, before or after reaching it.
+#[tokio::test]
+async fn presence_and_broadcast_usage_errors() {
+    let server = TestServer::start().await;
+    let s = [server.url.as_str()];
+    let vic = token(ORG, "vic", "viewer");
+    let set = |extra: &[&'static str]| {
+        let mut args = vec!["presence", "set", "--topic", "job:1"];
+        args.extend_from_slice(extra);
+        args
+    };
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["presence", "set", "--state", "{\"a\":1}"],
+        set(&["--state", "[1]"]),
+        set(&["--state", "{}"]),
+        set(&["--state", "{\"a\":1}", "--ttl", "0s"]),
+        set(&["--state", "{\"a\":1}", "--ttl", "soon"]),
+        set(&["--state", "{\"a\":1}", "--ttl", "121s"]),
+        vec![
+            "presence",
+            "set",
+            "--topic",
+            "no spaces",
+            "--state",
+            "{\"a\":1}",
+        ],
+        vec!["presence", "list", "--topic", "no spaces"],
+        vec!["presence", "clear"],
+        vec!["presence", "wave"],
+        vec!["broadcast", "--topic", "job:1"],
+        vec!["broadcast", "--topic", "job:1", "--data", "typing"],
+        vec!["watch", "--kinds", "cursor"],
+    ];
+    for args in cases {
+        let (code, err) = fails(&s, &vic, &args).await;
+        assert_eq!(code, 2, "{args:?}: {err}");
+    }
+    let big = format!(r#"{{"x":"{}"}}"#, "y".repeat(5000));
+    let (code, err) = fails(&s, &vic, &["broadcast", "--topic", "job:1", "--data", &big]).await;
+    assert_eq!(code, 2, "over 4 KiB: {err}");
 }

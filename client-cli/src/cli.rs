@@ -354,7 +354,7 @@ is set, changed, removed or expired. At most 10 sets per second per user (exit 6
         /// The state: a non-empty JSON object, at most 1 KiB encoded.
         #[arg(long)]
         state: String,
-        /// How long the entry lives unless set again (at most 120s).
+        /// How long the entry lives unless set again (1s to 120s).
         #[arg(long, default_value = "30s", value_parser = duration)]
         ttl: Duration,
         /// Who may see it (default: the whole org).

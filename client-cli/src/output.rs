@@ -123,7 +123,9 @@ impl Printer {
         } else {
             String::new()
         };
-        let presence = matches!(p, Payload::UserOnline(_) | Payload::UserOffline(_));
+        // These lines name their user (and the last two their topic) already.
+        let activity = matches!(p, Payload::PresenceState(_) | Payload::Broadcast(_));
+        let presence = matches!(p, Payload::UserOnline(_) | Payload::UserOffline(_)) || activity;
         let by = if ev.actor.is_empty() || presence {
             String::new()
         } else {
@@ -161,7 +163,7 @@ impl Printer {
                 format!("{} on {}{}", b.user_id, b.topic, data_text(b.data.as_ref())),
             ),
         };
-        let topics = if ev.topics.is_empty() {
+        let topics = if ev.topics.is_empty() || activity {
             String::new()
         } else {
             format!(" [{}]", ev.topics.join(","))

@@ -34,10 +34,9 @@ pub async fn run(client: &Client, cmd: PresenceCommand, out: &Printer) -> Result
                     "--state is empty: give a JSON object with fields, or use `presence clear`",
                 ));
             }
-            if ttl.is_zero() || hold && ttl < Duration::from_secs(1) {
-                return Err(CliError::usage(
-                    "--ttl must be at least 1ms, and with --hold at least 1s",
-                ));
+            // 0 would mean the server's default, not what was asked (the server takes 1s-120s).
+            if ttl < Duration::from_millis(1) {
+                return Err(CliError::usage("--ttl must be at least 1s"));
             }
             let req = SetPresenceRequest {
                 org_id: topic.org.org,

@@ -231,6 +231,8 @@ pub fn kind_of(v: &Value) -> &str {
         "caughtUp",
         "resync",
         "entityChanged",
+        "presenceState",
+        "broadcast",
     ];
     KINDS
         .iter()
