@@ -2,7 +2,8 @@
 //! the real server (and, in the second case, targets one started by the test harness) and must
 //! print one JSON line with every delivery (or, for `orgs`, every idle stream) accounted for; the
 //! `outbox` run commits rows in a PostgreSQL database of its own on 127.0.0.1:5432 and drops it;
-//! the `--nodes 2` run starts a cluster on such a database and the machine's NATS.
+//! the `--nodes 2` run starts a cluster on such a database and the machine's NATS; the `presence`
+//! run broadcasts on one topic (nothing stored).
 //! The full runs are in BENCHMARKS.md.
 mod cluster_support;
 mod support;
@@ -90,6 +91,59 @@ async fn fan_out_run_accounts_for_every_delivery() {
         assert!((0.0..30_000.0).contains(&ms), "{q} = {ms} ms");
     }
     assert!(number(&v["serverRssMB"], "afterConnect") > 0.0);
+}
+
+#[tokio::test]
+async fn presence_run_delivers_every_broadcast_in_order_per_sender() {
+    let server = workspace_bin("orgpulse-server");
+    // 3 senders (subscribers 0-2 themselves) at 10/s each, 5 subscribers on the topic.
+    let v = bench(&[
+        "--scenario",
+        "presence",
+        "--subscribers",
+        "5",
+        "--writers",
+        "3",
+        "--events",
+        "30",
+        "--rate",
+        "30",
+        "--server-bin",
+        server.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["label"], "presence");
+    assert_eq!(v["connected"], 5);
+    assert_eq!(
+        v["deliveriesExpected"], 150,
+        "every broadcast to every subscriber: {v}"
+    );
+    assert_eq!(v["deliveriesReceived"], 150);
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["outOfOrder"], 0);
+    assert_eq!(v["storeCommits"], 0, "broadcasts are never stored: {v}");
+    assert!(number(&v, "serverCpuUsPerDelivery") >= 0.0);
+    for q in ["p50", "p99", "max"] {
+        let ms = v["latencyMs"][q].as_f64().expect("latency quantile");
+        assert!((0.0..5_000.0).contains(&ms), "{q} = {ms} ms");
+    }
+
+    // Above the server's 20 broadcasts/s per user: refused before anything starts.
+    let out = Command::new(workspace_bin("orgpulse"))
+        .args([
+            "bench",
+            "--scenario",
+            "presence",
+            "--writers",
+            "2",
+            "--rate",
+            "50",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
 #[tokio::test]

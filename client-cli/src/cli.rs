@@ -157,6 +157,7 @@ Examples:
   orgpulse bench --scenario b --server http://127.0.0.1:8080 --secret-file ./jwt-secret
   orgpulse bench --scenario ingest --subscribers 0 --postgres   # on a PostgreSQL database of its own
   orgpulse bench --scenario e --nodes 2           # two nodes on PostgreSQL + NATS: cross-node latency
+  orgpulse bench --scenario presence              # 1,000 subs of a topic, 100 of them broadcasting 10/s
 
 Scenarios and the comparison with socket.io: BENCHMARKS.md. Exit code 1 on any loss.")]
     Bench(crate::bench::BenchArgs),

@@ -197,11 +197,21 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
     let writers = shape.writers.max(args.nodes.into());
     shape.writers = args.writers.unwrap_or(writers).max(1);
     shape.settle = args.settle.unwrap_or(shape.settle);
-    // One socket per subscriber (orgs: per shared connection) here and in a started server (which
-    // inherits the limit), plus a few dozen for writers, the database and stdio.
+    let per_sender = shape.rate / shape.writers as f64;
+    if args.scenario == Scenario::Presence
+        && !(per_sender > 0.0 && per_sender <= writer::BROADCASTS_PER_USER)
+    {
+        return Err(CliError::usage(format!(
+            "--scenario presence: --rate / --writers must be above 0 and at most {} broadcasts/s \
+             per sender (the server's limit per user), not {per_sender}",
+            writer::BROADCASTS_PER_USER
+        )));
+    }
+    // One socket per subscriber (orgs: per shared connection) and writer here and in a started
+    // server (which inherits the limit), plus a few dozen for the database and stdio.
     let sockets = match args.scenario {
         Scenario::Orgs => shape.subscribers.div_ceil(orgs::STREAMS_PER_CONNECTION),
-        _ => shape.subscribers,
+        _ => shape.subscribers + shape.writers,
     };
     server::raise_nofile(sockets as u64 + 64)?;
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -216,16 +226,6 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
         return Err(CliError::usage(
             "--nodes: the orgs and outbox scenarios run on one node",
         ));
-    }
-    let per_sender = shape.rate / shape.writers as f64;
-    if args.scenario == Scenario::Presence
-        && !(per_sender > 0.0 && per_sender <= writer::BROADCASTS_PER_USER)
-    {
-        return Err(CliError::usage(format!(
-            "--scenario presence: --rate / --writers must be above 0 and at most {} broadcasts/s \
-             per sender (the server's limit per user), not {per_sender}",
-            writer::BROADCASTS_PER_USER
-        )));
     }
     let outbox_db = match args.scenario {
         Scenario::Outbox => Some(Database::create(&args.pg_admin_url).await?),
