@@ -1,6 +1,7 @@
 //! End-to-end tests of the client library itself (`orgpulse::client`) against the real server:
 //! resync when the server's log is recreated, backoff growth and reset, token sources, the
-//! errors that must end a watch instead of looping, and calls leaving a hung endpoint.
+//! errors that must end a watch instead of looping, calls leaving a hung endpoint, and a
+//! `Broadcast` (at most once) that does not.
 mod cli_support;
 mod support;
 
@@ -13,7 +14,10 @@ use orgpulse::{
         BackoffConfig, Client, ClientConfig, ConnState, ErrorClass, HUNG_AFTER, TokenSource, Watch,
         WatchFilter, WatchItem,
     },
-    proto::{CreateJobRequest, Event, ListJobsRequest, event::Payload},
+    proto::{
+        BroadcastRequest, CreateJobRequest, Event, EventKind, ListJobsRequest, ListPresenceRequest,
+        SetPresenceRequest, event::Payload,
+    },
 };
 use support::{Claims, ServerOpts, TempDir, TestServer, mint_claims, now_secs, token};
 
@@ -275,4 +279,78 @@ async fn calls_leave_a_hung_endpoint() {
         assert!(page.jobs.is_empty(), "{what}: the hung endpoint answered");
         assert!(took <= bound, "{what}: took {took:?}, more than {bound:?}");
     }
+}
+
+/// `{"n": n}`.
+fn numbered(n: f64) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: [(
+            "n".to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::NumberValue(n)),
+            },
+        )]
+        .into(),
+    }
+}
+
+/// `Broadcast` is at most once: sent to a hung first endpoint (which may process it when it
+/// wakes up) it fails instead of going to the second, where it would be a second delivery;
+/// `SetPresence` and `ListPresence`, safe to repeat, move on to the second endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_is_not_retried_once_a_server_may_have_it() {
+    let hung = TestServer::start().await;
+    let healthy = TestServer::start().await;
+    let c = Client::new(ClientConfig {
+        endpoints: vec![hung.url.clone(), healthy.url.clone()],
+        token: TokenSource::Static(token(ORG, "alice", "viewer")),
+        ..Default::default()
+    })
+    .unwrap();
+    let watcher = client(
+        &healthy.url,
+        TokenSource::Static(token(ORG, "vic", "viewer")),
+        BackoffConfig::default(),
+    );
+    let filter = WatchFilter {
+        kinds: vec![EventKind::Broadcast],
+        ..Default::default()
+    };
+    let mut w = watcher.watch(filter, None);
+    event_until(&mut w, |e| matches!(e.payload, Some(Payload::CaughtUp(_)))).await;
+    let broadcast = |n| BroadcastRequest {
+        topic: "doc:1".into(),
+        data: Some(numbered(n)),
+        ..Default::default()
+    };
+
+    let paused = hung.pause();
+    let err = c.broadcast(broadcast(1.0)).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Unavailable, "{err}");
+    c.set_presence(SetPresenceRequest {
+        topic: "doc:1".into(),
+        state: Some(numbered(2.0)),
+        ..Default::default()
+    })
+    .await
+    .expect("moved on to the second endpoint");
+    let listed = c
+        .list_presence(ListPresenceRequest {
+            topic: "doc:1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.entries.len(), 1, "{listed:?}");
+    assert_eq!(listed.entries[0].user_id, "alice");
+    drop(paused);
+
+    // Now on the second endpoint: the watch's first broadcast is this one, so broadcast 1 never
+    // reached it (a sender's broadcasts arrive in order).
+    c.broadcast(broadcast(3.0)).await.unwrap();
+    let ev = event_until(&mut w, |e| matches!(e.payload, Some(Payload::Broadcast(_)))).await;
+    let Some(Payload::Broadcast(b)) = ev.payload else {
+        unreachable!()
+    };
+    assert_eq!(b.data, Some(numbered(3.0)));
 }
