@@ -123,6 +123,10 @@ async fn presence_run_delivers_every_broadcast_in_order_per_sender() {
     assert_eq!(v["lost"], 0);
     assert_eq!(v["outOfOrder"], 0);
     assert_eq!(v["storeCommits"], 0, "broadcasts are never stored: {v}");
+    assert!(
+        number(&v["callLatencyMs"], "p99") >= 0.0,
+        "Broadcast calls timed: {v}"
+    );
     assert!(number(&v, "serverCpuUsPerDelivery") >= 0.0);
     for q in ["p50", "p99", "max"] {
         let ms = v["latencyMs"][q].as_f64().expect("latency quantile");

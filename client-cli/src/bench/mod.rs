@@ -691,6 +691,7 @@ fn deliveries(
     out["wallMs"] = (wall.as_millis() as u64).into();
     out["deliveriesPerSec"] = per_sec(received, wall).into();
     out["latencyMs"] = tally.latency.lock().unwrap().summary_ms();
+    out["callLatencyMs"] = published.calls.summary_ms();
     let cross_node = tally.cross_node.lock().unwrap();
     out["crossNodeDeliveries"] = cross_node.count().into();
     out["crossNodeLatencyMs"] = cross_node.summary_ms();

@@ -17,6 +17,7 @@ use tokio_postgres::{Client, Statement};
 
 use super::{
     database::{Database, connect, sql_error},
+    histogram::Histogram,
     subscriber::{Tally, now_us},
     writer::Published,
 };
@@ -103,6 +104,7 @@ impl Inserter {
         Ok(Published {
             writes: rows,
             elapsed: start.elapsed(),
+            calls: Histogram::new(),
         })
     }
 

@@ -2,7 +2,7 @@
 //! connection at a fixed total rate or as fast as it goes: job updates (each writer updating its
 //! own job), or broadcasts on one topic (each writer a user sending stamped data: its sequence
 //! number and send time, read back by the subscribers for order and latency).
-use std::time::Duration;
+use std::{sync::Mutex, time::Duration};
 
 use orgpulse::{
     client::{Client, ClientConfig, TokenSource},
@@ -11,7 +11,7 @@ use orgpulse::{
 use prost_types::{Struct, Value, value::Kind};
 use tokio::time::Instant;
 
-use super::subscriber::now_us;
+use super::{histogram::Histogram, subscriber::now_us};
 use crate::error::CliError;
 
 /// The topic of the presence scenario's broadcasts.
@@ -42,6 +42,8 @@ enum Sends {
 pub struct Published {
     pub writes: u64,
     pub elapsed: Duration,
+    /// How long each call took to return (empty when the events were not made by calls).
+    pub calls: Histogram,
 }
 
 /// A client of its own (own connection) for `url` with `token`.
@@ -109,13 +111,21 @@ impl Writer {
     }
 
     /// `count` updates or broadcasts, one at a time, the i-th not before `start + i / rate`
-    /// (rate 0: at once), and a broadcast not before [`MIN_BROADCAST_GAP`] after the previous one.
-    async fn run(&self, count: u64, rate: f64, start: Instant) -> Result<(), CliError> {
+    /// (rate 0: at once), and a broadcast not before [`MIN_BROADCAST_GAP`] after the previous one;
+    /// each call's duration goes to `calls`.
+    async fn run(
+        &self,
+        count: u64,
+        rate: f64,
+        start: Instant,
+        calls: &Mutex<Histogram>,
+    ) -> Result<(), CliError> {
         let mut last = None;
         for i in 0..count {
             if rate > 0.0 {
                 tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
             }
+            let call = Instant::now();
             match &self.sends {
                 Sends::Updates { job_id } => {
                     self.client
@@ -143,6 +153,8 @@ impl Writer {
                         .await?;
                 }
             }
+            let took = call.elapsed().as_micros() as u64;
+            calls.lock().unwrap().record(took);
         }
         Ok(())
     }
@@ -153,14 +165,16 @@ impl Writer {
 pub async fn publish(writers: &[Writer], total: u64, rate: f64) -> Result<Published, CliError> {
     let n = writers.len();
     let start = Instant::now();
+    let calls = Mutex::new(Histogram::new());
     let runs = writers
         .iter()
         .enumerate()
-        .map(|(i, w)| w.run(share(total, n, i), rate / n as f64, start));
+        .map(|(i, w)| w.run(share(total, n, i), rate / n as f64, start, &calls));
     futures::future::try_join_all(runs).await?;
     Ok(Published {
         writes: total,
         elapsed: start.elapsed(),
+        calls: calls.into_inner().unwrap(),
     })
 }
 
