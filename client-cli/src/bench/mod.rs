@@ -695,6 +695,10 @@ fn deliveries(
     let cross_node = tally.cross_node.lock().unwrap();
     out["crossNodeDeliveries"] = cross_node.count().into();
     out["crossNodeLatencyMs"] = cross_node.summary_ms();
+    let fan_out = tally.fan_out.lock().unwrap();
+    if fan_out.count() > 0 {
+        out["fanOutLatencyMs"] = fan_out.summary_ms();
+    }
     out["serverCpuS"] = round2(cpu).into();
     out["serverCpuUsPerDelivery"] = us_per(cpu, received);
 }

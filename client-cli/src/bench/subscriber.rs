@@ -35,6 +35,9 @@ pub struct Tally {
     pub latency: Mutex<Histogram>,
     /// The latency of the deliveries whose writer's node is not the subscriber's.
     pub cross_node: Mutex<Histogram>,
+    /// Broadcasts: from the server's `Event.time` (when it fanned the broadcast out) to receipt,
+    /// the part of the send→receipt latency after the server took the call.
+    pub fan_out: Mutex<Histogram>,
     /// Outbox rows received before their inserter saw the COMMIT return: (row, receipt µs), for
     /// the latency once the commit time is known.
     pub early: Mutex<Vec<(usize, u64)>>,
@@ -50,6 +53,7 @@ impl Tally {
             last_us: AtomicU64::new(0),
             latency: Mutex::new(Histogram::new()),
             cross_node: Mutex::new(Histogram::new()),
+            fan_out: Mutex::new(Histogram::new()),
             early: Mutex::new(Vec::new()),
             first_error: Mutex::new(None),
         })
@@ -65,6 +69,11 @@ pub fn now_us() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_micros() as u64
+}
+
+/// A timestamp in µs since the epoch.
+fn micros(t: &prost_types::Timestamp) -> u64 {
+    t.seconds as u64 * 1_000_000 + t.nanos as u64 / 1000
 }
 
 /// Which events a subscriber counts, and where each one's commit time comes from.
@@ -255,9 +264,7 @@ impl Subscriber {
         let sent_us = match (&self.counted, &ev.payload) {
             (Counted::Jobs, Some(Payload::JobUpdated(job))) => {
                 cross_node = self.placement.cross_node(&job.id);
-                ev.time
-                    .as_ref()
-                    .map(|t| t.seconds as u64 * 1_000_000 + t.nanos as u64 / 1000)
+                ev.time.as_ref().map(micros)
             }
             (Counted::OutboxRows(commits), Some(Payload::EntityChanged(e))) => {
                 let Ok(row) = e.entity_id.parse::<usize>() else {
@@ -278,6 +285,13 @@ impl Subscriber {
                     return false;
                 };
                 cross_node = self.placement.cross_node(&b.user_id);
+                if let Some(fanned_out) = ev.time.as_ref().map(micros) {
+                    tally
+                        .fan_out
+                        .lock()
+                        .unwrap()
+                        .record(now.saturating_sub(fanned_out));
+                }
                 // Ephemeral (seq 0): in order when each sender's stamps increase.
                 in_order = match self.last_stamp.get_mut(&b.user_id) {
                     Some(last) => std::mem::replace(last, n) < n,
