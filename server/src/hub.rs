@@ -163,6 +163,28 @@ impl Filter {
                 .is_none_or(|t| self.entity_types.admits(t))
             && self.topics.admits(ev.topics.iter())
     }
+
+    /// Whether an ephemeral event goes to this subscriber (the same audience rule).
+    pub fn sees_ephemeral(&self, ev: &Ephemeral) -> bool {
+        self.kinds.has(ev.kind)
+            && audience::admits(ev.audience.as_deref(), &self.viewer)
+            && ev
+                .topic
+                .as_deref()
+                .is_none_or(|t| self.topics.admits(std::iter::once(t)))
+    }
+}
+
+/// An event that is never stored (presence, presence state, broadcast): seq 0, delivered to the
+/// subscribers of the moment that asked for its kind, its audience admits, and whose topics
+/// filter takes its topic (an event without a topic passes every topics filter).
+#[derive(Debug, Clone)]
+pub struct Ephemeral {
+    pub kind: EventKind,
+    pub audience: Option<Arc<audience::Audience>>,
+    pub topic: Option<Arc<str>>,
+    /// The encoded `Event`.
+    pub bytes: Bytes,
 }
 
 #[derive(Clone)]
@@ -232,7 +254,7 @@ struct Sub {
 
 enum RoomMsg {
     Durable(CommittedEvent),
-    Ephemeral(Bytes),
+    Ephemeral(Ephemeral),
     /// The org's log reaches at least this seq (from the tail checker).
     Head(u64),
     /// The bus now carries the org's events: look up the log's head, for events it missed.
@@ -382,9 +404,9 @@ impl Hub {
         room
     }
 
-    /// An ephemeral event (presence) for every subscriber of `org` that asked for presence.
-    pub fn deliver_ephemeral(&self, org: &str, bytes: Bytes) {
-        self.inner.rooms.send(org, RoomMsg::Ephemeral(bytes));
+    /// An ephemeral event for the subscribers of `org` that asked for its kind and may see it.
+    pub fn deliver_ephemeral(&self, org: &str, ev: Ephemeral) {
+        self.inner.rooms.send(org, RoomMsg::Ephemeral(ev));
     }
 }
 
@@ -451,7 +473,10 @@ async fn run_room(
                         room.fan_out_durable(&ev);
                     }
                 }
-                Some(RoomMsg::Ephemeral(bytes)) => room.fan_out(Item { seq: 0, bytes }, |a| a.kinds.has(EventKind::Presence)),
+                Some(RoomMsg::Ephemeral(ev)) => {
+                    let item = Item { seq: 0, bytes: ev.bytes.clone() };
+                    room.fan_out(item, |f| f.sees_ephemeral(&ev));
+                }
                 Some(RoomMsg::Head(head)) => last = catch_up(&room, &*store, last, head).await,
                 Some(RoomMsg::Subscribed) => match store.bounds(&room.org).await {
                     Ok(b) => last = catch_up(&room, &*store, last, b.head).await,

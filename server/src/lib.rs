@@ -1,6 +1,7 @@
 //! orgpulse-server: a real-time event server. Writes go through the Store (entity change and event
 //! in one transaction), committed events travel on the Bus to each node's Hub, and the Hub fans them
 //! out to subscribers in seq order. See docs/design.md for the data flow.
+pub mod activity;
 pub mod audience;
 pub mod auth;
 pub mod bus;

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    activity::Activity,
     auth::Authenticator,
     bus::{Bus, MemoryBus, nats::NatsBus},
     config::{Config, Database},
@@ -80,6 +81,13 @@ pub async fn run(
     if let Some(keys) = auth.remote_keys() {
         tokio::spawn(keys.clone().refresh_every(cfg.jwks_refresh, stop.clone()));
     }
+    let activity = Activity::start(
+        hub.clone(),
+        &node_id,
+        nats.clone().map(|c| (c, cfg.nats_subject_prefix.as_str())),
+        stop.clone(),
+    )
+    .await?;
     let cluster_presence = match nats {
         Some(client) => Some(
             NatsPresence::start(
@@ -106,6 +114,7 @@ pub async fn run(
         store: store.clone(),
         hub,
         presence,
+        activity,
         node_id: node_id.clone(),
         bus,
         heartbeat: cfg.heartbeat_interval,

@@ -12,10 +12,13 @@ pub mod nats;
 pub use memory::MemoryPresence;
 use std::{sync::Arc, time::Duration, time::SystemTime};
 
-use orgpulse::proto::{Event, Member, PresenceChange, event::Payload};
+use orgpulse::proto::{Event, EventKind, Member, PresenceChange, event::Payload};
 use prost::Message;
 
-use crate::{hub::Hub, store::timestamp};
+use crate::{
+    hub::{Ephemeral, Hub},
+    store::timestamp,
+};
 
 /// How long a Poll keeps its caller online after it ended (before the grace period starts).
 pub const POLL_ONLINE: Duration = Duration::from_secs(5);
@@ -59,7 +62,15 @@ impl Announce for Hub {
             }),
             ..Default::default()
         };
-        self.deliver_ephemeral(org, ev.encode_to_vec().into());
+        self.deliver_ephemeral(
+            org,
+            Ephemeral {
+                kind: EventKind::Presence,
+                audience: None,
+                topic: None,
+                bytes: ev.encode_to_vec().into(),
+            },
+        );
     }
 }
 

@@ -1,6 +1,6 @@
 //! EventService: `Subscribe` (replay after a cursor, `caught_up`, then live, each durable event
-//! exactly once and in seq order), `Poll` (the long-poll fallback), `ListOnline`, and `Publish`
-//! (in `publish`).
+//! exactly once and in seq order), `Poll` (the long-poll fallback), `ListOnline`, `Publish` (in
+//! `publish`) and `SetPresence` / `ListPresence` / `Broadcast` (in `activity`).
 //!
 //! The service is written out by hand rather than generated so that `Subscribe` can send the
 //! Hub's pre-encoded event bytes as they are (through `stream_body`): an event is encoded once,
@@ -28,7 +28,7 @@ use tonic::{
 use tonic_prost::ProstCodec;
 
 use super::{
-    Ctx,
+    Ctx, activity,
     stream_body::{EventStream, server_streaming},
 };
 use crate::{
@@ -73,27 +73,37 @@ where
             "/orgpulse.v1.EventService/Subscribe" => Box::pin(async move {
                 Ok(server_streaming(req, MAX_REQUEST, |r| subscribe(ctx, r)).await)
             }),
-            "/orgpulse.v1.EventService/Poll" => Box::pin(async move {
-                let svc = tower::service_fn(move |r| poll(ctx.clone(), r));
-                Ok(limits(Grpc::new(ProstCodec::default()))
-                    .unary(svc, req)
-                    .await)
-            }),
-            "/orgpulse.v1.EventService/Publish" => Box::pin(async move {
-                let svc = tower::service_fn(move |r| super::publish::publish(ctx.clone(), r));
-                Ok(limits(Grpc::new(ProstCodec::default()))
-                    .unary(svc, req)
-                    .await)
-            }),
-            "/orgpulse.v1.EventService/ListOnline" => Box::pin(async move {
-                let svc = tower::service_fn(move |r| list_online(ctx.clone(), r));
-                Ok(limits(Grpc::new(ProstCodec::default()))
-                    .unary(svc, req)
-                    .await)
-            }),
+            "/orgpulse.v1.EventService/Poll" => unary(ctx, req, poll),
+            "/orgpulse.v1.EventService/Publish" => unary(ctx, req, super::publish::publish),
+            "/orgpulse.v1.EventService/ListOnline" => unary(ctx, req, list_online),
+            "/orgpulse.v1.EventService/SetPresence" => unary(ctx, req, activity::set_presence),
+            "/orgpulse.v1.EventService/ListPresence" => unary(ctx, req, activity::list_presence),
+            "/orgpulse.v1.EventService/Broadcast" => unary(ctx, req, activity::broadcast),
             _ => Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) }),
         }
     }
+}
+
+/// A unary method: `f` answers the decoded request, within the request size limit.
+fn unary<B, Req, Resp, F, Fut>(
+    ctx: Arc<Ctx>,
+    req: http::Request<B>,
+    f: F,
+) -> BoxFuture<'static, Result<http::Response<tonic::body::Body>, Infallible>>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+    Req: Message + Default + Send + 'static,
+    Resp: Message + Send + 'static,
+    F: Fn(Arc<Ctx>, Request<Req>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Resp>, Status>> + Send + 'static,
+{
+    Box::pin(async move {
+        let svc = tower::service_fn(move |r| f(ctx.clone(), r));
+        Ok(limits(Grpc::new(ProstCodec::<Resp, Req>::default()))
+            .unary(svc, req)
+            .await)
+    })
 }
 
 fn limits<C: Codec>(g: Grpc<C>) -> Grpc<C> {

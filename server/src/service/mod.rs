@@ -1,6 +1,7 @@
 //! The gRPC service implementations. They are thin: authorize -> validate -> Store (which commits
 //! and publishes) -> answer. Delivery lives in the Hub and in `events`. The one place where store
 //! and validation errors become gRPC statuses.
+pub mod activity;
 pub mod events;
 pub mod jobs;
 pub mod notifications;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
 use crate::{
+    activity::Activity,
     auth::{Claims, Need},
     bus::Bus,
     hub::Hub,
@@ -27,6 +29,8 @@ pub struct Ctx {
     pub store: Store,
     pub hub: Hub,
     pub presence: Arc<dyn Presence>,
+    /// Presence state per topic and broadcasts.
+    pub activity: Arc<Activity>,
     /// This node's id and its bus, for `/metrics`.
     pub node_id: String,
     pub bus: Arc<dyn Bus>,
