@@ -33,7 +33,7 @@ export interface PresenceOptions {
   orgId?: string;
   /** Who may see the entry; absent = the whole org. */
   audience?: AudienceSpec;
-  /** The entry expires this long after the last refresh (default 30 000, at most 120 000). */
+  /** The entry expires this long after the last refresh (default 30 000, 1 000 to 120 000). */
   ttlMs?: number;
 }
 
@@ -47,6 +47,7 @@ export interface Held {
 }
 
 export const DEFAULT_PRESENCE_TTL_MS = 30_000;
+export const MIN_PRESENCE_TTL_MS = 1_000;
 export const MAX_PRESENCE_TTL_MS = 120_000;
 const MAX_STATE_BYTES = 1024;
 export const MAX_BROADCAST_BYTES = 4096;
@@ -83,7 +84,9 @@ export class PresenceHold {
   set(state: JsonObject | null, options: PresenceOptions = this.options): void {
     const some = state && Object.keys(state).length ? state : null;
     const ttl = options.ttlMs ?? DEFAULT_PRESENCE_TTL_MS;
-    if (!(ttl > 0 && ttl <= MAX_PRESENCE_TTL_MS)) throw new TypeError(`ttlMs must be in (0, ${MAX_PRESENCE_TTL_MS}]`);
+    if (!(ttl >= MIN_PRESENCE_TTL_MS && ttl <= MAX_PRESENCE_TTL_MS)) {
+      throw new TypeError(`ttlMs must be between ${MIN_PRESENCE_TTL_MS} and ${MAX_PRESENCE_TTL_MS}`);
+    }
     if (some) checkStruct(some, MAX_STATE_BYTES, "a presence state");
     this.book.put(this.key, this.id, some, options);
   }
