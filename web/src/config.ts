@@ -3,7 +3,7 @@
 // stream), ?streamRetry=SECONDS (how often polling tries streaming again, default 60), ?org=ID
 // (the org to watch; needed for service tokens, which carry none), ?topic=NAME (show that topic
 // only; the page's topic filter keeps it in the address), ?presenceTtl=SECONDS (how long the job a
-// user has open stays marked as viewed by them without a refresh, default 30, at most 120).
+// user has open stays marked as viewed by them without a refresh, default 30; 1 to 120).
 
 export interface Config {
   /** The server's heartbeat interval; a stream silent for twice this long is considered stuck. */
@@ -31,7 +31,7 @@ export function readConfig(search = location.search): Config {
     streamRetryMs: seconds(p, "streamRetry", 60),
     org: p.get("org") ?? "",
     topic: p.get("topic") ?? "",
-    presenceTtlMs: Math.min(seconds(p, "presenceTtl", 30), 120_000),
+    presenceTtlMs: Math.min(Math.max(seconds(p, "presenceTtl", 30), 1_000), 120_000),
   };
 }
 

@@ -195,6 +195,7 @@ test("URL settings", () => {
   const defaults = { heartbeatMs: 15000, forcePoll: false, streamRetryMs: 60000, org: "", topic: "", presenceTtlMs: 30000 };
   assert.deepEqual(m.readConfig("?heartbeat=-1"), defaults);
   assert.equal(m.readConfig("?presenceTtl=500").presenceTtlMs, 120_000, "at most the server's 120 s");
+  assert.equal(m.readConfig("?presenceTtl=0.1").presenceTtlMs, 1_000, "at least its 1 s");
 });
 
 test("a topic is 1-128 characters of [A-Za-z0-9._:@/-]", () => {
