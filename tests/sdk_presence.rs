@@ -16,6 +16,7 @@ use orgpulse::proto::{ListPresenceRequest, PresenceEntry};
 use serde_json::{Value, json};
 use support::browser::{Browser, SERIAL, prerequisites};
 use support::{ServerOpts, TestServer, create_job, token};
+use tokio::sync::MutexGuard;
 
 /// The server's heartbeat; the pages are told the same (`?heartbeat=`).
 const HEARTBEAT_SECS: u64 = 1;
@@ -125,6 +126,35 @@ async fn entries(s: &TestServer, job: &str) -> Vec<PresenceEntry> {
         .entries
 }
 
+/// What each test starts with (None: skipped): the browser-test lock, a server, one job (its id)
+/// and Chromium.
+async fn harness(title: &str) -> Option<(MutexGuard<'static, ()>, TestServer, String, Browser)> {
+    let chromium = prerequisites("the presence browser test")?;
+    let serial = SERIAL.lock().await;
+    let s = start_server().await;
+    let job = create_job(&s, &token(ORG, "boss", "admin"), "", title)
+        .await
+        .id;
+    let b = Browser::launch(&chromium).await;
+    Some((serial, s, job, b))
+}
+
+/// Closes `page` and waits until `watcher` no longer shows `user` viewing `job` (at most the TTL
+/// and some); returns how long that took.
+async fn close_until_gone(
+    b: &mut Browser,
+    page: &str,
+    watcher: &str,
+    job: &str,
+    user: &str,
+) -> Duration {
+    let t0 = Instant::now();
+    b.must(json!({"cmd": "close", "page": page})).await;
+    let within = Duration::from_secs(TTL_SECS + 2);
+    wait_viewer(b, watcher, job, user, false, within).await;
+    t0.elapsed()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -132,15 +162,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::test]
 async fn two_members_see_each_other_viewing_a_job_and_typing() {
-    let Some(chromium) = prerequisites("the presence browser test") else {
+    let Some((_serial, s, job, mut b)) = harness("quarterly report").await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let s = start_server().await;
-    let job = create_job(&s, &token(ORG, "boss", "admin"), "", "quarterly report")
-        .await
-        .id;
-    let mut b = Browser::launch(&chromium).await;
     open(&mut b, &s, "ann", "ann", None).await;
     open(&mut b, &s, "bob", "bob", None).await;
 
@@ -223,15 +247,9 @@ async fn two_members_see_each_other_viewing_a_job_and_typing() {
 
 #[tokio::test]
 async fn five_tabs_are_one_entry_kept_until_the_last_closes_and_a_dead_page_expires() {
-    let Some(chromium) = prerequisites("the presence browser test") else {
+    let Some((_serial, s, job, mut b)) = harness("migration").await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let s = start_server().await;
-    let job = create_job(&s, &token(ORG, "boss", "admin"), "", "migration")
-        .await
-        .id;
-    let mut b = Browser::launch(&chromium).await;
     open(&mut b, &s, "bob", "bob", None).await;
     const TABS: usize = 5;
     let tabs: Vec<String> = (1..=TABS).map(|i| format!("ann-{i}")).collect();
@@ -273,18 +291,11 @@ async fn five_tabs_are_one_entry_kept_until_the_last_closes_and_a_dead_page_expi
     assert_eq!(seen.len(), 1, "never removed meanwhile: {seen:?}");
 
     // the last tab closes (pagehide removes the entry): gone
-    let t0 = Instant::now();
-    b.must(json!({"cmd": "close", "page": last})).await;
-    wait_viewer(
-        &mut b,
-        "bob",
-        &job,
-        "ann",
-        false,
-        Duration::from_secs(TTL_SECS + 2),
-    )
-    .await;
-    let closed = t0.elapsed();
+    let closed = close_until_gone(&mut b, &last, "bob", &job, "ann").await;
+    assert!(
+        closed < LIVE,
+        "removed by the page's goodbye, not by the TTL: {closed:?}"
+    );
     assert!(entries(&s, &job).await.is_empty());
 
     // a page that dies without a goodbye (its network cut first): removed by the TTL
@@ -293,18 +304,7 @@ async fn five_tabs_are_one_entry_kept_until_the_last_closes_and_a_dead_page_expi
     wait_viewer(&mut b, "bob", &job, "cid", true, LIVE).await;
     b.must(json!({"cmd": "offline", "page": "cid", "offline": true}))
         .await;
-    let t0 = Instant::now();
-    b.must(json!({"cmd": "close", "page": "cid"})).await;
-    wait_viewer(
-        &mut b,
-        "bob",
-        &job,
-        "cid",
-        false,
-        Duration::from_secs(TTL_SECS + 2),
-    )
-    .await;
-    let expired = t0.elapsed();
+    let expired = close_until_gone(&mut b, "cid", "bob", &job, "cid").await;
     // refreshed every TTL/2: the server heard from it at most TTL/2 (and a round trip) before
     assert!(
         expired >= Duration::from_millis(TTL_SECS * 1000 / 3),
