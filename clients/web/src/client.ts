@@ -61,8 +61,9 @@ export interface SubscribeOptions {
   /** Narrows entity events; absent or empty = all types. */
   entityTypes?: string[];
   /**
-   * Only durable events with at least one of these topics (e.g. "project:42"); absent or empty =
-   * all. Presence events are not narrowed. Topics narrow what the token may see, never widen it.
+   * Only durable events with at least one of these topics (e.g. "project:42"), and presence states
+   * and broadcasts of one of them; absent or empty = all. Online / offline events are not
+   * narrowed. Topics narrow what the token may see, never widen it.
    */
   topics?: string[];
   /**

@@ -16,7 +16,10 @@ export interface FilterSpec {
 }
 
 export interface Handlers {
-  /** A durable event (seq > 0, each exactly once, in seq order) or a presence event (seq 0). */
+  /**
+   * A durable event (seq > 0, each exactly once, in seq order) or an ephemeral one (seq 0: online /
+   * offline, presence state, broadcast; at most once).
+   */
   onEvent?(ev: Event): void;
   onState?(state: ConnectionState, info: StateInfo): void;
   /**
