@@ -2,8 +2,9 @@
 //! (`clients/web/e2e`, bundled by its build.mjs) in Debian's Chromium against the real server,
 //! behind the test proxy (`web/test/proxy.mjs`, which also serves the pages on the API's origin).
 //! Every page's event list is checked against the server's log: each durable event it may see,
-//! exactly once, in seq order. Under `CI=true` a missing Chromium or `node_modules` fails; else
-//! the tests are skipped with the reason printed.
+//! exactly once, in seq order. The React page also holds presence and sends broadcasts through
+//! usePresence and useBroadcast under StrictMode. Under `CI=true` a missing Chromium or
+//! `node_modules` fails; else the tests are skipped with the reason printed.
 
 mod support;
 
@@ -332,6 +333,60 @@ async fn sdk_react_strict_mode_opens_one_stream_and_delivers_once() {
         .filter(|p| **p == subscribe)
         .count();
     assert_eq!(opened, 1, "Subscribe requests");
+    b.quit().await;
+}
+
+/// How many requests of `method` (e.g. "SetPresence") page `page` has made.
+async fn calls(b: &mut Browser, page: &str, method: &str) -> usize {
+    let path = format!("/orgpulse.v1.EventService/{method}");
+    b.requests(page)
+        .await
+        .iter()
+        .filter(|p| **p == path)
+        .count()
+}
+
+#[tokio::test]
+async fn sdk_react_presence_and_broadcast_hooks_under_strict_mode() {
+    let Some((_serial, _s, mut b, base)) = harness().await else {
+        return;
+    };
+    for user in ["alice", "bob"] {
+        let url = format!("{base}/e2e/react.html?user={user}");
+        open(&mut b, user, &url, None, 3600).await;
+    }
+    // each sees both entries: usePresence's snapshot merged with the other's presence_state
+    let entries = r#"(want) => JSON.stringify([...document.querySelectorAll('[data-testid="presence"]')]
+        .map((p) => p.dataset.userId)) === JSON.stringify(want)"#;
+    for user in ["alice", "bob"] {
+        b.wait_until(user, entries, json!(["alice", "bob"]), SETTLE)
+            .await;
+    }
+    // StrictMode mounted, unmounted and mounted again: still one SetPresence, no remove between
+    assert_eq!(
+        b.eval("alice", "() => window.__mounts", Value::Null).await,
+        2
+    );
+    assert_eq!(calls(&mut b, "alice", "SetPresence").await, 1);
+    assert_eq!(calls(&mut b, "alice", "Subscribe").await, 1);
+
+    // a broadcast reaches both pages once (the sender's own too)
+    b.click("bob", r#"[data-testid="wave"]"#).await;
+    let heard = r#"(n) => window.__broadcasts.length === n"#;
+    for user in ["alice", "bob"] {
+        b.wait_until(user, heard, json!(1), SETTLE).await;
+        let got = b.eval(user, "() => window.__broadcasts", Value::Null).await;
+        assert_eq!(got, json!([["bob", {"wave": true}]]), "{user} heard");
+    }
+
+    // unmounting the hook removes alice's entry for bob
+    b.click("alice", r#"[data-testid="leave"]"#).await;
+    b.wait_until("bob", entries, json!(["bob"]), SETTLE).await;
+    assert_eq!(
+        calls(&mut b, "alice", "SetPresence").await,
+        2,
+        "the set, then the removal"
+    );
     b.quit().await;
 }
 
