@@ -8,15 +8,12 @@
 
 mod support;
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use orgpulse::proto::{Event, ListOnlineRequest, SendNotificationRequest};
 use serde_json::{Value, json};
-use support::browser::{Browser, SERIAL, prerequisites, run_node, web_dir};
-use support::{ServerOpts, TestServer, assert_exactly_once, create_job, log_of, token};
+use support::browser::{Browser, SERIAL, prerequisites, sdk_pages, sdk_server, web_dir};
+use support::{TestServer, assert_exactly_once, create_job, log_of, token};
 use tokio::sync::MutexGuard;
 
 /// The server's heartbeat; the pages are told the same (`?heartbeat=`), so a stream that delivers
@@ -26,35 +23,13 @@ const HEARTBEAT_SECS: u64 = 1;
 const SETTLE: Duration = Duration::from_secs(30);
 const ORG: &str = "acme";
 
-/// Bundles the test pages (`clients/web/e2e/build.mjs`); returns their directory.
-fn build_pages() -> PathBuf {
-    let sdk = web_dir().join("../clients/web");
-    assert!(
-        sdk.join("dist/index.js").exists(),
-        "clients/web/dist missing: run `npm run build` at the repository root"
-    );
-    run_node(&sdk, "e2e/build.mjs");
-    sdk.join("e2e/dist")
-}
-
-async fn start_server() -> TestServer {
-    let heartbeat = format!("{HEARTBEAT_SECS}s");
-    TestServer::start_with(ServerOpts {
-        extra_args: ["--heartbeat-interval", &heartbeat, "--presence-grace", "1s"]
-            .map(String::from)
-            .to_vec(),
-        ..Default::default()
-    })
-    .await
-}
-
 /// What each browser test starts with (None: skipped): the browser-test lock, the bundled pages,
 /// a server, Chromium, and the proxy serving the pages in front of the server (its URL).
 async fn harness() -> Option<(MutexGuard<'static, ()>, TestServer, Browser, String)> {
     let chromium = prerequisites("the SDK browser test")?;
     let serial = SERIAL.lock().await;
-    let pages = build_pages();
-    let s = start_server().await;
+    let pages = sdk_pages();
+    let s = sdk_server(HEARTBEAT_SECS, &["--presence-grace", "1s"]).await;
     let mut b = Browser::launch(&chromium).await;
     let base = proxy(&mut b, &s, &pages).await;
     Some((serial, s, b, base))
@@ -417,8 +392,8 @@ async fn sdk_in_node_writes_jobs_and_receives_each_event_once() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    build_pages();
-    let s = start_server().await;
+    sdk_pages();
+    let s = sdk_server(HEARTBEAT_SECS, &["--presence-grace", "1s"]).await;
     let v = sdk_in_node(&s, "e2e/node-worker.mjs", &token(ORG, "worker", "member")).await;
     let received: Vec<Event> = v["seqs"]
         .as_array()
@@ -443,7 +418,7 @@ async fn sdk_in_node_receives_32_levels_of_data_by_stream_and_by_poll() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    let s = start_server().await;
+    let s = sdk_server(HEARTBEAT_SECS, &["--presence-grace", "1s"]).await;
     let v = sdk_in_node(&s, "e2e/node-deep.mjs", &token(ORG, "ada", "admin")).await;
     let mut deepest = json!(1);
     for _ in 0..32 {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use orgpulse::proto::{ListPresenceRequest, PresenceEntry};
 use serde_json::{Value, json};
-use support::browser::{Browser, SERIAL, prerequisites};
-use support::{ServerOpts, TestServer, create_job, token};
+use support::browser::{Browser, SERIAL, prerequisites, sdk_server};
+use support::{TestServer, create_job, token};
 use tokio::sync::MutexGuard;
 
 /// The server's heartbeat; the pages are told the same (`?heartbeat=`).
@@ -28,17 +28,6 @@ const SETTLE: Duration = Duration::from_secs(30);
 /// the bound is the dashboard tests' "live" one, with room for a loaded 2-core machine).
 const LIVE: Duration = Duration::from_secs(1);
 const ORG: &str = "acme";
-
-async fn start_server() -> TestServer {
-    let heartbeat = format!("{HEARTBEAT_SECS}s");
-    TestServer::start_with(ServerOpts {
-        extra_args: ["--heartbeat-interval", &heartbeat]
-            .map(String::from)
-            .to_vec(),
-        ..Default::default()
-    })
-    .await
-}
 
 /// Opens the dashboard as `user` (role member) in page `page`; with `context`, as another tab of
 /// that browser profile. Waits until it is live.
@@ -131,7 +120,7 @@ async fn entries(s: &TestServer, job: &str) -> Vec<PresenceEntry> {
 async fn harness(title: &str) -> Option<(MutexGuard<'static, ()>, TestServer, String, Browser)> {
     let chromium = prerequisites("the presence browser test")?;
     let serial = SERIAL.lock().await;
-    let s = start_server().await;
+    let s = sdk_server(HEARTBEAT_SECS, &[]).await;
     let job = create_job(&s, &token(ORG, "boss", "admin"), "", title)
         .await
         .id;
