@@ -11,12 +11,12 @@
 
 mod support;
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use orgpulse::proto::{Audience, CreateJobRequest, PublishRequest};
 use serde_json::{Value, json};
-use support::browser::{Browser, SERIAL, prerequisites, run_node, web_dir};
-use support::{ServerOpts, TestServer, log_of, token};
+use support::browser::{Browser, SERIAL, prerequisites, sdk_pages, sdk_server};
+use support::{TestServer, log_of, token};
 
 /// The server's heartbeat; the pages are told the same (`?heartbeat=`), so a stream that delivers
 /// nothing for 2 s is taken for a buffering proxy.
@@ -77,28 +77,6 @@ struct Written {
     seq: u64,
     private: bool,
     topics: Vec<String>,
-}
-
-/// Bundles the test pages (`clients/web/e2e/build.mjs`); returns their directory.
-fn build_pages() -> PathBuf {
-    let sdk = web_dir().join("../clients/web");
-    assert!(
-        sdk.join("dist/index.js").exists(),
-        "clients/web/dist missing: run `npm run build` at the repository root"
-    );
-    run_node(&sdk, "e2e/build.mjs");
-    sdk.join("e2e/dist")
-}
-
-async fn start_server() -> TestServer {
-    let heartbeat = format!("{HEARTBEAT_SECS}s");
-    TestServer::start_with(ServerOpts {
-        extra_args: ["--heartbeat-interval", &heartbeat]
-            .map(String::from)
-            .to_vec(),
-        ..Default::default()
-    })
-    .await
 }
 
 /// Opens `page` behind the proxy at `base`: its member's tokens (an hour) carry its groups.
@@ -215,8 +193,8 @@ async fn a_private_project_reaches_only_its_member_live_after_a_kill_and_by_poll
         return;
     };
     let _serial = SERIAL.lock().await;
-    let pages = build_pages();
-    let mut s = start_server().await;
+    let pages = sdk_pages();
+    let mut s = sdk_server(HEARTBEAT_SECS, &[]).await;
     let mut b = Browser::launch(&chromium).await;
     let base = b
         .must(json!({"cmd": "proxy", "target": s.url, "mode": "pass", "static": pages}))
@@ -341,7 +319,7 @@ async fn the_dashboard_filters_by_topic_and_shows_a_private_project_to_its_membe
         return;
     };
     let _serial = SERIAL.lock().await;
-    let s = start_server().await;
+    let s = sdk_server(HEARTBEAT_SECS, &[]).await;
     let secret = create_job(&s, "secret plan", true, &[PROJECT]).await;
     let kickoff = create_job(&s, "kickoff", false, &[PROJECT, "team:web"]).await;
     let lunch = create_job(&s, "lunch", false, &[]).await;

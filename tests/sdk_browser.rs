@@ -2,20 +2,18 @@
 //! (`clients/web/e2e`, bundled by its build.mjs) in Debian's Chromium against the real server,
 //! behind the test proxy (`web/test/proxy.mjs`, which also serves the pages on the API's origin).
 //! Every page's event list is checked against the server's log: each durable event it may see,
-//! exactly once, in seq order. Under `CI=true` a missing Chromium or `node_modules` fails; else
-//! the tests are skipped with the reason printed.
+//! exactly once, in seq order. The React page also holds presence and sends broadcasts through
+//! usePresence and useBroadcast under StrictMode. Under `CI=true` a missing Chromium or
+//! `node_modules` fails; else the tests are skipped with the reason printed.
 
 mod support;
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use orgpulse::proto::{Event, ListOnlineRequest, SendNotificationRequest};
 use serde_json::{Value, json};
-use support::browser::{Browser, SERIAL, prerequisites, run_node, web_dir};
-use support::{ServerOpts, TestServer, assert_exactly_once, create_job, log_of, token};
+use support::browser::{Browser, SERIAL, prerequisites, sdk_pages, sdk_server, web_dir};
+use support::{TestServer, assert_exactly_once, create_job, log_of, token};
 use tokio::sync::MutexGuard;
 
 /// The server's heartbeat; the pages are told the same (`?heartbeat=`), so a stream that delivers
@@ -25,35 +23,13 @@ const HEARTBEAT_SECS: u64 = 1;
 const SETTLE: Duration = Duration::from_secs(30);
 const ORG: &str = "acme";
 
-/// Bundles the test pages (`clients/web/e2e/build.mjs`); returns their directory.
-fn build_pages() -> PathBuf {
-    let sdk = web_dir().join("../clients/web");
-    assert!(
-        sdk.join("dist/index.js").exists(),
-        "clients/web/dist missing: run `npm run build` at the repository root"
-    );
-    run_node(&sdk, "e2e/build.mjs");
-    sdk.join("e2e/dist")
-}
-
-async fn start_server() -> TestServer {
-    let heartbeat = format!("{HEARTBEAT_SECS}s");
-    TestServer::start_with(ServerOpts {
-        extra_args: ["--heartbeat-interval", &heartbeat, "--presence-grace", "1s"]
-            .map(String::from)
-            .to_vec(),
-        ..Default::default()
-    })
-    .await
-}
-
 /// What each browser test starts with (None: skipped): the browser-test lock, the bundled pages,
 /// a server, Chromium, and the proxy serving the pages in front of the server (its URL).
 async fn harness() -> Option<(MutexGuard<'static, ()>, TestServer, Browser, String)> {
     let chromium = prerequisites("the SDK browser test")?;
     let serial = SERIAL.lock().await;
-    let pages = build_pages();
-    let s = start_server().await;
+    let pages = sdk_pages();
+    let s = sdk_server(HEARTBEAT_SECS, &["--presence-grace", "1s"]).await;
     let mut b = Browser::launch(&chromium).await;
     let base = proxy(&mut b, &s, &pages).await;
     Some((serial, s, b, base))
@@ -335,6 +311,60 @@ async fn sdk_react_strict_mode_opens_one_stream_and_delivers_once() {
     b.quit().await;
 }
 
+/// How many requests of `method` (e.g. "SetPresence") page `page` has made.
+async fn calls(b: &mut Browser, page: &str, method: &str) -> usize {
+    let path = format!("/orgpulse.v1.EventService/{method}");
+    b.requests(page)
+        .await
+        .iter()
+        .filter(|p| **p == path)
+        .count()
+}
+
+#[tokio::test]
+async fn sdk_react_presence_and_broadcast_hooks_under_strict_mode() {
+    let Some((_serial, _s, mut b, base)) = harness().await else {
+        return;
+    };
+    for user in ["alice", "bob"] {
+        let url = format!("{base}/e2e/react.html?user={user}");
+        open(&mut b, user, &url, None, 3600).await;
+    }
+    // each sees both entries: usePresence's snapshot merged with the other's presence_state
+    let entries = r#"(want) => JSON.stringify([...document.querySelectorAll('[data-testid="presence"]')]
+        .map((p) => p.dataset.userId)) === JSON.stringify(want)"#;
+    for user in ["alice", "bob"] {
+        b.wait_until(user, entries, json!(["alice", "bob"]), SETTLE)
+            .await;
+    }
+    // StrictMode mounted, unmounted and mounted again: still one SetPresence, no remove between
+    assert_eq!(
+        b.eval("alice", "() => window.__mounts", Value::Null).await,
+        2
+    );
+    assert_eq!(calls(&mut b, "alice", "SetPresence").await, 1);
+    assert_eq!(calls(&mut b, "alice", "Subscribe").await, 1);
+
+    // a broadcast reaches both pages once (the sender's own too)
+    b.click("bob", r#"[data-testid="wave"]"#).await;
+    let heard = r#"(n) => window.__broadcasts.length === n"#;
+    for user in ["alice", "bob"] {
+        b.wait_until(user, heard, json!(1), SETTLE).await;
+        let got = b.eval(user, "() => window.__broadcasts", Value::Null).await;
+        assert_eq!(got, json!([["bob", {"wave": true}]]), "{user} heard");
+    }
+
+    // unmounting the hook removes alice's entry for bob
+    b.click("alice", r#"[data-testid="leave"]"#).await;
+    b.wait_until("bob", entries, json!(["bob"]), SETTLE).await;
+    assert_eq!(
+        calls(&mut b, "alice", "SetPresence").await,
+        2,
+        "the set, then the removal"
+    );
+    b.quit().await;
+}
+
 /// Runs `script` (in clients/web) with the SDK in Node against `s` as `token`; its one JSON line.
 async fn sdk_in_node(s: &TestServer, script: &str, token: &str) -> Value {
     let out = tokio::process::Command::new("node")
@@ -362,8 +392,8 @@ async fn sdk_in_node_writes_jobs_and_receives_each_event_once() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    build_pages();
-    let s = start_server().await;
+    sdk_pages();
+    let s = sdk_server(HEARTBEAT_SECS, &["--presence-grace", "1s"]).await;
     let v = sdk_in_node(&s, "e2e/node-worker.mjs", &token(ORG, "worker", "member")).await;
     let received: Vec<Event> = v["seqs"]
         .as_array()
@@ -388,7 +418,7 @@ async fn sdk_in_node_receives_32_levels_of_data_by_stream_and_by_poll() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    let s = start_server().await;
+    let s = sdk_server(HEARTBEAT_SECS, &["--presence-grace", "1s"]).await;
     let v = sdk_in_node(&s, "e2e/node-deep.mjs", &token(ORG, "ada", "admin")).await;
     let mut deepest = json!(1);
     for _ in 0..32 {

@@ -36,6 +36,31 @@ pub fn run_node(dir: &Path, script: &str) {
     );
 }
 
+/// Bundles the SDK's test pages (`clients/web/e2e/build.mjs`); returns their directory.
+pub fn sdk_pages() -> PathBuf {
+    let sdk = web_dir().join("../clients/web");
+    assert!(
+        sdk.join("dist/index.js").exists(),
+        "clients/web/dist missing: run `npm run build` at the repository root"
+    );
+    run_node(&sdk, "e2e/build.mjs");
+    sdk.join("e2e/dist")
+}
+
+/// A server for the SDK's pages: a heartbeat every `heartbeat_secs`, and `extra` flags.
+pub async fn sdk_server(heartbeat_secs: u64, extra: &[&str]) -> super::TestServer {
+    let mut extra_args = vec![
+        "--heartbeat-interval".to_string(),
+        format!("{heartbeat_secs}s"),
+    ];
+    extra_args.extend(extra.iter().map(|s| s.to_string()));
+    super::TestServer::start_with(super::ServerOpts {
+        extra_args,
+        ..Default::default()
+    })
+    .await
+}
+
 /// The Chromium to drive, or None (test skipped) when this machine lacks what the test needs.
 pub fn prerequisites(what: &str) -> Option<PathBuf> {
     let chromium = PathBuf::from(std::env::var("CHROMIUM").unwrap_or("/usr/bin/chromium".into()));

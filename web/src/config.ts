@@ -2,7 +2,8 @@
 // rebuild: ?heartbeat=SECONDS (the server's heartbeat interval, default 15), ?transport=poll (never
 // stream), ?streamRetry=SECONDS (how often polling tries streaming again, default 60), ?org=ID
 // (the org to watch; needed for service tokens, which carry none), ?topic=NAME (show that topic
-// only; the page's topic filter keeps it in the address).
+// only; the page's topic filter keeps it in the address), ?presenceTtl=SECONDS (how long the job a
+// user has open stays marked as viewed by them without a refresh, default 30; 1 to 120).
 
 export interface Config {
   /** The server's heartbeat interval; a stream silent for twice this long is considered stuck. */
@@ -13,6 +14,8 @@ export interface Config {
   org: string;
   /** The topic filter the page starts with; "" = every topic. */
   topic: string;
+  /** The TTL of this user's "viewing" presence (the SDK refreshes it at half of that). */
+  presenceTtlMs: number;
 }
 
 function seconds(params: URLSearchParams, name: string, fallback: number): number {
@@ -28,6 +31,7 @@ export function readConfig(search = location.search): Config {
     streamRetryMs: seconds(p, "streamRetry", 60),
     org: p.get("org") ?? "",
     topic: p.get("topic") ?? "",
+    presenceTtlMs: Math.min(Math.max(seconds(p, "presenceTtl", 30), 1_000), 120_000),
   };
 }
 

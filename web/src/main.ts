@@ -1,8 +1,10 @@
 // Entry point of the dashboard: picks up the token, wires the forms, the entity-type filter and the
-// topic filter, and runs one Live (snapshot plus the SDK's subscription) per identity and topic,
+// topic filter, and runs one Live (snapshot plus the SDK's subscription) per identity and topic
+// and one JobActivity (who views which job, the open job's notes and typing) per identity,
 // re-rendering after each batch of changes.
 
 import { Code, ConnectError, type Event, OrgpulseClient } from "@orgpulse/client";
+import { JobActivity } from "./activity";
 import { readConfig, validTopic } from "./config";
 import { Live } from "./live";
 import { State } from "./state";
@@ -13,6 +15,7 @@ const config = readConfig();
 let identity: Identity | null = null;
 let state = new State();
 let live: Live | null = null;
+let activity: JobActivity | null = null;
 /** The topic shown ("" = all): the snapshot's jobs and the stream are narrowed to it. */
 let topic = validTopic(config.topic) ? config.topic : "";
 /** One client per identity: another user or org gets a fresh one (its own streams and cursor). */
@@ -49,6 +52,12 @@ function render(highlight: boolean): void {
   const me = identity;
   if (!me) return;
   view.renderJobs(state, highlight);
+  if (activity) {
+    // the open job was deleted, or is outside the topic now shown
+    if (activity.open && !state.jobs.has(activity.open)) activity.select(null);
+    view.renderViewers(activity, me.user);
+    view.renderJobPanel(activity, state, me.user);
+  }
   view.renderNotifications(state, canMarkRead(me), (id) => void markRead([id]));
   view.renderOnline(state, me.user);
   view.renderEntityFilter(state);
@@ -115,8 +124,13 @@ function open(token: string): void {
   view.$("topic-form").hidden = false;
   if (!resume) {
     live?.stop();
+    activity?.stop();
     client.close();
     client = newClient();
+    activity = new JobActivity(client, config.org, config.presenceTtlMs, () => scheduleRender(false), (e) =>
+      view.showError(explain(e, "send to the job's viewers")),
+    );
+    activity.start();
     startLive();
   } else live?.start();
 }
@@ -171,8 +185,23 @@ view.$("topic-form").addEventListener("submit", (e) => {
 topicInput.addEventListener("change", () => filterByTopic(topicInput.value.trim()));
 view.$("topic-clear").addEventListener("click", () => filterByTopic(""));
 document.addEventListener("click", (e) => {
-  const chip = (e.target as Element | null)?.closest?.<HTMLElement>("button.topic[data-topic]");
+  const target = e.target as Element | null;
+  const chip = target?.closest?.<HTMLElement>("button.topic[data-topic]");
   if (chip?.dataset.topic) filterByTopic(chip.dataset.topic);
+  const opened = target?.closest?.<HTMLElement>("button.job-open")?.closest<HTMLElement>("tr[data-job-id]");
+  if (opened?.dataset.jobId && opened.dataset.jobId !== activity?.open) {
+    noteInput.value = "";
+    activity?.select(opened.dataset.jobId);
+  }
+});
+view.$("job-panel-close").addEventListener("click", () => activity?.select(null));
+const noteInput = view.$<HTMLInputElement>("note-input");
+noteInput.addEventListener("input", () => activity?.typed(noteInput.value.trim()));
+noteInput.addEventListener("blur", () => activity?.stopTyping());
+view.$("note-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  activity?.note(noteInput.value.trim());
+  noteInput.value = "";
 });
 
 async function markRead(ids: string[]): Promise<void> {

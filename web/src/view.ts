@@ -1,8 +1,11 @@
 // Renders State into the static skeleton of index.html. Rows are keyed by id and patched in place,
 // so a live change touches one row and gets a brief highlight; user text only ever goes through
 // textContent. Topics show as chips ([data-testid=topic]); clicking one filters by it (main.ts).
+// A job's title opens it ([data-testid=job-open]); who else views a job shows as chips in its row
+// ([data-testid=viewer]), and the open job's panel shows its viewers, notes and who is typing.
 
 import type { ConnectionState, Event, Job, Notification } from "@orgpulse/client";
+import type { JobActivity } from "./activity";
 import { ago, clock, compactJson, millis, severityName, statusName } from "./format";
 import type { EntityRow, State, TickerItem } from "./state";
 
@@ -60,7 +63,18 @@ function jobCells(job: Job): HTMLElement[] {
   const labels = Object.entries(job.labels).map(([k, v]) => `${k}=${v}`);
   const meta = [job.id, ...labels, job.message].filter(Boolean).join(" · ");
   return [
-    el("td", {}, el("div", { class: "title" }, job.title, ...topicChips(job.topics)), el("div", { class: "meta" }, meta)),
+    el(
+      "td",
+      {},
+      el(
+        "div",
+        { class: "title" },
+        el("button", { type: "button", class: "job-open", "data-testid": "job-open", title: "Open: who views it, notes" }, job.title),
+        ...topicChips(job.topics),
+        el("span", { class: "viewers", "data-testid": "viewers" }),
+      ),
+      el("div", { class: "meta" }, meta),
+    ),
     el("td", {}, el("span", { class: `status status-${status}`, "data-testid": "job-status" }, status)),
     el(
       "td",
@@ -138,6 +152,40 @@ export function renderJobs(state: State, highlight: boolean): void {
   }
   $("job-count").textContent = String(jobs.length);
   $("jobs-empty").hidden = jobs.length > 0;
+}
+
+/** Each job row's viewers other than `me`, and which row is open (after renderJobs). */
+export function renderViewers(activity: JobActivity, me: string): void {
+  for (const row of $("jobs").querySelectorAll<HTMLElement>('tr[data-testid="job-row"]')) {
+    const id = row.dataset.jobId ?? "";
+    row.classList.toggle("selected", id === activity.open);
+    const users = (activity.viewers.get(id) ?? []).filter((u) => u !== me);
+    const box = row.querySelector<HTMLElement>('[data-testid="viewers"]');
+    if (!box || box.dataset.users === users.join(" ")) continue;
+    box.dataset.users = users.join(" ");
+    box.replaceChildren(
+      ...users.map((u) => el("span", { class: "viewer", "data-testid": "viewer", "data-user-id": u, title: `${u} is viewing this job` }, u)),
+    );
+  }
+}
+
+/** The open job's panel: title, who views it, the notes, who is typing (not `me`). */
+export function renderJobPanel(activity: JobActivity, state: State, me: string): void {
+  const id = activity.open;
+  const job = id ? state.jobs.get(id) : undefined;
+  $("job-panel").hidden = !job;
+  if (!id || !job) return;
+  $("job-panel").dataset.jobId = id;
+  $("job-panel-title").textContent = job.title;
+  const viewers = activity.viewers.get(id) ?? [];
+  $("job-panel-viewers").textContent = viewers.map((u) => (u === me ? `${u} (you)` : u)).join(", ") || "nobody yet";
+  $("notes").replaceChildren(
+    ...activity.notes.map((n) => el("li", { "data-testid": "note", "data-user-id": n.user }, el("b", {}, n.user === me ? "you" : n.user), `: ${n.text}`)),
+  );
+  const typing = [...activity.typing.keys()].filter((u) => u !== me).sort();
+  const line = $("typing");
+  line.dataset.users = typing.join(" ");
+  line.textContent = typing.length ? `${typing.join(", ")} ${typing.length === 1 ? "is" : "are"} typing…` : "";
 }
 
 /** The entity-type filter's current choice; "" = every type. */

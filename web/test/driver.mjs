@@ -70,6 +70,14 @@ const commands = {
   async click({ page: name, selector, timeout = 5_000 }) {
     await page(name).page.click(selector, { timeout });
   },
+  /** Presses `key` (e.g. "Enter") in the element at `selector`. */
+  async press({ page: name, selector, key, timeout = 5_000 }) {
+    await page(name).page.press(selector, key, { timeout });
+  },
+  /** Cuts the page's browser context off the network (`offline` true) or reconnects it. */
+  async offline({ page: name, offline }) {
+    await page(name).context.setOffline(offline);
+  },
   /** Chooses the option with `value` in the <select> at `selector`, as a user would. */
   async select({ page: name, selector, value, timeout = 5_000 }) {
     await page(name).page.selectOption(selector, value, { timeout });

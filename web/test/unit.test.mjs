@@ -190,9 +190,12 @@ test("token payload: user, org, roles (default member), expiry", () => {
 });
 
 test("URL settings", () => {
-  const c = m.readConfig("?heartbeat=2&transport=poll&streamRetry=3&org=x&topic=project:42");
-  assert.deepEqual(c, { heartbeatMs: 2000, forcePoll: true, streamRetryMs: 3000, org: "x", topic: "project:42" });
-  assert.deepEqual(m.readConfig("?heartbeat=-1"), { heartbeatMs: 15000, forcePoll: false, streamRetryMs: 60000, org: "", topic: "" });
+  const c = m.readConfig("?heartbeat=2&transport=poll&streamRetry=3&org=x&topic=project:42&presenceTtl=1.5");
+  assert.deepEqual(c, { heartbeatMs: 2000, forcePoll: true, streamRetryMs: 3000, org: "x", topic: "project:42", presenceTtlMs: 1500 });
+  const defaults = { heartbeatMs: 15000, forcePoll: false, streamRetryMs: 60000, org: "", topic: "", presenceTtlMs: 30000 };
+  assert.deepEqual(m.readConfig("?heartbeat=-1"), defaults);
+  assert.equal(m.readConfig("?presenceTtl=500").presenceTtlMs, 120_000, "at most the server's 120 s");
+  assert.equal(m.readConfig("?presenceTtl=0.1").presenceTtlMs, 1_000, "at least its 1 s");
 });
 
 test("a topic is 1-128 characters of [A-Za-z0-9._:@/-]", () => {

@@ -1,8 +1,10 @@
 //! OrgpulseClient: typed calls for every RPC (with the bearer token from `getToken`, refreshed and
 //! retried once when it expired) and `subscribe`, which shares one wire stream per org among all
-//! the subscribe calls of the client, and by default among all tabs of the same user.
+//! the subscribe calls of the client, and by default among all tabs of the same user; presence
+//! state held while the page holds it (one entry per topic for all tabs of the user) and
+//! broadcasts (see presence.ts).
 
-import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import { fromBinary, toBinary, type JsonObject } from "@bufbuild/protobuf";
 import { Code, ConnectError, type Client, type Transport } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { crossTabAvailable, Tabs, type TabMessage, type WireStateInfo } from "./crosstab.js";
@@ -10,12 +12,17 @@ import { markingFetch } from "./errors.js";
 import { Fanout, Listener, unionFilter, type FilterSpec, type Handlers } from "./fanout.js";
 import {
   backoffDelay, DEFAULT_TIMING, Feed, sleep, type ConnectionState, type FallbackMemory, type StateInfo, type Timing,
+  type WireFilter,
 } from "./feed.js";
-import { EventSchema, EventService, type Event, type EventKind } from "./gen/orgpulse/v1/event_pb.js";
+import { EventSchema, EventService, type Event, type EventKind, type PresenceEntry } from "./gen/orgpulse/v1/event_pb.js";
 import { JobService } from "./gen/orgpulse/v1/job_pb.js";
 import { NotificationService } from "./gen/orgpulse/v1/notification_pb.js";
 import { liveJobs, type LiveJobsHandlers, type LiveJobsOptions } from "./jobs.js";
 import { watchLifecycle } from "./lifecycle.js";
+import {
+  checkStruct, checkTopic, MAX_BROADCAST_BYTES, PresenceBook, presenceKey, watchPresence, type AudienceSpec, type Held,
+  type PresenceHandlers, type PresenceHold, type PresenceOptions, type PresenceWatchOptions,
+} from "./presence.js";
 import { authedClient } from "./rpc.js";
 import { claimsOf, Tokens, type GetToken } from "./tokens.js";
 
@@ -54,8 +61,9 @@ export interface SubscribeOptions {
   /** Narrows entity events; absent or empty = all types. */
   entityTypes?: string[];
   /**
-   * Only durable events with at least one of these topics (e.g. "project:42"); absent or empty =
-   * all. Presence events are not narrowed. Topics narrow what the token may see, never widen it.
+   * Only durable events with at least one of these topics (e.g. "project:42"), and presence states
+   * and broadcasts of one of them; absent or empty = all. Online / offline events are not
+   * narrowed. Topics narrow what the token may see, never widen it.
    */
   topics?: string[];
   /**
@@ -97,6 +105,11 @@ export class OrgpulseClient {
   readonly notifications: Client<typeof NotificationService>;
   readonly events: Client<typeof EventService>;
   readonly tokens: Tokens;
+  /** EventService over fetch with `keepalive`, for what is sent as the page goes away. */
+  private readonly parting: Client<typeof EventService>;
+  private readonly presence: PresenceBook;
+  /** setPresence's own hold per [org, topic]. */
+  private readonly ownHolds = new Map<string, PresenceHold>();
   private readonly timing: Timing;
   private readonly channels = new Map<string, Channel>();
   private readonly persistKey: string | null;
@@ -122,6 +135,24 @@ export class OrgpulseClient {
     this.jobs = authedClient(JobService, transport, this.tokens);
     this.notifications = authedClient(NotificationService, transport, this.tokens);
     this.events = authedClient(EventService, transport, this.tokens);
+    this.parting = options.transport
+      ? this.events
+      : authedClient(
+          EventService,
+          createGrpcWebTransport({
+            baseUrl: this.server,
+            useBinaryFormat: true,
+            fetch: markingFetch((input, init) => globalThis.fetch(input, { ...init, keepalive: true })),
+          }),
+          this.tokens,
+        );
+    this.presence = new PresenceBook({
+      ready: () => this.joinTabs(),
+      role: () => this.role,
+      tabId: () => this.tabs?.id ?? "self",
+      post: (org, topic, held) => this.tabs?.post({ t: "presence", tab: this.tabs.id, org, topic, held }),
+      send: (org, topic, held, leaving) => this.sendPresence(org, topic, held, leaving),
+    });
     const persist = options.persistCursor;
     this.persistKey = persist ? (typeof persist === "string" ? persist : DEFAULT_PERSIST_KEY) : null;
     this.unwatch =
@@ -131,8 +162,14 @@ export class OrgpulseClient {
             suspend: (reason) => this.feeds().forEach((f) => f.suspend(reason)),
             resume: () => this.feeds().forEach((f) => f.resume()),
             woke: () => this.feeds().forEach((f) => f.reconnectNow()),
-            hidden: () => this.tabs?.leave(),
-            shown: () => this.tabs?.join(),
+            hidden: () => {
+              this.presence.hide();
+              this.tabs?.leave();
+            },
+            shown: () => {
+              this.tabs?.join();
+              this.presence.show();
+            },
           });
   }
 
@@ -160,6 +197,54 @@ export class OrgpulseClient {
     return this.listen(orgId, new Listener(null, { onState }));
   }
 
+  /**
+   * Holds `state` as this user's presence on `topic` (e.g. {"viewing": true}) until it is set
+   * again, `null` (or {}) removes it, or the page goes (pagehide) or the client closes; refreshed
+   * every ttl/2 meanwhile. All tabs of the user share one entry per topic: the most recently set
+   * state, removed when no tab holds one. Throws a TypeError for an invalid topic, TTL or a state
+   * over 1 KiB; the server's answers are retried (rate limits with backoff).
+   */
+  setPresence(topic: string, state: JsonObject | null, options: PresenceOptions = {}): void {
+    const key = presenceKey(options.orgId ?? "", topic);
+    let hold = this.ownHolds.get(key);
+    if (!hold) this.ownHolds.set(key, (hold = this.holdPresence(topic, options)));
+    hold.set(state, options);
+  }
+
+  /**
+   * A holder of its own on `topic` (what usePresence uses): the entry is the most recently set of
+   * all holders' states (this tab's and the user's other tabs'), gone when the last releases.
+   */
+  holdPresence(topic: string, options: PresenceOptions = {}): PresenceHold {
+    if (this.closed) throw new Error("this OrgpulseClient is closed");
+    return this.presence.hold(options.orgId ?? "", topic, options);
+  }
+
+  /** ListPresence: the entries of `topic` ("" = every topic) this user may see, now. */
+  async listPresence(topic: string, options: { orgId?: string } = {}): Promise<PresenceEntry[]> {
+    const res = await this.events.listPresence({ orgId: options.orgId ?? "", topic }, { timeoutMs: this.timing.rpcTimeoutMs });
+    return res.entries;
+  }
+
+  /** The entries of `topic` ("" = every topic), kept current: snapshot, then presence_state events. */
+  watchPresence(topic: string, handlers: PresenceHandlers, options: PresenceWatchOptions = {}): Unsubscribe {
+    return watchPresence(this, topic, handlers, options);
+  }
+
+  /**
+   * Sends `data` (at most 4 KiB) to whoever is subscribed to `topic` right now (never stored,
+   * never replayed; for typing indicators, cursors). Rejects with RESOURCE_EXHAUSTED beyond 20
+   * per second per user.
+   */
+  async broadcast(topic: string, data: JsonObject, options: { orgId?: string; audience?: AudienceSpec } = {}): Promise<void> {
+    checkTopic(topic);
+    checkStruct(data, MAX_BROADCAST_BYTES, "a broadcast");
+    await this.events.broadcast(
+      { orgId: options.orgId ?? "", topic, data, audience: options.audience },
+      { timeoutMs: this.timing.rpcTimeoutMs },
+    );
+  }
+
   /** How this client shares streams: "solo" (no cross-tab), "leader" (holds them), "follower". */
   get sharing(): "solo" | "leader" | "follower" {
     return this.role;
@@ -179,6 +264,7 @@ export class OrgpulseClient {
   /** Stops every stream and listener of this client. */
   close(): void {
     this.closed = true;
+    this.presence.hide();
     this.unwatch();
     for (const ch of this.channels.values()) {
       ch.feed?.stop();
@@ -186,6 +272,14 @@ export class OrgpulseClient {
     }
     this.channels.clear();
     this.tabs?.close();
+  }
+
+  private async sendPresence(org: string, topic: string, held: Held | null, leaving: boolean): Promise<void> {
+    const events = leaving ? this.parting : this.events;
+    await events.setPresence(
+      { orgId: org, topic, state: held?.state ?? {}, audience: held?.audience, ttlMs: held?.ttlMs ?? 0 },
+      { timeoutMs: this.timing.rpcTimeoutMs },
+    );
   }
 
   private feeds(): Feed[] {
@@ -287,6 +381,10 @@ export class OrgpulseClient {
         const wire: WireStateInfo = error ? { ...rest, error: { code: error.code, message: error.rawMessage } } : rest;
         post({ t: "state", org, state, info: wire });
       },
+      live: (filter: WireFilter | null) => {
+        ch.fanout.live(filter);
+        post({ t: "live", org, filter });
+      },
     };
   }
 
@@ -316,10 +414,12 @@ export class OrgpulseClient {
     this.role = "leader";
     this.tabs?.post({ t: "leader", tab: this.tabs.id });
     for (const ch of this.channels.values()) this.schedule(ch);
+    this.presence.lead();
   }
 
   private follow(): void {
     this.role = "follower";
+    this.presence.follow();
     for (const ch of this.channels.values()) {
       ch.feed?.stop();
       ch.feed = null;
@@ -345,14 +445,21 @@ export class OrgpulseClient {
         for (const ch of this.channels.values()) {
           const { state, info } = ch.fanout;
           this.tabs?.post({ t: "state", org: ch.orgId, state, info: { reason: info.reason } });
+          if (ch.fanout.liveFilter) this.tabs?.post({ t: "live", org: ch.orgId, filter: ch.fanout.liveFilter });
         }
         return;
+      case "presence":
+        if (this.role === "leader") this.presence.owner?.put(m.tab, presenceKey(m.org, m.topic), m.held);
+        return;
       case "leader":
-        if (this.role === "follower") this.sendFilters();
+        if (this.role !== "follower") return;
+        this.sendFilters();
+        this.presence.announceAll();
         return;
       case "filters":
       case "bye": {
         if (this.role !== "leader") return;
+        if (m.t === "bye") this.presence.owner?.dropTab(m.tab);
         const orgs = m.t === "filters" ? m.orgs : {};
         for (const ch of this.channels.values()) {
           if (!orgs[ch.orgId] && ch.remote.delete(m.tab)) this.schedule(ch);
@@ -378,6 +485,9 @@ export class OrgpulseClient {
         return;
       case "resync":
         ch.fanout.resync(m.reason);
+        return;
+      case "live":
+        ch.fanout.live(m.filter);
         return;
       case "state": {
         const { error, ...rest } = m.info;

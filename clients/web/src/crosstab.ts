@@ -2,10 +2,12 @@
 //! streams; the others send it their filters and receive every wire message through a
 //! BroadcastChannel. When the leader goes (tab closed, page frozen in the back/forward cache), the
 //! lock passes to another tab, which resumes from the last cursor it was sent: the per-listener
-//! seq dedupe makes the replay invisible.
+//! seq dedupe makes the replay invisible. Presence states travel the same way: each follower
+//! tells the leader what it holds, and the leader keeps the user's one entry per topic.
 
-import type { ConnectionState, StateInfo } from "./feed.js";
+import type { ConnectionState, StateInfo, WireFilter } from "./feed.js";
 import type { FilterSpec } from "./fanout.js";
+import type { Held } from "./presence.js";
 
 /** Messages between the tabs of one key; `org` is the org id ("" = the token's org). */
 export type TabMessage =
@@ -16,7 +18,10 @@ export type TabMessage =
   | { t: "event"; org: string; ev: Uint8Array }
   | { t: "cursor"; org: string; cursor: string }
   | { t: "resync"; org: string; reason: string }
-  | { t: "state"; org: string; state: ConnectionState; info: WireStateInfo };
+  | { t: "state"; org: string; state: ConnectionState; info: WireStateInfo }
+  | { t: "live"; org: string; filter: WireFilter | null }
+  /** A follower's presence state on a topic, to the leader (null: it holds none). */
+  | { t: "presence"; tab: string; org: string; topic: string; held: Held | null };
 
 /** StateInfo as it crosses tabs (an error travels as code and message). */
 export type WireStateInfo = Omit<StateInfo, "error"> & { error?: { code: number; message: string } };

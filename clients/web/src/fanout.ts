@@ -16,7 +16,10 @@ export interface FilterSpec {
 }
 
 export interface Handlers {
-  /** A durable event (seq > 0, each exactly once, in seq order) or a presence event (seq 0). */
+  /**
+   * A durable event (seq > 0, each exactly once, in seq order) or an ephemeral one (seq 0: online /
+   * offline, presence state, broadcast; at most once).
+   */
   onEvent?(ev: Event): void;
   onState?(state: ConnectionState, info: StateInfo): void;
   /**
@@ -24,6 +27,12 @@ export interface Handlers {
    * reload your snapshot. Events after this call continue the new position.
    */
   onResync?(reason: string): void;
+  /**
+   * The shared stream now carries this listener's events (it reached `caught_up` with a filter
+   * covering the listener's): when it joined a live stream, and after each (re)connection. What
+   * is not in the log (presence entries) may have changed unseen before: read its snapshot now.
+   */
+  onLive?(): void;
 }
 
 export class Listener {
@@ -47,7 +56,18 @@ export class Listener {
     const p = ev.payload;
     if (p.case === "entityChanged" && this.spec.entityTypes.length && !this.spec.entityTypes.includes(p.value.entityType)) return false;
     const topics = this.spec.topics;
+    const own = topicOf(ev);
+    if (own !== undefined) return topics.length === 0 || topics.includes(own);
     return ev.seq === 0n || topics.length === 0 || ev.topics.some((t) => topics.includes(t));
+  }
+
+  /** Whether a stream with `filter` carries everything this listener asks for. */
+  coveredBy(filter: WireFilter): boolean {
+    if (!this.spec) return false;
+    const within = <T>(want: T[], have: T[]) => have.length === 0 || (want.length > 0 && want.every((w) => have.includes(w)));
+    const { kinds, entityTypes, topics } = this.spec;
+    const entities = kinds.length === 0 || kinds.includes(EventKind.ENTITY);
+    return within(kinds, filter.kinds) && within(topics, filter.topics) && (!entities || within(entityTypes, filter.entityTypes));
   }
 
   /** Delivers `ev` unless it is filtered out, a duplicate, or held back by a catch-up. */
@@ -82,12 +102,21 @@ export function kindOf(ev: Event): EventKind {
       return EventKind.NOTIFICATION;
     case "userOnline":
     case "userOffline":
+    case "presenceState":
       return EventKind.PRESENCE;
+    case "broadcast":
+      return EventKind.BROADCAST;
     case "entityChanged":
       return EventKind.ENTITY;
     default:
       return EventKind.UNSPECIFIED;
   }
+}
+
+/** The topic of a presence state or a broadcast (they have one each); undefined for the others. */
+export function topicOf(ev: Event): string | undefined {
+  const p = ev.payload;
+  return p.case === "presenceState" || p.case === "broadcast" ? p.value.topic : undefined;
 }
 
 /** The smallest wire filter that carries everything each spec asks for. */
@@ -124,10 +153,20 @@ export class Fanout {
   info: StateInfo = {};
   /** The last position the shared stream reached (where a new leader resumes). */
   cursor = "";
+  /** The filter of the stream that is open and caught up now; null while there is none. */
+  liveFilter: WireFilter | null = null;
 
   add(l: Listener): void {
     this.listeners.add(l);
     l.handlers.onState?.(this.state, this.info);
+    if (this.liveFilter && l.coveredBy(this.liveFilter)) l.handlers.onLive?.();
+  }
+
+  /** A stream with `filter` reached caught_up (null: the stream ended). */
+  live(filter: WireFilter | null): void {
+    this.liveFilter = filter;
+    if (!filter) return;
+    for (const l of this.listeners) if (l.active && l.coveredBy(filter)) l.handlers.onLive?.();
   }
 
   remove(l: Listener): void {

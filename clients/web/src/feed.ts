@@ -41,6 +41,8 @@ export interface FeedSink {
   /** The cursor could not be served: everything before "now" is unknown; reload the snapshot. */
   resync(reason: string): void;
   state(state: ConnectionState, info: StateInfo): void;
+  /** A stream with this filter reached caught_up; null: that stream ended. */
+  live(filter: WireFilter | null): void;
 }
 
 export interface Timing {
@@ -86,6 +88,9 @@ export function backoffDelay(attempt: number, t: Pick<Timing, "backoffMinMs" | "
   const span = Math.min(t.backoffMaxMs, t.backoffMinMs * 2 ** Math.min(attempt, 31));
   return Math.min(t.backoffMaxMs, t.backoffMinMs + t.random() * span);
 }
+
+/** Events that are not in the log and carry no position to resume from. */
+const EPHEMERAL = new Set<Event["payload"]["case"]>(["userOnline", "userOffline", "presenceState", "broadcast"]);
 
 /** The stream stopped without an RPC error (server closed it, or it stalled after data). */
 class StreamEnded extends Error {}
@@ -259,9 +264,11 @@ export class Feed {
       }, 2 * this.timing.heartbeatMs);
     };
     arm();
+    const filter = this.filter;
+    let caughtUp = false;
     try {
       const events = this.events.subscribe(
-        { ...this.filter, afterCursor: this.position },
+        { ...filter, afterCursor: this.position },
         { signal: ctl.signal, headers: bearer(token) },
       );
       for await (const ev of events) {
@@ -273,6 +280,8 @@ export class Feed {
             if (this.memory?.pollingUntil()) this.memory.remember(0);
             this.everLive = true;
             this.emit("live", {});
+            caughtUp = true;
+            this.sink.live(filter);
             break;
           case "resync":
             this.sink.resync(ev.payload.value.reason);
@@ -286,7 +295,7 @@ export class Feed {
             }
             this.sink.event(ev);
         }
-        if (ev.payload.case !== "userOnline" && ev.payload.case !== "userOffline") this.moveTo(ev.cursor);
+        if (!EPHEMERAL.has(ev.payload.case)) this.moveTo(ev.cursor);
       }
       throw new StreamEnded("the server ended the stream");
     } catch (err) {
@@ -303,6 +312,7 @@ export class Feed {
       if (silent) throw new ConnectError("the stream stalled", Code.Unavailable);
       throw err instanceof StreamEnded ? new ConnectError(err.message, Code.Unavailable) : err;
     } finally {
+      if (caughtUp) this.sink.live(null);
       clearTimeout(watchdog);
       attempt.removeEventListener("abort", onAbort);
       ctl.abort();

@@ -1,6 +1,6 @@
 //! @orgpulse/client: the orgpulse SDK for browsers and Node. OrgpulseClient (typed calls for every
-//! RPC, one shared exactly-once subscription per org), liveJobs, the error helpers, and the
-//! generated protobuf-es messages and service descriptors.
+//! RPC, one shared exactly-once subscription per org, presence state and broadcasts), liveJobs,
+//! the error helpers, and the generated protobuf-es messages and service descriptors.
 
 export { OrgpulseClient, type OrgpulseClientOptions, type SubscribeOptions, type Unsubscribe } from "./client.js";
 export type { ConnectionState, StateInfo, Timing } from "./feed.js";
@@ -8,6 +8,9 @@ export { backoffDelay, DEFAULT_TIMING } from "./feed.js";
 export type { Handlers } from "./fanout.js";
 export { kindOf } from "./fanout.js";
 export { jobChange, listAllJobs, liveJobs, type LiveJobsHandlers, type LiveJobsOptions } from "./jobs.js";
+export {
+  PresenceHold, type AudienceSpec, type PresenceHandlers, type PresenceOptions, type PresenceWatchOptions,
+} from "./presence.js";
 export { snapshotThenSubscribe, type SnapshotHandlers } from "./snapshot.js";
 export { ERROR_TRAILER, isNetworkError, isTokenExpired, markingFetch, NetworkError, UnauthorizedError } from "./errors.js";
 export { claimsOf, type GetToken } from "./tokens.js";

@@ -1,15 +1,21 @@
 //! @orgpulse/client/react: hooks over one OrgpulseClient given by OrgpulseProvider. Every hook
 //! subscribes in an effect and unsubscribes in its cleanup; the client applies subscription changes
 //! after the current task, so React StrictMode's mount-unmount-mount (and many components mounting
-//! at once) share one stream and never open a second one.
+//! at once) share one stream and never open a second one. Presence holds are released in the
+//! cleanup and taken again in the next effect within the same task, which the client sees as no
+//! change: StrictMode never makes an entry flicker.
 
-import { createContext, createElement, useContext, useEffect, useMemo, useRef, useState, type ReactNode } from "react";
+import type { JsonObject } from "@bufbuild/protobuf";
+import {
+  createContext, createElement, useCallback, useContext, useEffect, useMemo, useRef, useState, type ReactNode,
+} from "react";
 import type { OrgpulseClient, SubscribeOptions } from "./client.js";
 import type { ConnectionState } from "./feed.js";
-import { EventKind, type Event } from "./gen/orgpulse/v1/event_pb.js";
+import { EventKind, type BroadcastMessage, type Event, type PresenceEntry } from "./gen/orgpulse/v1/event_pb.js";
 import type { Job } from "./gen/orgpulse/v1/job_pb.js";
 import type { Notification } from "./gen/orgpulse/v1/notification_pb.js";
 import type { LiveJobsOptions } from "./jobs.js";
+import type { AudienceSpec, PresenceHold, PresenceOptions } from "./presence.js";
 
 interface Ctx {
   client: OrgpulseClient;
@@ -174,4 +180,69 @@ export function useOnline(orgId?: string): string[] {
     };
   }, [ctx.client, org]);
   return online;
+}
+
+/**
+ * Presence on `topic`: every entry there (this user's too), kept current, and the function that
+ * sets this user's state on it (null removes it). The state is held while the component is
+ * mounted (refreshed before its TTL runs out; all tabs of the user make one entry) and follows
+ * the component to a new `topic`; unmounting, pagehide and `client.close()` remove it.
+ */
+export function usePresence(
+  topic: string,
+  options: PresenceOptions = {},
+): [PresenceEntry[], (state: JsonObject | null) => void] {
+  const { client, orgId } = useCtx();
+  const org = options.orgId ?? orgId;
+  const [entries, setEntries] = useState<PresenceEntry[]>([]);
+  const mine = useRef<JsonObject | null>(null);
+  const hold = useRef<PresenceHold | null>(null);
+  const key = JSON.stringify([options.audience ?? {}, options.ttlMs ?? 0]);
+  useEffect(() => {
+    const [audience, ttlMs] = JSON.parse(key) as [AudienceSpec, number];
+    const h = client.holdPresence(topic, { orgId: org, audience, ttlMs: ttlMs || undefined });
+    hold.current = h;
+    if (mine.current) h.set(mine.current);
+    const stop = client.watchPresence(topic, { onChange: setEntries }, { orgId: org });
+    return () => {
+      stop();
+      h.release();
+      if (hold.current === h) hold.current = null;
+      setEntries([]);
+    };
+  }, [client, org, topic, key]);
+  const setMyState = useCallback((state: JsonObject | null) => {
+    hold.current?.set(state);
+    mine.current = state;
+  }, []);
+  return [entries, setMyState];
+}
+
+/**
+ * Calls `handler` with each broadcast on `topic` while the component is mounted (this user's own
+ * included: compare `msg.userId`); returns `send`, which broadcasts to that topic's current
+ * subscribers (rejects with RESOURCE_EXHAUSTED beyond 20 per second).
+ */
+export function useBroadcast(
+  topic: string,
+  handler: (msg: BroadcastMessage) => void,
+  options: { orgId?: string; audience?: AudienceSpec } = {},
+): (data: JsonObject) => Promise<void> {
+  const { client, orgId } = useCtx();
+  const org = options.orgId ?? orgId;
+  const latest = useRef(handler);
+  latest.current = handler;
+  useEffect(
+    () =>
+      client.subscribe(
+        { orgId: org, kinds: [EventKind.BROADCAST], topics: [topic] },
+        { onEvent: (ev) => ev.payload.case === "broadcast" && latest.current(ev.payload.value) },
+      ),
+    [client, org, topic],
+  );
+  const audience = JSON.stringify(options.audience ?? {});
+  return useCallback(
+    (data: JsonObject) => client.broadcast(topic, data, { orgId: org, audience: JSON.parse(audience) as AudienceSpec }),
+    [client, org, topic, audience],
+  );
 }

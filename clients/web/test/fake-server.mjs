@@ -4,11 +4,12 @@
 // types and topics narrowing what a request gets; no audiences: every token sees all), plus the
 // failures a browser meets: the server gone (a network error, nothing answered), streams killed
 // mid-way, tokens expiring mid-stream (with or without the orgpulse-error trailer), a proxy that
-// buffers streams and one that refuses them.
+// buffers streams and one that refuses them. Presence state (one entry per user and topic, the
+// user being the token) and broadcasts go to the open streams their kinds and topics match.
 import { Code, ConnectError, createRouterTransport } from "@connectrpc/connect";
 import {
   create, EventSchema, EventService, JobSchema, JobService, NetworkError, PollResponseSchema,
-  ListJobsResponseSchema, EventKind, kindOf,
+  ListJobsResponseSchema, EventKind, kindOf, PresenceEntrySchema,
 } from "../dist/index.js";
 
 const netError = () => new ConnectError("fetch failed", Code.Unknown, undefined, undefined, new NetworkError("connection refused"));
@@ -45,6 +46,16 @@ export class FakeServer {
     /** What each ListJobs asked for: {topics} */
     this.listJobs = [];
     this.open = new Set();
+    /** Each open stream's filter and its queue of ephemeral events. */
+    this.streams = new Set();
+    /** "user\0topic" -> PresenceEntry */
+    this.presence = new Map();
+    /** Every SetPresence: {user, topic, state, ttlMs, at} */
+    this.presenceCalls = [];
+    /** How many ListPresence calls were answered. */
+    this.presenceLists = 0;
+    /** Runs before a ListPresence answers (a test's concurrent changes). */
+    this.beforeList = null;
     this.wakers = new Set();
     this.killers = new Set();
   }
@@ -134,10 +145,47 @@ export class FakeServer {
     });
   }
 
+  /** An ephemeral event (seq 0) to every open stream whose filter matches, as the server does. */
+  emit(caseName, value) {
+    const ev = create(EventSchema, { orgId: "acme", payload: { case: caseName, value } });
+    const kind = kindOf(ev);
+    for (const st of this.streams) {
+      if (st.req.kinds.length && !st.req.kinds.includes(kind)) continue;
+      if (st.req.topics.length && !st.req.topics.includes(value.topic)) continue;
+      st.queue.push(ev);
+    }
+    this.wake();
+  }
+
+  setPresence(req, ctx) {
+    const user = this.auth(ctx);
+    const state = req.state ?? {};
+    this.presenceCalls.push({ user, topic: req.topic, state, ttlMs: req.ttlMs, at: Date.now() });
+    const key = `${user}\u0000${req.topic}`;
+    const before = this.presence.get(key);
+    const removed = Object.keys(state).length === 0;
+    if (removed) this.presence.delete(key);
+    else this.presence.set(key, create(PresenceEntrySchema, { userId: user, topic: req.topic, state }));
+    if (removed ? before : JSON.stringify(before?.state) !== JSON.stringify(state)) {
+      this.emit("presenceState", { userId: user, topic: req.topic, state: removed ? undefined : state });
+    }
+    return {};
+  }
+
+  async listPresence(req, ctx) {
+    this.auth(ctx);
+    const entries = [...this.presence.values()].filter((e) => !req.topic || e.topic === req.topic);
+    await this.beforeList?.();
+    this.presenceLists++;
+    return { entries };
+  }
+
   async *subscribe(req, ctx) {
     const token = this.auth(ctx);
     this.subscribes.push(asked(req));
     this.open.add(ctx);
+    const stream = { req, queue: [] };
+    this.streams.add(stream);
     try {
       if (this.mode === "refuse-streams") throw new ConnectError("streams refused by test proxy", Code.Unavailable);
       if (this.mode === "buffer") {
@@ -154,6 +202,10 @@ export class FakeServer {
       yield create(EventSchema, { cursor: this.cursorOf(sent), payload: { case: "caughtUp", value: {} } });
       while (!ctx.signal.aborted) {
         if (!this.valid.has(token)) throw this.expiredError();
+        if (stream.queue.length) {
+          yield* stream.queue.splice(0);
+          continue;
+        }
         if (BigInt(this.log.length) > sent) {
           const fresh = this.log.slice(Number(sent));
           sent = BigInt(this.log.length);
@@ -167,6 +219,7 @@ export class FakeServer {
       }
     } finally {
       this.open.delete(ctx);
+      this.streams.delete(stream);
     }
   }
 
@@ -190,6 +243,12 @@ export class FakeServer {
         subscribe: (req, ctx) => this.subscribe(req, ctx),
         poll: (req, ctx) => this.poll(req, ctx),
         listOnline: () => ({ members: [] }),
+        setPresence: (req, ctx) => this.setPresence(req, ctx),
+        listPresence: (req, ctx) => this.listPresence(req, ctx),
+        broadcast: (req, ctx) => {
+          this.emit("broadcast", { userId: this.auth(ctx), topic: req.topic, data: req.data });
+          return {};
+        },
         publish: (req, ctx) => {
           this.auth(ctx);
           const change = { entityType: req.entityType, entityId: req.entityId, action: req.action };

@@ -287,21 +287,13 @@ impl Entities {
         self.write(row, move |tx| {
             let (org, by, patch) = (org.clone(), by.clone(), patch.clone());
             Box::pin(async move {
-                tx.lock_org(&org).await?;
-                let row = tx.job_for_update(&org, &patch.job_id).await?;
-                let (mut job, audience) = visible_job(row.as_deref(), &patch.job_id, &by)?;
+                let (mut job, audience) = job_to_change(tx, &org, &patch.job_id, &by).await?;
                 apply_patch(&mut job, &patch, &by.user, tx.now())?;
                 tx.update_job(&job, model::job_row(&job, audience.as_ref()))
                     .await?;
                 let payload = Payload::JobUpdated(job.clone());
-                tx.append(NewEvent::of_job(
-                    &org,
-                    &by.user,
-                    &job,
-                    audience.as_ref(),
-                    payload,
-                ))
-                .await?;
+                let event = NewEvent::of_job(&org, &by.user, &job, audience.as_ref(), payload);
+                tx.append(event).await?;
                 Ok(job)
             })
         })
@@ -315,19 +307,11 @@ impl Entities {
         self.write(row, move |tx| {
             let (org, by, id) = (org.clone(), by.clone(), id.clone());
             Box::pin(async move {
-                tx.lock_org(&org).await?;
-                let row = tx.job_for_update(&org, &id).await?;
-                let (job, audience) = visible_job(row.as_deref(), &id, &by)?;
+                let (job, audience) = job_to_change(tx, &org, &id, &by).await?;
                 tx.delete_job(&org, &id).await?;
-                let payload = job_deleted(&id);
-                tx.append(NewEvent::of_job(
-                    &org,
-                    &by.user,
-                    &job,
-                    audience.as_ref(),
-                    payload,
-                ))
-                .await?;
+                let event =
+                    NewEvent::of_job(&org, &by.user, &job, audience.as_ref(), job_deleted(&id));
+                tx.append(event).await?;
                 Ok(())
             })
         })
@@ -458,6 +442,19 @@ async fn remember(tx: &mut dyn WriteTx, key: RequestKey<'_>, data: &[u8]) -> Res
         return Ok(());
     }
     tx.remember(key, data.to_vec()).await
+}
+
+/// Locks `org`'s log, then reads job `id` for update: the job and its audience, when `by` may
+/// see it (else NOT_FOUND).
+async fn job_to_change(
+    tx: &mut dyn WriteTx,
+    org: &str,
+    id: &str,
+    by: &Viewer,
+) -> Result<(Job, Option<Audience>)> {
+    tx.lock_org(org).await?;
+    let row = tx.job_for_update(org, id).await?;
+    visible_job(row.as_deref(), id, by)
 }
 
 /// The job of a stored row and its audience, when `by` may see it; NOT_FOUND when there is no

@@ -20,7 +20,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file orgpulse/v1/event.proto.
  */
 export const file_orgpulse_v1_event: GenFile = /*@__PURE__*/
-  fileDesc("ChdvcmdwdWxzZS92MS9ldmVudC5wcm90bxILb3JncHVsc2UudjEifgoJT3JnRmlsdGVyEg4KBm9yZ19pZBgBIAEoCRIlCgVraW5kcxgCIAMoDjIWLm9yZ3B1bHNlLnYxLkV2ZW50S2luZBIUCgxhZnRlcl9jdXJzb3IYAyABKAkSFAoMZW50aXR5X3R5cGVzGAQgAygJEg4KBnRvcGljcxgFIAMoCSLgBAoFRXZlbnQSDgoGY3Vyc29yGAEgASgJEgsKA3NlcRgCIAEoBBIOCgZvcmdfaWQYAyABKAkSKAoEdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFYWN0b3IYBSABKAkSDgoGdG9waWNzGAYgAygJEicKC2pvYl9jcmVhdGVkGAogASgLMhAub3JncHVsc2UudjEuSm9iSAASJwoLam9iX3VwZGF0ZWQYCyABKAsyEC5vcmdwdWxzZS52MS5Kb2JIABIuCgtqb2JfZGVsZXRlZBgMIAEoCzIXLm9yZ3B1bHNlLnYxLkpvYkRlbGV0ZWRIABI1ChBub3RpZmljYXRpb25fbmV3GA0gASgLMhkub3JncHVsc2UudjEuTm90aWZpY2F0aW9uSAASMgoLdXNlcl9vbmxpbmUYDiABKAsyGy5vcmdwdWxzZS52MS5QcmVzZW5jZUNoYW5nZUgAEjMKDHVzZXJfb2ZmbGluZRgPIAEoCzIbLm9yZ3B1bHNlLnYxLlByZXNlbmNlQ2hhbmdlSAASKwoJaGVhcnRiZWF0GBAgASgLMhYub3JncHVsc2UudjEuSGVhcnRiZWF0SAASKgoJY2F1Z2h0X3VwGBEgASgLMhUub3JncHVsc2UudjEuQ2F1Z2h0VXBIABIlCgZyZXN5bmMYEiABKAsyEy5vcmdwdWxzZS52MS5SZXN5bmNIABI0Cg5lbnRpdHlfY2hhbmdlZBgTIAEoCzIaLm9yZ3B1bHNlLnYxLkVudGl0eUNoYW5nZWRIAEIJCgdwYXlsb2FkIn8KDUVudGl0eUNoYW5nZWQSEwoLZW50aXR5X3R5cGUYASABKAkSEQoJZW50aXR5X2lkGAIgASgJEg4KBmFjdGlvbhgDIAEoCRIlCgRkYXRhGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIPCgd1c2VyX2lkGAUgASgJIt0BCg5QdWJsaXNoUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSEwoLZW50aXR5X3R5cGUYAiABKAkSEQoJZW50aXR5X2lkGAMgASgJEg4KBmFjdGlvbhgEIAEoCRIlCgRkYXRhGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIPCgd1c2VyX2lkGAYgASgJEhIKCnJlcXVlc3RfaWQYByABKAkSJwoIYXVkaWVuY2UYCCABKAsyFS5vcmdwdWxzZS52MS5BdWRpZW5jZRIOCgZ0b3BpY3MYCSADKAkiLgoPUHVibGlzaFJlc3BvbnNlEgsKA3NlcRgBIAEoBBIOCgZjdXJzb3IYAiABKAkiHAoKSm9iRGVsZXRlZBIOCgZqb2JfaWQYASABKAkiIQoOUHJlc2VuY2VDaGFuZ2USDwoHdXNlcl9pZBgBIAEoCSILCglIZWFydGJlYXQiCgoIQ2F1Z2h0VXAiGAoGUmVzeW5jEg4KBnJlYXNvbhgBIAEoCSKlAQoLUG9sbFJlcXVlc3QSDgoGb3JnX2lkGAEgASgJEiUKBWtpbmRzGAIgAygOMhYub3JncHVsc2UudjEuRXZlbnRLaW5kEhQKDGFmdGVyX2N1cnNvchgDIAEoCRISCgptYXhfZXZlbnRzGAQgASgNEg8KB3dhaXRfbXMYBSABKA0SFAoMZW50aXR5X3R5cGVzGAYgAygJEg4KBnRvcGljcxgHIAMoCSJSCgxQb2xsUmVzcG9uc2USIgoGZXZlbnRzGAEgAygLMhIub3JncHVsc2UudjEuRXZlbnQSDgoGY3Vyc29yGAIgASgJEg4KBnJlc3luYxgDIAEoCCIjChFMaXN0T25saW5lUmVxdWVzdBIOCgZvcmdfaWQYASABKAkiOgoSTGlzdE9ubGluZVJlc3BvbnNlEiQKB21lbWJlcnMYASADKAsyEy5vcmdwdWxzZS52MS5NZW1iZXIiYAoGTWVtYmVyEg8KB3VzZXJfaWQYASABKAkSMAoMb25saW5lX3NpbmNlGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtjb25uZWN0aW9ucxgDIAEoDSqIAQoJRXZlbnRLaW5kEhoKFkVWRU5UX0tJTkRfVU5TUEVDSUZJRUQQABISCg5FVkVOVF9LSU5EX0pPQhABEhsKF0VWRU5UX0tJTkRfTk9USUZJQ0FUSU9OEAISFwoTRVZFTlRfS0lORF9QUkVTRU5DRRADEhUKEUVWRU5UX0tJTkRfRU5USVRZEAQymwIKDEV2ZW50U2VydmljZRI5CglTdWJzY3JpYmUSFi5vcmdwdWxzZS52MS5PcmdGaWx0ZXIaEi5vcmdwdWxzZS52MS5FdmVudDABEjsKBFBvbGwSGC5vcmdwdWxzZS52MS5Qb2xsUmVxdWVzdBoZLm9yZ3B1bHNlLnYxLlBvbGxSZXNwb25zZRJNCgpMaXN0T25saW5lEh4ub3JncHVsc2UudjEuTGlzdE9ubGluZVJlcXVlc3QaHy5vcmdwdWxzZS52MS5MaXN0T25saW5lUmVzcG9uc2USRAoHUHVibGlzaBIbLm9yZ3B1bHNlLnYxLlB1Ymxpc2hSZXF1ZXN0Ghwub3JncHVsc2UudjEuUHVibGlzaFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp, file_orgpulse_v1_audience, file_orgpulse_v1_job, file_orgpulse_v1_notification]);
+  fileDesc("ChdvcmdwdWxzZS92MS9ldmVudC5wcm90bxILb3JncHVsc2UudjEifgoJT3JnRmlsdGVyEg4KBm9yZ19pZBgBIAEoCRIlCgVraW5kcxgCIAMoDjIWLm9yZ3B1bHNlLnYxLkV2ZW50S2luZBIUCgxhZnRlcl9jdXJzb3IYAyABKAkSFAoMZW50aXR5X3R5cGVzGAQgAygJEg4KBnRvcGljcxgFIAMoCSLKBQoFRXZlbnQSDgoGY3Vyc29yGAEgASgJEgsKA3NlcRgCIAEoBBIOCgZvcmdfaWQYAyABKAkSKAoEdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFYWN0b3IYBSABKAkSDgoGdG9waWNzGAYgAygJEicKC2pvYl9jcmVhdGVkGAogASgLMhAub3JncHVsc2UudjEuSm9iSAASJwoLam9iX3VwZGF0ZWQYCyABKAsyEC5vcmdwdWxzZS52MS5Kb2JIABIuCgtqb2JfZGVsZXRlZBgMIAEoCzIXLm9yZ3B1bHNlLnYxLkpvYkRlbGV0ZWRIABI1ChBub3RpZmljYXRpb25fbmV3GA0gASgLMhkub3JncHVsc2UudjEuTm90aWZpY2F0aW9uSAASMgoLdXNlcl9vbmxpbmUYDiABKAsyGy5vcmdwdWxzZS52MS5QcmVzZW5jZUNoYW5nZUgAEjMKDHVzZXJfb2ZmbGluZRgPIAEoCzIbLm9yZ3B1bHNlLnYxLlByZXNlbmNlQ2hhbmdlSAASKwoJaGVhcnRiZWF0GBAgASgLMhYub3JncHVsc2UudjEuSGVhcnRiZWF0SAASKgoJY2F1Z2h0X3VwGBEgASgLMhUub3JncHVsc2UudjEuQ2F1Z2h0VXBIABIlCgZyZXN5bmMYEiABKAsyEy5vcmdwdWxzZS52MS5SZXN5bmNIABI0Cg5lbnRpdHlfY2hhbmdlZBgTIAEoCzIaLm9yZ3B1bHNlLnYxLkVudGl0eUNoYW5nZWRIABI0Cg5wcmVzZW5jZV9zdGF0ZRgUIAEoCzIaLm9yZ3B1bHNlLnYxLlByZXNlbmNlU3RhdGVIABIyCglicm9hZGNhc3QYFSABKAsyHS5vcmdwdWxzZS52MS5Ccm9hZGNhc3RNZXNzYWdlSABCCQoHcGF5bG9hZCJ/Cg1FbnRpdHlDaGFuZ2VkEhMKC2VudGl0eV90eXBlGAEgASgJEhEKCWVudGl0eV9pZBgCIAEoCRIOCgZhY3Rpb24YAyABKAkSJQoEZGF0YRgEIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSDwoHdXNlcl9pZBgFIAEoCSLdAQoOUHVibGlzaFJlcXVlc3QSDgoGb3JnX2lkGAEgASgJEhMKC2VudGl0eV90eXBlGAIgASgJEhEKCWVudGl0eV9pZBgDIAEoCRIOCgZhY3Rpb24YBCABKAkSJQoEZGF0YRgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSDwoHdXNlcl9pZBgGIAEoCRISCgpyZXF1ZXN0X2lkGAcgASgJEicKCGF1ZGllbmNlGAggASgLMhUub3JncHVsc2UudjEuQXVkaWVuY2USDgoGdG9waWNzGAkgAygJIi4KD1B1Ymxpc2hSZXNwb25zZRILCgNzZXEYASABKAQSDgoGY3Vyc29yGAIgASgJIhwKCkpvYkRlbGV0ZWQSDgoGam9iX2lkGAEgASgJIiEKDlByZXNlbmNlQ2hhbmdlEg8KB3VzZXJfaWQYASABKAkiCwoJSGVhcnRiZWF0IgoKCENhdWdodFVwIhgKBlJlc3luYxIOCgZyZWFzb24YASABKAkipQEKC1BvbGxSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRIlCgVraW5kcxgCIAMoDjIWLm9yZ3B1bHNlLnYxLkV2ZW50S2luZBIUCgxhZnRlcl9jdXJzb3IYAyABKAkSEgoKbWF4X2V2ZW50cxgEIAEoDRIPCgd3YWl0X21zGAUgASgNEhQKDGVudGl0eV90eXBlcxgGIAMoCRIOCgZ0b3BpY3MYByADKAkiUgoMUG9sbFJlc3BvbnNlEiIKBmV2ZW50cxgBIAMoCzISLm9yZ3B1bHNlLnYxLkV2ZW50Eg4KBmN1cnNvchgCIAEoCRIOCgZyZXN5bmMYAyABKAgiIwoRTGlzdE9ubGluZVJlcXVlc3QSDgoGb3JnX2lkGAEgASgJIjoKEkxpc3RPbmxpbmVSZXNwb25zZRIkCgdtZW1iZXJzGAEgAygLMhMub3JncHVsc2UudjEuTWVtYmVyImAKBk1lbWJlchIPCgd1c2VyX2lkGAEgASgJEjAKDG9ubGluZV9zaW5jZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLY29ubmVjdGlvbnMYAyABKA0ilAEKElNldFByZXNlbmNlUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSDQoFdG9waWMYAiABKAkSJgoFc3RhdGUYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EicKCGF1ZGllbmNlGAQgASgLMhUub3JncHVsc2UudjEuQXVkaWVuY2USDgoGdHRsX21zGAUgASgNIhUKE1NldFByZXNlbmNlUmVzcG9uc2UiNAoTTGlzdFByZXNlbmNlUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSDQoFdG9waWMYAiABKAkiQwoUTGlzdFByZXNlbmNlUmVzcG9uc2USKwoHZW50cmllcxgBIAMoCzIaLm9yZ3B1bHNlLnYxLlByZXNlbmNlRW50cnkihwEKDVByZXNlbmNlRW50cnkSDwoHdXNlcl9pZBgBIAEoCRINCgV0b3BpYxgCIAEoCRImCgVzdGF0ZRgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSLgoKdXBkYXRlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiVwoNUHJlc2VuY2VTdGF0ZRIPCgd1c2VyX2lkGAEgASgJEg0KBXRvcGljGAIgASgJEiYKBXN0YXRlGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCKBAQoQQnJvYWRjYXN0UmVxdWVzdBIOCgZvcmdfaWQYASABKAkSDQoFdG9waWMYAiABKAkSJQoEZGF0YRgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSJwoIYXVkaWVuY2UYBCABKAsyFS5vcmdwdWxzZS52MS5BdWRpZW5jZSITChFCcm9hZGNhc3RSZXNwb25zZSJZChBCcm9hZGNhc3RNZXNzYWdlEg8KB3VzZXJfaWQYASABKAkSDQoFdG9waWMYAiABKAkSJQoEZGF0YRgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QqogEKCUV2ZW50S2luZBIaChZFVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASEgoORVZFTlRfS0lORF9KT0IQARIbChdFVkVOVF9LSU5EX05PVElGSUNBVElPThACEhcKE0VWRU5UX0tJTkRfUFJFU0VOQ0UQAxIVChFFVkVOVF9LSU5EX0VOVElUWRAEEhgKFEVWRU5UX0tJTkRfQlJPQURDQVNUEAUyjgQKDEV2ZW50U2VydmljZRI5CglTdWJzY3JpYmUSFi5vcmdwdWxzZS52MS5PcmdGaWx0ZXIaEi5vcmdwdWxzZS52MS5FdmVudDABEjsKBFBvbGwSGC5vcmdwdWxzZS52MS5Qb2xsUmVxdWVzdBoZLm9yZ3B1bHNlLnYxLlBvbGxSZXNwb25zZRJNCgpMaXN0T25saW5lEh4ub3JncHVsc2UudjEuTGlzdE9ubGluZVJlcXVlc3QaHy5vcmdwdWxzZS52MS5MaXN0T25saW5lUmVzcG9uc2USRAoHUHVibGlzaBIbLm9yZ3B1bHNlLnYxLlB1Ymxpc2hSZXF1ZXN0Ghwub3JncHVsc2UudjEuUHVibGlzaFJlc3BvbnNlElAKC1NldFByZXNlbmNlEh8ub3JncHVsc2UudjEuU2V0UHJlc2VuY2VSZXF1ZXN0GiAub3JncHVsc2UudjEuU2V0UHJlc2VuY2VSZXNwb25zZRJTCgxMaXN0UHJlc2VuY2USIC5vcmdwdWxzZS52MS5MaXN0UHJlc2VuY2VSZXF1ZXN0GiEub3JncHVsc2UudjEuTGlzdFByZXNlbmNlUmVzcG9uc2USSgoJQnJvYWRjYXN0Eh0ub3JncHVsc2UudjEuQnJvYWRjYXN0UmVxdWVzdBoeLm9yZ3B1bHNlLnYxLkJyb2FkY2FzdFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp, file_orgpulse_v1_audience, file_orgpulse_v1_job, file_orgpulse_v1_notification]);
 
 /**
  * @generated from message orgpulse.v1.OrgFilter
@@ -173,6 +173,18 @@ export type Event = Message<"orgpulse.v1.Event"> & {
      */
     value: EntityChanged;
     case: "entityChanged";
+  } | {
+    /**
+     * @generated from field: orgpulse.v1.PresenceState presence_state = 20;
+     */
+    value: PresenceState;
+    case: "presenceState";
+  } | {
+    /**
+     * @generated from field: orgpulse.v1.BroadcastMessage broadcast = 21;
+     */
+    value: BroadcastMessage;
+    case: "broadcast";
   } | { case: undefined; value?: undefined };
 };
 
@@ -547,6 +559,242 @@ export const MemberSchema: GenMessage<Member> = /*@__PURE__*/
   messageDesc(file_orgpulse_v1_event, 14);
 
 /**
+ * @generated from message orgpulse.v1.SetPresenceRequest
+ */
+export type SetPresenceRequest = Message<"orgpulse.v1.SetPresenceRequest"> & {
+  /**
+   * @generated from field: string org_id = 1;
+   */
+  orgId: string;
+
+  /**
+   * 1-128 chars of [A-Za-z0-9._:@/-], e.g. "job:01J...".
+   *
+   * @generated from field: string topic = 2;
+   */
+  topic: string;
+
+  /**
+   * At most 1 KiB encoded, 32 levels deep; empty (no fields) removes the caller's entry.
+   *
+   * @generated from field: google.protobuf.Struct state = 3;
+   */
+  state?: JsonObject | undefined;
+
+  /**
+   * Who may see the entry; empty = the whole org.
+   *
+   * @generated from field: orgpulse.v1.Audience audience = 4;
+   */
+  audience?: Audience | undefined;
+
+  /**
+   * 0 = 30000; at most 120000.
+   *
+   * @generated from field: uint32 ttl_ms = 5;
+   */
+  ttlMs: number;
+};
+
+/**
+ * Describes the message orgpulse.v1.SetPresenceRequest.
+ * Use `create(SetPresenceRequestSchema)` to create a new message.
+ */
+export const SetPresenceRequestSchema: GenMessage<SetPresenceRequest> = /*@__PURE__*/
+  messageDesc(file_orgpulse_v1_event, 15);
+
+/**
+ * @generated from message orgpulse.v1.SetPresenceResponse
+ */
+export type SetPresenceResponse = Message<"orgpulse.v1.SetPresenceResponse"> & {
+};
+
+/**
+ * Describes the message orgpulse.v1.SetPresenceResponse.
+ * Use `create(SetPresenceResponseSchema)` to create a new message.
+ */
+export const SetPresenceResponseSchema: GenMessage<SetPresenceResponse> = /*@__PURE__*/
+  messageDesc(file_orgpulse_v1_event, 16);
+
+/**
+ * @generated from message orgpulse.v1.ListPresenceRequest
+ */
+export type ListPresenceRequest = Message<"orgpulse.v1.ListPresenceRequest"> & {
+  /**
+   * @generated from field: string org_id = 1;
+   */
+  orgId: string;
+
+  /**
+   * Empty = every topic.
+   *
+   * @generated from field: string topic = 2;
+   */
+  topic: string;
+};
+
+/**
+ * Describes the message orgpulse.v1.ListPresenceRequest.
+ * Use `create(ListPresenceRequestSchema)` to create a new message.
+ */
+export const ListPresenceRequestSchema: GenMessage<ListPresenceRequest> = /*@__PURE__*/
+  messageDesc(file_orgpulse_v1_event, 17);
+
+/**
+ * @generated from message orgpulse.v1.ListPresenceResponse
+ */
+export type ListPresenceResponse = Message<"orgpulse.v1.ListPresenceResponse"> & {
+  /**
+   * @generated from field: repeated orgpulse.v1.PresenceEntry entries = 1;
+   */
+  entries: PresenceEntry[];
+};
+
+/**
+ * Describes the message orgpulse.v1.ListPresenceResponse.
+ * Use `create(ListPresenceResponseSchema)` to create a new message.
+ */
+export const ListPresenceResponseSchema: GenMessage<ListPresenceResponse> = /*@__PURE__*/
+  messageDesc(file_orgpulse_v1_event, 18);
+
+/**
+ * @generated from message orgpulse.v1.PresenceEntry
+ */
+export type PresenceEntry = Message<"orgpulse.v1.PresenceEntry"> & {
+  /**
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * @generated from field: string topic = 2;
+   */
+  topic: string;
+
+  /**
+   * @generated from field: google.protobuf.Struct state = 3;
+   */
+  state?: JsonObject | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp updated_at = 4;
+   */
+  updatedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message orgpulse.v1.PresenceEntry.
+ * Use `create(PresenceEntrySchema)` to create a new message.
+ */
+export const PresenceEntrySchema: GenMessage<PresenceEntry> = /*@__PURE__*/
+  messageDesc(file_orgpulse_v1_event, 19);
+
+/**
+ * A presence entry set, changed, removed or expired (empty state = left).
+ *
+ * @generated from message orgpulse.v1.PresenceState
+ */
+export type PresenceState = Message<"orgpulse.v1.PresenceState"> & {
+  /**
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * @generated from field: string topic = 2;
+   */
+  topic: string;
+
+  /**
+   * @generated from field: google.protobuf.Struct state = 3;
+   */
+  state?: JsonObject | undefined;
+};
+
+/**
+ * Describes the message orgpulse.v1.PresenceState.
+ * Use `create(PresenceStateSchema)` to create a new message.
+ */
+export const PresenceStateSchema: GenMessage<PresenceState> = /*@__PURE__*/
+  messageDesc(file_orgpulse_v1_event, 20);
+
+/**
+ * @generated from message orgpulse.v1.BroadcastRequest
+ */
+export type BroadcastRequest = Message<"orgpulse.v1.BroadcastRequest"> & {
+  /**
+   * @generated from field: string org_id = 1;
+   */
+  orgId: string;
+
+  /**
+   * @generated from field: string topic = 2;
+   */
+  topic: string;
+
+  /**
+   * At most 4 KiB encoded, 32 levels deep.
+   *
+   * @generated from field: google.protobuf.Struct data = 3;
+   */
+  data?: JsonObject | undefined;
+
+  /**
+   * Who receives it; empty = the whole org.
+   *
+   * @generated from field: orgpulse.v1.Audience audience = 4;
+   */
+  audience?: Audience | undefined;
+};
+
+/**
+ * Describes the message orgpulse.v1.BroadcastRequest.
+ * Use `create(BroadcastRequestSchema)` to create a new message.
+ */
+export const BroadcastRequestSchema: GenMessage<BroadcastRequest> = /*@__PURE__*/
+  messageDesc(file_orgpulse_v1_event, 21);
+
+/**
+ * @generated from message orgpulse.v1.BroadcastResponse
+ */
+export type BroadcastResponse = Message<"orgpulse.v1.BroadcastResponse"> & {
+};
+
+/**
+ * Describes the message orgpulse.v1.BroadcastResponse.
+ * Use `create(BroadcastResponseSchema)` to create a new message.
+ */
+export const BroadcastResponseSchema: GenMessage<BroadcastResponse> = /*@__PURE__*/
+  messageDesc(file_orgpulse_v1_event, 22);
+
+/**
+ * @generated from message orgpulse.v1.BroadcastMessage
+ */
+export type BroadcastMessage = Message<"orgpulse.v1.BroadcastMessage"> & {
+  /**
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * @generated from field: string topic = 2;
+   */
+  topic: string;
+
+  /**
+   * @generated from field: google.protobuf.Struct data = 3;
+   */
+  data?: JsonObject | undefined;
+};
+
+/**
+ * Describes the message orgpulse.v1.BroadcastMessage.
+ * Use `create(BroadcastMessageSchema)` to create a new message.
+ */
+export const BroadcastMessageSchema: GenMessage<BroadcastMessage> = /*@__PURE__*/
+  messageDesc(file_orgpulse_v1_event, 23);
+
+/**
  * @generated from enum orgpulse.v1.EventKind
  */
 export enum EventKind {
@@ -574,6 +822,11 @@ export enum EventKind {
    * @generated from enum value: EVENT_KIND_ENTITY = 4;
    */
   ENTITY = 4,
+
+  /**
+   * @generated from enum value: EVENT_KIND_BROADCAST = 5;
+   */
+  BROADCAST = 5,
 }
 
 /**
@@ -627,6 +880,39 @@ export const EventService: GenService<{
     methodKind: "unary";
     input: typeof PublishRequestSchema;
     output: typeof PublishResponseSchema;
+  },
+  /**
+   * Sets (or, with an empty state, removes) the caller's presence state on a topic ("viewing",
+   * "typing", a cursor): announced to the subscribers its audience and their topics allow as
+   * `presence_state`; it expires after ttl_ms unless set again. Never stored.
+   *
+   * @generated from rpc orgpulse.v1.EventService.SetPresence
+   */
+  setPresence: {
+    methodKind: "unary";
+    input: typeof SetPresenceRequestSchema;
+    output: typeof SetPresenceResponseSchema;
+  },
+  /**
+   * The presence entries of a topic the caller may see (snapshot; subscribe first, then list).
+   *
+   * @generated from rpc orgpulse.v1.EventService.ListPresence
+   */
+  listPresence: {
+    methodKind: "unary";
+    input: typeof ListPresenceRequestSchema;
+    output: typeof ListPresenceResponseSchema;
+  },
+  /**
+   * Sends `data` to the open Subscribe streams of the moment (audience and topics honoured):
+   * never stored, never replayed, at most once, in order per sender.
+   *
+   * @generated from rpc orgpulse.v1.EventService.Broadcast
+   */
+  broadcast: {
+    methodKind: "unary";
+    input: typeof BroadcastRequestSchema;
+    output: typeof BroadcastResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_orgpulse_v1_event, 0);
