@@ -166,10 +166,16 @@ pub async fn publish(writers: &[Writer], total: u64, rate: f64) -> Result<Publis
     let n = writers.len();
     let start = Instant::now();
     let calls = Mutex::new(Histogram::new());
+    // Writer i starts i/rate after the first, so together they write evenly at `rate` rather
+    // than all at once every n/rate.
+    let offset = |i: usize| match rate > 0.0 {
+        true => Duration::from_secs_f64(i as f64 / rate),
+        false => Duration::ZERO,
+    };
     let runs = writers
         .iter()
         .enumerate()
-        .map(|(i, w)| w.run(share(total, n, i), rate / n as f64, start, &calls));
+        .map(|(i, w)| w.run(share(total, n, i), rate / n as f64, start + offset(i), &calls));
     futures::future::try_join_all(runs).await?;
     Ok(Published {
         writes: total,
