@@ -172,10 +172,14 @@ pub async fn publish(writers: &[Writer], total: u64, rate: f64) -> Result<Publis
         true => Duration::from_secs_f64(i as f64 / rate),
         false => Duration::ZERO,
     };
-    let runs = writers
-        .iter()
-        .enumerate()
-        .map(|(i, w)| w.run(share(total, n, i), rate / n as f64, start + offset(i), &calls));
+    let runs = writers.iter().enumerate().map(|(i, w)| {
+        w.run(
+            share(total, n, i),
+            rate / n as f64,
+            start + offset(i),
+            &calls,
+        )
+    });
     futures::future::try_join_all(runs).await?;
     Ok(Published {
         writes: total,
