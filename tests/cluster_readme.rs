@@ -13,6 +13,7 @@ use std::process::Stdio;
 use cli_support::{PATIENCE, kind_of, ok, seq_of};
 use cluster_support::{free_port, services_or_skip};
 use serde_json::Value;
+use support::readme::{Group, marked_blocks};
 use support::{TempDir, log_of, record_database, workspace_bin};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -21,23 +22,6 @@ use tokio::{
 };
 
 const MARK: &str = "<!-- readme-test: cluster -->";
-
-/// The marked blocks of README.md, in order.
-fn marked_blocks() -> Vec<String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
-    let mut lines = readme.lines();
-    let mut blocks = vec![];
-    while let Some(line) = lines.next() {
-        if line.trim() != MARK {
-            continue;
-        }
-        assert_eq!(lines.next(), Some("```sh"), "a ```sh block follows {MARK}");
-        let body: Vec<&str> = lines.by_ref().take_while(|l| *l != "```").collect();
-        blocks.push(body.join("\n"));
-    }
-    blocks
-}
 
 /// Whether `haproxy` is installed; without it, under `CI=true` a panic, else false after saying
 /// why the test is skipped.
@@ -56,17 +40,6 @@ fn haproxy_or_skip() -> bool {
     installed
 }
 
-/// The script's process group (the nodes and the watch it left running): SIGTERM on drop.
-struct Group(u32);
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", "--", &format!("-{}", self.0)])
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_a_cluster_as_written() {
     if !services_or_skip(false) {
@@ -75,7 +48,10 @@ async fn running_a_cluster_as_written() {
     if !haproxy_or_skip() {
         return;
     }
-    let blocks = marked_blocks();
+    let blocks = marked_blocks(
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")),
+        MARK,
+    );
     assert!(
         blocks.len() >= 5,
         "README.md marks {} blocks with {MARK}",

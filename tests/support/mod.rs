@@ -11,6 +11,7 @@ pub mod browser;
 pub mod grpc_web;
 pub mod keys;
 pub mod pg;
+pub mod readme;
 
 use std::{
     path::{Path, PathBuf},
