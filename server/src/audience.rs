@@ -120,6 +120,10 @@ impl Audience {
     /// An outbox row's `audience` (a JSON object with the request's field names), widened by
     /// its `user_id` like [`Audience::from_request`].
     pub fn from_json(json: &str, user: &str) -> Result<Option<Audience>, Invalid> {
+        // serde would also take an array for the struct's fields, in order.
+        if !json.trim_start().starts_with('{') {
+            return Err(Invalid::new("audience must be a JSON object"));
+        }
         let a: Audience =
             serde_json::from_str(json).map_err(|e| Invalid::new(format!("audience: {e}")))?;
         a.widened_by(user)
