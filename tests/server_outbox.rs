@@ -565,18 +565,26 @@ async fn seen_by(server: &TestServer, user: &str, groups: &[&str]) -> Vec<String
         user,
         serde_json::json!({ "roles": ["member"], "groups": groups }),
     );
-    let page = server
-        .events(&token)
-        .await
-        .poll(PollRequest {
-            after_cursor: log_start(server, "acme").await,
-            max_events: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    page.events.iter().map(entity_id).collect()
+    let mut cursor = log_start(server, "acme").await;
+    let mut ids = Vec::new();
+    loop {
+        let page = server
+            .events(&token)
+            .await
+            .poll(PollRequest {
+                after_cursor: cursor,
+                max_events: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if page.events.is_empty() {
+            return ids;
+        }
+        ids.extend(page.events.iter().map(entity_id));
+        cursor = page.cursor;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
