@@ -15,7 +15,7 @@ use orgpulse::proto::{
 };
 use prost_types::{Struct, Value, value::Kind};
 use serde_json::json;
-use support::{Auth, Sub, TestServer, token_with};
+use support::{Auth, Sub, TestServer, presence_state_of, token_with};
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 const ORG: &str = "cluster";
@@ -78,23 +78,6 @@ async fn watcher(node: &TestServer) -> Sub {
     sub
 }
 
-/// (user, topic, v or "" for left) of a presence_state event.
-fn presence(e: &orgpulse::proto::Event) -> Option<(String, String, String)> {
-    let Some(Payload::PresenceState(p)) = &e.payload else {
-        return None;
-    };
-    let v = p
-        .state
-        .as_ref()
-        .and_then(|s| s.fields.get("v"))
-        .and_then(|v| match &v.kind {
-            Some(Kind::StringValue(s)) => Some(s.clone()),
-            _ => None,
-        })
-        .unwrap_or_default();
-    Some((p.user_id.clone(), p.topic.clone(), v))
-}
-
 fn broadcast_of(e: &orgpulse::proto::Event, topic: &str) -> Option<String> {
     match &e.payload {
         Some(Payload::Broadcast(b)) if b.topic == topic => match &b.data.as_ref()?.fields["v"].kind
@@ -133,7 +116,7 @@ async fn connected(sub: &mut Sub, from: &TestServer) {
 }
 
 fn states(sub: &Sub) -> Vec<(String, String, String)> {
-    sub.seen.iter().filter_map(presence).collect()
+    sub.seen.iter().filter_map(presence_state_of).collect()
 }
 
 fn s(user: &str, topic: &str, v: &str) -> (String, String, String) {
@@ -236,12 +219,12 @@ async fn a_move_between_nodes_shows_no_flicker_and_a_dead_nodes_entries_expire_e
     let bob_left = on_b
         .seen
         .iter()
-        .position(|e| presence(e) == Some(s("bob", "job:1", "")))
+        .position(|e| presence_state_of(e) == Some(s("bob", "job:1", "")))
         .unwrap();
     assert!(bob_left > 0);
     // Ann stops refreshing: her entry expires within the TTL.
     let stopped = Instant::now();
-    on_b.until(|e| presence(e) == Some(s("ann", "job:1", "")))
+    on_b.until(|e| presence_state_of(e) == Some(s("ann", "job:1", "")))
         .await;
     let took = stopped.elapsed();
     assert!(

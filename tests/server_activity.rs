@@ -7,7 +7,7 @@ mod support;
 
 use orgpulse::proto::{
     Audience, BroadcastRequest, EventKind, ListPresenceRequest, OrgFilter, PollRequest,
-    PresenceState, SetPresenceRequest, event::Payload, event_service_client::EventServiceClient,
+    SetPresenceRequest, event::Payload, event_service_client::EventServiceClient,
 };
 use prost_types::{Struct, Value, value::Kind};
 use serde_json::json;
@@ -65,27 +65,7 @@ async fn subscribe(server: &TestServer, token: &str, topics: &[&str], kinds: &[E
 
 /// The presence_state events seen so far: (user, topic, state's "v" or "" for left).
 fn states(sub: &Sub) -> Vec<(String, String, String)> {
-    sub.seen
-        .iter()
-        .filter_map(|e| match &e.payload {
-            Some(Payload::PresenceState(PresenceState {
-                user_id,
-                topic,
-                state,
-            })) => {
-                let v = state
-                    .as_ref()
-                    .and_then(|s| s.fields.get("v"))
-                    .and_then(|v| match &v.kind {
-                        Some(Kind::StringValue(s)) => Some(s.clone()),
-                        _ => None,
-                    })
-                    .unwrap_or_default();
-                Some((user_id.clone(), topic.clone(), v))
-            }
-            _ => None,
-        })
-        .collect()
+    sub.seen.iter().filter_map(presence_state_of).collect()
 }
 
 fn is_marker(e: &orgpulse::proto::Event) -> bool {

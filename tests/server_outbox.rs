@@ -113,12 +113,16 @@ async fn log_start(server: &TestServer, org: &str) -> String {
 
 /// Every durable event of `org` on `server`, replayed from the start of the log by Poll.
 async fn replay(server: &TestServer, org: &str) -> Vec<Event> {
-    let service = token("", "tester", "service");
+    replay_as(server, org, &token("", "tester", "service")).await
+}
+
+/// The durable events of `org` that `token`'s caller may see, from the start of the log by Poll.
+async fn replay_as(server: &TestServer, org: &str, token: &str) -> Vec<Event> {
     let mut cursor = log_start(server, org).await;
     let mut events = Vec::new();
     loop {
         let page = server
-            .events(&service)
+            .events(token)
             .await
             .poll(PollRequest {
                 org_id: org.into(),
@@ -565,26 +569,8 @@ async fn seen_by(server: &TestServer, user: &str, groups: &[&str]) -> Vec<String
         user,
         serde_json::json!({ "roles": ["member"], "groups": groups }),
     );
-    let mut cursor = log_start(server, "acme").await;
-    let mut ids = Vec::new();
-    loop {
-        let page = server
-            .events(&token)
-            .await
-            .poll(PollRequest {
-                after_cursor: cursor,
-                max_events: 1000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if page.events.is_empty() {
-            return ids;
-        }
-        ids.extend(page.events.iter().map(entity_id));
-        cursor = page.cursor;
-    }
+    let events = replay_as(server, "acme", &token).await;
+    events.iter().map(entity_id).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -924,6 +924,24 @@ impl Sub {
 
 use orgpulse::proto::event::Payload;
 
+/// (user, topic, the state's string field "v", or "" when the entry left) of a `presence_state`
+/// event; `None` for any other event.
+pub fn presence_state_of(e: &orgpulse::proto::Event) -> Option<(String, String, String)> {
+    let Some(Payload::PresenceState(p)) = &e.payload else {
+        return None;
+    };
+    let v = p
+        .state
+        .as_ref()
+        .and_then(|s| s.fields.get("v"))
+        .and_then(|v| match &v.kind {
+            Some(prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    Some((p.user_id.clone(), p.topic.clone(), v))
+}
+
 /// A short name of an event's payload, for assertions and messages.
 pub fn payload_name(e: &orgpulse::proto::Event) -> String {
     match &e.payload {
