@@ -109,6 +109,10 @@ async fn survive_outages(outage: Outage, first_down: bool) {
             .await
             .unwrap()
             .unwrap();
+        // Every stderr line so far is from before the outage: the first "connected to" after it
+        // is the reconnect (the watch may connect before `restart` returns, so draining after the
+        // restart could swallow it).
+        w.drain_states();
         match outage {
             Outage::Kill => server.kill().await,
             Outage::Terminate => {
@@ -121,7 +125,6 @@ async fn survive_outages(outage: Outage, first_down: bool) {
         }
         server.restart().await;
         let up = Instant::now();
-        w.drain_states();
         let connected = w.state("connected to").await;
         reconnects.push(connected.at.saturating_duration_since(up));
     }
