@@ -1,10 +1,12 @@
 //! The example product (`examples/express-react`, issue 11) end to end: the real orgpulse-server
 //! with `--outbox` on a PostgreSQL database of the test's own, the example's Express backend
 //! writing its tasks and their outbox rows in one transaction, and its React client in Debian's
-//! Chromium for two users of one org and one of another. A task moved by one user shows on the
-//! other's board within 1 s; a move rolled back in the backend is never announced; another org's
-//! tasks never show. A report run by one user walks to 100% on the board and ends with a
-//! notification to that user only. The secret is the one `npm run setup` keeps in the example's
+//! Chromium for three users of one org (two on the launch team) and one of another. A task moved
+//! by one user shows on the other's board within 1 s; a move rolled back in the backend is never
+//! announced; another org's tasks never show; the private Launch project's tasks show live to its
+//! team, and its tab not at all to the others; a user viewing a task is shown on the others' boards
+//! ("ann is viewing") within 1 s. A report run by one user walks to 100% on the board and ends with
+//! a notification to that user only. The secret is the one `npm run setup` keeps in the example's
 //! `secret.txt`, which the backend reads by itself, as its README says. Under `CI=true` a missing
 //! Chromium or `node_modules` fails; else skipped.
 
@@ -55,14 +57,20 @@ async fn start_example(db: &Db, s: &TestServer, port: u16) -> Child {
     child
 }
 
-/// Opens the example for `user` of `org` and signs in through its form; waits for the live state.
-async fn sign_in(b: &mut Browser, base: &str, user: &str, org: &str) {
+/// Opens the example for `user` of `org` and signs in through its form, on the launch team or
+/// not; waits for the live state and the General board.
+async fn sign_in(b: &mut Browser, base: &str, user: &str, org: &str, launch_team: bool) {
     b.open(user, base).await;
     b.fill(user, "[data-testid=login-user]", user).await;
     b.fill(user, "[data-testid=login-org]", org).await;
+    if launch_team {
+        b.click(user, "[data-testid=login-launch]").await;
+    }
     b.click(user, "form button").await;
     let live = r#"[data-testid="state"][data-state="live"]"#;
     b.wait_for(user, live, "attached", SETTLE).await;
+    b.wait_for(user, "[data-testid=task-title]", "attached", SETTLE)
+        .await;
 }
 
 fn task(id: &str, column: &str) -> String {
@@ -105,9 +113,10 @@ async fn example_board_is_shared_live_rollbacks_and_other_orgs_never_show() {
     let _example = start_example(&db, &s, port).await;
     let mut b = Browser::launch(&chromium).await;
     let base = format!("{origin}/");
-    sign_in(&mut b, &base, "ann", "acme").await;
-    sign_in(&mut b, &base, "ben", "acme").await;
-    sign_in(&mut b, &base, "eve", "globex").await;
+    sign_in(&mut b, &base, "ann", "acme", true).await;
+    sign_in(&mut b, &base, "ben", "acme", false).await;
+    sign_in(&mut b, &base, "cat", "acme", true).await;
+    sign_in(&mut b, &base, "eve", "globex", false).await;
 
     // ann adds a task: it shows on ben's board
     b.fill("ann", "[data-testid=task-title]", "ship it").await;
@@ -161,11 +170,44 @@ async fn example_board_is_shared_live_rollbacks_and_other_orgs_never_show() {
     assert_eq!(eve.as_array().unwrap().len(), 1, "{eve}");
     assert!(eve[0].as_str().unwrap().contains("globex work"), "{eve}");
 
+    // The private project: ann and cat (its team) see its tab, ben does not. A task ann adds
+    // there shows on cat's board; viewing it shows "ann is viewing" on cat's within 1 s.
+    let launch_tab = "[data-testid=project-launch]";
+    assert!(
+        !b.has("ben", launch_tab).await,
+        "ben sees the private project"
+    );
+    for user in ["ann", "cat"] {
+        b.click(user, launch_tab).await;
+        let board = r#"[data-testid=task-title][placeholder="New task in Launch"]"#;
+        b.wait_for(user, board, "attached", SETTLE).await;
+    }
+    b.fill("ann", "[data-testid=task-title]", "the launch date")
+        .await;
+    b.click("ann", "form button").await;
+    let js = r#"() => document.querySelector('[data-testid="task"]')?.dataset.taskId"#;
+    let private = b.wait_until("cat", js, Value::Null, SETTLE).await;
+    let private = task(private.as_str().unwrap(), "todo");
+    b.wait_for("ann", &private, "attached", SETTLE).await;
+    b.click("ann", &format!("{private} .task-title")).await;
+    let t0 = Instant::now();
+    let viewing = format!(r#"{private} [data-testid="viewers"]:has-text("ann is viewing")"#);
+    b.wait_for("cat", &viewing, "attached", LIVE).await;
+    eprintln!(
+        "ann viewing a task, on cat's board after {:?}",
+        t0.elapsed()
+    );
+    let viewers = format!(r#"{private} [data-testid="viewers"]"#);
+    assert!(!b.has("ann", &viewers).await, "ann is shown herself");
+    for user in ["ann", "cat"] {
+        b.click(user, "[data-testid=project-general]").await;
+    }
+
     // A few more tasks, for a board worth a screenshot.
     let add = r#"async ([title, column]) => {
         const headers = { "content-type": "application/json",
             authorization: `Bearer ${sessionStorage.getItem("example.session")}` };
-        const t = await (await fetch("/api/tasks", { method: "POST", headers, body: JSON.stringify({ title }) })).json();
+        const t = await (await fetch("/api/projects/general/tasks", { method: "POST", headers, body: JSON.stringify({ title }) })).json();
         if (column !== "todo") await fetch(`/api/tasks/${t.id}`, { method: "PATCH", headers, body: JSON.stringify({ column }) });
         return t.id;
     }"#;
@@ -196,6 +238,15 @@ async fn example_board_is_shared_live_rollbacks_and_other_orgs_never_show() {
         .some((n) => n.textContent.includes("Report ready"))"#;
     let ben_notified = b.eval("ben", ready, Value::Null).await;
     assert_eq!(ben_notified, false, "ben got ann's notification");
+
+    // ben views a task: ann's board says so in the screenshot.
+    b.click("ben", &format!("{} .task-title", task(&id, "done")))
+        .await;
+    let viewing = format!(
+        r#"{} [data-testid="viewers"]:has-text("ben is viewing")"#,
+        task(&id, "done")
+    );
+    b.wait_for("ann", &viewing, "attached", LIVE).await;
 
     // The README's screenshot.
     let shot = if std::env::var_os("ORGPULSE_UPDATE_DOCS").is_some() {

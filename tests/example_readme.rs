@@ -10,7 +10,7 @@
 //!
 //! The board's API must answer, and tasks created through it (the product's transaction with its
 //! outbox row) must reach an orgpulse subscriber of the org exactly once, in the order of the org's
-//! log. Needs PostgreSQL, node and `npm ci` at the root: under `CI=true` a missing one fails, else
+//! log; those of the private project only the subscriber in its group (the row's audience). Needs PostgreSQL, node and `npm ci` at the root: under `CI=true` a missing one fails, else
 //! the test skips.
 mod cluster_support;
 mod support;
@@ -25,7 +25,9 @@ use cluster_support::free_port;
 use orgpulse::proto::{EventKind, event::Payload};
 use serde_json::{Value, json};
 use support::readme::{Group, marked_blocks};
-use support::{Sub, TempDir, assert_exactly_once, log_of, pg::Db, skip_on_postgres, workspace_bin};
+use support::{
+    Sub, TempDir, assert_exactly_once, log_of, log_rows, pg::Db, skip_on_postgres, workspace_bin,
+};
 use tokio::process::{Child, Command};
 use tonic::transport::Endpoint;
 
@@ -234,70 +236,99 @@ async fn example_readme_as_written() {
         .unwrap();
     assert!(page.contains("app.js"), "the board's page: {page}");
 
-    // Signed in as ann of acme: her token (minted by the product) opens an orgpulse stream.
-    let login = post(
-        &format!("{base}/api/login"),
-        None,
-        json!({"user": "ann", "org": "acme"}),
-    )
-    .await;
-    let token = login["token"].as_str().expect("a token").to_string();
-    let channel = Endpoint::from_shared(orgpulse.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut sub = Sub::open_on(channel, &token, "acme", "", &[ENTITY])
-        .await
-        .unwrap();
-    sub.caught_up().await;
-
-    // Two tasks through the board's API: each its transaction with its outbox row.
-    let mut ids = vec![];
-    for title in ["from the README", "and another"] {
-        let task = post(
-            &format!("{base}/api/tasks"),
-            Some(&token),
-            json!({ "title": title }),
+    // Signed in, both of acme: ann on the launch team (the private project's group), ben not.
+    // Each token (minted by the product) opens an orgpulse stream of the org's entity events.
+    let mut tokens = vec![];
+    let mut subs = vec![];
+    for (user, launch_team) in [("ann", true), ("ben", false)] {
+        let login = post(
+            &format!("{base}/api/login"),
+            None,
+            json!({"user": user, "org": "acme", "launchTeam": launch_team}),
         )
         .await;
+        let token = login["token"].as_str().expect("a token").to_string();
+        let channel = Endpoint::from_shared(orgpulse.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut sub = Sub::open_on(channel, &token, "acme", "", &[ENTITY])
+            .await
+            .unwrap();
+        sub.caught_up().await;
+        tokens.push(token);
+        subs.push(sub);
+    }
+    let [ann, ben] = [&tokens[0], &tokens[1]];
+
+    // Three tasks through the board's API, each its transaction with its outbox row: two in the
+    // org-wide project, one between them in the private one.
+    let mut ids = vec![];
+    for (project, title) in [
+        ("general", "from the README"),
+        ("launch", "the launch date"),
+        ("general", "and another"),
+    ] {
+        let url = format!("{base}/api/projects/{project}/tasks");
+        let task = post(&url, Some(ann), json!({ "title": title })).await;
         ids.push(task["id"].to_string().trim_matches('"').to_string());
     }
-    let tasks = reqwest::Client::new()
-        .get(format!("{base}/api/tasks"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    let tasks = json_of(tasks).await;
-    assert_eq!(
-        tasks.as_array().map(Vec::len),
-        Some(2),
-        "the board: {tasks}"
-    );
+    let board = |token: &str, project: &str| {
+        reqwest::Client::new()
+            .get(format!("{base}/api/projects/{project}/tasks"))
+            .bearer_auth(token)
+            .send()
+    };
+    let general = json_of(board(ann, "general").await.unwrap()).await;
+    assert_eq!(general.as_array().map(Vec::len), Some(2), "{general}");
+    let private = json_of(board(ann, "launch").await.unwrap()).await;
+    assert_eq!(private.as_array().map(Vec::len), Some(1), "{private}");
+    let outside = board(ben, "launch").await.unwrap().status();
+    assert_eq!(outside, 404, "the private project is no project to ben");
 
+    // ann receives all three, ben the org-wide two: each exactly once, in the log's order.
     let last = ids.last().unwrap().clone();
-    // Bounded as a whole: heartbeats keep each single read short.
-    let announced_last =
-        sub.until(|e| matches!(&e.payload, Some(Payload::EntityChanged(c)) if c.entity_id == last));
-    tokio::time::timeout(START, announced_last)
-        .await
-        .expect("the tasks reached the subscriber: is orgpulse reading the product's outbox?");
-    let announced: Vec<(String, String)> = sub
-        .seen
-        .iter()
-        .filter_map(|e| match &e.payload {
-            Some(Payload::EntityChanged(c)) => Some((c.entity_type.clone(), c.entity_id.clone())),
-            _ => None,
-        })
-        .collect();
+    for sub in &mut subs {
+        // Bounded as a whole: heartbeats keep each single read short.
+        let announced_last = sub.until(
+            |e| matches!(&e.payload, Some(Payload::EntityChanged(c)) if c.entity_id == last),
+        );
+        tokio::time::timeout(START, announced_last)
+            .await
+            .expect("the tasks reached the subscriber: is orgpulse reading the product's outbox?");
+    }
+    let announced = |sub: &Sub| -> Vec<String> {
+        sub.seen
+            .iter()
+            .filter_map(|e| match &e.payload {
+                Some(Payload::EntityChanged(c)) if c.entity_type == "task" => {
+                    Some(c.entity_id.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(announced(&subs[0]), ids, "ann: each task once, in order");
+    let org_wide = [ids[0].clone(), ids[2].clone()];
+    assert_eq!(announced(&subs[1]), org_wide, "ben: the org-wide tasks");
+    // The private task's row carries the group audience; ann is in it, ben is not.
+    let data = dir.join("orgpulse-data");
+    let rows = log_rows(&data, "acme");
+    let launch_audience = r#"{"groups":["launch"]}"#;
     assert_eq!(
-        announced,
-        ids.iter()
-            .map(|id| ("task".to_string(), id.clone()))
+        rows.iter()
+            .map(|r| r.audience.as_deref() == Some(launch_audience))
             .collect::<Vec<_>>(),
-        "each task announced once, in order"
+        [false, true, false],
+        "the outbox row's audience in the log"
     );
-    let log = log_of(&dir.join("orgpulse-data"), "acme");
-    assert_exactly_once(&sub.seen, &log, 1..=log.last().unwrap().0, "ann", &[ENTITY]);
+    let log = log_of(&data, "acme");
+    let end = log.last().unwrap().0;
+    assert_exactly_once(&subs[1].seen, &log, 1..=end, "ben", &[ENTITY]);
+    let as_ann: Vec<_> = log
+        .into_iter()
+        .map(|(seq, kind, aud)| (seq, kind, aud.filter(|a| a != launch_audience)))
+        .collect();
+    assert_exactly_once(&subs[0].seen, &as_ann, 1..=end, "ann", &[ENTITY]);
 }

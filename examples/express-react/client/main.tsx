@@ -1,12 +1,21 @@
-// The example product's React client: sign in, then a live task board (the backend's own data,
-// announced through the outbox as entity events), the user's notifications, who is online, and
-// report jobs, all through @orgpulse/client/react on one shared stream.
-import { EventKind, JobStatus, OrgpulseClient, Severity } from "@orgpulse/client";
+// The example product's React client: sign in, then a live task board per project (the backend's
+// own data, announced through the outbox as entity events on the project's topic; the private
+// project's reach its group only), who is viewing which task (presence state on the project's
+// topic), the user's notifications, who is online, and report jobs, all through
+// @orgpulse/client/react on one shared stream.
+import { EventKind, JobStatus, OrgpulseClient, Severity, type PresenceEntry } from "@orgpulse/client";
 import {
-  OrgpulseProvider, useConnectionState, useLiveJobs, useNotifications, useOnline, useOrgEvents,
+  OrgpulseProvider, useConnectionState, useLiveJobs, useNotifications, useOnline, useOrgEvents, usePresence,
 } from "@orgpulse/client/react";
 import { StrictMode, useCallback, useEffect, useState } from "react";
 import { createRoot } from "react-dom/client";
+
+interface Project {
+  id: string;
+  name: string;
+  /** The token group that may see it; null = the whole org. */
+  group: string | null;
+}
 
 interface Task {
   id: string;
@@ -35,16 +44,39 @@ function merge(tasks: Map<string, Task>, t: Task): Map<string, Task> {
   return new Map(tasks).set(t.id, t);
 }
 
-function Board() {
+/** Who else is viewing task `id` ("ann is viewing"), from the project's presence entries. */
+function Viewers({ entries, id, me }: { entries: PresenceEntry[]; id: string; me: string }) {
+  const who = entries.filter((e) => e.userId !== me && e.state?.viewing === id).map((e) => e.userId);
+  if (who.length === 0) return null;
+  return (
+    <div className="viewers" data-testid="viewers">
+      <span className="eye" />
+      {who.join(", ")} {who.length === 1 ? "is" : "are"} viewing
+    </div>
+  );
+}
+
+/** One project's board: its tasks (snapshot, then the project's topic live) and who views which. */
+function Board({ project, me }: { project: Project; me: string }) {
   const [tasks, setTasks] = useState(new Map<string, Task>());
   const [title, setTitle] = useState("");
   const [error, setError] = useState("");
+  const [viewing, setViewing] = useState<string | null>(null);
+  const path = `/api/projects/${project.id}/tasks`;
+  const topic = `project:${project.id}`;
   const load = useCallback(() => {
-    api<Task[]>("/api/tasks").then((list) => setTasks((m) => list.reduce(merge, m)), (e) => setError(String(e)));
-  }, []);
+    api<Task[]>(path).then((list) => setTasks((m) => list.reduce(merge, m)), (e) => setError(String(e)));
+  }, [path]);
   useEffect(load, [load]);
+  // Who is viewing what: one entry per user on the project's topic, seen by the project's audience.
+  const [viewers, setMyState] = usePresence(topic, { audience: project.group ? { groups: [project.group] } : undefined });
+  const view = (id: string) => {
+    const next = viewing === id ? null : id;
+    setViewing(next);
+    setMyState(next ? { viewing: next } : null);
+  };
   useOrgEvents(
-    { kinds: [EventKind.ENTITY], entityTypes: ["task"] },
+    { kinds: [EventKind.ENTITY], entityTypes: ["task"], topics: [topic] },
     (ev) => {
       if (ev.payload.case !== "entityChanged") return;
       const task = ev.payload.value.data as unknown as Task;
@@ -61,13 +93,13 @@ function Board() {
         className="add"
         onSubmit={(e) => {
           e.preventDefault();
-          api<Task>("/api/tasks", { method: "POST", body: JSON.stringify({ title }) }).then(
+          api<Task>(path, { method: "POST", body: JSON.stringify({ title }) }).then(
             (t) => (show(t), setTitle("")),
             (err) => setError(String(err)),
           );
         }}
       >
-        <input data-testid="task-title" value={title} onChange={(e) => setTitle(e.target.value)} placeholder="New task" />
+        <input data-testid="task-title" value={title} onChange={(e) => setTitle(e.target.value)} placeholder={`New task in ${project.name}`} />
         <button>Add</button> <span className="error" role="alert">{error}</span>
       </form>
       <div className="board">
@@ -77,9 +109,16 @@ function Board() {
             <div className="column" key={col} data-testid={`column-${col}`}>
               <h3>{col} <span className="count">{inColumn.length}</span></h3>
               {inColumn.map((t) => (
-                <div className="task" key={t.id} data-testid="task" data-task-id={t.id} data-column={t.column}>
-                  <div className="task-title">{t.title}</div>
+                <div
+                  className={t.id === viewing ? "task viewing" : "task"}
+                  key={t.id}
+                  data-testid="task"
+                  data-task-id={t.id}
+                  data-column={t.column}
+                >
+                  <div className="task-title" title="view: others see you here" onClick={() => view(t.id)}>{t.title}</div>
                   <small>by {t.updatedBy}</small>
+                  <Viewers entries={viewers} id={t.id} me={me} />
                   <div className="moves">
                     {COLUMNS.filter((c) => c !== col).map((c) => (
                       <button key={c} onClick={() => void move(t, c)}>→ {c}</button>
@@ -139,15 +178,32 @@ function Sidebar({ me }: { me: string }) {
 
 function App({ who }: { who: { sub: string; org: string } }) {
   const state = useConnectionState();
+  const [projects, setProjects] = useState<Project[]>([]);
+  const [current, setCurrent] = useState("general");
+  useEffect(() => void api<Project[]>("/api/projects").then(setProjects), []);
+  const project = projects.find((p) => p.id === current);
   return (
     <>
       <header>
         <h1>Tasks</h1>
+        <nav>
+          {projects.map((p) => (
+            <button
+              key={p.id}
+              className={p.id === current ? "tab current" : "tab"}
+              data-testid={`project-${p.id}`}
+              onClick={() => setCurrent(p.id)}
+            >
+              {p.name}
+              {p.group && <span className="private" title={`private: group ${p.group}`}>private</span>}
+            </button>
+          ))}
+        </nav>
         <span className="who">{who.sub} · org {who.org}</span>
         <span className="state" data-testid="state" data-state={state}>{state}</span>
       </header>
       <main>
-        <Board />
+        {project ? <Board key={project.id} project={project} me={who.sub} /> : <section className="card board-card" />}
         <Sidebar me={who.sub} />
       </main>
     </>
@@ -157,20 +213,25 @@ function App({ who }: { who: { sub: string; org: string } }) {
 function Login({ done }: { done: () => void }) {
   const [user, setUser] = useState("");
   const [org, setOrg] = useState("acme");
+  const [launchTeam, setLaunchTeam] = useState(false);
   return (
     <form
       className="card login"
       onSubmit={async (e) => {
         e.preventDefault();
-        const { token } = await api<{ token: string }>("/api/login", { method: "POST", body: JSON.stringify({ user, org }) });
+        const { token } = await api<{ token: string }>("/api/login", { method: "POST", body: JSON.stringify({ user, org, launchTeam }) });
         sessionStorage.setItem(SESSION, token);
         done();
       }}
     >
       <h1>Tasks</h1>
-      <p>Sign in as anyone, in any org: everyone in the same org shares one live board.</p>
+      <p>Sign in as anyone, in any org: everyone in the same org shares one live board; the Launch project is private to its team.</p>
       <input data-testid="login-user" value={user} onChange={(e) => setUser(e.target.value)} placeholder="user" />
       <input data-testid="login-org" value={org} onChange={(e) => setOrg(e.target.value)} placeholder="org" />
+      <label>
+        <input type="checkbox" data-testid="login-launch" checked={launchTeam} onChange={(e) => setLaunchTeam(e.target.checked)} /> on the
+        launch team (sees the private Launch project)
+      </label>
       <button>Sign in</button>
     </form>
   );

@@ -24,10 +24,11 @@ const secret = (() => {
 const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
 const sign = (body) => createHmac("sha256", secret()).update(body).digest("base64url");
 
-/** A token for `user` in `org` with `roles`, valid `ttl` seconds. */
-export function mint(user, org, ttl = 600, roles = ["member"]) {
+/** A token for `user` in `org` with `roles` and `groups` (orgpulse's audiences name them), valid
+ * `ttl` seconds. */
+export function mint(user, org, { ttl = 600, roles = ["member"], groups = [] } = {}) {
   const now = Math.floor(Date.now() / 1000);
-  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub: user, org, roles, iat: now, exp: now + ttl })}`;
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub: user, org, roles, groups, iat: now, exp: now + ttl })}`;
   return `${body}.${sign(body)}`;
 }
 
@@ -42,7 +43,7 @@ export function verify(token) {
   return claims.exp * 1000 > Date.now() ? claims : null;
 }
 
-/** Express middleware: req.user = {sub, org} from `authorization: Bearer`, else 401. */
+/** Express middleware: req.user = {sub, org, groups} from `authorization: Bearer`, else 401. */
 export function requireUser(req, res, next) {
   const claims = verify((req.get("authorization") ?? "").replace(/^Bearer /, ""));
   if (!claims) return res.status(401).json({ error: "sign in" });

@@ -10,7 +10,7 @@ const clients = new Map();
 function clientFor(org) {
   if (!clients.has(org)) {
     const transport = createGrpcTransport({ baseUrl: process.env.ORGPULSE_URL ?? "http://127.0.0.1:8080" });
-    clients.set(org, new OrgpulseClient({ baseUrl: "", transport, getToken: () => mint("report-worker", org, 300, ["admin"]) }));
+    clients.set(org, new OrgpulseClient({ baseUrl: "", transport, getToken: () => mint("report-worker", org, { ttl: 300, roles: ["admin"] }) }));
   }
   return clients.get(org);
 }
