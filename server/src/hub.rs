@@ -6,10 +6,13 @@
 //! leaves one more hole: a lost LAST publish, which no later event reveals. For it the Hub runs one
 //! tail checker per node: every `TAIL_CHECK` it reads the heads of all its rooms' orgs in one Store
 //! query and tells the rooms that are behind, which repair from the Store. The in-process bus loses
-//! nothing, so a Hub on it runs no checker and an idle room costs nothing. Fan-out shares the event's encoded bytes; per subscriber
-//! it is a filter check and a push onto that subscriber's bounded queue. A full queue never waits:
-//! the subscriber is cut off (its stream ends with a resumable error) and everyone else goes on.
+//! nothing, so a Hub on it runs no checker and an idle room costs nothing. Fan-out shares the
+//! event's encoded bytes; per subscriber it is a filter check and a push onto that subscriber's
+//! bounded queue, and an event with an audience visits only the subscribers it can name
+//! (`subscribers`). A full queue never waits: the subscriber is cut off (its stream ends with a
+//! resumable error) and everyone else goes on.
 mod queue;
+mod subscribers;
 
 use std::{
     collections::HashMap,
@@ -25,6 +28,8 @@ use orgpulse::proto::EventKind;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use subscribers::{Key, Sub, Subscribers};
 
 use crate::{
     audience::{self, Topics, Viewer},
@@ -235,21 +240,8 @@ struct Room {
     /// The last seq the room's task delivered (or skipped), for the tail checker.
     delivered: AtomicU64,
     tx: mpsc::UnboundedSender<RoomMsg>,
-    subs: Mutex<Subs>,
+    subs: Mutex<Subscribers>,
     closed: CancellationToken,
-}
-
-#[derive(Default)]
-struct Subs {
-    next_id: u64,
-    list: Vec<Sub>,
-}
-
-struct Sub {
-    id: u64,
-    filter: Filter,
-    tx: queue::Sender<Item>,
-    cut: Arc<CutFlag>,
 }
 
 enum RoomMsg {
@@ -265,7 +257,7 @@ enum RoomMsg {
 pub struct Registration {
     pub rx: queue::Receiver<Item>,
     cut: Arc<CutFlag>,
-    id: u64,
+    key: Key,
     room: Arc<Room>,
     hub: Hub,
 }
@@ -286,8 +278,8 @@ impl Drop for Registration {
     fn drop(&mut self) {
         let mut rooms = self.hub.inner.rooms.lock();
         let mut subs = self.room.subs.lock();
-        subs.list.retain(|s| s.id != self.id);
-        if subs.list.is_empty()
+        subs.remove(self.key);
+        if subs.is_empty()
             && rooms
                 .get(&self.room.org)
                 .is_some_and(|r| Arc::ptr_eq(r, &self.room))
@@ -349,30 +341,26 @@ impl Hub {
                 .then(|| {
                     let (tx, rx) = queue::channel(self.inner.queue);
                     let cut = Arc::new(CutFlag::default());
-                    let mut subs = room.subs.lock();
-                    let id = subs.next_id;
-                    subs.next_id += 1;
+                    let key = room.subs.lock().add(Sub {
+                        filter: filter.clone(),
+                        tx,
+                        cut: cut.clone(),
+                    });
                     if self.inner.shut.load(Ordering::SeqCst) {
-                        // Joining after the shutdown: ended at once (its sender dropped here).
+                        // Joining after the shutdown: ended at once.
                         cut.set(Cut::Shutdown);
-                    } else {
-                        subs.list.push(Sub {
-                            id,
-                            filter: filter.clone(),
-                            tx,
-                            cut: cut.clone(),
-                        });
+                        room.subs.lock().remove(key);
                     }
-                    (rx, cut, id)
+                    (rx, cut, key)
                 })
         };
-        let Some((rx, cut, id)) = joined else {
+        let Some((rx, cut, key)) = joined else {
             return Box::pin(self.register(org, filter)).await;
         };
         Ok(Registration {
             rx,
             cut,
-            id,
+            key,
             room,
             hub: self.clone(),
         })
@@ -475,7 +463,7 @@ async fn run_room(
                 }
                 Some(RoomMsg::Ephemeral(ev)) => {
                     let item = Item { seq: 0, bytes: ev.bytes.clone() };
-                    room.fan_out(item, |f| f.sees_ephemeral(&ev));
+                    room.subs.lock().fan_out(&item, ev.audience.as_deref(), |f| f.sees_ephemeral(&ev));
                 }
                 Some(RoomMsg::Head(head)) => last = catch_up(&room, &*store, last, head).await,
                 Some(RoomMsg::Subscribed) => match store.bounds(&room.org).await {
@@ -529,9 +517,7 @@ async fn repair(room: &Room, store: &dyn Log, mut last: u64, upto: u64) -> u64 {
 impl Room {
     /// Ends every subscriber's stream resumably, for `why`.
     fn cut_all(&self, why: Cut) {
-        for s in self.subs.lock().list.drain(..) {
-            s.cut.set(why);
-        }
+        self.subs.lock().cut_all(why);
     }
 
     fn fan_out_durable(&self, ev: &CommittedEvent) {
@@ -539,25 +525,9 @@ impl Room {
             seq: ev.seq,
             bytes: ev.bytes.clone(),
         };
-        self.fan_out(item, |f| f.sees(ev));
-    }
-
-    fn fan_out(&self, item: Item, wants: impl Fn(&Filter) -> bool) {
-        let mut subs = self.subs.lock();
-        subs.list.retain(|s| {
-            if !wants(&s.filter) {
-                return true;
-            }
-            match s.tx.try_send(item.clone()) {
-                Ok(()) => true,
-                Err(queue::TrySendError::Full) => {
-                    s.cut.set(Cut::Slow);
-                    METRICS.slow_disconnects.inc();
-                    false
-                }
-                Err(queue::TrySendError::Closed) => false,
-            }
-        });
+        self.subs
+            .lock()
+            .fan_out(&item, ev.audience.as_deref(), |f| f.sees(ev));
     }
 }
 
@@ -812,8 +782,7 @@ mod tests {
         };
         let (sub_tx, mut rx) = queue::channel(16);
         let cut = Arc::new(CutFlag::default());
-        room.subs.lock().list.push(Sub {
-            id: 0,
+        room.subs.lock().add(Sub {
             filter: filter("a"),
             tx: sub_tx,
             cut: cut.clone(),
