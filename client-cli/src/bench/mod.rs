@@ -7,10 +7,13 @@
 //! (outbox.rs) publishes by committing outbox rows in PostgreSQL instead of calling the API; the
 //! `presence` scenario has writers broadcast on one topic instead (ephemeral, never stored), their
 //! latency being send→receipt.
+//! The `floor` scenario (floor.rs) runs no server: it writes e's bytes to e's connections at e's
+//! rate from a thread of its own, the yardstick for e's server CPU per delivery.
 //! `--nodes N` starts a cluster instead (N nodes on a PostgreSQL database of the bench's own and
 //! one NATS server): subscribers and writers alternate over the nodes, and the deliveries written
 //! through another node than the subscriber's get a latency histogram of their own.
 mod database;
+mod floor;
 mod histogram;
 mod orgs;
 mod outbox;
@@ -46,6 +49,9 @@ pub enum Scenario {
     C,
     /// 1,000 subscribers, 50 events/s for 10 s.
     E,
+    /// e's deliveries without a server: e's framed event bytes written to e's 1,000 loopback
+    /// connections at e's rate by a thread pinned like the server (the floor of e's CPU).
+    Floor,
     /// 8 concurrent writers, 100 subscribers: committed writes/s.
     Ingest,
     /// One subscriber resuming 100,000 events behind: events/s until caught_up.
@@ -80,7 +86,7 @@ impl Scenario {
             Scenario::A => (1_000, 1_000, 0.0, 1, 1000),
             Scenario::B => (100, 20_000, 0.0, 1, 1000),
             Scenario::C => (10_000, 0, 0.0, 1, 3000),
-            Scenario::E => (1_000, 500, 50.0, 1, 1000),
+            Scenario::E | Scenario::Floor => (1_000, 500, 50.0, 1, 1000),
             Scenario::Ingest => (100, 20_000, 0.0, 8, 1000),
             Scenario::Catchup => (1, 100_000, 0.0, 8, 0),
             Scenario::Scale => (20_000, 10, 0.0, 1, 3000),
@@ -288,6 +294,9 @@ async fn start_and_measure(
     outbox: Option<&Database>,
     store: Option<&Database>,
 ) -> Result<Value, CliError> {
+    if args.scenario == Scenario::Floor {
+        return floor::measure(args, shape).await;
+    }
     let mut nodes = Vec::new();
     let started = match &args.secret_file {
         Some(secret) => Target::attach(url, secret).map(|t| nodes.push(t)),
@@ -295,7 +304,7 @@ async fn start_and_measure(
     };
     let result = match (started, args.scenario) {
         (Err(e), _) => Err(e),
-        (Ok(()), Scenario::Orgs) => orgs::measure(args, shape, &nodes[0]).await,
+        (Ok(()), Scenario::Orgs) => orgs::measure(args, shape, &nodes[0], store).await,
         (Ok(()), _) => measure(args, shape, &nodes, outbox).await,
     };
     for node in nodes {

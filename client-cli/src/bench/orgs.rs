@@ -2,7 +2,9 @@
 //! each org its own user and token; the streams are multiplexed over a few HTTP/2 connections (one
 //! per subscriber could not reach 20,000 within this sandbox's descriptor limit). Once all are
 //! caught up and the settle pause is over, nothing is published for `--seconds` and the server's
-//! CPU over that window is reported as a share of one core, with its RSS and open streams.
+//! CPU over that window is reported as a share of one core, with its RSS and open streams. On
+//! PostgreSQL (`--postgres`), also the transactions the store's database ran per second over
+//! that window (`pg_stat_database`): what idle orgs cost the database.
 use std::{sync::atomic::Ordering::Relaxed, time::Duration};
 
 use futures::StreamExt;
@@ -11,6 +13,7 @@ use serde_json::{Value, json};
 use super::{BenchArgs, Shape, mb, round2, timed};
 use crate::{
     bench::{
+        database::{self, Database},
         server::{self, Target},
         subscriber::{self, Counted, Dial, Placement, Subscriber, Tally},
     },
@@ -28,7 +31,12 @@ fn org_name(prefix: &str, i: usize) -> String {
 }
 
 /// Opens one idle subscriber per org, then measures the server doing nothing for `--seconds`.
-pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result<Value, CliError> {
+pub async fn measure(
+    args: &BenchArgs,
+    shape: &Shape,
+    target: &Target,
+    store: Option<&Database>,
+) -> Result<Value, CliError> {
     let orgs: Vec<String> = (0..shape.subscribers)
         .map(|i| org_name(&args.org, i))
         .collect();
@@ -87,9 +95,11 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
     let connected = tasks.len() as u64;
     tokio::time::sleep(shape.settle).await;
     let idle0 = target.usage().await?;
+    let pg0 = transactions(args, store).await?;
     let t_idle = std::time::Instant::now();
     tokio::time::sleep(args.seconds).await;
     let idle1 = target.usage().await?;
+    let pg1 = transactions(args, store).await?;
     let window = t_idle.elapsed().as_secs_f64();
     let cpu = idle1.cpu_s - idle0.cpu_s;
     let mut out = json!({
@@ -120,6 +130,10 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
         "brokenStreams": tally.broken.load(Relaxed),
         "clientCpuS": round2(server::self_cpu_s() - client_cpu0),
     });
+    if let (Some(t0), Some(t1)) = (pg0, pg1) {
+        out["pgTransactions"] = (t1 - t0).into();
+        out["pgTransactionsPerSec"] = round2((t1 - t0) as f64 / window).into();
+    }
     if let Some(e) = tally.first_error.lock().unwrap().take() {
         out["firstError"] = e.into();
     }
@@ -127,4 +141,21 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
         t.abort();
     }
     Ok(out)
+}
+
+/// The transactions the store's database committed or rolled back so far (`pg_stat_database`,
+/// read from the admin database so the reading is not counted); `None` without PostgreSQL. A
+/// backend reports its counts when a transaction ends, at most once a second, and an idle one
+/// within 10 s: a window of 20 s or more keeps that error small.
+async fn transactions(args: &BenchArgs, store: Option<&Database>) -> Result<Option<i64>, CliError> {
+    let Some(db) = store else { return Ok(None) };
+    let admin = database::connect(&args.pg_admin_url).await?;
+    let row = admin
+        .query_one(
+            "SELECT (xact_commit + xact_rollback)::int8 FROM pg_stat_database WHERE datname = $1",
+            &[&db.name],
+        )
+        .await
+        .map_err(database::sql_error("reading pg_stat_database"))?;
+    Ok(Some(row.get(0)))
 }
