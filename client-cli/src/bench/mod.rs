@@ -61,6 +61,10 @@ pub enum Scenario {
     /// 5,000 orgs (--orgs) with one idle subscriber each, over shared HTTP/2 connections: server
     /// CPU while nothing is published (--seconds).
     Orgs,
+    /// 1,000 orgs (--orgs) on a PostgreSQL database of the bench's own, each with one job written
+    /// and one idle subscriber: the transactions/s the idle node runs there (pg_stat_database over
+    /// --seconds, default 120 s: one retention pass at least).
+    IdlePg,
     /// 100 subscribers, 1,000 outbox rows committed at 200/s (one per transaction) in a PostgreSQL
     /// database of its own (--pg-admin-url): COMMIT→receipt latency through NOTIFY.
     Outbox,
@@ -91,6 +95,9 @@ impl Scenario {
             Scenario::Catchup => (1, 100_000, 0.0, 8, 0),
             Scenario::Scale => (20_000, 10, 0.0, 1, 3000),
             Scenario::Orgs => (5_000, 0, 0.0, 1, 3000),
+            // PostgreSQL reports a backend's counts up to 10 s late: the settle pause keeps the
+            // writes and subscriptions out of the idle window.
+            Scenario::IdlePg => (1_000, 0, 0.0, 1, 11_000),
             Scenario::Outbox => (100, 1_000, 200.0, 1, 1000),
             Scenario::Audience => (10_000, 500, 50.0, 100, 3000),
             Scenario::Presence => (1_000, 10_000, 1_000.0, 100, 1000),
@@ -137,9 +144,10 @@ pub struct BenchArgs {
     /// orgs: how many orgs, one subscriber each (default 5,000).
     #[arg(long)]
     pub orgs: Option<usize>,
-    /// orgs: how long the idle server's CPU is measured.
-    #[arg(long, default_value = "20s", value_parser = duration)]
-    pub seconds: Duration,
+    /// orgs, idle-pg: how long the idle server is measured (default 20 s; idle-pg: 120 s, so that
+    /// one whole retention pass, every 60 s plus its own duration, falls in it).
+    #[arg(long, value_parser = duration)]
+    pub seconds: Option<Duration>,
     /// Override the scenario's event count (catchup: the backlog).
     #[arg(long)]
     pub events: Option<u64>,
@@ -217,20 +225,28 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
     // server (which inherits the limit), plus a few dozen for the database and stdio.
     let sockets = match args.scenario {
         Scenario::Orgs => shape.subscribers.div_ceil(orgs::STREAMS_PER_CONNECTION),
+        Scenario::IdlePg => {
+            shape.subscribers.div_ceil(orgs::STREAMS_PER_CONNECTION) + args.connect_concurrency
+        }
         _ => shape.subscribers + shape.writers,
     };
     server::raise_nofile(sockets as u64 + 64)?;
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     server::pin_self(&args.client_cpus)?;
-    let store_on_postgres = args.postgres || args.nodes > 1;
+    let store_on_postgres = args.postgres || args.nodes > 1 || args.scenario == Scenario::IdlePg;
     if args.secret_file.is_some() && (args.scenario == Scenario::Outbox || store_on_postgres) {
         return Err(CliError::usage(
             "--scenario outbox, --postgres and --nodes start their own servers: drop --secret-file",
         ));
     }
-    if args.nodes > 1 && matches!(args.scenario, Scenario::Orgs | Scenario::Outbox) {
+    if args.nodes > 1
+        && matches!(
+            args.scenario,
+            Scenario::Orgs | Scenario::IdlePg | Scenario::Outbox
+        )
+    {
         return Err(CliError::usage(
-            "--nodes: the orgs and outbox scenarios run on one node",
+            "--nodes: the orgs, idle-pg and outbox scenarios run on one node",
         ));
     }
     let outbox_db = match args.scenario {
@@ -304,7 +320,9 @@ async fn start_and_measure(
     };
     let result = match (started, args.scenario) {
         (Err(e), _) => Err(e),
-        (Ok(()), Scenario::Orgs) => orgs::measure(args, shape, &nodes[0], store).await,
+        (Ok(()), Scenario::Orgs | Scenario::IdlePg) => {
+            orgs::measure(args, shape, &nodes[0], store).await
+        }
         (Ok(()), _) => measure(args, shape, &nodes, outbox).await,
     };
     for node in nodes {

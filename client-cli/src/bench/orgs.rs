@@ -3,19 +3,23 @@
 //! per subscriber could not reach 20,000 within this sandbox's descriptor limit). Once all are
 //! caught up and the settle pause is over, nothing is published for `--seconds` and the server's
 //! CPU over that window is reported as a share of one core, with its RSS and open streams. On
-//! PostgreSQL (`--postgres`), also the transactions the store's database ran per second over
+//! PostgreSQL (`--postgres`, and the `idle-pg` scenario, where each org first gets one job so
+//! that its log is not empty), also the transactions the store's database ran per second over
 //! that window (`pg_stat_database`): what idle orgs cost the database.
 use std::{sync::atomic::Ordering::Relaxed, time::Duration};
+
+use clap::ValueEnum;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use super::{BenchArgs, Shape, mb, round2, timed};
+use super::{BenchArgs, Scenario, Shape, mb, round2, timed};
 use crate::{
     bench::{
         database::{self, Database},
         server::{self, Target},
         subscriber::{self, Counted, Dial, Placement, Subscriber, Tally},
+        writer::Writer,
     },
     error::CliError,
     mint::{Signer, mint},
@@ -40,20 +44,38 @@ pub async fn measure(
     let orgs: Vec<String> = (0..shape.subscribers)
         .map(|i| org_name(&args.org, i))
         .collect();
-    let tokens: Vec<String> = orgs
-        .iter()
-        .enumerate()
-        .map(|(i, org)| {
-            mint(
-                Signer::Secret(&target.secret_file),
-                Some(org),
-                &format!("sub{i}"),
-                vec!["viewer".into()],
-                vec![],
-                Duration::from_secs(3600),
-            )
-        })
+    let token = |i: usize, role: &str| {
+        mint(
+            Signer::Secret(&target.secret_file),
+            Some(&orgs[i]),
+            &format!("sub{i}"),
+            vec![role.into()],
+            vec![],
+            Duration::from_secs(3600),
+        )
+    };
+    let tokens: Vec<String> = (0..orgs.len())
+        .map(|i| token(i, "viewer"))
         .collect::<Result<_, _>>()?;
+    let written = match args.scenario {
+        Scenario::IdlePg => {
+            let url = target.url();
+            let writers = futures::stream::iter(0..orgs.len())
+                .map(|i| {
+                    let (url, org) = (&url, &orgs[i]);
+                    let token = token(i, "member");
+                    async move { Writer::new(url, &token?, org, i, None).await.map(drop) }
+                })
+                .buffer_unordered(args.connect_concurrency.max(1))
+                .collect::<Vec<_>>();
+            timed(args, async { Ok(writers.await) })
+                .await?
+                .into_iter()
+                .collect::<Result<Vec<()>, _>>()?
+                .len()
+        }
+        _ => 0,
+    };
     let tally = Tally::new();
     let before = target.usage().await?;
     let client_cpu0 = server::self_cpu_s();
@@ -97,13 +119,18 @@ pub async fn measure(
     let idle0 = target.usage().await?;
     let pg0 = transactions(args, store).await?;
     let t_idle = std::time::Instant::now();
-    tokio::time::sleep(args.seconds).await;
+    let seconds = match args.scenario {
+        Scenario::IdlePg => Duration::from_secs(120),
+        _ => Duration::from_secs(20),
+    };
+    tokio::time::sleep(args.seconds.unwrap_or(seconds)).await;
     let idle1 = target.usage().await?;
     let pg1 = transactions(args, store).await?;
     let window = t_idle.elapsed().as_secs_f64();
     let cpu = idle1.cpu_s - idle0.cpu_s;
     let mut out = json!({
-        "label": "orgs",
+        "label": args.scenario.to_possible_value().map(|v| v.get_name().to_string()),
+        "jobsWritten": written,
         "server": if args.secret_file.is_some() { target.url() } else { "started".into() },
         "orgs": orgs.len(),
         "connections": conns.len(),
