@@ -96,13 +96,11 @@ pub async fn measure(args: &BenchArgs, shape: &Shape) -> Result<Value, CliError>
     })
     .await?;
     let connect_elapsed = t_connect.elapsed();
-    let mut tasks = Vec::new();
-    for conn in opened {
-        match conn {
-            Ok(c) => tasks.push(tokio::spawn(read(c, tally.clone()))),
-            Err(e) => tally.error(e),
-        }
-    }
+    let tasks: Vec<_> = opened
+        .into_iter()
+        .filter_map(|conn| conn.map_err(|e| tally.error(e)).ok())
+        .map(|conn| tokio::spawn(read(conn, tally.clone())))
+        .collect();
     let connected = tasks.len() as u64;
     let mut out = json!({
         "label": "floor",
@@ -138,15 +136,8 @@ pub async fn measure(args: &BenchArgs, shape: &Shape) -> Result<Value, CliError>
             ..Usage::default()
         };
         let (cpu, user) = written.cpu;
-        deliveries(
-            &mut out,
-            &published,
-            t0,
-            &tally,
-            received,
-            usage(0.0),
-            usage(cpu),
-        );
+        let (from, to) = (usage(0.0), usage(cpu));
+        deliveries(&mut out, &published, t0, &tally, received, from, to);
         out["serverUserCpuUsPerDelivery"] = super::us_per(user, received);
         out["serverCpuUsPerEvent"] = super::us_per(cpu, rounds);
         out["frameBytes"] = frame(1, &args.org).len().into();
