@@ -3,7 +3,8 @@
 //! print one JSON line with every delivery (or, for `orgs`, every idle stream) accounted for; the
 //! `outbox` run commits rows in a PostgreSQL database of its own on 127.0.0.1:5432 and drops it;
 //! the `--nodes 2` run starts a cluster on such a database and the machine's NATS; the `presence`
-//! run broadcasts on one topic (nothing stored).
+//! run broadcasts on one topic (nothing stored); the `idle-pg` run counts the transactions an idle
+//! node runs in a PostgreSQL database of its own; the `floor` run starts no server at all.
 //! The full runs are in BENCHMARKS.md.
 mod cluster_support;
 mod support;
@@ -206,6 +207,50 @@ async fn idle_orgs_run_keeps_every_stream_open() {
         "{v}"
     );
     assert!(number(&v["serverRssMB"], "afterIdle") > 0.0);
+}
+
+#[tokio::test]
+async fn idle_pg_run_counts_the_idle_nodes_transactions() {
+    let server = workspace_bin("orgpulse-server");
+    let v = bench(&[
+        "--scenario",
+        "idle-pg",
+        "--orgs",
+        "3",
+        "--seconds",
+        "1s",
+        "--server-bin",
+        server.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["label"], "idle-pg");
+    assert_eq!(v["jobsWritten"], 3);
+    assert_eq!(v["connected"], 3);
+    assert_eq!(v["streamsOpen"], 3);
+    assert!(number(&v, "pgTransactionsPerSec") >= 0.0, "{v}");
+    assert_dropped(&v, "storeDatabase").await;
+}
+
+#[tokio::test]
+async fn floor_run_accounts_for_every_frame_without_a_server() {
+    let v = bench(&[
+        "--scenario",
+        "floor",
+        "--subscribers",
+        "5",
+        "--events",
+        "20",
+    ])
+    .await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["label"], "floor");
+    assert_eq!(v["connected"], 5);
+    assert_eq!(v["deliveriesExpected"], 100);
+    assert_eq!(v["deliveriesReceived"], 100);
+    assert_eq!(v["outOfOrder"], 0);
+    assert!(number(&v, "serverCpuUsPerDelivery") >= 0.0, "{v}");
+    assert!(number(&v, "frameBytes") > 100.0, "{v}");
 }
 
 #[tokio::test]

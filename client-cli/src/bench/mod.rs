@@ -7,10 +7,13 @@
 //! (outbox.rs) publishes by committing outbox rows in PostgreSQL instead of calling the API; the
 //! `presence` scenario has writers broadcast on one topic instead (ephemeral, never stored), their
 //! latency being send→receipt.
+//! The `floor` scenario (floor.rs) runs no server: it writes e's bytes to e's connections at e's
+//! rate from a thread of its own, the yardstick for e's server CPU per delivery.
 //! `--nodes N` starts a cluster instead (N nodes on a PostgreSQL database of the bench's own and
 //! one NATS server): subscribers and writers alternate over the nodes, and the deliveries written
 //! through another node than the subscriber's get a latency histogram of their own.
 mod database;
+mod floor;
 mod histogram;
 mod orgs;
 mod outbox;
@@ -46,6 +49,9 @@ pub enum Scenario {
     C,
     /// 1,000 subscribers, 50 events/s for 10 s.
     E,
+    /// e's deliveries without a server: e's framed event bytes written to e's 1,000 loopback
+    /// connections at e's rate by a thread pinned like the server (the floor of e's CPU).
+    Floor,
     /// 8 concurrent writers, 100 subscribers: committed writes/s.
     Ingest,
     /// One subscriber resuming 100,000 events behind: events/s until caught_up.
@@ -55,6 +61,10 @@ pub enum Scenario {
     /// 5,000 orgs (--orgs) with one idle subscriber each, over shared HTTP/2 connections: server
     /// CPU while nothing is published (--seconds).
     Orgs,
+    /// 1,000 orgs (--orgs) on a PostgreSQL database of the bench's own, each with one job written
+    /// and one idle subscriber: the transactions/s the idle node runs there (pg_stat_database over
+    /// --seconds, default 120 s: one retention pass at least).
+    IdlePg,
     /// 100 subscribers, 1,000 outbox rows committed at 200/s (one per transaction) in a PostgreSQL
     /// database of its own (--pg-admin-url): COMMIT→receipt latency through NOTIFY.
     Outbox,
@@ -80,11 +90,14 @@ impl Scenario {
             Scenario::A => (1_000, 1_000, 0.0, 1, 1000),
             Scenario::B => (100, 20_000, 0.0, 1, 1000),
             Scenario::C => (10_000, 0, 0.0, 1, 3000),
-            Scenario::E => (1_000, 500, 50.0, 1, 1000),
+            Scenario::E | Scenario::Floor => (1_000, 500, 50.0, 1, 1000),
             Scenario::Ingest => (100, 20_000, 0.0, 8, 1000),
             Scenario::Catchup => (1, 100_000, 0.0, 8, 0),
             Scenario::Scale => (20_000, 10, 0.0, 1, 3000),
             Scenario::Orgs => (5_000, 0, 0.0, 1, 3000),
+            // PostgreSQL reports a backend's counts up to 10 s late: the settle pause keeps the
+            // writes and subscriptions out of the idle window.
+            Scenario::IdlePg => (1_000, 0, 0.0, 1, 11_000),
             Scenario::Outbox => (100, 1_000, 200.0, 1, 1000),
             Scenario::Audience => (10_000, 500, 50.0, 100, 3000),
             Scenario::Presence => (1_000, 10_000, 1_000.0, 100, 1000),
@@ -131,9 +144,10 @@ pub struct BenchArgs {
     /// orgs: how many orgs, one subscriber each (default 5,000).
     #[arg(long)]
     pub orgs: Option<usize>,
-    /// orgs: how long the idle server's CPU is measured.
-    #[arg(long, default_value = "20s", value_parser = duration)]
-    pub seconds: Duration,
+    /// orgs, idle-pg: how long the idle server is measured (default 20 s; idle-pg: 120 s, so that
+    /// one whole retention pass, every 60 s plus its own duration, falls in it).
+    #[arg(long, value_parser = duration)]
+    pub seconds: Option<Duration>,
     /// Override the scenario's event count (catchup: the backlog).
     #[arg(long)]
     pub events: Option<u64>,
@@ -211,20 +225,28 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
     // server (which inherits the limit), plus a few dozen for the database and stdio.
     let sockets = match args.scenario {
         Scenario::Orgs => shape.subscribers.div_ceil(orgs::STREAMS_PER_CONNECTION),
+        Scenario::IdlePg => {
+            shape.subscribers.div_ceil(orgs::STREAMS_PER_CONNECTION) + args.connect_concurrency
+        }
         _ => shape.subscribers + shape.writers,
     };
     server::raise_nofile(sockets as u64 + 64)?;
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     server::pin_self(&args.client_cpus)?;
-    let store_on_postgres = args.postgres || args.nodes > 1;
+    let store_on_postgres = args.postgres || args.nodes > 1 || args.scenario == Scenario::IdlePg;
     if args.secret_file.is_some() && (args.scenario == Scenario::Outbox || store_on_postgres) {
         return Err(CliError::usage(
             "--scenario outbox, --postgres and --nodes start their own servers: drop --secret-file",
         ));
     }
-    if args.nodes > 1 && matches!(args.scenario, Scenario::Orgs | Scenario::Outbox) {
+    if args.nodes > 1
+        && matches!(
+            args.scenario,
+            Scenario::Orgs | Scenario::IdlePg | Scenario::Outbox
+        )
+    {
         return Err(CliError::usage(
-            "--nodes: the orgs and outbox scenarios run on one node",
+            "--nodes: the orgs, idle-pg and outbox scenarios run on one node",
         ));
     }
     let outbox_db = match args.scenario {
@@ -288,6 +310,9 @@ async fn start_and_measure(
     outbox: Option<&Database>,
     store: Option<&Database>,
 ) -> Result<Value, CliError> {
+    if args.scenario == Scenario::Floor {
+        return floor::measure(args, shape).await;
+    }
     let mut nodes = Vec::new();
     let started = match &args.secret_file {
         Some(secret) => Target::attach(url, secret).map(|t| nodes.push(t)),
@@ -295,7 +320,9 @@ async fn start_and_measure(
     };
     let result = match (started, args.scenario) {
         (Err(e), _) => Err(e),
-        (Ok(()), Scenario::Orgs) => orgs::measure(args, shape, &nodes[0]).await,
+        (Ok(()), Scenario::Orgs | Scenario::IdlePg) => {
+            orgs::measure(args, shape, &nodes[0], store).await
+        }
         (Ok(()), _) => measure(args, shape, &nodes, outbox).await,
     };
     for node in nodes {

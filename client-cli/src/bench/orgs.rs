@@ -2,17 +2,24 @@
 //! each org its own user and token; the streams are multiplexed over a few HTTP/2 connections (one
 //! per subscriber could not reach 20,000 within this sandbox's descriptor limit). Once all are
 //! caught up and the settle pause is over, nothing is published for `--seconds` and the server's
-//! CPU over that window is reported as a share of one core, with its RSS and open streams.
+//! CPU over that window is reported as a share of one core, with its RSS and open streams. On
+//! PostgreSQL (`--postgres`, and the `idle-pg` scenario, where each org first gets one job so
+//! that its log is not empty), also the transactions the store's database ran per second over
+//! that window (`pg_stat_database`): what idle orgs cost the database.
 use std::{sync::atomic::Ordering::Relaxed, time::Duration};
+
+use clap::ValueEnum;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use super::{BenchArgs, Shape, mb, round2, timed};
+use super::{BenchArgs, Scenario, Shape, mb, round2, timed};
 use crate::{
     bench::{
+        database::{self, Database},
         server::{self, Target},
         subscriber::{self, Counted, Dial, Placement, Subscriber, Tally},
+        writer::Writer,
     },
     error::CliError,
     mint::{Signer, mint},
@@ -28,24 +35,47 @@ fn org_name(prefix: &str, i: usize) -> String {
 }
 
 /// Opens one idle subscriber per org, then measures the server doing nothing for `--seconds`.
-pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result<Value, CliError> {
+pub async fn measure(
+    args: &BenchArgs,
+    shape: &Shape,
+    target: &Target,
+    store: Option<&Database>,
+) -> Result<Value, CliError> {
     let orgs: Vec<String> = (0..shape.subscribers)
         .map(|i| org_name(&args.org, i))
         .collect();
-    let tokens: Vec<String> = orgs
-        .iter()
-        .enumerate()
-        .map(|(i, org)| {
-            mint(
-                Signer::Secret(&target.secret_file),
-                Some(org),
-                &format!("sub{i}"),
-                vec!["viewer".into()],
-                vec![],
-                Duration::from_secs(3600),
-            )
-        })
+    let token = |i: usize, role: &str| {
+        mint(
+            Signer::Secret(&target.secret_file),
+            Some(&orgs[i]),
+            &format!("sub{i}"),
+            vec![role.into()],
+            vec![],
+            Duration::from_secs(3600),
+        )
+    };
+    let tokens: Vec<String> = (0..orgs.len())
+        .map(|i| token(i, "viewer"))
         .collect::<Result<_, _>>()?;
+    let written = match args.scenario {
+        Scenario::IdlePg => {
+            let url = target.url();
+            let writers = futures::stream::iter(0..orgs.len())
+                .map(|i| {
+                    let (url, org) = (&url, &orgs[i]);
+                    let token = token(i, "member");
+                    async move { Writer::new(url, &token?, org, i, None).await.map(drop) }
+                })
+                .buffer_unordered(args.connect_concurrency.max(1))
+                .collect::<Vec<_>>();
+            timed(args, async { Ok(writers.await) })
+                .await?
+                .into_iter()
+                .collect::<Result<Vec<()>, _>>()?
+                .len()
+        }
+        _ => 0,
+    };
     let tally = Tally::new();
     let before = target.usage().await?;
     let client_cpu0 = server::self_cpu_s();
@@ -87,13 +117,20 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
     let connected = tasks.len() as u64;
     tokio::time::sleep(shape.settle).await;
     let idle0 = target.usage().await?;
+    let pg0 = transactions(args, store).await?;
     let t_idle = std::time::Instant::now();
-    tokio::time::sleep(args.seconds).await;
+    let seconds = match args.scenario {
+        Scenario::IdlePg => Duration::from_secs(120),
+        _ => Duration::from_secs(20),
+    };
+    tokio::time::sleep(args.seconds.unwrap_or(seconds)).await;
     let idle1 = target.usage().await?;
+    let pg1 = transactions(args, store).await?;
     let window = t_idle.elapsed().as_secs_f64();
     let cpu = idle1.cpu_s - idle0.cpu_s;
     let mut out = json!({
-        "label": "orgs",
+        "label": args.scenario.to_possible_value().map(|v| v.get_name().to_string()),
+        "jobsWritten": written,
         "server": if args.secret_file.is_some() { target.url() } else { "started".into() },
         "orgs": orgs.len(),
         "connections": conns.len(),
@@ -120,6 +157,10 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
         "brokenStreams": tally.broken.load(Relaxed),
         "clientCpuS": round2(server::self_cpu_s() - client_cpu0),
     });
+    if let (Some(t0), Some(t1)) = (pg0, pg1) {
+        out["pgTransactions"] = (t1 - t0).into();
+        out["pgTransactionsPerSec"] = round2((t1 - t0) as f64 / window).into();
+    }
     if let Some(e) = tally.first_error.lock().unwrap().take() {
         out["firstError"] = e.into();
     }
@@ -127,4 +168,21 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
         t.abort();
     }
     Ok(out)
+}
+
+/// The transactions the store's database committed or rolled back so far (`pg_stat_database`,
+/// read from the admin database so the reading is not counted); `None` without PostgreSQL. A
+/// backend reports its counts when a transaction ends, at most once a second, and an idle one
+/// within 10 s: a window of 20 s or more keeps that error small.
+async fn transactions(args: &BenchArgs, store: Option<&Database>) -> Result<Option<i64>, CliError> {
+    let Some(db) = store else { return Ok(None) };
+    let admin = database::connect(&args.pg_admin_url).await?;
+    let row = admin
+        .query_one(
+            "SELECT (xact_commit + xact_rollback)::int8 FROM pg_stat_database WHERE datname = $1",
+            &[&db.name],
+        )
+        .await
+        .map_err(database::sql_error("reading pg_stat_database"))?;
+    Ok(Some(row.get(0)))
 }

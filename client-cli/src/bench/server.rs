@@ -282,12 +282,23 @@ pub fn raise_nofile(want: u64) -> Result<(), CliError> {
 
 /// CPU seconds (user+system) this process used so far.
 pub fn self_cpu_s() -> f64 {
+    let (all, _) = cpu_s(libc::RUSAGE_SELF);
+    all
+}
+
+/// CPU seconds the calling thread used so far: (user+system, user).
+pub fn thread_cpu_s() -> (f64, f64) {
+    cpu_s(libc::RUSAGE_THREAD)
+}
+
+/// getrusage(`who`): (user+system, user) CPU seconds.
+fn cpu_s(who: libc::c_int) -> (f64, f64) {
     // SAFETY: getrusage on a local struct.
     let ru = unsafe {
         let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        libc::getrusage(who, &mut ru);
         ru
     };
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(ru.ru_utime) + secs(ru.ru_stime)
+    (secs(ru.ru_utime) + secs(ru.ru_stime), secs(ru.ru_utime))
 }

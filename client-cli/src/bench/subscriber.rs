@@ -20,7 +20,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::{RecvStream, client::SendRequest};
 use orgpulse::proto::{Event, EventKind, OrgFilter, event::Payload};
 use prost::Message;
-use tokio::net::TcpSocket;
+use tokio::net::{TcpSocket, TcpStream};
 
 use super::{histogram::Histogram, outbox, writer};
 
@@ -72,7 +72,7 @@ pub fn now_us() -> u64 {
 }
 
 /// A timestamp in µs since the epoch.
-fn micros(t: &prost_types::Timestamp) -> u64 {
+pub fn micros(t: &prost_types::Timestamp) -> u64 {
     t.seconds as u64 * 1_000_000 + t.nanos as u64 / 1000
 }
 
@@ -157,14 +157,7 @@ pub struct Dial<'a> {
 /// An HTTP/2 connection from `source` to `server`, driven by its own task until it closes. Streams
 /// are opened on clones of the returned handle (up to the server's concurrent-stream limit).
 pub async fn connect(server: SocketAddr, source: IpAddr) -> Result<SendRequest<Bytes>, String> {
-    let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
-    sock.bind(SocketAddr::new(source, 0))
-        .map_err(|e| format!("bind {source}: {e}"))?;
-    let tcp = sock
-        .connect(server)
-        .await
-        .map_err(|e| format!("connect from {source}: {e}"))?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let tcp = tcp(server, source).await?;
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(1 << 20)
         .initial_connection_window_size(1 << 20)
@@ -175,6 +168,19 @@ pub async fn connect(server: SocketAddr, source: IpAddr) -> Result<SendRequest<B
         let _ = conn.await;
     });
     Ok(send)
+}
+
+/// A TCP connection from `source` to `server`, without Nagle's delay.
+pub async fn tcp(server: SocketAddr, source: IpAddr) -> Result<TcpStream, String> {
+    let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    sock.bind(SocketAddr::new(source, 0))
+        .map_err(|e| format!("bind {source}: {e}"))?;
+    let tcp = sock
+        .connect(server)
+        .await
+        .map_err(|e| format!("connect from {source}: {e}"))?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    Ok(tcp)
 }
 
 impl Subscriber {

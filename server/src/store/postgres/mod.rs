@@ -231,10 +231,14 @@ impl Log for PostgresStore {
 
     async fn trim(&self, before: SystemTime) -> Result<u64> {
         let cutoff = millis(before);
+        // Only the orgs whose oldest retained event is past the cutoff, in one statement: a
+        // lookup per org would make every idle org cost a transaction per pass.
         let logs = rows(
             &self.conn().await?,
-            "SELECT org_id, floor_seq, last_seq FROM org_log WHERE last_seq > floor_seq",
-            &[],
+            "SELECT l.org_id, l.floor_seq, l.last_seq, e.created_ms
+             FROM org_log l JOIN events e ON e.org_id = l.org_id AND e.seq = l.floor_seq + 1
+             WHERE l.last_seq > l.floor_seq AND e.created_ms < $1",
+            &[&cutoff],
         )
         .await?;
         let mut n = 0;
@@ -245,6 +249,8 @@ impl Log for PostgresStore {
                 head: r.get::<_, i64>(2) as u64,
             };
             let mut search = RetentionSearch::new(b, cutoff);
+            // The search's first probe, the oldest retained event, came with the bounds.
+            search.observe(Some(r.get(3)));
             {
                 let client = self.conn().await?;
                 while let Some(seq) = search.probe() {
