@@ -10,12 +10,13 @@
 //! it is a filter check and a push onto that subscriber's bounded queue. A full queue never waits:
 //! the subscriber is cut off (its stream ends with a resumable error) and everyone else goes on.
 mod queue;
+mod replay;
 
 use std::{
     collections::HashMap,
     sync::{
         Arc, Weak,
-        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, Ordering},
     },
     time::Duration,
 };
@@ -33,6 +34,7 @@ use crate::{
     store::{CommittedEvent, Log, LogRead},
     validate::{Invalid, MAX_ENTITY_TYPES},
 };
+pub use replay::Replay;
 
 /// How often the tail checker of a Hub on a lossy bus compares its rooms' last delivered seqs with
 /// their orgs' log heads.
@@ -226,14 +228,17 @@ struct Inner {
     /// Set by `shut_down`: every subscriber, present or joining, is cut with `Cut::Shutdown`.
     shut: AtomicBool,
     store: Arc<dyn Log>,
+    /// The head read of each org whose room is being opened: the subscribers joining it
+    /// meanwhile wait for that one read rather than making their own.
+    opening: Mutex<HashMap<Arc<str>, Arc<tokio::sync::OnceCell<u64>>>>,
+    /// The replays' reads of the org logs, shared between subscribers.
+    reads: replay::SharedReads,
     bus: Arc<dyn Bus>,
     queue: usize,
 }
 
 struct Room {
     org: Arc<str>,
-    /// The last seq the room's task delivered (or skipped), for the tail checker.
-    delivered: AtomicU64,
     tx: mpsc::UnboundedSender<RoomMsg>,
     subs: Mutex<Subs>,
     closed: CancellationToken,
@@ -243,6 +248,9 @@ struct Room {
 struct Subs {
     next_id: u64,
     list: Vec<Sub>,
+    /// The last seq handed to the subscribers (or skipped): a subscriber joining now gets every
+    /// event after it, and the tail checker compares it with the log's head.
+    delivered: u64,
 }
 
 struct Sub {
@@ -264,6 +272,9 @@ enum RoomMsg {
 /// A subscriber's place in a room. Dropping it leaves the room.
 pub struct Registration {
     pub rx: queue::Receiver<Item>,
+    /// The room had delivered up to this seq when the subscriber joined: every later event is
+    /// queued, so a replay reads the log up to here and no further.
+    pub joined: u64,
     cut: Arc<CutFlag>,
     id: u64,
     room: Arc<Room>,
@@ -308,6 +319,8 @@ impl Hub {
             inner: Arc::new(Inner {
                 rooms,
                 shut: AtomicBool::new(false),
+                opening: Mutex::default(),
+                reads: replay::SharedReads::new(store.clone()),
                 store,
                 bus,
                 queue: queue.max(1),
@@ -331,13 +344,28 @@ impl Hub {
             Some(room) => room,
             None => {
                 // The head is read before the room exists, so every event after it reaches the
-                // room either by the bus or by the room's gap repair.
-                let head = self.inner.store.bounds(org).await?.head;
+                // room either by the bus or by the room's gap repair. One read per org however
+                // many subscribers join at once.
+                let opening = self
+                    .inner
+                    .opening
+                    .lock()
+                    .entry(org.into())
+                    .or_default()
+                    .clone();
+                let head = *opening
+                    .get_or_try_init(|| async { Ok(self.inner.store.bounds(org).await?.head) })
+                    .await?;
                 let mut rooms = self.inner.rooms.lock();
-                rooms
+                let room = rooms
                     .entry(org.into())
                     .or_insert_with(|| self.start_room(org, head))
-                    .clone()
+                    .clone();
+                let mut opened = self.inner.opening.lock();
+                if opened.get(org).is_some_and(|o| Arc::ptr_eq(o, &opening)) {
+                    opened.remove(org);
+                }
+                room
             }
         };
         let joined = {
@@ -352,6 +380,7 @@ impl Hub {
                     let mut subs = room.subs.lock();
                     let id = subs.next_id;
                     subs.next_id += 1;
+                    let joined = subs.delivered;
                     if self.inner.shut.load(Ordering::SeqCst) {
                         // Joining after the shutdown: ended at once (its sender dropped here).
                         cut.set(Cut::Shutdown);
@@ -363,14 +392,15 @@ impl Hub {
                             cut: cut.clone(),
                         });
                     }
-                    (rx, cut, id)
+                    (rx, cut, id, joined)
                 })
         };
-        let Some((rx, cut, id)) = joined else {
+        let Some((rx, cut, id, joined)) = joined else {
             return Box::pin(self.register(org, filter)).await;
         };
         Ok(Registration {
             rx,
+            joined,
             cut,
             id,
             room,
@@ -393,15 +423,31 @@ impl Hub {
         let (tx, rx) = mpsc::unbounded_channel();
         let org: Arc<str> = org.into();
         self.inner.bus.room_opened(&org);
+        if !self.inner.bus.lossy() {
+            // Events committed between the head read and now reached no room: look them up.
+            let _ = tx.send(RoomMsg::Subscribed);
+        }
         let room = Arc::new(Room {
             org,
-            delivered: AtomicU64::new(head),
             tx,
-            subs: Mutex::default(),
+            subs: Mutex::new(Subs {
+                delivered: head,
+                ..Subs::default()
+            }),
             closed: CancellationToken::new(),
         });
         tokio::spawn(run_room(room.clone(), rx, head, self.inner.store.clone()));
         room
+    }
+
+    /// The events of `org`'s log after `pos` for a replay (read once for all the subscribers
+    /// replaying the same part of the log), or that the log does not reach back to `pos`.
+    pub async fn replay_after(
+        &self,
+        org: &str,
+        pos: u64,
+    ) -> Result<Replay, crate::store::StoreError> {
+        self.inner.reads.after(org, pos).await
     }
 
     /// An ephemeral event for the subscribers of `org` that asked for its kind and may see it.
@@ -437,7 +483,7 @@ async fn send_heads(inner: &Inner, rooms: &HashMap<Arc<str>, Arc<Room>>) {
         Ok(heads) => {
             for (org, head) in heads {
                 if let Some(room) = rooms.get(&org)
-                    && head > room.delivered.load(Ordering::Relaxed)
+                    && head > room.subs.lock().delivered
                 {
                     let _ = room.tx.send(RoomMsg::Head(head));
                 }
@@ -484,7 +530,6 @@ async fn run_room(
                 },
             },
         }
-        room.delivered.store(last, Ordering::Relaxed);
     }
 }
 
@@ -514,8 +559,11 @@ async fn repair(room: &Room, store: &dyn Log, mut last: u64, upto: u64) -> u64 {
             Ok(LogRead::Events(_)) => break,
             Ok(LogRead::Unreachable(bounds)) => {
                 tracing::warn!(org = %room.org, last, floor = bounds.floor, "the log no longer reaches this room's position; its streams must resync");
-                room.cut_all(Cut::Behind);
-                return last.max(bounds.head);
+                let head = last.max(bounds.head);
+                let mut subs = room.subs.lock();
+                Room::cut(&mut subs, Cut::Behind);
+                subs.delivered = head;
+                return head;
             }
             Err(e) => {
                 tracing::warn!(org = %room.org, error = %e, "gap repair failed; retrying on the next tail check");
@@ -529,7 +577,11 @@ async fn repair(room: &Room, store: &dyn Log, mut last: u64, upto: u64) -> u64 {
 impl Room {
     /// Ends every subscriber's stream resumably, for `why`.
     fn cut_all(&self, why: Cut) {
-        for s in self.subs.lock().list.drain(..) {
+        Room::cut(&mut self.subs.lock(), why);
+    }
+
+    fn cut(subs: &mut Subs, why: Cut) {
+        for s in subs.list.drain(..) {
             s.cut.set(why);
         }
     }
@@ -539,11 +591,16 @@ impl Room {
             seq: ev.seq,
             bytes: ev.bytes.clone(),
         };
-        self.fan_out(item, |f| f.sees(ev));
+        let mut subs = self.subs.lock();
+        subs.delivered = ev.seq;
+        Room::hand_out(&mut subs, item, |f| f.sees(ev));
     }
 
     fn fan_out(&self, item: Item, wants: impl Fn(&Filter) -> bool) {
-        let mut subs = self.subs.lock();
+        Room::hand_out(&mut self.subs.lock(), item, wants);
+    }
+
+    fn hand_out(subs: &mut Subs, item: Item, wants: impl Fn(&Filter) -> bool) {
         subs.list.retain(|s| {
             if !wants(&s.filter) {
                 return true;
@@ -805,7 +862,6 @@ mod tests {
         let (tx, _) = mpsc::unbounded_channel();
         let room = Room {
             org: "o".into(),
-            delivered: AtomicU64::new(0),
             tx,
             subs: Mutex::default(),
             closed: CancellationToken::new(),
@@ -873,8 +929,9 @@ mod tests {
         tokio::time::sleep(10 * TAIL_CHECK).await;
         assert!(reg.rx.try_recv().is_none());
         assert!(store.heads_calls.lock().is_empty());
-        // The one head read that opened the room.
-        assert_eq!(*store.bounds_calls.lock(), 1);
+        // The head read that opened the room, and the one after it (for events committed
+        // meanwhile).
+        assert_eq!(*store.bounds_calls.lock(), 2);
     }
 
     fn event(kind: EventKind, audience: Option<&str>, entity_type: Option<&str>) -> CommittedEvent {
