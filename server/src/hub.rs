@@ -9,6 +9,8 @@
 //! nothing, so a Hub on it runs no checker and an idle room costs nothing. Fan-out shares the event's encoded bytes; per subscriber
 //! it is a filter check and a push onto that subscriber's bounded queue. A full queue never waits:
 //! the subscriber is cut off (its stream ends with a resumable error) and everyone else goes on.
+//! A resuming subscriber's replay reads the log through the Hub (`replay`), so the subscribers of
+//! one org resuming together share their reads.
 mod queue;
 mod replay;
 

@@ -13,7 +13,10 @@
 //! of the Store's connections from the writes and from the rooms' own repairs.
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
@@ -42,7 +45,13 @@ const ATTEMPTS: usize = 3;
 struct Slot {
     made: Instant,
     read: OnceCell<Read>,
+    /// Its events as counted in `Pages::kept`, plus one (0: not counted yet; `DROPPED`: no longer
+    /// kept). Changed with the pages locked.
+    counted: AtomicUsize,
 }
+
+/// `Slot::counted` of a slot no longer kept.
+const DROPPED: usize = usize::MAX;
 
 #[derive(Clone)]
 enum Read {
@@ -55,6 +64,8 @@ enum Read {
 struct Pages {
     by_org: HashMap<Arc<str>, BTreeMap<u64, Arc<Slot>>>,
     made: VecDeque<(Arc<str>, u64, Arc<Slot>)>,
+    /// Events in the kept pages.
+    kept: usize,
 }
 
 impl Pages {
@@ -70,26 +81,27 @@ impl Pages {
         }
     }
 
-    /// Drops the pages made before `KEEP_FOR`, then the oldest while over `KEEP_EVENTS`.
-    fn evict(&mut self, now: Instant) {
-        let mut kept: usize = self.made.iter().map(|(_, _, s)| s.len()).sum();
-        while let Some((org, after, slot)) = self.made.front() {
-            if now.duration_since(slot.made) < KEEP_FOR && kept <= KEEP_EVENTS {
-                break;
-            }
-            kept = kept.saturating_sub(slot.len());
-            let (org, after, slot) = (org.clone(), *after, slot.clone());
-            self.forget(&org, after, &slot);
-            self.made.pop_front();
+    /// Counts the events of `slot`, just read, in `kept` (once, and only while it is kept).
+    fn count(&mut self, slot: &Slot, events: usize) {
+        if slot.counted.load(Relaxed) == 0 {
+            slot.counted.store(events + 1, Relaxed);
+            self.kept += events;
         }
     }
-}
 
-impl Slot {
-    fn len(&self) -> usize {
-        match self.read.get() {
-            Some(Read::Events(events)) => events.len(),
-            _ => 0,
+    /// Drops the pages made before `KEEP_FOR`, then the oldest while over `KEEP_EVENTS`.
+    fn evict(&mut self, now: Instant) {
+        while let Some((org, after, slot)) = self.made.front() {
+            if now.duration_since(slot.made) < KEEP_FOR && self.kept <= KEEP_EVENTS {
+                break;
+            }
+            let (org, after, slot) = (org.clone(), *after, slot.clone());
+            self.made.pop_front();
+            self.forget(&org, after, &slot);
+            match slot.counted.swap(DROPPED, Relaxed) {
+                0 | DROPPED => {}
+                counted => self.kept -= counted - 1,
+            }
         }
     }
 }
@@ -140,6 +152,9 @@ impl SharedReads {
                 .get_or_try_init(|| self.read(org, after))
                 .await
                 .inspect_err(|_| self.pages.lock().forget(org, after, &slot))?;
+            if let Read::Events(events) = read {
+                self.pages.lock().count(&slot, events.len());
+            }
             match read {
                 Read::Events(events) if ((pos - after) as usize) < events.len() => {
                     return Ok(Replay::Events(Page {
@@ -179,6 +194,7 @@ impl SharedReads {
         let slot = Arc::new(Slot {
             made: now,
             read: OnceCell::new(),
+            counted: AtomicUsize::new(0),
         });
         slots.insert(after, slot.clone());
         pages.made.push_back((org, after, slot.clone()));
