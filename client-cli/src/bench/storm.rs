@@ -182,9 +182,9 @@ pub async fn measure(
     let xacts0 = xacts(&admin, &store.name).await?;
     let usage0 = nodes[1].usage().await?;
     let reads0 = replay_reads(&nodes[1]).await;
-    *resumes.killed.lock().unwrap() = Some(Instant::now());
-    nodes[0].kill().await;
     let killed = Instant::now();
+    *resumes.killed.lock().unwrap() = Some(killed);
+    nodes[0].kill().await;
     let mut peak_rss = usage0.rss;
     let deadline = killed + args.phase_timeout;
     while resumes.caught_up.load(Relaxed) + resumes.failures.load(Relaxed) < connected.len() as u64
