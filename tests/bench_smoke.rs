@@ -4,7 +4,8 @@
 //! `outbox` run commits rows in a PostgreSQL database of its own on 127.0.0.1:5432 and drops it;
 //! the `--nodes 2` run starts a cluster on such a database and the machine's NATS; the `presence`
 //! run broadcasts on one topic (nothing stored); the `idle-pg` run counts the transactions an idle
-//! node runs in a PostgreSQL database of its own; the `floor` run starts no server at all.
+//! node runs in a PostgreSQL database of its own; the `floor` run starts no server at all; the
+//! `storm` run kills one of two cluster nodes under its subscribers, which all resume on the other.
 //! The full runs are in BENCHMARKS.md.
 mod cluster_support;
 mod support;
@@ -324,5 +325,43 @@ async fn two_node_run_delivers_across_nodes() {
             .expect("cross-node quantile");
         assert!((0.0..5_000.0).contains(&ms), "{q} = {ms} ms");
     }
+    assert_dropped(&v, "storeDatabase").await;
+}
+
+#[tokio::test]
+async fn storm_run_resumes_every_stream_on_the_surviving_node() {
+    if !cluster_support::services_or_skip(false) {
+        return;
+    }
+    let server = workspace_bin("orgpulse-server");
+    let v = bench(&[
+        "--scenario",
+        "storm",
+        "--subscribers",
+        "120",
+        "--orgs",
+        "4",
+        "--events",
+        "80",
+        "--rate",
+        "40",
+        "--server-bin",
+        server.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["nodes"], 2);
+    assert_eq!(v["connected"], 120);
+    assert_eq!(v["connections"], 3, "50 streams per connection: {v}");
+    assert_eq!(v["caughtUpOnB"], 120, "every stream resumed on B: {v}");
+    assert_eq!(v["resumeFailures"], 0);
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["outOfOrder"], 0);
+    // Each stream got every write of its org after the job was created (seq 1).
+    assert_eq!(v["deliveriesExpected"], 120 * 80 / 4);
+    assert_eq!(v["deliveriesReceived"], 120 * 80 / 4);
+    assert!(number(&v, "allCaughtUpMs") > 0.0, "{v}");
+    assert!(number(&v, "replayStoreReadsPerOrg") >= 0.0, "{v}");
+    assert!(number(&v["serverB"], "peakRssMB") > 0.0, "{v}");
     assert_dropped(&v, "storeDatabase").await;
 }

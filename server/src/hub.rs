@@ -10,15 +10,17 @@
 //! event's encoded bytes; per subscriber it is a filter check and a push onto that subscriber's
 //! bounded queue, and an event with an audience visits only the subscribers it can name
 //! (`subscribers`). A full queue never waits: the subscriber is cut off (its stream ends with a
-//! resumable error) and everyone else goes on.
+//! resumable error) and everyone else goes on. A resuming subscriber's replay reads the log
+//! through the Hub (`replay`), so the subscribers of one org resuming together share their reads.
 mod queue;
+mod replay;
 mod subscribers;
 
 use std::{
     collections::HashMap,
     sync::{
         Arc, Weak,
-        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, Ordering},
     },
     time::Duration,
 };
@@ -38,6 +40,7 @@ use crate::{
     store::{CommittedEvent, Log, LogRead},
     validate::{Invalid, MAX_ENTITY_TYPES},
 };
+pub use replay::Replay;
 
 /// How often the tail checker of a Hub on a lossy bus compares its rooms' last delivered seqs with
 /// their orgs' log heads.
@@ -231,14 +234,17 @@ struct Inner {
     /// Set by `shut_down`: every subscriber, present or joining, is cut with `Cut::Shutdown`.
     shut: AtomicBool,
     store: Arc<dyn Log>,
+    /// The head read of each org whose room is being opened: the subscribers joining it
+    /// meanwhile wait for that one read rather than making their own.
+    opening: Mutex<HashMap<Arc<str>, Arc<tokio::sync::OnceCell<u64>>>>,
+    /// The replays' reads of the org logs, shared between subscribers.
+    reads: replay::SharedReads,
     bus: Arc<dyn Bus>,
     queue: usize,
 }
 
 struct Room {
     org: Arc<str>,
-    /// The last seq the room's task delivered (or skipped), for the tail checker.
-    delivered: AtomicU64,
     tx: mpsc::UnboundedSender<RoomMsg>,
     subs: Mutex<Subscribers>,
     closed: CancellationToken,
@@ -256,6 +262,9 @@ enum RoomMsg {
 /// A subscriber's place in a room. Dropping it leaves the room.
 pub struct Registration {
     pub rx: queue::Receiver<Item>,
+    /// The room had delivered up to this seq when the subscriber joined: every later event is
+    /// queued, so a replay reads the log up to here and no further.
+    pub joined: u64,
     cut: Arc<CutFlag>,
     key: Key,
     room: Arc<Room>,
@@ -300,6 +309,8 @@ impl Hub {
             inner: Arc::new(Inner {
                 rooms,
                 shut: AtomicBool::new(false),
+                opening: Mutex::default(),
+                reads: replay::SharedReads::new(store.clone()),
                 store,
                 bus,
                 queue: queue.max(1),
@@ -323,13 +334,28 @@ impl Hub {
             Some(room) => room,
             None => {
                 // The head is read before the room exists, so every event after it reaches the
-                // room either by the bus or by the room's gap repair.
-                let head = self.inner.store.bounds(org).await?.head;
+                // room either by the bus or by the room's gap repair. One read per org however
+                // many subscribers join at once.
+                let opening = self
+                    .inner
+                    .opening
+                    .lock()
+                    .entry(org.into())
+                    .or_default()
+                    .clone();
+                let head = *opening
+                    .get_or_try_init(|| async { Ok(self.inner.store.bounds(org).await?.head) })
+                    .await?;
                 let mut rooms = self.inner.rooms.lock();
-                rooms
+                let room = rooms
                     .entry(org.into())
                     .or_insert_with(|| self.start_room(org, head))
-                    .clone()
+                    .clone();
+                let mut opened = self.inner.opening.lock();
+                if opened.get(org).is_some_and(|o| Arc::ptr_eq(o, &opening)) {
+                    opened.remove(org);
+                }
+                room
             }
         };
         let joined = {
@@ -341,7 +367,9 @@ impl Hub {
                 .then(|| {
                     let (tx, rx) = queue::channel(self.inner.queue);
                     let cut = Arc::new(CutFlag::default());
-                    let key = room.subs.lock().add(Sub {
+                    let mut subs = room.subs.lock();
+                    let joined = subs.delivered;
+                    let key = subs.add(Sub {
                         filter: filter.clone(),
                         tx,
                         cut: cut.clone(),
@@ -349,16 +377,17 @@ impl Hub {
                     if self.inner.shut.load(Ordering::SeqCst) {
                         // Joining after the shutdown: ended at once.
                         cut.set(Cut::Shutdown);
-                        room.subs.lock().remove(key);
+                        subs.remove(key);
                     }
-                    (rx, cut, key)
+                    (rx, cut, key, joined)
                 })
         };
-        let Some((rx, cut, key)) = joined else {
+        let Some((rx, cut, key, joined)) = joined else {
             return Box::pin(self.register(org, filter)).await;
         };
         Ok(Registration {
             rx,
+            joined,
             cut,
             key,
             room,
@@ -381,15 +410,28 @@ impl Hub {
         let (tx, rx) = mpsc::unbounded_channel();
         let org: Arc<str> = org.into();
         self.inner.bus.room_opened(&org);
+        if !self.inner.bus.lossy() {
+            // Events committed between the head read and now reached no room: look them up.
+            let _ = tx.send(RoomMsg::Subscribed);
+        }
         let room = Arc::new(Room {
             org,
-            delivered: AtomicU64::new(head),
             tx,
-            subs: Mutex::default(),
+            subs: Mutex::new(Subscribers::new(head)),
             closed: CancellationToken::new(),
         });
         tokio::spawn(run_room(room.clone(), rx, head, self.inner.store.clone()));
         room
+    }
+
+    /// The events of `org`'s log after `pos` for a replay (read once for all the subscribers
+    /// replaying the same part of the log), or that the log does not reach back to `pos`.
+    pub async fn replay_after(
+        &self,
+        org: &str,
+        pos: u64,
+    ) -> Result<Replay, crate::store::StoreError> {
+        self.inner.reads.after(org, pos).await
     }
 
     /// An ephemeral event for the subscribers of `org` that asked for its kind and may see it.
@@ -425,7 +467,7 @@ async fn send_heads(inner: &Inner, rooms: &HashMap<Arc<str>, Arc<Room>>) {
         Ok(heads) => {
             for (org, head) in heads {
                 if let Some(room) = rooms.get(&org)
-                    && head > room.delivered.load(Ordering::Relaxed)
+                    && head > room.subs.lock().delivered
                 {
                     let _ = room.tx.send(RoomMsg::Head(head));
                 }
@@ -472,7 +514,6 @@ async fn run_room(
                 },
             },
         }
-        room.delivered.store(last, Ordering::Relaxed);
     }
 }
 
@@ -502,8 +543,11 @@ async fn repair(room: &Room, store: &dyn Log, mut last: u64, upto: u64) -> u64 {
             Ok(LogRead::Events(_)) => break,
             Ok(LogRead::Unreachable(bounds)) => {
                 tracing::warn!(org = %room.org, last, floor = bounds.floor, "the log no longer reaches this room's position; its streams must resync");
-                room.cut_all(Cut::Behind);
-                return last.max(bounds.head);
+                let head = last.max(bounds.head);
+                let mut subs = room.subs.lock();
+                subs.cut_all(Cut::Behind);
+                subs.delivered = head;
+                return head;
             }
             Err(e) => {
                 tracing::warn!(org = %room.org, error = %e, "gap repair failed; retrying on the next tail check");
@@ -525,9 +569,9 @@ impl Room {
             seq: ev.seq,
             bytes: ev.bytes.clone(),
         };
-        self.subs
-            .lock()
-            .fan_out(&item, ev.audience.as_deref(), |f| f.sees(ev));
+        let mut subs = self.subs.lock();
+        subs.delivered = ev.seq;
+        subs.fan_out(&item, ev.audience.as_deref(), |f| f.sees(ev));
     }
 }
 
@@ -775,7 +819,6 @@ mod tests {
         let (tx, _) = mpsc::unbounded_channel();
         let room = Room {
             org: "o".into(),
-            delivered: AtomicU64::new(0),
             tx,
             subs: Mutex::default(),
             closed: CancellationToken::new(),
@@ -842,8 +885,9 @@ mod tests {
         tokio::time::sleep(10 * TAIL_CHECK).await;
         assert!(reg.rx.try_recv().is_none());
         assert!(store.heads_calls.lock().is_empty());
-        // The one head read that opened the room.
-        assert_eq!(*store.bounds_calls.lock(), 1);
+        // The head read that opened the room, and the one after it (for events committed
+        // meanwhile).
+        assert_eq!(*store.bounds_calls.lock(), 2);
     }
 
     fn event(kind: EventKind, audience: Option<&str>, entity_type: Option<&str>) -> CommittedEvent {

@@ -66,6 +66,9 @@ pub struct Metrics {
     pub gap_repairs: Counter,
     /// Rooms behind their org's log head at a tail check, filled from the Store.
     pub tail_repairs: Counter,
+    /// Store reads made for `Subscribe` replays (each shared by the subscribers replaying the
+    /// same part of an org's log).
+    pub replay_reads: Counter,
     /// Bus messages dropped on this node (outbox full, publish failed, slow consumer).
     pub bus_dropped: Counter,
     /// The door (docs/api.md "Limits before authentication"): connections open, the most the
@@ -96,6 +99,7 @@ pub static METRICS: Metrics = Metrics {
     outbox_rejected: Counter(AtomicU64::new(0)),
     gap_repairs: Counter(AtomicU64::new(0)),
     tail_repairs: Counter(AtomicU64::new(0)),
+    replay_reads: Counter(AtomicU64::new(0)),
     bus_dropped: Counter(AtomicU64::new(0)),
     open_connections: Gauge(AtomicI64::new(0)),
     max_connections: Gauge(AtomicI64::new(0)),
@@ -225,6 +229,12 @@ pub fn render(pool: Option<PoolStats>, node: NodeState<'_>) -> String {
         "counter",
         "Rooms found behind their org's log head by a tail check, filled from the store.",
         m.tail_repairs.get().to_string(),
+    );
+    metric(
+        "orgpulse_replay_store_reads_total",
+        "counter",
+        "Store reads made for Subscribe replays, each shared by the subscribers replaying the same part of an org's log.",
+        m.replay_reads.get().to_string(),
     );
     metric(
         "orgpulse_bus_dropped_total",

@@ -11,13 +11,16 @@
 //! rate from a thread of its own, the yardstick for e's server CPU per delivery.
 //! `--nodes N` starts a cluster instead (N nodes on a PostgreSQL database of the bench's own and
 //! one NATS server): subscribers and writers alternate over the nodes, and the deliveries written
-//! through another node than the subscriber's get a latency histogram of their own.
+//! through another node than the subscriber's get a latency histogram of their own. The `storm`
+//! scenario (storm.rs) kills one of two nodes under its subscribers and measures them resuming on
+//! the other.
 mod database;
 mod floor;
 mod histogram;
 mod orgs;
 mod outbox;
 mod server;
+mod storm;
 mod subscriber;
 mod writer;
 
@@ -74,6 +77,11 @@ pub enum Scenario {
     /// 1,000 subscribers of one topic, 100 of them also broadcasting on it at 10/s each for 10 s
     /// (typing, cursors): ephemeral fan-out, never stored, send→receipt latency.
     Presence,
+    /// 2 nodes; 20,000 subscribers on node A over 200 orgs (--orgs), 50 streams per HTTP/2
+    /// connection; 1,000 writes at 100/s through node B; A is SIGKILLed a quarter of the way in
+    /// and every stream resumes on B with its cursor: time until all are caught up, PostgreSQL
+    /// transactions per org, B's peak RSS and CPU, every event exactly once in order.
+    Storm,
 }
 
 struct Shape {
@@ -101,6 +109,7 @@ impl Scenario {
             Scenario::Outbox => (100, 1_000, 200.0, 1, 1000),
             Scenario::Audience => (10_000, 500, 50.0, 100, 3000),
             Scenario::Presence => (1_000, 10_000, 1_000.0, 100, 1000),
+            Scenario::Storm => (20_000, 1_000, 100.0, 1, 0),
         };
         Shape {
             subscribers,
@@ -141,7 +150,8 @@ pub struct BenchArgs {
     /// each; 0 = the same run without audiences (every subscriber receives every event).
     #[arg(long, default_value_t = 100)]
     pub audience_groups: usize,
-    /// orgs: how many orgs, one subscriber each (default 5,000).
+    /// orgs: how many orgs, one subscriber each (default 5,000); storm: how many orgs the
+    /// subscribers are spread over (default 200).
     #[arg(long)]
     pub orgs: Option<usize>,
     /// orgs, idle-pg: how long the idle server is measured (default 20 s; idle-pg: 120 s, so that
@@ -202,9 +212,17 @@ fn duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Runs one scenario against `url` (used only with --secret-file) and prints its JSON line.
-pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
+pub async fn run(mut args: BenchArgs, url: &str) -> Result<(), CliError> {
+    if args.scenario == Scenario::Storm {
+        // A node to kill and one to resume on.
+        args.nodes = args.nodes.max(2);
+    }
     let mut shape = args.scenario.shape();
-    shape.subscribers = args.orgs.or(args.subscribers).unwrap_or(shape.subscribers);
+    let subscribers = match args.scenario {
+        Scenario::Orgs | Scenario::IdlePg => args.orgs.or(args.subscribers),
+        _ => args.subscribers,
+    };
+    shape.subscribers = subscribers.unwrap_or(shape.subscribers);
     shape.events = args.events.unwrap_or(shape.events);
     shape.rate = args.rate.unwrap_or(shape.rate);
     // A cluster has a writer on each node at least.
@@ -227,6 +245,11 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
         Scenario::Orgs => shape.subscribers.div_ceil(orgs::STREAMS_PER_CONNECTION),
         Scenario::IdlePg => {
             shape.subscribers.div_ceil(orgs::STREAMS_PER_CONNECTION) + args.connect_concurrency
+        }
+        // The connections to A, then to B, and a writer per org.
+        Scenario::Storm => {
+            2 * shape.subscribers.div_ceil(storm::STREAMS_PER_CONNECTION)
+                + args.orgs.unwrap_or(storm::DEFAULT_ORGS)
         }
         _ => shape.subscribers + shape.writers,
     };
@@ -318,12 +341,15 @@ async fn start_and_measure(
         Some(secret) => Target::attach(url, secret).map(|t| nodes.push(t)),
         None => start_nodes(args, outbox, store, &mut nodes).await,
     };
-    let result = match (started, args.scenario) {
-        (Err(e), _) => Err(e),
-        (Ok(()), Scenario::Orgs | Scenario::IdlePg) => {
+    let result = match (started, args.scenario, store) {
+        (Err(e), _, _) => Err(e),
+        (Ok(()), Scenario::Orgs | Scenario::IdlePg, store) => {
             orgs::measure(args, shape, &nodes[0], store).await
         }
-        (Ok(()), _) => measure(args, shape, &nodes, outbox).await,
+        (Ok(()), Scenario::Storm, Some(store)) => {
+            storm::measure(args, shape, &mut nodes, store).await
+        }
+        (Ok(()), _, _) => measure(args, shape, &nodes, outbox).await,
     };
     for node in nodes {
         node.stop().await;

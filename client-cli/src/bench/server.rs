@@ -149,22 +149,24 @@ impl Target {
         format!("http://{}", self.addr)
     }
 
-    /// The server's CPU seconds, RSS and open streams from `GET /metrics`.
-    pub async fn usage(&self) -> Result<Usage, CliError> {
-        let text = tokio::time::timeout(Duration::from_secs(10), http_get(self.addr, "/metrics"))
+    /// The server's `GET /metrics` text.
+    async fn metrics(&self) -> Result<String, CliError> {
+        tokio::time::timeout(Duration::from_secs(10), http_get(self.addr, "/metrics"))
             .await
             .map_err(|_| fail("GET /metrics timed out"))?
-            .map_err(|e| fail(format!("GET /metrics: {e}")))?;
+            .map_err(|e| fail(format!("GET /metrics: {e}")))
+    }
+
+    /// One value of the server's `/metrics`, if it has it.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        metric_in(&self.metrics().await.ok()?, name)
+    }
+
+    /// The server's CPU seconds, RSS and open streams from `GET /metrics`.
+    pub async fn usage(&self) -> Result<Usage, CliError> {
+        let text = self.metrics().await?;
         let value = |name: &str| {
-            text.lines()
-                .find_map(|l| {
-                    l.strip_prefix(name)?
-                        .strip_prefix(' ')?
-                        .trim()
-                        .parse::<f64>()
-                        .ok()
-                })
-                .ok_or_else(|| fail(format!("/metrics has no {name}")))
+            metric_in(&text, name).ok_or_else(|| fail(format!("/metrics has no {name}")))
         };
         Ok(Usage {
             cpu_s: value("process_cpu_seconds_total")?,
@@ -189,6 +191,13 @@ impl Target {
         Ok((sum, streams))
     }
 
+    /// Kills a server started here at once (SIGKILL), as a crash would.
+    pub async fn kill(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill().await;
+        }
+    }
+
     /// Stops a server started here (SIGTERM, then SIGKILL after 5 s) and removes its data.
     pub async fn stop(mut self) {
         if let Some(mut child) = self.child.take() {
@@ -207,6 +216,17 @@ impl Target {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// The value of metric `name` (without labels) in a `/metrics` text.
+fn metric_in(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse::<f64>()
+            .ok()
+    })
 }
 
 fn rand_suffix() -> u128 {

@@ -86,6 +86,10 @@ pub enum Counted {
     OutboxRows(Arc<outbox::CommitTimes>),
     /// The broadcasts on [`writer::BROADCAST_TOPIC`], sent at the time stamped in their data.
     Broadcasts,
+    /// Every durable event of the org after seq `after` (the storm scenario), each seq exactly
+    /// the one after the last (the log is gapless, so this is exactly once in log order),
+    /// committed at its `Event.time`.
+    Log { after: u64 },
 }
 
 impl Counted {
@@ -102,10 +106,14 @@ impl Counted {
                 vec![],
                 vec![writer::BROADCAST_TOPIC.to_string()],
             ),
+            Counted::Log { .. } => (EventKind::Unspecified, vec![], vec![]),
         };
         OrgFilter {
             org_id: org.to_string(),
-            kinds: vec![kind as i32],
+            kinds: match kind {
+                EventKind::Unspecified => vec![],
+                kind => vec![kind as i32],
+            },
             after_cursor,
             entity_types,
             topics,
@@ -135,7 +143,9 @@ pub struct Subscriber {
     buf: BytesMut,
     counted: Counted,
     placement: Placement,
-    last_seq: u64,
+    pub last_seq: u64,
+    /// The cursor of the counted event received last (`Counted::Log` only: where to resume).
+    pub cursor: String,
     /// The outbox row received last.
     last_row: Option<usize>,
     /// The stamp (sequence number) of the broadcast received last, by sender.
@@ -203,7 +213,11 @@ impl Subscriber {
         let (resp, mut out) = send
             .send_request(req, false)
             .map_err(|e| format!("Subscribe: {e}"))?;
-        let filter = d.counted.filter(d.org, d.after_cursor);
+        let filter = d.counted.filter(d.org, d.after_cursor.clone());
+        let last_seq = match d.counted {
+            Counted::Log { after } => after,
+            _ => 0,
+        };
         let mut msg = BytesMut::with_capacity(5 + filter.encoded_len());
         msg.put_u8(0);
         msg.put_u32(filter.encoded_len() as u32);
@@ -219,8 +233,9 @@ impl Subscriber {
             body: resp.into_body(),
             buf: BytesMut::new(),
             counted: d.counted,
+            last_seq,
+            cursor: d.after_cursor,
             placement: d.placement,
-            last_seq: 0,
             last_row: None,
             last_stamp: HashMap::new(),
             replayed: 0,
@@ -243,21 +258,20 @@ impl Subscriber {
 
     /// Reads the live stream until it ends, counting into `tally`.
     pub async fn run(mut self, tally: Arc<Tally>) {
+        let end = self.until_end(&tally).await;
+        tally.broken.fetch_add(1, Relaxed);
+        tally.error(end);
+    }
+
+    /// Reads the live stream, counting into `tally`, until it ends; returns how it ended.
+    pub async fn until_end(&mut self, tally: &Tally) -> String {
         loop {
             match self.next().await {
                 Ok(Some(ev)) => {
-                    self.count(&ev, &tally);
+                    self.count(&ev, tally);
                 }
-                Ok(None) => {
-                    tally.broken.fetch_add(1, Relaxed);
-                    tally.error("a stream ended".into());
-                    return;
-                }
-                Err(e) => {
-                    tally.broken.fetch_add(1, Relaxed);
-                    tally.error(e);
-                    return;
-                }
+                Ok(None) => return "a stream ended".into(),
+                Err(e) => return e,
             }
         }
     }
@@ -307,6 +321,11 @@ impl Subscriber {
                     }
                 };
                 Some(sent)
+            }
+            (Counted::Log { .. }, _) if ev.seq > 0 => {
+                in_order = ev.seq == self.last_seq + 1;
+                self.cursor.clone_from(&ev.cursor);
+                ev.time.as_ref().map(micros)
             }
             _ => return false,
         };

@@ -29,6 +29,9 @@ pub(super) struct Key {
 
 #[derive(Default)]
 pub(super) struct Subscribers {
+    /// The last seq handed to the subscribers (or skipped): a subscriber joining now gets every
+    /// event after it, and the tail checker compares it with the log's head.
+    pub delivered: u64,
     slots: Vec<Option<(u64, Sub)>>,
     free: Vec<u32>,
     live: usize,
@@ -103,6 +106,14 @@ impl Index {
 }
 
 impl Subscribers {
+    /// No subscribers yet, in a room that has delivered up to `delivered`.
+    pub fn new(delivered: u64) -> Subscribers {
+        Subscribers {
+            delivered,
+            ..Default::default()
+        }
+    }
+
     pub fn add(&mut self, sub: Sub) -> Key {
         let id = self.next_id;
         self.next_id += 1;

@@ -35,7 +35,7 @@ use crate::{
     audience::Topics,
     auth::{self, Need},
     cursor::Cursor,
-    hub::{Cut, EntityTypes, Filter, Kinds},
+    hub::{Cut, EntityTypes, Filter, Kinds, Replay},
     metrics::METRICS,
     presence::{PresenceGuard, Via},
     store::{LogRead, timestamp},
@@ -43,7 +43,7 @@ use crate::{
     validate::{DEFAULT_POLL_EVENTS, MAX_POLL_EVENTS, MAX_POLL_WAIT_MS, MAX_REQUEST},
 };
 
-/// Events read from the Store per page while replaying.
+/// Events read from the Store per page by a Poll.
 const REPLAY_PAGE: usize = 1000;
 
 /// The tower service for `orgpulse.v1.EventService`.
@@ -195,9 +195,17 @@ fn subscription(
         let store = ctx.store.log.clone();
         let epoch = store.org_epoch(&org);
         // Position: the last seq this subscriber has seen or skipped.
+        // Without a cursor: live from the room's position (every later event is queued). A
+        // cursor past the room's position is checked against the log's head (one the log never
+        // reached is a resync).
         let (mut pos, mut resync) = match from {
-            Some(c) if c.epoch == epoch => (c.seq, false),
-            _ => (store.bounds(&org).await?.head, from.is_some()),
+            Some(c) if c.epoch == epoch && c.seq <= reg.joined => (c.seq, false),
+            Some(c) if c.epoch == epoch => match store.bounds(&org).await?.head {
+                head if c.seq <= head => (c.seq, false),
+                head => (head, true),
+            },
+            Some(_) => (store.bounds(&org).await?.head, true),
+            None => (reg.joined, false),
         };
         if from.is_some() && !resync {
             // The replay is a boxed stream of its own, freed when it ends: its pages and
@@ -289,9 +297,11 @@ fn subscription(
     }
 }
 
-/// Replays the log after `pos` to a stream, page by page, advancing `pos`; sets `resync` when
-/// the log no longer reaches back to it. A stream cut off while replaying (live events piled up)
-/// joins its room again and replays the rest.
+/// Replays the log after `pos` up to where the stream joined its room (later events are
+/// queued), advancing `pos`; sets `resync` when the log no longer reaches back to it. The pages
+/// come from the Hub, shared with the other subscribers replaying the same part of the log. A
+/// stream cut off while replaying (live events piled up) joins its room again and replays the
+/// rest.
 fn replay<'a>(
     ctx: &'a Ctx,
     org: &'a str,
@@ -302,29 +312,28 @@ fn replay<'a>(
     log: &'a mut StreamLog,
 ) -> impl Stream<Item = Result<Bytes, Status>> + Send + 'a {
     async_stream::try_stream! {
-        'replay: loop {
-            loop {
-                let page = match ctx.store.log.read_after(org, *pos, REPLAY_PAGE).await? {
-                    LogRead::Events(page) => page,
+        loop {
+            while *pos < reg.joined {
+                let page = match ctx.hub.replay_after(org, *pos).await? {
+                    Replay::Events(page) => page,
                     // Trimmed past `pos` (before or during the replay): what was sent is
                     // seamless; the rest is a resync to the head, then live from there.
-                    LogRead::Unreachable(bounds) => {
+                    Replay::Unreachable(bounds) => {
                         *pos = bounds.head;
                         *resync = true;
-                        break 'replay;
+                        return;
                     }
                 };
-                let full = page.len() == REPLAY_PAGE;
-                for ev in page {
+                if page.events().is_empty() {
+                    break;
+                }
+                for ev in page.events() {
                     *pos = ev.seq;
-                    if filter.sees(&ev) {
+                    if filter.sees(ev) {
                         METRICS.events_delivered.inc();
                         log.sent += 1;
-                        yield ev.bytes;
+                        yield ev.bytes.clone();
                     }
-                }
-                if !full {
-                    break;
                 }
             }
             // Cut off while replaying (live events piled up): join again, replay the rest.

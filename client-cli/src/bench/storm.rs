@@ -1,0 +1,380 @@
+//! The `storm` scenario: a node dies and every client it held comes back at once on the other.
+//! Two nodes on PostgreSQL + NATS. `--subscribers` (default 20,000) subscribe on node A across
+//! `--orgs` (default 200) orgs, `STREAMS_PER_CONNECTION` streams per HTTP/2 connection; one writer
+//! per org on node B updates its job at `--rate` in all (default 100/s) for `--events` writes. A
+//! quarter of the way into the writes A is SIGKILLed, and every stream resumes on B (its
+//! connection dialled again) with the cursor of the last event it received.
+//!
+//! Reported: the time from the kill until every stream had its `caught_up` on B (p50 / p99 /
+//! max); PostgreSQL transactions in that window per org, from `pg_stat_database` of the store
+//! database (`pg_stat_statements` is not loaded on this server; each read is one implicit
+//! transaction), beside B's store commits (the writes) and B's own count of replay store reads
+//! (`/metrics`, when the server has one); B's peak RSS and CPU over the storm. Once the writes are
+//! done, every stream must have received every event of its org's log after its start, each seq
+//! exactly the one after the previous (the log is gapless): lost 0 and out-of-order 0, or the run
+//! fails.
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, TryStreamExt};
+use h2::client::SendRequest;
+use serde_json::{Value, json};
+
+use super::{BenchArgs, Shape, database, histogram::Histogram, mb, round2, subscriber_user, timed};
+use crate::{
+    bench::{
+        database::Database,
+        server::{self, Target, fail},
+        subscriber::{self, Counted, Dial, Placement, Subscriber, Tally},
+        writer::{self, Writer},
+    },
+    error::CliError,
+    mint::{Signer, mint},
+};
+
+/// Streams opened on one HTTP/2 connection.
+pub const STREAMS_PER_CONNECTION: usize = 50;
+/// Orgs the subscribers are spread over unless `--orgs` says otherwise.
+pub const DEFAULT_ORGS: usize = 200;
+/// How often B's usage is sampled during the storm (for its peak RSS).
+const SAMPLE: Duration = Duration::from_millis(100);
+/// pg_stat_database is updated by each backend at most once a second.
+const STATS_FLUSH: Duration = Duration::from_millis(1100);
+
+/// What the resuming streams add up.
+struct Resumes {
+    /// When A was killed.
+    killed: Mutex<Option<Instant>>,
+    /// Streams caught up on B, and how long after the kill each one was.
+    caught_up: AtomicU64,
+    after_kill: Mutex<Histogram>,
+    failures: AtomicU64,
+}
+
+/// The org of subscriber `i` (and of writer `i`).
+fn org_name(prefix: &str, i: usize, orgs: usize) -> String {
+    format!("{prefix}-storm-{}", i % orgs)
+}
+
+/// Transactions committed or rolled back in database `name` so far.
+async fn xacts(admin: &tokio_postgres::Client, name: &str) -> Result<u64, CliError> {
+    let row = admin
+        .query_one(
+            "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(database::sql_error("reading pg_stat_database"))?;
+    Ok(row.get::<_, i64>(0) as u64)
+}
+
+/// Runs the scenario on `nodes` (A = 0, B = 1) storing in `store`.
+pub async fn measure(
+    args: &BenchArgs,
+    shape: &Shape,
+    nodes: &mut [Target],
+    store: &Database,
+) -> Result<Value, CliError> {
+    let orgs = args.orgs.unwrap_or(DEFAULT_ORGS).max(1);
+    let secret = nodes[0].secret_file.clone();
+    let token = |org: &str, user: &str, role: &str| {
+        mint(
+            Signer::Secret(&secret),
+            Some(org),
+            user,
+            vec![role.into()],
+            vec![],
+            Duration::from_secs(3600),
+        )
+    };
+    let (a, b) = (nodes[0].addr, nodes[1].addr);
+    let url_b = nodes[1].url();
+    // One writer per org on B, each with its job (seq 1 of its org's log).
+    let writers: Vec<Writer> = futures::stream::iter(0..orgs)
+        .map(|n| {
+            let org = org_name(&args.org, n, orgs);
+            let t = token(&org, &format!("writer{n}"), "member");
+            let url = url_b.clone();
+            async move { Writer::new(&url, &t?, &org, n, None).await }
+        })
+        .buffered(32)
+        .try_collect()
+        .await?;
+    let cursors: Vec<String> = futures::stream::iter(&writers)
+        .map(|w| w.cursor())
+        .buffered(32)
+        .try_collect()
+        .await?;
+
+    // The subscribers on A, STREAMS_PER_CONNECTION to a connection.
+    let tally = Tally::new();
+    let sources = args.source_addrs.unwrap_or(1).max(1);
+    let subscribers = shape.subscribers;
+    let t_connect = Instant::now();
+    let groups: Vec<Result<Vec<(usize, Subscriber)>, String>> = timed(args, async {
+        Ok(
+            futures::stream::iter(0..subscribers.div_ceil(STREAMS_PER_CONNECTION))
+                .map(|c| {
+                    let first = c * STREAMS_PER_CONNECTION;
+                    let streams = first..subscribers.min(first + STREAMS_PER_CONNECTION);
+                    open_group(
+                        args,
+                        a,
+                        subscriber::source(c, sources),
+                        streams,
+                        &token,
+                        &cursors,
+                        &tally,
+                    )
+                })
+                .buffer_unordered(
+                    args.connect_concurrency
+                        .div_ceil(STREAMS_PER_CONNECTION)
+                        .max(1),
+                )
+                .collect()
+                .await,
+        )
+    })
+    .await?;
+    let connect_elapsed = t_connect.elapsed();
+    let mut opened = Vec::new();
+    for group in groups {
+        match group {
+            Ok(g) => opened.push(g),
+            Err(e) => tally.error(e),
+        }
+    }
+    let connected: Vec<usize> = opened.iter().flatten().map(|(i, _)| *i).collect();
+
+    // Writes go on through B; a quarter of the way in, A dies and every stream resumes on B.
+    let resumes = Arc::new(Resumes {
+        killed: Mutex::new(None),
+        caught_up: AtomicU64::new(0),
+        after_kill: Mutex::new(Histogram::new()),
+        failures: AtomicU64::new(0),
+    });
+    let mut live = Vec::new();
+    for group in opened {
+        let (tally, resumes) = (tally.clone(), resumes.clone());
+        let (org, token) = (args.org.clone(), &token);
+        let tokens: Vec<(usize, String)> = group
+            .iter()
+            .map(|(i, _)| {
+                let org = org_name(&org, *i, orgs);
+                Ok((*i, token(&org, &subscriber_user(*i), "viewer")?))
+            })
+            .collect::<Result<_, CliError>>()?;
+        live.push(tokio::spawn(resume_group(
+            b, sources, org, orgs, group, tokens, tally, resumes,
+        )));
+    }
+    let (events, rate) = (shape.events, shape.rate);
+    let publishing = tokio::spawn(async move { writer::publish(&writers, events, rate).await });
+    tokio::time::sleep(Duration::from_secs_f64(events as f64 / rate.max(1.0) / 4.0)).await;
+    let admin = database::connect(&args.pg_admin_url).await?;
+    let xacts0 = xacts(&admin, &store.name).await?;
+    let usage0 = nodes[1].usage().await?;
+    let reads0 = replay_reads(&nodes[1]).await;
+    let killed = Instant::now();
+    *resumes.killed.lock().unwrap() = Some(killed);
+    nodes[0].kill().await;
+    let mut peak_rss = usage0.rss;
+    let deadline = killed + args.phase_timeout;
+    while resumes.caught_up.load(Relaxed) + resumes.failures.load(Relaxed) < connected.len() as u64
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(SAMPLE).await;
+        peak_rss = peak_rss.max(nodes[1].usage().await?.rss);
+    }
+    let storm = killed.elapsed();
+    let usage1 = nodes[1].usage().await?;
+    let reads1 = replay_reads(&nodes[1]).await;
+    tokio::time::sleep(STATS_FLUSH).await;
+    let xacts1 = xacts(&admin, &store.name).await?;
+    let commits1 = nodes[1].usage().await?.commits;
+
+    // Every stream against the log, once the writes are done.
+    let published = publishing
+        .await
+        .map_err(|e| fail(format!("writers: {e}")))??;
+    let heads = heads(store, &args.org, orgs).await?;
+    let expected: u64 = connected
+        .iter()
+        .map(|i| heads[i % orgs].saturating_sub(1))
+        .sum();
+    subscriber::wait_for(&tally, expected, args.stall, args.phase_timeout).await;
+    let received = tally.received.load(Relaxed);
+    let cpu = usage1.cpu_s - usage0.cpu_s;
+    let xacts_storm = xacts1.saturating_sub(xacts0);
+    let commits = commits1.saturating_sub(usage0.commits);
+    let mut out = json!({
+        "label": "storm",
+        "server": "started",
+        "subscribers": subscribers,
+        "orgs": orgs,
+        "streamsPerConnection": STREAMS_PER_CONNECTION,
+        "connections": subscribers.div_ceil(STREAMS_PER_CONNECTION),
+        "events": events,
+        "rate": rate,
+        "writesPerSec": super::per_sec(published.writes, published.elapsed),
+        "connected": connected.len(),
+        "connectFailures": subscribers - connected.len(),
+        "connectWallMs": connect_elapsed.as_millis() as u64,
+        "resumeFailures": resumes.failures.load(Relaxed),
+        "caughtUpOnB": resumes.caught_up.load(Relaxed),
+        "allCaughtUpMs": storm.as_millis() as u64,
+        "caughtUpAfterKillMs": resumes.after_kill.lock().unwrap().summary_ms(),
+        "pgQueriesSource": "pg_stat_database xact_commit+xact_rollback of the store database, \
+            from the kill to all caught up (+1.1 s for the statistics to be flushed)",
+        "pgXactsDuringStorm": xacts_storm,
+        "storeCommitsDuringStorm": commits,
+        "pgXactsPerOrg": round2(xacts_storm as f64 / orgs as f64),
+        "pgReadXactsPerOrg": round2(xacts_storm.saturating_sub(commits) as f64 / orgs as f64),
+        "replayStoreReadsPerOrg": match (reads0, reads1) {
+            (Some(r0), Some(r1)) => json!(round2((r1 - r0) as f64 / orgs as f64)),
+            _ => Value::Null,
+        },
+        "serverB": {
+            "peakRssMB": mb(peak_rss),
+            "rssBeforeKillMB": mb(usage0.rss),
+            "cpuS": round2(cpu),
+            "cpuPctOfCore": round2(cpu / storm.as_secs_f64().max(1e-9) * 100.0),
+        },
+        "deliveriesExpected": expected,
+        "deliveriesReceived": received,
+        "lost": expected.saturating_sub(received),
+        "outOfOrder": tally.out_of_order.load(Relaxed),
+        "brokenStreams": tally.broken.load(Relaxed) + resumes.failures.load(Relaxed),
+    });
+    if let Some(e) = tally.first_error.lock().unwrap().take() {
+        out["firstError"] = e.into();
+    }
+    for t in live {
+        t.abort();
+    }
+    Ok(out)
+}
+
+/// Opens subscribers `streams` on one connection to `server` from `source`, each from its org's
+/// start cursor; up to their `caught_up`.
+async fn open_group(
+    args: &BenchArgs,
+    server: std::net::SocketAddr,
+    source: std::net::IpAddr,
+    streams: std::ops::Range<usize>,
+    token: &impl Fn(&str, &str, &str) -> Result<String, CliError>,
+    cursors: &[String],
+    tally: &Tally,
+) -> Result<Vec<(usize, Subscriber)>, String> {
+    let orgs = cursors.len();
+    let conn = subscriber::connect(server, source).await?;
+    futures::future::try_join_all(streams.map(|i| {
+        let org = org_name(&args.org, i, orgs);
+        let conn = conn.clone();
+        async move {
+            let t = token(&org, &subscriber_user(i), "viewer").map_err(|e| e.message)?;
+            let dial = Dial {
+                server,
+                token: &t,
+                org: &org,
+                after_cursor: cursors[i % orgs].clone(),
+                counted: Counted::Log { after: 1 },
+                placement: Placement::default(),
+            };
+            Ok((i, Subscriber::open(conn, dial, tally).await?))
+        }
+    }))
+    .await
+}
+
+/// Reads a group's streams until A dies under them, then dials B and resumes each from its last
+/// cursor, recording when it is caught up; then reads them live until aborted.
+#[allow(clippy::too_many_arguments)]
+async fn resume_group(
+    b: std::net::SocketAddr,
+    sources: usize,
+    prefix: String,
+    orgs: usize,
+    mut group: Vec<(usize, Subscriber)>,
+    tokens: Vec<(usize, String)>,
+    tally: Arc<Tally>,
+    resumes: Arc<Resumes>,
+) {
+    futures::future::join_all(group.iter_mut().map(|(_, s)| s.until_end(&tally))).await;
+    let tokens: HashMap<usize, String> = tokens.into_iter().collect();
+    let conn: Result<SendRequest<bytes::Bytes>, String> =
+        subscriber::connect(b, subscriber::source(group[0].0, sources)).await;
+    let resumed = futures::future::join_all(group.into_iter().map(|(i, old)| {
+        let (conn, tally, resumes) = (conn.clone(), &tally, &resumes);
+        let org = org_name(&prefix, i, orgs);
+        let token = &tokens[&i];
+        async move {
+            let dial = Dial {
+                server: b,
+                token,
+                org: &org,
+                after_cursor: old.cursor.clone(),
+                counted: Counted::Log {
+                    after: old.last_seq,
+                },
+                placement: Placement::default(),
+            };
+            let opened = match conn {
+                Ok(conn) => Subscriber::open(conn, dial, tally).await,
+                Err(e) => Err(e),
+            };
+            match opened {
+                Ok(s) => {
+                    let killed = resumes.killed.lock().unwrap().unwrap_or_else(Instant::now);
+                    let us = killed.elapsed().as_micros() as u64;
+                    resumes.after_kill.lock().unwrap().record(us);
+                    resumes.caught_up.fetch_add(1, Relaxed);
+                    Some(s)
+                }
+                Err(e) => {
+                    resumes.failures.fetch_add(1, Relaxed);
+                    tally.error(format!("resuming on B: {e}"));
+                    None
+                }
+            }
+        }
+    }))
+    .await;
+    futures::future::join_all(resumed.into_iter().flatten().map(|s| s.run(tally.clone()))).await;
+}
+
+/// B's count of replay store reads, when its /metrics has one.
+async fn replay_reads(node: &Target) -> Option<u64> {
+    node.metric("orgpulse_replay_store_reads_total")
+        .await
+        .map(|v| v as u64)
+}
+
+/// The head of each storm org's log, by org index.
+async fn heads(store: &Database, prefix: &str, orgs: usize) -> Result<Vec<u64>, CliError> {
+    let client = database::connect(&store.url).await?;
+    let rows = client
+        .query("SELECT org_id, last_seq FROM org_log", &[])
+        .await
+        .map_err(database::sql_error("reading the log heads"))?;
+    let by_org: HashMap<String, u64> = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+        .collect();
+    (0..orgs)
+        .map(|n| {
+            let org = org_name(prefix, n, orgs);
+            by_org
+                .get(&org)
+                .copied()
+                .ok_or_else(|| server::fail(format!("org {org} has no log")))
+        })
+        .collect()
+}
