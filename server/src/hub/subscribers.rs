@@ -130,9 +130,10 @@ impl Subscribers {
         Key { slot, id }
     }
 
-    /// Removes the subscriber at `key` if it is still there (the hub may have cut it off).
+    /// Removes the subscriber at `key` if it is still there (the hub may have cut it off, or
+    /// cut them all: then its slot may be gone too).
     pub fn remove(&mut self, key: Key) {
-        if matches!(&self.slots[key.slot as usize], Some((id, _)) if *id == key.id) {
+        if matches!(self.slots.get(key.slot as usize), Some(Some((id, _))) if *id == key.id) {
             self.take(key.slot);
         }
     }
@@ -246,6 +247,23 @@ mod tests {
             entity_types: EntityTypes::default(),
             topics: Topics::default(),
         }
+    }
+
+    /// A subscriber leaving after the room cut everyone off (its slot gone) leaves nothing behind.
+    #[test]
+    fn leaving_after_everyone_was_cut_is_a_no_op() {
+        let mut subs = Subscribers::new(0);
+        let (tx, _rx) = queue::channel(1);
+        let cut: Arc<CutFlag> = Arc::default();
+        let key = subs.add(Sub {
+            filter: viewer("a", &[], &["member"]),
+            tx,
+            cut: cut.clone(),
+        });
+        subs.cut_all(Cut::Behind);
+        assert_eq!(cut.get(), Some(Cut::Behind));
+        subs.remove(key);
+        assert!(subs.is_empty());
     }
 
     /// A small deterministic generator (no dependency for a test).
