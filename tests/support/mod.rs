@@ -354,7 +354,18 @@ pub struct TestServer {
     /// Server stderr lines (logs) are forwarded to the test's stderr; with
     /// `ServerOpts::capture_stderr` they are also kept (see `stop_and_read_stderr`).
     stderr: Option<CapturedStderr>,
+    /// Set when the server printed a panic: the test fails when the server is dropped, since a
+    /// panicking task can leave the rest of the server running and the test passing.
+    panicked: std::sync::Arc<std::sync::atomic::AtomicBool>,
     _keep: Option<TempDir>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if self.panicked.load(std::sync::atomic::Ordering::SeqCst) && !std::thread::panicking() {
+            panic!("orgpulse-server panicked (its stderr above says where)");
+        }
+    }
 }
 
 /// The server's stderr, collected by a task that reads it until the process exits.
@@ -466,28 +477,29 @@ impl TestServer {
             )
             .envs(env.iter().cloned())
             .stdout(Stdio::piped())
-            .stderr(if capture_stderr {
-                Stdio::piped()
-            } else {
-                Stdio::inherit()
-            })
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn orgpulse-server");
-        let stderr = child.stderr.take().map(|pipe| {
-            let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-            let kept = text.clone();
-            let reader = tokio::spawn(async move {
-                let mut lines = BufReader::new(pipe).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    eprintln!("{line}");
+        let pipe = child.stderr.take().unwrap();
+        let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let panicked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (kept, seen) = (text.clone(), panicked.clone());
+        let reader = tokio::spawn(async move {
+            let mut lines = BufReader::new(pipe).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("{line}");
+                if line.contains("panicked at") {
+                    seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                if capture_stderr {
                     let mut kept = kept.lock().unwrap();
                     kept.push_str(&line);
                     kept.push('\n');
                 }
-            });
-            CapturedStderr { text, reader }
+            }
         });
+        let stderr = capture_stderr.then_some(CapturedStderr { text, reader });
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let url = tokio::time::timeout(Duration::from_secs(30), async {
@@ -512,6 +524,7 @@ impl TestServer {
             env,
             open_files,
             stderr,
+            panicked,
             _keep: None,
         }
     }
