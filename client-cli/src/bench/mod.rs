@@ -6,12 +6,14 @@
 //! scenario (orgs.rs) instead measures what many idle orgs cost the server; the `outbox` scenario
 //! (outbox.rs) publishes by committing outbox rows in PostgreSQL instead of calling the API; the
 //! `presence` scenario has writers broadcast on one topic instead (ephemeral, never stored), their
-//! latency being send→receipt.
+//! latency being send→receipt. The `hundredk` scenario (hundredk.rs) holds 100,000 subscribers on one
+//! node, most of them multiplexed over shared connections.
 //! `--nodes N` starts a cluster instead (N nodes on a PostgreSQL database of the bench's own and
 //! one NATS server): subscribers and writers alternate over the nodes, and the deliveries written
 //! through another node than the subscriber's get a latency histogram of their own.
 mod database;
 mod histogram;
+mod hundredk;
 mod orgs;
 mod outbox;
 mod server;
@@ -64,6 +66,10 @@ pub enum Scenario {
     /// 1,000 subscribers of one topic, 100 of them also broadcasting on it at 10/s each for 10 s
     /// (typing, cursors): ephemeral fan-out, never stored, send→receipt latency.
     Presence,
+    /// 100,000 subscribers on one node: 19,000 (--own-connections) on connections of their own,
+    /// the rest 100 streams per HTTP/2 connection: RSS per connection and per extra stream, idle
+    /// CPU per stream (--seconds), one event to all.
+    Hundredk,
 }
 
 struct Shape {
@@ -88,6 +94,7 @@ impl Scenario {
             Scenario::Outbox => (100, 1_000, 200.0, 1, 1000),
             Scenario::Audience => (10_000, 500, 50.0, 100, 3000),
             Scenario::Presence => (1_000, 10_000, 1_000.0, 100, 1000),
+            Scenario::Hundredk => (100_000, 1, 0.0, 1, 3000),
         };
         Shape {
             subscribers,
@@ -131,7 +138,10 @@ pub struct BenchArgs {
     /// orgs: how many orgs, one subscriber each (default 5,000).
     #[arg(long)]
     pub orgs: Option<usize>,
-    /// orgs: how long the idle server's CPU is measured.
+    /// hundredk: subscribers on connections of their own (default 19,000), the rest multiplexed.
+    #[arg(long)]
+    pub own_connections: Option<usize>,
+    /// orgs, hundredk: how long the idle server's CPU is measured.
     #[arg(long, default_value = "20s", value_parser = duration)]
     pub seconds: Duration,
     /// Override the scenario's event count (catchup: the backlog).
@@ -211,6 +221,9 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
     // server (which inherits the limit), plus a few dozen for the database and stdio.
     let sockets = match args.scenario {
         Scenario::Orgs => shape.subscribers.div_ceil(orgs::STREAMS_PER_CONNECTION),
+        Scenario::Hundredk => {
+            hundredk::Split::of(&args, shape.subscribers).connections() + shape.writers
+        }
         _ => shape.subscribers + shape.writers,
     };
     server::raise_nofile(sockets as u64 + 64)?;
@@ -222,9 +235,14 @@ pub async fn run(args: BenchArgs, url: &str) -> Result<(), CliError> {
             "--scenario outbox, --postgres and --nodes start their own servers: drop --secret-file",
         ));
     }
-    if args.nodes > 1 && matches!(args.scenario, Scenario::Orgs | Scenario::Outbox) {
+    if args.nodes > 1
+        && matches!(
+            args.scenario,
+            Scenario::Orgs | Scenario::Outbox | Scenario::Hundredk
+        )
+    {
         return Err(CliError::usage(
-            "--nodes: the orgs and outbox scenarios run on one node",
+            "--nodes: the orgs, outbox and hundredk scenarios run on one node",
         ));
     }
     let outbox_db = match args.scenario {
@@ -296,6 +314,7 @@ async fn start_and_measure(
     let result = match (started, args.scenario) {
         (Err(e), _) => Err(e),
         (Ok(()), Scenario::Orgs) => orgs::measure(args, shape, &nodes[0]).await,
+        (Ok(()), Scenario::Hundredk) => hundredk::measure(args, shape, &nodes[0]).await,
         (Ok(()), _) => measure(args, shape, &nodes, outbox).await,
     };
     for node in nodes {
