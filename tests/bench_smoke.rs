@@ -1,6 +1,7 @@
 //! Smoke run of `orgpulse bench` at tiny sizes, so the benchmark cannot rot: the real CLI starts
 //! the real server (and, in the second case, targets one started by the test harness) and must
-//! print one JSON line with every delivery (or, for `orgs`, every idle stream) accounted for; the
+//! print one JSON line with every delivery (or, for `orgs`, every idle stream) accounted for (for
+//! `hundredk`, streams on connections of their own and multiplexed ones); the
 //! `outbox` run commits rows in a PostgreSQL database of its own on 127.0.0.1:5432 and drops it;
 //! the `--nodes 2` run starts a cluster on such a database and the machine's NATS; the `presence`
 //! run broadcasts on one topic (nothing stored); the `idle-pg` run counts the transactions an idle
@@ -252,6 +253,46 @@ async fn floor_run_accounts_for_every_frame_without_a_server() {
     assert_eq!(v["outOfOrder"], 0);
     assert!(number(&v, "serverCpuUsPerDelivery") >= 0.0, "{v}");
     assert!(number(&v, "frameBytes") > 100.0, "{v}");
+}
+
+#[tokio::test]
+async fn hundredk_run_holds_own_and_multiplexed_streams_and_reaches_all() {
+    let server = workspace_bin("orgpulse-server");
+    // 50 subscribers on connections of their own, 250 over three shared connections (100, 100,
+    // 50 streams), from two source addresses; two events to all.
+    let v = bench(&[
+        "--scenario",
+        "hundredk",
+        "--subscribers",
+        "300",
+        "--own-connections",
+        "50",
+        "--source-addrs",
+        "2",
+        "--events",
+        "2",
+        "--seconds",
+        "1s",
+        "--server-bin",
+        server.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(v["ok"], true, "{v}");
+    for (field, want) in [
+        ("ownConnections", 50),
+        ("sharedConnections", 3),
+        ("connected", 300),
+        ("streamsHeld", 300),
+        ("deliveriesExpected", 600),
+        ("deliveriesReceived", 600),
+        ("lost", 0),
+        ("outOfOrder", 0),
+    ] {
+        assert_eq!(v[field], want, "{field} in {v}");
+    }
+    assert!(number(&v["latencyMs"], "max") > 0.0, "{v}");
+    assert!(number(&v, "idleSeconds") >= 1.0);
+    assert!(v["onPaper16vCpu"]["vcpus"].is_number(), "{v}");
 }
 
 #[tokio::test]

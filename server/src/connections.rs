@@ -6,6 +6,7 @@
 //! keep real clients out, nor run the process out of descriptors.
 use std::{
     collections::BTreeMap,
+    future::Future,
     io,
     pin::Pin,
     sync::Arc,
@@ -24,7 +25,7 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Descriptors kept for everything but client connections (database, files, the bus, the JWKS
 /// fetch): at most this many, at most half the open-file limit.
 const RESERVE: u64 = 128;
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Raises the open-file soft limit to the hard limit and logs the figure; returns the number of
 /// connections the server may hold: `asked`, lowered to what that limit allows beside
@@ -73,7 +74,6 @@ struct State {
 pub struct Slot {
     connections: Arc<Connections>,
     id: u64,
-    evicted: CancellationToken,
 }
 
 impl Connections {
@@ -87,7 +87,8 @@ impl Connections {
 
     /// Admits a connection just accepted: evicts the oldest connection still waiting for its head
     /// when at capacity; `None` (the new one is to be closed) when every open one has sent its.
-    pub fn admit(self: &Arc<Self>) -> Option<Arc<Slot>> {
+    /// The [`Waiting`] closes the connection at the door until its head is complete.
+    pub fn admit(self: &Arc<Self>) -> Option<(Slot, Waiting)> {
         let mut state = self.state.lock();
         if state.open >= self.max {
             let Some((_, oldest)) = state.waiting.pop_first() else {
@@ -104,37 +105,31 @@ impl Connections {
         let evicted = CancellationToken::new();
         state.waiting.insert(id, evicted.clone());
         METRICS.open_connections.inc();
-        Some(Arc::new(Slot {
+        let slot = Slot {
             connections: self.clone(),
             id,
-            evicted,
-        }))
-    }
-
-    /// Whether connection `id` was waiting for its head (it no longer is).
-    fn stop_waiting(&self, id: u64) -> bool {
-        self.state.lock().waiting.remove(&id).is_some()
-    }
-}
-
-impl Slot {
-    /// Resolves when the connection is to be closed before it was served: evicted, or no
-    /// complete head within [`HEAD_TIMEOUT`]; never once it sent its head.
-    pub async fn closed_at_the_door(&self) -> &'static str {
-        tokio::select! {
-            _ = self.evicted.cancelled() => "evicted: the server holds --max-connections",
-            _ = tokio::time::sleep(HEAD_TIMEOUT) => {
-                if !self.connections.stop_waiting(self.id) {
-                    return std::future::pending().await;
+        };
+        let connections = self.clone();
+        let closed = async move {
+            tokio::select! {
+                _ = evicted.cancelled_owned() => "evicted: the server holds --max-connections",
+                _ = tokio::time::sleep(HEAD_TIMEOUT) => {
+                    connections.stop_waiting(id);
+                    METRICS.connections_head_timeouts.inc();
+                    "no complete request head or HTTP/2 preface within 10 s"
                 }
-                METRICS.connections_head_timeouts.inc();
-                "no complete request head or HTTP/2 preface within 10 s"
             }
-        }
+        };
+        let waiting = Waiting {
+            closed: Box::pin(closed),
+            watch: HeadWatch::default(),
+        };
+        Some((slot, waiting))
     }
 
-    fn head_complete(&self) {
-        self.connections.stop_waiting(self.id);
+    /// Connection `id` no longer waits for its head.
+    fn stop_waiting(&self, id: u64) {
+        self.state.lock().waiting.remove(&id);
     }
 }
 
@@ -147,18 +142,37 @@ impl Drop for Slot {
     }
 }
 
+/// What closes a connection at the door while it has not sent its head (eviction, and the
+/// [`HEAD_TIMEOUT`] from its accept), and the watch of its first bytes. The deadlines are boxed,
+/// and all of it is dropped once the head is complete.
+pub struct Waiting {
+    closed: Pin<Box<dyn Future<Output = &'static str> + Send>>,
+    watch: HeadWatch,
+}
+
+impl Waiting {
+    /// Resolves with the reason when the connection is to be closed before it was served (for a
+    /// wait outside a [`Door`], such as a TLS handshake).
+    pub async fn closed(&mut self) -> &'static str {
+        self.closed.as_mut().await
+    }
+}
+
 /// A connection's byte stream, watched until it carries a complete HTTP/1.1 request head or the
-/// HTTP/2 preface; then it tells its [`Slot`] and is a plain pass-through.
+/// HTTP/2 preface: a read fails once the connection is to be closed at the door. After the head it
+/// tells its [`Slot`], drops the watch and is a plain pass-through holding its place.
 pub struct Door<IO> {
     io: IO,
-    watch: Option<(HeadWatch, Arc<Slot>)>,
+    waiting: Option<Waiting>,
+    slot: Slot,
 }
 
 impl<IO> Door<IO> {
-    pub fn new(io: IO, slot: Arc<Slot>) -> Self {
+    pub fn new(io: IO, slot: Slot, waiting: Waiting) -> Self {
         Door {
             io,
-            watch: Some((HeadWatch::default(), slot)),
+            waiting: Some(waiting),
+            slot,
         }
     }
 }
@@ -170,13 +184,18 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Door<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let Some(waiting) = &mut this.waiting else {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        };
+        if let Poll::Ready(why) = waiting.closed.as_mut().poll(cx) {
+            this.waiting = None;
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)));
+        }
         let before = buf.filled().len();
         let read = Pin::new(&mut this.io).poll_read(cx, buf);
-        if let Some((watch, slot)) = &mut this.watch
-            && watch.complete_after(&buf.filled()[before..])
-        {
-            slot.head_complete();
-            this.watch = None;
+        if waiting.watch.complete_after(&buf.filled()[before..]) {
+            this.slot.connections.stop_waiting(this.slot.id);
+            this.waiting = None;
         }
         read
     }

@@ -6,15 +6,19 @@
 //! returns within 2 s.
 use std::{future::Future, sync::Arc, time::Duration};
 
+use hyper::server::conn::http2;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{
         conn::auto,
         graceful::{GracefulShutdown, Watcher},
     },
     service::TowerToHyperService,
 };
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -22,7 +26,7 @@ use crate::{
     auth::Authenticator,
     bus::{Bus, MemoryBus, nats::NatsBus},
     config::{Config, Database},
-    connections::{Connections, Door, HEAD_TIMEOUT},
+    connections::{Connections, Door, H2_PREFACE, HEAD_TIMEOUT},
     hub::{Hub, Rooms},
     log_limit::LogLimit,
     metrics::METRICS,
@@ -41,6 +45,8 @@ const DRAIN: Duration = Duration::from_millis(1500);
 /// connection stays queued, and retrying at once would spin).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 static ACCEPT_FAILED: LogLimit = LogLimit::new();
+/// How much later than the door's deadline hyper's own for an HTTP/1.1 request head falls.
+const HYPER_HEAD_MARGIN: Duration = Duration::from_millis(50);
 
 pub async fn run(
     cfg: Config,
@@ -143,22 +149,7 @@ pub async fn run(
     let connections = Connections::new(crate::connections::open_file_budget(
         usize::try_from(cfg.max_connections).unwrap_or(usize::MAX),
     ));
-    let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        // The head of each later request on a kept-alive connection (the first one's is the
-        // door's).
-        .header_read_timeout(HEAD_TIMEOUT);
-    http.http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .initial_stream_window_size(256 * 1024)
-        .initial_connection_window_size(1024 * 1024)
-        .max_concurrent_streams(cfg.max_concurrent_streams)
-        // What one stream may have buffered beyond the peer's window: a slow reader's queue then
-        // fills soon and it is cut off, instead of the server holding megabytes for it.
-        .max_send_buf_size(64 * 1024)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
+    let http = Arc::new(Http::new(cfg.max_concurrent_streams));
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
         _ => None,
@@ -186,36 +177,44 @@ pub async fn run(
             },
         };
         // At capacity with every connection past the door: this one is closed at once.
-        let Some(slot) = connections.admit() else {
+        let Some((slot, mut waiting)) = connections.admit() else {
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let (http, app, watcher, tls) =
             (http.clone(), app.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
-            let door = slot.clone();
-            let serve = async move {
-                match tls {
-                    None => serve_connection(&http, watcher, Door::new(tcp, slot), app).await,
-                    // Boxed: a task is as large as its largest state, and the TLS one
-                    // (handshake, session, buffers) would otherwise be paid by every plain
-                    // connection too. The door's deadline bounds the handshake.
-                    Some(tls) => {
-                        Box::pin(async move {
-                            let stream = tls.accept(tcp).await?;
-                            serve_connection(&http, watcher, Door::new(stream, slot), app).await
-                        })
-                        .await
+            let served = match tls {
+                None => {
+                    // The door's deadline bounds the wait for the first bytes too.
+                    let h2 = tokio::select! {
+                        biased;
+                        why = waiting.closed() => Err(why),
+                        h2 = starts_with_preface(&tcp) => Ok(h2),
+                    };
+                    let door = Door::new(tcp, slot, waiting);
+                    match h2 {
+                        Err(why) => Err(why.into()),
+                        Ok(true) => http.serve_h2(watcher, door, app).await,
+                        // Boxed: a task is as large as its largest state, and the auto builder's
+                        // connection (HTTP/1.1 and HTTP/2 states) would otherwise be paid by every
+                        // HTTP/2 connection too.
+                        Ok(false) => Box::pin(http.serve_auto(watcher, door, app)).await,
                     }
                 }
-            };
-            let served = tokio::select! {
-                // The door first: its deadline is then set before HTTP/1.1's header read
-                // timeout, and it is the one that closes (and counts) a connection without a
-                // head.
-                biased;
-                why = door.closed_at_the_door() => Err(why.into()),
-                served = serve => served,
+                // Boxed too: the TLS state (handshake, session, buffers).
+                Some(tls) => {
+                    Box::pin(async move {
+                        let stream = tokio::select! {
+                            biased;
+                            why = waiting.closed() => return Err(why.into()),
+                            stream = tls.accept(tcp) => stream?,
+                        };
+                        http.serve_auto(watcher, Door::new(stream, slot, waiting), app)
+                            .await
+                    })
+                    .await
+                }
             };
             if let Err(e) = served {
                 tracing::debug!(error = %e, "connection ended with an error");
@@ -242,19 +241,81 @@ pub async fn run(
     Ok(())
 }
 
-/// Serves one connection (plain TCP or TLS) with HTTP/1.1 or HTTP/2, until it closes or the
-/// graceful shutdown ends it.
-async fn serve_connection<I>(
-    http: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
-    io: I,
-    app: axum::Router,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let conn = http.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app));
-    watcher.watch(conn.into_owned()).await
+type Served = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// The HTTP settings of every connection; the HTTP/2 ones set alike on both builders.
+macro_rules! http2_settings {
+    ($builder:expr, $max_concurrent_streams:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(1024 * 1024)
+            .max_concurrent_streams($max_concurrent_streams)
+            // What one stream may have buffered beyond the peer's window: a slow reader's queue
+            // then fills soon and it is cut off, instead of the server holding megabytes for it.
+            .max_send_buf_size(64 * 1024)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20))
+    };
+}
+
+/// How connections are served: HTTP/2 alone for a plain connection that starts with the HTTP/2
+/// preface (no HTTP/1.1 state in its task), else hyper-util's auto builder (HTTP/1.1 and grpc-web,
+/// TLS, or a preface that came in pieces).
+struct Http {
+    auto: auto::Builder<TokioExecutor>,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+impl Http {
+    fn new(max_concurrent_streams: u32) -> Http {
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            // The head of each later request on a kept-alive connection. The first one's is the
+            // door's: hyper checks its own deadline before it reads, so this one is a little
+            // later, and the door's (set at accept) closes and counts a connection without a head.
+            .header_read_timeout(HEAD_TIMEOUT + HYPER_HEAD_MARGIN);
+        http2_settings!(auto.http2(), max_concurrent_streams);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        http2_settings!(&mut h2, max_concurrent_streams)
+            // No HPACK dynamic table for what clients send: an idle connection does not keep its
+            // first request's headers (its bearer token mostly); each request's headers come in
+            // full instead. (hyper-util's auto builder has no such setting.)
+            .header_table_size(0);
+        Http { auto, h2 }
+    }
+
+    /// Serves one connection (plain TCP or TLS) with HTTP/1.1 or HTTP/2, until it closes or the
+    /// graceful shutdown ends it.
+    async fn serve_auto<I>(&self, watcher: Watcher, io: I, app: axum::Router) -> Served
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = TowerToHyperService::new(app);
+        let conn = self
+            .auto
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        watcher.watch(conn).await
+    }
+
+    /// Serves one connection that starts with the HTTP/2 preface.
+    async fn serve_h2<I>(&self, watcher: Watcher, io: I, app: axum::Router) -> Served
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = self
+            .h2
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+        Ok(watcher.watch(conn).await?)
+    }
+}
+
+/// Whether the first bytes the connection sent are the whole HTTP/2 preface (they stay unread).
+/// False as well for a preface not yet complete: the auto builder then reads it.
+async fn starts_with_preface(tcp: &TcpStream) -> bool {
+    let mut first = [0; H2_PREFACE.len()];
+    tcp.peek(&mut first).await.ok() == Some(H2_PREFACE.len()) && first == *H2_PREFACE
 }
 
 /// Drops events older than `retention`, on a timer proportional to it.

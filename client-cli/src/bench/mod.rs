@@ -6,7 +6,8 @@
 //! scenario (orgs.rs) instead measures what many idle orgs cost the server; the `outbox` scenario
 //! (outbox.rs) publishes by committing outbox rows in PostgreSQL instead of calling the API; the
 //! `presence` scenario has writers broadcast on one topic instead (ephemeral, never stored), their
-//! latency being send→receipt.
+//! latency being send→receipt. The `hundredk` scenario (hundredk.rs) holds 100,000 subscribers on
+//! one node, most of them multiplexed over shared connections.
 //! The `floor` scenario (floor.rs) runs no server: it writes e's bytes to e's connections at e's
 //! rate from a thread of its own, the yardstick for e's server CPU per delivery.
 //! `--nodes N` starts a cluster instead (N nodes on a PostgreSQL database of the bench's own and
@@ -17,6 +18,7 @@
 mod database;
 mod floor;
 mod histogram;
+mod hundredk;
 mod orgs;
 mod outbox;
 mod server;
@@ -82,6 +84,10 @@ pub enum Scenario {
     /// and every stream resumes on B with its cursor: time until all are caught up, PostgreSQL
     /// transactions per org, B's peak RSS and CPU, every event exactly once in order.
     Storm,
+    /// 100,000 subscribers on one node: 19,000 (--own-connections) on connections of their own,
+    /// the rest 100 streams per HTTP/2 connection: RSS per connection and per extra stream, idle
+    /// CPU per stream (--seconds), one event to all.
+    Hundredk,
 }
 
 struct Shape {
@@ -110,6 +116,7 @@ impl Scenario {
             Scenario::Audience => (10_000, 500, 50.0, 100, 3000),
             Scenario::Presence => (1_000, 10_000, 1_000.0, 100, 1000),
             Scenario::Storm => (20_000, 1_000, 100.0, 1, 0),
+            Scenario::Hundredk => (100_000, 1, 0.0, 1, 3000),
         };
         Shape {
             subscribers,
@@ -154,10 +161,13 @@ pub struct BenchArgs {
     /// subscribers are spread over (default 200).
     #[arg(long)]
     pub orgs: Option<usize>,
-    /// orgs, idle-pg: how long the idle server is measured (default 20 s; idle-pg: 120 s, so that
-    /// one whole retention pass, every 60 s plus its own duration, falls in it).
+    /// orgs, idle-pg, hundredk: how long the idle server is measured (default 20 s; idle-pg:
+    /// 120 s, so that one whole retention pass, every 60 s plus its own duration, falls in it).
     #[arg(long, value_parser = duration)]
     pub seconds: Option<Duration>,
+    /// hundredk: subscribers on connections of their own (default 19,000), the rest multiplexed.
+    #[arg(long)]
+    pub own_connections: Option<usize>,
     /// Override the scenario's event count (catchup: the backlog).
     #[arg(long)]
     pub events: Option<u64>,
@@ -211,6 +221,16 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
+impl BenchArgs {
+    /// How long the idle server is measured (`--seconds`, else the scenario's default).
+    fn idle_window(&self) -> Duration {
+        self.seconds.unwrap_or(match self.scenario {
+            Scenario::IdlePg => Duration::from_secs(120),
+            _ => Duration::from_secs(20),
+        })
+    }
+}
+
 /// Runs one scenario against `url` (used only with --secret-file) and prints its JSON line.
 pub async fn run(mut args: BenchArgs, url: &str) -> Result<(), CliError> {
     if args.scenario == Scenario::Storm {
@@ -251,6 +271,9 @@ pub async fn run(mut args: BenchArgs, url: &str) -> Result<(), CliError> {
             2 * shape.subscribers.div_ceil(storm::STREAMS_PER_CONNECTION)
                 + args.orgs.unwrap_or(storm::DEFAULT_ORGS)
         }
+        Scenario::Hundredk => {
+            hundredk::Split::of(&args, shape.subscribers).connections() + shape.writers
+        }
         _ => shape.subscribers + shape.writers,
     };
     server::raise_nofile(sockets as u64 + 64)?;
@@ -265,11 +288,11 @@ pub async fn run(mut args: BenchArgs, url: &str) -> Result<(), CliError> {
     if args.nodes > 1
         && matches!(
             args.scenario,
-            Scenario::Orgs | Scenario::IdlePg | Scenario::Outbox
+            Scenario::Orgs | Scenario::IdlePg | Scenario::Outbox | Scenario::Hundredk
         )
     {
         return Err(CliError::usage(
-            "--nodes: the orgs, idle-pg and outbox scenarios run on one node",
+            "--nodes: the orgs, idle-pg, outbox and hundredk scenarios run on one node",
         ));
     }
     let outbox_db = match args.scenario {
@@ -349,6 +372,7 @@ async fn start_and_measure(
         (Ok(()), Scenario::Storm, Some(store)) => {
             storm::measure(args, shape, &mut nodes, store).await
         }
+        (Ok(()), Scenario::Hundredk, _) => hundredk::measure(args, shape, &nodes[0]).await,
         (Ok(()), _, _) => measure(args, shape, &nodes, outbox).await,
     };
     for node in nodes {

@@ -119,11 +119,7 @@ pub async fn measure(
     let idle0 = target.usage().await?;
     let pg0 = transactions(args, store).await?;
     let t_idle = std::time::Instant::now();
-    let seconds = match args.scenario {
-        Scenario::IdlePg => Duration::from_secs(120),
-        _ => Duration::from_secs(20),
-    };
-    tokio::time::sleep(args.seconds.unwrap_or(seconds)).await;
+    tokio::time::sleep(args.idle_window()).await;
     let idle1 = target.usage().await?;
     let pg1 = transactions(args, store).await?;
     let window = t_idle.elapsed().as_secs_f64();

@@ -165,9 +165,16 @@ impl Decoder {
         }
     }
 
-    /// Queues a potential size update
+    /// Queues a potential size update, called once the peer acknowledged the new size. A
+    /// smaller table is also shrunk at once: every header block the peer sends after its ACK
+    /// starts with a size update to at most this size (RFC 7541 4.2), so the entries beyond it
+    /// can no longer be referenced, and an idle connection need not hold them until its next
+    /// header block.
     #[allow(dead_code)]
     pub fn queue_size_update(&mut self, size: usize) {
+        if size < self.table.max_size {
+            self.table.set_max_size(size);
+        }
         let size = match self.max_size_update {
             Some(v) => cmp::max(v, size),
             None => size,
