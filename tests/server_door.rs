@@ -298,15 +298,26 @@ async fn under_a_1024_descriptor_limit_1100_idle_sockets_do_not_keep_real_calls_
 async fn at_capacity_with_every_connection_served_a_new_one_is_closed_at_accept() {
     let server = TestServer::start_args(&["--max-connections", "20"]).await;
     let mut served = Vec::new();
+    // The preface and an empty SETTINGS frame.
+    let opening = [H2_PREFACE, &[0, 0, 0, 4, 0, 0, 0, 0, 0]].concat();
     for _ in 0..20 {
         let mut tcp = TcpStream::connect(&server.addr).await.unwrap();
-        tcp.write_all(H2_PREFACE).await.unwrap();
+        tcp.write_all(&opening).await.unwrap();
         served.push(tcp);
     }
-    // The server has read the prefaces when it has answered them (its SETTINGS).
+    // The server has read a preface when it acknowledged the SETTINGS after it (its own SETTINGS
+    // may come before it reads anything).
     for tcp in &mut served {
-        let mut settings = [0u8; 9];
-        tcp.read_exact(&mut settings).await.unwrap();
+        loop {
+            let mut head = [0u8; 9];
+            tcp.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            if head[3] == 4 && head[4] & 1 == 1 {
+                break;
+            }
+        }
     }
     let t0 = Instant::now();
     let mut late = TcpStream::connect(&server.addr).await.unwrap();
