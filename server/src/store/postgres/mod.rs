@@ -34,8 +34,10 @@ use super::{
 };
 use crate::cursor::org_epoch;
 
-/// Connections: the writer's, readers', retention's.
+/// Connections of readers and retention.
 const POOL_SIZE: usize = 8;
+/// Connections of the writer (a batch, and its idle probe), on its own thread.
+const WRITER_POOL_SIZE: usize = 2;
 /// How long a call waits for a connection (or for the database to answer a connect) before it
 /// fails with UNAVAILABLE.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -382,6 +384,24 @@ pub(crate) fn describe(cfg: &tokio_postgres::Config) -> String {
     format!("{host}:{port}/{}", cfg.get_dbname().unwrap_or_default())
 }
 
+/// A pool of at most `size` connections to `cfg`'s database.
+fn pool_of(cfg: tokio_postgres::Config, size: usize) -> anyhow::Result<Pool> {
+    let manager = Manager::from_config(
+        cfg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Ok(Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(CONNECT_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
+        .build()?)
+}
+
 impl PostgresStore {
     /// Connects to the database at `url` (`postgres://...`), migrates its schema and starts the
     /// writer. Fails with one line naming the database when it cannot be reached.
@@ -399,20 +419,7 @@ impl PostgresStore {
             cfg.application_name("orgpulse");
         }
         let name = describe(&cfg);
-        let manager = Manager::from_config(
-            cfg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(CONNECT_TIMEOUT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .recycle_timeout(Some(CONNECT_TIMEOUT))
-            .build()?;
+        let pool = pool_of(cfg.clone(), POOL_SIZE)?;
         let mut client = pool.get().await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot reach the PostgreSQL database {name}: {}",
@@ -426,13 +433,26 @@ impl PostgresStore {
         let (tx, rx) = mpsc::channel(writer::QUEUE);
         let health = Arc::new(WriterHealth::default());
         let gone = WriterGone::new(health.clone());
-        tokio::spawn(writer::write_loop(
-            pool.clone(),
+        // The writer runs on a thread and a runtime of its own, with connections of its own (their
+        // drivers run there too): on a node saturated by requests (a reconnect storm) a shared
+        // runtime could delay a transaction's next statement past
+        // idle_in_transaction_session_timeout, and PostgreSQL would end the session and the batch.
+        let writing = writer::write_loop(
+            pool_of(cfg, WRITER_POOL_SIZE)?,
             rx,
             committed,
             db_epoch,
             gone,
-        ));
+        );
+        std::thread::Builder::new()
+            .name("orgpulse-pg-writer".into())
+            .spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the PostgreSQL writer")
+                    .block_on(writing)
+            })?;
         Ok(PostgresStore {
             writer: tx,
             pool,

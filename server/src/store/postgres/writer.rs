@@ -198,8 +198,11 @@ mod tests {
 
     use super::*;
     use crate::audience::Viewer;
+    use futures::future::BoxFuture;
+
     use crate::store::{
-        CommittedEvent, Entities, JobPatch, NewJob, Status, ops::testing::appending,
+        CommittedEvent, Entities, JobPatch, NewJob, Status, job_deleted,
+        ops::{NewEvent, WriteTx, testing::appending},
         postgres::PostgresStore,
     };
 
@@ -283,6 +286,36 @@ mod tests {
         let seqs: Vec<u64> = published.lock().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [1, 2], "only what committed was published");
         drop_database("rerun").await;
+    }
+
+    /// A node whose request runtime is saturated (a reconnect storm) in the middle of a write's
+    /// transaction still commits it: the writer runs on a thread and runtime of its own, so the
+    /// transaction is never left idle past `idle_in_transaction_session_timeout` (1 s), after
+    /// which PostgreSQL would end the session and the write would fail.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_saturated_runtime_does_not_stall_a_transaction() {
+        let Some((store, published)) = store("saturated").await else {
+            return;
+        };
+        let node = tokio::runtime::Handle::current();
+        let (w, answer) = Write::new(None, move |tx: &mut Tx| -> BoxFuture<'_, Result<u64>> {
+            let node = node.clone();
+            Box::pin(async move {
+                tx.append(NewEvent::to_all("o", "u", job_deleted("a")))
+                    .await?;
+                // The node's only worker is busy for 1.5 s without yielding; the rest of the
+                // transaction must not wait for it.
+                node.spawn(async { std::thread::sleep(Duration::from_millis(1500)) });
+                tokio::task::yield_now().await;
+                tx.append(NewEvent::to_all("o", "u", job_deleted("b")))
+                    .await
+            })
+        });
+        store.queue(w).await.unwrap();
+        assert_eq!(answer.await.unwrap(), 2, "both events committed");
+        let seqs: Vec<u64> = published.lock().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2]);
+        drop_database("saturated").await;
     }
 
     #[tokio::test]
