@@ -246,14 +246,7 @@ async fn broadcasts_reach_current_streams_only_in_order_and_never_a_replay_or_a_
         member("bob", &["g42"]),
         member("cat", &[]),
     );
-    let start = server
-        .jobs(&ann)
-        .await
-        .list_jobs(orgpulse::proto::ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .cursor;
+    let start = snapshot(&server, &ann).await.cursor;
     let mut bob_sub = subscribe(&server, &bob, &[], &[EventKind::Broadcast]).await;
     let mut cat_sub = subscribe(&server, &cat, &[], &[]).await;
     let mut events = client(&server, &ann).await;
