@@ -4,7 +4,8 @@
 //! `hundredk`, streams on connections of their own and multiplexed ones); the
 //! `outbox` run commits rows in a PostgreSQL database of its own on 127.0.0.1:5432 and drops it;
 //! the `--nodes 2` run starts a cluster on such a database and the machine's NATS; the `presence`
-//! run broadcasts on one topic (nothing stored); the `idle-pg` run counts the transactions an idle
+//! run broadcasts on one topic (nothing stored); the `audience` run addresses each event to one
+//! group and the admins, and its `--rooms` baseline puts each group in an org of its own; the `idle-pg` run counts the transactions an idle
 //! node runs in a PostgreSQL database of its own; the `floor` run starts no server at all; the
 //! `storm` run kills one of two cluster nodes under its subscribers, which all resume on the other.
 //! The full runs are in BENCHMARKS.md.
@@ -94,6 +95,45 @@ async fn fan_out_run_accounts_for_every_delivery() {
         assert!((0.0..30_000.0).contains(&ms), "{q} = {ms} ms");
     }
     assert!(number(&v["serverRssMB"], "afterConnect") > 0.0);
+}
+
+/// The audience run with 4 groups over 200 subscribers (2 admins, at 99 and 199, both of
+/// group 3's share), and the same groups as orgs (`--rooms`): each delivery expected exactly.
+#[tokio::test]
+async fn audience_run_and_its_rooms_baseline_reach_exactly_their_groups() {
+    let server = workspace_bin("orgpulse-server");
+    let server = server.to_str().unwrap();
+    let shape = [
+        "--scenario",
+        "audience",
+        "--subscribers",
+        "200",
+        "--audience-groups",
+        "4",
+        "--writers",
+        "4",
+        "--events",
+        "40",
+        "--rate",
+        "0",
+        "--server-bin",
+        server,
+    ];
+    let audiences = bench(&shape).await;
+    let rooms = bench(&[&shape[..], &["--rooms"]].concat()).await;
+    // 10 events per writer; writer n's for group n and the 2 admins; group 3 has 48 members.
+    for (v, rooms, expected) in [
+        (audiences, false, 10 * (3 * 52 + 50)),
+        (rooms, true, 10 * 200),
+    ] {
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["rooms"], rooms, "{v}");
+        assert_eq!(v["connected"], 200, "{v}");
+        assert_eq!(v["deliveriesExpected"], expected, "{v}");
+        assert_eq!(v["deliveriesReceived"], expected, "{v}");
+        assert_eq!(v["lost"], 0, "{v}");
+        assert_eq!(v["outOfOrder"], 0, "{v}");
+    }
 }
 
 #[tokio::test]

@@ -161,10 +161,18 @@ pub struct Filter {
 
 impl Filter {
     /// Whether a durable event goes to this subscriber: the one rule of live fan-out, gap
-    /// repair, replay and Poll.
+    /// repair, replay and Poll. Its two halves: the event's audience admits the viewer, and the
+    /// subscriber asked for it ([`Filter::takes`]). Live fan-out answers the first half with the
+    /// room's index, which names exactly the subscribers `audience::admits` would
+    /// (`hub::subscribers`).
     pub fn sees(&self, ev: &CommittedEvent) -> bool {
+        audience::admits(ev.audience.as_deref(), &self.viewer) && self.takes(ev)
+    }
+
+    /// Whether the subscriber asked for a durable event (kinds, entity types, topics), its
+    /// audience aside.
+    pub fn takes(&self, ev: &CommittedEvent) -> bool {
         self.kinds.has(ev.kind)
-            && audience::admits(ev.audience.as_deref(), &self.viewer)
             && ev
                 .entity_type
                 .as_deref()
@@ -172,10 +180,10 @@ impl Filter {
             && self.topics.admits(ev.topics.iter())
     }
 
-    /// Whether an ephemeral event goes to this subscriber (the same audience rule).
-    pub fn sees_ephemeral(&self, ev: &Ephemeral) -> bool {
+    /// Whether the subscriber asked for an ephemeral event (kinds, topic), its audience aside:
+    /// the room's index admits it (the same audience rule as durable events).
+    pub fn takes_ephemeral(&self, ev: &Ephemeral) -> bool {
         self.kinds.has(ev.kind)
-            && audience::admits(ev.audience.as_deref(), &self.viewer)
             && ev
                 .topic
                 .as_deref()
@@ -505,7 +513,7 @@ async fn run_room(
                 }
                 Some(RoomMsg::Ephemeral(ev)) => {
                     let item = Item { seq: 0, bytes: ev.bytes.clone() };
-                    room.subs.lock().fan_out(&item, ev.audience.as_deref(), |f| f.sees_ephemeral(&ev));
+                    room.subs.lock().fan_out(&item, ev.audience.as_deref(), |f| f.takes_ephemeral(&ev));
                 }
                 Some(RoomMsg::Head(head)) => last = catch_up(&room, &*store, last, head).await,
                 Some(RoomMsg::Subscribed) => match store.bounds(&room.org).await {
@@ -571,7 +579,7 @@ impl Room {
         };
         let mut subs = self.subs.lock();
         subs.delivered = ev.seq;
-        subs.fan_out(&item, ev.audience.as_deref(), |f| f.sees(ev));
+        subs.fan_out(&item, ev.audience.as_deref(), |f| f.takes(ev));
     }
 }
 

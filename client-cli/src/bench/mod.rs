@@ -157,6 +157,11 @@ pub struct BenchArgs {
     /// each; 0 = the same run without audiences (every subscriber receives every event).
     #[arg(long, default_value_t = 100)]
     pub audience_groups: usize,
+    /// audience: the groups as orgs instead of audiences (the baseline the authorized fan-out is
+    /// compared with): each event reaches one group's subscribers, unfiltered, over the same
+    /// 10,000 connections, and each subscriber receives the same share of the events.
+    #[arg(long)]
+    pub rooms: bool,
     /// orgs: how many orgs, one subscriber each (default 5,000); storm: how many orgs the
     /// subscribers are spread over (default 200).
     #[arg(long)]
@@ -465,16 +470,18 @@ async fn measure(
     outbox: Option<&Database>,
 ) -> Result<Value, CliError> {
     let url = nodes[0].url();
-    let token = |user: &str, role: &str, groups: Vec<String>| {
+    let token_in = |org: &str, user: &str, role: &str, groups: Vec<String>| {
         mint(
             Signer::Secret(&nodes[0].secret_file),
-            Some(&args.org),
+            Some(org),
             user,
             vec![role.into()],
             groups,
             Duration::from_secs(3600),
         )
     };
+    let token =
+        |user: &str, role: &str, groups: Vec<String>| token_in(&args.org, user, role, groups);
     let audiences = Audiences::of(args);
     // Writer n is on node n % nodes, and so is subscriber n.
     let mut writer_nodes = HashMap::new();
@@ -492,10 +499,15 @@ async fn measure(
                     let user = subscriber_user(n);
                     Writer::broadcaster(&url, &token(&user, "viewer", vec![])?, &args.org, &user)?
                 } else {
-                    let writer_token =
-                        token(&format!("writer{n}"), "member", audiences.writer_groups(n))?;
+                    let org = audiences.org_of(n, &args.org);
+                    let writer_token = token_in(
+                        &org,
+                        &format!("writer{n}"),
+                        "member",
+                        audiences.writer_groups(n),
+                    )?;
                     let audience = audiences.writer_audience(n);
-                    Writer::new(&url, &writer_token, &args.org, n, audience).await?
+                    Writer::new(&url, &writer_token, &org, n, audience).await?
                 };
                 writer_nodes.insert(w.key().to_string(), node);
                 writers.push(w);
@@ -530,10 +542,13 @@ async fn measure(
         .source_addrs
         .unwrap_or(shape.subscribers.div_ceil(8_000))
         .max(1);
+    let orgs: Vec<String> = (0..shape.subscribers)
+        .map(|i| audiences.org_of(i, &args.org))
+        .collect();
     let tokens: Vec<String> = (0..shape.subscribers)
         .map(|i| {
             let (role, groups) = audiences.subscriber(i);
-            token(&subscriber_user(i), role, groups)
+            token_in(&orgs[i], &subscriber_user(i), role, groups)
         })
         .collect::<Result<_, _>>()?;
     let counted = publisher.counted();
@@ -544,7 +559,7 @@ async fn measure(
                 let dial = Dial {
                     server: nodes[node].addr,
                     token: tok,
-                    org: &args.org,
+                    org: &orgs[i],
                     after_cursor: after_cursor.clone(),
                     counted: counted.clone(),
                     placement: Placement {
@@ -604,6 +619,7 @@ async fn measure(
         let expected = recipients.deliveries(shape.events, shape.writers, connected);
         if audiences.groups > 0 {
             out["audienceGroups"] = audiences.groups.into();
+            out["rooms"] = audiences.rooms.into();
             out["recipientsPerEvent"] = round2(expected as f64 / shape.events as f64).into();
         }
         let t0 = subscriber::now_us();
@@ -660,9 +676,12 @@ fn subscriber_user(i: usize) -> String {
 
 /// Who sees what in the audience scenario: subscriber i is an admin when `i % 100 == 99`, else
 /// in group `i % groups`; writer n's job is for group `n % groups` and the admins. Every other
-/// scenario (and `--audience-groups 0`) has no audiences.
+/// scenario (and `--audience-groups 0`) has no audiences. With `--rooms` the groups are orgs
+/// instead, with no audience: subscriber i (admins too) watches group `i % groups`'s org, where
+/// writer n writes for group `n % groups`.
 struct Audiences {
     groups: usize,
+    rooms: bool,
 }
 
 /// Every 100th subscriber is an admin, who sees every group's events.
@@ -671,8 +690,23 @@ const ADMIN_EVERY: usize = 100;
 impl Audiences {
     fn of(args: &BenchArgs) -> Audiences {
         let on = args.scenario == Scenario::Audience;
+        let groups = if on { args.audience_groups } else { 0 };
         Audiences {
-            groups: if on { args.audience_groups } else { 0 },
+            groups,
+            rooms: groups > 0 && args.rooms,
+        }
+    }
+
+    /// Whether the events have audiences.
+    fn audiences(&self) -> bool {
+        self.groups > 0 && !self.rooms
+    }
+
+    /// The org of subscriber (or writer) `i`: `org`, or with --rooms its group's.
+    fn org_of(&self, i: usize, org: &str) -> String {
+        match self.rooms {
+            true => format!("{org}-{}", Self::group(i % self.groups)),
+            false => org.to_string(),
         }
     }
 
@@ -681,14 +715,14 @@ impl Audiences {
     }
 
     fn writer_groups(&self, n: usize) -> Vec<String> {
-        match self.groups {
-            0 => vec![],
-            g => vec![Self::group(n % g)],
+        match self.audiences() {
+            false => vec![],
+            true => vec![Self::group(n % self.groups)],
         }
     }
 
     fn writer_audience(&self, n: usize) -> Option<orgpulse::proto::Audience> {
-        (self.groups > 0).then(|| orgpulse::proto::Audience {
+        self.audiences().then(|| orgpulse::proto::Audience {
             groups: self.writer_groups(n),
             roles: vec!["admin".into()],
             ..Default::default()
@@ -697,16 +731,17 @@ impl Audiences {
 
     /// Subscriber i's role and groups.
     fn subscriber(&self, i: usize) -> (&'static str, Vec<String>) {
-        match self.groups {
-            0 => ("viewer", vec![]),
-            _ if i % ADMIN_EVERY == ADMIN_EVERY - 1 => ("admin", vec![]),
-            g => ("viewer", vec![Self::group(i % g)]),
+        match self.audiences() {
+            false => ("viewer", vec![]),
+            true if i % ADMIN_EVERY == ADMIN_EVERY - 1 => ("admin", vec![]),
+            true => ("viewer", vec![Self::group(i % self.groups)]),
         }
     }
 
     fn recipients(&self) -> Recipients {
         Recipients {
             groups: self.groups,
+            admins_apart: self.audiences(),
             members: vec![0; self.groups],
             admins: 0,
         }
@@ -716,6 +751,8 @@ impl Audiences {
 /// The connected subscribers by group, for the deliveries to expect.
 struct Recipients {
     groups: usize,
+    /// Admins receive every group's events (with audiences), not only their own group's.
+    admins_apart: bool,
     members: Vec<u64>,
     admins: u64,
 }
@@ -725,7 +762,7 @@ impl Recipients {
         if self.groups == 0 {
             return;
         }
-        match i % ADMIN_EVERY == ADMIN_EVERY - 1 {
+        match self.admins_apart && i % ADMIN_EVERY == ADMIN_EVERY - 1 {
             true => self.admins += 1,
             false => self.members[i % self.groups] += 1,
         }

@@ -3,11 +3,15 @@
 //! audience costs its recipients, not the room. Fanning out an event for one group of a
 //! 10,000-subscriber org visits that group's subscribers only; a notification, its user's.
 //!
-//! The index only narrows: every candidate is still checked with the full filter
-//! (`Filter::sees`), so an index entry left by a subscriber that has gone (its slot possibly
-//! reused) costs a check, never a wrong delivery. Such stale entries are not removed one by one
-//! (a list such as role `member` can hold a whole org); the index is rebuilt from the live
-//! subscribers once stale entries outnumber live ones.
+//! The index answers the audience half of `Filter::sees` for live fan-out: a subscriber is
+//! listed under its user, each of its groups and roles (or among those who see everything), so
+//! the lists an audience names hold exactly the subscribers `audience::admits` admits, and only
+//! the rest of the filter (`Filter::takes`) is checked per candidate, on the candidate's slot
+//! alone (no pointer chased into its viewer: in a big room those are cold cache lines). Each
+//! entry carries its subscriber's tag, so an entry left by a subscriber that has gone never
+//! names the slot's next subscriber. Such stale entries are not removed one by one (a list such
+//! as role `member` can hold a whole org); the index is rebuilt from the live subscribers once
+//! stale entries outnumber live ones.
 use std::{collections::HashMap, sync::Arc};
 
 use super::{Cut, CutFlag, Filter, Item, queue};
@@ -27,6 +31,24 @@ pub(super) struct Key {
     id: u64,
 }
 
+/// An index entry: a slot, and the low 32 bits of the id of the subscriber it was made for. A
+/// stale entry could only name a later subscriber of its slot after 2^32 joins, and the index is
+/// rebuilt long before (once stale entries outnumber live ones plus 1,024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Entry {
+    slot: u32,
+    tag: u32,
+}
+
+impl Entry {
+    fn of(slot: u32, id: u64) -> Entry {
+        Entry {
+            slot,
+            tag: id as u32,
+        }
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Subscribers {
     /// The last seq handed to the subscribers (or skipped): a subscriber joining now gets every
@@ -38,17 +60,17 @@ pub(super) struct Subscribers {
     next_id: u64,
     index: Index,
     /// Candidates of the event being fanned out (kept to reuse its allocation).
-    scratch: Vec<u32>,
+    scratch: Vec<Entry>,
 }
 
 /// Slots by what an audience names. Entries of removed subscribers stay until the next rebuild.
 #[derive(Default)]
 struct Index {
-    users: HashMap<Arc<str>, Vec<u32>>,
-    groups: HashMap<Box<str>, Vec<u32>>,
-    roles: HashMap<Box<str>, Vec<u32>>,
+    users: HashMap<Arc<str>, Vec<Entry>>,
+    groups: HashMap<Box<str>, Vec<Entry>>,
+    roles: HashMap<Box<str>, Vec<Entry>>,
     /// Role service: admitted by every audience.
-    all: Vec<u32>,
+    all: Vec<Entry>,
     /// Entries in the lists, live and stale.
     entries: usize,
     /// Entries of live subscribers.
@@ -56,12 +78,12 @@ struct Index {
 }
 
 impl Index {
-    /// Adds `slot`'s entries; returns how many.
-    fn add(&mut self, slot: u32, f: &Filter) -> usize {
+    /// Adds the entries of the subscriber `id` in `slot`; returns how many.
+    fn add(&mut self, slot: u32, id: u64, f: &Filter) -> usize {
         fn push<K: std::borrow::Borrow<str> + std::hash::Hash + Eq>(
-            map: &mut HashMap<K, Vec<u32>>,
+            map: &mut HashMap<K, Vec<Entry>>,
             name: &str,
-            slot: u32,
+            slot: Entry,
             key: impl FnOnce() -> K,
         ) {
             match map.get_mut(name) {
@@ -71,6 +93,7 @@ impl Index {
                 }
             }
         }
+        let slot = Entry::of(slot, id);
         let v = &f.viewer;
         let n = if v.sees_all {
             self.all.push(slot);
@@ -90,8 +113,8 @@ impl Index {
         n
     }
 
-    /// Every slot `a` may name, with repeats, onto `out`.
-    fn candidates(&self, a: &Audience, out: &mut Vec<u32>) {
+    /// Every entry `a` names, with repeats and stale ones, onto `out`.
+    fn candidates(&self, a: &Audience, out: &mut Vec<Entry>) {
         out.extend_from_slice(&self.all);
         for u in &a.user_ids {
             out.extend_from_slice(self.users.get(u.as_str()).map_or(&[][..], |l| l));
@@ -124,9 +147,10 @@ impl Subscribers {
                 u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 subscribers")
             }
         };
-        self.index.add(slot, &sub.filter);
+        self.index.add(slot, id, &sub.filter);
         self.slots[slot as usize] = Some((id, sub));
         self.live += 1;
+        self.rebuild_if_stale();
         Key { slot, id }
     }
 
@@ -152,19 +176,19 @@ impl Subscribers {
         self.index = Index::default();
     }
 
-    /// Queues `item` for every subscriber `wants` takes. `audience` is the event's (`None` = the
-    /// whole org): with one, only the subscribers it can name are considered. A subscriber
-    /// whose queue is full is cut off (`Cut::Slow`) and removed; one whose stream has gone, removed.
+    /// Queues `item` for every subscriber `audience` admits (`None` = the whole org) and
+    /// `takes` takes (the rest of its filter, `Filter::takes`). A subscriber whose queue is full
+    /// is cut off (`Cut::Slow`) and removed; one whose stream has gone, removed.
     pub fn fan_out(
         &mut self,
         item: &Item,
         audience: Option<&Audience>,
-        wants: impl Fn(&Filter) -> bool,
+        takes: impl Fn(&Filter) -> bool,
     ) {
         match audience {
             None => {
                 for slot in 0..self.slots.len() as u32 {
-                    self.offer(slot, item, &wants);
+                    self.offer(slot, item, &takes);
                 }
             }
             Some(a) => {
@@ -173,23 +197,30 @@ impl Subscribers {
                 self.index.candidates(a, &mut cand);
                 cand.sort_unstable();
                 cand.dedup();
-                for &slot in &cand {
-                    self.offer(slot, item, &wants);
+                for e in &cand {
+                    let live = matches!(&self.slots[e.slot as usize], Some((id, _)) if Entry::of(e.slot, *id) == *e);
+                    if live {
+                        self.offer(e.slot, item, &takes);
+                    }
                 }
                 self.scratch = cand;
             }
         }
+    }
+
+    /// Rebuilds the index once its stale entries outnumber the live ones (plus 1,024).
+    fn rebuild_if_stale(&mut self) {
         if self.index.entries > 2 * self.index.live_entries + 1024 {
             self.rebuild();
         }
     }
 
-    /// Queues `item` for the subscriber in `slot`, if there is one and it wants it.
-    fn offer(&mut self, slot: u32, item: &Item, wants: &impl Fn(&Filter) -> bool) {
+    /// Queues `item` for the subscriber in `slot`, if there is one and it takes it.
+    fn offer(&mut self, slot: u32, item: &Item, takes: &impl Fn(&Filter) -> bool) {
         let Some((_, s)) = &self.slots[slot as usize] else {
             return;
         };
-        if !wants(&s.filter) {
+        if !takes(&s.filter) {
             return;
         }
         match s.tx.try_send(item.clone()) {
@@ -213,6 +244,7 @@ impl Subscribers {
             } else {
                 1 + v.groups.iter().count() + v.roles.iter().count()
             };
+            self.rebuild_if_stale();
         }
     }
 
@@ -220,8 +252,8 @@ impl Subscribers {
     fn rebuild(&mut self) {
         self.index = Index::default();
         for (slot, s) in self.slots.iter().enumerate() {
-            if let Some((_, s)) = s {
-                self.index.add(slot as u32, &s.filter);
+            if let Some((id, s)) = s {
+                self.index.add(slot as u32, *id, &s.filter);
             }
         }
     }
@@ -325,9 +357,8 @@ mod tests {
                 seq: round + 1,
                 bytes: Default::default(),
             };
-            subs.fan_out(&item, audience.as_ref(), |f| {
-                crate::audience::admits(audience.as_ref(), &f.viewer)
-            });
+            // The index alone decides the audience.
+            subs.fan_out(&item, audience.as_ref(), |_| true);
             for (_, user, f, rx) in &mut joined {
                 let want = crate::audience::admits(audience.as_ref(), &f.viewer);
                 let got = rx.try_recv().map(|i| i.seq);
