@@ -279,9 +279,10 @@ impl Http {
         http2_settings!(auto.http2(), max_concurrent_streams);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         http2_settings!(&mut h2, max_concurrent_streams)
-            // No HPACK dynamic table for what clients send: an idle connection does not keep its
-            // first request's headers (its bearer token mostly); each request's headers come in
-            // full instead. (hyper-util's auto builder has no such setting.)
+            // No HPACK dynamic table for what clients send, and (vendor/h2, PATCH.md) none for
+            // the responses: an idle connection keeps neither its first request's headers (its
+            // bearer token mostly) nor its response's; each header block goes in full instead.
+            // (hyper-util's auto builder has no such setting.)
             .header_table_size(0);
         Http { auto, h2 }
     }

@@ -8,7 +8,7 @@ use std::{
     collections::VecDeque,
     future::poll_fn,
     sync::Arc,
-    task::{Poll, Waker},
+    task::{Context, Poll, Waker},
 };
 
 use parking_lot::Mutex;
@@ -116,25 +116,28 @@ impl<T> Receiver<T> {
 
     /// The next value; `None` once the sender is gone and every value has been taken.
     pub async fn recv(&mut self) -> Option<T> {
-        poll_fn(|cx| {
-            if let Some(value) = self.try_recv() {
-                return Poll::Ready(Some(value));
-            }
-            let mut state = self.shared.state.lock();
-            // A value may have arrived since try_recv let go of the lock.
-            if let Some(value) = state.items.pop_front() {
-                return Poll::Ready(Some(value));
-            }
-            if !state.sender_alive {
-                return Poll::Ready(None);
-            }
-            match &state.waker {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => state.waker = Some(cx.waker().clone()),
-            }
-            Poll::Pending
-        })
-        .await
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// `recv` for a hand-written poll: Pending registers `cx`'s waker for the next value or the
+    /// end.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        if let Some(value) = self.try_recv() {
+            return Poll::Ready(Some(value));
+        }
+        let mut state = self.shared.state.lock();
+        // A value may have arrived since try_recv let go of the lock.
+        if let Some(value) = state.items.pop_front() {
+            return Poll::Ready(Some(value));
+        }
+        if !state.sender_alive {
+            return Poll::Ready(None);
+        }
+        match &state.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => state.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 }
 

@@ -7,19 +7,20 @@
 //! not once per subscriber.
 use std::{
     convert::Infallible,
+    pin::Pin,
     sync::Arc,
-    task::{Context, Poll as TaskPoll},
+    task::{Context, Poll as TaskPoll, ready},
     time::Duration,
 };
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt, future::BoxFuture};
+use futures::{Stream, StreamExt, future::BoxFuture, stream::BoxStream};
 use orgpulse::proto::{
     CaughtUp, Event, Heartbeat, ListOnlineRequest, ListOnlineResponse, OrgFilter, PollRequest,
     PollResponse, Resync, event::Payload,
 };
 use prost::Message;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tonic::{
     Request, Response, Status,
     codec::Codec,
@@ -36,7 +37,7 @@ use crate::{
     auth::{self, Need},
     cursor::Cursor,
     hub::{Cut, EntityTypes, Filter, Kinds, Replay},
-    metrics::METRICS,
+    metrics::{GaugeHold, METRICS},
     presence::{PresenceGuard, Via},
     store::{LogRead, timestamp},
     user_slots::UserSlot,
@@ -179,7 +180,73 @@ enum Wake {
     Expired,
 }
 
+/// A step of a stream's head: a message to send, or (its last) the live part to go on with.
+enum Step {
+    Send(Bytes),
+    Live(Box<Live>),
+}
+
+/// A `Subscribe` stream: its head (replay, resync, `caught_up`) as a generator, then the live
+/// part written out. The head is dropped once it hands over, so an idle stream holds only
+/// [`Live`]'s fields: a generator would keep its captured arguments beside the locals they were
+/// moved into, and slots for its temporaries (~940 bytes per idle stream, against ~400 here
+/// with its timer).
+struct Subscription {
+    head: Option<BoxStream<'static, Result<Step, Status>>>,
+    live: Option<Live>,
+}
+
+impl Stream for Subscription {
+    type Item = Result<Bytes, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> TaskPoll<Option<Self::Item>> {
+        let this = &mut *self;
+        if let Some(head) = &mut this.head {
+            match ready!(head.poll_next_unpin(cx)) {
+                Some(Ok(Step::Send(bytes))) => return TaskPoll::Ready(Some(Ok(bytes))),
+                Some(Ok(Step::Live(live))) => {
+                    this.head = None;
+                    this.live = Some(*live);
+                }
+                Some(Err(status)) => {
+                    this.head = None;
+                    return TaskPoll::Ready(Some(Err(status)));
+                }
+                None => {
+                    this.head = None;
+                    return TaskPoll::Ready(None);
+                }
+            }
+        }
+        let Some(live) = &mut this.live else {
+            return TaskPoll::Ready(None);
+        };
+        let next = live.poll_next(cx);
+        if let TaskPoll::Ready(Some(Err(_))) = next {
+            // The stream ends with this error: what it held goes now, and its close is logged.
+            this.live = None;
+        }
+        next
+    }
+}
+
 fn subscription(
+    ctx: Arc<Ctx>,
+    org: String,
+    filter: Filter,
+    from: Option<Cursor>,
+    reg: crate::hub::Registration,
+    expires: Instant,
+    held: Held,
+) -> Subscription {
+    Subscription {
+        head: Some(Box::pin(head(ctx, org, filter, from, reg, expires, held))),
+        live: None,
+    }
+}
+
+/// The head of a stream: replay after the cursor (or resync), `caught_up`, then the live part.
+fn head(
     ctx: Arc<Ctx>,
     org: String,
     filter: Filter,
@@ -187,112 +254,146 @@ fn subscription(
     mut reg: crate::hub::Registration,
     expires: Instant,
     held: Held,
-) -> impl Stream<Item = Result<Bytes, Status>> + Send + 'static {
+) -> impl Stream<Item = Result<Step, Status>> + Send + 'static {
     async_stream::try_stream! {
-        let _gauge = METRICS.open_streams.hold();
-        let _held = held;
-        let mut log = StreamLog { org: org.clone(), user: filter.viewer.user.clone(), sent: 0, end: "client went away" };
+        let gauge = METRICS.open_streams.hold();
+        let mut log = StreamLog { org, user: filter.viewer.user.clone(), sent: 0, end: "client went away" };
+        let org = log.org.as_str();
         let store = ctx.store.log.clone();
-        let epoch = store.org_epoch(&org);
+        let epoch = store.org_epoch(org);
         // Position: the last seq this subscriber has seen or skipped.
         // Without a cursor: live from the room's position (every later event is queued). A
         // cursor past the room's position is checked against the log's head (one the log never
         // reached is a resync).
         let (mut pos, mut resync) = match from {
             Some(c) if c.epoch == epoch && c.seq <= reg.joined => (c.seq, false),
-            Some(c) if c.epoch == epoch => match store.bounds(&org).await?.head {
+            Some(c) if c.epoch == epoch => match store.bounds(org).await?.head {
                 head if c.seq <= head => (c.seq, false),
                 head => (head, true),
             },
-            Some(_) => (store.bounds(&org).await?.head, true),
+            Some(_) => (store.bounds(org).await?.head, true),
             None => (reg.joined, false),
         };
         if from.is_some() && !resync {
             // The replay is a boxed stream of its own, freed when it ends: its pages and
             // iterators would otherwise be part of every live stream's state.
-            let mut replay = Box::pin(replay(&ctx, &org, &filter, &mut reg, &mut pos, &mut resync, &mut log));
+            let mut replay = Box::pin(replay(&ctx, org, &filter, &mut reg, &mut pos, &mut resync, &mut log.sent));
             while let Some(bytes) = replay.next().await {
-                yield bytes?;
+                yield Step::Send(bytes?);
             }
         }
         if resync {
             let reason = "cursor is older than the retained log or from another log; reload and continue from this cursor";
-            yield control(&org, epoch, pos, Payload::Resync(Resync { reason: reason.into() }));
+            yield Step::Send(control(org, epoch, pos, Payload::Resync(Resync { reason: reason.into() })));
         }
-        yield control(&org, epoch, pos, Payload::CaughtUp(CaughtUp {}));
-        // The wake-up futures live as long as the stream: building them per event (a timer
-        // entry) cost more than the delivery itself. One timer serves both the token's expiry
-        // and the idle heartbeat (a timer is ~110 bytes of every idle stream): it is set to the
-        // earlier of the two and only moved when it fires, so a send is a clock read, not a
-        // timer-wheel update. Shutdown needs no waiter: the hub ends the queue (Cut::Shutdown).
-        let timer = tokio::time::sleep_until(expires.min(Instant::now() + ctx.heartbeat));
-        tokio::pin!(timer);
-        let mut last_sent = Instant::now();
+        yield Step::Send(control(org, epoch, pos, Payload::CaughtUp(CaughtUp {})));
+        // One timer serves both the token's expiry and the idle heartbeat (a timer is ~110
+        // bytes of every idle stream): it is set to the earlier of the two and only moved when
+        // it fires, so a send is a clock read, not a timer-wheel update. Shutdown needs no
+        // waiter: the hub ends the queue (Cut::Shutdown).
+        let timer = Box::pin(tokio::time::sleep_until(expires.min(Instant::now() + ctx.heartbeat)));
+        yield Step::Live(Box::new(Live {
+            reg,
+            timer,
+            last_sent: Instant::now(),
+            expires,
+            heartbeat: ctx.heartbeat,
+            epoch,
+            pos,
+            log,
+            _held: held,
+            _gauge: gauge,
+        }));
+    }
+}
+
+/// The live part of a stream: the events its room queues, heartbeats while idle, the end when
+/// the token expires or the hub cuts the queue.
+struct Live {
+    reg: crate::hub::Registration,
+    timer: Pin<Box<Sleep>>,
+    last_sent: Instant,
+    expires: Instant,
+    heartbeat: Duration,
+    epoch: u64,
+    /// The last seq this subscriber has seen or skipped.
+    pos: u64,
+    log: StreamLog,
+    _held: Held,
+    _gauge: GaugeHold,
+}
+
+impl Live {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> TaskPoll<Option<Result<Bytes, Status>>> {
         loop {
-            // An event already queued is taken without a select (polling the timer costs more
-            // than the delivery); a fired timer (expiry first) still comes first.
-            let queued = if timer.is_elapsed() {
+            // An event already queued is taken without polling the timer (that costs more than
+            // the delivery); a fired timer (expiry first) still comes first.
+            let queued = if self.timer.is_elapsed() {
                 None
             } else {
-                reg.rx.try_recv()
+                self.reg.rx.try_recv()
             };
             let wake = match queued {
                 Some(item) => Wake::Item(Some(item)),
-                None => tokio::select! {
-                    biased;
-                    _ = &mut timer => {
-                        let now = Instant::now();
-                        let due = last_sent + ctx.heartbeat;
-                        if now >= expires {
-                            Wake::Expired
-                        } else if now < due {
-                            timer.as_mut().reset(due.min(expires));
-                            continue;
-                        } else {
-                            Wake::Heartbeat
-                        }
+                None if self.timer.as_mut().poll(cx).is_ready() => {
+                    let now = Instant::now();
+                    let due = self.last_sent + self.heartbeat;
+                    if now >= self.expires {
+                        Wake::Expired
+                    } else if now < due {
+                        self.timer.as_mut().reset(due.min(self.expires));
+                        continue;
+                    } else {
+                        Wake::Heartbeat
                     }
-                    item = reg.rx.recv() => Wake::Item(item),
-                },
+                }
+                None => Wake::Item(ready!(self.reg.rx.poll_recv(cx))),
             };
-            match wake {
-                Wake::Item(Some(item)) if item.seq == 0 => yield item.bytes,
+            let bytes = match wake {
+                Wake::Item(Some(item)) if item.seq == 0 => item.bytes,
                 Wake::Item(Some(item)) => {
-                    if item.seq <= pos {
+                    if item.seq <= self.pos {
                         continue;
                     }
-                    pos = item.seq;
+                    self.pos = item.seq;
                     METRICS.events_delivered.inc();
-                    log.sent += 1;
-                    yield item.bytes;
+                    self.log.sent += 1;
+                    item.bytes
                 }
                 Wake::Item(None) => {
-                    let message = match reg.cut() {
+                    let message = match self.reg.cut() {
                         Some(Cut::Behind) => {
-                            log.end = "behind the retained log";
+                            self.log.end = "behind the retained log";
                             "this stream fell behind the retained log; resume from your cursor"
                         }
                         Some(Cut::Shutdown) => {
-                            log.end = "server shutting down";
+                            self.log.end = "server shutting down";
                             "server shutting down; reconnect with your cursor"
                         }
                         _ => {
-                            log.end = "too slow";
+                            self.log.end = "too slow";
                             "subscriber too slow; resume from your cursor"
                         }
                     };
-                    Err(Status::unavailable(message))?;
+                    return TaskPoll::Ready(Some(Err(Status::unavailable(message))));
                 }
-                Wake::Heartbeat => yield control(&org, epoch, pos, Payload::Heartbeat(Heartbeat {})),
+                Wake::Heartbeat => control(
+                    &self.log.org,
+                    self.epoch,
+                    self.pos,
+                    Payload::Heartbeat(Heartbeat {}),
+                ),
                 Wake::Expired => {
-                    log.end = "token expired";
-                    Err(auth::token_expired())?;
+                    self.log.end = "token expired";
+                    return TaskPoll::Ready(Some(Err(auth::token_expired())));
                 }
+            };
+            self.last_sent = Instant::now();
+            if self.timer.is_elapsed() {
+                let next = (self.last_sent + self.heartbeat).min(self.expires);
+                self.timer.as_mut().reset(next);
             }
-            last_sent = Instant::now();
-            if timer.is_elapsed() {
-                timer.as_mut().reset((last_sent + ctx.heartbeat).min(expires));
-            }
+            return TaskPoll::Ready(Some(Ok(bytes)));
         }
     }
 }
@@ -309,7 +410,7 @@ fn replay<'a>(
     reg: &'a mut crate::hub::Registration,
     pos: &'a mut u64,
     resync: &'a mut bool,
-    log: &'a mut StreamLog,
+    sent: &'a mut u64,
 ) -> impl Stream<Item = Result<Bytes, Status>> + Send + 'a {
     async_stream::try_stream! {
         loop {
@@ -331,7 +432,7 @@ fn replay<'a>(
                     *pos = ev.seq;
                     if filter.sees(ev) {
                         METRICS.events_delivered.inc();
-                        log.sent += 1;
+                        *sent += 1;
                         yield ev.bytes.clone();
                     }
                 }

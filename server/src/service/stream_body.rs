@@ -78,8 +78,9 @@ where
 /// A gRPC response body of already-encoded messages: DATA frames, then the trailers.
 pub struct EventBody {
     stream: EventStream,
-    /// Set once the stream has ended: the trailers still to send (None once sent).
-    trailers: Option<HeaderMap>,
+    /// Set once the stream has ended: the trailers still to send (None once sent). Boxed: a
+    /// `HeaderMap` is ~100 bytes that every open stream would carry until its end.
+    trailers: Option<Box<HeaderMap>>,
     done: bool,
 }
 
@@ -104,7 +105,7 @@ impl EventBody {
             // Only a message that is not a valid header value gets here; its code still goes.
             let _ = Status::new(unsendable.code(), "").add_header(&mut trailers);
         }
-        self.trailers = Some(trailers);
+        self.trailers = Some(Box::new(trailers));
         self.done = true;
     }
 }
@@ -126,13 +127,13 @@ impl http_body::Body for EventBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
         if this.done {
-            return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(*t))));
         }
         let first = match ready!(this.stream.poll_next_unpin(cx)) {
             Some(Ok(message)) => message,
             end => {
                 this.finish(end);
-                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(*t))));
             }
         };
         let mut frame = BytesMut::with_capacity(5 + first.len());

@@ -396,6 +396,13 @@ where
             codec.set_max_recv_header_list_size(max as usize);
         }
 
+        // A server that asks its clients for a smaller header table than the default keeps no
+        // larger one for its responses either: at 0, no connection holds the response headers
+        // it sent last (orgpulse patch, PATCH.md).
+        if let Some(size) = builder.settings.header_table_size() {
+            codec.cap_send_header_table_size(size as usize);
+        }
+
         // Send initial settings frame.
         codec
             .buffer(builder.settings.clone().into())

@@ -217,6 +217,8 @@ where
             .len()
             .clamp(INITIAL_BUFFER_CAPACITY, DEFAULT_BUFFER_CAPACITY);
         self.buf = Cursor::new(BytesMut::new());
+        // And the HPACK encoder's header block buffer (kept for reuse between header frames).
+        drop(self.hpack.take_scratch());
 
         // The data frame has been written, so unset it
         match self.next.take() {
@@ -363,6 +365,11 @@ impl<T, B> FramedWrite<T, B> {
     /// Set the peer's header table size.
     pub fn set_header_table_size(&mut self, val: usize) {
         self.encoder.hpack.update_max_size(val);
+    }
+
+    /// Caps the header table of what is sent at `val`, whatever the peer's header table size.
+    pub fn cap_header_table_size(&mut self, val: usize) {
+        self.encoder.hpack.cap_max_size(val);
     }
 
     /// Retrieve the last data frame that has been sent

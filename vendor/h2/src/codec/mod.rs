@@ -95,6 +95,11 @@ impl<T, B> Codec<T, B> {
         self.framed_write().set_header_table_size(val)
     }
 
+    /// Caps the encoder's header table at `val`, whatever the peer's header table size.
+    pub fn cap_send_header_table_size(&mut self, val: usize) {
+        self.framed_write().cap_header_table_size(val)
+    }
+
     /// Set the decoder header table size size.
     pub fn set_recv_header_table_size(&mut self, val: usize) {
         self.inner.set_header_table_size(val)

@@ -266,6 +266,11 @@ impl Decoder {
             }
         }
 
+        // The decoded strings were split off the Huffman buffer and live as long as the header
+        // values (or table entries) that share them; the buffer's own handle would keep the
+        // allocation alive after them, for as long as the connection stays idle.
+        self.buffer = BytesMut::new();
+
         Ok(())
     }
 
@@ -558,6 +563,10 @@ impl Table {
         self.max_size = size;
         // Make the table size fit within the new constraints.
         self.consolidate();
+        if self.entries.is_empty() {
+            // Shrunk to nothing (a table size of 0): keep no slots either.
+            self.entries = VecDeque::new();
+        }
     }
 
     fn reserve(&mut self, size: usize) {

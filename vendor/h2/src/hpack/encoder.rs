@@ -38,7 +38,15 @@ impl Encoder {
         }
     }
 
-    #[cfg(test)]
+    /// Caps the dynamic table below what the peer allows (RFC 7541 4.2: the encoder signals
+    /// the smaller size at the start of its next header block); later updates from the peer's
+    /// SETTINGS are capped too. At 0 no header is ever indexed and the table allocates nothing.
+    pub fn cap_max_size(&mut self, max: usize) {
+        if max < self.max_allowed_size {
+            self.set_max_allowed_size(max);
+        }
+    }
+
     fn set_max_allowed_size(&mut self, max: usize) {
         self.max_allowed_size = max;
 
