@@ -22,7 +22,7 @@ use orgpulse::proto::{Event, EventKind, OrgFilter, event::Payload};
 use prost::Message;
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::{histogram::Histogram, outbox, writer};
+use super::{histogram::Histogram, outbox, writer, writer::StampedEvent};
 
 /// What all subscribers add up, shared by their tasks.
 pub struct Tally {
@@ -140,7 +140,8 @@ impl Placement {
 /// An open stream past its `caught_up`.
 pub struct Subscriber {
     body: RecvStream,
-    buf: BytesMut,
+    /// Received bytes not yet split into messages (messages are slices of the received chunks).
+    buf: Bytes,
     counted: Counted,
     placement: Placement,
     pub last_seq: u64,
@@ -148,8 +149,8 @@ pub struct Subscriber {
     pub cursor: String,
     /// The outbox row received last.
     last_row: Option<usize>,
-    /// The stamp (sequence number) of the broadcast received last, by sender.
-    last_stamp: HashMap<String, u64>,
+    /// Broadcasts: each sender's last stamp (sequence number) and whether it is on another node.
+    senders: HashMap<Box<[u8]>, Sender>,
     /// Counted events that arrived before `caught_up` (a replay).
     pub replayed: u64,
 }
@@ -231,27 +232,25 @@ impl Subscriber {
         }
         let mut sub = Subscriber {
             body: resp.into_body(),
-            buf: BytesMut::new(),
+            buf: Bytes::new(),
             counted: d.counted,
             last_seq,
             cursor: d.after_cursor,
             placement: d.placement,
             last_row: None,
-            last_stamp: HashMap::new(),
+            senders: HashMap::new(),
             replayed: 0,
         };
         loop {
-            match sub.next().await? {
-                Some(ev) => match ev.payload {
-                    Some(Payload::CaughtUp(_)) => return Ok(sub),
-                    Some(Payload::Resync(r)) => return Err(format!("resync: {}", r.reason)),
-                    _ => {
-                        if sub.count(&ev, tally) {
-                            sub.replayed += 1;
-                        }
-                    }
-                },
-                None => return Err("stream ended before caught_up".into()),
+            let msg = sub.next().await?.ok_or("stream ended before caught_up")?;
+            if sub.count(msg.clone(), tally)? {
+                sub.replayed += 1;
+                continue;
+            }
+            match decode(msg)?.payload {
+                Some(Payload::CaughtUp(_)) => return Ok(sub),
+                Some(Payload::Resync(r)) => return Err(format!("resync: {}", r.reason)),
+                _ => {}
             }
         }
     }
@@ -266,19 +265,45 @@ impl Subscriber {
     /// Reads the live stream, counting into `tally`, until it ends; returns how it ended.
     pub async fn until_end(&mut self, tally: &Tally) -> String {
         loop {
-            match self.next().await {
-                Ok(Some(ev)) => {
-                    self.count(&ev, tally);
-                }
+            let counted = match self.next().await {
+                Ok(Some(msg)) => self.count(msg, tally),
                 Ok(None) => return "a stream ended".into(),
-                Err(e) => return e,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = counted {
+                return e;
             }
         }
     }
 
-    /// Counts a counted event: order, latency, totals. False for any other event.
-    fn count(&mut self, ev: &Event, tally: &Tally) -> bool {
+    /// Counts a counted event (one gRPC message): order, latency, totals. False for any other
+    /// event; an error for one that is not an `Event`.
+    fn count(&mut self, msg: Bytes, tally: &Tally) -> Result<bool, String> {
         let now = now_us();
+        let delivery = match &self.counted {
+            Counted::Broadcasts => self.broadcast(&msg, now, tally)?,
+            _ => self.durable(&decode(msg)?, now, tally),
+        };
+        let Some(d) = delivery else {
+            return Ok(false);
+        };
+        if !d.in_order {
+            tally.out_of_order.fetch_add(1, Relaxed);
+        }
+        if let Some(sent) = d.sent_us {
+            let us = now.saturating_sub(sent);
+            tally.latency.lock().unwrap().record(us);
+            if d.cross_node {
+                tally.cross_node.lock().unwrap().record(us);
+            }
+        }
+        tally.last_us.fetch_max(now, Relaxed);
+        tally.received.fetch_add(1, Relaxed);
+        Ok(true)
+    }
+
+    /// A counted durable event (received at `now`), None for any other event.
+    fn durable(&mut self, ev: &Event, now: u64, tally: &Tally) -> Option<Delivery> {
         let mut in_order = ev.seq > self.last_seq;
         let mut cross_node = false;
         let sent_us = match (&self.counted, &ev.payload) {
@@ -289,7 +314,7 @@ impl Subscriber {
             (Counted::OutboxRows(commits), Some(Payload::EntityChanged(e))) => {
                 let Ok(row) = e.entity_id.parse::<usize>() else {
                     tally.error(format!("outbox event with entity id {:?}", e.entity_id));
-                    return false;
+                    return None;
                 };
                 in_order &= self.last_row.is_none_or(|last| row > last);
                 self.last_row = Some(row);
@@ -299,69 +324,88 @@ impl Subscriber {
                 }
                 committed
             }
-            (Counted::Broadcasts, Some(Payload::Broadcast(b))) => {
-                let Some((n, sent)) = b.data.as_ref().and_then(writer::read_stamp) else {
-                    tally.error(format!("broadcast from {} without a stamp", b.user_id));
-                    return false;
-                };
-                cross_node = self.placement.cross_node(&b.user_id);
-                if let Some(fanned_out) = ev.time.as_ref().map(micros) {
-                    tally
-                        .fan_out
-                        .lock()
-                        .unwrap()
-                        .record(now.saturating_sub(fanned_out));
-                }
-                // Ephemeral (seq 0): in order when each sender's stamps increase.
-                in_order = match self.last_stamp.get_mut(&b.user_id) {
-                    Some(last) => std::mem::replace(last, n) < n,
-                    None => {
-                        self.last_stamp.insert(b.user_id.clone(), n);
-                        true
-                    }
-                };
-                Some(sent)
-            }
             (Counted::Log { .. }, _) if ev.seq > 0 => {
                 in_order = ev.seq == self.last_seq + 1;
                 self.cursor.clone_from(&ev.cursor);
                 ev.time.as_ref().map(micros)
             }
-            _ => return false,
+            _ => return None,
         };
-        if !in_order {
-            tally.out_of_order.fetch_add(1, Relaxed);
-        }
         self.last_seq = ev.seq;
-        if let Some(sent) = sent_us {
-            let us = now.saturating_sub(sent);
-            tally.latency.lock().unwrap().record(us);
-            if cross_node {
-                tally.cross_node.lock().unwrap().record(us);
-            }
+        Some(Delivery {
+            in_order,
+            sent_us,
+            cross_node,
+        })
+    }
+
+    /// A broadcast on the counted topic (received at `now`; read with [`StampedEvent`], not
+    /// decoded as a whole), None for any other event. In order when each sender's stamps increase.
+    fn broadcast(
+        &mut self,
+        msg: &[u8],
+        now: u64,
+        tally: &Tally,
+    ) -> Result<Option<Delivery>, String> {
+        let ev = StampedEvent::read(msg).map_err(|e| format!("bad Event: {e}"))?;
+        let Some(b) = ev.broadcast else {
+            return Ok(None);
+        };
+        let Some((n, sent)) = b.stamp else {
+            let user = String::from_utf8_lossy(b.user_id);
+            tally.error(format!("broadcast from {user} without a stamp"));
+            return Ok(None);
+        };
+        if let Some(fanned_out) = ev.time_us {
+            tally
+                .fan_out
+                .lock()
+                .unwrap()
+                .record(now.saturating_sub(fanned_out));
         }
-        tally.last_us.fetch_max(now, Relaxed);
-        tally.received.fetch_add(1, Relaxed);
-        true
+        let (in_order, cross_node) = match self.senders.get_mut(b.user_id) {
+            Some(s) => (std::mem::replace(&mut s.last, n) < n, s.cross_node),
+            None => {
+                let cross_node = self
+                    .placement
+                    .cross_node(&String::from_utf8_lossy(b.user_id));
+                let sender = Sender {
+                    last: n,
+                    cross_node,
+                };
+                self.senders.insert(b.user_id.into(), sender);
+                (true, cross_node)
+            }
+        };
+        Ok(Some(Delivery {
+            in_order,
+            sent_us: Some(sent),
+            cross_node,
+        }))
     }
 
     /// The next gRPC message of the stream; None at its end (an error if with a non-OK status).
-    async fn next(&mut self) -> Result<Option<Event>, String> {
+    async fn next(&mut self) -> Result<Option<Bytes>, String> {
         loop {
             if self.buf.len() >= 5 {
                 let len = u32::from_be_bytes(self.buf[1..5].try_into().expect("4 bytes")) as usize;
                 if self.buf.len() >= 5 + len {
                     self.buf.advance(5);
-                    let msg = self.buf.split_to(len);
-                    return Event::decode(msg)
-                        .map(Some)
-                        .map_err(|e| format!("bad Event: {e}"));
+                    return Ok(Some(self.buf.split_to(len)));
                 }
             }
             match self.body.data().await {
                 Some(Ok(chunk)) => {
                     let _ = self.body.flow_control().release_capacity(chunk.len());
-                    self.buf.extend_from_slice(&chunk);
+                    if self.buf.is_empty() {
+                        self.buf = chunk;
+                    } else {
+                        // A message split between DATA frames: joined in a copy.
+                        let mut joined = BytesMut::with_capacity(self.buf.len() + chunk.len());
+                        joined.extend_from_slice(&self.buf);
+                        joined.extend_from_slice(&chunk);
+                        self.buf = joined.freeze();
+                    }
                 }
                 Some(Err(e)) => return Err(format!("stream: {e}")),
                 None => {
@@ -380,6 +424,26 @@ impl Subscriber {
             }
         }
     }
+}
+
+/// One counted delivery: whether it came in order, when it was sent or committed (when known),
+/// and whether its writer is on another node than the subscriber.
+struct Delivery {
+    in_order: bool,
+    sent_us: Option<u64>,
+    cross_node: bool,
+}
+
+/// A broadcasting user as one subscriber saw it.
+struct Sender {
+    /// The stamp (sequence number) of its broadcast received last.
+    last: u64,
+    cross_node: bool,
+}
+
+/// A gRPC message of the stream as an `Event`.
+fn decode(msg: Bytes) -> Result<Event, String> {
+    Event::decode(msg).map_err(|e| format!("bad Event: {e}"))
 }
 
 /// The `n`-th of `count` source addresses: 127.0.0.1, 127.0.0.2, ...
