@@ -27,38 +27,84 @@ use crate::{
 };
 
 /// Subscribers on connections of their own unless `--own-connections` says otherwise.
-const OWN_CONNECTIONS: usize = 19_000;
+pub const OWN_CONNECTIONS: usize = 19_000;
+/// Connections one source address carries unless `--source-addrs` says otherwise.
+const CONNECTIONS_PER_SOURCE: usize = 8_000;
 /// The node the paper figures are for: vCPUs and memory.
 const PAPER_VCPUS: f64 = 16.0;
 const PAPER_MEMORY_GIB: f64 = 64.0;
 /// One event to all must arrive within this (the goal), on paper too.
 const BROADCAST_WITHIN_S: f64 = 2.0;
 
-/// How many subscribers are on connections of their own, and how many connections carry the rest.
+/// How subscribers 0..n are laid over connections: the first `own` each on a connection of its
+/// own, the rest `per_connection` to a shared one. Connection c (own ones first) comes from source
+/// address c of [`Split::sources`] (the storm scenario lays its subscribers out the same way).
 pub struct Split {
     own: usize,
     multiplexed: usize,
+    per_connection: usize,
 }
 
 impl Split {
-    pub fn of(args: &BenchArgs, subscribers: usize) -> Split {
-        let own = args
-            .own_connections
-            .unwrap_or(OWN_CONNECTIONS)
-            .min(subscribers);
+    /// `own` of `subscribers` on connections of their own, the rest `per_connection` to one.
+    pub fn new(own: usize, subscribers: usize, per_connection: usize) -> Split {
+        let own = own.min(subscribers);
         Split {
             own,
             multiplexed: subscribers - own,
+            per_connection: per_connection.max(1),
         }
     }
 
-    fn shared_connections(&self) -> usize {
-        self.multiplexed.div_ceil(STREAMS_PER_CONNECTION)
+    /// This scenario's: `--own-connections` (default [`OWN_CONNECTIONS`]) on their own, the rest
+    /// [`STREAMS_PER_CONNECTION`] to a connection.
+    pub fn of(args: &BenchArgs, subscribers: usize) -> Split {
+        let own = args.own_connections.unwrap_or(OWN_CONNECTIONS);
+        Split::new(own, subscribers, STREAMS_PER_CONNECTION)
+    }
+
+    pub fn own(&self) -> usize {
+        self.own
+    }
+
+    pub fn per_connection(&self) -> usize {
+        self.per_connection
+    }
+
+    pub fn shared_connections(&self) -> usize {
+        self.multiplexed.div_ceil(self.per_connection)
     }
 
     /// The TCP connections the subscribers hold.
     pub fn connections(&self) -> usize {
         self.own + self.shared_connections()
+    }
+
+    /// The connection subscriber `i` is on.
+    pub fn connection(&self, i: usize) -> usize {
+        match i.checked_sub(self.own) {
+            None => i,
+            Some(m) => self.own + m / self.per_connection,
+        }
+    }
+
+    /// The subscribers on connection `c`.
+    pub fn streams(&self, c: usize) -> Range<usize> {
+        match c.checked_sub(self.own) {
+            None => c..c + 1,
+            Some(s) => {
+                let first = self.own + s * self.per_connection;
+                first..(first + self.per_connection).min(self.own + self.multiplexed)
+            }
+        }
+    }
+
+    /// How many source addresses the connections come from: `--source-addrs`, else one per
+    /// [`CONNECTIONS_PER_SOURCE`].
+    pub fn sources(&self, args: &BenchArgs) -> usize {
+        args.source_addrs
+            .unwrap_or(self.connections().div_ceil(CONNECTIONS_PER_SOURCE))
+            .max(1)
     }
 }
 
@@ -88,10 +134,7 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
     let tokens: Vec<String> = (0..shape.subscribers)
         .map(|i| token(&subscriber_user(i), "viewer"))
         .collect::<Result<_, _>>()?;
-    let sources = args
-        .source_addrs
-        .unwrap_or(split.connections().div_ceil(8_000))
-        .max(1);
+    let sources = split.sources(args);
     let opening = Opening {
         args,
         target,
@@ -114,8 +157,8 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
 
     // Phase 2: the rest multiplexed over shared connections.
     let mut shared = Vec::with_capacity(split.shared_connections());
-    for c in 0..split.shared_connections() {
-        let source = subscriber::source(split.own + c, sources);
+    for c in split.own..split.connections() {
+        let source = subscriber::source(c, sources);
         shared.push(
             subscriber::connect(target.addr, source)
                 .await
@@ -124,7 +167,7 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
     }
     let multiplexed = opening
         .open(split.own..shape.subscribers, |i| {
-            let conn = shared[(i - split.own) / STREAMS_PER_CONNECTION].clone();
+            let conn = shared[split.connection(i) - split.own].clone();
             std::future::ready(Ok(conn))
         })
         .await?;
@@ -171,7 +214,7 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
         "subscribers": shape.subscribers,
         "ownConnections": split.own,
         "sharedConnections": shared.len(),
-        "streamsPerSharedConnection": STREAMS_PER_CONNECTION,
+        "streamsPerSharedConnection": split.per_connection,
         "sourceAddrs": sources,
         "connected": connected,
         "connectFailures": shape.subscribers as u64 - connected,

@@ -170,7 +170,8 @@ pub struct BenchArgs {
     /// 120 s, so that one whole retention pass, every 60 s plus its own duration, falls in it).
     #[arg(long, value_parser = duration)]
     pub seconds: Option<Duration>,
-    /// hundredk: subscribers on connections of their own (default 19,000), the rest multiplexed.
+    /// hundredk: subscribers on connections of their own (default 19,000), the rest multiplexed;
+    /// storm: likewise (default: none up to 20,000 subscribers, else 19,000 less one per org).
     #[arg(long)]
     pub own_connections: Option<usize>,
     /// Override the scenario's event count (catchup: the backlog).
@@ -271,9 +272,10 @@ pub async fn run(mut args: BenchArgs, url: &str) -> Result<(), CliError> {
         Scenario::IdlePg => {
             shape.subscribers.div_ceil(orgs::STREAMS_PER_CONNECTION) + args.connect_concurrency
         }
-        // The connections to A, then to B, and a writer per org.
+        // The connections to A, then (each closed by A's death before it is dialled again) to
+        // B, and a writer per org.
         Scenario::Storm => {
-            2 * shape.subscribers.div_ceil(storm::STREAMS_PER_CONNECTION)
+            storm::split(&args, shape.subscribers).connections()
                 + args.orgs.unwrap_or(storm::DEFAULT_ORGS)
         }
         Scenario::Hundredk => {

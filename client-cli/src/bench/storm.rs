@@ -1,18 +1,23 @@
 //! The `storm` scenario: a node dies and every client it held comes back at once on the other.
 //! Two nodes on PostgreSQL + NATS. `--subscribers` (default 20,000) subscribe on node A across
-//! `--orgs` (default 200) orgs, `STREAMS_PER_CONNECTION` streams per HTTP/2 connection; one writer
-//! per org on node B updates its job at `--rate` in all (default 100/s) for `--events` writes. A
-//! quarter of the way into the writes A is SIGKILLed, and every stream resumes on B (its
-//! connection dialled again) with the cursor of the last event it received.
+//! `--orgs` (default 200) orgs; up to [`ALL_SHARED_UP_TO`] subscribers without
+//! `--own-connections`, [`STREAMS_PER_CONNECTION`] streams per HTTP/2 connection, else laid out as
+//! the hundredk scenario lays out its 100,000 ([`Split`]): `--own-connections` (default 19,000
+//! less one per org, the writers' connections to B) on connections of their own, the rest 100
+//! streams per connection, over several source addresses. One writer per org on node B updates
+//! its job at `--rate` in all (default 100/s) for `--events` writes. A quarter of the way into
+//! the writes A is SIGKILLed, and every stream resumes on B (its connection dialled again from
+//! the same source address) with the cursor of the last event it received.
 //!
 //! Reported: the time from the kill until every stream had its `caught_up` on B (p50 / p99 /
 //! max); PostgreSQL transactions in that window per org, from `pg_stat_database` of the store
 //! database (`pg_stat_statements` is not loaded on this server; each read is one implicit
 //! transaction), beside B's store commits (the writes) and B's own count of replay store reads
-//! (`/metrics`, when the server has one); B's peak RSS and CPU over the storm. Once the writes are
-//! done, every stream must have received every event of its org's log after its start, each seq
-//! exactly the one after the previous (the log is gapless): lost 0 and out-of-order 0, or the run
-//! fails.
+//! (`/metrics`, when the server has one); B's peak RSS and CPU over the storm, and the bench's own
+//! CPU. Once the writes are done, every stream must have received every event of its org's log
+//! after its start, each seq exactly the one after the previous (the log is gapless): lost 0 and
+//! out-of-order 0, or the run fails. The subscribers ask for the durable kinds only (see
+//! [`Counted::Log`]).
 use std::{
     collections::HashMap,
     sync::{
@@ -30,6 +35,8 @@ use super::{BenchArgs, Shape, database, histogram::Histogram, mb, round2, subscr
 use crate::{
     bench::{
         database::Database,
+        hundredk::{OWN_CONNECTIONS, Split},
+        orgs,
         server::{self, Target, fail},
         subscriber::{self, Counted, Dial, Placement, Subscriber, Tally},
         writer::{self, Writer},
@@ -38,8 +45,11 @@ use crate::{
     mint::{Signer, mint},
 };
 
-/// Streams opened on one HTTP/2 connection.
-pub const STREAMS_PER_CONNECTION: usize = 50;
+/// Streams opened on one HTTP/2 connection, up to [`ALL_SHARED_UP_TO`] subscribers.
+const STREAMS_PER_CONNECTION: usize = 50;
+/// Up to this many subscribers (the default run) all share connections unless
+/// `--own-connections` is given; beyond, they are laid out as the hundredk scenario's.
+const ALL_SHARED_UP_TO: usize = 20_000;
 /// Orgs the subscribers are spread over unless `--orgs` says otherwise.
 pub const DEFAULT_ORGS: usize = 200;
 /// How often B's usage is sampled during the storm (for its peak RSS).
@@ -60,6 +70,21 @@ struct Resumes {
 /// The org of subscriber `i` (and of writer `i`).
 fn org_name(prefix: &str, i: usize, orgs: usize) -> String {
     format!("{prefix}-storm-{}", i % orgs)
+}
+
+/// How `subscribers` are laid over connections (to A, then to B) for these `args`.
+pub fn split(args: &BenchArgs, subscribers: usize) -> Split {
+    let orgs = args.orgs.unwrap_or(DEFAULT_ORGS).max(1);
+    match args.own_connections {
+        None if subscribers <= ALL_SHARED_UP_TO => {
+            Split::new(0, subscribers, STREAMS_PER_CONNECTION)
+        }
+        own => Split::new(
+            own.unwrap_or(OWN_CONNECTIONS.saturating_sub(orgs)),
+            subscribers,
+            orgs::STREAMS_PER_CONNECTION,
+        ),
+    }
 }
 
 /// Transactions committed or rolled back in database `name` so far.
@@ -112,37 +137,31 @@ pub async fn measure(
         .try_collect()
         .await?;
 
-    // The subscribers on A, STREAMS_PER_CONNECTION to a connection.
+    // The subscribers on A, one connection at a time per stream it carries up to
+    // --connect-concurrency: the connections of their own first, then the shared ones.
     let tally = Tally::new();
-    let sources = args.source_addrs.unwrap_or(1).max(1);
+    let split = split(args, shape.subscribers);
+    let sources = split.sources(args);
     let subscribers = shape.subscribers;
     let t_connect = Instant::now();
-    let groups: Vec<Result<Vec<(usize, Subscriber)>, String>> = timed(args, async {
-        Ok(
-            futures::stream::iter(0..subscribers.div_ceil(STREAMS_PER_CONNECTION))
-                .map(|c| {
-                    let first = c * STREAMS_PER_CONNECTION;
-                    let streams = first..subscribers.min(first + STREAMS_PER_CONNECTION);
-                    open_group(
-                        args,
-                        a,
-                        subscriber::source(c, sources),
-                        streams,
-                        &token,
-                        &cursors,
-                        &tally,
-                    )
-                })
-                .buffer_unordered(
-                    args.connect_concurrency
-                        .div_ceil(STREAMS_PER_CONNECTION)
-                        .max(1),
-                )
-                .collect()
-                .await,
-        )
-    })
-    .await?;
+    let mut groups: Vec<Result<Vec<(usize, Subscriber)>, String>> = Vec::new();
+    for phase in [0..split.own(), split.own()..split.connections()] {
+        let per_connection = phase.clone().next().map_or(1, |c| split.streams(c).len());
+        groups.extend(
+            timed(args, async {
+                Ok(futures::stream::iter(phase)
+                    .map(|c| {
+                        let streams = split.streams(c);
+                        let source = subscriber::source(c, sources);
+                        open_group(args, a, source, streams, &token, &cursors, &tally)
+                    })
+                    .buffer_unordered(args.connect_concurrency.div_ceil(per_connection).max(1))
+                    .collect::<Vec<_>>()
+                    .await)
+            })
+            .await?,
+        );
+    }
     let connect_elapsed = t_connect.elapsed();
     let mut opened = Vec::new();
     for group in groups {
@@ -162,6 +181,7 @@ pub async fn measure(
     });
     let mut live = Vec::new();
     for group in opened {
+        let source = subscriber::source(split.connection(group[0].0), sources);
         let (tally, resumes) = (tally.clone(), resumes.clone());
         let (org, token) = (args.org.clone(), &token);
         let tokens: Vec<(usize, String)> = group
@@ -172,7 +192,7 @@ pub async fn measure(
             })
             .collect::<Result<_, CliError>>()?;
         live.push(tokio::spawn(resume_group(
-            b, sources, org, orgs, group, tokens, tally, resumes,
+            b, source, org, orgs, group, tokens, tally, resumes,
         )));
     }
     let (events, rate) = (shape.events, shape.rate);
@@ -182,6 +202,7 @@ pub async fn measure(
     let xacts0 = xacts(&admin, &store.name).await?;
     let usage0 = nodes[1].usage().await?;
     let reads0 = replay_reads(&nodes[1]).await;
+    let client_cpu0 = server::self_cpu_s();
     let killed = Instant::now();
     *resumes.killed.lock().unwrap() = Some(killed);
     nodes[0].kill().await;
@@ -194,6 +215,7 @@ pub async fn measure(
         peak_rss = peak_rss.max(nodes[1].usage().await?.rss);
     }
     let storm = killed.elapsed();
+    let client_cpu = server::self_cpu_s() - client_cpu0;
     let usage1 = nodes[1].usage().await?;
     let reads1 = replay_reads(&nodes[1]).await;
     tokio::time::sleep(STATS_FLUSH).await;
@@ -219,8 +241,11 @@ pub async fn measure(
         "server": "started",
         "subscribers": subscribers,
         "orgs": orgs,
-        "streamsPerConnection": STREAMS_PER_CONNECTION,
-        "connections": subscribers.div_ceil(STREAMS_PER_CONNECTION),
+        "ownConnections": split.own(),
+        "sharedConnections": split.shared_connections(),
+        "streamsPerSharedConnection": split.per_connection(),
+        "connections": split.connections(),
+        "sourceAddrs": sources,
         "events": events,
         "rate": rate,
         "writesPerSec": super::per_sec(published.writes, published.elapsed),
@@ -247,6 +272,9 @@ pub async fn measure(
             "cpuS": round2(cpu),
             "cpuPctOfCore": round2(cpu / storm.as_secs_f64().max(1e-9) * 100.0),
         },
+        // The bench's own CPU over the storm (a core of its own): near 100 %, the client is
+        // what the caught-up times measure.
+        "clientCpuPctOfCore": round2(client_cpu / storm.as_secs_f64().max(1e-9) * 100.0),
         "deliveriesExpected": expected,
         "deliveriesReceived": received,
         "lost": expected.saturating_sub(received),
@@ -294,12 +322,12 @@ async fn open_group(
     .await
 }
 
-/// Reads a group's streams until A dies under them, then dials B and resumes each from its last
-/// cursor, recording when it is caught up; then reads them live until aborted.
+/// Reads a group's streams until A dies under them, then dials B from `source` and resumes each
+/// from its last cursor, recording when it is caught up; then reads them live until aborted.
 #[allow(clippy::too_many_arguments)]
 async fn resume_group(
     b: std::net::SocketAddr,
-    sources: usize,
+    source: std::net::IpAddr,
     prefix: String,
     orgs: usize,
     mut group: Vec<(usize, Subscriber)>,
@@ -309,8 +337,7 @@ async fn resume_group(
 ) {
     futures::future::join_all(group.iter_mut().map(|(_, s)| s.until_end(&tally))).await;
     let tokens: HashMap<usize, String> = tokens.into_iter().collect();
-    let conn: Result<SendRequest<bytes::Bytes>, String> =
-        subscriber::connect(b, subscriber::source(group[0].0, sources)).await;
+    let conn: Result<SendRequest<bytes::Bytes>, String> = subscriber::connect(b, source).await;
     let resumed = futures::future::join_all(group.into_iter().map(|(i, old)| {
         let (conn, tally, resumes) = (conn.clone(), &tally, &resumes);
         let org = org_name(&prefix, i, orgs);

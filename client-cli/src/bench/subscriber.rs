@@ -94,26 +94,30 @@ pub enum Counted {
 
 impl Counted {
     fn filter(&self, org: &str, after_cursor: String) -> OrgFilter {
-        let (kind, entity_types, topics) = match self {
-            Counted::Jobs => (EventKind::Job, vec![], vec![]),
+        let (kinds, entity_types, topics) = match self {
+            Counted::Jobs => (vec![EventKind::Job], vec![], vec![]),
             Counted::OutboxRows(_) => (
-                EventKind::Entity,
+                vec![EventKind::Entity],
                 vec![outbox::ENTITY_TYPE.to_string()],
                 vec![],
             ),
             Counted::Broadcasts => (
-                EventKind::Broadcast,
+                vec![EventKind::Broadcast],
                 vec![],
                 vec![writer::BROADCAST_TOPIC.to_string()],
             ),
-            Counted::Log { .. } => (EventKind::Unspecified, vec![], vec![]),
+            // The durable kinds: the whole log, without the presence of the org's other
+            // subscribers (each of them a user of its own coming online: the square of an org's
+            // subscribers in user_online events while they connect).
+            Counted::Log { .. } => (
+                vec![EventKind::Job, EventKind::Notification, EventKind::Entity],
+                vec![],
+                vec![],
+            ),
         };
         OrgFilter {
             org_id: org.to_string(),
-            kinds: match kind {
-                EventKind::Unspecified => vec![],
-                kind => vec![kind as i32],
-            },
+            kinds: kinds.into_iter().map(|k| k as i32).collect(),
             after_cursor,
             entity_types,
             topics,
