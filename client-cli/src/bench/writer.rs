@@ -246,14 +246,22 @@ impl<'a> StampedEvent<'a> {
             (4, WireType::LengthDelimited) => {
                 let (mut seconds, mut nanos) = (0, 0);
                 each_field(sub_message(buf)?, |tag, wire, buf| match (tag, wire) {
-                    (1, WireType::Varint) => Ok(seconds = varint(buf)?),
-                    (2, WireType::Varint) => Ok(nanos = varint(buf)?),
+                    (1, WireType::Varint) => {
+                        seconds = varint(buf)?;
+                        Ok(())
+                    }
+                    (2, WireType::Varint) => {
+                        nanos = varint(buf)?;
+                        Ok(())
+                    }
                     _ => skip(wire, tag, buf),
                 })?;
-                Ok(ev.time_us = Some(seconds * 1_000_000 + nanos / 1000))
+                ev.time_us = Some(seconds * 1_000_000 + nanos / 1000);
+                Ok(())
             }
             (21, WireType::LengthDelimited) => {
-                Ok(ev.broadcast = Some(Stamped::read(sub_message(buf)?)?))
+                ev.broadcast = Some(Stamped::read(sub_message(buf)?)?);
+                Ok(())
             }
             _ => skip(wire, tag, buf),
         })?;
@@ -267,7 +275,10 @@ impl<'a> Stamped<'a> {
         let mut user_id = &[][..];
         let (mut n, mut sent) = (None, None);
         each_field(msg, |tag, wire, buf| match (tag, wire) {
-            (1, WireType::LengthDelimited) => Ok(user_id = sub_message(buf)?),
+            (1, WireType::LengthDelimited) => {
+                user_id = sub_message(buf)?;
+                Ok(())
+            }
             // Struct { map<string, Value> fields = 1; }: a repeated entry { key = 1; value = 2; }
             (3, WireType::LengthDelimited) => each_field(sub_message(buf)?, |tag, wire, buf| {
                 if (tag, wire) != (1, WireType::LengthDelimited) {
@@ -294,10 +305,16 @@ impl<'a> Stamped<'a> {
 fn map_entry(msg: &[u8]) -> Result<(&[u8], Option<u64>), String> {
     let (mut key, mut number) = (&[][..], None);
     each_field(msg, |tag, wire, buf| match (tag, wire) {
-        (1, WireType::LengthDelimited) => Ok(key = sub_message(buf)?),
+        (1, WireType::LengthDelimited) => {
+            key = sub_message(buf)?;
+            Ok(())
+        }
         (2, WireType::LengthDelimited) => {
             each_field(sub_message(buf)?, |tag, wire, buf| match (tag, wire) {
-                (2, WireType::SixtyFourBit) => Ok(number = Some(buf.get_f64_le() as u64)),
+                (2, WireType::SixtyFourBit) => {
+                    number = Some(buf.get_f64_le() as u64);
+                    Ok(())
+                }
                 _ => skip(wire, tag, buf),
             })
         }
