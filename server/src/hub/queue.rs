@@ -114,6 +114,17 @@ impl<T> Receiver<T> {
         value
     }
 
+    /// Runs `f` on the waiting values under one lock (it takes what it wants from the front):
+    /// a burst is drained at the cost of one lock, not one per value.
+    pub fn take_waiting<R>(&mut self, f: impl FnOnce(&mut VecDeque<T>) -> R) -> R {
+        let mut state = self.shared.state.lock();
+        let r = f(&mut state.items);
+        if state.items.is_empty() && state.items.capacity() > KEEP {
+            state.items = VecDeque::new();
+        }
+        r
+    }
+
     /// The next value; `None` once the sender is gone and every value has been taken.
     pub async fn recv(&mut self) -> Option<T> {
         poll_fn(|cx| self.poll_recv(cx)).await
@@ -180,6 +191,19 @@ mod tests {
         tokio::task::yield_now().await;
         drop(tx);
         assert_eq!(waiting.await.unwrap(), (Some("a"), None));
+    }
+
+    #[test]
+    fn take_waiting_takes_what_it_wants_and_leaves_the_rest_in_order() {
+        let (tx, mut rx) = channel(8);
+        for v in 1..=5 {
+            tx.try_send(v).unwrap();
+        }
+        let taken: Vec<i32> = rx.take_waiting(|items| items.drain(..3).collect());
+        assert_eq!(taken, [1, 2, 3]);
+        assert_eq!(rx.try_recv(), Some(4));
+        assert_eq!(rx.take_waiting(|items| items.pop_front()), Some(5));
+        assert_eq!(rx.take_waiting(|items| items.len()), 0);
     }
 
     #[test]

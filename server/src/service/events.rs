@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt, future::BoxFuture, stream::BoxStream};
 use orgpulse::proto::{
     CaughtUp, Event, Heartbeat, ListOnlineRequest, ListOnlineResponse, OrgFilter, PollRequest,
@@ -30,7 +30,7 @@ use tonic_prost::ProstCodec;
 
 use super::{
     Ctx, activity,
-    stream_body::{EventStream, server_streaming},
+    stream_body::{EventStream, Messages, put_message, server_streaming},
 };
 use crate::{
     audience::Topics,
@@ -163,7 +163,7 @@ async fn subscribe(
         _presence: presence,
     };
     let stream = subscription(ctx, org, filter, from, reg, expires, held);
-    Ok(Response::new(Box::pin(stream)))
+    Ok(Response::new(Box::new(stream)))
 }
 
 /// What an open stream holds until it ends, however it ends: its slot in the per-user stream
@@ -227,6 +227,16 @@ impl Stream for Subscription {
             this.live = None;
         }
         next
+    }
+}
+
+impl Messages for Subscription {
+    fn append_waiting(&mut self, frame: &mut BytesMut, limit: usize) {
+        if self.head.is_none()
+            && let Some(live) = &mut self.live
+        {
+            live.append_waiting(frame, limit);
+        }
     }
 }
 
@@ -394,6 +404,50 @@ impl Live {
                 self.timer.as_mut().reset(next);
             }
             return TaskPoll::Ready(Some(Ok(bytes)));
+        }
+    }
+}
+
+impl Live {
+    /// The burst path of `poll_next`: the queued events, taken under one lock of the queue and
+    /// framed into `frame` while it holds fewer than `limit` bytes, with one clock read for all
+    /// of them. A fired timer and the queue's end are left to `poll_next`.
+    fn append_waiting(&mut self, frame: &mut BytesMut, limit: usize) {
+        if self.timer.is_elapsed() {
+            return;
+        }
+        let pos = &mut self.pos;
+        let (framed, durable) = self.reg.rx.take_waiting(|items| {
+            let mut need = 0;
+            for item in items.iter() {
+                if frame.len() + need >= limit {
+                    break;
+                }
+                need += 5 + item.bytes.len();
+            }
+            frame.reserve(need);
+            let (mut framed, mut durable) = (0u64, 0u64);
+            while frame.len() < limit
+                && let Some(item) = items.pop_front()
+            {
+                if item.seq != 0 {
+                    if item.seq <= *pos {
+                        continue;
+                    }
+                    *pos = item.seq;
+                    durable += 1;
+                }
+                put_message(frame, &item.bytes);
+                framed += 1;
+            }
+            (framed, durable)
+        });
+        if framed > 0 {
+            self.last_sent = Instant::now();
+        }
+        if durable > 0 {
+            METRICS.events_delivered.add(durable);
+            self.log.sent += durable;
         }
     }
 }

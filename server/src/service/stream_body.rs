@@ -5,15 +5,16 @@
 //! tonic's encoder copies every message into its own buffer, then splits it off as a DATA frame,
 //! through a stack of generic adapters polled on every delivery. Here one event becomes one
 //! allocation holding the 5-byte gRPC message prefix and the event; events already queued when
-//! the stream is polled are framed into the same DATA frame (up to [`COALESCE`]), so a burst is
-//! still one write. The stream's end or error becomes the gRPC trailers, as with tonic.
+//! the stream is polled are framed into the same DATA frame (up to [`COALESCE`], taken from the
+//! queue under one lock by [`Messages::append_waiting`]), so a burst is still one write. The
+//! stream's end or error becomes the gRPC trailers, as with tonic.
 use std::{
     pin::{Pin, pin},
     task::{Context, Poll, ready},
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::{Stream, StreamExt, TryStreamExt, stream::BoxStream};
+use futures::{Stream, StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderValue, header::CONTENT_TYPE};
 use http_body::Frame;
 use orgpulse::proto::OrgFilter;
@@ -21,7 +22,15 @@ use tonic::{Request, Response, Status, codec::Codec, codec::Streaming};
 use tonic_prost::ProstCodec;
 
 /// The encoded events (and control events) of one `Subscribe` stream.
-pub type EventStream = BoxStream<'static, Result<Bytes, Status>>;
+pub type EventStream = Box<dyn Messages>;
+
+/// A stream of encoded messages that can also hand over, at once, those already waiting.
+pub trait Messages: Stream<Item = Result<Bytes, Status>> + Send + Unpin + 'static {
+    /// Appends the messages that are waiting now (each with its gRPC prefix, see
+    /// [`put_message`]) to `frame` while it holds fewer than `limit` bytes; never waits. What
+    /// needs more than a queued message (the end, a timer) is left to `poll_next`.
+    fn append_waiting(&mut self, frame: &mut BytesMut, limit: usize);
+}
 
 /// Most bytes of queued events framed into one DATA frame before it is handed to HTTP/2.
 const COALESCE: usize = 32 * 1024;
@@ -111,7 +120,7 @@ impl EventBody {
 }
 
 /// Appends one message with its gRPC prefix: not compressed, 4-byte big-endian length.
-fn put_message(buf: &mut BytesMut, message: &[u8]) {
+pub fn put_message(buf: &mut BytesMut, message: &[u8]) {
     buf.put_u8(0);
     buf.put_u32(message.len() as u32);
     buf.put_slice(message);
@@ -138,16 +147,7 @@ impl http_body::Body for EventBody {
         };
         let mut frame = BytesMut::with_capacity(5 + first.len());
         put_message(&mut frame, &first);
-        while frame.len() < COALESCE {
-            match Pin::new(&mut this.stream).poll_next(cx) {
-                Poll::Ready(Some(Ok(message))) => put_message(&mut frame, &message),
-                Poll::Ready(end) => {
-                    this.finish(end);
-                    break;
-                }
-                Poll::Pending => break,
-            }
-        }
+        this.stream.append_waiting(&mut frame, COALESCE);
         Poll::Ready(Some(Ok(Frame::data(frame.freeze()))))
     }
 
