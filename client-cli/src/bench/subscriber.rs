@@ -154,7 +154,10 @@ pub struct Subscriber {
     /// The outbox row received last.
     last_row: Option<usize>,
     /// Broadcasts: each sender's last stamp (sequence number) and whether it is on another node.
-    senders: HashMap<Box<[u8]>, Sender>,
+    senders: HashMap<Box<[u8]>, Sender, foldhash::fast::RandomState>,
+    /// Counted since the last [`Subscriber::flush`]: the messages of one received chunk are
+    /// counted here and added to the `Tally` together.
+    unflushed: Unflushed,
     /// Counted events that arrived before `caught_up` (a replay).
     pub replayed: u64,
 }
@@ -242,12 +245,15 @@ impl Subscriber {
             cursor: d.after_cursor,
             placement: d.placement,
             last_row: None,
-            senders: HashMap::new(),
+            senders: HashMap::default(),
+            unflushed: Unflushed::default(),
             replayed: 0,
         };
         loop {
             let msg = sub.next().await?.ok_or("stream ended before caught_up")?;
-            if sub.count(msg.clone(), tally)? {
+            let counted = sub.count(msg.clone(), now_us(), tally);
+            sub.flush(tally);
+            if counted? {
                 sub.replayed += 1;
                 continue;
             }
@@ -266,24 +272,56 @@ impl Subscriber {
         tally.error(end);
     }
 
-    /// Reads the live stream, counting into `tally`, until it ends; returns how it ended.
+    /// Reads the live stream, counting into `tally`, until it ends; returns how it ended. The
+    /// messages of one received chunk arrived together: one clock read and one addition to
+    /// `tally` serve them all.
     pub async fn until_end(&mut self, tally: &Tally) -> String {
         loop {
-            let counted = match self.next().await {
-                Ok(Some(msg)) => self.count(msg, tally),
-                Ok(None) => return "a stream ended".into(),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = counted {
-                return e;
+            let now = now_us();
+            while let Some(msg) = self.split_message() {
+                if let Err(e) = self.count(msg, now, tally) {
+                    self.flush(tally);
+                    return e;
+                }
+            }
+            self.flush(tally);
+            match self.receive().await {
+                Ok(true) => {}
+                Ok(false) => return "a stream ended".into(),
+                Err(e) => return e,
             }
         }
     }
 
-    /// Counts a counted event (one gRPC message): order, latency, totals. False for any other
-    /// event; an error for one that is not an `Event`.
-    fn count(&mut self, msg: Bytes, tally: &Tally) -> Result<bool, String> {
-        let now = now_us();
+    /// Adds what was counted since the last flush to `tally`.
+    fn flush(&mut self, tally: &Tally) {
+        let u = &mut self.unflushed;
+        if u.received == 0 {
+            return;
+        }
+        if !u.latency.is_empty() {
+            let mut h = tally.latency.lock().unwrap();
+            u.latency.drain(..).for_each(|us| h.record(us));
+        }
+        if !u.fan_out.is_empty() {
+            let mut h = tally.fan_out.lock().unwrap();
+            u.fan_out.drain(..).for_each(|us| h.record(us));
+        }
+        if u.out_of_order > 0 {
+            tally.out_of_order.fetch_add(u.out_of_order, Relaxed);
+        }
+        tally.last_us.fetch_max(u.last_us, Relaxed);
+        tally.received.fetch_add(u.received, Relaxed);
+        *u = Unflushed {
+            latency: std::mem::take(&mut u.latency),
+            fan_out: std::mem::take(&mut u.fan_out),
+            ..Unflushed::default()
+        };
+    }
+
+    /// Counts a counted event (one gRPC message, received at `now`) into `unflushed`: order,
+    /// latency, totals. False for any other event; an error for one that is not an `Event`.
+    fn count(&mut self, msg: Bytes, now: u64, tally: &Tally) -> Result<bool, String> {
         let delivery = match &self.counted {
             Counted::Broadcasts => self.broadcast(&msg, now, tally)?,
             _ => self.durable(&decode(msg)?, now, tally),
@@ -291,18 +329,19 @@ impl Subscriber {
         let Some(d) = delivery else {
             return Ok(false);
         };
+        let u = &mut self.unflushed;
         if !d.in_order {
-            tally.out_of_order.fetch_add(1, Relaxed);
+            u.out_of_order += 1;
         }
         if let Some(sent) = d.sent_us {
             let us = now.saturating_sub(sent);
-            tally.latency.lock().unwrap().record(us);
+            u.latency.push(us);
             if d.cross_node {
                 tally.cross_node.lock().unwrap().record(us);
             }
         }
-        tally.last_us.fetch_max(now, Relaxed);
-        tally.received.fetch_add(1, Relaxed);
+        u.last_us = now;
+        u.received += 1;
         Ok(true)
     }
 
@@ -361,11 +400,7 @@ impl Subscriber {
             return Ok(None);
         };
         if let Some(fanned_out) = ev.time_us {
-            tally
-                .fan_out
-                .lock()
-                .unwrap()
-                .record(now.saturating_sub(fanned_out));
+            self.unflushed.fan_out.push(now.saturating_sub(fanned_out));
         }
         let (in_order, cross_node) = match self.senders.get_mut(b.user_id) {
             Some(s) => (std::mem::replace(&mut s.last, n) < n, s.cross_node),
@@ -391,40 +426,57 @@ impl Subscriber {
     /// The next gRPC message of the stream; None at its end (an error if with a non-OK status).
     async fn next(&mut self) -> Result<Option<Bytes>, String> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes(self.buf[1..5].try_into().expect("4 bytes")) as usize;
-                if self.buf.len() >= 5 + len {
-                    self.buf.advance(5);
-                    return Ok(Some(self.buf.split_to(len)));
-                }
+            if let Some(msg) = self.split_message() {
+                return Ok(Some(msg));
             }
-            match self.body.data().await {
-                Some(Ok(chunk)) => {
-                    let _ = self.body.flow_control().release_capacity(chunk.len());
-                    if self.buf.is_empty() {
-                        self.buf = chunk;
-                    } else {
-                        // A message split between DATA frames: joined in a copy.
-                        let mut joined = BytesMut::with_capacity(self.buf.len() + chunk.len());
-                        joined.extend_from_slice(&self.buf);
-                        joined.extend_from_slice(&chunk);
-                        self.buf = joined.freeze();
-                    }
+            if !self.receive().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The next gRPC message already received whole, if there is one.
+    fn split_message(&mut self) -> Option<Bytes> {
+        if self.buf.len() >= 5 {
+            let len = u32::from_be_bytes(self.buf[1..5].try_into().expect("4 bytes")) as usize;
+            if self.buf.len() >= 5 + len {
+                self.buf.advance(5);
+                return Some(self.buf.split_to(len));
+            }
+        }
+        None
+    }
+
+    /// Waits for the next received chunk and appends it to `buf`; false at the stream's end
+    /// (an error if with a non-OK status).
+    async fn receive(&mut self) -> Result<bool, String> {
+        match self.body.data().await {
+            Some(Ok(chunk)) => {
+                let _ = self.body.flow_control().release_capacity(chunk.len());
+                if self.buf.is_empty() {
+                    self.buf = chunk;
+                } else {
+                    // A message split between DATA frames: joined in a copy.
+                    let mut joined = BytesMut::with_capacity(self.buf.len() + chunk.len());
+                    joined.extend_from_slice(&self.buf);
+                    joined.extend_from_slice(&chunk);
+                    self.buf = joined.freeze();
                 }
-                Some(Err(e)) => return Err(format!("stream: {e}")),
-                None => {
-                    let trailers = self.body.trailers().await.map_err(|e| e.to_string())?;
-                    let status = trailers
-                        .as_ref()
-                        .and_then(|t| t.get("grpc-status"))
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("?");
-                    if status == "0" {
-                        return Ok(None);
-                    }
-                    let m = trailers.as_ref().and_then(|t| t.get("grpc-message"));
-                    return Err(format!("stream ended: grpc-status {status} {m:?}"));
+                Ok(true)
+            }
+            Some(Err(e)) => Err(format!("stream: {e}")),
+            None => {
+                let trailers = self.body.trailers().await.map_err(|e| e.to_string())?;
+                let status = trailers
+                    .as_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("?");
+                if status == "0" {
+                    return Ok(false);
                 }
+                let m = trailers.as_ref().and_then(|t| t.get("grpc-message"));
+                Err(format!("stream ended: grpc-status {status} {m:?}"))
             }
         }
     }
@@ -436,6 +488,17 @@ struct Delivery {
     in_order: bool,
     sent_us: Option<u64>,
     cross_node: bool,
+}
+
+/// What a subscriber counted and has not yet added to the `Tally`.
+#[derive(Default)]
+struct Unflushed {
+    received: u64,
+    out_of_order: u64,
+    /// Wall clock (µs since the epoch) of the latest receipt.
+    last_us: u64,
+    latency: Vec<u64>,
+    fan_out: Vec<u64>,
 }
 
 /// A broadcasting user as one subscriber saw it.
