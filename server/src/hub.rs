@@ -334,7 +334,11 @@ impl Hub {
     /// The name of `org` as its open room keeps it, to share rather than copy (None while the
     /// org has no room).
     pub fn org_name(&self, org: &str) -> Option<Arc<str>> {
-        self.inner.rooms.lock().get_key_value(org).map(|(name, _)| name.clone())
+        self.inner
+            .rooms
+            .lock()
+            .get_key_value(org)
+            .map(|(name, _)| name.clone())
     }
 
     pub async fn register(

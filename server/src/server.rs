@@ -303,9 +303,7 @@ impl Http {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let conn = self
-            .h2
-            .serve_connection(TokioIo::new(io), App(app));
+        let conn = self.h2.serve_connection(TokioIo::new(io), App(app));
         Ok(watcher.watch(conn).await?)
     }
 }

@@ -80,7 +80,10 @@ mod tests {
         let slots = UserSlots::streams(2);
         let a = slots.acquire(&"acme".into(), &"alice".into()).unwrap();
         let _b = slots.acquire(&"acme".into(), &"alice".into()).unwrap();
-        let err = slots.acquire(&"acme".into(), &"alice".into()).err().unwrap();
+        let err = slots
+            .acquire(&"acme".into(), &"alice".into())
+            .err()
+            .unwrap();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         assert_eq!(err.message(), "too many streams for this user");
         let _other_user = slots.acquire(&"acme".into(), &"bob".into()).unwrap();
@@ -96,7 +99,10 @@ mod tests {
     fn each_use_refuses_with_its_own_message() {
         let polls = UserSlots::polls(1);
         let _held = polls.acquire(&"acme".into(), &"alice".into()).unwrap();
-        let err = polls.acquire(&"acme".into(), &"alice".into()).err().unwrap();
+        let err = polls
+            .acquire(&"acme".into(), &"alice".into())
+            .err()
+            .unwrap();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         assert_eq!(err.message(), "too many polls for this user");
     }

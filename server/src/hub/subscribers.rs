@@ -139,13 +139,25 @@ impl Index {
     fn candidates(&self, a: &Audience, out: &mut Vec<Entry>) {
         out.extend_from_slice(&self.all);
         for u in &a.user_ids {
-            out.extend_from_slice(self.users.get(u.as_str()).map_or(&[][..], Entries::as_slice));
+            out.extend_from_slice(
+                self.users
+                    .get(u.as_str())
+                    .map_or(&[][..], Entries::as_slice),
+            );
         }
         for g in &a.groups {
-            out.extend_from_slice(self.groups.get(g.as_str()).map_or(&[][..], Entries::as_slice));
+            out.extend_from_slice(
+                self.groups
+                    .get(g.as_str())
+                    .map_or(&[][..], Entries::as_slice),
+            );
         }
         for r in &a.roles {
-            out.extend_from_slice(self.roles.get(r.as_str()).map_or(&[][..], Entries::as_slice));
+            out.extend_from_slice(
+                self.roles
+                    .get(r.as_str())
+                    .map_or(&[][..], Entries::as_slice),
+            );
         }
     }
 }

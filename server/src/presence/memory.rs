@@ -232,16 +232,20 @@ mod tests {
     async fn a_reconnect_during_the_offline_announcement_ends_online() {
         let recorder = Arc::new(Recorder::default());
         let presence = MemoryPresence::new(recorder.clone(), GRACE);
-        drop(presence.clone().connect(&"acme".into(), &"alice".into(), Via::Stream));
+        drop(
+            presence
+                .clone()
+                .connect(&"acme".into(), &"alice".into(), Via::Stream),
+        );
         *recorder.reconnect_at_offline.lock() = Some(presence.clone());
         // The grace timer fires and takes alice offline.
         tokio::time::sleep(GRACE + Duration::from_millis(1)).await;
         // Alice reconnects (unless she already did during the announcement).
-        let _stream = recorder
-            .reconnected
-            .lock()
-            .is_empty()
-            .then(|| presence.clone().connect(&"acme".into(), &"alice".into(), Via::Stream));
+        let _stream = recorder.reconnected.lock().is_empty().then(|| {
+            presence
+                .clone()
+                .connect(&"acme".into(), &"alice".into(), Via::Stream)
+        });
         let members = presence.members("acme");
         assert_eq!(members.len(), 1, "alice is connected");
         assert_eq!(members[0].connections, 1);
@@ -271,8 +275,12 @@ mod tests {
                 .lock()
                 .contains(&(who.to_string(), Change::Offline))
         };
-        let poll = presence.clone().connect(&"acme".into(), &"paula".into(), Via::Poll);
-        let stream = presence.clone().connect(&"acme".into(), &"sam".into(), Via::Stream);
+        let poll = presence
+            .clone()
+            .connect(&"acme".into(), &"paula".into(), Via::Poll);
+        let stream = presence
+            .clone()
+            .connect(&"acme".into(), &"sam".into(), Via::Stream);
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!offline("paula"), "a waiting Poll keeps its user online");
         drop((poll, stream));
