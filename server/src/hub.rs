@@ -72,7 +72,7 @@ pub enum Cut {
 
 /// A subscriber's cut flag: 0 while it is not cut, else a `Cut`.
 #[derive(Debug, Default)]
-struct CutFlag(AtomicU8);
+pub struct CutFlag(AtomicU8);
 
 impl CutFlag {
     fn set(&self, why: Cut) {
@@ -269,11 +269,10 @@ enum RoomMsg {
 
 /// A subscriber's place in a room. Dropping it leaves the room.
 pub struct Registration {
-    pub rx: queue::Receiver<Item>,
+    pub rx: queue::Receiver<Item, CutFlag>,
     /// The room had delivered up to this seq when the subscriber joined: every later event is
     /// queued, so a replay reads the log up to here and no further.
     pub joined: u64,
-    cut: Arc<CutFlag>,
     key: Key,
     room: Arc<Room>,
     hub: Hub,
@@ -287,7 +286,7 @@ impl Registration {
 
     /// Why the hub cut this subscriber off, once it did.
     pub fn cut(&self) -> Option<Cut> {
-        self.cut.get()
+        self.rx.mark().get()
     }
 }
 
@@ -332,6 +331,16 @@ impl Hub {
 
     /// Joins `org`'s room. Every durable event committed after this returns that `filter` sees
     /// will be queued, in seq order.
+    /// The name of `org` as its open room keeps it, to share rather than copy (None while the
+    /// org has no room).
+    pub fn org_name(&self, org: &str) -> Option<Arc<str>> {
+        self.inner
+            .rooms
+            .lock()
+            .get_key_value(org)
+            .map(|(name, _)| name.clone())
+    }
+
     pub async fn register(
         &self,
         org: &str,
@@ -373,30 +382,27 @@ impl Hub {
                 .get(org)
                 .is_some_and(|r| Arc::ptr_eq(r, &room))
                 .then(|| {
-                    let (tx, rx) = queue::channel(self.inner.queue);
-                    let cut = Arc::new(CutFlag::default());
+                    let (tx, rx) = queue::channel::<_, CutFlag>(self.inner.queue);
                     let mut subs = room.subs.lock();
                     let joined = subs.delivered;
                     let key = subs.add(Sub {
                         filter: filter.clone(),
                         tx,
-                        cut: cut.clone(),
                     });
                     if self.inner.shut.load(Ordering::SeqCst) {
                         // Joining after the shutdown: ended at once.
-                        cut.set(Cut::Shutdown);
+                        rx.mark().set(Cut::Shutdown);
                         subs.remove(key);
                     }
-                    (rx, cut, key, joined)
+                    (rx, key, joined)
                 })
         };
-        let Some((rx, cut, key, joined)) = joined else {
+        let Some((rx, key, joined)) = joined else {
             return Box::pin(self.register(org, filter)).await;
         };
         Ok(Registration {
             rx,
             joined,
-            cut,
             key,
             room,
             hub: self.clone(),
@@ -832,11 +838,9 @@ mod tests {
             closed: CancellationToken::new(),
         };
         let (sub_tx, mut rx) = queue::channel(16);
-        let cut = Arc::new(CutFlag::default());
         room.subs.lock().add(Sub {
             filter: filter("a"),
             tx: sub_tx,
-            cut: cut.clone(),
         });
         let last = tokio::time::timeout(Duration::from_secs(2), repair(&room, &*store, 0, 6))
             .await
@@ -844,7 +848,7 @@ mod tests {
         // The room jumped to the log's head; its subscriber was ended resumably (its client
         // resumes with its cursor and Subscribe answers resync).
         assert_eq!(last, 6);
-        assert_eq!(cut.get(), Some(Cut::Behind));
+        assert_eq!(rx.mark().get(), Some(Cut::Behind));
         assert!(
             rx.recv().await.is_none(),
             "nothing of the gap was delivered"

@@ -13,7 +13,6 @@ use hyper_util::{
         conn::auto,
         graceful::{GracefulShutdown, Watcher},
     },
-    service::TowerToHyperService,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -293,10 +292,9 @@ impl Http {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let service = TowerToHyperService::new(app);
         let conn = self
             .auto
-            .serve_connection_with_upgrades(TokioIo::new(io), service);
+            .serve_connection_with_upgrades(TokioIo::new(io), App(app));
         watcher.watch(conn).await
     }
 
@@ -305,10 +303,25 @@ impl Http {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let conn = self
-            .h2
-            .serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+        let conn = self.h2.serve_connection(TokioIo::new(io), App(app));
         Ok(watcher.watch(conn).await?)
+    }
+}
+
+/// The router as hyper's service, its future boxed. hyper runs each HTTP/2 stream as a task of
+/// its own, as large as the task's largest state, and the router's future (which holds the
+/// request until it is routed) is that state: unboxed it made each stream's task 512 bytes for
+/// the stream's whole life. Boxed, it is freed once the response head is out.
+#[derive(Clone)]
+struct App(axum::Router);
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for App {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
+        Box::pin(tower::ServiceExt::oneshot(self.0.clone(), req))
     }
 }
 

@@ -42,10 +42,10 @@ impl UserSlots {
         }
     }
 
-    /// Takes a slot for a new call of `user` in `org`; RESOURCE_EXHAUSTED when they hold the
-    /// maximum already.
-    pub fn acquire(&self, org: &str, user: &str) -> Result<UserSlot, Status> {
-        let key: Key = (org.into(), user.into());
+    /// Takes a slot for a new call of `user` in `org` (the names are shared, not copied);
+    /// RESOURCE_EXHAUSTED when they hold the maximum already.
+    pub fn acquire(&self, org: &Arc<str>, user: &Arc<str>) -> Result<UserSlot, Status> {
+        let key: Key = (org.clone(), user.clone());
         let mut open = self.open.lock();
         let count = open.entry(key.clone()).or_default();
         if *count >= self.max {
@@ -78,16 +78,19 @@ mod tests {
     #[test]
     fn slots_are_counted_per_org_and_user_and_freed_on_drop() {
         let slots = UserSlots::streams(2);
-        let a = slots.acquire("acme", "alice").unwrap();
-        let _b = slots.acquire("acme", "alice").unwrap();
-        let err = slots.acquire("acme", "alice").err().unwrap();
+        let a = slots.acquire(&"acme".into(), &"alice".into()).unwrap();
+        let _b = slots.acquire(&"acme".into(), &"alice".into()).unwrap();
+        let err = slots
+            .acquire(&"acme".into(), &"alice".into())
+            .err()
+            .unwrap();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         assert_eq!(err.message(), "too many streams for this user");
-        let _other_user = slots.acquire("acme", "bob").unwrap();
-        let _other_org = slots.acquire("globex", "alice").unwrap();
+        let _other_user = slots.acquire(&"acme".into(), &"bob".into()).unwrap();
+        let _other_org = slots.acquire(&"globex".into(), &"alice".into()).unwrap();
         drop(a);
-        let _again = slots.acquire("acme", "alice").unwrap();
-        assert!(slots.acquire("acme", "alice").is_err());
+        let _again = slots.acquire(&"acme".into(), &"alice".into()).unwrap();
+        assert!(slots.acquire(&"acme".into(), &"alice".into()).is_err());
         drop((_b, _again, _other_user, _other_org));
         assert!(slots.open.lock().is_empty(), "no entry outlives its calls");
     }
@@ -95,8 +98,11 @@ mod tests {
     #[test]
     fn each_use_refuses_with_its_own_message() {
         let polls = UserSlots::polls(1);
-        let _held = polls.acquire("acme", "alice").unwrap();
-        let err = polls.acquire("acme", "alice").err().unwrap();
+        let _held = polls.acquire(&"acme".into(), &"alice".into()).unwrap();
+        let err = polls
+            .acquire(&"acme".into(), &"alice".into())
+            .err()
+            .unwrap();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         assert_eq!(err.message(), "too many polls for this user");
     }

@@ -22,7 +22,11 @@ use orgpulse::proto::{Event, EventKind, OrgFilter, event::Payload};
 use prost::Message;
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::{histogram::Histogram, outbox, writer, writer::StampedEvent};
+use super::{
+    histogram::Histogram,
+    outbox, writer,
+    writer::{JobEvent, StampedEvent},
+};
 
 /// What all subscribers add up, shared by their tasks.
 pub struct Tally {
@@ -324,6 +328,7 @@ impl Subscriber {
     fn count(&mut self, msg: Bytes, now: u64, tally: &Tally) -> Result<bool, String> {
         let delivery = match &self.counted {
             Counted::Broadcasts => self.broadcast(&msg, now, tally)?,
+            Counted::Jobs => self.job(&msg)?,
             _ => self.durable(&decode(msg)?, now, tally),
         };
         let Some(d) = delivery else {
@@ -345,15 +350,25 @@ impl Subscriber {
         Ok(true)
     }
 
+    /// A `job_updated` (read with [`JobEvent`], not decoded), None for any other event.
+    fn job(&mut self, msg: &[u8]) -> Result<Option<Delivery>, String> {
+        let ev = JobEvent::read(msg).map_err(|e| format!("bad Event: {e}"))?;
+        let Some(id) = ev.updated else {
+            return Ok(None);
+        };
+        let in_order = ev.seq > self.last_seq;
+        self.last_seq = ev.seq;
+        Ok(Some(Delivery {
+            in_order,
+            sent_us: ev.time_us,
+            cross_node: self.placement.cross_node(&String::from_utf8_lossy(id)),
+        }))
+    }
+
     /// A counted durable event (received at `now`), None for any other event.
     fn durable(&mut self, ev: &Event, now: u64, tally: &Tally) -> Option<Delivery> {
         let mut in_order = ev.seq > self.last_seq;
-        let mut cross_node = false;
         let sent_us = match (&self.counted, &ev.payload) {
-            (Counted::Jobs, Some(Payload::JobUpdated(job))) => {
-                cross_node = self.placement.cross_node(&job.id);
-                ev.time.as_ref().map(micros)
-            }
             (Counted::OutboxRows(commits), Some(Payload::EntityChanged(e))) => {
                 let Ok(row) = e.entity_id.parse::<usize>() else {
                     tally.error(format!("outbox event with entity id {:?}", e.entity_id));
@@ -378,7 +393,7 @@ impl Subscriber {
         Some(Delivery {
             in_order,
             sent_us,
-            cross_node,
+            cross_node: false,
         })
     }
 

@@ -244,19 +244,7 @@ impl<'a> StampedEvent<'a> {
         each_field(msg, |tag, wire, buf| match (tag, wire) {
             // Event.time: Timestamp { int64 seconds = 1; int32 nanos = 2; }
             (4, WireType::LengthDelimited) => {
-                let (mut seconds, mut nanos) = (0, 0);
-                each_field(sub_message(buf)?, |tag, wire, buf| match (tag, wire) {
-                    (1, WireType::Varint) => {
-                        seconds = varint(buf)?;
-                        Ok(())
-                    }
-                    (2, WireType::Varint) => {
-                        nanos = varint(buf)?;
-                        Ok(())
-                    }
-                    _ => skip(wire, tag, buf),
-                })?;
-                ev.time_us = Some(seconds * 1_000_000 + nanos / 1000);
+                ev.time_us = Some(timestamp_us(sub_message(buf)?)?);
                 Ok(())
             }
             (21, WireType::LengthDelimited) => {
@@ -321,6 +309,70 @@ fn map_entry(msg: &[u8]) -> Result<(&[u8], Option<u64>), String> {
         _ => skip(wire, tag, buf),
     })?;
     Ok((key, number))
+}
+
+/// What a subscriber counting job updates reads of an `Event`, without decoding it (no
+/// allocation per delivery: at 100,000 subscribers the bench's one core is the receiving end):
+/// its seq, its time, and the job's id when it is a `job_updated`.
+#[derive(Debug, PartialEq)]
+pub struct JobEvent<'a> {
+    pub seq: u64,
+    /// `Event.time` in µs since the epoch: when the update was committed.
+    pub time_us: Option<u64>,
+    /// `Event.job_updated.id`, None for any other event.
+    pub updated: Option<&'a [u8]>,
+}
+
+impl<'a> JobEvent<'a> {
+    pub fn read(msg: &'a [u8]) -> Result<JobEvent<'a>, String> {
+        let mut ev = JobEvent {
+            seq: 0,
+            time_us: None,
+            updated: None,
+        };
+        each_field(msg, |tag, wire, buf| match (tag, wire) {
+            (2, WireType::Varint) => {
+                ev.seq = varint(buf)?;
+                Ok(())
+            }
+            (4, WireType::LengthDelimited) => {
+                ev.time_us = Some(timestamp_us(sub_message(buf)?)?);
+                Ok(())
+            }
+            // Job { string id = 1; ... }
+            (11, WireType::LengthDelimited) => {
+                let mut id = &[][..];
+                each_field(sub_message(buf)?, |tag, wire, buf| match (tag, wire) {
+                    (1, WireType::LengthDelimited) => {
+                        id = sub_message(buf)?;
+                        Ok(())
+                    }
+                    _ => skip(wire, tag, buf),
+                })?;
+                ev.updated = Some(id);
+                Ok(())
+            }
+            _ => skip(wire, tag, buf),
+        })?;
+        Ok(ev)
+    }
+}
+
+/// A `Timestamp { int64 seconds = 1; int32 nanos = 2; }` in µs since the epoch.
+fn timestamp_us(msg: &[u8]) -> Result<u64, String> {
+    let (mut seconds, mut nanos) = (0, 0);
+    each_field(msg, |tag, wire, buf| match (tag, wire) {
+        (1, WireType::Varint) => {
+            seconds = varint(buf)?;
+            Ok(())
+        }
+        (2, WireType::Varint) => {
+            nanos = varint(buf)?;
+            Ok(())
+        }
+        _ => skip(wire, tag, buf),
+    })?;
+    Ok(seconds * 1_000_000 + nanos / 1000)
 }
 
 /// Calls `field` with each field's tag and wire type and the bytes from its value on, which it
@@ -467,6 +519,43 @@ mod tests {
             "past 64 bits"
         );
         assert!(varint(&mut &[0x80u8][..]).is_err(), "cut");
+    }
+
+    #[test]
+    fn a_job_update_reads_back_without_a_decode() {
+        use orgpulse::proto::Job;
+        let update = Event {
+            seq: 42,
+            time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 5_000,
+            }),
+            payload: Some(Payload::JobUpdated(Job {
+                id: "job7".into(),
+                title: "t".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let msg = update.encode_to_vec();
+        let read = JobEvent::read(&msg).unwrap();
+        assert_eq!(
+            read,
+            JobEvent {
+                seq: 42,
+                time_us: Some(1_700_000_000_000_005),
+                updated: Some(&b"job7"[..]),
+            }
+        );
+        let heartbeat = Event {
+            payload: Some(Payload::Heartbeat(Default::default())),
+            ..Default::default()
+        };
+        assert_eq!(
+            JobEvent::read(&heartbeat.encode_to_vec()).unwrap().updated,
+            None
+        );
+        assert!(JobEvent::read(&msg[..msg.len() - 1]).is_err());
     }
 
     #[test]

@@ -17,8 +17,9 @@ use parking_lot::Mutex;
 /// again on every delivery costs more than the 160 bytes they hold.
 const KEEP: usize = 4;
 
-/// Creates a queue of at most `capacity` waiting values.
-pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
+/// Creates a queue of at most `capacity` waiting values, with a `mark` both ends can read (the
+/// hub's reason for cutting a subscriber off: one allocation per subscriber, not two).
+pub fn channel<T, M: Default>(capacity: usize) -> (Sender<T, M>, Receiver<T, M>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             items: VecDeque::new(),
@@ -27,6 +28,7 @@ pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
             receiver_alive: true,
         }),
         capacity,
+        mark: M::default(),
     });
     (
         Sender {
@@ -36,9 +38,10 @@ pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
     )
 }
 
-struct Shared<T> {
+struct Shared<T, M> {
     state: Mutex<State<T>>,
     capacity: usize,
+    mark: M,
 }
 
 struct State<T> {
@@ -59,11 +62,16 @@ pub enum TrySendError {
 }
 
 /// The producing end; dropping it ends the queue once the waiting values are taken.
-pub struct Sender<T> {
-    shared: Arc<Shared<T>>,
+pub struct Sender<T, M> {
+    shared: Arc<Shared<T, M>>,
 }
 
-impl<T> Sender<T> {
+impl<T, M> Sender<T, M> {
+    /// The queue's mark.
+    pub fn mark(&self) -> &M {
+        &self.shared.mark
+    }
+
     /// Queues `value` unless the queue is full or the receiver is gone.
     pub fn try_send(&self, value: T) -> Result<(), TrySendError> {
         let waker = {
@@ -84,7 +92,7 @@ impl<T> Sender<T> {
     }
 }
 
-impl<T> Drop for Sender<T> {
+impl<T, M> Drop for Sender<T, M> {
     fn drop(&mut self) {
         let waker = {
             let mut state = self.shared.state.lock();
@@ -98,11 +106,16 @@ impl<T> Drop for Sender<T> {
 }
 
 /// The consuming end.
-pub struct Receiver<T> {
-    shared: Arc<Shared<T>>,
+pub struct Receiver<T, M> {
+    shared: Arc<Shared<T, M>>,
 }
 
-impl<T> Receiver<T> {
+impl<T, M> Receiver<T, M> {
+    /// The queue's mark.
+    pub fn mark(&self) -> &M {
+        &self.shared.mark
+    }
+
     /// The next waiting value, if one is waiting.
     pub fn try_recv(&mut self) -> Option<T> {
         let mut state = self.shared.state.lock();
@@ -152,7 +165,7 @@ impl<T> Receiver<T> {
     }
 }
 
-impl<T> Drop for Receiver<T> {
+impl<T, M> Drop for Receiver<T, M> {
     fn drop(&mut self) {
         let mut state = self.shared.state.lock();
         state.receiver_alive = false;
@@ -166,7 +179,7 @@ mod tests {
 
     #[tokio::test]
     async fn values_arrive_in_order_and_the_end_follows_the_last() {
-        let (tx, mut rx) = channel(2);
+        let (tx, mut rx) = channel::<_, ()>(2);
         tx.try_send(1).unwrap();
         tx.try_send(2).unwrap();
         assert_eq!(tx.try_send(3), Err(TrySendError::Full));
@@ -180,7 +193,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_receiver_is_woken_by_a_send_and_by_the_sender_going_away() {
-        let (tx, mut rx) = channel(4);
+        let (tx, mut rx) = channel::<_, ()>(4);
         let waiting = tokio::spawn(async move {
             let first = rx.recv().await;
             let end = rx.recv().await;
@@ -195,7 +208,7 @@ mod tests {
 
     #[test]
     fn take_waiting_takes_what_it_wants_and_leaves_the_rest_in_order() {
-        let (tx, mut rx) = channel(8);
+        let (tx, mut rx) = channel::<_, ()>(8);
         for v in 1..=5 {
             tx.try_send(v).unwrap();
         }
@@ -208,7 +221,7 @@ mod tests {
 
     #[test]
     fn sending_to_a_dropped_receiver_is_closed() {
-        let (tx, rx) = channel(4);
+        let (tx, rx) = channel::<_, ()>(4);
         drop(rx);
         assert_eq!(tx.try_send(1), Err(TrySendError::Closed));
     }

@@ -17,11 +17,10 @@ use std::{collections::HashMap, sync::Arc};
 use super::{Cut, CutFlag, Filter, Item, queue};
 use crate::{audience::Audience, metrics::METRICS};
 
-/// One subscriber: its filter, its queue and its cut flag.
+/// One subscriber: its filter and its queue (marked with why it was cut off, once it was).
 pub(super) struct Sub {
     pub filter: Filter,
-    pub tx: queue::Sender<Item>,
-    pub cut: Arc<CutFlag>,
+    pub tx: queue::Sender<Item, CutFlag>,
 }
 
 /// Where a subscriber sits: its slot, and its id (a slot is reused; the id is not).
@@ -63,12 +62,35 @@ pub(super) struct Subscribers {
     scratch: Vec<Entry>,
 }
 
+/// The entries under one name. Most users hold one stream, so one entry is kept inline rather
+/// than in a vector of its own (an allocation per user of a big org).
+enum Entries {
+    One(Entry),
+    Many(Vec<Entry>),
+}
+
+impl Entries {
+    fn push(&mut self, e: Entry) {
+        match self {
+            Entries::One(first) => *self = Entries::Many(vec![*first, e]),
+            Entries::Many(list) => list.push(e),
+        }
+    }
+
+    fn as_slice(&self) -> &[Entry] {
+        match self {
+            Entries::One(e) => std::slice::from_ref(e),
+            Entries::Many(list) => list,
+        }
+    }
+}
+
 /// Slots by what an audience names. Entries of removed subscribers stay until the next rebuild.
 #[derive(Default)]
 struct Index {
-    users: HashMap<Arc<str>, Vec<Entry>>,
-    groups: HashMap<Box<str>, Vec<Entry>>,
-    roles: HashMap<Box<str>, Vec<Entry>>,
+    users: HashMap<Arc<str>, Entries>,
+    groups: HashMap<Box<str>, Entries>,
+    roles: HashMap<Box<str>, Entries>,
     /// Role service: admitted by every audience.
     all: Vec<Entry>,
     /// Entries in the lists, live and stale.
@@ -81,7 +103,7 @@ impl Index {
     /// Adds the entries of the subscriber `id` in `slot`; returns how many.
     fn add(&mut self, slot: u32, id: u64, f: &Filter) -> usize {
         fn push<K: std::borrow::Borrow<str> + std::hash::Hash + Eq>(
-            map: &mut HashMap<K, Vec<Entry>>,
+            map: &mut HashMap<K, Entries>,
             name: &str,
             slot: Entry,
             key: impl FnOnce() -> K,
@@ -89,7 +111,7 @@ impl Index {
             match map.get_mut(name) {
                 Some(list) => list.push(slot),
                 None => {
-                    map.insert(key(), vec![slot]);
+                    map.insert(key(), Entries::One(slot));
                 }
             }
         }
@@ -117,13 +139,25 @@ impl Index {
     fn candidates(&self, a: &Audience, out: &mut Vec<Entry>) {
         out.extend_from_slice(&self.all);
         for u in &a.user_ids {
-            out.extend_from_slice(self.users.get(u.as_str()).map_or(&[][..], |l| l));
+            out.extend_from_slice(
+                self.users
+                    .get(u.as_str())
+                    .map_or(&[][..], Entries::as_slice),
+            );
         }
         for g in &a.groups {
-            out.extend_from_slice(self.groups.get(g.as_str()).map_or(&[][..], |l| l));
+            out.extend_from_slice(
+                self.groups
+                    .get(g.as_str())
+                    .map_or(&[][..], Entries::as_slice),
+            );
         }
         for r in &a.roles {
-            out.extend_from_slice(self.roles.get(r.as_str()).map_or(&[][..], |l| l));
+            out.extend_from_slice(
+                self.roles
+                    .get(r.as_str())
+                    .map_or(&[][..], Entries::as_slice),
+            );
         }
     }
 }
@@ -169,7 +203,7 @@ impl Subscribers {
     /// Ends every subscriber's queue for `why` and removes them all.
     pub fn cut_all(&mut self, why: Cut) {
         for (_, s) in self.slots.drain(..).flatten() {
-            s.cut.set(why);
+            s.tx.mark().set(why);
         }
         self.free.clear();
         self.live = 0;
@@ -226,7 +260,7 @@ impl Subscribers {
         match s.tx.try_send(item.clone()) {
             Ok(()) => {}
             Err(queue::TrySendError::Full) => {
-                s.cut.set(Cut::Slow);
+                s.tx.mark().set(Cut::Slow);
                 METRICS.slow_disconnects.inc();
                 self.take(slot);
             }
@@ -285,15 +319,13 @@ mod tests {
     #[test]
     fn leaving_after_everyone_was_cut_is_a_no_op() {
         let mut subs = Subscribers::new(0);
-        let (tx, _rx) = queue::channel(1);
-        let cut: Arc<CutFlag> = Arc::default();
+        let (tx, rx) = queue::channel(1);
         let key = subs.add(Sub {
             filter: viewer("a", &[], &["member"]),
             tx,
-            cut: cut.clone(),
         });
         subs.cut_all(Cut::Behind);
-        assert_eq!(cut.get(), Some(Cut::Behind));
+        assert_eq!(rx.mark().get(), Some(Cut::Behind));
         subs.remove(key);
         assert!(subs.is_empty());
     }
@@ -315,7 +347,7 @@ mod tests {
     fn the_index_delivers_exactly_what_a_scan_would() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let mut subs = Subscribers::default();
-        let mut joined: Vec<(Key, String, Filter, queue::Receiver<Item>)> = vec![];
+        let mut joined: Vec<(Key, String, Filter, queue::Receiver<Item, CutFlag>)> = vec![];
         let groups = ["g0", "g1", "g2", "g3", "g4"];
         let roles = ["member", "admin", "viewer", "service"];
         for round in 0..20_000u64 {
@@ -332,7 +364,6 @@ mod tests {
                 let key = subs.add(Sub {
                     filter: f.clone(),
                     tx,
-                    cut: Arc::default(),
                 });
                 joined.push((key, user, f, rx));
             } else {

@@ -54,7 +54,8 @@ impl Entry {
     }
 }
 
-type Key = (String, String);
+/// (org, user), shared with the streams and Polls that hold the entry (no copies of the names).
+type Key = (Arc<str>, Arc<str>);
 
 pub struct MemoryPresence {
     announcer: Box<dyn Announce>,
@@ -73,19 +74,19 @@ impl MemoryPresence {
 
     /// Applies `change` to `user`'s entry (created, and announced online, when new), then makes
     /// sure one timer watches for them going offline.
-    fn update(self: &Arc<Self>, org: &str, user: &str, change: impl FnOnce(&mut Entry)) {
+    fn update(self: &Arc<Self>, org: &Arc<str>, user: &Arc<str>, change: impl FnOnce(&mut Entry)) {
         self.update_if(org, user, true, change)
     }
 
     /// `update`, except that an absent user stays absent unless `create`.
     fn update_if(
         self: &Arc<Self>,
-        org: &str,
-        user: &str,
+        org: &Arc<str>,
+        user: &Arc<str>,
         create: bool,
         change: impl FnOnce(&mut Entry),
     ) {
-        let key = (org.to_string(), user.to_string());
+        let key = (org.clone(), user.clone());
         let mut users = self.users.lock();
         let new = !users.contains_key(&key);
         if new && !create {
@@ -141,7 +142,7 @@ impl MemoryPresence {
     /// `held` stays absent.
     pub fn set_connections(self: &Arc<Self>, org: &str, user: &str, held: Connections) {
         let now = Instant::now();
-        self.update_if(org, user, held.online(now), |e| {
+        self.update_if(&org.into(), &user.into(), held.online(now), |e| {
             if e.held.open() && !held.open() {
                 e.closed_at = Some(now);
             }
@@ -152,7 +153,7 @@ impl MemoryPresence {
 }
 
 impl Presence for MemoryPresence {
-    fn connect(self: Arc<Self>, org: &str, user: &str, via: Via) -> PresenceGuard {
+    fn connect(self: Arc<Self>, org: &Arc<str>, user: &Arc<str>, via: Via) -> PresenceGuard {
         self.update(org, user, |e| match via {
             Via::Stream => e.held.streams += 1,
             Via::Poll => e.held.polls += 1,
@@ -160,7 +161,7 @@ impl Presence for MemoryPresence {
         PresenceGuard::new(self, org, user, via)
     }
 
-    fn disconnect(self: Arc<Self>, org: &str, user: &str, via: Via) {
+    fn disconnect(self: Arc<Self>, org: &Arc<str>, user: &Arc<str>, via: Via) {
         self.update(org, user, |e| {
             let now = Instant::now();
             match via {
@@ -180,9 +181,9 @@ impl Presence for MemoryPresence {
         let users = self.users.lock();
         let mut members: Vec<Member> = users
             .iter()
-            .filter(|((o, _), _)| o == org)
+            .filter(|((o, _), _)| **o == *org)
             .map(|((_, user), e)| Member {
-                user_id: user.clone(),
+                user_id: user.to_string(),
                 online_since: Some(timestamp(e.since)),
                 connections: e.held.streams,
             })
@@ -217,7 +218,7 @@ mod tests {
             if let Some(presence) = armed {
                 let state_is_free = presence.users.try_lock().is_some();
                 if state_is_free {
-                    let guard = presence.connect(org, user, Via::Stream);
+                    let guard = presence.connect(&org.into(), &user.into(), Via::Stream);
                     self.reconnected.lock().push(guard);
                 }
             }
@@ -231,16 +232,20 @@ mod tests {
     async fn a_reconnect_during_the_offline_announcement_ends_online() {
         let recorder = Arc::new(Recorder::default());
         let presence = MemoryPresence::new(recorder.clone(), GRACE);
-        drop(presence.clone().connect("acme", "alice", Via::Stream));
+        drop(
+            presence
+                .clone()
+                .connect(&"acme".into(), &"alice".into(), Via::Stream),
+        );
         *recorder.reconnect_at_offline.lock() = Some(presence.clone());
         // The grace timer fires and takes alice offline.
         tokio::time::sleep(GRACE + Duration::from_millis(1)).await;
         // Alice reconnects (unless she already did during the announcement).
-        let _stream = recorder
-            .reconnected
-            .lock()
-            .is_empty()
-            .then(|| presence.clone().connect("acme", "alice", Via::Stream));
+        let _stream = recorder.reconnected.lock().is_empty().then(|| {
+            presence
+                .clone()
+                .connect(&"acme".into(), &"alice".into(), Via::Stream)
+        });
         let members = presence.members("acme");
         assert_eq!(members.len(), 1, "alice is connected");
         assert_eq!(members[0].connections, 1);
@@ -270,8 +275,12 @@ mod tests {
                 .lock()
                 .contains(&(who.to_string(), Change::Offline))
         };
-        let poll = presence.clone().connect("acme", "paula", Via::Poll);
-        let stream = presence.clone().connect("acme", "sam", Via::Stream);
+        let poll = presence
+            .clone()
+            .connect(&"acme".into(), &"paula".into(), Via::Poll);
+        let stream = presence
+            .clone()
+            .connect(&"acme".into(), &"sam".into(), Via::Stream);
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!offline("paula"), "a waiting Poll keeps its user online");
         drop((poll, stream));

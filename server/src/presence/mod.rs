@@ -75,28 +75,29 @@ impl Announce for Hub {
 }
 
 pub trait Presence: Send + Sync + 'static {
-    /// A stream or waiting Poll of `user` opened; it counts until the guard is dropped.
-    fn connect(self: Arc<Self>, org: &str, user: &str, via: Via) -> PresenceGuard;
+    /// A stream or waiting Poll of `user` opened; it counts until the guard is dropped (which
+    /// keeps the caller's names, shared, not copies).
+    fn connect(self: Arc<Self>, org: &Arc<str>, user: &Arc<str>, via: Via) -> PresenceGuard;
     /// The org's online members.
     fn members(&self, org: &str) -> Vec<Member>;
     /// A stream or Poll of `user` ended.
-    fn disconnect(self: Arc<Self>, org: &str, user: &str, via: Via);
+    fn disconnect(self: Arc<Self>, org: &Arc<str>, user: &Arc<str>, via: Via);
 }
 
 /// Keeps one stream or waiting Poll counted as online while alive.
 pub struct PresenceGuard {
     presence: Arc<dyn Presence>,
-    org: String,
-    user: String,
+    org: Arc<str>,
+    user: Arc<str>,
     via: Via,
 }
 
 impl PresenceGuard {
-    fn new(presence: Arc<dyn Presence>, org: &str, user: &str, via: Via) -> Self {
+    fn new(presence: Arc<dyn Presence>, org: &Arc<str>, user: &Arc<str>, via: Via) -> Self {
         PresenceGuard {
             presence,
-            org: org.to_string(),
-            user: user.to_string(),
+            org: org.clone(),
+            user: user.clone(),
             via,
         }
     }

@@ -319,7 +319,7 @@ impl NatsPresence {
 }
 
 impl Presence for NatsPresence {
-    fn connect(self: Arc<Self>, org: &str, user: &str, via: Via) -> PresenceGuard {
+    fn connect(self: Arc<Self>, org: &Arc<str>, user: &Arc<str>, via: Via) -> PresenceGuard {
         self.change_local(org, user, |l| match via {
             Via::Stream => l.streams += 1,
             Via::Poll => l.polls += 1,
@@ -331,7 +331,7 @@ impl Presence for NatsPresence {
         self.merged.members(org)
     }
 
-    fn disconnect(self: Arc<Self>, org: &str, user: &str, via: Via) {
+    fn disconnect(self: Arc<Self>, org: &Arc<str>, user: &Arc<str>, via: Via) {
         self.change_local(org, user, |l| match via {
             Via::Stream => l.streams = l.streams.saturating_sub(1),
             Via::Poll => {

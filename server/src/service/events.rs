@@ -150,14 +150,15 @@ async fn subscribe(
         entity_types,
         topics: Topics::from_request(&filter.topics)?,
     };
-    let slot = ctx.streams.acquire(&org, &claims.user)?;
+    // The org's name as its room keeps it (one copy for the first stream) and the viewer's user
+    // name, shared by the limit, presence and the stream's log rather than copied into each.
+    let org = ctx.hub.org_name(&org).unwrap_or_else(|| org.into());
+    let user = filter.viewer.user.clone();
+    let slot = ctx.streams.acquire(&org, &user)?;
     let reg = ctx.hub.register(&org, filter.clone()).await?;
-    let presence = ctx
-        .presence
-        .clone()
-        .connect(&org, &claims.user, Via::Stream);
+    let presence = ctx.presence.clone().connect(&org, &user, Via::Stream);
     let expires = Instant::now() + claims.time_left();
-    tracing::info!(org, user = claims.user, "stream opened");
+    tracing::info!(org = &*org, user = &*user, "stream opened");
     let held = Held {
         _slot: slot,
         _presence: presence,
@@ -242,7 +243,7 @@ impl Messages for Subscription {
 
 fn subscription(
     ctx: Arc<Ctx>,
-    org: String,
+    org: Arc<str>,
     filter: Filter,
     from: Option<Cursor>,
     reg: crate::hub::Registration,
@@ -258,7 +259,7 @@ fn subscription(
 /// The head of a stream: replay after the cursor (or resync), `caught_up`, then the live part.
 fn head(
     ctx: Arc<Ctx>,
-    org: String,
+    org: Arc<str>,
     filter: Filter,
     from: Option<Cursor>,
     mut reg: crate::hub::Registration,
@@ -268,7 +269,7 @@ fn head(
     async_stream::try_stream! {
         let gauge = METRICS.open_streams.hold();
         let mut log = StreamLog { org, user: filter.viewer.user.clone(), sent: 0, end: "client went away" };
-        let org = log.org.as_str();
+        let org: &str = &log.org;
         let store = ctx.store.log.clone();
         let epoch = store.org_epoch(org);
         // Position: the last seq this subscriber has seen or skipped.
@@ -502,7 +503,7 @@ fn replay<'a>(
 
 /// Logs a stream's close with its reason and the events it sent.
 struct StreamLog {
-    org: String,
+    org: Arc<str>,
     user: Arc<str>,
     sent: u64,
     end: &'static str,
@@ -510,7 +511,7 @@ struct StreamLog {
 
 impl Drop for StreamLog {
     fn drop(&mut self) {
-        tracing::info!(org = self.org, user = %self.user, events_sent = self.sent, reason = self.end, "stream closed");
+        tracing::info!(org = %self.org, user = %self.user, events_sent = self.sent, reason = self.end, "stream closed");
     }
 }
 
@@ -527,11 +528,13 @@ async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollR
     let deadline = Instant::now() + Duration::from_millis(r.wait_ms.min(MAX_POLL_WAIT_MS).into());
     METRICS.polls.inc();
     // Held until the Poll answers or its caller goes away: the per-user Poll limit and presence.
-    let _slot = ctx.polls.acquire(&org, &claims.user)?;
-    let _presence = ctx.presence.clone().connect(&org, &claims.user, Via::Poll);
+    let viewer = Arc::new(claims.viewer());
+    let org: Arc<str> = org.into();
+    let _slot = ctx.polls.acquire(&org, &viewer.user)?;
+    let _presence = ctx.presence.clone().connect(&org, &viewer.user, Via::Poll);
     let _gauge = METRICS.waiting_polls.hold();
     let filter = Filter {
-        viewer: Arc::new(claims.viewer()),
+        viewer,
         kinds,
         entity_types,
         topics: Topics::from_request(&r.topics)?,
