@@ -329,8 +329,6 @@ impl Hub {
         hub
     }
 
-    /// Joins `org`'s room. Every durable event committed after this returns that `filter` sees
-    /// will be queued, in seq order.
     /// The name of `org` as its open room keeps it, to share rather than copy (None while the
     /// org has no room).
     pub fn org_name(&self, org: &str) -> Option<Arc<str>> {
@@ -341,6 +339,8 @@ impl Hub {
             .map(|(name, _)| name.clone())
     }
 
+    /// Joins `org`'s room. Every durable event committed after this returns that `filter` sees
+    /// will be queued, in seq order.
     pub async fn register(
         &self,
         org: &str,

@@ -316,11 +316,8 @@ impl Subscriber {
         }
         tally.last_us.fetch_max(u.last_us, Relaxed);
         tally.received.fetch_add(u.received, Relaxed);
-        *u = Unflushed {
-            latency: std::mem::take(&mut u.latency),
-            fan_out: std::mem::take(&mut u.fan_out),
-            ..Unflushed::default()
-        };
+        u.received = 0;
+        u.out_of_order = 0;
     }
 
     /// Counts a counted event (one gRPC message, received at `now`) into `unflushed`: order,

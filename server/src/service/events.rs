@@ -361,16 +361,16 @@ impl Live {
                 None => Wake::Item(ready!(self.reg.rx.poll_recv(cx))),
             };
             let bytes = match wake {
-                Wake::Item(Some(item)) if item.seq == 0 => item.bytes,
-                Wake::Item(Some(item)) => {
-                    if item.seq <= self.pos {
-                        continue;
+                Wake::Item(Some(item)) => match goes_out(&mut self.pos, item.seq) {
+                    None => continue,
+                    Some(durable) => {
+                        if durable {
+                            METRICS.events_delivered.inc();
+                            self.log.sent += 1;
+                        }
+                        item.bytes
                     }
-                    self.pos = item.seq;
-                    METRICS.events_delivered.inc();
-                    self.log.sent += 1;
-                    item.bytes
-                }
+                },
                 Wake::Item(None) => {
                     let message = match self.reg.cut() {
                         Some(Cut::Behind) => {
@@ -431,13 +431,10 @@ impl Live {
             while frame.len() < limit
                 && let Some(item) = items.pop_front()
             {
-                if item.seq != 0 {
-                    if item.seq <= *pos {
-                        continue;
-                    }
-                    *pos = item.seq;
-                    durable += 1;
-                }
+                let Some(is_durable) = goes_out(pos, item.seq) else {
+                    continue;
+                };
+                durable += u64::from(is_durable);
                 put_message(frame, &item.bytes);
                 framed += 1;
             }
@@ -451,6 +448,20 @@ impl Live {
             self.log.sent += durable;
         }
     }
+}
+
+/// Whether a queued event goes out on a stream at `pos`: an ephemeral one (seq 0) always
+/// (`Some(false)`), a durable one only past `pos`, which it advances (`Some(true)`); None for a
+/// durable event the stream has already sent or skipped.
+fn goes_out(pos: &mut u64, seq: u64) -> Option<bool> {
+    if seq == 0 {
+        return Some(false);
+    }
+    if seq <= *pos {
+        return None;
+    }
+    *pos = seq;
+    Some(true)
 }
 
 /// Replays the log after `pos` up to where the stream joined its room (later events are
