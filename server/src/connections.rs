@@ -9,8 +9,11 @@ use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
@@ -73,7 +76,56 @@ struct State {
 /// One admitted connection; dropping it frees its place.
 pub struct Slot {
     connections: Arc<Connections>,
+    connection: Connection,
+}
+
+impl Slot {
+    pub fn connection(&self) -> Connection {
+        self.connection.clone()
+    }
+}
+
+/// What a connection's requests (as a request extension) share with its byte stream: the
+/// connection's id, and how many `Subscribe` streams it carries now.
+#[derive(Clone)]
+pub struct Connection(Arc<Shared>);
+
+struct Shared {
     id: u64,
+    streams: AtomicU32,
+}
+
+impl Connection {
+    fn new(id: u64) -> Connection {
+        Connection(Arc::new(Shared {
+            id,
+            streams: AtomicU32::new(0),
+        }))
+    }
+
+    pub fn id(&self) -> u64 {
+        self.0.id
+    }
+
+    /// Counts a stream on this connection while the guard lives.
+    pub fn carry_stream(&self) -> CarriedStream {
+        self.0.streams.fetch_add(1, Ordering::Relaxed);
+        CarriedStream(self.clone())
+    }
+
+    /// Whether the connection carries more than one stream (a multiplexed one).
+    fn multiplexed(&self) -> bool {
+        self.0.streams.load(Ordering::Relaxed) > 1
+    }
+}
+
+/// A stream counted on its connection until dropped.
+pub struct CarriedStream(Connection);
+
+impl Drop for CarriedStream {
+    fn drop(&mut self) {
+        self.0.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Connections {
@@ -107,7 +159,7 @@ impl Connections {
         METRICS.open_connections.inc();
         let slot = Slot {
             connections: self.clone(),
-            id,
+            connection: Connection::new(id),
         };
         let connections = self.clone();
         let closed = async move {
@@ -137,7 +189,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut state = self.connections.state.lock();
         state.open -= 1;
-        state.waiting.remove(&self.id);
+        state.waiting.remove(&self.connection.id());
         METRICS.open_connections.dec();
     }
 }
@@ -160,11 +212,14 @@ impl Waiting {
 
 /// A connection's byte stream, watched until it carries a complete HTTP/1.1 request head or the
 /// HTTP/2 preface: a read fails once the connection is to be closed at the door. After the head it
-/// tells its [`Slot`], drops the watch and is a plain pass-through holding its place.
+/// tells its [`Slot`], drops the watch and is a pass-through holding its place, whose writes go
+/// out in rounds (see [`Door::take_turn`]).
 pub struct Door<IO> {
     io: IO,
     waiting: Option<Waiting>,
     slot: Slot,
+    /// A round of writes has begun: they go through until the flush that ends it.
+    writing: bool,
 }
 
 impl<IO> Door<IO> {
@@ -173,7 +228,26 @@ impl<IO> Door<IO> {
             io,
             waiting: Some(waiting),
             slot,
+            writing: false,
         }
+    }
+
+    /// On a connection that carries several streams, the first write of a round waits for one
+    /// turn of the runtime: the connection's task wakes itself and goes to the back of the run
+    /// queue, behind the tasks already woken. An event to every stream of a multiplexed
+    /// connection wakes each stream's task, and each hands its frame to HTTP/2 and wakes the
+    /// connection; without the turn the connection would run right after the first (tokio runs
+    /// a task woken by another next) and write each stream's frame on its own, one system call
+    /// per stream. With it, the frames of all the streams already woken go out in one write. A
+    /// round ends at the flush that follows its writes. A connection of one stream writes at
+    /// once: a turn would only delay it (and a unary answer) behind every other task.
+    fn take_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.writing || !self.slot.connection.multiplexed() {
+            return Poll::Ready(());
+        }
+        self.writing = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
@@ -194,7 +268,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Door<IO> {
         let before = buf.filled().len();
         let read = Pin::new(&mut this.io).poll_read(cx, buf);
         if waiting.watch.complete_after(&buf.filled()[before..]) {
-            this.slot.connections.stop_waiting(this.slot.id);
+            this.slot
+                .connections
+                .stop_waiting(this.slot.connection.id());
             this.waiting = None;
         }
         read
@@ -207,7 +283,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Door<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        ready!(this.take_turn(cx));
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -215,7 +293,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Door<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        ready!(this.take_turn(cx));
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -223,7 +303,10 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Door<IO> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let flushed = ready!(Pin::new(&mut this.io).poll_flush(cx));
+        this.writing = false;
+        Poll::Ready(flushed)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -25,7 +25,7 @@ use crate::{
     auth::Authenticator,
     bus::{Bus, MemoryBus, nats::NatsBus},
     config::{Config, Database},
-    connections::{Connections, Door, H2_PREFACE, HEAD_TIMEOUT},
+    connections::{Connection, Connections, Door, H2_PREFACE, HEAD_TIMEOUT},
     hub::{Hub, Rooms},
     log_limit::LogLimit,
     metrics::METRICS,
@@ -180,8 +180,11 @@ pub async fn run(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (http, app, watcher, tls) =
-            (http.clone(), app.clone(), graceful.watcher(), tls.clone());
+        let (http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
+        let app = App {
+            router: app.clone(),
+            connection: slot.connection(),
+        };
         tokio::spawn(async move {
             let served = match tls {
                 None => {
@@ -288,22 +291,22 @@ impl Http {
 
     /// Serves one connection (plain TCP or TLS) with HTTP/1.1 or HTTP/2, until it closes or the
     /// graceful shutdown ends it.
-    async fn serve_auto<I>(&self, watcher: Watcher, io: I, app: axum::Router) -> Served
+    async fn serve_auto<I>(&self, watcher: Watcher, io: I, app: App) -> Served
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let conn = self
             .auto
-            .serve_connection_with_upgrades(TokioIo::new(io), App(app));
+            .serve_connection_with_upgrades(TokioIo::new(io), app);
         watcher.watch(conn).await
     }
 
     /// Serves one connection that starts with the HTTP/2 preface.
-    async fn serve_h2<I>(&self, watcher: Watcher, io: I, app: axum::Router) -> Served
+    async fn serve_h2<I>(&self, watcher: Watcher, io: I, app: App) -> Served
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let conn = self.h2.serve_connection(TokioIo::new(io), App(app));
+        let conn = self.h2.serve_connection(TokioIo::new(io), app);
         Ok(watcher.watch(conn).await?)
     }
 }
@@ -311,17 +314,22 @@ impl Http {
 /// The router as hyper's service, its future boxed. hyper runs each HTTP/2 stream as a task of
 /// its own, as large as the task's largest state, and the router's future (which holds the
 /// request until it is routed) is that state: unboxed it made each stream's task 512 bytes for
-/// the stream's whole life. Boxed, it is freed once the response head is out.
+/// the stream's whole life. Boxed, it is freed once the response head is out. Each request
+/// carries its connection's id.
 #[derive(Clone)]
-struct App(axum::Router);
+struct App {
+    router: axum::Router,
+    connection: Connection,
+}
 
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for App {
     type Response = axum::response::Response;
     type Error = std::convert::Infallible;
     type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
-    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
-        Box::pin(tower::ServiceExt::oneshot(self.0.clone(), req))
+    fn call(&self, mut req: http::Request<hyper::body::Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.connection.clone());
+        Box::pin(tower::ServiceExt::oneshot(self.router.clone(), req))
     }
 }
 

@@ -35,6 +35,7 @@ use super::{
 use crate::{
     audience::Topics,
     auth::{self, Need},
+    connections::{CarriedStream, Connection},
     cursor::Cursor,
     hub::{Cut, EntityTypes, Filter, Kinds, Replay},
     metrics::{GaugeHold, METRICS},
@@ -140,6 +141,7 @@ async fn subscribe(
     req: Request<OrgFilter>,
 ) -> Result<Response<EventStream>, Status> {
     let (claims, org) = ctx.authorize(&req, &req.get_ref().org_id, Need::Read)?;
+    let connection = req.extensions().get::<Connection>().cloned();
     let filter = req.into_inner();
     let kinds = Kinds::from_request(&filter.kinds)?;
     let entity_types = EntityTypes::from_request(&filter.entity_types)?;
@@ -158,20 +160,27 @@ async fn subscribe(
     let reg = ctx.hub.register(&org, filter.clone()).await?;
     let presence = ctx.presence.clone().connect(&org, &user, Via::Stream);
     let expires = Instant::now() + claims.time_left();
+    let deadlines = Deadlines::new(
+        expires,
+        ctx.heartbeat,
+        connection.as_ref().map_or(0, Connection::id),
+    );
     tracing::info!(org = &*org, user = &*user, "stream opened");
     let held = Held {
         _slot: slot,
         _presence: presence,
+        _carried: connection.map(|c| c.carry_stream()),
     };
-    let stream = subscription(ctx, org, filter, from, reg, expires, held);
+    let stream = subscription(ctx, org, filter, from, reg, deadlines, held);
     Ok(Response::new(Box::new(stream)))
 }
 
 /// What an open stream holds until it ends, however it ends: its slot in the per-user stream
-/// limit and its user's presence.
+/// limit, its user's presence and its count on its connection.
 struct Held {
     _slot: UserSlot,
     _presence: PresenceGuard,
+    _carried: Option<CarriedStream>,
 }
 
 /// What woke a live stream.
@@ -247,11 +256,11 @@ fn subscription(
     filter: Filter,
     from: Option<Cursor>,
     reg: crate::hub::Registration,
-    expires: Instant,
+    deadlines: Deadlines,
     held: Held,
 ) -> Subscription {
     Subscription {
-        head: Some(Box::pin(head(ctx, org, filter, from, reg, expires, held))),
+        head: Some(Box::pin(head(ctx, org, filter, from, reg, deadlines, held))),
         live: None,
     }
 }
@@ -263,7 +272,7 @@ fn head(
     filter: Filter,
     from: Option<Cursor>,
     mut reg: crate::hub::Registration,
-    expires: Instant,
+    deadlines: Deadlines,
     held: Held,
 ) -> impl Stream<Item = Result<Step, Status>> + Send + 'static {
     async_stream::try_stream! {
@@ -302,13 +311,13 @@ fn head(
         // bytes of every idle stream): it is set to the earlier of the two and only moved when
         // it fires, so a send is a clock read, not a timer-wheel update. Shutdown needs no
         // waiter: the hub ends the queue (Cut::Shutdown).
-        let timer = Box::pin(tokio::time::sleep_until(expires.min(Instant::now() + ctx.heartbeat)));
+        let last_sent = Instant::now();
+        let timer = Box::pin(tokio::time::sleep_until(deadlines.next(last_sent)));
         yield Step::Live(Box::new(Live {
             reg,
             timer,
-            last_sent: Instant::now(),
-            expires,
-            heartbeat: ctx.heartbeat,
+            last_sent,
+            deadlines,
             epoch,
             pos,
             log,
@@ -318,14 +327,62 @@ fn head(
     }
 }
 
+/// When a live stream must next wake by itself: its token's expiry, and its heartbeat on a grid
+/// of half heartbeat intervals whose phase is its connection's. The heartbeat is due at the
+/// latest point of the grid at most one interval after the stream's last message, so no stream
+/// is silent for longer than the interval, and the idle streams of one connection (a multiplexed
+/// one carries a hundred) send theirs at the same instants, which go out in one write
+/// (`connections::Door`) instead of one each at times of their own. The phases are a few
+/// ([`PHASES`] per half interval), so the runtime wakes for many connections' heartbeats at once
+/// rather than for each connection's.
+#[derive(Clone, Copy)]
+struct Deadlines {
+    expires: Instant,
+    every: Duration,
+    /// A point of the grid.
+    anchor: Instant,
+}
+
+/// The heartbeat phases a connection can have (a power of two: the top bits of its hashed id).
+const PHASES: u64 = 64;
+
+impl Deadlines {
+    fn new(expires: Instant, every: Duration, connection: u64) -> Deadlines {
+        static START: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+        // Fibonacci hashing spreads consecutive connection ids over the phases.
+        let phase = connection.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (u64::BITS - PHASES.ilog2());
+        Deadlines {
+            expires,
+            every,
+            anchor: *START + every / 2 / PHASES as u32 * phase as u32,
+        }
+    }
+
+    /// The heartbeat after a message sent at `last`: the latest grid point at most `every`
+    /// after it (so later than `last` + `every` / 2).
+    fn heartbeat(&self, last: Instant) -> Instant {
+        let latest = last + self.every;
+        let half = (self.every / 2).as_nanos().max(1);
+        let Some(since) = latest.checked_duration_since(self.anchor) else {
+            return latest;
+        };
+        let steps = since.as_nanos() / half;
+        self.anchor + Duration::from_nanos(u64::try_from(steps * half).unwrap_or(u64::MAX))
+    }
+
+    /// The timer's next deadline: the heartbeat after `last`, or the expiry if earlier.
+    fn next(&self, last: Instant) -> Instant {
+        self.heartbeat(last).min(self.expires)
+    }
+}
+
 /// The live part of a stream: the events its room queues, heartbeats while idle, the end when
 /// the token expires or the hub cuts the queue.
 struct Live {
     reg: crate::hub::Registration,
     timer: Pin<Box<Sleep>>,
     last_sent: Instant,
-    expires: Instant,
-    heartbeat: Duration,
+    deadlines: Deadlines,
     epoch: u64,
     /// The last seq this subscriber has seen or skipped.
     pos: u64,
@@ -348,11 +405,12 @@ impl Live {
                 Some(item) => Wake::Item(Some(item)),
                 None if self.timer.as_mut().poll(cx).is_ready() => {
                     let now = Instant::now();
-                    let due = self.last_sent + self.heartbeat;
-                    if now >= self.expires {
+                    if now >= self.deadlines.expires {
                         Wake::Expired
-                    } else if now < due {
-                        self.timer.as_mut().reset(due.min(self.expires));
+                    } else if now < self.deadlines.heartbeat(self.last_sent) {
+                        self.timer
+                            .as_mut()
+                            .reset(self.deadlines.next(self.last_sent));
                         continue;
                     } else {
                         Wake::Heartbeat
@@ -401,8 +459,9 @@ impl Live {
             };
             self.last_sent = Instant::now();
             if self.timer.is_elapsed() {
-                let next = (self.last_sent + self.heartbeat).min(self.expires);
-                self.timer.as_mut().reset(next);
+                self.timer
+                    .as_mut()
+                    .reset(self.deadlines.next(self.last_sent));
             }
             return TaskPoll::Ready(Some(Ok(bytes)));
         }
@@ -634,4 +693,53 @@ async fn list_online(
     Ok(Response::new(ListOnlineResponse {
         members: ctx.presence.members(&org),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_keep_the_interval_and_share_their_connections_grid() {
+        let every = Duration::from_secs(15);
+        let far = Instant::now() + Duration::from_secs(3600);
+        let a = Deadlines::new(far, every, 7);
+        let b = Deadlines::new(far, every, 8);
+        let start = Instant::now();
+        let mut seen_a = std::collections::BTreeSet::new();
+        let mut seen_b = std::collections::BTreeSet::new();
+        // Messages at irregular times over two minutes.
+        for i in 0..2_000u64 {
+            let last = start + Duration::from_millis(i * 61 % 120_000);
+            for (d, seen) in [(&a, &mut seen_a), (&b, &mut seen_b)] {
+                let due = d.heartbeat(last);
+                assert!(due <= last + every, "silent for longer than the interval");
+                assert!(
+                    due > last + every / 2,
+                    "due too soon after the last message"
+                );
+                assert_eq!(
+                    d.heartbeat(due),
+                    due + every,
+                    "an idle stream beats every interval"
+                );
+                seen.insert(due);
+            }
+        }
+        // Over two minutes, a connection's streams beat on at most 17 instants (a half
+        // interval apart), whatever their messages' times.
+        assert!(seen_a.len() <= 17, "{} instants", seen_a.len());
+        let half = every / 2;
+        let first = *seen_a.first().unwrap();
+        assert!(
+            seen_a
+                .iter()
+                .all(|t| (*t - first).as_nanos() % half.as_nanos() == 0)
+        );
+        // Another connection has another phase.
+        assert!(seen_a.is_disjoint(&seen_b));
+        // The expiry comes first when it is earlier.
+        let soon = Instant::now() + Duration::from_secs(1);
+        assert_eq!(Deadlines::new(soon, every, 7).next(start), soon);
+    }
 }
