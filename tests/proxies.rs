@@ -35,9 +35,10 @@ use tonic::transport::Endpoint;
 const LIVE: Duration = Duration::from_secs(2);
 
 /// How long the streams stay idle: past nginx's default `proxy_read_timeout` and
-/// `grpc_read_timeout` (60 s). The server's heartbeat is set above it, so nothing flows meanwhile.
+/// `grpc_read_timeout` (60 s). The server's heartbeat interval is set above twice it (a stream's
+/// heartbeat comes more than half an interval after its last message), so nothing flows meanwhile.
 const IDLE: Duration = Duration::from_secs(62);
-const HEARTBEAT: &str = "75s";
+const HEARTBEAT: &str = "130s";
 
 /// The snippet of README.md in its ```` ```info ```` fenced block (there must be exactly one).
 fn readme_snippet(info: &str) -> String {

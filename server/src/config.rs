@@ -106,7 +106,8 @@ pub struct Config {
     )]
     pub cors_origins: Vec<String>,
 
-    /// Send a heartbeat on a stream idle for this long.
+    /// The longest a stream stays silent: an idle stream gets a heartbeat at least this often
+    /// (on its connection's grid: more than half of this after its last message).
     #[arg(long, env = "ORGPULSE_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
 
