@@ -78,9 +78,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         audience: cfg.jwt_audience.clone(),
         leeway: cfg.jwt_leeway,
     })?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
+    let listener =
+        listen(cfg.listen).map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
     let addr = listener.local_addr()?;
     if cfg.dev
         && let Some(s) = &secret
@@ -88,6 +87,23 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         dev::print_dev_tokens(s, addr)?;
     }
     server::run(cfg, auth, listener, shutdown_signal()).await
+}
+
+/// Connections the kernel may hold accepted but not yet taken (capped by `net.core.somaxconn`).
+/// tokio's default of 1,024 overflowed when the clients of a dead node came all at once: a
+/// dropped SYN is retried only after a second, then three.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// The listening socket on `addr`, as tokio's `TcpListener::bind` makes it but with
+/// [`LISTEN_BACKLOG`].
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn shutdown_signal() {
