@@ -3,15 +3,16 @@
 //! two connections on every node; SIGKILL of one of them keeps them online via the other, with no
 //! flicker; SIGKILL of the other takes them offline exactly once, within 30 s plus the grace. A
 //! Poll waiting on one node keeps its user online on every node; after it they go offline within
-//! the grace plus 5 s.
+//! the grace plus 5 s. A node with thousands of users sends its set in parts, and the others list
+//! every one of them.
 mod cluster_support;
 mod support;
 
 use std::time::{Duration, Instant};
 
 use cluster_support::{Cluster, services_or_skip};
-use orgpulse::proto::{PollRequest, event::Payload};
-use support::{Sub, TestServer, WAIT, online, snapshot, token};
+use orgpulse::proto::{PollRequest, event::Payload, event_service_client::EventServiceClient};
+use support::{Auth, Sub, TestServer, WAIT, online, snapshot, token};
 
 const ORG: &str = "cluster";
 const GRACE: Duration = Duration::from_secs(1);
@@ -221,4 +222,56 @@ async fn a_poll_waiting_on_one_node_keeps_its_user_online_and_offline_within_gra
         took <= GRACE + POLL_ONLINE + HEARTBEAT + Duration::from_millis(500),
         "offline {took:?} after the Poll ended"
     );
+}
+
+/// A node holding more users than one presence message carries (2,000) sends its set in parts:
+/// the other node lists every one of them.
+#[tokio::test]
+async fn a_set_of_thousands_of_users_reaches_the_other_node_whole() {
+    if !services_or_skip(false) {
+        return;
+    }
+    // Three parts.
+    const USERS: usize = 4_500;
+    let mut flags = FLAGS.to_vec();
+    flags.extend(["--max-concurrent-streams", "5000"]);
+    let cluster = Cluster::start(2, &flags).await;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let observer = token(ORG, "observer", "viewer");
+    let head = snapshot(a, &observer).await.cursor;
+    // Each user waits in a Poll on A, which keeps them online while it waits.
+    let channel = a.channel().await;
+    let polls: Vec<_> = (0..USERS)
+        .map(|i| {
+            let user = token(ORG, &format!("u{i}"), "viewer");
+            let mut events =
+                EventServiceClient::with_interceptor(channel.clone(), Auth::new(&user));
+            let req = PollRequest {
+                org_id: ORG.into(),
+                after_cursor: head.clone(),
+                wait_ms: 30_000,
+                ..Default::default()
+            };
+            tokio::spawn(async move { events.poll(req).await })
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let members = online(b, &observer).await;
+        let listed = members
+            .iter()
+            .filter(|m| m.user_id.starts_with('u'))
+            .count();
+        if listed == USERS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B lists {listed} of the {USERS} users waiting on A"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for poll in polls {
+        poll.abort();
+    }
 }

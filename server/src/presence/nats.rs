@@ -7,7 +7,8 @@
 //! dropped) without its CRDT: since no entry has two writers, merging is "replace that node's set
 //! with its newest message" (newest by the node's incarnation and version, so NATS reordering or
 //! duplicating a heartbeat changes nothing). A node sends its whole set on every heartbeat and soon
-//! after every change, so one lost message costs at most one heartbeat interval.
+//! after every change (in parts of at most 2,000 users, which count once all have come), so one
+//! lost message costs at most one heartbeat interval.
 //!
 //! Transitions: the cluster-wide count of a user's streams and Polls drives the embedded engine
 //! (`MemoryPresence::set_connections`), so grace, timers and the order of announcements are the same
@@ -73,7 +74,7 @@ struct Held {
     poll_left_ms: u64,
 }
 
-/// One node's whole presence set, as sent on the wire (JSON).
+/// One node's whole presence set, or one part of it, as sent on the wire (JSON).
 #[derive(Debug, Serialize, Deserialize)]
 struct Heartbeat {
     node: String,
@@ -82,6 +83,29 @@ struct Heartbeat {
     version: u64,
     /// The node is shutting down: drop its entries now.
     leaving: bool,
+    /// This message is part `part` (from 0) of `parts` of the set at `version`: a set of more than
+    /// [`PART_USERS`] users goes in parts (NATS takes 1 MB per message by default), and counts
+    /// once all of them are here. Absent in the messages of nodes that sent one message per set.
+    #[serde(default)]
+    part: u32,
+    #[serde(default = "one_part")]
+    parts: u32,
+    users: Vec<(String, String, Held)>,
+}
+
+fn one_part() -> u32 {
+    1
+}
+
+/// Most users in one message: each entry is at most ~200 bytes of JSON (ids are at most 64
+/// characters that JSON does not escape), so a part stays below 400 KB.
+const PART_USERS: usize = 2000;
+
+/// The parts of another node's newest set that have come so far.
+struct Assembling {
+    incarnation: u64,
+    version: u64,
+    got: Vec<bool>,
     users: Vec<(String, String, Held)>,
 }
 
@@ -97,10 +121,61 @@ struct Remote {
 struct State {
     local: HashMap<Key, Connections>,
     remote: HashMap<String, Remote>,
+    /// Sets sent in parts, per node, until their last part comes.
+    assembling: HashMap<String, Assembling>,
     version: u64,
 }
 
 impl State {
+    /// The whole set once `hb` completes it: `hb` itself when it is a set of one part; None
+    /// while parts are missing, or for a part of a set older than one already assembling.
+    fn assemble(&mut self, hb: Heartbeat) -> Option<Heartbeat> {
+        if hb.parts <= 1 {
+            // A whole set: the parts of an older one will not be needed.
+            if self
+                .assembling
+                .get(&hb.node)
+                .is_some_and(|a| a.incarnation != hb.incarnation || a.version <= hb.version)
+            {
+                self.assembling.remove(&hb.node);
+            }
+            return Some(hb);
+        }
+        if hb.part >= hb.parts {
+            return None;
+        }
+        let same = |a: &Assembling| (a.incarnation, a.version) == (hb.incarnation, hb.version);
+        let older = |a: &Assembling| a.incarnation == hb.incarnation && a.version > hb.version;
+        let slot = self.assembling.get(&hb.node);
+        if slot.is_some_and(older) {
+            return None;
+        }
+        if !slot.is_some_and(|a| same(a) && a.got.len() == hb.parts as usize) {
+            let fresh = Assembling {
+                incarnation: hb.incarnation,
+                version: hb.version,
+                got: vec![false; hb.parts as usize],
+                users: Vec::new(),
+            };
+            self.assembling.insert(hb.node.clone(), fresh);
+        }
+        let a = self.assembling.get_mut(&hb.node)?;
+        if std::mem::replace(&mut a.got[hb.part as usize], true) {
+            return None;
+        }
+        a.users.extend(hb.users);
+        if a.got.iter().any(|got| !got) {
+            return None;
+        }
+        let a = self.assembling.remove(&hb.node)?;
+        Some(Heartbeat {
+            users: a.users,
+            part: 0,
+            parts: 1,
+            ..hb
+        })
+    }
+
     /// The user's streams and waiting Polls on every live node, and their latest Poll deadline.
     fn cluster_wide(&self, key: &Key) -> Connections {
         let nodes = self.local.get(key).into_iter();
@@ -180,37 +255,40 @@ impl NatsPresence {
         }
     }
 
-    /// This node's set as a heartbeat.
-    fn heartbeat(&self, leaving: bool) -> Heartbeat {
+    /// This node's set as heartbeat messages, in parts of at most [`PART_USERS`] users; one
+    /// message without users when the node is leaving (the others drop all its entries).
+    fn heartbeat(&self, leaving: bool) -> Vec<Heartbeat> {
         let state = self.state.lock();
         let now = Instant::now();
-        Heartbeat {
+        let users = state
+            .local
+            .iter()
+            .filter(|(_, l)| !leaving && l.online(now))
+            .map(|((org, user), l)| {
+                let poll_left = l.poll_until.map_or(Duration::ZERO, |t| t - now.min(t));
+                let held = Held {
+                    streams: l.streams,
+                    polls: l.polls,
+                    poll_left_ms: poll_left.as_millis() as u64,
+                };
+                (org.clone(), user.clone(), held)
+            });
+        split(users.collect(), |part, parts, users| Heartbeat {
             node: self.node.clone(),
             incarnation: self.incarnation,
             version: state.version,
             leaving,
-            users: state
-                .local
-                .iter()
-                .filter(|(_, l)| l.online(now))
-                .map(|((org, user), l)| {
-                    let poll_left = l.poll_until.map_or(Duration::ZERO, |t| t - now.min(t));
-                    let held = Held {
-                        streams: l.streams,
-                        polls: l.polls,
-                        poll_left_ms: poll_left.as_millis() as u64,
-                    };
-                    (org.clone(), user.clone(), held)
-                })
-                .collect(),
-        }
+            part,
+            parts,
+            users,
+        })
     }
 
     /// Tells the other nodes this one is leaving (its streams stop counting there at once) and
     /// waits until NATS has it; no heartbeat goes out after it. Part of the shutdown.
     pub async fn leave(&self) {
         self.left.store(true, Ordering::SeqCst);
-        self.publish(&self.heartbeat(true)).await;
+        self.publish(self.heartbeat(true)).await;
         if tokio::time::timeout(LEAVE_FLUSH, self.client.flush())
             .await
             .is_err()
@@ -219,20 +297,22 @@ impl NatsPresence {
         }
     }
 
-    async fn publish(&self, hb: &Heartbeat) {
-        if !hb.leaving && self.left.load(Ordering::SeqCst) {
-            return;
-        }
-        let payload = serde_json::to_vec(hb).expect("a heartbeat serializes");
-        let bytes = payload.len();
-        if let Err(e) = self
-            .client
-            .publish(self.subject.clone(), payload.into())
-            .await
-        {
-            NOT_SENT.log(|suppressed| {
-                tracing::warn!(error = %e, bytes, users = hb.users.len(), suppressed, "presence heartbeat not sent");
-            });
+    async fn publish(&self, parts: Vec<Heartbeat>) {
+        for hb in parts {
+            if !hb.leaving && self.left.load(Ordering::SeqCst) {
+                return;
+            }
+            let payload = serde_json::to_vec(&hb).expect("a heartbeat serializes");
+            let bytes = payload.len();
+            if let Err(e) = self
+                .client
+                .publish(self.subject.clone(), payload.into())
+                .await
+            {
+                NOT_SENT.log(|suppressed| {
+                    tracing::warn!(error = %e, bytes, users = hb.users.len(), suppressed, "presence heartbeat not sent");
+                });
+            }
         }
     }
 
@@ -253,7 +333,7 @@ impl NatsPresence {
                 _ = self.changed.notified() => tokio::time::sleep(gather).await,
             }
             let started = Instant::now();
-            self.publish(&self.heartbeat(false)).await;
+            self.publish(self.heartbeat(false)).await;
             gather = (started.elapsed() * GATHER_PER_COST).max(MIN_GATHER);
         }
     }
@@ -291,6 +371,9 @@ impl NatsPresence {
     fn merge(&self, hb: Heartbeat) {
         let mut state = self.state.lock();
         let now = Instant::now();
+        let Some(hb) = state.assemble(hb) else {
+            return;
+        };
         let known = state.remote.get(&hb.node);
         let newcomer = known.is_none_or(|r| r.incarnation != hb.incarnation);
         if known.is_some_and(|r| r.incarnation == hb.incarnation && r.version > hb.version) {
@@ -335,6 +418,22 @@ impl NatsPresence {
     }
 }
 
+/// `users` in parts of at most [`PART_USERS`], each made by `part(index, count, users)`; one
+/// part when there are no users.
+fn split<T, U>(users: Vec<U>, part: impl Fn(u32, u32, Vec<U>) -> T) -> Vec<T> {
+    let parts = users.len().div_ceil(PART_USERS).max(1);
+    let mut users = users.into_iter();
+    (0..parts)
+        .map(|i| {
+            part(
+                i as u32,
+                parts as u32,
+                users.by_ref().take(PART_USERS).collect(),
+            )
+        })
+        .collect()
+}
+
 impl Presence for NatsPresence {
     fn connect(self: Arc<Self>, org: &Arc<str>, user: &Arc<str>, via: Via) -> PresenceGuard {
         self.change_local(org, user, |l| match via {
@@ -362,6 +461,70 @@ impl Presence for NatsPresence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn part(version: u64, part: u32, parts: u32, users: &[&str]) -> Heartbeat {
+        let held = Held {
+            streams: 1,
+            polls: 0,
+            poll_left_ms: 0,
+        };
+        Heartbeat {
+            node: "b".into(),
+            incarnation: 7,
+            version,
+            leaving: false,
+            part,
+            parts,
+            users: users
+                .iter()
+                .map(|u| ("acme".into(), u.to_string(), held))
+                .collect(),
+        }
+    }
+
+    fn names(hb: &Heartbeat) -> Vec<&str> {
+        let mut users: Vec<&str> = hb.users.iter().map(|(_, u, _)| u.as_str()).collect();
+        users.sort();
+        users
+    }
+
+    #[test]
+    fn a_large_set_goes_in_parts_and_counts_once_all_are_here() {
+        let sizes = |n: usize| split((0..n).collect(), |_, _, u: Vec<usize>| u.len());
+        assert_eq!(sizes(0), [0]);
+        assert_eq!(sizes(PART_USERS), [PART_USERS]);
+        assert_eq!(sizes(2 * PART_USERS + 1), [PART_USERS, PART_USERS, 1]);
+        let indexes = split(vec![1, 2, 3], |i, n, _| (i, n));
+        assert_eq!(indexes, [(0, 1)]);
+
+        let mut state = State::default();
+        // Out of order, a part twice: whole once the last one comes.
+        assert!(state.assemble(part(5, 2, 3, &["c"])).is_none());
+        assert!(state.assemble(part(5, 0, 3, &["a"])).is_none());
+        assert!(state.assemble(part(5, 0, 3, &["a"])).is_none());
+        let whole = state
+            .assemble(part(5, 1, 3, &["b"]))
+            .expect("all parts are here");
+        assert_eq!((whole.version, whole.parts), (5, 1));
+        assert_eq!(names(&whole), ["a", "b", "c"]);
+        assert!(state.assembling.is_empty());
+
+        // A newer set's part drops the older one's; the older one's late parts are ignored.
+        assert!(state.assemble(part(6, 0, 2, &["a"])).is_none());
+        assert!(state.assemble(part(7, 0, 2, &["x"])).is_none());
+        assert!(state.assemble(part(6, 1, 2, &["b"])).is_none());
+        let whole = state
+            .assemble(part(7, 1, 2, &["y"]))
+            .expect("set 7 is whole");
+        assert_eq!(names(&whole), ["x", "y"]);
+
+        // A set in one message passes through and ends an older assembly; a part out of range
+        // is ignored.
+        assert!(state.assemble(part(8, 0, 2, &["a"])).is_none());
+        assert!(state.assemble(part(9, 0, 1, &["z"])).is_some());
+        assert!(state.assembling.is_empty());
+        assert!(state.assemble(part(10, 2, 2, &["a"])).is_none());
+    }
 
     #[test]
     fn cluster_wide_counts_add_every_live_node_and_keep_the_latest_poll() {
