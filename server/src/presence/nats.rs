@@ -190,6 +190,8 @@ impl State {
 
 pub struct NatsPresence {
     node: String,
+    /// How this node's own messages begin (NATS hands them back to it): `{"node":"<node>",`.
+    own_prefix: Vec<u8>,
     incarnation: u64,
     subject: String,
     client: Client,
@@ -217,6 +219,7 @@ impl NatsPresence {
         let sub = client.subscribe(subject.clone()).await?;
         let presence = Arc::new(NatsPresence {
             node: node.to_string(),
+            own_prefix: own_prefix(node),
             incarnation: rand::random(),
             subject,
             client,
@@ -357,6 +360,11 @@ impl NatsPresence {
 
     async fn receive(self: Arc<Self>, mut sub: async_nats::Subscriber) {
         while let Some(msg) = sub.next().await {
+            // This node's own set comes back too: recognized by its first bytes (`node` is the
+            // first field written) rather than parsed, as it can be 100,000 users long.
+            if msg.payload.starts_with(&self.own_prefix) {
+                continue;
+            }
             match serde_json::from_slice::<Heartbeat>(&msg.payload) {
                 Ok(hb) if hb.node != self.node => self.merge(hb),
                 Ok(_) => {}
@@ -416,6 +424,12 @@ impl NatsPresence {
             self.changed.notify_one();
         }
     }
+}
+
+/// How the messages of node `node` begin: `{"node":"<node>",`.
+fn own_prefix(node: &str) -> Vec<u8> {
+    let name = serde_json::to_string(node).expect("a string serializes");
+    format!("{{\"node\":{name},").into_bytes()
 }
 
 /// `users` in parts of at most [`PART_USERS`], each made by `part(index, count, users)`; one
@@ -524,6 +538,15 @@ mod tests {
         assert!(state.assemble(part(9, 0, 1, &["z"])).is_some());
         assert!(state.assembling.is_empty());
         assert!(state.assemble(part(10, 2, 2, &["a"])).is_none());
+    }
+
+    #[test]
+    fn a_node_knows_its_own_messages_by_their_first_bytes() {
+        let message = serde_json::to_vec(&part(1, 0, 1, &["a"])).unwrap();
+        assert!(message.starts_with(&own_prefix("b")));
+        for other in ["", "bb", "a", "b\"", "\"b"] {
+            assert!(!message.starts_with(&own_prefix(other)), "{other}");
+        }
     }
 
     #[test]
