@@ -315,7 +315,7 @@ impl Http {
 /// its own, as large as the task's largest state, and the router's future (which holds the
 /// request until it is routed) is that state: unboxed it made each stream's task 512 bytes for
 /// the stream's whole life. Boxed, it is freed once the response head is out. Each request
-/// carries its connection's id.
+/// carries its [`Connection`] (its id, and its count of streams).
 #[derive(Clone)]
 struct App {
     router: axum::Router,

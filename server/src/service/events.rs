@@ -405,12 +405,11 @@ impl Live {
                 Some(item) => Wake::Item(Some(item)),
                 None if self.timer.as_mut().poll(cx).is_ready() => {
                     let now = Instant::now();
+                    let due = self.deadlines.heartbeat(self.last_sent);
                     if now >= self.deadlines.expires {
                         Wake::Expired
-                    } else if now < self.deadlines.heartbeat(self.last_sent) {
-                        self.timer
-                            .as_mut()
-                            .reset(self.deadlines.next(self.last_sent));
+                    } else if now < due {
+                        self.timer.as_mut().reset(due.min(self.deadlines.expires));
                         continue;
                     } else {
                         Wake::Heartbeat
