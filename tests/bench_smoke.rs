@@ -447,12 +447,26 @@ async fn storm_run_resumes_every_stream_on_the_surviving_node() {
         ("resumeFailures", 0),
         ("lost", 0),
         ("outOfOrder", 0),
-        // Each stream got every write of its org after the job was created (seq 1).
-        ("deliveriesExpected", 160 * 80 / 4),
-        ("deliveriesReceived", 160 * 80 / 4),
+        // Each stream got every write of its org after the job was created (seq 1), and so did
+        // B's own subscriber of each org (there from before the kill).
+        ("deliveriesExpected", (160 + 4) * 80 / 4),
+        ("deliveriesReceived", (160 + 4) * 80 / 4),
     ] {
         assert_eq!(v[field], want, "{field} in {v}");
     }
+    for (field, want) in [
+        ("streams", 4),
+        ("lost", 0),
+        ("outOfOrder", 0),
+        ("broken", 0),
+    ] {
+        assert_eq!(
+            v["residentsOnB"][field], want,
+            "residentsOnB.{field} in {v}"
+        );
+    }
+    assert!(number(&v["residentsOnB"]["latencyMs"], "max") > 0.0, "{v}");
+    assert!(number(&v["writerCallsMs"], "max") > 0.0, "{v}");
     assert!(number(&v, "allCaughtUpMs") > 0.0, "{v}");
     assert!(number(&v, "replayStoreReadsPerOrg") >= 0.0, "{v}");
     assert!(number(&v["serverB"], "peakRssMB") > 0.0, "{v}");

@@ -26,6 +26,10 @@ pub struct Target {
     pub secret_file: PathBuf,
     child: Option<Child>,
     data_dir: Option<PathBuf>,
+    /// The kept-alive connection `/metrics` is read on: a monitoring scraper is one of the
+    /// server's existing clients, not a new connection each time (which a storm's admission
+    /// gate would hold in line with the storm).
+    scraper: tokio::sync::Mutex<Option<BufReader<TcpStream>>>,
 }
 
 /// Process-wide CPU seconds (user+system) and resident bytes of the server, and its open
@@ -62,6 +66,7 @@ impl Target {
             secret_file: secret_file.to_path_buf(),
             child: None,
             data_dir: None,
+            scraper: Default::default(),
         })
     }
 
@@ -142,6 +147,7 @@ impl Target {
             secret_file,
             child: Some(child),
             data_dir: Some(dir),
+            scraper: Default::default(),
         })
     }
 
@@ -151,10 +157,24 @@ impl Target {
 
     /// The server's `GET /metrics` text.
     async fn metrics(&self) -> Result<String, CliError> {
-        tokio::time::timeout(Duration::from_secs(10), http_get(self.addr, "/metrics"))
+        tokio::time::timeout(Duration::from_secs(10), self.scrape())
             .await
             .map_err(|_| fail("GET /metrics timed out"))?
             .map_err(|e| fail(format!("GET /metrics: {e}")))
+    }
+
+    /// `GET /metrics` on the kept-alive connection, dialled again when it is closed or broken.
+    async fn scrape(&self) -> std::io::Result<String> {
+        let mut conn = self.scraper.lock().await;
+        let s = match &mut *conn {
+            Some(s) => s,
+            None => conn.insert(BufReader::new(TcpStream::connect(self.addr).await?)),
+        };
+        let got = get_kept_alive(s, self.addr, "/metrics").await;
+        if got.is_err() {
+            *conn = None;
+        }
+        got
     }
 
     /// One value of the server's `/metrics`, if it has it.
@@ -233,19 +253,32 @@ fn rand_suffix() -> u128 {
     rand::random()
 }
 
-/// A minimal HTTP/1.1 GET (the body of a `Connection: close` response).
-async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await?;
-    Ok(buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default())
+/// `GET path` on an HTTP/1.1 connection kept alive: the body, of its `content-length`.
+async fn get_kept_alive(
+    s: &mut BufReader<TcpStream>,
+    addr: SocketAddr,
+    path: &str,
+) -> std::io::Result<String> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    s.get_mut()
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut len = None;
+    loop {
+        let mut line = String::new();
+        if s.read_line(&mut line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = Some(v.trim().parse().map_err(|_| bad("bad content-length"))?);
+        }
+    }
+    let mut body = vec![0; len.ok_or_else(|| bad("no content-length"))?];
+    s.read_exact(&mut body).await?;
+    String::from_utf8(body).map_err(|_| bad("a body not UTF-8"))
 }
 
 /// Pins this process (its current and future threads) to `cpus` (e.g. "1" or "1,3"); empty:

@@ -9,6 +9,10 @@
 //! the writes A is SIGKILLed, and every stream resumes on B (its connection dialled again from
 //! the same source address) with the cursor of the last event it received.
 //!
+//! One subscriber per org on B, there from before the kill, and the writers stand for B's
+//! existing clients: the storm must not cut them off nor hold them up (their latency and call
+//! times are reported, and their deliveries checked like the others').
+//!
 //! Reported: the time from the kill until every stream had its `caught_up` on B (p50 / p99 /
 //! max); PostgreSQL transactions in that window per org, from `pg_stat_database` of the store
 //! database (`pg_stat_statements` is not loaded on this server; each read is one implicit
@@ -172,6 +176,22 @@ pub async fn measure(
     }
     let connected: Vec<usize> = opened.iter().flatten().map(|(i, _)| *i).collect();
 
+    // B's own clients through the storm: one subscriber per org, there from before the kill.
+    let residents = Tally::new();
+    let resident_ids = subscribers..subscribers + orgs;
+    let mut resident_streams = Vec::new();
+    for c in 0..orgs.div_ceil(STREAMS_PER_CONNECTION) {
+        let from = resident_ids.start + c * STREAMS_PER_CONNECTION;
+        let streams = from..(from + STREAMS_PER_CONNECTION).min(resident_ids.end);
+        let source = subscriber::source(c, sources);
+        let group = open_group(args, b, source, streams, &token, &cursors, &residents).await;
+        resident_streams.extend(group.map_err(fail)?);
+    }
+    let residents_live: Vec<_> = resident_streams
+        .into_iter()
+        .map(|(_, s)| tokio::spawn(s.run(residents.clone())))
+        .collect();
+
     // Writes go on through B; a quarter of the way in, A dies and every stream resumes on B.
     let resumes = Arc::new(Resumes {
         killed: Mutex::new(None),
@@ -233,6 +253,12 @@ pub async fn measure(
         .sum();
     subscriber::wait_for(&tally, expected, args.stall, args.phase_timeout).await;
     let received = tally.received.load(Relaxed);
+    let residents_expected: u64 = resident_ids
+        .map(|i| heads[i % orgs].saturating_sub(1))
+        .sum();
+    subscriber::wait_for(&residents, residents_expected, args.stall, args.stall).await;
+    let residents_received = residents.received.load(Relaxed);
+    let residents_lost = residents_expected.saturating_sub(residents_received);
     let cpu = usage1.cpu_s - usage0.cpu_s;
     let xacts_storm = xacts1.saturating_sub(xacts0);
     let commits = commits1.saturating_sub(usage0.commits);
@@ -275,16 +301,29 @@ pub async fn measure(
         // The bench's own CPU over the storm (a core of its own): near 100 %, the client is
         // what the caught-up times measure.
         "clientCpuPctOfCore": round2(client_cpu / storm.as_secs_f64().max(1e-9) * 100.0),
-        "deliveriesExpected": expected,
-        "deliveriesReceived": received,
-        "lost": expected.saturating_sub(received),
-        "outOfOrder": tally.out_of_order.load(Relaxed),
-        "brokenStreams": tally.broken.load(Relaxed) + resumes.failures.load(Relaxed),
+        // B's existing clients while the storm came in: the writers' calls (each a unary
+        // round trip through B, before, during and after the storm) and one subscriber per org
+        // on B from before the kill (commit to receipt).
+        "writerCallsMs": published.calls.summary_ms(),
+        "residentsOnB": {
+            "streams": orgs,
+            "latencyMs": residents.latency.lock().unwrap().summary_ms(),
+            "lost": residents_lost,
+            "outOfOrder": residents.out_of_order.load(Relaxed),
+            "broken": residents.broken.load(Relaxed),
+        },
+        "deliveriesExpected": expected + residents_expected,
+        "deliveriesReceived": received + residents_received,
+        "lost": expected.saturating_sub(received) + residents_lost,
+        "outOfOrder": tally.out_of_order.load(Relaxed) + residents.out_of_order.load(Relaxed),
+        "brokenStreams": tally.broken.load(Relaxed)
+            + resumes.failures.load(Relaxed)
+            + residents.broken.load(Relaxed),
     });
     if let Some(e) = tally.first_error.lock().unwrap().take() {
         out["firstError"] = e.into();
     }
-    for t in live {
+    for t in live.into_iter().chain(residents_live) {
         t.abort();
     }
     Ok(out)
