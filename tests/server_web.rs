@@ -299,6 +299,7 @@ async fn cors_preflight_allows_configured_origin_only() {
     for m in [
         "orgpulse_open_streams",
         "orgpulse_waiting_polls",
+        "orgpulse_runtime_global_queue_depth",
         "orgpulse_events_committed_total",
         "orgpulse_events_delivered_total",
         "orgpulse_slow_subscriber_disconnects_total",

@@ -171,6 +171,14 @@ pub fn render(pool: Option<PoolStats>, node: NodeState<'_>) -> String {
         m.open_streams.get().to_string(),
     );
     metric(
+        "orgpulse_runtime_global_queue_depth",
+        "gauge",
+        "Tasks waiting in the runtime's global queue: those woken from outside its worker threads (an event's subscribers, woken by the store's writer) and those the workers' own queues could not hold. High while the node is behind.",
+        tokio::runtime::Handle::try_current()
+            .map_or(0, |h| h.metrics().global_queue_depth())
+            .to_string(),
+    );
+    metric(
         "orgpulse_waiting_polls",
         "gauge",
         "Poll calls in progress (most of them waiting for an event).",
