@@ -163,18 +163,26 @@ impl Target {
             .map_err(|e| fail(format!("GET /metrics: {e}")))
     }
 
-    /// `GET /metrics` on the kept-alive connection, dialled again when it is closed or broken.
+    /// `GET /metrics` on the kept-alive connection; once more on a new one when it was closed
+    /// meanwhile (the server closes a connection idle for 10 s) or broke.
     async fn scrape(&self) -> std::io::Result<String> {
         let mut conn = self.scraper.lock().await;
-        let s = match &mut *conn {
-            Some(s) => s,
-            None => conn.insert(BufReader::new(TcpStream::connect(self.addr).await?)),
-        };
-        let got = get_kept_alive(s, self.addr, "/metrics").await;
-        if got.is_err() {
-            *conn = None;
+        loop {
+            let fresh = conn.is_none();
+            let s = match &mut *conn {
+                Some(s) => s,
+                None => conn.insert(BufReader::new(TcpStream::connect(self.addr).await?)),
+            };
+            match get_kept_alive(s, self.addr, "/metrics").await {
+                Ok(body) => return Ok(body),
+                Err(e) => {
+                    *conn = None;
+                    if fresh {
+                        return Err(e);
+                    }
+                }
+            }
         }
-        got
     }
 
     /// One value of the server's `/metrics`, if it has it.
