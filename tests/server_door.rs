@@ -216,7 +216,7 @@ async fn idle_and_half_preface_sockets_are_closed_within_10_to_12_s() {
         b"",
         &H2_PREFACE[..16],
         b"GET /healthz HTTP/1.1\r\nhost: x\r\n",
-        b"POST /orgpulse.v1.JobService/ListJobs HTTP/1.1\r\n",
+        b"POST /orgpulse.v1.EventService/ListOnline HTTP/1.1\r\n",
     ];
     let mut sockets = Vec::new();
     let mut closes = Vec::new();
@@ -452,7 +452,10 @@ async fn malformed_grpc_web(server: &TestServer, i: usize) -> reqwest::Response 
         .http1_only()
         .build()
         .unwrap()
-        .post(format!("{}/orgpulse.v1.JobService/ListJobs", server.url))
+        .post(format!(
+            "{}/orgpulse.v1.EventService/ListOnline",
+            server.url
+        ))
         .header("content-type", content_type)
         .header("x-grpc-web", "1")
         .header(
@@ -494,5 +497,45 @@ async fn malformed_grpc_web_frames_are_counted_and_logged_at_most_once_a_second(
     assert!(
         (1..=seconds + 2).contains(&lines),
         "{lines} log lines for 100 malformed frames in {seconds} s:\n{logs}"
+    );
+}
+
+#[tokio::test]
+async fn a_new_connections_burst_of_streams_waits_its_turn_while_a_subscriber_gets_every_event() {
+    const BURST: usize = 100;
+    let server = TestServer::start().await;
+    let alice = token("acme", "alice", "member");
+    let mut sub = Sub::open(&server, &alice, "acme", "", &[]).await.unwrap();
+    sub.caught_up().await;
+    // A hundred calls at once on one new connection, each refused once it is its turn (no token).
+    let mut conn = h2_connection(&server.addr).await;
+    let mut answers = Vec::new();
+    for _ in 0..BURST {
+        conn = conn.ready().await.unwrap();
+        let head = grpc_head(&server.addr, "/orgpulse.v1.EventService/ListOnline", None);
+        let (res, mut body) = conn.send_request(head, false).unwrap();
+        body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+            .unwrap();
+        answers.push(grpc_status(res));
+    }
+    let writes = async {
+        for i in 0..20 {
+            create_job(&server, &alice, "acme", &format!("during the burst {i}")).await;
+        }
+    };
+    let (answers, ()) = tokio::time::timeout(WAIT, async {
+        tokio::join!(futures::future::join_all(answers), writes)
+    })
+    .await
+    .expect("the burst and the writes are served");
+    assert!(answers.iter().all(|(code, _)| *code == 16), "{answers:?}");
+    // They came faster than the gate's first pace lets in: some waited their turn.
+    let delayed = metric(&server, "orgpulse_admission_delayed_total").await;
+    assert!(delayed > 0, "{delayed} waited at the gate");
+    assert_eq!(metric(&server, "orgpulse_admission_waiting").await, 0);
+    let got = sub.durable(20).await;
+    assert_exactly_once(&got, &log_of(&server.dir, "acme"), 1..=20, "alice", &[]);
+    eprintln!(
+        "{BURST} streams at once on a new connection: {delayed} waited at the admission gate"
     );
 }

@@ -14,7 +14,7 @@ use std::{
         atomic::{AtomicU32, Ordering},
     },
     task::{Context, Poll, ready},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use parking_lot::Mutex;
@@ -86,13 +86,14 @@ impl Slot {
 }
 
 /// What a connection's requests (as a request extension) share with its byte stream: the
-/// connection's id, and how many `Subscribe` streams it carries now.
+/// connection's id, when it was accepted, and how many `Subscribe` streams it carries now.
 #[derive(Clone)]
 pub struct Connection(Arc<Shared>);
 
 struct Shared {
     id: u64,
     streams: AtomicU32,
+    accepted: Instant,
 }
 
 impl Connection {
@@ -100,11 +101,17 @@ impl Connection {
         Connection(Arc::new(Shared {
             id,
             streams: AtomicU32::new(0),
+            accepted: Instant::now(),
         }))
     }
 
     pub fn id(&self) -> u64 {
         self.0.id
+    }
+
+    /// When the connection was accepted.
+    pub fn accepted(&self) -> Instant {
+        self.0.accepted
     }
 
     /// Counts a stream on this connection while the guard lives.

@@ -2,6 +2,7 @@
 //! in one transaction), committed events travel on the Bus to each node's Hub, and the Hub fans them
 //! out to subscribers in seq order. See docs/design.md for the data flow.
 pub mod activity;
+pub mod admission;
 pub mod audience;
 pub mod auth;
 pub mod bus;

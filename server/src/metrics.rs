@@ -79,6 +79,11 @@ pub struct Metrics {
     pub connections_refused: Counter,
     pub connections_head_timeouts: Counter,
     pub accept_errors: Counter,
+    /// New streams waiting at the admission gate now, and in all (`admission`).
+    pub admission_waiting: Gauge,
+    pub admission_delayed: Counter,
+    /// The runtime's lag as the admission gate last measured it, in microseconds.
+    pub runtime_lag_us: Gauge,
     /// Calls refused before their body was read, and bodies refused while being received.
     pub unauthenticated_refusals: Counter,
     pub request_buffer_refusals: Counter,
@@ -107,6 +112,9 @@ pub static METRICS: Metrics = Metrics {
     connections_refused: Counter(AtomicU64::new(0)),
     connections_head_timeouts: Counter(AtomicU64::new(0)),
     accept_errors: Counter(AtomicU64::new(0)),
+    admission_waiting: Gauge(AtomicI64::new(0)),
+    admission_delayed: Counter(AtomicU64::new(0)),
+    runtime_lag_us: Gauge(AtomicI64::new(0)),
     unauthenticated_refusals: Counter(AtomicU64::new(0)),
     request_buffer_refusals: Counter(AtomicU64::new(0)),
     body_timeouts: Counter(AtomicU64::new(0)),
@@ -286,6 +294,24 @@ pub fn render(pool: Option<PoolStats>, node: NodeState<'_>) -> String {
             "counter",
             "Failed accepts (out of descriptors and the like).",
             m.accept_errors.get() as i64,
+        ),
+        (
+            "orgpulse_admission_waiting",
+            "gauge",
+            "New HTTP/2 streams waiting at the admission gate for the node to keep up (a reconnect storm).",
+            m.admission_waiting.get(),
+        ),
+        (
+            "orgpulse_admission_delayed_total",
+            "counter",
+            "New HTTP/2 streams that waited at the admission gate before being served.",
+            m.admission_delayed.get() as i64,
+        ),
+        (
+            "orgpulse_runtime_lag_microseconds",
+            "gauge",
+            "How long a woken task last waited for its turn on the runtime (the admission gate's measure).",
+            m.runtime_lag_us.get(),
         ),
         (
             "orgpulse_unauthenticated_refusals_total",

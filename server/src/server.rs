@@ -1,7 +1,8 @@
 //! Wires the engines together and serves the one port until shutdown.
 //!
 //! `run(config, listener, shutdown)`: opens the Store, starts the Hub, Bus and Presence, serves
-//! HTTP/1.1 and HTTP/2 (h2c) connections through the connection door (`connections`), trims the log on a timer, and on shutdown ends every open
+//! HTTP/1.1 and HTTP/2 (h2c) connections through the connection door (`connections`), their
+//! first requests through the admission gate (`admission`), trims the log on a timer, and on shutdown ends every open
 //! stream at once with UNAVAILABLE, lets in-flight calls finish, tells the cluster it leaves, and
 //! returns within 2 s.
 use std::{future::Future, sync::Arc, time::Duration};
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     activity::Activity,
+    admission::Admission,
     auth::Authenticator,
     bus::{Bus, MemoryBus, nats::NatsBus},
     config::{Config, Database},
@@ -149,6 +151,7 @@ pub async fn run(
         usize::try_from(cfg.max_connections).unwrap_or(usize::MAX),
     ));
     let http = Arc::new(Http::new(cfg.max_concurrent_streams));
+    let admission = Admission::start(stop.clone());
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
         _ => None,
@@ -184,6 +187,7 @@ pub async fn run(
         let app = App {
             router: app.clone(),
             connection: slot.connection(),
+            admission: admission.clone(),
         };
         tokio::spawn(async move {
             let served = match tls {
@@ -315,11 +319,13 @@ impl Http {
 /// its own, as large as the task's largest state, and the router's future (which holds the
 /// request until it is routed) is that state: unboxed it made each stream's task 512 bytes for
 /// the stream's whole life. Boxed, it is freed once the response head is out. Each request
-/// carries its [`Connection`] (its id, and its count of streams).
+/// carries its [`Connection`] (its id, and its count of streams); on a new connection it first
+/// waits its turn at the admission gate.
 #[derive(Clone)]
 struct App {
     router: axum::Router,
     connection: Connection,
+    admission: Arc<Admission>,
 }
 
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for App {
@@ -328,8 +334,16 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for App {
     type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
     fn call(&self, mut req: http::Request<hyper::body::Incoming>) -> Self::Future {
-        req.extensions_mut().insert(self.connection.clone());
-        Box::pin(tower::ServiceExt::oneshot(self.router.clone(), req))
+        let (router, admission) = (self.router.clone(), self.admission.clone());
+        let connection = self.connection.clone();
+        let waits = Admission::must_wait(&connection, req.uri().path());
+        Box::pin(async move {
+            if waits {
+                admission.enter().await;
+            }
+            req.extensions_mut().insert(connection);
+            tower::ServiceExt::oneshot(router, req).await
+        })
     }
 }
 

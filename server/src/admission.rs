@@ -1,0 +1,239 @@
+//! Admission of the requests of new connections at the pace the node keeps up with (a reconnect
+//! storm: a node died and all its clients come back on this one at once, up to a hundred
+//! `Subscribe` streams to a connection). A request (an HTTP/2 stream, or an HTTP/1.1 request) on
+//! a connection accepted less than [`YOUNG`] ago waits its turn at the gate before it is routed,
+//! authenticated, registered and replayed: the work a storm brings. Waiting, it costs its task's
+//! memory and no CPU. Requests on older connections (the clients already here: a writer's calls,
+//! a dashboard's) never wait, and their events and answers no longer queue behind the storm;
+//! nor do health checks and metrics.
+//!
+//! Every [`TICK`] the gate measures the runtime's lag, the longer of:
+//! - how long a task woken from a thread outside the runtime waits for its turn, as the
+//!   subscribers of an event wait, woken by the store's writer (tokio's global queue);
+//! - how long a task that yields waits at the back of its worker's run queue, as a connection
+//!   woken by its socket waits.
+//!
+//! Then:
+//! - lag within half of [`TARGET_LAG`]: the pace doubles, up to [`MAX_PER_TICK`], if the last
+//!   tick used all of it;
+//! - lag over [`TARGET_LAG`]: the pace halves, down to [`MIN_PER_TICK`] (new streams always get
+//!   in, slowly, even on a node busy with its own);
+//! - between: the pace holds.
+use std::{
+    collections::VecDeque,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::{connections::Connection, metrics::METRICS};
+
+/// How often the lag is measured and the pace set.
+const TICK: Duration = Duration::from_millis(5);
+/// The lag above which the pace halves.
+const TARGET_LAG: Duration = Duration::from_millis(20);
+/// Requests let in per tick at the slowest pace (400/s).
+const MIN_PER_TICK: usize = 2;
+/// Requests let in per tick at the fastest pace (25,600/s, about twice the streams one core
+/// opens).
+const MAX_PER_TICK: usize = 128;
+/// Requests that never wait: a load balancer's health checks and a scraper must see the node
+/// through a storm (on new connections too), and they cost next to nothing.
+const PROBES: [&str; 3] = ["/healthz", "/metrics", "/grpc.health.v1.Health/"];
+/// How long after its accept a connection's requests wait their turn.
+const YOUNG: Duration = Duration::from_secs(2);
+
+/// The gate the requests of new connections pass before they are served.
+pub struct Admission {
+    state: Mutex<Pace>,
+}
+
+/// The pace and the requests waiting for their turn, first come first in.
+struct Pace {
+    per_tick: usize,
+    /// Turns left in this tick.
+    left: usize,
+    waiting: VecDeque<oneshot::Sender<()>>,
+    /// The node is shutting down: every request goes in at once (and is ended there).
+    open: bool,
+}
+
+impl Admission {
+    /// The gate, its pace kept by a task until `stop`.
+    pub fn start(stop: CancellationToken) -> Arc<Admission> {
+        let admission = Arc::new(Admission {
+            state: Mutex::new(Pace {
+                per_tick: MIN_PER_TICK,
+                left: MIN_PER_TICK,
+                waiting: VecDeque::new(),
+                open: false,
+            }),
+        });
+        tokio::spawn(admission.clone().keep_pace(stop));
+        admission
+    }
+
+    /// Whether a request for `path` on `connection` waits its turn: one on a connection accepted
+    /// less than [`YOUNG`] ago, unless it is a health check or metrics ([`PROBES`]).
+    pub fn must_wait(connection: &Connection, path: &str) -> bool {
+        connection.accepted().elapsed() < YOUNG && !PROBES.iter().any(|p| path.starts_with(p))
+    }
+
+    /// Returns when it is this request's turn.
+    pub async fn enter(&self) {
+        if let Err(turn) = self.take_turn() {
+            // An error only if the gate is gone with the node.
+            let _ = turn.await;
+        }
+    }
+
+    /// A turn now, or the wait for one, first come first in.
+    fn take_turn(&self) -> Result<(), oneshot::Receiver<()>> {
+        let mut pace = self.state.lock();
+        if pace.open || (pace.waiting.is_empty() && pace.left > 0) {
+            pace.left = pace.left.saturating_sub(1);
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        pace.waiting.push_back(tx);
+        METRICS.admission_waiting.inc();
+        METRICS.admission_delayed.inc();
+        Err(rx)
+    }
+
+    async fn keep_pace(self: Arc<Self>, stop: CancellationToken) {
+        // A thread of its own wakes the task every tick, as the store's writer wakes the
+        // subscribers of an event and the callers it answers: how long the task then waits for
+        // its turn is how late they are.
+        let (wake, mut woken) = mpsc::channel::<Instant>(1);
+        std::thread::Builder::new()
+            .name("admission-probe".into())
+            .spawn(move || {
+                while wake.blocking_send(Instant::now()).is_ok() {
+                    std::thread::sleep(TICK);
+                }
+            })
+            .expect("spawning the admission probe's thread");
+        loop {
+            let sent = tokio::select! {
+                _ = stop.cancelled() => break,
+                sent = woken.recv() => match sent {
+                    Some(sent) => sent,
+                    None => break,
+                },
+            };
+            let remote = sent.elapsed();
+            // A task that yields waits behind every task its worker has runnable (a woken
+            // connection among them).
+            let queued = Instant::now();
+            tokio::task::yield_now().await;
+            let lag = remote.max(queued.elapsed());
+            METRICS.runtime_lag_us.set(lag.as_micros() as i64);
+            self.state.lock().tick(lag);
+        }
+        let mut pace = self.state.lock();
+        pace.open = true;
+        pace.let_in(usize::MAX);
+    }
+}
+
+impl Pace {
+    /// Sets the pace for the next tick from the lag at the end of this one, and lets its turns in.
+    fn tick(&mut self, lag: Duration) {
+        let used_all = self.left == 0;
+        self.per_tick = if lag > TARGET_LAG {
+            (self.per_tick / 2).max(MIN_PER_TICK)
+        } else if lag <= TARGET_LAG / 2 && used_all {
+            (self.per_tick * 2).min(MAX_PER_TICK)
+        } else {
+            self.per_tick
+        };
+        self.left = self.let_in(self.per_tick);
+    }
+
+    /// Lets up to `turns` waiting requests in (one that was dropped waiting takes no turn);
+    /// returns the turns left.
+    fn let_in(&mut self, mut turns: usize) -> usize {
+        while turns > 0 {
+            let Some(next) = self.waiting.pop_front() else {
+                break;
+            };
+            METRICS.admission_waiting.dec();
+            if next.send(()).is_ok() {
+                turns -= 1;
+            }
+        }
+        turns
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pace(per_tick: usize, left: usize) -> Pace {
+        Pace {
+            per_tick,
+            left,
+            waiting: VecDeque::new(),
+            open: false,
+        }
+    }
+
+    fn wait(pace: &mut Pace) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        pace.waiting.push_back(tx);
+        rx
+    }
+
+    #[test]
+    fn the_pace_doubles_while_the_node_keeps_up_and_all_turns_are_used() {
+        let mut p = pace(8, 0);
+        p.tick(Duration::from_millis(1));
+        assert_eq!(p.per_tick, 16);
+        // Turns left over: no demand for a faster pace.
+        p.tick(Duration::from_millis(1));
+        assert_eq!(p.per_tick, 16);
+        p.left = 0;
+        p.tick(TARGET_LAG / 2);
+        assert_eq!(p.per_tick, 32);
+        p.per_tick = MAX_PER_TICK;
+        p.left = 0;
+        p.tick(Duration::ZERO);
+        assert_eq!(p.per_tick, MAX_PER_TICK);
+    }
+
+    #[test]
+    fn the_pace_halves_when_tasks_wait_too_long_and_holds_in_between() {
+        let mut p = pace(64, 0);
+        p.tick(TARGET_LAG + Duration::from_millis(1));
+        assert_eq!(p.per_tick, 32);
+        p.left = 0;
+        p.tick(TARGET_LAG);
+        assert_eq!(p.per_tick, 32);
+        for _ in 0..10 {
+            p.tick(Duration::from_secs(1));
+        }
+        assert_eq!(p.per_tick, MIN_PER_TICK);
+    }
+
+    #[test]
+    fn waiting_requests_go_in_first_come_first_in_and_one_dropped_takes_no_turn() {
+        let mut p = pace(2, 0);
+        let mut first = wait(&mut p);
+        drop(wait(&mut p));
+        let mut third = wait(&mut p);
+        let mut fourth = wait(&mut p);
+        p.tick(TARGET_LAG);
+        assert!(first.try_recv().is_ok());
+        assert!(third.try_recv().is_ok());
+        assert!(fourth.try_recv().is_err());
+        assert_eq!((p.left, p.waiting.len()), (0, 1));
+        p.tick(TARGET_LAG);
+        assert!(fourth.try_recv().is_ok());
+        assert_eq!(p.left, 1);
+    }
+}
