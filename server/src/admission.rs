@@ -16,7 +16,7 @@
 //! Then:
 //! - lag within half of [`TARGET_LAG`]: the pace doubles, up to [`MAX_PER_TICK`], if the last
 //!   tick used all of it;
-//! - lag over [`TARGET_LAG`]: the pace halves, down to [`MIN_PER_TICK`] (new streams always get
+//! - lag over [`TARGET_LAG`]: the pace halves, down to [`MIN_PER_TICK`] (new requests always get
 //!   in, slowly, even on a node busy with its own);
 //! - between: the pace holds.
 use std::{
