@@ -16,9 +16,12 @@
 //! Then:
 //! - lag within half of [`TARGET_LAG`]: the pace doubles, up to [`MAX_PER_TICK`], if the last
 //!   tick used all of it;
-//! - lag over [`TARGET_LAG`]: the pace halves, down to [`MIN_PER_TICK`] (new requests always get
-//!   in, slowly, even on a node busy with its own);
+//! - lag over [`TARGET_LAG`]: the pace halves, down to [`MIN_PER_TICK`];
 //! - between: the pace holds.
+//!
+//! New requests always get in, slowly, even on a node busy with its own: whatever the pace, a
+//! tick lets in at least [`MIN_PER_TICK`] for every [`TICK`] of wall-clock time since the last
+//! one (400/s), as a busy runtime runs the gate's ticks late.
 use std::{
     collections::VecDeque,
     sync::Arc,
@@ -35,7 +38,8 @@ use crate::{connections::Connection, metrics::METRICS};
 const TICK: Duration = Duration::from_millis(5);
 /// The lag above which the pace halves.
 const TARGET_LAG: Duration = Duration::from_millis(20);
-/// Requests let in per tick at the slowest pace (400/s).
+/// Requests let in per tick at the slowest pace, and per [`TICK`] of wall-clock time whatever
+/// the pace (400/s).
 const MIN_PER_TICK: usize = 2;
 /// Requests let in per tick at the fastest pace (25,600/s, about twice the streams one core
 /// opens).
@@ -117,6 +121,7 @@ impl Admission {
                 }
             })
             .expect("spawning the admission probe's thread");
+        let mut last_tick = Instant::now();
         loop {
             let sent = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -132,7 +137,8 @@ impl Admission {
             tokio::task::yield_now().await;
             let lag = remote.max(queued.elapsed());
             METRICS.runtime_lag_us.set(lag.as_micros() as i64);
-            self.state.lock().tick(lag);
+            let since = std::mem::replace(&mut last_tick, Instant::now()).elapsed();
+            self.state.lock().tick(lag, since);
         }
         let mut pace = self.state.lock();
         pace.open = true;
@@ -141,8 +147,10 @@ impl Admission {
 }
 
 impl Pace {
-    /// Sets the pace for the next tick from the lag at the end of this one, and lets its turns in.
-    fn tick(&mut self, lag: Duration) {
+    /// Sets the pace for the next tick from the lag at the end of this one, and lets its turns in:
+    /// the pace's, or [`MIN_PER_TICK`] for every [`TICK`] in `since` (the time since the last
+    /// tick) if that is more.
+    fn tick(&mut self, lag: Duration, since: Duration) {
         let used_all = self.left == 0;
         self.per_tick = if lag > TARGET_LAG {
             (self.per_tick / 2).max(MIN_PER_TICK)
@@ -151,7 +159,8 @@ impl Pace {
         } else {
             self.per_tick
         };
-        self.left = self.let_in(self.per_tick);
+        let floor = MIN_PER_TICK * (since.as_micros() / TICK.as_micros()) as usize;
+        self.left = self.let_in(self.per_tick.max(floor));
     }
 
     /// Lets up to `turns` waiting requests in (one that was dropped waiting takes no turn);
@@ -192,30 +201,30 @@ mod tests {
     #[test]
     fn the_pace_doubles_while_the_node_keeps_up_and_all_turns_are_used() {
         let mut p = pace(8, 0);
-        p.tick(Duration::from_millis(1));
+        p.tick(Duration::from_millis(1), TICK);
         assert_eq!(p.per_tick, 16);
         // Turns left over: no demand for a faster pace.
-        p.tick(Duration::from_millis(1));
+        p.tick(Duration::from_millis(1), TICK);
         assert_eq!(p.per_tick, 16);
         p.left = 0;
-        p.tick(TARGET_LAG / 2);
+        p.tick(TARGET_LAG / 2, TICK);
         assert_eq!(p.per_tick, 32);
         p.per_tick = MAX_PER_TICK;
         p.left = 0;
-        p.tick(Duration::ZERO);
+        p.tick(Duration::ZERO, TICK);
         assert_eq!(p.per_tick, MAX_PER_TICK);
     }
 
     #[test]
     fn the_pace_halves_when_tasks_wait_too_long_and_holds_in_between() {
         let mut p = pace(64, 0);
-        p.tick(TARGET_LAG + Duration::from_millis(1));
+        p.tick(TARGET_LAG + Duration::from_millis(1), TICK);
         assert_eq!(p.per_tick, 32);
         p.left = 0;
-        p.tick(TARGET_LAG);
+        p.tick(TARGET_LAG, TICK);
         assert_eq!(p.per_tick, 32);
         for _ in 0..10 {
-            p.tick(Duration::from_secs(1));
+            p.tick(Duration::from_secs(1), TICK);
         }
         assert_eq!(p.per_tick, MIN_PER_TICK);
     }
@@ -227,13 +236,27 @@ mod tests {
         drop(wait(&mut p));
         let mut third = wait(&mut p);
         let mut fourth = wait(&mut p);
-        p.tick(TARGET_LAG);
+        p.tick(TARGET_LAG, TICK);
         assert!(first.try_recv().is_ok());
         assert!(third.try_recv().is_ok());
         assert!(fourth.try_recv().is_err());
         assert_eq!((p.left, p.waiting.len()), (0, 1));
-        p.tick(TARGET_LAG);
+        p.tick(TARGET_LAG, TICK);
         assert!(fourth.try_recv().is_ok());
         assert_eq!(p.left, 1);
+    }
+
+    #[test]
+    fn ticks_that_come_late_still_let_in_the_slowest_pace_per_tick_of_wall_clock_time() {
+        let mut p = pace(MIN_PER_TICK, 0);
+        let waiting: Vec<_> = (0..100).map(|_| wait(&mut p)).collect();
+        // A runtime so busy that the gate's tick came 100 ms after the last: 20 ticks' worth.
+        p.tick(Duration::from_millis(100), Duration::from_millis(100));
+        assert_eq!(p.per_tick, MIN_PER_TICK);
+        let let_in = waiting
+            .into_iter()
+            .filter_map(|mut w| w.try_recv().ok())
+            .count();
+        assert_eq!(let_in, 20 * MIN_PER_TICK);
     }
 }
