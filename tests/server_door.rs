@@ -539,3 +539,81 @@ async fn a_new_connections_burst_of_streams_waits_its_turn_while_a_subscriber_ge
         "{BURST} streams at once on a new connection: {delayed} waited at the admission gate"
     );
 }
+
+/// A call to `path` for each of `tokens`, at once on one new connection, each with `message` as
+/// its body in a DATA frame of its own and an empty one that ends it, as gRPC clients send them.
+async fn burst_of_calls(
+    addr: &str,
+    path: &str,
+    tokens: &[String],
+    message: &Bytes,
+) -> Vec<h2::client::ResponseFuture> {
+    let n = tokens.len();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut conn, connection) = h2::client::Builder::new()
+        .initial_max_send_streams(n)
+        // Answers' small DATA frames wait in this client until read: its budget allows them.
+        .data_frame_budget(n * 256)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for token in tokens {
+        conn = conn.ready().await.unwrap();
+        let (res, mut body) = conn
+            .send_request(grpc_head(addr, path, Some(token)), false)
+            .unwrap();
+        body.send_data(message.clone(), false).unwrap();
+        body.send_data(Bytes::new(), true).unwrap();
+        answers.push(res);
+    }
+    // Every call's frames are queued: they go out together, faster than the gate lets them in.
+    tokio::spawn(connection);
+    answers
+}
+
+/// Thousands of calls at once on one new connection (a server that allows them), each with a
+/// small body, behind a storm of streams on another: they wait their turn at the gate with their
+/// bodies unread, and every one is answered. (HTTP/2's guard against floods of small DATA frames
+/// once counted those waiting bodies as a flood and closed the connection: vendor/h2's
+/// PATCH.md.)
+#[tokio::test]
+async fn thousands_of_waiting_calls_with_small_bodies_on_one_new_connection_are_all_answered() {
+    // What one connection may hold: more small bodies than the guard allowed before.
+    const BURST: usize = 4_900;
+    let server = TestServer::start_args(&[
+        "--max-concurrent-streams",
+        "5000",
+        "--max-streams-per-user",
+        "5000",
+    ])
+    .await;
+    let alice = vec![token("acme", "alice", "member"); BURST];
+    // OrgFilter and ListOnlineRequest alike: org "acme" (field 1, 4 bytes).
+    let message = Bytes::from_static(&[0, 0, 0, 0, 6, 0x0a, 4, b'a', b'c', b'm', b'e']);
+    let subscribe = "/orgpulse.v1.EventService/Subscribe";
+    let storm = burst_of_calls(&server.addr, subscribe, &alice, &message).await;
+    let list_online = "/orgpulse.v1.EventService/ListOnline";
+    let calls = burst_of_calls(&server.addr, list_online, &alice, &message).await;
+    let answers = tokio::time::timeout(
+        WAIT,
+        futures::future::join_all(calls.into_iter().map(grpc_status)),
+    )
+    .await
+    .expect("the burst is answered");
+    let ok = answers.iter().filter(|(code, _)| *code == 0).count();
+    assert_eq!(ok, BURST, "{:?}", answers.iter().find(|a| a.0 != 0));
+    // The storm's streams are open too: each has its response head, and no error in it.
+    let heads = tokio::time::timeout(WAIT, futures::future::join_all(storm))
+        .await
+        .expect("the storm's streams are open");
+    for head in heads {
+        let head = head.expect("a stream's response head");
+        assert!(head.headers().get("grpc-status").is_none(), "{head:?}");
+    }
+    let delayed = metric(&server, "orgpulse_admission_delayed_total").await;
+    eprintln!(
+        "{BURST} streams, then {BURST} calls with bodies, at once on two new connections: \
+         {delayed} waited at the gate, all answered"
+    );
+}

@@ -1069,8 +1069,10 @@ impl Builder {
     /// `ENHANCE_YOUR_CALM`.
     ///
     /// By default, the budget is half the target connection window, with a
-    /// minimum of 25,600 bytes. Changing the target window at runtime also
-    /// updates the permitted framing overhead.
+    /// minimum of 25,600 bytes, and at least one small frame's overhead (256
+    /// bytes) for each stream `max_concurrent_streams` allows: requests whose
+    /// small bodies wait for their handlers are not a flood. Changing the
+    /// target window at runtime also updates the permitted framing overhead.
     pub fn data_frame_budget(&mut self, budget: usize) -> &mut Self {
         self.data_frame_budget = proto::DataFrameBudget::Configured(budget);
         self

@@ -96,14 +96,25 @@ pub(crate) enum DataFrameBudget {
 }
 
 impl DataFrameBudget {
-    pub(crate) fn resolve(self, connection_window: Option<WindowSize>) -> usize {
+    /// The budget for a connection whose target window is `connection_window` and whose peer
+    /// may open `max_streams` streams at once: in `Auto`, at least one small DATA frame's
+    /// overhead per stream, so that a peer's concurrent requests, each with a small body waiting
+    /// for its handler, do not exhaust it.
+    pub(crate) fn resolve(
+        self,
+        connection_window: Option<WindowSize>,
+        max_streams: Option<usize>,
+    ) -> usize {
         match self {
             Self::Configured(budget) => budget,
             Self::Auto => {
                 let window = connection_window.unwrap_or(DEFAULT_INITIAL_WINDOW_SIZE);
                 let budget = window as usize / 2;
+                let per_stream = max_streams
+                    .unwrap_or(0)
+                    .saturating_mul(DEFAULT_DATA_FRAME_OVERHEAD_THRESHOLD);
 
-                budget.max(DEFAULT_DATA_FRAME_BUDGET)
+                budget.max(DEFAULT_DATA_FRAME_BUDGET).max(per_stream)
             }
         }
     }
@@ -696,32 +707,44 @@ mod tests {
     #[test]
     fn auto_data_frame_budget_scales_with_connection_window() {
         assert_eq!(
-            DataFrameBudget::Auto.resolve(None),
+            DataFrameBudget::Auto.resolve(None, None),
             DEFAULT_INITIAL_WINDOW_SIZE as usize / 2
         );
         assert_eq!(
-            DataFrameBudget::Auto.resolve(Some(DEFAULT_INITIAL_WINDOW_SIZE)),
+            DataFrameBudget::Auto.resolve(Some(DEFAULT_INITIAL_WINDOW_SIZE), None),
             DEFAULT_INITIAL_WINDOW_SIZE as usize / 2
         );
-        assert_eq!(DataFrameBudget::Auto.resolve(Some(1024 * 1024)), 512 * 1024);
+        assert_eq!(DataFrameBudget::Auto.resolve(Some(1024 * 1024), None), 512 * 1024);
     }
 
     #[test]
     fn auto_data_frame_budget_has_minimum() {
         assert_eq!(
-            DataFrameBudget::Auto.resolve(Some(1)),
+            DataFrameBudget::Auto.resolve(Some(1), None),
             DEFAULT_DATA_FRAME_BUDGET
         );
         assert_eq!(
-            DataFrameBudget::Auto.resolve(Some(MAX_WINDOW_SIZE)),
+            DataFrameBudget::Auto.resolve(Some(MAX_WINDOW_SIZE), None),
             MAX_WINDOW_SIZE as usize / 2
+        );
+    }
+
+    #[test]
+    fn auto_data_frame_budget_holds_one_small_frame_per_allowed_stream() {
+        assert_eq!(
+            DataFrameBudget::Auto.resolve(Some(1024 * 1024), Some(100)),
+            512 * 1024
+        );
+        assert_eq!(
+            DataFrameBudget::Auto.resolve(Some(1024 * 1024), Some(5000)),
+            5000 * DEFAULT_DATA_FRAME_OVERHEAD_THRESHOLD
         );
     }
 
     #[test]
     fn configured_data_frame_budget_is_unchanged() {
         assert_eq!(
-            DataFrameBudget::Configured(123).resolve(Some(MAX_WINDOW_SIZE)),
+            DataFrameBudget::Configured(123).resolve(Some(MAX_WINDOW_SIZE), Some(10_000)),
             123
         );
     }

@@ -103,7 +103,11 @@ impl Counts {
             num_remote_reset_streams: 0,
             max_local_error_reset_streams: config.local_max_error_reset_streams,
             num_local_error_reset_streams: 0,
-            data_frame_budget: Budget::new(config.data_frame_budget.resolve(None)),
+            data_frame_budget: Budget::new(
+                config
+                    .data_frame_budget
+                    .resolve(None, config.remote_max_initiated),
+            ),
             data_frame_budget_is_auto: config.data_frame_budget.is_auto(),
             num_recv_empty_data_frames: 0,
         }
@@ -112,7 +116,7 @@ impl Counts {
     pub fn set_target_connection_window_size(&mut self, size: WindowSize) {
         if self.data_frame_budget_is_auto {
             self.data_frame_budget
-                .set_max(DataFrameBudget::Auto.resolve(Some(size)));
+                .set_max(DataFrameBudget::Auto.resolve(Some(size), self.max_streams()));
         }
     }
 
@@ -337,6 +341,11 @@ impl Counts {
 
     /// Returns the maximum number of streams that can be initiated by the
     /// remote peer.
+    /// How many streams the peer may open at once, if limited.
+    fn max_streams(&self) -> Option<usize> {
+        (self.max_recv_streams != usize::MAX).then_some(self.max_recv_streams)
+    }
+
     pub(crate) fn max_recv_streams(&self) -> usize {
         self.max_recv_streams
     }
