@@ -130,6 +130,7 @@ pub async fn measure(args: &BenchArgs, shape: &Shape) -> Result<Value, CliError>
             writes: rounds,
             elapsed: written.elapsed,
             calls: Histogram::new(),
+            timeline: Vec::new(),
         };
         let usage = |cpu_s| Usage {
             cpu_s,

@@ -105,6 +105,7 @@ impl Inserter {
             writes: rows,
             elapsed: start.elapsed(),
             calls: Histogram::new(),
+            timeline: Vec::new(),
         })
     }
 

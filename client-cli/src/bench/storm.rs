@@ -43,7 +43,7 @@ use crate::{
         orgs,
         server::{self, Target, fail},
         subscriber::{self, Counted, Dial, Placement, Subscriber, Tally},
-        writer::{self, Writer},
+        writer::{self, Published, Writer},
     },
     error::CliError,
     mint::{Signer, mint},
@@ -305,6 +305,8 @@ pub async fn measure(
         // round trip through B, before, during and after the storm) and one subscriber per org
         // on B from before the kill (commit to receipt).
         "writerCallsMs": published.calls.summary_ms(),
+        // The calls begun from the kill until all were caught up: the storm's share.
+        "writerCallsDuringStormMs": during(&published, killed, killed + storm).summary_ms(),
         "residentsOnB": {
             "streams": orgs,
             "latencyMs": residents.latency.lock().unwrap().summary_ms(),
@@ -443,4 +445,15 @@ async fn heads(store: &Database, prefix: &str, orgs: usize) -> Result<Vec<u64>, 
                 .ok_or_else(|| server::fail(format!("org {org} has no log")))
         })
         .collect()
+}
+
+/// The durations of the calls of `published` begun from `from` until `to`.
+fn during(published: &Published, from: Instant, to: Instant) -> Histogram {
+    let mut calls = Histogram::new();
+    for (began, took) in &published.timeline {
+        if (from..to).contains(began) {
+            calls.record(*took);
+        }
+    }
+    calls
 }

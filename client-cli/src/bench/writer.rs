@@ -47,6 +47,8 @@ pub struct Published {
     pub elapsed: Duration,
     /// How long each call took to return (empty when the events were not made by calls).
     pub calls: Histogram,
+    /// When each call began, and how long it took (µs): to tell the calls of one phase apart.
+    pub timeline: Vec<(std::time::Instant, u64)>,
 }
 
 /// A client of its own (own connection) for `url` with `token`.
@@ -121,7 +123,7 @@ impl Writer {
         count: u64,
         rate: f64,
         start: Instant,
-        calls: &Mutex<Histogram>,
+        calls: &Mutex<(Histogram, Vec<(std::time::Instant, u64)>)>,
     ) -> Result<(), CliError> {
         let mut last = None;
         for i in 0..count {
@@ -157,7 +159,9 @@ impl Writer {
                 }
             }
             let took = call.elapsed().as_micros() as u64;
-            calls.lock().unwrap().record(took);
+            let mut calls = calls.lock().unwrap();
+            calls.0.record(took);
+            calls.1.push((call.into_std(), took));
         }
         Ok(())
     }
@@ -168,7 +172,7 @@ impl Writer {
 pub async fn publish(writers: &[Writer], total: u64, rate: f64) -> Result<Published, CliError> {
     let n = writers.len();
     let start = Instant::now();
-    let calls = Mutex::new(Histogram::new());
+    let calls = Mutex::new((Histogram::new(), Vec::new()));
     // Writer i starts i/rate after the first, so together they write evenly at `rate` rather
     // than all at once every n/rate.
     let offset = |i: usize| match rate > 0.0 {
@@ -184,10 +188,12 @@ pub async fn publish(writers: &[Writer], total: u64, rate: f64) -> Result<Publis
         )
     });
     futures::future::try_join_all(runs).await?;
+    let (calls, timeline) = calls.into_inner().unwrap();
     Ok(Published {
         writes: total,
         elapsed: start.elapsed(),
-        calls: calls.into_inner().unwrap(),
+        calls,
+        timeline,
     })
 }
 
