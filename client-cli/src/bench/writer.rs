@@ -117,13 +117,13 @@ impl Writer {
 
     /// `count` updates or broadcasts, one at a time, the i-th not before `start + i / rate`
     /// (rate 0: at once), and a broadcast not before [`MIN_BROADCAST_GAP`] after the previous one;
-    /// each call's duration goes to `calls`.
+    /// each call's start and duration go to `calls`.
     async fn run(
         &self,
         count: u64,
         rate: f64,
         start: Instant,
-        calls: &Mutex<(Histogram, Vec<(std::time::Instant, u64)>)>,
+        calls: &Mutex<Vec<(std::time::Instant, u64)>>,
     ) -> Result<(), CliError> {
         let mut last = None;
         for i in 0..count {
@@ -159,9 +159,7 @@ impl Writer {
                 }
             }
             let took = call.elapsed().as_micros() as u64;
-            let mut calls = calls.lock().unwrap();
-            calls.0.record(took);
-            calls.1.push((call.into_std(), took));
+            calls.lock().unwrap().push((call.into_std(), took));
         }
         Ok(())
     }
@@ -172,7 +170,7 @@ impl Writer {
 pub async fn publish(writers: &[Writer], total: u64, rate: f64) -> Result<Published, CliError> {
     let n = writers.len();
     let start = Instant::now();
-    let calls = Mutex::new((Histogram::new(), Vec::new()));
+    let calls = Mutex::new(Vec::new());
     // Writer i starts i/rate after the first, so together they write evenly at `rate` rather
     // than all at once every n/rate.
     let offset = |i: usize| match rate > 0.0 {
@@ -188,7 +186,9 @@ pub async fn publish(writers: &[Writer], total: u64, rate: f64) -> Result<Publis
         )
     });
     futures::future::try_join_all(runs).await?;
-    let (calls, timeline) = calls.into_inner().unwrap();
+    let timeline = calls.into_inner().unwrap();
+    let mut calls = Histogram::new();
+    timeline.iter().for_each(|(_, took)| calls.record(*took));
     Ok(Published {
         writes: total,
         elapsed: start.elapsed(),
