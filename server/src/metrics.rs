@@ -79,7 +79,7 @@ pub struct Metrics {
     pub connections_refused: Counter,
     pub connections_head_timeouts: Counter,
     pub accept_errors: Counter,
-    /// New streams waiting at the admission gate now, and in all (`admission`).
+    /// Requests of new connections waiting at the admission gate now, and in all (`admission`).
     pub admission_waiting: Gauge,
     pub admission_delayed: Counter,
     /// The runtime's lag as the admission gate last measured it, in microseconds.
@@ -298,13 +298,13 @@ pub fn render(pool: Option<PoolStats>, node: NodeState<'_>) -> String {
         (
             "orgpulse_admission_waiting",
             "gauge",
-            "New HTTP/2 streams waiting at the admission gate for the node to keep up (a reconnect storm).",
+            "Requests (HTTP/2 streams, HTTP/1.1 requests) of new connections waiting at the admission gate for the node to keep up (a reconnect storm).",
             m.admission_waiting.get(),
         ),
         (
             "orgpulse_admission_delayed_total",
             "counter",
-            "New HTTP/2 streams that waited at the admission gate before being served.",
+            "Requests of new connections that waited at the admission gate before being served.",
             m.admission_delayed.get() as i64,
         ),
         (
