@@ -28,6 +28,9 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Descriptors kept for everything but client connections (database, files, the bus, the JWKS
 /// fetch): at most this many, at most half the open-file limit.
 const RESERVE: u64 = 128;
+/// Connections evicted but not yet closed (their tasks have not run since) that the accept loop
+/// lets pile up before it waits for them: beyond the cap they take descriptors of the reserve.
+const CLOSING: usize = 32;
 pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Raises the open-file soft limit to the hard limit and logs the figure; returns the number of
@@ -62,6 +65,8 @@ fn connection_cap(asked: usize, open_file_limit: u64) -> usize {
 pub struct Connections {
     max: usize,
     state: Mutex<State>,
+    /// Told whenever a connection closes (see [`Connections::room`]).
+    closed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -141,7 +146,22 @@ impl Connections {
         Arc::new(Connections {
             max,
             state: Mutex::default(),
+            closed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Returns once there is room to accept: at once unless more than [`CLOSING`] connections
+    /// evicted at capacity are still open (a busy node runs their tasks late), then when enough of
+    /// them have closed. Without it a burst of accepts could outrun the closing and run the
+    /// process out of descriptors.
+    pub async fn room(&self) {
+        loop {
+            let closed = self.closed.notified();
+            if self.state.lock().open < self.max + CLOSING {
+                return;
+            }
+            closed.await;
+        }
     }
 
     /// Admits a connection just accepted: evicts the oldest connection still waiting for its head
@@ -198,6 +218,8 @@ impl Drop for Slot {
         state.open -= 1;
         state.waiting.remove(&self.connection.id());
         METRICS.open_connections.dec();
+        drop(state);
+        self.connections.closed.notify_waiters();
     }
 }
 
@@ -380,6 +402,19 @@ mod tests {
         assert_eq!(complete_in_pieces(&[b"GET / HTTP/1.0\n\n"]), [true]);
         assert_eq!(complete_in_pieces(&[b"", b"P", b"RI * HT"]), [false; 3]);
         assert_eq!(complete_in_pieces(&[b"\x16\x03\x01\x02\x00"]), [false]);
+    }
+
+    #[tokio::test]
+    async fn accepts_wait_while_too_many_evicted_connections_are_still_open() {
+        let connections = Connections::new(2);
+        // Each past the cap evicts one waiting for its head; none of them has closed yet.
+        let mut open: Vec<_> = (0..2 + CLOSING)
+            .map(|_| connections.admit().unwrap())
+            .collect();
+        let mut room = std::pin::pin!(connections.room());
+        assert!(futures::poll!(room.as_mut()).is_pending());
+        open.pop();
+        assert!(futures::poll!(room.as_mut()).is_ready());
     }
 
     #[test]

@@ -164,6 +164,10 @@ pub async fn run(
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("listening on {scheme}://{}", listener.local_addr()?);
     loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            () = connections.room() => {}
+        }
         let (tcp, _) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
