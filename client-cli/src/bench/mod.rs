@@ -423,8 +423,17 @@ async fn start_nodes(
 /// PostgreSQL.
 enum Publisher {
     Jobs(Vec<Writer>),
-    Broadcasts(Vec<Writer>),
+    /// The broadcasters, made and run on a thread of their own (see [`Publisher::publish`]).
+    Broadcasts(Vec<Broadcaster>),
     Outbox(outbox::Inserter),
+}
+
+/// What a broadcaster is made of: its node's URL, its token, org and user.
+struct Broadcaster {
+    url: String,
+    token: String,
+    org: String,
+    user: String,
 }
 
 impl Publisher {
@@ -438,12 +447,47 @@ impl Publisher {
 
     async fn publish(&mut self, total: u64, rate: f64) -> Result<Published, CliError> {
         match self {
-            Publisher::Jobs(writers) | Publisher::Broadcasts(writers) => {
-                writer::publish(writers, total, rate).await
+            Publisher::Jobs(writers) => writer::publish(writers, total, rate).await,
+            Publisher::Broadcasts(senders) => {
+                // A broadcast's latency starts at its sender's stamp: the senders (100 browsers
+                // in the shape) get a thread and a runtime of their own, on the bench's core,
+                // rather than waiting behind the 1,000 subscribers' reading for every step of
+                // each call. The thread's runtime makes their connections, so they stay on it.
+                let senders = std::mem::take(senders);
+                let (done, result) = tokio::sync::oneshot::channel();
+                std::thread::Builder::new()
+                    .name("broadcasters".into())
+                    .spawn(move || {
+                        let _ = done.send(broadcast_on_own_thread(&senders, total, rate));
+                    })
+                    .map_err(|e| fail(format!("starting the broadcasters' thread: {e}")))?;
+                result
+                    .await
+                    .map_err(|_| fail("the broadcasters' thread failed"))?
             }
             Publisher::Outbox(inserter) => inserter.publish(total, rate).await,
         }
     }
+}
+
+/// Makes the broadcasters and publishes `total` broadcasts through them at `rate`, on a runtime
+/// of the calling thread.
+fn broadcast_on_own_thread(
+    senders: &[Broadcaster],
+    total: u64,
+    rate: f64,
+) -> Result<Published, CliError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(format!("the broadcasters' runtime: {e}")))?;
+    runtime.block_on(async {
+        let writers = senders
+            .iter()
+            .map(|b| Writer::broadcaster(&b.url, &b.token, &b.org, &b.user))
+            .collect::<Result<Vec<_>, _>>()?;
+        writer::publish(&writers, total, rate).await
+    })
 }
 
 fn server_bin(args: &BenchArgs) -> PathBuf {
@@ -491,33 +535,39 @@ async fn measure(
         Some(db) => {
             Publisher::Outbox(outbox::Inserter::connect(db, &args.org, shape.events).await?)
         }
+        None if args.scenario == Scenario::Presence => {
+            let mut broadcasters = Vec::new();
+            for n in 0..shape.writers {
+                let node = n % nodes.len();
+                // Broadcaster n is subscriber n's user (a viewer may broadcast).
+                let user = subscriber_user(n);
+                broadcasters.push(Broadcaster {
+                    url: nodes[node].url(),
+                    token: token(&user, "viewer", vec![])?,
+                    org: args.org.clone(),
+                    user: user.clone(),
+                });
+                writer_nodes.insert(user, node);
+            }
+            Publisher::Broadcasts(broadcasters)
+        }
         None => {
             let mut writers = Vec::new();
             for n in 0..shape.writers {
                 let node = n % nodes.len();
-                let url = nodes[node].url();
-                let w = if args.scenario == Scenario::Presence {
-                    // Broadcaster n is subscriber n's user (a viewer may broadcast).
-                    let user = subscriber_user(n);
-                    Writer::broadcaster(&url, &token(&user, "viewer", vec![])?, &args.org, &user)?
-                } else {
-                    let org = audiences.org_of(n, &args.org);
-                    let writer_token = token_in(
-                        &org,
-                        &format!("writer{n}"),
-                        "member",
-                        audiences.writer_groups(n),
-                    )?;
-                    let audience = audiences.writer_audience(n);
-                    Writer::new(&url, &writer_token, &org, n, audience).await?
-                };
+                let org = audiences.org_of(n, &args.org);
+                let writer_token = token_in(
+                    &org,
+                    &format!("writer{n}"),
+                    "member",
+                    audiences.writer_groups(n),
+                )?;
+                let audience = audiences.writer_audience(n);
+                let w = Writer::new(&nodes[node].url(), &writer_token, &org, n, audience).await?;
                 writer_nodes.insert(w.key().to_string(), node);
                 writers.push(w);
             }
-            match args.scenario {
-                Scenario::Presence => Publisher::Broadcasts(writers),
-                _ => Publisher::Jobs(writers),
-            }
+            Publisher::Jobs(writers)
         }
     };
     let writer_nodes = Arc::new(writer_nodes);
@@ -844,3 +894,4 @@ async fn timed<T>(
         .await
         .map_err(|_| fail(format!("a phase took longer than {:?}", args.phase_timeout)))?
 }
+
