@@ -726,6 +726,17 @@ fn subscriber_user(i: usize) -> String {
     format!("sub{i}")
 }
 
+/// The `i` of [`subscriber_user`]`(i)` (below a million), None for any other user id.
+fn subscriber_index(user: &[u8]) -> Option<usize> {
+    let digits = user.strip_prefix(b"sub")?;
+    if digits.is_empty() || digits.len() > 6 || (digits[0] == b'0' && digits.len() > 1) {
+        return None;
+    }
+    digits.iter().try_fold(0, |i, &d| {
+        d.is_ascii_digit().then(|| i * 10 + usize::from(d - b'0'))
+    })
+}
+
 /// Who sees what in the audience scenario: subscriber i is an admin when `i % 100 == 99`, else
 /// in group `i % groups`; writer n's job is for group `n % groups` and the admins. Every other
 /// scenario (and `--audience-groups 0`) has no audiences. With `--rooms` the groups are orgs
@@ -895,3 +906,17 @@ async fn timed<T>(
         .map_err(|_| fail(format!("a phase took longer than {:?}", args.phase_timeout)))?
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subscriber_user_reads_back_as_its_number_and_nothing_else_does() {
+        for i in [0, 7, 42, 999_999] {
+            assert_eq!(subscriber_index(subscriber_user(i).as_bytes()), Some(i));
+        }
+        for other in ["", "sub", "sub01", "sub1x", "sub1000000", "writer1", "Sub1"] {
+            assert_eq!(subscriber_index(other.as_bytes()), None, "{other}");
+        }
+    }
+}

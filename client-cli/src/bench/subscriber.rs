@@ -157,8 +157,9 @@ pub struct Subscriber {
     pub cursor: String,
     /// The outbox row received last.
     last_row: Option<usize>,
-    /// Broadcasts: each sender's last stamp (sequence number) and whether it is on another node.
-    senders: HashMap<Box<[u8]>, Sender, foldhash::fast::RandomState>,
+    /// Broadcasts: each sender's last stamp (sequence number) and whether it is on another node,
+    /// by the sender's number (its user is `sub{n}`: indexed, not hashed, at a million a second).
+    senders: Vec<Option<Sender>>,
     /// Counted since the last [`Subscriber::flush`]: the messages of one received chunk are
     /// counted here and added to the `Tally` together.
     unflushed: Unflushed,
@@ -249,7 +250,7 @@ impl Subscriber {
             cursor: d.after_cursor,
             placement: d.placement,
             last_row: None,
-            senders: HashMap::default(),
+            senders: Vec::new(),
             unflushed: Unflushed::default(),
             replayed: 0,
         };
@@ -414,17 +415,26 @@ impl Subscriber {
         if let Some(fanned_out) = ev.time_us {
             self.unflushed.fan_out.push(now.saturating_sub(fanned_out));
         }
-        let (in_order, cross_node) = match self.senders.get_mut(b.user_id) {
+        let Some(i) = super::subscriber_index(b.user_id) else {
+            let user = String::from_utf8_lossy(b.user_id);
+            tally.error(format!(
+                "broadcast from {user}, not one of the bench's users"
+            ));
+            return Ok(None);
+        };
+        if i >= self.senders.len() {
+            self.senders.resize_with(i + 1, || None);
+        }
+        let (in_order, cross_node) = match &mut self.senders[i] {
             Some(s) => (std::mem::replace(&mut s.last, n) < n, s.cross_node),
-            None => {
+            new => {
                 let cross_node = self
                     .placement
                     .cross_node(&String::from_utf8_lossy(b.user_id));
-                let sender = Sender {
+                *new = Some(Sender {
                     last: n,
                     cross_node,
-                };
-                self.senders.insert(b.user_id.into(), sender);
+                });
                 (true, cross_node)
             }
         };

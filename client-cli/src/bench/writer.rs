@@ -401,7 +401,14 @@ fn each_field<'a>(
 /// A field's key (tag and wire type), taken off the front of `buf`.
 #[inline]
 fn key(buf: &mut &[u8]) -> Result<(u32, WireType), String> {
-    let key = varint(buf)?;
+    // Most keys are one byte (a tag below 16): read without the varint loop.
+    let key = match buf.first() {
+        Some(&b) if (8..0x80).contains(&b) => {
+            *buf = &buf[1..];
+            u64::from(b)
+        }
+        _ => varint(buf)?,
+    };
     let tag = key >> 3;
     if tag == 0 || tag > u64::from(u32::MAX >> 3) {
         return Err(format!("invalid field key {key}"));
