@@ -269,9 +269,7 @@ impl<IO> Door<IO> {
     /// a task woken by another next) and write each stream's frame on its own, one system call
     /// per stream. With it, the frames of all the streams already woken go out in one write. A
     /// round ends at the flush that follows its writes. A connection of one stream writes at
-    /// once: a turn would only delay it (and a unary answer) behind every other task. (Where the
-    /// streams run in the connection's task, [`crate::local_streams`], the turn is one more
-    /// round of that task, after every stream that woke has handed over its frame.)
+    /// once: a turn would only delay it (and a unary answer) behind every other task.
     fn take_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.writing || !self.slot.connection.multiplexed() {
             return Poll::Ready(());

@@ -12,7 +12,6 @@ pub mod cursor;
 pub mod dev;
 pub mod hub;
 pub mod jwks;
-pub mod local_streams;
 pub mod log_limit;
 pub mod metrics;
 pub mod outbox;

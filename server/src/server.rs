@@ -29,7 +29,6 @@ use crate::{
     config::{Config, Database},
     connections::{Connection, Connections, Door, H2_PREFACE, HEAD_TIMEOUT},
     hub::{Hub, Rooms},
-    local_streams::StreamExec,
     log_limit::LogLimit,
     metrics::METRICS,
     presence::{
@@ -275,7 +274,7 @@ macro_rules! http2_settings {
 /// TLS, or a preface that came in pieces).
 struct Http {
     auto: auto::Builder<TokioExecutor>,
-    max_concurrent_streams: u32,
+    h2: http2::Builder<TokioExecutor>,
 }
 
 impl Http {
@@ -288,10 +287,14 @@ impl Http {
             // later, and the door's (set at accept) closes and counts a connection without a head.
             .header_read_timeout(HEAD_TIMEOUT + HYPER_HEAD_MARGIN);
         http2_settings!(auto.http2(), max_concurrent_streams);
-        Http {
-            auto,
-            max_concurrent_streams,
-        }
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        http2_settings!(&mut h2, max_concurrent_streams)
+            // No HPACK dynamic table for what clients send, and (vendor/h2, PATCH.md) none for
+            // the responses: an idle connection keeps neither its first request's headers (its
+            // bearer token mostly) nor its response's; each header block goes in full instead.
+            // (hyper-util's auto builder has no such setting.)
+            .header_table_size(0);
+        Http { auto, h2 }
     }
 
     /// Serves one connection (plain TCP or TLS) with HTTP/1.1 or HTTP/2, until it closes or the
@@ -306,33 +309,20 @@ impl Http {
         watcher.watch(conn).await
     }
 
-    /// Serves one connection that starts with the HTTP/2 preface, its streams in its own task
-    /// ([`local_streams`](crate::local_streams): the builder is the connection's, for its
-    /// executor is).
+    /// Serves one connection that starts with the HTTP/2 preface.
     async fn serve_h2<I>(&self, watcher: Watcher, io: I, app: App) -> Served
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let exec = StreamExec::default();
-        // In a block of its own: the builder is not kept for the connection's life.
-        let conn = {
-            let mut h2 = http2::Builder::new(exec.clone());
-            http2_settings!(&mut h2, self.max_concurrent_streams)
-                // No HPACK dynamic table for what clients send, and (vendor/h2, PATCH.md) none
-                // for the responses: an idle connection keeps neither its first request's
-                // headers (its bearer token mostly) nor its response's; each header block goes
-                // in full instead. (hyper-util's auto builder has no such setting.)
-                .header_table_size(0);
-            h2.serve_connection(TokioIo::new(io), app)
-        };
-        Ok(exec.serve(watcher.watch(conn)).await?)
+        let conn = self.h2.serve_connection(TokioIo::new(io), app);
+        Ok(watcher.watch(conn).await?)
     }
 }
 
-/// The router as hyper's service, its future boxed. hyper runs each HTTP/2 stream as one future
-/// (a task of its own, or a box in its connection's task: [`crate::local_streams`]), as large as
-/// its largest state, and the router's future (which holds the request until it is routed) is
-/// that state: unboxed it made each stream 512 bytes for the stream's whole life. Boxed, it is freed once the response head is out. Each request
+/// The router as hyper's service, its future boxed. hyper runs each HTTP/2 stream as a task of
+/// its own, as large as the task's largest state, and the router's future (which holds the
+/// request until it is routed) is that state: unboxed it made each stream's task 512 bytes for
+/// the stream's whole life. Boxed, it is freed once the response head is out. Each request
 /// carries its [`Connection`] (its id, and its count of streams); on a new connection it first
 /// waits its turn at the admission gate.
 #[derive(Clone)]
