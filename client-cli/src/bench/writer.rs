@@ -278,7 +278,13 @@ impl<'a> Stamped<'a> {
                 if (tag, wire) != (1, WireType::LengthDelimited) {
                     return skip(wire, tag, buf);
                 }
-                let (key, value) = map_entry(sub_message(buf)?)?;
+                let entry = sub_message(buf)?;
+                // Once the stamp is read, the other entries (the payload's) are stepped over
+                // unread: a Struct's entries come sorted by key, "n" and "sentUs" first.
+                if n.is_some() && sent.is_some() {
+                    return Ok(());
+                }
+                let (key, value) = map_entry(entry)?;
                 match key {
                     b"n" => n = value,
                     b"sentUs" => sent = value,
