@@ -5,9 +5,10 @@
 //! connection. Any loss, reordering or broken stream makes the exit code non-zero. The `orgs`
 //! scenario (orgs.rs) instead measures what many idle orgs cost the server; the `outbox` scenario
 //! (outbox.rs) publishes by committing outbox rows in PostgreSQL instead of calling the API; the
-//! `presence` scenario has writers broadcast on one topic instead (ephemeral, never stored), their
-//! latency being send→receipt, from a thread and runtime of their own. The `hundredk` scenario (hundredk.rs) holds 100,000 subscribers on
-//! one node, most of them multiplexed over shared connections.
+//! `presence` scenario has writers broadcast on one topic instead (ephemeral, never stored) from
+//! a thread and runtime of their own, their latency being send→receipt. The `hundredk` scenario
+//! (hundredk.rs) holds 100,000 subscribers on one node, most of them multiplexed over shared
+//! connections.
 //! The `floor` scenario (floor.rs) runs no server: it writes e's bytes to e's connections at e's
 //! rate from a thread of its own, the yardstick for e's server CPU per delivery.
 //! `--nodes N` starts a cluster instead (N nodes on a PostgreSQL database of the bench's own and
