@@ -407,14 +407,7 @@ fn each_field<'a>(
 /// A field's key (tag and wire type), taken off the front of `buf`.
 #[inline]
 fn key(buf: &mut &[u8]) -> Result<(u32, WireType), String> {
-    // Most keys are one byte (a tag below 16): read without the varint loop.
-    let key = match buf.first() {
-        Some(&b) if (8..0x80).contains(&b) => {
-            *buf = &buf[1..];
-            u64::from(b)
-        }
-        _ => varint(buf)?,
-    };
+    let key = varint(buf)?;
     let tag = key >> 3;
     if tag == 0 || tag > u64::from(u32::MAX >> 3) {
         return Err(format!("invalid field key {key}"));
@@ -439,6 +432,13 @@ fn sub_message<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], String> {
 /// decoder: the bench reads a few million of them a second).
 #[inline]
 fn varint(buf: &mut &[u8]) -> Result<u64, String> {
+    // Most are one byte (a field key of a tag below 16, a short length): no loop for those.
+    if let Some(&b) = buf.first()
+        && b < 0x80
+    {
+        *buf = &buf[1..];
+        return Ok(u64::from(b));
+    }
     let mut value = 0u64;
     for (i, &b) in buf.iter().take(10).enumerate() {
         value |= u64::from(b & 0x7f) << (7 * i);
