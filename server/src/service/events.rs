@@ -14,7 +14,11 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use futures::{Stream, StreamExt, future::BoxFuture, stream::BoxStream};
+use futures::{
+    Stream, StreamExt,
+    future::BoxFuture,
+    stream::{BoxStream, Peekable},
+};
 use orgpulse::proto::{
     CaughtUp, Event, Heartbeat, ListOnlineRequest, ListOnlineResponse, OrgFilter, PollRequest,
     PollResponse, Resync, event::Payload,
@@ -202,9 +206,13 @@ enum Step {
 /// moved into, and slots for its temporaries (~940 bytes per idle stream, against ~400 here
 /// with its timer).
 struct Subscription {
-    head: Option<BoxStream<'static, Result<Step, Status>>>,
+    head: Option<Head>,
     live: Option<Live>,
 }
+
+/// A stream's head, its next step looked at before it is taken (see
+/// [`Subscription::append_waiting`]). Boxed whole: an idle stream holds one pointer for it.
+type Head = Pin<Box<Peekable<BoxStream<'static, Result<Step, Status>>>>>;
 
 impl Stream for Subscription {
     type Item = Result<Bytes, Status>;
@@ -241,11 +249,23 @@ impl Stream for Subscription {
 }
 
 impl Messages for Subscription {
-    fn append_waiting(&mut self, frame: &mut BytesMut, limit: usize) {
-        if self.head.is_none()
-            && let Some(live) = &mut self.live
+    /// The head's messages already made (a replay's page, `caught_up`) go into the frame together,
+    /// as the live part's queued events do: a replay of 100,000 events is not 100,000 DATA frames.
+    /// The head's other steps (the hand-over to the live part, an error, its end) are left to
+    /// `poll_next`.
+    fn append_waiting(&mut self, frame: &mut BytesMut, limit: usize, cx: &mut Context<'_>) {
+        let Some(head) = &mut self.head else {
+            if let Some(live) = &mut self.live {
+                live.append_waiting(frame, limit);
+            }
+            return;
+        };
+        while frame.len() < limit
+            && let TaskPoll::Ready(Some(Ok(Step::Send(_)))) = head.as_mut().poll_peek(cx)
         {
-            live.append_waiting(frame, limit);
+            if let TaskPoll::Ready(Some(Ok(Step::Send(message)))) = head.poll_next_unpin(cx) {
+                put_message(frame, &message);
+            }
         }
     }
 }
@@ -260,7 +280,11 @@ fn subscription(
     held: Held,
 ) -> Subscription {
     Subscription {
-        head: Some(Box::pin(head(ctx, org, filter, from, reg, deadlines, held))),
+        head: Some(Box::pin(
+            head(ctx, org, filter, from, reg, deadlines, held)
+                .boxed()
+                .peekable(),
+        )),
         live: None,
     }
 }
@@ -294,13 +318,38 @@ fn head(
             Some(_) => (store.bounds(org).await?.head, true),
             None => (reg.joined, false),
         };
-        if from.is_some() && !resync {
-            // The replay is a boxed stream of its own, freed when it ends: its pages and
-            // iterators would otherwise be part of every live stream's state.
-            let mut replay = Box::pin(replay(&ctx, org, &filter, &mut reg, &mut pos, &mut resync, &mut log.sent));
-            while let Some(bytes) = replay.next().await {
-                yield Step::Send(bytes?);
+        // The replay: the log's events after `pos`, page by page (pages shared with other
+        // subscribers resuming nearby), until the room's position at joining. Its state is the
+        // head's, freed with it at the hand-over to the live part.
+        'replay: while from.is_some() && !resync {
+            while pos < reg.joined {
+                let page = match ctx.hub.replay_after(org, pos).await? {
+                    Replay::Events(page) => page,
+                    // Trimmed past `pos` (before or during the replay): what was sent is
+                    // seamless; the rest is a resync to the head, then live from there.
+                    Replay::Unreachable(bounds) => {
+                        pos = bounds.head;
+                        resync = true;
+                        break 'replay;
+                    }
+                };
+                if page.events().is_empty() {
+                    break;
+                }
+                for ev in page.events() {
+                    pos = ev.seq;
+                    if filter.sees(ev) {
+                        METRICS.events_delivered.inc();
+                        log.sent += 1;
+                        yield Step::Send(ev.bytes.clone());
+                    }
+                }
             }
+            // Cut off while replaying (live events piled up): join again, replay the rest.
+            if !reg.was_cut() {
+                break;
+            }
+            reg = ctx.hub.register(org, filter.clone()).await?;
         }
         if resync {
             let reason = "cursor is older than the retained log or from another log; reload and continue from this cursor";
@@ -520,54 +569,6 @@ fn goes_out(pos: &mut u64, seq: u64) -> Option<bool> {
     }
     *pos = seq;
     Some(true)
-}
-
-/// Replays the log after `pos` up to where the stream joined its room (later events are
-/// queued), advancing `pos`; sets `resync` when the log no longer reaches back to it. The pages
-/// come from the Hub, shared with the other subscribers replaying the same part of the log. A
-/// stream cut off while replaying (live events piled up) joins its room again and replays the
-/// rest.
-fn replay<'a>(
-    ctx: &'a Ctx,
-    org: &'a str,
-    filter: &'a Filter,
-    reg: &'a mut crate::hub::Registration,
-    pos: &'a mut u64,
-    resync: &'a mut bool,
-    sent: &'a mut u64,
-) -> impl Stream<Item = Result<Bytes, Status>> + Send + 'a {
-    async_stream::try_stream! {
-        loop {
-            while *pos < reg.joined {
-                let page = match ctx.hub.replay_after(org, *pos).await? {
-                    Replay::Events(page) => page,
-                    // Trimmed past `pos` (before or during the replay): what was sent is
-                    // seamless; the rest is a resync to the head, then live from there.
-                    Replay::Unreachable(bounds) => {
-                        *pos = bounds.head;
-                        *resync = true;
-                        return;
-                    }
-                };
-                if page.events().is_empty() {
-                    break;
-                }
-                for ev in page.events() {
-                    *pos = ev.seq;
-                    if filter.sees(ev) {
-                        METRICS.events_delivered.inc();
-                        *sent += 1;
-                        yield ev.bytes.clone();
-                    }
-                }
-            }
-            // Cut off while replaying (live events piled up): join again, replay the rest.
-            if !reg.was_cut() {
-                break;
-            }
-            *reg = ctx.hub.register(org, filter.clone()).await?;
-        }
-    }
 }
 
 /// Logs a stream's close with its reason and the events it sent.

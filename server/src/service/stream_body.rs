@@ -5,8 +5,9 @@
 //! tonic's encoder copies every message into its own buffer, then splits it off as a DATA frame,
 //! through a stack of generic adapters polled on every delivery. Here one event becomes one
 //! allocation holding the 5-byte gRPC message prefix and the event; events already queued when
-//! the stream is polled are framed into the same DATA frame (up to [`COALESCE`], taken from the
-//! queue under one lock by [`Messages::append_waiting`]), so a burst is still one write. The
+//! the stream is polled (or already read for its replay) are framed into the same DATA frame (up
+//! to [`COALESCE`], by [`Messages::append_waiting`]: the queued ones under one lock), so a burst
+//! or a replay's page is still one write. The
 //! stream's end or error becomes the gRPC trailers, as with tonic.
 use std::{
     pin::{Pin, pin},
@@ -27,9 +28,10 @@ pub type EventStream = Box<dyn Messages>;
 /// A stream of encoded messages that can also hand over, at once, those already waiting.
 pub trait Messages: Stream<Item = Result<Bytes, Status>> + Send + Unpin + 'static {
     /// Appends the messages that are waiting now (each with its gRPC prefix, see
-    /// [`put_message`]) to `frame` while it holds fewer than `limit` bytes; never waits. What
-    /// needs more than a queued message (the end, a timer) is left to `poll_next`.
-    fn append_waiting(&mut self, frame: &mut BytesMut, limit: usize);
+    /// [`put_message`]) to `frame` while it holds fewer than `limit` bytes; never waits (`cx` is
+    /// the body's, for what it polls). What needs more than a ready message (the end, a timer)
+    /// is left to `poll_next`.
+    fn append_waiting(&mut self, frame: &mut BytesMut, limit: usize, cx: &mut Context<'_>);
 }
 
 /// Most bytes of queued events framed into one DATA frame before it is handed to HTTP/2.
@@ -147,7 +149,7 @@ impl http_body::Body for EventBody {
         };
         let mut frame = BytesMut::with_capacity(5 + first.len());
         put_message(&mut frame, &first);
-        this.stream.append_waiting(&mut frame, COALESCE);
+        this.stream.append_waiting(&mut frame, COALESCE, cx);
         Poll::Ready(Some(Ok(Frame::data(frame.freeze()))))
     }
 
