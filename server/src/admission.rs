@@ -7,7 +7,9 @@
 //! a dashboard's) never wait, and their events and answers no longer queue behind the storm;
 //! nor do health checks and metrics.
 //!
-//! Every [`TICK`] the gate measures the runtime's lag, the longer of:
+//! Every [`TICK`] while requests of new connections come in (every [`QUIET_TICK`] after
+//! [`QUIET_TICKS`] ticks without one: an idle node does not wake 200 times a second), the gate
+//! measures the runtime's lag, the longer of:
 //! - how long a task woken from a thread outside the runtime waits for its turn, as the
 //!   subscribers of an event wait, woken by the store's writer (tokio's global queue);
 //! - how long a task that yields waits at the back of its worker's run queue, as a connection
@@ -24,7 +26,11 @@
 //! one (400/s), as a busy runtime runs the gate's ticks late.
 use std::{
     collections::VecDeque,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::Thread,
     time::{Duration, Instant},
 };
 
@@ -34,8 +40,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{connections::Connection, metrics::METRICS};
 
-/// How often the lag is measured and the pace set.
+/// How often the lag is measured and the pace set while requests of new connections come in.
 const TICK: Duration = Duration::from_millis(5);
+/// How often otherwise (the lag shown in `/metrics` stays fresh).
+const QUIET_TICK: Duration = Duration::from_secs(1);
+/// Ticks without a request of a new connection (and none waiting) before the gate ticks at
+/// [`QUIET_TICK`]: a second's worth.
+const QUIET_TICKS: u32 = 200;
 /// The lag above which the pace halves.
 const TARGET_LAG: Duration = Duration::from_millis(20);
 /// Requests let in per tick at the slowest pace, and per [`TICK`] of wall-clock time whatever
@@ -53,6 +64,12 @@ const YOUNG: Duration = Duration::from_secs(2);
 /// The gate the requests of new connections pass before they are served.
 pub struct Admission {
     state: Mutex<Pace>,
+    /// Whether the probe ticks every [`TICK`] (else every [`QUIET_TICK`]). Written with `state`
+    /// locked, so a request that arrives as the gate goes quiet always finds it quiet and
+    /// wakes the probe.
+    fast: Arc<AtomicBool>,
+    /// The thread that wakes the gate's task every tick (woken early when ticks speed up).
+    probe: Thread,
 }
 
 /// The pace and the requests waiting for their turn, first come first in.
@@ -60,6 +77,8 @@ struct Pace {
     per_tick: usize,
     /// Turns left in this tick.
     left: usize,
+    /// Requests that came to the gate since the last tick.
+    arrived: usize,
     waiting: VecDeque<oneshot::Sender<()>>,
     /// The node is shutting down: every request goes in at once (and is ended there).
     open: bool,
@@ -68,15 +87,20 @@ struct Pace {
 impl Admission {
     /// The gate, its pace kept by a task until `stop`.
     pub fn start(stop: CancellationToken) -> Arc<Admission> {
+        let fast = Arc::new(AtomicBool::new(false));
+        let (wake, woken) = mpsc::channel::<Instant>(1);
         let admission = Arc::new(Admission {
             state: Mutex::new(Pace {
                 per_tick: MIN_PER_TICK,
                 left: MIN_PER_TICK,
+                arrived: 0,
                 waiting: VecDeque::new(),
                 open: false,
             }),
+            probe: probe(wake, fast.clone()),
+            fast,
         });
-        tokio::spawn(admission.clone().keep_pace(stop));
+        tokio::spawn(admission.clone().keep_pace(woken, stop));
         admission
     }
 
@@ -97,6 +121,11 @@ impl Admission {
     /// A turn now, or the wait for one, first come first in.
     fn take_turn(&self) -> Result<(), oneshot::Receiver<()>> {
         let mut pace = self.state.lock();
+        pace.arrived += 1;
+        if !self.fast.swap(true, Ordering::Relaxed) {
+            // The first request after a quiet spell: the gate ticks at its pace again, now.
+            self.probe.unpark();
+        }
         if pace.open || (pace.waiting.is_empty() && pace.left > 0) {
             pace.left = pace.left.saturating_sub(1);
             return Ok(());
@@ -108,20 +137,13 @@ impl Admission {
         Err(rx)
     }
 
-    async fn keep_pace(self: Arc<Self>, stop: CancellationToken) {
-        // A thread of its own wakes the task every tick, as the store's writer wakes the
-        // subscribers of an event and the callers it answers: how long the task then waits for
-        // its turn is how late they are.
-        let (wake, mut woken) = mpsc::channel::<Instant>(1);
-        std::thread::Builder::new()
-            .name("admission-probe".into())
-            .spawn(move || {
-                while wake.blocking_send(Instant::now()).is_ok() {
-                    std::thread::sleep(TICK);
-                }
-            })
-            .expect("spawning the admission probe's thread");
+    async fn keep_pace(
+        self: Arc<Self>,
+        mut woken: mpsc::Receiver<Instant>,
+        stop: CancellationToken,
+    ) {
         let mut last_tick = Instant::now();
+        let mut rhythm = Rhythm::default();
         loop {
             let sent = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -138,7 +160,13 @@ impl Admission {
             let lag = remote.max(queued.elapsed());
             METRICS.runtime_lag_us.set(lag.as_micros() as i64);
             let since = std::mem::replace(&mut last_tick, Instant::now()).elapsed();
-            self.state.lock().tick(lag, since);
+            let mut pace = self.state.lock();
+            let fast = self.fast.load(Ordering::Relaxed);
+            let arrived = pace.arrived;
+            pace.tick(lag, rhythm.since(fast, since));
+            if fast && rhythm.goes_quiet(arrived, pace.waiting.len()) {
+                self.fast.store(false, Ordering::Relaxed);
+            }
         }
         let mut pace = self.state.lock();
         pace.open = true;
@@ -161,6 +189,7 @@ impl Pace {
         };
         let floor = MIN_PER_TICK * (since.as_micros() / TICK.as_micros()) as usize;
         self.left = self.let_in(self.per_tick.max(floor));
+        self.arrived = 0;
     }
 
     /// Lets up to `turns` waiting requests in (one that was dropped waiting takes no turn);
@@ -179,6 +208,58 @@ impl Pace {
     }
 }
 
+/// Whether the gate's ticks are fast, as its task follows them.
+#[derive(Default)]
+struct Rhythm {
+    /// Fast ticks in a row without a request of a new connection and with none waiting.
+    quiet_ticks: u32,
+    was_fast: bool,
+}
+
+impl Rhythm {
+    /// The time a tick `since` the last one counts for the wall-clock floor ([`Pace::tick`]):
+    /// all of it between fast ticks, one [`TICK`] for a quiet tick or the first fast one after
+    /// a quiet spell (it comes as soon as a request does: the spell is not lateness).
+    fn since(&mut self, fast: bool, since: Duration) -> Duration {
+        let was_fast = std::mem::replace(&mut self.was_fast, fast);
+        if fast && was_fast { since } else { TICK }
+    }
+
+    /// After a fast tick in which `arrived` requests came, with `waiting` still waiting: whether
+    /// the gate goes quiet now, after [`QUIET_TICKS`] such ticks without either.
+    fn goes_quiet(&mut self, arrived: usize, waiting: usize) -> bool {
+        self.quiet_ticks = match arrived == 0 && waiting == 0 {
+            true => self.quiet_ticks + 1,
+            false => 0,
+        };
+        let quiet = self.quiet_ticks >= QUIET_TICKS;
+        if quiet {
+            self.quiet_ticks = 0;
+        }
+        quiet
+    }
+}
+
+/// The probe: a thread of its own that wakes the gate's task every tick, as the store's writer
+/// wakes the subscribers of an event and the callers it answers, so how long the task then waits
+/// for its turn is how late they are. Every [`TICK`] while `fast`, else every [`QUIET_TICK`]
+/// or when unparked; it ends with the gate's task.
+fn probe(wake: mpsc::Sender<Instant>, fast: Arc<AtomicBool>) -> Thread {
+    std::thread::Builder::new()
+        .name("admission-probe".into())
+        .spawn(move || {
+            while wake.blocking_send(Instant::now()).is_ok() {
+                match fast.load(Ordering::Relaxed) {
+                    true => std::thread::sleep(TICK),
+                    false => std::thread::park_timeout(QUIET_TICK),
+                }
+            }
+        })
+        .expect("spawning the admission probe's thread")
+        .thread()
+        .clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +268,7 @@ mod tests {
         Pace {
             per_tick,
             left,
+            arrived: 0,
             waiting: VecDeque::new(),
             open: false,
         }
@@ -244,6 +326,32 @@ mod tests {
         p.tick(TARGET_LAG, TICK);
         assert!(fourth.try_recv().is_ok());
         assert_eq!(p.left, 1);
+    }
+
+    #[test]
+    fn the_gate_goes_quiet_after_a_second_of_ticks_without_requests_and_counts_no_floor_for_it() {
+        let mut r = Rhythm::default();
+        // The first fast tick after a quiet spell (or the start) counts one tick, not the spell.
+        assert_eq!(r.since(true, QUIET_TICK), TICK);
+        assert_eq!(
+            r.since(true, Duration::from_millis(100)),
+            Duration::from_millis(100)
+        );
+        for _ in 1..QUIET_TICKS {
+            assert!(!r.goes_quiet(0, 0));
+        }
+        // A request, or one still waiting, starts the count again.
+        assert!(!r.goes_quiet(1, 0));
+        for _ in 1..QUIET_TICKS {
+            assert!(!r.goes_quiet(0, 0));
+        }
+        assert!(!r.goes_quiet(0, 3));
+        for _ in 1..QUIET_TICKS {
+            assert!(!r.goes_quiet(0, 0));
+        }
+        assert!(r.goes_quiet(0, 0));
+        assert_eq!(r.since(false, QUIET_TICK), TICK);
+        assert_eq!(r.since(true, QUIET_TICK), TICK);
     }
 
     #[test]
