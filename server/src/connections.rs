@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::METRICS;
+use crate::{hub::Pacer, metrics::METRICS};
 
 /// How long a connection may take to send its first complete request head or HTTP/2 preface.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,6 +64,8 @@ fn connection_cap(asked: usize, open_file_limit: u64) -> usize {
 /// The open connections of the server, against `--max-connections`.
 pub struct Connections {
     max: usize,
+    /// The hub's: a multiplexed connection's write round waits for its turns.
+    pacer: Arc<Pacer>,
     state: Mutex<State>,
     /// Told whenever a connection closes (see [`Connections::room`]).
     closed: tokio::sync::Notify,
@@ -141,10 +143,11 @@ impl Drop for CarriedStream {
 }
 
 impl Connections {
-    pub fn new(max: usize) -> Arc<Self> {
+    pub fn new(max: usize, pacer: Arc<Pacer>) -> Arc<Self> {
         METRICS.max_connections.set(max as i64);
         Arc::new(Connections {
             max,
+            pacer,
             state: Mutex::default(),
             closed: tokio::sync::Notify::new(),
         })
@@ -249,6 +252,8 @@ pub struct Door<IO> {
     slot: Slot,
     /// A round of writes has begun: they go through until the flush that ends it.
     writing: bool,
+    /// The round's first write waits for the hub's pacer to pass this mark.
+    round: Option<u64>,
 }
 
 impl<IO> Door<IO> {
@@ -258,25 +263,35 @@ impl<IO> Door<IO> {
             waiting: Some(waiting),
             slot,
             writing: false,
+            round: None,
         }
     }
 
     /// On a connection that carries several streams, the first write of a round waits for one
-    /// turn of the runtime: the connection's task wakes itself and goes to the back of the run
+    /// turn of the runtime and until the hub's pacer has handed out the wake-ups queued before
+    /// it (`hub::Pacer`): the connection's task wakes itself and goes to the back of the run
     /// queue, behind the tasks already woken. An event to every stream of a multiplexed
-    /// connection wakes each stream's task, and each hands its frame to HTTP/2 and wakes the
-    /// connection; without the turn the connection would run right after the first (tokio runs
-    /// a task woken by another next) and write each stream's frame on its own, one system call
-    /// per stream. With it, the frames of all the streams already woken go out in one write. A
-    /// round ends at the flush that follows its writes. A connection of one stream writes at
-    /// once: a turn would only delay it (and a unary answer) behind every other task.
+    /// connection wakes each stream's task (in the pacer's turns), and each hands its frame to
+    /// HTTP/2 and wakes the connection; without the wait the connection would run right after
+    /// the first (tokio runs a task woken by another next) and write each stream's frame on its
+    /// own, one system call per stream. With it, the frames of all the streams the event woke
+    /// go out in one write. A round ends at the flush that follows its writes. A connection of
+    /// one stream writes at once: a turn would only delay it (and a unary answer) behind every
+    /// other task.
     fn take_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.writing || !self.slot.connection.multiplexed() {
             return Poll::Ready(());
         }
+        let pacer = &self.slot.connections.pacer;
+        let Some(mark) = self.round else {
+            self.round = Some(pacer.mark());
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        };
+        ready!(pacer.poll_handed(mark, cx));
+        self.round = None;
         self.writing = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
+        Poll::Ready(())
     }
 }
 
@@ -406,7 +421,7 @@ mod tests {
 
     #[tokio::test]
     async fn accepts_wait_while_too_many_evicted_connections_are_still_open() {
-        let connections = Connections::new(2);
+        let connections = Connections::new(2, Arc::default());
         // Each past the cap evicts one waiting for its head; none of them has closed yet.
         let mut open: Vec<_> = (0..2 + CLOSING)
             .map(|_| connections.admit().unwrap())

@@ -10,8 +10,10 @@
 //! event's encoded bytes; per subscriber it is a filter check and a push onto that subscriber's
 //! bounded queue, and an event with an audience visits only the subscribers it can name
 //! (`subscribers`). A full queue never waits: the subscriber is cut off (its stream ends with a
-//! resumable error) and everyone else goes on. A resuming subscriber's replay reads the log
+//! resumable error) and everyone else goes on. The streams a fan-out finds waiting are woken in
+//! turns, in the order the fan-outs came (`pacer`). A resuming subscriber's replay reads the log
 //! through the Hub (`replay`), so the subscribers of one org resuming together share their reads.
+mod pacer;
 mod queue;
 mod replay;
 mod subscribers;
@@ -31,6 +33,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use pacer::Pacer;
 use subscribers::{Key, Sub, Subscribers};
 
 use crate::{
@@ -249,6 +252,7 @@ struct Inner {
     reads: replay::SharedReads,
     bus: Arc<dyn Bus>,
     queue: usize,
+    pacer: Arc<Pacer>,
 }
 
 struct Room {
@@ -256,6 +260,8 @@ struct Room {
     tx: mpsc::UnboundedSender<RoomMsg>,
     subs: Mutex<Subscribers>,
     closed: CancellationToken,
+    /// The Hub's, shared by its rooms: their fan-outs' wake-ups in one order.
+    pacer: Arc<Pacer>,
 }
 
 enum RoomMsg {
@@ -321,12 +327,18 @@ impl Hub {
                 store,
                 bus,
                 queue: queue.max(1),
+                pacer: Arc::default(),
             }),
         };
         if lossy {
             tokio::spawn(check_tails(Arc::downgrade(&hub.inner)));
         }
         hub
+    }
+
+    /// The pacer of this Hub's wake-ups, for the connections' write rounds to wait on.
+    pub fn pacer(&self) -> Arc<Pacer> {
+        self.inner.pacer.clone()
     }
 
     /// The name of `org` as its open room keeps it, to share rather than copy (None while the
@@ -433,6 +445,7 @@ impl Hub {
             tx,
             subs: Mutex::new(Subscribers::new(head)),
             closed: CancellationToken::new(),
+            pacer: self.inner.pacer.clone(),
         });
         tokio::spawn(run_room(room.clone(), rx, head, self.inner.store.clone()));
         room
@@ -519,7 +532,8 @@ async fn run_room(
                 }
                 Some(RoomMsg::Ephemeral(ev)) => {
                     let item = Item { seq: 0, bytes: ev.bytes.clone() };
-                    room.subs.lock().fan_out(&item, ev.audience.as_deref(), |f| f.takes_ephemeral(&ev));
+                    let woken = room.subs.lock().fan_out(&item, ev.audience.as_deref(), |f| f.takes_ephemeral(&ev));
+                    room.pacer.wake(woken);
                 }
                 Some(RoomMsg::Head(head)) => last = catch_up(&room, &*store, last, head).await,
                 Some(RoomMsg::Subscribed) => match store.bounds(&room.org).await {
@@ -583,9 +597,12 @@ impl Room {
             seq: ev.seq,
             bytes: ev.bytes.clone(),
         };
-        let mut subs = self.subs.lock();
-        subs.delivered = ev.seq;
-        subs.fan_out(&item, ev.audience.as_deref(), |f| f.takes(ev));
+        let woken = {
+            let mut subs = self.subs.lock();
+            subs.delivered = ev.seq;
+            subs.fan_out(&item, ev.audience.as_deref(), |f| f.takes(ev))
+        };
+        self.pacer.wake(woken);
     }
 }
 
@@ -836,6 +853,7 @@ mod tests {
             tx,
             subs: Mutex::default(),
             closed: CancellationToken::new(),
+            pacer: Arc::default(),
         };
         let (sub_tx, mut rx) = queue::channel(16);
         room.subs.lock().add(Sub {

@@ -83,6 +83,7 @@ pub async fn run(
     };
     let store = crate::store::open(&cfg, crate::bus::committed_to(bus.clone())).await?;
     let hub = Hub::new(rooms, store.log.clone(), cfg.subscriber_queue, bus.clone());
+    let pacer = hub.pacer();
     let cluster = nats.is_some();
     let stop = CancellationToken::new();
     if let Some(keys) = auth.remote_keys() {
@@ -147,9 +148,12 @@ pub async fn run(
         ))
     });
 
-    let connections = Connections::new(crate::connections::open_file_budget(
-        usize::try_from(cfg.max_connections).unwrap_or(usize::MAX),
-    ));
+    let connections = Connections::new(
+        crate::connections::open_file_budget(
+            usize::try_from(cfg.max_connections).unwrap_or(usize::MAX),
+        ),
+        pacer,
+    );
     let http = Arc::new(Http::new(cfg.max_concurrent_streams));
     let admission = Admission::start(stop.clone());
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {

@@ -72,23 +72,19 @@ impl<T, M> Sender<T, M> {
         &self.shared.mark
     }
 
-    /// Queues `value` unless the queue is full or the receiver is gone.
-    pub fn try_send(&self, value: T) -> Result<(), TrySendError> {
-        let waker = {
-            let mut state = self.shared.state.lock();
-            if !state.receiver_alive {
-                return Err(TrySendError::Closed);
-            }
-            if state.items.len() >= self.shared.capacity {
-                return Err(TrySendError::Full);
-            }
-            state.items.push_back(value);
-            state.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
+    /// Queues `value` unless the queue is full or the receiver is gone; returns the receiver's
+    /// waker when it was waiting, for the caller to wake (the hub paces its wake-ups).
+    #[must_use = "a waiting receiver sleeps until its waker is woken"]
+    pub fn try_send(&self, value: T) -> Result<Option<Waker>, TrySendError> {
+        let mut state = self.shared.state.lock();
+        if !state.receiver_alive {
+            return Err(TrySendError::Closed);
         }
-        Ok(())
+        if state.items.len() >= self.shared.capacity {
+            return Err(TrySendError::Full);
+        }
+        state.items.push_back(value);
+        Ok(state.waker.take())
     }
 }
 
@@ -182,7 +178,7 @@ mod tests {
         let (tx, mut rx) = channel::<_, ()>(2);
         tx.try_send(1).unwrap();
         tx.try_send(2).unwrap();
-        assert_eq!(tx.try_send(3), Err(TrySendError::Full));
+        assert!(matches!(tx.try_send(3), Err(TrySendError::Full)));
         assert_eq!(rx.recv().await, Some(1));
         tx.try_send(3).unwrap();
         drop(tx);
@@ -200,7 +196,8 @@ mod tests {
             (first, end)
         });
         tokio::task::yield_now().await;
-        tx.try_send("a").unwrap();
+        let waker = tx.try_send("a").unwrap();
+        waker.expect("the receiver was waiting").wake();
         tokio::task::yield_now().await;
         drop(tx);
         assert_eq!(waiting.await.unwrap(), (Some("a"), None));
@@ -223,6 +220,6 @@ mod tests {
     fn sending_to_a_dropped_receiver_is_closed() {
         let (tx, rx) = channel::<_, ()>(4);
         drop(rx);
-        assert_eq!(tx.try_send(1), Err(TrySendError::Closed));
+        assert!(matches!(tx.try_send(1), Err(TrySendError::Closed)));
     }
 }

@@ -12,7 +12,7 @@
 //! names the slot's next subscriber. Such stale entries are not removed one by one (a list such
 //! as role `member` can hold a whole org); the index is rebuilt from the live subscribers once
 //! stale entries outnumber live ones.
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, task::Waker};
 
 use super::{Cut, CutFlag, Filter, Item, queue};
 use crate::{audience::Audience, metrics::METRICS};
@@ -211,18 +211,20 @@ impl Subscribers {
     }
 
     /// Queues `item` for every subscriber `audience` admits (`None` = the whole org) and
-    /// `takes` takes (the rest of its filter, `Filter::takes`). A subscriber whose queue is full
-    /// is cut off (`Cut::Slow`) and removed; one whose stream has gone, removed.
+    /// `takes` takes (the rest of its filter, `Filter::takes`), and returns the wakers of the
+    /// streams that were waiting, for the caller to wake (`Pacer`). A subscriber whose queue is
+    /// full is cut off (`Cut::Slow`) and removed; one whose stream has gone, removed.
     pub fn fan_out(
         &mut self,
         item: &Item,
         audience: Option<&Audience>,
         takes: impl Fn(&Filter) -> bool,
-    ) {
+    ) -> Vec<Waker> {
+        let mut woken = Vec::new();
         match audience {
             None => {
                 for slot in 0..self.slots.len() as u32 {
-                    self.offer(slot, item, &takes);
+                    self.offer(slot, item, &takes, &mut woken);
                 }
             }
             Some(a) => {
@@ -234,12 +236,13 @@ impl Subscribers {
                 for e in &cand {
                     let live = matches!(&self.slots[e.slot as usize], Some((id, _)) if Entry::of(e.slot, *id) == *e);
                     if live {
-                        self.offer(e.slot, item, &takes);
+                        self.offer(e.slot, item, &takes, &mut woken);
                     }
                 }
                 self.scratch = cand;
             }
         }
+        woken
     }
 
     /// Rebuilds the index once its stale entries outnumber the live ones (plus 1,024).
@@ -249,8 +252,15 @@ impl Subscribers {
         }
     }
 
-    /// Queues `item` for the subscriber in `slot`, if there is one and it takes it.
-    fn offer(&mut self, slot: u32, item: &Item, takes: &impl Fn(&Filter) -> bool) {
+    /// Queues `item` for the subscriber in `slot`, if there is one and it takes it; its stream's
+    /// waker goes to `woken` when it was waiting.
+    fn offer(
+        &mut self,
+        slot: u32,
+        item: &Item,
+        takes: &impl Fn(&Filter) -> bool,
+        woken: &mut Vec<Waker>,
+    ) {
         let Some((_, s)) = &self.slots[slot as usize] else {
             return;
         };
@@ -258,7 +268,7 @@ impl Subscribers {
             return;
         }
         match s.tx.try_send(item.clone()) {
-            Ok(()) => {}
+            Ok(waker) => woken.extend(waker),
             Err(queue::TrySendError::Full) => {
                 s.tx.mark().set(Cut::Slow);
                 METRICS.slow_disconnects.inc();
@@ -389,7 +399,7 @@ mod tests {
                 bytes: Default::default(),
             };
             // The index alone decides the audience.
-            subs.fan_out(&item, audience.as_ref(), |_| true);
+            let _ = subs.fan_out(&item, audience.as_ref(), |_| true);
             for (_, user, f, rx) in &mut joined {
                 let want = crate::audience::admits(audience.as_ref(), &f.viewer);
                 let got = rx.try_recv().map(|i| i.seq);
