@@ -7,11 +7,9 @@
 //! not explain), its CPU while all are idle for `--seconds` with the default heartbeat (per stream
 //! per second), then `--events` (1) job updates to all (commit→receipt per delivery), and from
 //! these figures what one 16-vCPU node would hold.
-use std::{future::Future, ops::Range, sync::Arc, sync::atomic::Ordering::Relaxed, time::Duration};
+use std::{ops::Range, sync::Arc, sync::atomic::Ordering::Relaxed, time::Duration};
 
-use bytes::Bytes;
 use futures::StreamExt;
-use h2::client::SendRequest;
 use serde_json::{Value, json};
 
 use super::{BenchArgs, Shape, mb, round2, subscriber_user, timed, us_per};
@@ -19,7 +17,7 @@ use crate::{
     bench::{
         orgs::STREAMS_PER_CONNECTION,
         server::{self, Target},
-        subscriber::{self, Counted, Dial, Placement, Subscriber, Tally},
+        subscriber::{self, Counted, Dial, Placement, Subscriber, Tally, Via},
         writer::{self, Writer},
     },
     error::CliError,
@@ -147,9 +145,7 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
     // Phase 1: one stream per connection.
     let t_connect = std::time::Instant::now();
     let mut tasks = opening
-        .open(0..split.own, |i| {
-            subscriber::connect(target.addr, subscriber::source(i, sources))
-        })
+        .open(0..split.own, |i| Via::Own(subscriber::source(i, sources)))
         .await?;
     let own_connected = tasks.len();
     tokio::time::sleep(shape.settle).await;
@@ -167,8 +163,7 @@ pub async fn measure(args: &BenchArgs, shape: &Shape, target: &Target) -> Result
     }
     let multiplexed = opening
         .open(split.own..shape.subscribers, |i| {
-            let conn = shared[split.connection(i) - split.own].clone();
-            std::future::ready(Ok(conn))
+            Via::Shared(shared[split.connection(i) - split.own].clone())
         })
         .await?;
     let multiplexed_connected = multiplexed.len();
@@ -297,17 +292,14 @@ struct Opening<'a> {
 }
 
 impl Opening<'_> {
-    /// Opens subscribers `range`, subscriber i on the connection `conn(i)` gives, at most
+    /// Opens subscribers `range`, subscriber i on the connection `via(i)` says, at most
     /// --connect-concurrency at a time; starts the reader of each one that reached `caught_up`
     /// (a failure is the tally's first error).
-    async fn open<C>(
+    async fn open(
         &self,
         range: Range<usize>,
-        conn: impl Fn(usize) -> C,
-    ) -> Result<Vec<tokio::task::JoinHandle<()>>, CliError>
-    where
-        C: Future<Output = Result<SendRequest<Bytes>, String>>,
-    {
+        via: impl Fn(usize) -> Via,
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>, CliError> {
         let tally = &self.tally;
         let opened: Vec<Result<Subscriber, String>> = timed(self.args, async {
             Ok(futures::stream::iter(range)
@@ -320,8 +312,7 @@ impl Opening<'_> {
                         counted: Counted::Jobs,
                         placement: Placement::default(),
                     };
-                    let conn = conn(i);
-                    async move { Subscriber::open(conn.await?, dial, tally).await }
+                    Subscriber::open(via(i), dial, tally)
                 })
                 .buffer_unordered(self.args.connect_concurrency.max(1))
                 .collect()

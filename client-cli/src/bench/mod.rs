@@ -22,6 +22,7 @@ mod histogram;
 mod hundredk;
 mod orgs;
 mod outbox;
+mod own_connection;
 mod server;
 mod storm;
 mod subscriber;
@@ -41,7 +42,7 @@ use crate::{
 };
 use database::Database;
 use server::{Target, Usage, fail};
-use subscriber::{Counted, Dial, Placement, Subscriber, Tally};
+use subscriber::{Counted, Dial, Placement, Subscriber, Tally, Via};
 use writer::{Published, Writer};
 
 /// A named benchmark shape (sizes match the socket.io peer's run.sh where it has one).
@@ -623,10 +624,7 @@ async fn measure(
                 let tally = &tally;
                 async move {
                     let source = subscriber::source(i, sources);
-                    let opened = async {
-                        let conn = subscriber::connect(dial.server, source).await?;
-                        Subscriber::open(conn, dial, tally).await
-                    };
+                    let opened = async { Subscriber::open(Via::Own(source), dial, tally).await };
                     (i, opened.await)
                 }
             })

@@ -18,7 +18,7 @@ use crate::{
     bench::{
         database::{self, Database},
         server::{self, Target},
-        subscriber::{self, Counted, Dial, Placement, Subscriber, Tally},
+        subscriber::{self, Counted, Dial, Placement, Subscriber, Tally, Via},
         writer::Writer,
     },
     error::CliError,
@@ -97,7 +97,11 @@ pub async fn measure(
                     counted: Counted::Jobs,
                     placement: Placement::default(),
                 };
-                Subscriber::open(conns[i / STREAMS_PER_CONNECTION].clone(), dial, &tally)
+                Subscriber::open(
+                    Via::Shared(conns[i / STREAMS_PER_CONNECTION].clone()),
+                    dial,
+                    &tally,
+                )
             })
             .buffer_unordered(args.connect_concurrency.max(1))
             .collect()

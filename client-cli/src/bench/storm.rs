@@ -42,7 +42,7 @@ use crate::{
         hundredk::{OWN_CONNECTIONS, Split},
         orgs,
         server::{self, Target, fail},
-        subscriber::{self, Counted, Dial, Placement, Subscriber, Tally},
+        subscriber::{self, Counted, Dial, Placement, Subscriber, Tally, Via},
         writer::{self, Published, Writer},
     },
     error::CliError,
@@ -357,7 +357,7 @@ async fn open_group(
                 counted: Counted::Log { after: 1 },
                 placement: Placement::default(),
             };
-            Ok((i, Subscriber::open(conn, dial, tally).await?))
+            Ok((i, Subscriber::open(Via::Shared(conn), dial, tally).await?))
         }
     }))
     .await
@@ -395,7 +395,7 @@ async fn resume_group(
                 placement: Placement::default(),
             };
             let opened = match conn {
-                Ok(conn) => Subscriber::open(conn, dial, tally).await,
+                Ok(conn) => Subscriber::open(Via::Shared(conn), dial, tally).await,
                 Err(e) => Err(e),
             };
             match opened {

@@ -24,7 +24,9 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use super::{
     histogram::Histogram,
-    outbox, writer,
+    outbox,
+    own_connection::{OwnConnection, Received},
+    writer,
     writer::{JobEvent, StampedEvent},
 };
 
@@ -147,7 +149,7 @@ impl Placement {
 
 /// An open stream past its `caught_up`.
 pub struct Subscriber {
-    body: RecvStream,
+    body: Body,
     /// Received bytes not yet split into messages (messages are slices of the received chunks).
     buf: Bytes,
     counted: Counted,
@@ -207,25 +209,10 @@ pub async fn tcp(server: SocketAddr, source: IpAddr) -> Result<TcpStream, String
 }
 
 impl Subscriber {
-    /// Subscribes to the org's counted events on `conn` and reads up to `caught_up`.
-    pub async fn open(
-        conn: SendRequest<Bytes>,
-        d: Dial<'_>,
-        tally: &Tally,
-    ) -> Result<Subscriber, String> {
-        let mut send = conn.ready().await.map_err(|e| e.to_string())?;
-        let req = http::Request::post(format!(
-            "http://{}/orgpulse.v1.EventService/Subscribe",
-            d.server
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("authorization", format!("Bearer {}", d.token))
-        .body(())
-        .map_err(|e| e.to_string())?;
-        let (resp, mut out) = send
-            .send_request(req, false)
-            .map_err(|e| format!("Subscribe: {e}"))?;
+    /// Subscribes to the org's counted events on a connection of its own or a shared one, and
+    /// reads up to `caught_up`.
+    pub async fn open(via: Via, d: Dial<'_>, tally: &Tally) -> Result<Subscriber, String> {
+        const PATH: &str = "/orgpulse.v1.EventService/Subscribe";
         let filter = d.counted.filter(d.org, d.after_cursor.clone());
         let last_seq = match d.counted {
             Counted::Log { after } => after,
@@ -235,15 +222,51 @@ impl Subscriber {
         msg.put_u8(0);
         msg.put_u32(filter.encoded_len() as u32);
         filter.encode(&mut msg).expect("sized buffer");
-        out.send_data(msg.freeze(), true)
-            .map_err(|e| format!("Subscribe: {e}"))?;
-        let resp = resp.await.map_err(|e| format!("Subscribe: {e}"))?;
-        if let Some(status) = resp.headers().get("grpc-status") {
-            let m = resp.headers().get("grpc-message");
+        let mut headers = http::HeaderMap::new();
+        headers.insert("content-type", "application/grpc".parse().expect("a value"));
+        headers.insert("te", "trailers".parse().expect("a value"));
+        let bearer = format!("Bearer {}", d.token);
+        headers.insert(
+            "authorization",
+            bearer.parse().map_err(|e| format!("token: {e}"))?,
+        );
+        // The response's headers, or a refusal's trailers (gRPC's Trailers-Only).
+        let (body, head) = match via {
+            Via::Own(source) => {
+                let (conn, resp) =
+                    OwnConnection::post(d.server, source, PATH, headers, msg.freeze()).await?;
+                if resp.status != Some(http::StatusCode::OK) {
+                    return Err(format!("Subscribe: HTTP status {:?}", resp.status));
+                }
+                if resp.ended && !resp.fields.contains_key("grpc-status") {
+                    return Err("Subscribe: the response ended without a gRPC status".into());
+                }
+                (Body::Own(Box::new(conn)), resp.fields)
+            }
+            Via::Shared(conn) => {
+                let mut send = conn.ready().await.map_err(|e| e.to_string())?;
+                let mut req = http::Request::post(format!("http://{}{PATH}", d.server))
+                    .body(())
+                    .map_err(|e| e.to_string())?;
+                *req.headers_mut() = headers;
+                let (resp, mut out) = send
+                    .send_request(req, false)
+                    .map_err(|e| format!("Subscribe: {e}"))?;
+                out.send_data(msg.freeze(), true)
+                    .map_err(|e| format!("Subscribe: {e}"))?;
+                let (head, body) = resp
+                    .await
+                    .map_err(|e| format!("Subscribe: {e}"))?
+                    .into_parts();
+                (Body::Shared(body), head.headers)
+            }
+        };
+        if let Some(status) = head.get("grpc-status") {
+            let m = head.get("grpc-message");
             return Err(format!("Subscribe refused: grpc-status {status:?} {m:?}"));
         }
         let mut sub = Subscriber {
-            body: resp.into_body(),
+            body,
             buf: Bytes::new(),
             counted: d.counted,
             last_seq,
@@ -472,36 +495,61 @@ impl Subscriber {
     /// Waits for the next received chunk and appends it to `buf`; false at the stream's end
     /// (an error if with a non-OK status).
     async fn receive(&mut self) -> Result<bool, String> {
-        match self.body.data().await {
-            Some(Ok(chunk)) => {
-                let _ = self.body.flow_control().release_capacity(chunk.len());
-                if self.buf.is_empty() {
-                    self.buf = chunk;
-                } else {
-                    // A message split between DATA frames: joined in a copy.
-                    let mut joined = BytesMut::with_capacity(self.buf.len() + chunk.len());
-                    joined.extend_from_slice(&self.buf);
-                    joined.extend_from_slice(&chunk);
-                    self.buf = joined.freeze();
+        let chunk = match &mut self.body {
+            Body::Shared(body) => match body.data().await {
+                Some(Ok(chunk)) => {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    chunk
                 }
-                Ok(true)
-            }
-            Some(Err(e)) => Err(format!("stream: {e}")),
-            None => {
-                let trailers = self.body.trailers().await.map_err(|e| e.to_string())?;
-                let status = trailers
-                    .as_ref()
-                    .and_then(|t| t.get("grpc-status"))
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("?");
-                if status == "0" {
-                    return Ok(false);
-                }
-                let m = trailers.as_ref().and_then(|t| t.get("grpc-message"));
-                Err(format!("stream ended: grpc-status {status} {m:?}"))
-            }
+                Some(Err(e)) => return Err(format!("stream: {e}")),
+                None => return ended(body.trailers().await.map_err(|e| e.to_string())?),
+            },
+            Body::Own(conn) => match conn.data().await? {
+                Received::Data(chunk) => chunk,
+                Received::Trailers(t) => return ended(Some(t)),
+            },
+        };
+        if self.buf.is_empty() {
+            self.buf = chunk;
+        } else {
+            // A message split between DATA frames: joined in a copy.
+            let mut joined = BytesMut::with_capacity(self.buf.len() + chunk.len());
+            joined.extend_from_slice(&self.buf);
+            joined.extend_from_slice(&chunk);
+            self.buf = joined.freeze();
         }
+        Ok(true)
     }
+}
+
+/// Where a subscriber's stream goes.
+pub enum Via {
+    /// A connection of its own from this source address, read frame by frame
+    /// (own_connection.rs).
+    Own(IpAddr),
+    /// A connection shared with other streams, through h2's client (see [`connect`]).
+    Shared(SendRequest<Bytes>),
+}
+
+/// A subscriber's response body (the codec of a connection of its own is ~600 bytes: boxed, so
+/// that the streams on shared connections do not carry its size).
+enum Body {
+    Own(Box<OwnConnection>),
+    Shared(RecvStream),
+}
+
+/// A stream's end by its trailers: false with grpc-status 0, else an error with the status.
+fn ended(trailers: Option<http::HeaderMap>) -> Result<bool, String> {
+    let status = trailers
+        .as_ref()
+        .and_then(|t| t.get("grpc-status"))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?");
+    if status == "0" {
+        return Ok(false);
+    }
+    let m = trailers.as_ref().and_then(|t| t.get("grpc-message"));
+    Err(format!("stream ended: grpc-status {status} {m:?}"))
 }
 
 /// One counted delivery: whether it came in order, when it was sent or committed (when known),
