@@ -37,7 +37,7 @@ pub use pacer::Pacer;
 use subscribers::{Key, Sub, Subscribers};
 
 use crate::{
-    audience::{self, Topics, Viewer},
+    audience::{self, Topics, TopicsSeen, Viewer},
     bus::{Bus, Deliver},
     metrics::METRICS,
     store::{CommittedEvent, Log, LogRead},
@@ -175,22 +175,28 @@ impl Filter {
     /// Whether the subscriber asked for a durable event (kinds, entity types, topics), its
     /// audience aside.
     pub fn takes(&self, ev: &CommittedEvent) -> bool {
+        self.takes_seen(ev, &TopicsSeen::default())
+    }
+
+    /// [`Filter::takes`] within one event's fan-out, whose topic answers `seen` keeps.
+    fn takes_seen(&self, ev: &CommittedEvent, seen: &TopicsSeen) -> bool {
         self.kinds.has(ev.kind)
             && ev
                 .entity_type
                 .as_deref()
                 .is_none_or(|t| self.entity_types.admits(t))
-            && self.topics.admits(ev.topics.iter())
+            && self.topics.admits_seen(ev.topics.iter(), seen)
     }
 
     /// Whether the subscriber asked for an ephemeral event (kinds, topic), its audience aside:
-    /// the room's index admits it (the same audience rule as durable events).
-    pub fn takes_ephemeral(&self, ev: &Ephemeral) -> bool {
+    /// the room's index admits it (the same audience rule as durable events). `seen` is the
+    /// event's fan-out's.
+    fn takes_ephemeral(&self, ev: &Ephemeral, seen: &TopicsSeen) -> bool {
         self.kinds.has(ev.kind)
             && ev
                 .topic
                 .as_deref()
-                .is_none_or(|t| self.topics.admits(std::iter::once(t)))
+                .is_none_or(|t| self.topics.admits_seen(std::iter::once(t), seen))
     }
 }
 
@@ -532,7 +538,8 @@ async fn run_room(
                 }
                 Some(RoomMsg::Ephemeral(ev)) => {
                     let item = Item { seq: 0, bytes: ev.bytes.clone() };
-                    let woken = room.subs.lock().fan_out(&item, ev.audience.as_deref(), |f| f.takes_ephemeral(&ev));
+                    let seen = TopicsSeen::default();
+                    let woken = room.subs.lock().fan_out(&item, ev.audience.as_deref(), |f| f.takes_ephemeral(&ev, &seen));
                     room.pacer.wake(woken);
                 }
                 Some(RoomMsg::Head(head)) => last = catch_up(&room, &*store, last, head).await,
@@ -600,7 +607,8 @@ impl Room {
         let woken = {
             let mut subs = self.subs.lock();
             subs.delivered = ev.seq;
-            subs.fan_out(&item, ev.audience.as_deref(), |f| f.takes(ev))
+            let seen = TopicsSeen::default();
+            subs.fan_out(&item, ev.audience.as_deref(), |f| f.takes_seen(ev, &seen))
         };
         self.pacer.wake(woken);
     }
