@@ -402,7 +402,7 @@ fn each_field<'a>(
     while !msg.is_empty() {
         let (tag, wire) = key(&mut msg)?;
         if wire == WireType::SixtyFourBit && msg.len() < 8 {
-            return Err(underflow());
+            return Err(malformed(format_args!("buffer underflow")));
         }
         field(tag, wire, &mut msg)?;
     }
@@ -421,22 +421,12 @@ fn key(buf: &mut &[u8]) -> Result<(u32, WireType), String> {
         3 => WireType::StartGroup,
         4 => WireType::EndGroup,
         5 => WireType::ThirtyTwoBit,
-        _ => return Err(invalid_key(key)),
+        _ => return Err(malformed(format_args!("invalid field key {key}"))),
     };
     if tag == 0 || tag > u64::from(u32::MAX >> 3) {
-        return Err(invalid_key(key));
+        return Err(malformed(format_args!("invalid field key {key}")));
     }
     Ok((tag as u32, wire))
-}
-
-#[cold]
-fn invalid_key(key: u64) -> String {
-    format!("invalid field key {key}")
-}
-
-#[cold]
-fn underflow() -> String {
-    "buffer underflow".into()
 }
 
 /// A length-delimited value (a string or a message), taken off the front of `buf`.
@@ -444,7 +434,7 @@ fn underflow() -> String {
 fn sub_message<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], String> {
     let len = varint(buf)? as usize;
     if len > buf.len() {
-        return Err(underflow());
+        return Err(malformed(format_args!("buffer underflow")));
     }
     let (value, rest) = buf.split_at(len);
     *buf = rest;
@@ -473,17 +463,13 @@ fn varint(buf: &mut &[u8]) -> Result<u64, String> {
             return Ok(value);
         }
     }
-    Err(invalid_varint())
+    Err(malformed(format_args!("invalid varint")))
 }
 
+/// A malformed message's error, made out of line (see [`each_field`]).
 #[cold]
-fn no_groups(tag: u32) -> String {
-    format!("field {tag}: groups are not used in orgpulse's messages")
-}
-
-#[cold]
-fn invalid_varint() -> String {
-    "invalid varint".into()
+fn malformed(what: std::fmt::Arguments) -> String {
+    what.to_string()
 }
 
 /// Skips a field whose key was read.
@@ -494,10 +480,14 @@ fn skip(wire: WireType, tag: u32, buf: &mut &[u8]) -> Result<(), String> {
         WireType::LengthDelimited => return sub_message(buf).map(drop),
         WireType::SixtyFourBit => 8,
         WireType::ThirtyTwoBit => 4,
-        WireType::StartGroup | WireType::EndGroup => return Err(no_groups(tag)),
+        WireType::StartGroup | WireType::EndGroup => {
+            return Err(malformed(format_args!(
+                "field {tag}: groups are not used in orgpulse's messages"
+            )));
+        }
     };
     if buf.len() < width {
-        return Err(underflow());
+        return Err(malformed(format_args!("buffer underflow")));
     }
     *buf = &buf[width..];
     Ok(())
