@@ -1,12 +1,11 @@
 //! A bench subscriber: one `Subscribe` stream on an HTTP/2 connection from a chosen 127.0.0.x
 //! source address: a connection of its own read frame by frame (own_connection.rs), or one shared
 //! by many streams through h2's client (a tonic channel per connection would cost the client more
-//! memory than the server). Every counted event (a
-//! `job_updated`, in the outbox scenario an outbox row's `entity_changed`, in the presence scenario
-//! a `broadcast`) is checked for order (a broadcast: per sender) and its commit→receipt latency
-//! (the commit or send time vs. the wall clock of this host) recorded; with several nodes, the
-//! latency of the events written through another node than the subscriber's is recorded again on
-//! its own (cross-node).
+//! memory than the server). Every counted event (a `job_updated`, in the outbox scenario an outbox
+//! row's `entity_changed`, in the presence scenario a `broadcast`) is checked for order (a
+//! broadcast: per sender) and its commit→receipt latency (the commit or send time vs. the wall
+//! clock of this host) recorded; with several nodes, the latency of the events written through
+//! another node than the subscriber's is recorded again on its own (cross-node).
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
