@@ -2,8 +2,10 @@
 //!
 //! tokio's `mpsc::channel` allocates a 32-slot block and a cache-padded channel up front, about
 //! 1.8 KiB per subscriber that stays allocated while the stream idles. This queue is a
-//! `VecDeque` behind a mutex: it holds nothing until the first value, at most a few slots once
-//! drained, and grows only while events wait, so an idle stream costs one small allocation.
+//! `VecDeque` behind a mutex: it holds nothing until the first value and grows only while events
+//! wait. A busy stream keeps the slots it grew to (freeing and growing them again on every burst
+//! put each delivery on a cold allocation); its consumer gives them back with [`Receiver::trim`]
+//! once it idles, so an idle stream costs one small allocation.
 use std::{
     collections::VecDeque,
     future::poll_fn,
@@ -13,8 +15,8 @@ use std::{
 
 use parking_lot::Mutex;
 
-/// Slots a drained queue keeps (the first allocation's size): freeing and allocating them
-/// again on every delivery costs more than the 160 bytes they hold.
+/// Slots an idle queue keeps (the first allocation's size): freeing and allocating them again
+/// on every delivery costs more than the 32 bytes they hold.
 const KEEP: usize = 4;
 
 /// Creates a queue of at most `capacity` waiting values, with a `mark` both ends can read (the
@@ -116,11 +118,20 @@ impl<T, M> Receiver<T, M> {
     pub fn try_recv(&mut self) -> Option<T> {
         let mut state = self.shared.state.lock();
         let value = state.items.pop_front();
-        if state.items.is_empty() && state.items.capacity() > KEEP {
-            // Drained after a burst: an idle stream keeps at most KEEP slots.
-            state.items = VecDeque::new();
+        if state.items.is_empty() {
+            // The next burst starts at the front: the slots the last one used, still cached.
+            state.items.clear();
         }
         value
+    }
+
+    /// Gives back the slots of a drained queue beyond the few an idle stream keeps: for a
+    /// consumer that has been idle a while.
+    pub fn trim(&mut self) {
+        let mut state = self.shared.state.lock();
+        if state.items.is_empty() && state.items.capacity() > KEEP {
+            state.items = VecDeque::new();
+        }
     }
 
     /// Runs `f` on the waiting values under one lock (it takes what it wants from the front):
@@ -128,8 +139,8 @@ impl<T, M> Receiver<T, M> {
     pub fn take_waiting<R>(&mut self, f: impl FnOnce(&mut VecDeque<T>) -> R) -> R {
         let mut state = self.shared.state.lock();
         let r = f(&mut state.items);
-        if state.items.is_empty() && state.items.capacity() > KEEP {
-            state.items = VecDeque::new();
+        if state.items.is_empty() {
+            state.items.clear();
         }
         r
     }
@@ -214,6 +225,25 @@ mod tests {
         assert_eq!(rx.try_recv(), Some(4));
         assert_eq!(rx.take_waiting(|items| items.pop_front()), Some(5));
         assert_eq!(rx.take_waiting(|items| items.len()), 0);
+    }
+
+    #[test]
+    fn a_drained_queue_keeps_its_slots_until_trimmed() {
+        let (tx, mut rx) = channel::<_, ()>(64);
+        for v in 0..40 {
+            let _ = tx.try_send(v).unwrap();
+        }
+        let taken: Vec<i32> = rx.take_waiting(|items| items.drain(..).collect());
+        assert_eq!(taken.len(), 40);
+        let grown = rx.shared.state.lock().items.capacity();
+        assert!(grown >= 40, "{grown}");
+        rx.trim();
+        assert_eq!(rx.shared.state.lock().items.capacity(), 0);
+        let _ = tx.try_send(1).unwrap();
+        rx.trim();
+        // Not drained: nothing is given back.
+        assert_eq!(rx.shared.state.lock().items.capacity(), KEEP);
+        assert_eq!(rx.try_recv(), Some(1));
     }
 
     #[test]

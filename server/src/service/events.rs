@@ -461,6 +461,8 @@ impl Live {
                         self.timer.as_mut().reset(due.min(self.deadlines.expires));
                         continue;
                     } else {
+                        // Idle for a heartbeat interval: its queue's burst slots go back.
+                        self.reg.rx.trim();
                         Wake::Heartbeat
                     }
                 }
