@@ -394,10 +394,7 @@ mod tests {
                     ..Default::default()
                 }),
             };
-            let item = Item {
-                seq: round + 1,
-                bytes: Default::default(),
-            };
+            let item = Item::new(round + 1, Default::default());
             // The index alone decides the audience.
             let _ = subs.fan_out(&item, audience.as_ref(), |_| true);
             for (_, user, f, rx) in &mut joined {

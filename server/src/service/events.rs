@@ -476,7 +476,7 @@ impl Live {
                             METRICS.events_delivered.inc();
                             self.log.sent += 1;
                         }
-                        item.bytes
+                        item.bytes.clone()
                     }
                 },
                 Wake::Item(None) => {
@@ -666,7 +666,7 @@ async fn poll(ctx: Arc<Ctx>, req: Request<PollRequest>) -> Result<Response<PollR
             // seq 0: presence and other ephemeral events, which Poll does not return.
             if item.seq > pos {
                 pos = item.seq;
-                events.push(decode(item.bytes)?);
+                events.push(decode(item.bytes.clone())?);
                 if events.len() == max {
                     break;
                 }
