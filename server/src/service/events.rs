@@ -34,7 +34,7 @@ use tonic_prost::ProstCodec;
 
 use super::{
     Ctx, activity,
-    stream_body::{EventStream, Messages, put_message, server_streaming},
+    stream_body::{EventStream, Messages, Outgoing, put_message, server_streaming},
 };
 use crate::{
     audience::Topics,
@@ -215,13 +215,15 @@ struct Subscription {
 type Head = Pin<Box<Peekable<BoxStream<'static, Result<Step, Status>>>>>;
 
 impl Stream for Subscription {
-    type Item = Result<Bytes, Status>;
+    type Item = Result<Outgoing, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> TaskPoll<Option<Self::Item>> {
         let this = &mut *self;
         if let Some(head) = &mut this.head {
             match ready!(head.poll_next_unpin(cx)) {
-                Some(Ok(Step::Send(bytes))) => return TaskPoll::Ready(Some(Ok(bytes))),
+                Some(Ok(Step::Send(bytes))) => {
+                    return TaskPoll::Ready(Some(Ok(Outgoing::Made(bytes))));
+                }
                 Some(Ok(Step::Live(live))) => {
                     this.head = None;
                     this.live = Some(*live);
@@ -441,7 +443,7 @@ struct Live {
 }
 
 impl Live {
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> TaskPoll<Option<Result<Bytes, Status>>> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> TaskPoll<Option<Result<Outgoing, Status>>> {
         loop {
             // An event already queued is taken without polling the timer (that costs more than
             // the delivery); a fired timer (expiry first) still comes first.
@@ -468,7 +470,7 @@ impl Live {
                 }
                 None => Wake::Item(ready!(self.reg.rx.poll_recv(cx))),
             };
-            let bytes = match wake {
+            let message = match wake {
                 Wake::Item(Some(item)) => match goes_out(&mut self.pos, item.seq) {
                     None => continue,
                     Some(durable) => {
@@ -476,7 +478,7 @@ impl Live {
                             METRICS.events_delivered.inc();
                             self.log.sent += 1;
                         }
-                        item.bytes.clone()
+                        Outgoing::Queued(item)
                     }
                 },
                 Wake::Item(None) => {
@@ -496,12 +498,12 @@ impl Live {
                     };
                     return TaskPoll::Ready(Some(Err(Status::unavailable(message))));
                 }
-                Wake::Heartbeat => control(
+                Wake::Heartbeat => Outgoing::Made(control(
                     &self.log.org,
                     self.epoch,
                     self.pos,
                     Payload::Heartbeat(Heartbeat {}),
-                ),
+                )),
                 Wake::Expired => {
                     self.log.end = "token expired";
                     return TaskPoll::Ready(Some(Err(auth::token_expired())));
@@ -513,7 +515,7 @@ impl Live {
                     .as_mut()
                     .reset(self.deadlines.next(self.last_sent));
             }
-            return TaskPoll::Ready(Some(Ok(bytes)));
+            return TaskPoll::Ready(Some(Ok(message)));
         }
     }
 }

@@ -25,8 +25,26 @@ use tonic_prost::ProstCodec;
 /// The encoded events (and control events) of one `Subscribe` stream.
 pub type EventStream = Box<dyn Messages>;
 
+/// One encoded message of a stream: made for it (a control event, a replayed one), or a live
+/// event shared with every queue it went to, framed from there without a copy of its handle.
+pub enum Outgoing {
+    Made(Bytes),
+    Queued(crate::hub::Item),
+}
+
+impl std::ops::Deref for Outgoing {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Outgoing::Made(bytes) => bytes,
+            Outgoing::Queued(item) => &item.bytes,
+        }
+    }
+}
+
 /// A stream of encoded messages that can also hand over, at once, those already waiting.
-pub trait Messages: Stream<Item = Result<Bytes, Status>> + Send + Unpin + 'static {
+pub trait Messages: Stream<Item = Result<Outgoing, Status>> + Send + Unpin + 'static {
     /// Appends the messages that are waiting now (each with its gRPC prefix, see
     /// [`put_message`]) to `frame` while it holds fewer than `limit` bytes; never waits (`cx` is
     /// the body's, for what it polls). What needs more than a ready message (the end, a timer)
@@ -105,7 +123,7 @@ impl EventBody {
     }
 
     /// The stream ended (`None`) or failed: the trailers say which.
-    fn finish(&mut self, end: Option<Result<Bytes, Status>>) {
+    fn finish(&mut self, end: Option<Result<Outgoing, Status>>) {
         let status = match end {
             Some(Err(status)) => status,
             _ => Status::ok(""),
